@@ -1,0 +1,1 @@
+"""modelparallel.codegen (under construction)."""

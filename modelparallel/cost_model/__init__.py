@@ -1,0 +1,37 @@
+"""Cost model: how long each node takes and how much memory and communication it needs.
+
+Reads only the IR. See :mod:`modelparallel.cost_model.device` for device specs and
+:mod:`modelparallel.cost_model.costs` for the per-node estimates (Note [roofline]).
+"""
+
+from modelparallel.cost_model.costs import (
+    OPTIMIZER_STATES,
+    GraphCosts,
+    NodeCost,
+    estimate_costs,
+    inflight_microbatches,
+    is_view_like,
+    param_state_bytes,
+)
+from modelparallel.cost_model.device import (
+    BUILTIN_DEVICES,
+    DeviceSpec,
+    get_device_spec,
+    load_device_spec,
+    parse_bytes,
+)
+
+__all__ = [
+    "BUILTIN_DEVICES",
+    "OPTIMIZER_STATES",
+    "DeviceSpec",
+    "GraphCosts",
+    "NodeCost",
+    "estimate_costs",
+    "get_device_spec",
+    "inflight_microbatches",
+    "is_view_like",
+    "load_device_spec",
+    "param_state_bytes",
+    "parse_bytes",
+]

@@ -1,0 +1,285 @@
+"""Per-node costs on one device: forward and backward time, memory, and communication volume.
+
+:func:`estimate_costs` turns an IR :class:`~modelparallel.ir.Graph` and a
+:class:`~modelparallel.cost_model.device.DeviceSpec` into :class:`GraphCosts`, which the
+partitioner reads. Times come from a roofline on each node's FLOPs and bytes moved, or from
+measurements (:func:`modelparallel.cost_model.profile.profile_node_times`) when given.
+
+Note [roofline]
+~~~~~~~~~~~~~~~
+A node's forward time is ``max(flops / achievable_flops(dtype), bytes / achievable_bandwidth)``
+plus the device's per-op overhead, where ``bytes`` counts the tensors it reads (producers'
+outputs and its parameters) and writes (its outputs). View-like ops (``view``, ``getitem``,
+``permute``...) move no data and cost nothing. Backward time uses the measured backward FLOPs when
+the tracer recorded them, else twice the forward FLOPs (a gradient for the input and one for the
+weight), and twice the forward bytes. Nodes whose outputs need no gradient have no backward.
+
+Example:
+    >>> from modelparallel.ir import Graph, Node, OpKind, Param, TensorMeta
+    >>> g = Graph("lin", (
+    ...     Node("x", OpKind.PLACEHOLDER, "x", outputs=(TensorMeta((64, 1024), "float32"),)),
+    ...     Node("fc", OpKind.CALL_MODULE, "fc", inputs=("x",), params=("fc.weight",),
+    ...          outputs=(TensorMeta((64, 1024), "float32", True),), flops=2 * 64 * 1024 * 1024),
+    ...     Node("output", OpKind.OUTPUT, "output", inputs=("fc",))),
+    ...     params=(Param("fc.weight", (1024, 1024), "float32"),))
+    >>> costs = estimate_costs(g, "h100")
+    >>> costs.nodes["fc"].forward_time > 0
+    True
+    >>> costs.param_state_bytes["fc.weight"] == 4 * 1024 * 1024 * 4  # param, grad, 2 Adam states
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from modelparallel.cost_model.device import DeviceSpec, get_device_spec
+from modelparallel.errors import ConfigError
+from modelparallel.ir import Graph, Node, OpKind, Param
+
+__all__ = [
+    "OPTIMIZER_STATES",
+    "GraphCosts",
+    "NodeCost",
+    "estimate_costs",
+    "inflight_microbatches",
+    "is_view_like",
+    "param_state_bytes",
+]
+
+#: Optimizer state tensors per parameter tensor (each the parameter's size).
+OPTIMIZER_STATES: Mapping[str, int] = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2,
+                                        "adagrad": 1, "rmsprop": 1}
+
+_VIEW_OPS = re.compile(
+    r"(^|\.|_)(view|_unsafe_view|reshape|getitem|permute|transpose|t|expand|expand_as|unsqueeze|"
+    r"squeeze|flatten|unflatten|slice|select|split|split_with_sizes|chunk|unbind|narrow|alias|"
+    r"detach|size|sym_size|sym_numel|sym_stride|dim|numel|contiguous_noop|_assert_tensor_metadata|"
+    r"_assert_scalar|sym_constrain_range_for_size|as_strided|lift_fresh_copy|_guards_fn|"
+    r"dropout_noop|identity)(\.|$)"
+)
+
+
+def is_view_like(node: Node) -> bool:
+    """Whether ``node`` moves no data (a view, a getitem, a shape query, an assertion).
+
+    Example:
+        >>> from modelparallel.ir import Node, OpKind
+        >>> is_view_like(Node("v", OpKind.CALL_FUNCTION, "aten.view.default"))
+        True
+        >>> is_view_like(Node("m", OpKind.CALL_FUNCTION, "aten.mm.default"))
+        False
+    """
+    if node.op in (OpKind.PLACEHOLDER, OpKind.OUTPUT, OpKind.GET_ATTR):
+        return True
+    if node.value_kind in ("scalar", "none"):
+        return True
+    target = node.target.rsplit("::", 1)[-1]
+    return bool(_VIEW_OPS.search(target)) and node.flops == 0
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Costs of one node for one microbatch on one device.
+
+    Attributes:
+        forward_time: Forward seconds.
+        backward_time: Backward seconds (0 when nothing needs a gradient).
+        saved_bytes: Activation bytes held from forward until backward.
+        output_bytes: Bytes of the node's value, sent forward if it crosses a stage boundary.
+        grad_bytes: Bytes of the gradient of that value, sent backward if it crosses.
+        workspace_bytes: Transient bytes alive while the node runs (its outputs).
+    """
+
+    forward_time: float
+    backward_time: float
+    saved_bytes: int
+    output_bytes: int
+    grad_bytes: int
+    workspace_bytes: int
+
+    @property
+    def time(self) -> float:
+        """Forward plus backward seconds."""
+        return self.forward_time + self.backward_time
+
+
+@dataclass(frozen=True)
+class GraphCosts:
+    """Costs of every node of a graph on one device, plus per-parameter memory.
+
+    Attributes:
+        device: The device the costs are for.
+        nodes: Node name to :class:`NodeCost`, for every node of the graph.
+        param_state_bytes: Canonical parameter name to the bytes its stage holds for it:
+            the parameter, its gradient and its optimizer state (buffers: the buffer only).
+        param_bytes: Canonical parameter name to the bytes of the parameter alone.
+        source: ``"roofline"``, ``"profiled"`` or ``"mixed"`` (some nodes measured).
+        optimizer: The optimizer whose state is counted.
+    """
+
+    device: DeviceSpec
+    nodes: Mapping[str, NodeCost]
+    param_state_bytes: Mapping[str, int]
+    param_bytes: Mapping[str, int]
+    source: str = "roofline"
+    optimizer: str = "adam"
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    def comm_time(self, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` across one stage boundary on this device's link."""
+        return self.device.transfer_time(nbytes)
+
+    def with_measured_times(self, measured: Mapping[str, tuple[float, float]]) -> GraphCosts:
+        """These costs with forward/backward times replaced by measurements where given.
+
+        Args:
+            measured: Node name to ``(forward_seconds, backward_seconds)``.
+        """
+        nodes = dict(self.nodes)
+        hit = 0
+        for name, (fwd, bwd) in measured.items():
+            if name in nodes:
+                nodes[name] = replace(nodes[name], forward_time=float(fwd),
+                                      backward_time=float(bwd))
+                hit += 1
+        source = "profiled" if hit and hit >= sum(
+            1 for c in self.nodes.values() if c.time > 0) else ("mixed" if hit else self.source)
+        return replace(self, nodes=nodes, source=source)
+
+
+def param_state_bytes(param: Param, optimizer: str | float = "adam") -> int:
+    """Bytes a stage holds for one parameter: the value, its gradient and optimizer state.
+
+    Args:
+        param: The parameter (or buffer: then only its own bytes count).
+        optimizer: A name from :data:`OPTIMIZER_STATES`, or total bytes per parameter element
+            (e.g. ``16`` for mixed-precision Adam: bf16 weight and grad, fp32 master and states).
+
+    Raises:
+        ConfigError: for an unknown optimizer name.
+
+    Example:
+        >>> from modelparallel.ir import Param
+        >>> param_state_bytes(Param("w", (10,), "float32"), "sgd")
+        80
+    """
+    if not param.trainable:
+        return param.nbytes
+    if isinstance(optimizer, int | float):
+        return int(param.numel * optimizer)
+    try:
+        states = OPTIMIZER_STATES[optimizer.lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZER_STATES)} or give "
+            "bytes per parameter as a number") from None
+    return param.nbytes * (2 + states)
+
+
+def inflight_microbatches(schedule: str, microbatches: int, partitions: int, stage: int) -> int:
+    """How many microbatches' activations stage ``stage`` holds at its peak.
+
+    GPipe runs every forward before any backward, so every stage holds all ``m``. 1F1B lets stage
+    ``i`` (0-based) run at most ``p - i`` forwards ahead of its backwards: ``min(m, p - i)``.
+
+    Example:
+        >>> [inflight_microbatches("1f1b", 8, 4, i) for i in range(4)]
+        [4, 3, 2, 1]
+        >>> inflight_microbatches("gpipe", 8, 4, 3)
+        8
+    """
+    if not 0 <= stage < partitions:
+        raise ConfigError(f"stage {stage} is outside 0..{partitions - 1}")
+    s = schedule.lower()
+    if s in ("gpipe", "simple"):
+        return microbatches
+    if s in ("1f1b", "interleaved"):
+        return min(microbatches, partitions - stage)
+    raise ConfigError(f"unknown schedule {schedule!r}; use 'gpipe' or '1f1b'")
+
+
+def _compute_dtype(node: Node, graph: Graph) -> str:
+    for t in node.outputs:
+        if t.is_floating:
+            return t.dtype
+    for p in node.params:
+        return graph.param(p).dtype
+    return "float32"
+
+
+def _bytes_moved(node: Node, graph: Graph) -> int:
+    read = sum(graph.node(s).output_bytes for s in node.inputs)
+    read += sum(graph.param(p).nbytes for p in node.params)
+    return read + node.output_bytes
+
+
+def _default_saved_bytes(node: Node, graph: Graph) -> int:
+    """Activation bytes saved for backward when the tracer did not measure them."""
+    if is_view_like(node) or node.grad_bytes == 0:
+        return 0
+    name = node.target.rsplit(".", 1)[-1].lower()
+    target = node.target.lower()
+    if any(k in target for k in ("add", "sub", "cat", "stack", "clone", "copy", "to")) and \
+            node.flops == 0 and not node.params:
+        return 0
+    inputs = sum(graph.node(s).output_bytes for s in node.inputs)
+    if node.params or node.flops > 0 or name in ("mul", "div"):
+        return inputs
+    return node.output_bytes
+
+
+def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
+                   optimizer: str | float = "adam",
+                   measured: Mapping[str, tuple[float, float]] | None = None) -> GraphCosts:
+    """Roofline costs of every node of ``graph`` on ``device`` (Note [roofline]).
+
+    Args:
+        graph: The graph; its FLOPs and tensor metadata are per microbatch.
+        device: A :class:`DeviceSpec`, a built-in name (``"h100"``) or a spec JSON path.
+        optimizer: Optimizer whose state memory is counted, or bytes per parameter element.
+        measured: Optional measured ``(forward, backward)`` seconds per node, which replace the
+            roofline (profiling mode).
+
+    Returns:
+        The costs, for every node and parameter of the graph.
+    """
+    spec = get_device_spec(device)
+    flops_rate: dict[str, float] = {}
+    nodes: dict[str, NodeCost] = {}
+    for node in graph.nodes:
+        if is_view_like(node):
+            nodes[node.name] = NodeCost(0.0, 0.0, 0, node.output_bytes, node.grad_bytes,
+                                        node.output_bytes)
+            continue
+        dtype = _compute_dtype(node, graph)
+        if dtype not in flops_rate:
+            flops_rate[dtype] = spec.flops_per_second(dtype)
+        moved = _bytes_moved(node, graph)
+        fwd = max(node.flops / flops_rate[dtype], moved / spec.bytes_per_second)
+        fwd += spec.kernel_overhead
+        needs_grad = node.grad_bytes > 0 or any(
+            graph.param(p).trainable for p in node.params)
+        if needs_grad:
+            bflops = node.backward_flops if node.backward_flops is not None else 2 * node.flops
+            bwd = max(bflops / flops_rate[dtype], 2 * moved / spec.bytes_per_second)
+            bwd += spec.kernel_overhead
+        else:
+            bwd = 0.0
+        saved = node.saved_bytes if node.saved_bytes is not None else _default_saved_bytes(
+            node, graph)
+        nodes[node.name] = NodeCost(fwd, bwd, int(saved), node.output_bytes, node.grad_bytes,
+                                    node.output_bytes)
+    costs = GraphCosts(
+        device=spec,
+        nodes=nodes,
+        param_state_bytes={p.name: param_state_bytes(p, optimizer) for p in graph.params},
+        param_bytes={p.name: p.nbytes for p in graph.params},
+        optimizer=str(optimizer),
+    )
+    if measured:
+        costs = costs.with_measured_times(measured)
+    return costs

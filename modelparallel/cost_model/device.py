@@ -1,0 +1,246 @@
+"""Device specifications: how fast a device computes and moves data, and how much it holds.
+
+Built-in specs (``cpu``, ``v100``, ``a100``, ``h100``, ``h200``) carry vendor peak figures scaled
+by achievable fractions (Note [achievable fractions]); ``partition-plan calibrate`` measures a real
+device and writes a spec JSON that :func:`load_device_spec` reads.
+
+Note [achievable fractions]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Vendor peaks are never reached by real kernels. A built-in spec stores the peak and two
+efficiencies: ``matmul_efficiency`` for dense matrix ops and ``memory_efficiency`` for bandwidth
+bound ops. The roofline uses ``peak * efficiency``. Calibrated specs store measured throughput as
+the peak and set both efficiencies to 1.0.
+
+Example:
+    >>> spec = get_device_spec("h100")
+    >>> spec.memory_bytes // 2**30
+    80
+    >>> round(spec.flops_per_second("bfloat16") / 1e12)
+    693
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from modelparallel.errors import ConfigError
+
+__all__ = [
+    "BUILTIN_DEVICES",
+    "DeviceSpec",
+    "get_device_spec",
+    "load_device_spec",
+    "parse_bytes",
+]
+
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the cost model needs to know about one device and its links.
+
+    Attributes:
+        name: A label (``"h100"``, ``"cpu"``, or a calibrated device's name).
+        peak_flops: Peak dense FLOP/s per dtype name (``"float32"``, ``"bfloat16"``, ...).
+        memory_bandwidth: Device memory bandwidth in bytes/s.
+        memory_bytes: Memory capacity in bytes available to one pipeline stage.
+        link_bandwidth: Point-to-point bandwidth to a neighbouring stage, bytes/s, one direction.
+        link_latency: Fixed cost of one point-to-point message, seconds.
+        matmul_efficiency: Fraction of ``peak_flops`` dense ops reach (Note [achievable fractions]).
+        memory_efficiency: Fraction of ``memory_bandwidth`` bandwidth-bound ops reach.
+        kernel_overhead: Fixed time per op launch, seconds (CPU dispatch or GPU launch latency).
+    """
+
+    name: str
+    peak_flops: Mapping[str, float]
+    memory_bandwidth: float
+    memory_bytes: int
+    link_bandwidth: float
+    link_latency: float = 10e-6
+    matmul_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
+    kernel_overhead: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peak_flops", {str(k): float(v) for k, v in self.peak_flops.items()})
+        object.__setattr__(self, "extra", dict(self.extra))
+        if not self.peak_flops or "float32" not in self.peak_flops:
+            raise ConfigError(
+                f"device {self.name!r}: peak_flops must give at least 'float32'; got "
+                f"{sorted(self.peak_flops)}")
+        for k, v in self.peak_flops.items():
+            if v <= 0:
+                raise ConfigError(f"device {self.name!r}: peak_flops[{k!r}] = {v} must be > 0")
+        for attr in ("memory_bandwidth", "link_bandwidth", "memory_bytes"):
+            if getattr(self, attr) <= 0:
+                raise ConfigError(
+                    f"device {self.name!r}: {attr} = {getattr(self, attr)} must be > 0")
+        if self.link_latency < 0 or self.kernel_overhead < 0:
+            raise ConfigError(f"device {self.name!r}: latencies must be >= 0")
+        for attr in ("matmul_efficiency", "memory_efficiency"):
+            v = getattr(self, attr)
+            if not 0 < v <= 1:
+                raise ConfigError(f"device {self.name!r}: {attr} = {v} must be in (0, 1]")
+        object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
+
+    def flops_per_second(self, dtype: str) -> float:
+        """Achievable dense FLOP/s for ``dtype``; unknown dtypes fall back to float32."""
+        peak = self.peak_flops.get(dtype)
+        if peak is None and dtype in ("float16", "bfloat16"):
+            peak = self.peak_flops.get("bfloat16" if dtype == "float16" else "float16")
+        if peak is None:
+            peak = self.peak_flops["float32"]
+        return peak * self.matmul_efficiency
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Achievable memory bandwidth in bytes/s."""
+        return self.memory_bandwidth * self.memory_efficiency
+
+    def transfer_time(self, nbytes: float) -> float:
+        """Seconds to send ``nbytes`` to a neighbouring stage (latency + bytes/bandwidth);
+        zero bytes cost nothing."""
+        if nbytes <= 0:
+            return 0.0
+        return self.link_latency + nbytes / self.link_bandwidth
+
+    def with_memory(self, memory_bytes: int) -> DeviceSpec:
+        """The same device with another memory capacity."""
+        return replace(self, memory_bytes=int(memory_bytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data; :meth:`from_dict` reads it back."""
+        d = asdict(self)
+        d["peak_flops"] = dict(self.peak_flops)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeviceSpec:
+        """Build a spec from :meth:`to_dict` data; memory sizes may be strings like ``"80GiB"``.
+
+        Raises:
+            ConfigError: on a missing or invalid field.
+        """
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"device spec has unknown fields {unknown}; known fields: {sorted(known)}")
+        d = dict(data)
+        try:
+            for k in ("memory_bytes",):
+                if isinstance(d.get(k), str):
+                    d[k] = parse_bytes(d[k])
+            for k in ("memory_bandwidth", "link_bandwidth"):
+                if isinstance(d.get(k), str):
+                    d[k] = float(parse_bytes(d[k].removesuffix("/s")))
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"device spec is missing a field or has a wrong type: {e}") from None
+
+
+def _spec(name: str, fp32: float, bf16: float, bw: float, mem_gib: float, link: float,
+          latency: float, mm_eff: float, mem_eff: float, overhead: float) -> DeviceSpec:
+    return DeviceSpec(
+        name=name,
+        peak_flops={"float32": fp32, "bfloat16": bf16, "float16": bf16},
+        memory_bandwidth=bw,
+        memory_bytes=int(mem_gib * _GIB),
+        link_bandwidth=link,
+        link_latency=latency,
+        matmul_efficiency=mm_eff,
+        memory_efficiency=mem_eff,
+        kernel_overhead=overhead,
+    )
+
+
+#: Built-in device specs. GPU peaks are dense tensor-core figures (fp32 means TF32 where the
+#: hardware has it, as PyTorch uses for matmuls with ``allow_tf32``; plain-fp32 users should
+#: calibrate). Links are NVLink per direction. ``cpu`` describes a small server CPU with stages
+#: exchanging data through shared memory (gloo over loopback).
+BUILTIN_DEVICES: Mapping[str, DeviceSpec] = {
+    "cpu": _spec("cpu", 100e9, 50e9, 20e9, 16, 2e9, 50e-6, 0.6, 0.6, 5e-6),
+    "v100": _spec("v100", 15.7e12, 125e12, 900e9, 32, 150e9, 10e-6, 0.7, 0.8, 5e-6),
+    "a100": _spec("a100", 156e12, 312e12, 2.0e12, 80, 300e9, 8e-6, 0.75, 0.8, 5e-6),
+    "h100": _spec("h100", 494.7e12, 989.4e12, 3.35e12, 80, 450e9, 8e-6, 0.7, 0.8, 4e-6),
+    "h200": _spec("h200", 494.7e12, 989.4e12, 4.8e12, 141, 450e9, 8e-6, 0.7, 0.8, 4e-6),
+}
+
+
+def get_device_spec(name_or_path: str | Path | DeviceSpec) -> DeviceSpec:
+    """A built-in spec by name, or a spec read from a JSON file path.
+
+    Raises:
+        ConfigError: if the name is not built in and is not a readable spec file.
+
+    Example:
+        >>> get_device_spec("a100").name
+        'a100'
+    """
+    if isinstance(name_or_path, DeviceSpec):
+        return name_or_path
+    key = str(name_or_path)
+    if key.lower() in BUILTIN_DEVICES:
+        return BUILTIN_DEVICES[key.lower()]
+    if key.endswith(".json") or Path(key).is_file():
+        return load_device_spec(key)
+    raise ConfigError(
+        f"unknown device {key!r}; use one of {sorted(BUILTIN_DEVICES)} or a spec JSON file "
+        "(write one with 'partition-plan calibrate')")
+
+
+def load_device_spec(path: str | Path) -> DeviceSpec:
+    """Read a device spec JSON file (as written by ``partition-plan calibrate``).
+
+    Raises:
+        ConfigError: if the file is missing, not JSON, or not a valid spec.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read device spec {str(path)!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"device spec {str(path)!r} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "device" in data and isinstance(data["device"], dict):
+        data = data["device"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"device spec {str(path)!r} must hold a JSON object")
+    return DeviceSpec.from_dict(data)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a size such as ``"80GiB"``, ``"16 GB"``, ``"512MiB"`` or ``1024`` into bytes.
+
+    Raises:
+        ConfigError: if the text is not a size.
+
+    Example:
+        >>> parse_bytes("1.5GiB")
+        1610612736
+    """
+    if isinstance(text, int | float):
+        if text <= 0:
+            raise ConfigError(f"size {text} must be > 0")
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"cannot read size {text!r}; write a number with an optional unit, e.g. '80GiB', "
+            "'16GB', '512MiB'")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ConfigError(f"size {text!r} must be > 0")
+    return value

@@ -1,0 +1,91 @@
+"""The errors modelparallel raises on purpose.
+
+Note [error hierarchy]
+~~~~~~~~~~~~~~~~~~~~~~
+Every deliberate error derives from one base, :class:`ModelParallelError`, and also from the
+built-in it refines (``ValueError`` for bad input, ``RuntimeError`` for failures while running,
+``TimeoutError`` for waits that ran out), so callers may catch either. A message states the rule
+that was broken, the values involved, and the fix.
+
+The base class lives in :mod:`modelparallel.ir`, the root of the one-way import chain, because the
+IR module imports nothing else of ours yet must raise these errors too. This module re-exports it
+with the rest; import errors from here.
+
+Example:
+    >>> try:
+    ...     raise InfeasiblePlanError("model needs 90 GiB per device; capacity is 80 GiB")
+    ... except ValueError as e:
+    ...     print(type(e).__name__)
+    InfeasiblePlanError
+"""
+
+from __future__ import annotations
+
+from modelparallel.ir import IRFormatError, ModelParallelError
+
+__all__ = [
+    "CommunicationError",
+    "ConfigError",
+    "IRFormatError",
+    "InfeasiblePlanError",
+    "ModelParallelError",
+    "PeerFailedError",
+    "PlanFormatError",
+    "PlanMismatchError",
+    "SolverError",
+    "StepTimeoutError",
+    "TracingError",
+]
+
+
+class ConfigError(ModelParallelError, ValueError):
+    """A configuration value is out of range or inconsistent with another."""
+
+
+class TracingError(ModelParallelError, RuntimeError):
+    """The model could not be traced into a graph by any tracer path."""
+
+
+class InfeasiblePlanError(ModelParallelError, ValueError):
+    """No assignment of the model to the stages fits the constraints (memory, pins).
+
+    Attributes:
+        min_memory_bytes: The smallest per-device memory that would make the plan feasible, when
+            it could be computed.
+    """
+
+    def __init__(self, message: str, *, min_memory_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.min_memory_bytes = min_memory_bytes
+
+
+class SolverError(ModelParallelError, RuntimeError):
+    """The ILP solver failed or is unavailable."""
+
+
+class PlanFormatError(ModelParallelError, ValueError):
+    """A plan file is malformed, of an unsupported version, or inconsistent."""
+
+
+class PlanMismatchError(ModelParallelError, ValueError):
+    """A plan was made for a different model (fingerprint) or world size than the one given."""
+
+
+class CommunicationError(ModelParallelError, RuntimeError):
+    """A point-to-point or collective operation between pipeline ranks failed."""
+
+
+class PeerFailedError(CommunicationError):
+    """Another rank of the pipeline failed or exited; the message names it.
+
+    Attributes:
+        peer: Global rank of the failed process, when known.
+    """
+
+    def __init__(self, message: str, *, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class StepTimeoutError(ModelParallelError, TimeoutError):
+    """A pipeline step waited on another rank for longer than the configured timeout."""

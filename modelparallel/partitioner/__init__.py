@@ -1,0 +1,1 @@
+"""modelparallel.partitioner (under construction)."""

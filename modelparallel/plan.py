@@ -1,0 +1,600 @@
+"""The partition plan: which stage runs each node, and what the planner expects of it.
+
+A :class:`Plan` is a frozen value, written as versioned JSON (``docs/plan-format.md``). The
+partitioner makes one, ``partition-plan inspect`` shows one, codegen and the runtime execute one.
+The runtime needs nothing else from the planner: a plan plus the model is enough to train.
+
+Contents:
+
+- :class:`PlanConfig`: the options the plan was made with (partitions, microbatches, schedule,
+  optimize, memory_weight, ...);
+- the devices, one :class:`~modelparallel.cost_model.DeviceSpec` per stage;
+- :class:`ModelInfo`: the model's name and graph fingerprint, checked when the plan is applied;
+- :class:`NodePlacement` for every node: its stage and its costs;
+- :class:`StageEstimate` per stage and :class:`BoundaryEstimate` per stage boundary;
+- :class:`PipelineEstimate`: step time, bubble fraction, throughput;
+- :class:`SolverReport`: how the assignment was found and how far from optimal it may be.
+
+Note [relay communication]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+Stages talk only to their neighbours. A value produced on stage ``i`` and read on stage ``j > i``
+crosses every boundary between them: stages ``i+1 .. j-1`` receive it and pass it on unchanged
+(it is an explicit input and output of each of them), and its gradient travels back the same
+way, summed with the gradients of any uses on the way. The cost model charges a value once per
+boundary it crosses, on both the sending and the receiving stage, forward (its bytes) and
+backward (its gradient's bytes). Model inputs are not relayed: every rank holds the whole batch
+(Note [inputs on every rank] in ``modelparallel/partitioner/problem.py``). The model's output
+node is on the last stage, where the loss is computed.
+
+Example:
+    >>> cfg = PlanConfig(partitions=4, microbatches=8, schedule="interleaved")
+    >>> cfg.schedule, cfg.memory_weight
+    ('1f1b', 0.2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from modelparallel.cost_model.device import DeviceSpec
+from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
+from modelparallel.ir import Graph
+
+__all__ = [
+    "PLAN_FORMAT",
+    "PLAN_VERSION",
+    "SCHEDULE_ALIASES",
+    "BoundaryEstimate",
+    "MemoryEstimate",
+    "ModelInfo",
+    "NodePlacement",
+    "PipelineEstimate",
+    "Plan",
+    "PlanConfig",
+    "SolverReport",
+    "StageEstimate",
+    "load_plan",
+    "normalize_schedule",
+]
+
+PLAN_FORMAT = "modelparallel.plan"
+PLAN_VERSION = 1
+
+#: Accepted schedule names: ours and SMP's.
+SCHEDULE_ALIASES: Mapping[str, str] = {
+    "gpipe": "gpipe", "simple": "gpipe",
+    "1f1b": "1f1b", "interleaved": "1f1b",
+}
+
+_OPTIMIZE_DEFAULT_WEIGHT = {"speed": 0.2, "memory": 0.8}
+
+
+def normalize_schedule(name: str) -> str:
+    """Our name for a schedule given by our name or SMP's.
+
+    Example:
+        >>> normalize_schedule("simple")
+        'gpipe'
+    """
+    try:
+        return SCHEDULE_ALIASES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown schedule {name!r}; use 'gpipe' (SMP 'simple') or '1f1b' "
+            "(SMP 'interleaved')") from None
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """The options a plan is made with.
+
+    Attributes:
+        partitions: Pipeline stages, one device each.
+        microbatches: Microbatches per step; the batch must divide by it.
+        schedule: ``"gpipe"`` or ``"1f1b"`` (SMP's ``"simple"`` / ``"interleaved"`` accepted).
+        optimize: ``"speed"`` or ``"memory"``; sets the default ``memory_weight`` (0.2 / 0.8).
+        memory_weight: Weight in [0, 1] of memory balance against compute balance in the
+            objective; ``None`` takes the default of ``optimize``.
+        optimizer: Optimizer whose state memory is counted (``"adam"``, ``"sgd"``, ...), or bytes
+            per parameter element.
+        granularity: ``"op"`` (partition single ops, coarsened internally) or ``"module"``
+            (whole modules up to ``module_depth``).
+        module_depth: Module-path depth of the units for ``granularity="module"``; ``None`` picks
+            the depth that gives enough units per stage.
+        tied: ``"replicate"``: a parameter read on several stages is copied to each and its
+            gradients are summed between them (Note [tied parameters] in
+            ``modelparallel/partitioner/problem.py``); ``"colocate"``: its readers share a stage.
+        pins: Node name or module path to stage index; pinned nodes go to that stage.
+        solver: ``"highs"`` (default) or ``"cbc"``.
+        time_limit: Seconds the ILP solver may take in all.
+    """
+
+    partitions: int
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    optimize: str = "speed"
+    memory_weight: float | None = None
+    optimizer: str | float = "adam"
+    granularity: str = "op"
+    module_depth: int | None = None
+    tied: str = "replicate"
+    pins: Mapping[str, int] = field(default_factory=dict)
+    solver: str = "highs"
+    time_limit: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ConfigError(f"partitions = {self.partitions!r} must be an integer >= 1")
+        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise ConfigError(f"microbatches = {self.microbatches!r} must be an integer >= 1")
+        object.__setattr__(self, "schedule", normalize_schedule(self.schedule))
+        if self.optimize not in _OPTIMIZE_DEFAULT_WEIGHT:
+            raise ConfigError(f"optimize = {self.optimize!r}; use 'speed' or 'memory'")
+        if self.memory_weight is None:
+            object.__setattr__(self, "memory_weight", _OPTIMIZE_DEFAULT_WEIGHT[self.optimize])
+        elif not 0.0 <= float(self.memory_weight) <= 1.0:
+            raise ConfigError(f"memory_weight = {self.memory_weight} must be in [0, 1]")
+        object.__setattr__(self, "memory_weight", float(self.memory_weight))  # type: ignore[arg-type]
+        if self.granularity not in ("op", "module"):
+            raise ConfigError(f"granularity = {self.granularity!r}; use 'op' or 'module'")
+        if self.module_depth is not None and self.module_depth < 1:
+            raise ConfigError(f"module_depth = {self.module_depth} must be >= 1")
+        if self.tied not in ("replicate", "colocate"):
+            raise ConfigError(f"tied = {self.tied!r}; use 'replicate' or 'colocate'")
+        if self.solver not in ("highs", "cbc"):
+            raise ConfigError(f"solver = {self.solver!r}; use 'highs' or 'cbc'")
+        if self.time_limit <= 0:
+            raise ConfigError(f"time_limit = {self.time_limit} must be > 0 seconds")
+        pins = dict(self.pins)
+        for key, stage in pins.items():
+            if not isinstance(stage, int) or not 0 <= stage < self.partitions:
+                raise ConfigError(
+                    f"pin {key!r} -> {stage!r}: the stage must be an integer in "
+                    f"0..{self.partitions - 1}")
+        object.__setattr__(self, "pins", pins)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:
+        """Read :meth:`to_dict` data; unknown keys are an error."""
+        return _from_dict(cls, data, "config")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model a plan is for.
+
+    Attributes:
+        name: The graph's name.
+        fingerprint: :meth:`Graph.fingerprint` of the graph the plan was made from.
+        num_nodes: Nodes in that graph.
+        num_parameters: Trainable parameter elements (tied ones once).
+        tracer: How the graph was made (``"fx"``, ``"export"``, ``"json"``...).
+        example_shapes: Shapes of the example inputs per microbatch, for display.
+    """
+
+    name: str
+    fingerprint: str
+    num_nodes: int
+    num_parameters: int
+    tracer: str = ""
+    example_shapes: Mapping[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """One node's stage and costs.
+
+    Attributes:
+        name: Node name.
+        stage: Stage index; ``-1`` for input-derived nodes, which every stage that needs them
+            recomputes (see :func:`modelparallel.ir.input_derived_nodes`).
+        op: Op kind value.
+        target: What it calls.
+        module_path: Module it ran in.
+        forward_time: Seconds per microbatch on its stage's device.
+        backward_time: Seconds per microbatch.
+        saved_bytes: Activation bytes saved for backward per microbatch.
+        output_bytes: Bytes of its value.
+        param_bytes: Bytes of the parameters it reads.
+        pinned: Whether a pin put it there.
+    """
+
+    name: str
+    stage: int
+    op: str = ""
+    target: str = ""
+    module_path: str = ""
+    forward_time: float = 0.0
+    backward_time: float = 0.0
+    saved_bytes: int = 0
+    output_bytes: int = 0
+    param_bytes: int = 0
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one stage, by kind, in bytes.
+
+    Attributes:
+        parameters: Parameters and buffers held by the stage (replicated tied ones included).
+        gradients: Their gradients.
+        optimizer: Optimizer state.
+        activations: Activations saved for backward, times the microbatches in flight.
+        workspace: Transient memory of the largest op.
+        peak: Sum of the above.
+    """
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    workspace: int
+
+    @property
+    def peak(self) -> int:
+        """Sum of every kind."""
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.workspace
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """What the planner expects of one stage, per microbatch unless noted.
+
+    Attributes:
+        index: Stage index.
+        device: Device spec name.
+        num_nodes: Nodes assigned (input-derived copies not counted).
+        num_parameters: Trainable parameter elements held.
+        memory: Peak memory breakdown for the whole step.
+        inflight_microbatches: Microbatches whose activations it holds at peak.
+        forward_time: Compute seconds of forward.
+        backward_time: Compute seconds of backward.
+        comm_in_bytes: Bytes received per microbatch (activations in, gradients back in).
+        comm_out_bytes: Bytes sent per microbatch (activations out, gradients back out).
+        comm_time: Seconds of communication per microbatch.
+        capacity_bytes: The device's memory capacity.
+    """
+
+    index: int
+    device: str
+    num_nodes: int
+    num_parameters: int
+    memory: MemoryEstimate
+    inflight_microbatches: int
+    forward_time: float
+    backward_time: float
+    comm_in_bytes: int
+    comm_out_bytes: int
+    comm_time: float
+    capacity_bytes: int
+
+    @property
+    def compute_time(self) -> float:
+        """Forward plus backward compute seconds."""
+        return self.forward_time + self.backward_time
+
+    @property
+    def total_time(self) -> float:
+        """Compute plus communication seconds: the stage's time per microbatch."""
+        return self.compute_time + self.comm_time
+
+
+@dataclass(frozen=True)
+class BoundaryEstimate:
+    """The values that cross from stage ``index`` to ``index + 1``.
+
+    Attributes:
+        index: The boundary after stage ``index``.
+        values: Names of the nodes whose values cross (relayed through this boundary).
+        forward_bytes: Activation bytes per microbatch.
+        backward_bytes: Gradient bytes per microbatch.
+        time: Seconds per microbatch, both directions.
+    """
+
+    index: int
+    values: tuple[str, ...]
+    forward_bytes: int
+    backward_bytes: int
+    time: float
+
+
+@dataclass(frozen=True)
+class PipelineEstimate:
+    """What the planner expects of a whole training step.
+
+    Attributes:
+        step_time: Seconds per step: ``sum(stage times) + (m - 1) * bottleneck``.
+        bubble_fraction: Idle fraction of the bottleneck stage, ``1 - m * t_max / step_time``.
+        throughput: Samples per second, given the batch size per microbatch.
+        bottleneck_stage: Index of the slowest stage.
+        bottleneck_time: Its compute plus communication seconds per microbatch.
+        samples_per_microbatch: Batch size of one microbatch.
+    """
+
+    step_time: float
+    bubble_fraction: float
+    throughput: float
+    bottleneck_stage: int
+    bottleneck_time: float
+    samples_per_microbatch: int = 1
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    """How the assignment was found.
+
+    Attributes:
+        method: ``"ilp"``, ``"dp"``, ``"uniform"``, ``"param_balanced"`` or ``"manual"``.
+        solver: ``"highs"``, ``"cbc"`` or ``""`` for non-ILP methods.
+        status: ``"optimal"``, ``"feasible"`` (stopped at the time limit or gap), or the
+            solver's status word.
+        objective: The objective value of the assignment (recomputed from the estimates).
+        lower_bound: A proven lower bound on the objective of any assignment, or ``None``.
+        gap: ``(objective - lower_bound) / objective``, or ``None``.
+        solve_time: Wall seconds spent.
+        coarse_nodes: Units of the coarsened problem solved first (0 if not coarsened).
+        refined: Whether an op-level refinement pass ran.
+        num_variables: Variables of the largest ILP solved.
+        num_constraints: Constraints of the largest ILP solved.
+        notes: Free-form remarks (why a fallback ran, what the lower bound is made of).
+    """
+
+    method: str
+    solver: str = ""
+    status: str = "optimal"
+    objective: float = 0.0
+    lower_bound: float | None = None
+    gap: float | None = None
+    solve_time: float = 0.0
+    coarse_nodes: int = 0
+    refined: bool = False
+    num_variables: int = 0
+    num_constraints: int = 0
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A partition plan: configuration, placement, estimates and solver report.
+
+    Attributes:
+        config: The options it was made with.
+        devices: One device spec per stage.
+        model: Which model it is for.
+        nodes: Every node's placement and costs, in the graph's topological order.
+        stages: Per-stage estimates.
+        boundaries: Per-boundary communication.
+        pipeline: Whole-step estimates.
+        solver: The solver report.
+        shared_params: Parameters held by several stages (tied and replicated) with the stages
+            that hold them; their gradients are summed among those stages.
+        version: Plan format version.
+        created_by: Which modelparallel version wrote it.
+    """
+
+    config: PlanConfig
+    devices: tuple[DeviceSpec, ...]
+    model: ModelInfo
+    nodes: tuple[NodePlacement, ...]
+    stages: tuple[StageEstimate, ...]
+    boundaries: tuple[BoundaryEstimate, ...]
+    pipeline: PipelineEstimate
+    solver: SolverReport
+    shared_params: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+    created_by: str = ""
+
+    def __post_init__(self) -> None:
+        p = self.config.partitions
+        if len(self.devices) != p:
+            raise PlanFormatError(f"plan has {len(self.devices)} devices for {p} partitions")
+        if len(self.stages) != p or [s.index for s in self.stages] != list(range(p)):
+            raise PlanFormatError(f"plan must have stages 0..{p - 1}, in order")
+        if len(self.boundaries) != p - 1:
+            raise PlanFormatError(f"plan has {len(self.boundaries)} boundaries; expected {p - 1}")
+        for n in self.nodes:
+            if not -1 <= n.stage < p:
+                raise PlanFormatError(
+                    f"node {n.name!r} is on stage {n.stage}; stages are 0..{p - 1} (-1: every)")
+        object.__setattr__(self, "shared_params",
+                           {k: tuple(v) for k, v in dict(self.shared_params).items()})
+
+    # -- views -----------------------------------------------------------------------------------
+
+    @cached_property
+    def assignment(self) -> dict[str, int]:
+        """Node name to stage, for every node (``-1``: recomputed on every stage that needs it)."""
+        return {n.name: n.stage for n in self.nodes}
+
+    @property
+    def partitions(self) -> int:
+        """Number of stages."""
+        return self.config.partitions
+
+    def stage_nodes(self, stage: int) -> tuple[str, ...]:
+        """Names of the nodes assigned to ``stage``, in topological order."""
+        return tuple(n.name for n in self.nodes if n.stage == stage)
+
+    def placement(self, name: str) -> NodePlacement:
+        """The placement of node ``name``.
+
+        Raises:
+            KeyError: if the plan has no such node.
+        """
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"the plan has no node named {name!r}")
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def check_graph(self, graph: Graph) -> None:
+        """Check that this plan was made for ``graph``.
+
+        Raises:
+            PlanMismatchError: if the fingerprints differ, naming both and what to do.
+        """
+        fp = graph.fingerprint()
+        if fp != self.model.fingerprint:
+            raise PlanMismatchError(
+                f"the plan was made for model {self.model.name!r} with fingerprint "
+                f"{self.model.fingerprint[:12]}, but the model given traces to fingerprint "
+                f"{fp[:12]} ({len(graph)} nodes vs {self.model.num_nodes} in the plan). The "
+                "model's structure or parameter shapes changed since planning: build a new "
+                "plan ('partition-plan build') or pass the model the plan was made for.")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Check that ``world_size`` processes can run this plan (one per stage).
+
+        Raises:
+            PlanMismatchError: if they differ.
+        """
+        if world_size % self.partitions != 0:
+            raise PlanMismatchError(
+                f"the plan has {self.partitions} stages but {world_size} processes were "
+                f"started; start a multiple of {self.partitions} processes (e.g. "
+                f"'torchrun --nproc_per_node {self.partitions}') or make a plan with "
+                f"--partitions {world_size}")
+
+    # -- JSON ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data (see ``docs/plan-format.md``)."""
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            "created_by": self.created_by,
+            "config": self.config.to_dict(),
+            "devices": [d.to_dict() for d in self.devices],
+            "model": asdict(self.model),
+            "solver": {**asdict(self.solver), "notes": list(self.solver.notes)},
+            "pipeline": asdict(self.pipeline),
+            "stages": [{**asdict(s), "memory": {**asdict(s.memory), "peak": s.memory.peak}}
+                       for s in self.stages],
+            "boundaries": [{**asdict(b), "values": list(b.values)} for b in self.boundaries],
+            "shared_params": {k: list(v) for k, v in self.shared_params.items()},
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """The plan as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan to ``path`` atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Build a plan from :meth:`to_dict` data, validating the schema.
+
+        Raises:
+            PlanFormatError: on a wrong format, unsupported version, or missing/invalid fields.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise PlanFormatError(
+                f"not a modelparallel plan: format is {got!r}, expected {PLAN_FORMAT!r}")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanFormatError(
+                f"plan version {data.get('version')!r} is not supported; this modelparallel "
+                f"reads version {PLAN_VERSION}. Rebuild the plan with 'partition-plan build'.")
+        try:
+            stages = []
+            for s in data["stages"]:
+                s = dict(s)
+                mem = {k: v for k, v in s.pop("memory").items() if k != "peak"}
+                stages.append(StageEstimate(memory=_from_dict(MemoryEstimate, mem, "memory"),
+                                            **s))
+            solver = dict(data["solver"])
+            solver["notes"] = tuple(solver.get("notes", ()))
+            return cls(
+                config=PlanConfig.from_dict(data["config"]),
+                devices=tuple(DeviceSpec.from_dict(d) for d in data["devices"]),
+                model=_from_dict(ModelInfo, data["model"], "model"),
+                nodes=tuple(_from_dict(NodePlacement, n, "node") for n in data["nodes"]),
+                stages=tuple(stages),
+                boundaries=tuple(BoundaryEstimate(**{**b, "values": tuple(b["values"])})
+                                 for b in data["boundaries"]),
+                pipeline=_from_dict(PipelineEstimate, data["pipeline"], "pipeline"),
+                solver=_from_dict(SolverReport, solver, "solver"),
+                shared_params={k: tuple(v) for k, v in data.get("shared_params", {}).items()},
+                version=int(data["version"]),
+                created_by=str(data.get("created_by", "")),
+            )
+        except (PlanFormatError, ConfigError):
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanFormatError(f"plan JSON is missing or has an invalid field: "
+                                  f"{type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse plan JSON text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanFormatError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> Plan:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def load_plan(path: str | Path, graph: Graph | None = None) -> Plan:
+    """Read a plan file; with ``graph``, also check that the plan was made for it.
+
+    Raises:
+        PlanFormatError: if the file is unreadable or not a valid plan.
+        PlanMismatchError: if ``graph`` is given and its fingerprint differs.
+
+    Example:
+        >>> load_plan("missing.json")
+        Traceback (most recent call last):
+        ...
+        modelparallel.errors.PlanFormatError: cannot read plan file 'missing.json': No such file or directory
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise PlanFormatError(f"cannot read plan file {str(path)!r}: {e.strerror}") from None
+    plan = Plan.from_json(text)
+    if graph is not None:
+        plan.check_graph(graph)
+    return plan
+
+
+def _from_dict(cls: Any, data: Mapping[str, Any], what: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise PlanFormatError(f"plan field {what!r} must be an object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PlanFormatError(f"plan field {what!r} has unknown keys {unknown}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise PlanFormatError(f"plan field {what!r} is incomplete: {e}") from None

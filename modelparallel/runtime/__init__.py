@@ -1,0 +1,1 @@
+"""modelparallel.runtime (under construction)."""

@@ -1,0 +1,1 @@
+"""modelparallel.tracer (under construction)."""
