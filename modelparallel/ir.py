@@ -653,9 +653,7 @@ def input_derived_nodes(graph: Graph) -> frozenset[str]:
     """
     derived: set[str] = set()
     for n in graph.nodes:
-        if n.op is OpKind.PLACEHOLDER:
-            derived.add(n.name)
-        elif (n.op is not OpKind.OUTPUT and not n.params and not n.is_random
+        if n.op is OpKind.PLACEHOLDER or (n.op is not OpKind.OUTPUT and not n.params and not n.is_random
               and n.op is not OpKind.GET_ATTR and all(s in derived for s in n.inputs)):
             derived.add(n.name)
     return frozenset(derived)
