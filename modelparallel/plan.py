@@ -181,6 +181,10 @@ class ModelInfo:
         num_parameters: Trainable parameter elements (tied ones once).
         tracer: How the graph was made (``"fx"``, ``"export"``, ``"json"``...).
         example_shapes: Shapes of the example inputs per microbatch, for display.
+        source: How to rebuild the model: the ``MODEL`` argument the CLI was given
+            (``pkg.module:factory``, ``file.py:factory`` or an IR JSON path); empty when
+            planned from Python.
+        inputs: The CLI's input specifications (``name=8x512:int64``), to rebuild the example.
     """
 
     name: str
@@ -189,6 +193,8 @@ class ModelInfo:
     num_parameters: int
     tracer: str = ""
     example_shapes: Mapping[str, list[int]] = field(default_factory=dict)
+    source: str = ""
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,8 @@ class NodePlacement:
         output_bytes: Bytes of its value.
         param_bytes: Bytes of the parameters it reads.
         pinned: Whether a pin put it there.
+        inputs: Names of the nodes whose values it reads (the graph's edges), so a plan can
+            explain placements without its model.
     """
 
     name: str
@@ -221,6 +229,7 @@ class NodePlacement:
     output_bytes: int = 0
     param_bytes: int = 0
     pinned: bool = False
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -485,7 +494,7 @@ class Plan:
                        for s in self.stages],
             "boundaries": [{**asdict(b), "values": list(b.values)} for b in self.boundaries],
             "shared_params": {k: list(v) for k, v in self.shared_params.items()},
-            "nodes": [asdict(n) for n in self.nodes],
+            "nodes": [{**asdict(n), "inputs": list(n.inputs)} for n in self.nodes],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -533,8 +542,11 @@ class Plan:
             return cls(
                 config=PlanConfig.from_dict(data["config"]),
                 devices=tuple(DeviceSpec.from_dict(d) for d in data["devices"]),
-                model=_from_dict(ModelInfo, data["model"], "model"),
-                nodes=tuple(_from_dict(NodePlacement, n, "node") for n in data["nodes"]),
+                model=_from_dict(ModelInfo, {**data["model"],
+                                             "inputs": tuple(data["model"].get("inputs", ()))},
+                                 "model"),
+                nodes=tuple(_from_dict(NodePlacement, {**n, "inputs": tuple(n.get("inputs", ()))},
+                                       "node") for n in data["nodes"]),
                 stages=tuple(stages),
                 boundaries=tuple(BoundaryEstimate(**{**b, "values": tuple(b["values"])})
                                  for b in data["boundaries"]),

@@ -1,0 +1,350 @@
+"""Human-readable views of plans, for ``partition-plan inspect`` and ``compare``.
+
+Everything here reads a :class:`~modelparallel.plan.Plan` value alone (no model, no graph), so a
+plan file can be inspected anywhere.
+
+Example:
+    >>> format_bytes(3 * 2**30)
+    '3.00 GiB'
+    >>> format_seconds(0.0123)
+    '12.3 ms'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from modelparallel.errors import ConfigError
+from modelparallel.plan import NodePlacement, Plan
+
+__all__ = [
+    "explain_node",
+    "format_bytes",
+    "format_seconds",
+    "print_comparison",
+    "print_node",
+    "print_stage",
+    "print_summary",
+    "timeline_rows",
+]
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units with three significant digits."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_seconds(t: float) -> str:
+    """Seconds in s, ms or µs."""
+    if t >= 1:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.1f} ms"
+    return f"{t * 1e6:.0f} µs"
+
+
+def _format_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    fraction = max(0.0, min(1.0, fraction))
+    full = round(fraction * width)
+    return "█" * full + "·" * (width - full)
+
+
+def _header(plan: Plan) -> list[str]:
+    m, c, s = plan.model, plan.config, plan.solver
+    devices = sorted({d.name for d in plan.devices})
+    lines = [
+        f"[bold]Plan for {m.name}[/bold]  fingerprint {m.fingerprint[:12]}  {m.num_nodes} nodes  "
+        f"{_format_count(m.num_parameters)} parameters" + (f"  traced with {m.tracer}"
+                                                          if m.tracer else ""),
+        f"{c.partitions} stages on {', '.join(devices)}  ·  {c.microbatches} microbatches  ·  "
+        f"{c.schedule}  ·  optimize={c.optimize} (memory_weight {c.memory_weight:g})  ·  "
+        f"optimizer {c.optimizer}  ·  granularity {c.granularity}  ·  tied {c.tied}",
+    ]
+    bound = "n/a" if s.lower_bound is None else f"{s.lower_bound:.4f}"
+    gap = "n/a" if s.gap is None else f"{100 * s.gap:.2f}%"
+    extra = []
+    if s.coarse_nodes:
+        extra.append(f"{s.coarse_nodes} coarse units")
+    if s.refined:
+        extra.append("refined at op level")
+    lines.append(
+        f"solver: {s.method}" + (f" ({s.solver})" if s.solver else "") +
+        f"  status {s.status}  objective {s.objective:.4f}  lower bound {bound}  gap {gap}  "
+        f"{s.solve_time:.1f} s" + (f"  ({', '.join(extra)})" if extra else ""))
+    return lines
+
+
+def _stage_table(plan: Plan) -> Table:
+    table = Table(title="Stages (times per microbatch)", title_justify="left")
+    for col in ("stage", "device", "nodes", "params", "memory peak / capacity", "fwd", "bwd",
+                "comm", "total", "load"):
+        table.add_column(col, justify="right" if col not in ("device", "load") else "left")
+    tmax = max((s.total_time for s in plan.stages), default=0.0) or 1.0
+    for s in plan.stages:
+        mark = " ◀" if s.index == plan.pipeline.bottleneck_stage else ""
+        table.add_row(
+            str(s.index), s.device, str(s.num_nodes), _format_count(s.num_parameters),
+            f"{format_bytes(s.memory.peak)} / {format_bytes(s.capacity_bytes)} "
+            f"({100 * s.memory.peak / s.capacity_bytes:.0f}%)",
+            format_seconds(s.forward_time), format_seconds(s.backward_time),
+            format_seconds(s.comm_time), format_seconds(s.total_time),
+            _bar(s.total_time / tmax) + mark)
+    return table
+
+
+def _boundary_table(plan: Plan) -> Table:
+    table = Table(title="Boundaries (per microbatch)", title_justify="left")
+    for col in ("boundary", "values", "forward", "backward", "time", "crossing"):
+        table.add_column(col, justify="left" if col == "crossing" else "right")
+    for b in plan.boundaries:
+        shown = ", ".join(b.values[:4]) + (f", … (+{len(b.values) - 4})"
+                                           if len(b.values) > 4 else "")
+        table.add_row(f"{b.index}→{b.index + 1}", str(len(b.values)),
+                      format_bytes(b.forward_bytes), format_bytes(b.backward_bytes),
+                      format_seconds(b.time), shown)
+    return table
+
+
+@dataclass(frozen=True)
+class _Slot:
+    stage: int
+    kind: str
+    microbatch: int
+    start: float
+    end: float
+
+
+def timeline_rows(plan: Plan) -> list[_Slot]:
+    """Estimated start and end of every forward and backward of one step, from the plan's stage
+    times, under the plan's schedule (each stage runs its actions in schedule order, as soon as
+    the neighbour it depends on has finished)."""
+    from modelparallel.runtime.schedule import make_schedule
+
+    p, m = plan.partitions, plan.config.microbatches
+    sched = make_schedule(plan.config.schedule, p, m)
+    fwd = [s.forward_time + s.comm_time / 2 for s in plan.stages]
+    bwd = [s.backward_time + s.comm_time / 2 for s in plan.stages]
+    done: dict[tuple[int, str, int], float] = {}
+    free = [0.0] * p
+    pending = [list(sched.actions[s]) for s in range(p)]
+    slots: list[_Slot] = []
+    progressed = True
+    while progressed and any(pending):
+        progressed = False
+        for s in range(p):
+            while pending[s]:
+                a = pending[s][0]
+                dep = (s - 1, "F", a.microbatch) if a.kind == "F" else (s + 1, "B", a.microbatch)
+                own = (s, "F", a.microbatch)
+                needs = [dep] if 0 <= dep[0] < p else []
+                if a.kind == "B":
+                    needs.append(own)
+                if any(d not in done for d in needs):
+                    break
+                start = max([free[s], *(done[d] for d in needs)])
+                end = start + (fwd[s] if a.kind == "F" else bwd[s])
+                done[(s, a.kind, a.microbatch)] = end
+                free[s] = end
+                slots.append(_Slot(s, a.kind, a.microbatch, start, end))
+                pending[s].pop(0)
+                progressed = True
+    return slots
+
+
+def _timeline(plan: Plan, width: int = 72) -> list[str]:
+    try:
+        slots = timeline_rows(plan)
+    except ImportError:  # the runtime is an optional layer for plan inspection
+        return []
+    total = max((s.end for s in slots), default=0.0)
+    if total <= 0:
+        return []
+    rows = []
+    for stage in range(plan.partitions):
+        line = [" "] * width
+        for s in (x for x in slots if x.stage == stage):
+            a, b = int(s.start / total * width), max(int(s.start / total * width) + 1,
+                                                     int(s.end / total * width))
+            glyph = str(s.microbatch % 10)
+            for i in range(a, min(b, width)):
+                line[i] = f"[cyan]{glyph}[/cyan]" if s.kind == "F" else f"[magenta]{glyph}[/magenta]"
+        busy = sum(s.end - s.start for s in slots if s.stage == stage)
+        rows.append(f"  stage {stage} │{''.join(line)}│ busy {100 * busy / total:.0f}%")
+    return rows
+
+
+def print_summary(plan: Plan, console: Console | None = None) -> None:
+    """Print the plan header, the stage and boundary tables, the estimated timeline and the
+    bottleneck."""
+    console = console or Console()
+    for line in _header(plan):
+        console.print(line)
+    console.print(_stage_table(plan))
+    if plan.boundaries:
+        console.print(_boundary_table(plan))
+    if plan.shared_params:
+        shared = ", ".join(f"{k} on stages {list(v)}" for k, v in plan.shared_params.items())
+        console.print(f"replicated tied parameters (gradients summed): {shared}")
+    pipe = plan.pipeline
+    timeline = _timeline(plan)
+    if timeline:
+        console.print(f"Estimated timeline of one step ({plan.config.schedule}; "
+                      "[cyan]forward[/cyan] / [magenta]backward[/magenta], digits = microbatch):")
+        for row in timeline:
+            console.print(row)
+    console.print(
+        f"step {format_seconds(pipe.step_time)}  ·  bubble {100 * pipe.bubble_fraction:.1f}%  ·  "
+        f"throughput {pipe.throughput:.1f} samples/s  ·  bottleneck: stage "
+        f"{pipe.bottleneck_stage} at {format_seconds(pipe.bottleneck_time)} per microbatch")
+
+
+def print_stage(plan: Plan, stage: int, console: Console | None = None) -> None:
+    """Print every node of ``stage`` with its costs.
+
+    Raises:
+        ConfigError: if the stage does not exist.
+    """
+    console = console or Console()
+    if not 0 <= stage < plan.partitions:
+        raise ConfigError(f"stage {stage} is outside 0..{plan.partitions - 1}")
+    nodes = [n for n in plan.nodes if n.stage == stage]
+    table = Table(title=f"Stage {stage}: {len(nodes)} nodes", title_justify="left")
+    for col in ("node", "op", "module", "fwd", "bwd", "saved", "output", "params"):
+        table.add_column(col, justify="left" if col in ("node", "op", "module") else "right")
+    for n in nodes:
+        table.add_row(n.name + (" (pinned)" if n.pinned else ""), _short(n.target),
+                      n.module_path, format_seconds(n.forward_time),
+                      format_seconds(n.backward_time), format_bytes(n.saved_bytes),
+                      format_bytes(n.output_bytes), format_bytes(n.param_bytes))
+    console.print(table)
+    shared = [k for k, v in plan.shared_params.items() if stage in v]
+    if shared:
+        console.print(f"tied parameters also held by other stages: {', '.join(shared)}")
+
+
+def _short(target: str, limit: int = 40) -> str:
+    return target if len(target) <= limit else target[: limit - 1] + "…"
+
+
+def explain_node(plan: Plan, name: str) -> list[str]:
+    """Sentences saying where node ``name`` is, what it costs, and what kept it there.
+
+    The order constraint (a node runs no earlier than its producers and no later than its
+    consumers) gives the stages it could move to; for each, the sentence estimates what moving
+    it alone would do to the two stages' times, the bottleneck and memory.
+
+    Raises:
+        ConfigError: if the plan has no such node.
+    """
+    by_name: Mapping[str, NodePlacement] = {n.name: n for n in plan.nodes}
+    if name not in by_name:
+        close = [n for n in by_name if name.lower() in n.lower()][:5]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise ConfigError(f"the plan has no node named {name!r}{hint}")
+    node = by_name[name]
+    lines = [f"{node.name}: {node.op} {node.target}" +
+             (f" in module {node.module_path!r}" if node.module_path else "")]
+    lines.append(f"costs per microbatch: forward {format_seconds(node.forward_time)}, backward "
+                 f"{format_seconds(node.backward_time)}, saves {format_bytes(node.saved_bytes)} "
+                 f"for backward, outputs {format_bytes(node.output_bytes)}, reads "
+                 f"{format_bytes(node.param_bytes)} of parameters")
+    if node.stage < 0:
+        lines.append("it is computed from the model inputs alone, so every stage that needs it "
+                     "recomputes it (no communication; Note [inputs on every rank])")
+        return lines
+    lines.append(f"placed on stage {node.stage}" + (" by a pin" if node.pinned else ""))
+    producers = [by_name[s] for s in node.inputs if s in by_name and by_name[s].stage >= 0]
+    consumers = [n for n in plan.nodes if name in n.inputs and n.stage >= 0]
+    lo = max((p.stage for p in producers), default=0)
+    hi = min((c.stage for c in consumers), default=plan.partitions - 1)
+    if node.op == "output":
+        lo = hi = plan.partitions - 1
+    if producers:
+        lines.append("producers: " + ", ".join(f"{p.name} (stage {p.stage})" for p in producers[:6]))
+    if consumers:
+        lines.append("consumers: " + ", ".join(f"{c.name} (stage {c.stage})" for c in consumers[:6]))
+    if node.pinned:
+        return lines
+    lines.append(f"pipeline order allows stages {lo}..{hi}")
+    if lo == hi:
+        lines.append("it cannot move alone: a producer and a consumer sit on that same stage")
+        return lines
+    stage_time = {s.index: s.total_time for s in plan.stages}
+    tmax = max(stage_time.values())
+    t = node.forward_time + node.backward_time
+    for target in range(lo, hi + 1):
+        if target == node.stage:
+            continue
+        new = dict(stage_time)
+        new[node.stage] -= t
+        new[target] += t
+        new_max = max(new.values())
+        inflight_here = plan.stages[node.stage].inflight_microbatches
+        inflight_there = plan.stages[target].inflight_microbatches
+        mem_there = (plan.stages[target].memory.peak + node.saved_bytes * inflight_there +
+                     node.param_bytes)
+        cap = plan.stages[target].capacity_bytes
+        verdict = ("raises" if new_max > tmax + 1e-12 else "keeps" if
+                   abs(new_max - tmax) <= 1e-12 else "lowers")
+        lines.append(
+            f"moving it to stage {target} (compute only; communication changes too) would make "
+            f"stage {node.stage} {format_seconds(new[node.stage])} and stage {target} "
+            f"{format_seconds(new[target])}: {verdict} the bottleneck "
+            f"({format_seconds(tmax)} → {format_seconds(new_max)}); stage {target} memory about "
+            f"{format_bytes(mem_there)} of {format_bytes(cap)}" +
+            (" — over capacity" if mem_there > cap else "") +
+            (f"; it frees {format_bytes(node.saved_bytes * inflight_here)} of activations on "
+             f"stage {node.stage}" if node.saved_bytes else ""))
+    lines.append("the solver weighs the bottleneck time against memory balance "
+                 f"(memory_weight {plan.config.memory_weight:g}) and the bytes of every value "
+                 "crossing a boundary; this node's position is what minimised that objective")
+    return lines
+
+
+def print_node(plan: Plan, name: str, console: Console | None = None) -> None:
+    """Print :func:`explain_node`."""
+    console = console or Console()
+    for line in explain_node(plan, name):
+        console.print(line, markup=False)
+
+
+def print_comparison(plans: Mapping[str, Plan], console: Console | None = None,
+                     title: str = "") -> None:
+    """One row per method: objective, ratio to the ILP's lower bound, bottleneck, memory, time."""
+    console = console or Console()
+    bounds = [p.solver.lower_bound for p in plans.values() if p.solver.lower_bound is not None]
+    bound = max(bounds) if bounds else None
+    best = min(p.solver.objective for p in plans.values())
+    table = Table(title=title or "Planners on the same graph and cost model",
+                  title_justify="left")
+    for col in ("method", "status", "objective", "÷ lower bound", "bottleneck", "step",
+                "max memory", "solve time"):
+        table.add_column(col, justify="left" if col in ("method", "status") else "right")
+    for name, p in plans.items():
+        ratio = "n/a" if not bound else f"{p.solver.objective / bound:.4f}"
+        peak = max(s.memory.peak for s in p.stages)
+        over = any(s.memory.peak > s.capacity_bytes for s in p.stages)
+        table.add_row(
+            name + (" ★" if p.solver.objective <= best + 1e-12 else ""), p.solver.status,
+            f"{p.solver.objective:.4f}", ratio, format_seconds(p.pipeline.bottleneck_time),
+            format_seconds(p.pipeline.step_time),
+            format_bytes(peak) + (" (over capacity)" if over else ""),
+            f"{p.solver.solve_time:.2f} s")
+    console.print(table)
+    if bound:
+        console.print(f"lower bound on the objective: {bound:.4f} (proven)")
+

@@ -1,0 +1,61 @@
+"""Device specs: built-ins, JSON round trip, size parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modelparallel.cost_model import (
+    BUILTIN_DEVICES,
+    DeviceSpec,
+    get_device_spec,
+    load_device_spec,
+    parse_bytes,
+)
+from modelparallel.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_DEVICES))
+def test_builtins_round_trip(name: str, tmp_path) -> None:
+    spec = get_device_spec(name)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    assert load_device_spec(path) == spec
+    assert get_device_spec(str(path)) == spec
+
+
+def test_h100_figures() -> None:
+    spec = get_device_spec("H100")
+    assert spec.memory_bytes == 80 * 2**30
+    assert spec.flops_per_second("bfloat16") == pytest.approx(989.4e12 * 0.7)
+    assert spec.flops_per_second("float16") == spec.flops_per_second("bfloat16")
+    assert spec.flops_per_second("int64") == spec.flops_per_second("float32")
+    assert spec.transfer_time(0) == 0
+    assert spec.transfer_time(450e9) == pytest.approx(1 + 8e-6)
+
+
+def test_sizes() -> None:
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("16 GB") == 16 * 10**9
+    assert parse_bytes(1024) == 1024
+    for bad in ("lots", "-1GiB", "0", "12 parsecs"):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad)
+
+
+def test_spec_strings_and_errors(tmp_path) -> None:
+    data = get_device_spec("a100").to_dict()
+    data["memory_bytes"] = "40GiB"
+    data["link_bandwidth"] = "100GB/s"
+    spec = DeviceSpec.from_dict(data)
+    assert spec.memory_bytes == 40 * 2**30 and spec.link_bandwidth == 100e9
+    with pytest.raises(ConfigError, match="unknown fields"):
+        DeviceSpec.from_dict({**data, "colour": "green"})
+    with pytest.raises(ConfigError, match="float32"):
+        DeviceSpec.from_dict({**data, "peak_flops": {"bfloat16": 1e12}})
+    with pytest.raises(ConfigError, match="unknown device"):
+        get_device_spec("tpu-v9")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ConfigError, match="object"):
+        load_device_spec(tmp_path / "bad.json")

@@ -1,0 +1,121 @@
+"""Plan values: configuration validation, JSON round trip, file errors, fingerprint checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modelparallel.cost_model import get_device_spec
+from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
+from modelparallel.ir import Graph, Node, OpKind
+from modelparallel.plan import (
+    BoundaryEstimate,
+    MemoryEstimate,
+    ModelInfo,
+    NodePlacement,
+    PipelineEstimate,
+    Plan,
+    PlanConfig,
+    SolverReport,
+    StageEstimate,
+    load_plan,
+)
+
+
+def _graph() -> Graph:
+    return Graph("g", (Node("x", OpKind.PLACEHOLDER, "x"),
+                       Node("a", OpKind.CALL_FUNCTION, "f", ("x",)),
+                       Node("b", OpKind.CALL_FUNCTION, "g", ("a",)),
+                       Node("output", OpKind.OUTPUT, "output", ("b",))))
+
+
+def _plan(graph: Graph) -> Plan:
+    dev = get_device_spec("h100")
+    mem = MemoryEstimate(10, 10, 20, 5, 1)
+    stages = tuple(StageEstimate(i, "h100", 1, 10, mem, 2 - i, 1e-3, 2e-3, 100, 100, 1e-5,
+                                 dev.memory_bytes) for i in range(2))
+    return Plan(
+        config=PlanConfig(partitions=2, microbatches=4, pins={"a": 0}),
+        devices=(dev, dev),
+        model=ModelInfo(graph.name, graph.fingerprint(), len(graph), 20, "hand", {"x": [2, 3]},
+                        source="m:f", inputs=("arg0=2x3",)),
+        nodes=(NodePlacement("x", -1), NodePlacement("a", 0, pinned=True, inputs=("x",)),
+               NodePlacement("b", 1, inputs=("a",)), NodePlacement("output", 1, inputs=("b",))),
+        stages=stages,
+        boundaries=(BoundaryEstimate(0, ("a",), 100, 100, 1e-5),),
+        pipeline=PipelineEstimate(0.02, 0.2, 400.0, 0, 3e-3, 2),
+        solver=SolverReport("ilp", "highs", "optimal", 1.01, 1.0, 0.0099, 0.5, notes=("n",)),
+        shared_params={"w": (0, 1)},
+    )
+
+
+def test_config_defaults_and_aliases() -> None:
+    assert PlanConfig(2, schedule="simple").schedule == "gpipe"
+    assert PlanConfig(2, optimize="memory").memory_weight == 0.8
+    assert PlanConfig(2, optimize="speed").memory_weight == 0.2
+    assert PlanConfig(2, memory_weight=0).memory_weight == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(partitions=0), dict(partitions=2, microbatches=0), dict(partitions=2, schedule="zb"),
+    dict(partitions=2, memory_weight=1.5), dict(partitions=2, optimize="fast"),
+    dict(partitions=2, pins={"a": 2}), dict(partitions=2, solver="gurobi"),
+    dict(partitions=2, time_limit=0), dict(partitions=2, granularity="layer"),
+])
+def test_config_rejects_bad_values(kwargs) -> None:
+    with pytest.raises(ConfigError):
+        PlanConfig(**kwargs)
+
+
+def test_round_trip(tmp_path) -> None:
+    g = _graph()
+    plan = _plan(g)
+    path = plan.save(tmp_path / "sub" / "p.json")
+    back = load_plan(path, g)
+    assert back == plan
+    assert back.assignment == {"x": -1, "a": 0, "b": 1, "output": 1}
+    assert back.stage_nodes(1) == ("b", "output")
+    assert back.stages[0].memory.peak == 46
+    assert not list(path.parent.glob(".p.json.*")), "no temporary file left behind"
+
+
+def test_fingerprint_mismatch() -> None:
+    plan = _plan(_graph())
+    other = Graph("g", (Node("x", OpKind.PLACEHOLDER, "x"),
+                        Node("output", OpKind.OUTPUT, "output", ("x",))))
+    with pytest.raises(PlanMismatchError, match="fingerprint"):
+        plan.check_graph(other)
+
+
+def test_world_size_check() -> None:
+    plan = _plan(_graph())
+    plan.check_world_size(4)
+    with pytest.raises(PlanMismatchError, match="2 stages but 3 processes"):
+        plan.check_world_size(3)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda d: d.update(version=7), "version 7"),
+    (lambda d: d.update(format="x"), "not a modelparallel plan"),
+    (lambda d: d["stages"].pop(), "stages"),
+    (lambda d: d["nodes"][1].update(stage=5), "stage 5"),
+    (lambda d: d["config"].update(partitions=-1), "partitions"),
+    (lambda d: d["model"].update(colour="red"), "unknown keys"),
+    (lambda d: d.pop("solver"), "solver"),
+])
+def test_bad_plan_files(tmp_path, mutate, message) -> None:
+    data = _plan(_graph()).to_dict()
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises((PlanFormatError, ConfigError), match=message):
+        load_plan(path)
+
+
+def test_unreadable_plan(tmp_path) -> None:
+    with pytest.raises(PlanFormatError, match="cannot read"):
+        load_plan(tmp_path / "none.json")
+    (tmp_path / "x.json").write_text("{")
+    with pytest.raises(PlanFormatError, match="not valid JSON"):
+        load_plan(tmp_path / "x.json")
