@@ -13,13 +13,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
 from modelparallel.errors import ConfigError
 from modelparallel.plan import NodePlacement, Plan
+from modelparallel.runtime.schedule import Timeline, make_schedule, simulate
 
 __all__ = [
     "explain_node",
@@ -119,71 +119,32 @@ def _boundary_table(plan: Plan) -> Table:
     return table
 
 
-@dataclass(frozen=True)
-class _Slot:
-    stage: int
-    kind: str
-    microbatch: int
-    start: float
-    end: float
-
-
-def timeline_rows(plan: Plan) -> list[_Slot]:
-    """Estimated start and end of every forward and backward of one step, from the plan's stage
-    times, under the plan's schedule (each stage runs its actions in schedule order, as soon as
-    the neighbour it depends on has finished)."""
-    from modelparallel.runtime.schedule import make_schedule
-
+def timeline_rows(plan: Plan) -> Timeline:
+    """The estimated timeline of one step: the plan's schedule played with its stages' forward
+    and backward times (communication split evenly between the two directions)."""
     p, m = plan.partitions, plan.config.microbatches
-    sched = make_schedule(plan.config.schedule, p, m)
     fwd = [s.forward_time + s.comm_time / 2 for s in plan.stages]
     bwd = [s.backward_time + s.comm_time / 2 for s in plan.stages]
-    done: dict[tuple[int, str, int], float] = {}
-    free = [0.0] * p
-    pending = [list(sched.actions[s]) for s in range(p)]
-    slots: list[_Slot] = []
-    progressed = True
-    while progressed and any(pending):
-        progressed = False
-        for s in range(p):
-            while pending[s]:
-                a = pending[s][0]
-                dep = (s - 1, "F", a.microbatch) if a.kind == "F" else (s + 1, "B", a.microbatch)
-                own = (s, "F", a.microbatch)
-                needs = [dep] if 0 <= dep[0] < p else []
-                if a.kind == "B":
-                    needs.append(own)
-                if any(d not in done for d in needs):
-                    break
-                start = max([free[s], *(done[d] for d in needs)])
-                end = start + (fwd[s] if a.kind == "F" else bwd[s])
-                done[(s, a.kind, a.microbatch)] = end
-                free[s] = end
-                slots.append(_Slot(s, a.kind, a.microbatch, start, end))
-                pending[s].pop(0)
-                progressed = True
-    return slots
+    return simulate(make_schedule(plan.config.schedule, p, m), fwd, bwd)
 
 
 def _timeline(plan: Plan, width: int = 72) -> list[str]:
-    try:
-        slots = timeline_rows(plan)
-    except ImportError:  # the runtime is an optional layer for plan inspection
-        return []
-    total = max((s.end for s in slots), default=0.0)
+    timeline = timeline_rows(plan)
+    total = timeline.makespan
     if total <= 0:
         return []
     rows = []
-    for stage in range(plan.partitions):
+    for stage, entries in enumerate(timeline.entries):
         line = [" "] * width
-        for s in (x for x in slots if x.stage == stage):
-            a, b = int(s.start / total * width), max(int(s.start / total * width) + 1,
-                                                     int(s.end / total * width))
-            glyph = str(s.microbatch % 10)
+        for e in entries:
+            a = int(e.start / total * width)
+            b = max(a + 1, int(e.end / total * width))
+            glyph = str(e.action.microbatch % 10)
+            colour = "cyan" if e.action.kind == "F" else "magenta"
             for i in range(a, min(b, width)):
-                line[i] = f"[cyan]{glyph}[/cyan]" if s.kind == "F" else f"[magenta]{glyph}[/magenta]"
-        busy = sum(s.end - s.start for s in slots if s.stage == stage)
-        rows.append(f"  stage {stage} │{''.join(line)}│ busy {100 * busy / total:.0f}%")
+                line[i] = f"[{colour}]{glyph}[/{colour}]"
+        rows.append(f"  stage {stage} │{''.join(line)}│ busy "
+                    f"{100 * timeline.busy[stage] / total:.0f}%")
     return rows
 
 
