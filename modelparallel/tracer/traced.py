@@ -50,6 +50,10 @@ class TracedModel:
         param_names: Every qualified parameter/buffer name (aliases included) to its canonical
             name in the IR.
         notes: What happened while tracing (e.g. why fx failed and export was used).
+        dynamic: Whether ``gm`` accepts other batch and sequence sizes than the example (fx
+            graphs always; export graphs when their input dimensions stayed symbolic, Note
+            [dynamic export] in ``modelparallel/tracer/export_path.py``).
+        timings: Seconds spent per tracing phase (``trace``, ``annotate``, ``ir``, ``total``).
     """
 
     graph: Graph
@@ -60,6 +64,8 @@ class TracedModel:
     input_names: tuple[str, ...]
     param_names: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    dynamic: bool = False
+    timings: Mapping[str, float] = field(default_factory=dict)
 
     def flatten_inputs(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
                        ) -> list[Any]:

@@ -1,0 +1,363 @@
+"""Run a traced graph node by node on fake tensors: shapes, FLOPs and saved activations.
+
+Note [fake annotation]
+~~~~~~~~~~~~~~~~~~~~~~
+Every node of the flat graph module runs once under ``FakeTensorMode`` (tensors carry shape,
+dtype and device but no data, so nothing is computed or allocated, and meta-device models work),
+inside one ``FlopCounterMode`` (a multiply-add counts 2). Each node runs in isolation: its tensor
+inputs are fresh autograd leaves (``detach`` keeps the storage, ``requires_grad`` is kept) and
+parameters are the model's own tensors, so
+
+- its **forward FLOPs** are what the counter sees while it runs;
+- its **saved bytes** are the bytes of the distinct storages autograd saves for backward while it
+  runs (``saved_tensors_hooks``), leaving out parameters and buffers. Deduplication is per node:
+  a storage saved by two nodes counts for each (they may land on different stages);
+- its **backward FLOPs** are what the counter sees while ``torch.autograd.grad`` takes the
+  gradients of its grad-requiring outputs (all-ones upstream gradients) with respect to its
+  grad-requiring inputs and parameters;
+- its outputs' ``requires_grad`` is exactly autograd's: true for floating tensors that depend on
+  a trainable parameter or on an input that requires grad.
+
+A node whose annotation fails (an in-place op on a leaf is retried on cloned inputs first) is run
+again without autograd for its shapes, and gets 0 FLOPs and ``None`` for the measured fields,
+with a note. If even that fails, the caller may rerun the whole propagation on the real example
+batch (``real=True``; impossible for a meta model) or give up.
+
+Example:
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 2))
+    >>> infos, notes = propagate(gm, [torch.randn(3, 4)], annotate=True)
+    >>> infos["linear"].flops, infos["linear"].saved_bytes
+    (48, 48)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from modelparallel.ir import TensorMeta
+
+__all__ = ["NodeInfo", "PropagationError", "propagate", "tensor_meta"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What running one node on fake tensors told us.
+
+    Attributes:
+        value_kind: ``"tensor"``, ``"tensors"``, ``"scalar"`` or ``"none"`` (see ``ir.Node``).
+        outputs: Metadata of the tensor leaves of the node's value.
+        flops: Forward FLOPs (0 when not measured).
+        backward_flops: Backward FLOPs, ``None`` when not measured.
+        saved_bytes: Activation bytes saved for backward, ``None`` when not measured.
+    """
+
+    value_kind: str
+    outputs: tuple[TensorMeta, ...]
+    flops: int = 0
+    backward_flops: int | None = None
+    saved_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.value_kind not in ("tensor", "tensors", "scalar", "none"):
+            raise ValueError(f"bad value_kind {self.value_kind!r}")
+
+
+class PropagationError(RuntimeError):
+    """A node could not run even without autograd (internal; the tracer reports it)."""
+
+    def __init__(self, node: str, cause: BaseException) -> None:
+        super().__init__(f"node {node!r}: {type(cause).__name__}: {cause}")
+        self.node = node
+        self.cause = cause
+
+
+def _flash_cpu_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
+                    out_shape: Any = None, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _flash_cpu_backward_flop(grad_out_shape: Any, query_shape: Any, key_shape: Any,
+                             value_shape: Any, *args: Any, out_shape: Any = None,
+                             **kwargs: Any) -> int:
+    return int(sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape))
+
+
+def _extra_flop_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas torch's counter lacks (the CPU flash-attention kernels of SDPA)."""
+    aten = torch.ops.aten
+    out: dict[Any, Callable[..., int]] = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu] = _flash_cpu_flop
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            _flash_cpu_backward_flop
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_meta(t: torch.Tensor) -> TensorMeta:
+    """IR metadata of a (real, meta or fake) tensor.
+
+    Example:
+        >>> tensor_meta(torch.zeros(2, 3))
+        TensorMeta(shape=(2, 3), dtype='float32', requires_grad=False)
+    """
+    return TensorMeta(tuple(int(s) for s in t.shape), _dtype_name(t.dtype),
+                      bool(t.requires_grad and (t.is_floating_point() or t.is_complex())))
+
+
+def _describe(value: Any) -> tuple[str, tuple[TensorMeta, ...]]:
+    if isinstance(value, torch.Tensor):
+        return "tensor", (tensor_meta(value),)
+    if value is None:
+        return "none", ()
+    if isinstance(value, list | tuple | dict):
+        tensors = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+        if tensors:
+            return "tensors", tuple(tensor_meta(t) for t in tensors)
+    return "scalar", ()
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """A fresh autograd leaf over the same storage."""
+    out = t.detach()
+    if t.requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+def _cloned_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A non-leaf copy, so in-place ops on it are allowed under autograd."""
+    return _leaf(t).clone()
+
+
+class _Runner:
+    """Runs the nodes of one graph module in order (Note [fake annotation])."""
+
+    def __init__(self, gm: torch.fx.GraphModule, *, annotate: bool,
+                 fake_mode: FakeTensorMode | None) -> None:
+        self.gm = gm
+        self.annotate = annotate
+        self.fake_mode = fake_mode
+        self.env: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+        # Parameters, buffers and constants as fake leaves, created once so that their storages
+        # identify them in the saved tensors (and so that autograd sees them as leaves).
+        self.attrs: dict[str, Any] = {}
+        for name, t in (*gm.named_parameters(remove_duplicate=False),
+                        *gm.named_buffers(remove_duplicate=False)):
+            self.attrs[name] = self._as_fake(t)
+        self.param_storages: set[StorageWeakRef] = {
+            StorageWeakRef(t.untyped_storage()) for t in self.attrs.values()}
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _as_fake(self, t: torch.Tensor) -> torch.Tensor:
+        if self.fake_mode is None:
+            return t
+        fake = self.fake_mode.from_tensor(t)
+        if t.requires_grad and not fake.requires_grad:
+            fake.requires_grad_(True)
+        return fake
+
+    def _attr(self, target: str) -> Any:
+        if target in self.attrs:
+            return self.attrs[target]
+        obj: Any = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _module_state(self, target: str) -> dict[str, torch.Tensor]:
+        """The (fake) parameters and buffers of submodule ``target``, by local name."""
+        if target not in self._states:
+            mod = self.gm.get_submodule(target)
+            self._states[target] = {
+                local: self.attrs[f"{target}.{local}"]
+                for local, _ in (*mod.named_parameters(remove_duplicate=False),
+                                 *mod.named_buffers(remove_duplicate=False))}
+        return self._states[target]
+
+    def _args(self, node: torch.fx.Node, make_leaf: Callable[[torch.Tensor], torch.Tensor]
+              ) -> tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]]:
+        grads: list[torch.Tensor] = []
+
+        def load(n: torch.fx.Node) -> Any:
+            value = self.env[n.name]
+            if n.op == "get_attr":
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    grads.append(value)
+                return value
+
+            def fresh(t: torch.Tensor) -> torch.Tensor:
+                leaf = make_leaf(t)
+                if leaf.requires_grad:
+                    grads.append(leaf)
+                return leaf
+            return pytree.tree_map_only(torch.Tensor, fresh, value)
+
+        args = torch.fx.node.map_arg(node.args, load)
+        kwargs = torch.fx.node.map_arg(node.kwargs, load)
+        if node.op == "call_module":
+            grads += [p for p in self._module_state(str(node.target)).values()
+                      if p.requires_grad]
+        return tuple(args), dict(kwargs), grads
+
+    def _call(self, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if node.op == "call_function":
+            assert callable(node.target)
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op == "call_module":
+            target = str(node.target)
+            return torch.func.functional_call(self.gm.get_submodule(target),
+                                              self._module_state(target), args, kwargs)
+        raise AssertionError(node.op)
+
+    def _measured(self, node: torch.fx.Node, make_leaf: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> tuple[Any, int, int, int]:
+        args, kwargs, grad_inputs = self._args(node, make_leaf)
+        saved: list[Any] = []
+
+        def pack(t: Any) -> Any:
+            saved.append(t)
+            return t
+
+        before = self.counter.get_total_flops()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self._call(node, args, kwargs)
+        flops = self.counter.get_total_flops() - before
+        storages: dict[StorageWeakRef, int] = {}
+        for t in saved:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                ref = StorageWeakRef(st)
+                if ref not in self.param_storages and ref not in storages:
+                    storages[ref] = int(st.nbytes())
+        outs = [t for t in pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None]
+        backward = 0
+        if outs and grad_inputs:
+            before = self.counter.get_total_flops()
+            torch.autograd.grad(outs, grad_inputs, [torch.ones_like(t) for t in outs],
+                                allow_unused=True)
+            backward = self.counter.get_total_flops() - before
+        return out, flops, backward, sum(storages.values())
+
+    def run_node(self, node: torch.fx.Node) -> NodeInfo:
+        if node.op == "placeholder":
+            raise AssertionError("placeholders are loaded by run()")
+        if node.op == "get_attr":
+            value = self._attr(str(node.target))
+            self.env[node.name] = value
+            kind, outs = _describe(value)
+            return NodeInfo(kind, outs)
+        if node.op == "output":
+            return NodeInfo("none", ())
+        errors: list[str] = []
+        if self.annotate:
+            for make_leaf in (_leaf, _cloned_leaf):
+                try:
+                    out, flops, bwd, saved = self._measured(node, make_leaf)
+                except Exception as e:
+                    errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                  if str(e) else type(e).__name__)
+                    continue
+                return self._store(node, out, flops, bwd, saved)
+        try:
+            args, kwargs, grads = self._args(node, _leaf)
+            with torch.no_grad():
+                out = self._call(node, args, kwargs)
+        except Exception as e:
+            raise PropagationError(node.name, e) from e
+        if self.annotate:
+            self.notes.append(f"node {node.name!r} ({node.target}) could not be annotated "
+                              f"({'; '.join(errors)}); FLOPs 0, saved bytes unknown")
+        # Without autograd, outputs of a node reading grad-requiring values are marked so.
+        return self._store(node, out, 0, None, None, force_grad=bool(grads))
+
+    def _store(self, node: torch.fx.Node, out: Any, flops: int, bwd: int | None,
+               saved: int | None, force_grad: bool | None = None) -> NodeInfo:
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            if force_grad is None:
+                return _leaf(t)
+            fresh = t.detach()
+            if force_grad and (fresh.is_floating_point() or fresh.is_complex()):
+                fresh.requires_grad_(True)
+            return fresh
+        out = pytree.tree_map_only(torch.Tensor, leaf, out)
+        self.env[node.name] = out
+        kind, metas = _describe(out)
+        return NodeInfo(kind, metas, int(flops), None if bwd is None else int(bwd),
+                        None if saved is None else int(saved))
+
+    def run(self, flat_inputs: Sequence[Any]) -> dict[str, NodeInfo]:
+        infos: dict[str, NodeInfo] = {}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        assert len(placeholders) == len(flat_inputs)
+        for node, value in zip(placeholders, flat_inputs):
+            if isinstance(value, torch.Tensor):
+                value = _leaf(self._as_fake(value))
+            self.env[node.name] = value
+            kind, metas = _describe(value)
+            infos[node.name] = NodeInfo(kind, metas, 0,
+                                        0 if self.annotate else None,
+                                        0 if self.annotate else None)
+        with self.counter:
+            for node in self.gm.graph.nodes:
+                if node.op != "placeholder":
+                    infos[node.name] = self.run_node(node)
+        return infos
+
+
+@contextlib.contextmanager
+def _maybe_fake(real: bool) -> Iterator[FakeTensorMode | None]:
+    if real:
+        yield None
+        return
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+def propagate(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *, annotate: bool,
+              real: bool = False) -> tuple[dict[str, NodeInfo], list[str]]:
+    """Run ``gm`` node by node and describe every node (Note [fake annotation]).
+
+    Args:
+        gm: A flat graph module (one placeholder per flat input).
+        flat_inputs: The example's flat input leaves (real or meta tensors, Python values).
+        annotate: Measure FLOPs, backward FLOPs and saved bytes; otherwise only shapes.
+        real: Run on the real example tensors instead of fake ones (slow; a fallback). Buffers
+            the run updates in place (BatchNorm statistics) are restored afterwards.
+
+    Returns:
+        Node name to :class:`NodeInfo` for every node, and notes.
+
+    Raises:
+        PropagationError: if a node cannot run at all.
+    """
+    # A real run may update buffers in place (BatchNorm statistics): restore them afterwards.
+    saved = {n: b.detach().clone() for n, b in gm.named_buffers()} if real else {}
+    try:
+        with _maybe_fake(real) as mode:
+            runner = _Runner(gm, annotate=annotate, fake_mode=mode)
+            infos = runner.run(flat_inputs)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                gm.get_buffer(name).copy_(value)
+    return infos, runner.notes
