@@ -458,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = _build_parser().parse_args(argv)
-        return int(args.func(args, Console(highlight=False)))
+        # Tables keep their columns when written to a file or pipe instead of wrapping at 80.
+        width = None if sys.stdout.isatty() else 160
+        return int(args.func(args, Console(highlight=False, width=width)))
     except ModelParallelError as e:
         if debug:
             raise

@@ -42,12 +42,12 @@ def format_bytes(n: float) -> str:
 
 
 def format_seconds(t: float) -> str:
-    """Seconds in s, ms or µs."""
-    if t >= 1:
-        return f"{t:.2f} s"
-    if t >= 1e-3:
-        return f"{t * 1e3:.1f} ms"
-    return f"{t * 1e6:.0f} µs"
+    """Seconds in s, ms or µs, three significant digits."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(t) >= scale or unit == "µs":
+            v = t / scale
+            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _format_count(n: float) -> str:
@@ -89,27 +89,35 @@ def _header(plan: Plan) -> list[str]:
 
 
 def _stage_table(plan: Plan) -> Table:
-    table = Table(title="Stages (times per microbatch)", title_justify="left")
-    for col in ("stage", "device", "nodes", "params", "memory peak / capacity", "fwd", "bwd",
-                "comm", "total", "load"):
-        table.add_column(col, justify="right" if col not in ("device", "load") else "left")
+    devices = {s.device for s in plan.stages}
+    caps = {s.capacity_bytes for s in plan.stages}
+    one_device = len(devices) == 1 and len(caps) == 1
+    title = "Stages, per microbatch" + (
+        f" (each on {plan.stages[0].device}, {format_bytes(plan.stages[0].capacity_bytes)})"
+        if one_device else "")
+    table = Table(title=title, title_justify="left")
+    cols = ["stage", *([] if one_device else ["device"]), "nodes", "params", "peak mem",
+            "fwd", "bwd", "comm", "total", "load"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("device", "load") else "right",
+                         no_wrap=True)
     tmax = max((s.total_time for s in plan.stages), default=0.0) or 1.0
     for s in plan.stages:
         mark = " ◀" if s.index == plan.pipeline.bottleneck_stage else ""
-        table.add_row(
-            str(s.index), s.device, str(s.num_nodes), _format_count(s.num_parameters),
-            f"{format_bytes(s.memory.peak)} / {format_bytes(s.capacity_bytes)} "
-            f"({100 * s.memory.peak / s.capacity_bytes:.0f}%)",
-            format_seconds(s.forward_time), format_seconds(s.backward_time),
-            format_seconds(s.comm_time), format_seconds(s.total_time),
-            _bar(s.total_time / tmax) + mark)
+        mem = f"{format_bytes(s.memory.peak)} {100 * s.memory.peak / s.capacity_bytes:.0f}%"
+        row = [str(s.index), *([] if one_device else [s.device]), str(s.num_nodes),
+               _format_count(s.num_parameters), mem, format_seconds(s.forward_time),
+               format_seconds(s.backward_time), format_seconds(s.comm_time),
+               format_seconds(s.total_time), _bar(s.total_time / tmax, 10) + mark]
+        table.add_row(*row)
     return table
 
 
 def _boundary_table(plan: Plan) -> Table:
     table = Table(title="Boundaries (per microbatch)", title_justify="left")
     for col in ("boundary", "values", "forward", "backward", "time", "crossing"):
-        table.add_column(col, justify="left" if col == "crossing" else "right")
+        table.add_column(col, justify="left" if col == "crossing" else "right",
+                         no_wrap=col != "crossing")
     for b in plan.boundaries:
         shown = ", ".join(b.values[:4]) + (f", … (+{len(b.values) - 4})"
                                            if len(b.values) > 4 else "")
@@ -185,7 +193,9 @@ def print_stage(plan: Plan, stage: int, console: Console | None = None) -> None:
     nodes = [n for n in plan.nodes if n.stage == stage]
     table = Table(title=f"Stage {stage}: {len(nodes)} nodes", title_justify="left")
     for col in ("node", "op", "module", "fwd", "bwd", "saved", "output", "params"):
-        table.add_column(col, justify="left" if col in ("node", "op", "module") else "right")
+        left = col in ("node", "op", "module")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True,
+                         overflow="ellipsis" if col in ("op", "module") else "fold")
     for n in nodes:
         table.add_row(n.name + (" (pinned)" if n.pinned else ""), _short(n.target),
                       n.module_path, format_seconds(n.forward_time),
@@ -292,9 +302,10 @@ def print_comparison(plans: Mapping[str, Plan], console: Console | None = None,
     best = min(p.solver.objective for p in plans.values())
     table = Table(title=title or "Planners on the same graph and cost model",
                   title_justify="left")
-    for col in ("method", "status", "objective", "÷ lower bound", "bottleneck", "step",
-                "max memory", "solve time"):
-        table.add_column(col, justify="left" if col in ("method", "status") else "right")
+    for col in ("method", "status", "objective", "÷ bound", "bottleneck", "step",
+                "max memory", "solve"):
+        table.add_column(col, justify="left" if col in ("method", "status") else "right",
+                         no_wrap=True)
     for name, p in plans.items():
         ratio = "n/a" if not bound else f"{p.solver.objective / bound:.4f}"
         peak = max(s.memory.peak for s in p.stages)
