@@ -288,7 +288,7 @@ def _devices_from_args(a: argparse.Namespace) -> list[Any]:
     return specs
 
 
-def _progress_printer(console: Any, status: Any) -> Callable[[Any], None]:
+def _progress_printer(status: Any) -> Callable[[Any], None]:
     def show(event: Any) -> None:
         parts = [f"{getattr(event, 'phase', '')}: {getattr(event, 'message', '')}"]
         inc, bound, gap = (getattr(event, k, None) for k in ("incumbent", "bound", "gap"))
@@ -305,24 +305,24 @@ def _progress_printer(console: Any, status: Any) -> Callable[[Any], None]:
 # -- commands --------------------------------------------------------------------------------------
 
 
-def _cmd_build(a: argparse.Namespace, console: Any) -> int:
+def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel.partitioner import partition
 
     config = _config_from_args(a)
     devices = _devices_from_args(a)
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=console)
-    with console.status("partitioning") as status:
+                         console=err)
+    with err.status("partitioning") as status:
         plan = partition(loaded.graph, config, devices,
                          samples_per_microbatch=loaded.samples_per_microbatch,
-                         progress=_progress_printer(console, status))
+                         progress=_progress_printer(status))
     plan = _with_source(plan, a, loaded)
     out = plan.save(a.output)
     from modelparallel import report
 
     report.print_summary(plan, console)
-    console.print(f"wrote {out}")
+    err.print(f"wrote {out}")
     return 0
 
 
@@ -336,7 +336,7 @@ def _with_source(plan: Any, a: argparse.Namespace, loaded: _Loaded) -> Any:
     return plan.replace(model=model, nodes=nodes)
 
 
-def _cmd_inspect(a: argparse.Namespace, console: Any) -> int:
+def _cmd_inspect(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel import report
     from modelparallel.plan import load_plan
 
@@ -352,7 +352,7 @@ def _cmd_inspect(a: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _cmd_compare(a: argparse.Namespace, console: Any) -> int:
+def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel import report
     from modelparallel.partitioner import compare
 
@@ -360,19 +360,19 @@ def _cmd_compare(a: argparse.Namespace, console: Any) -> int:
     devices = _devices_from_args(a)
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=console)
-    with console.status("partitioning with every method") as status:
+                         console=err)
+    with err.status("partitioning with every method") as status:
         plans = compare(loaded.graph, config, devices,
                         samples_per_microbatch=loaded.samples_per_microbatch,
-                        progress=_progress_printer(console, status))
+                        progress=_progress_printer(status))
     report.print_comparison(plans, console)
     if a.output:
         Path(a.output).write_text(json.dumps({k: p.to_dict() for k, p in plans.items()}, indent=1))
-        console.print(f"wrote {a.output}")
+        err.print(f"wrote {a.output}")
     return 0
 
 
-def _cmd_codegen(a: argparse.Namespace, console: Any) -> int:
+def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel.codegen import stage_source
     from modelparallel.plan import load_plan
 
@@ -387,7 +387,7 @@ def _cmd_codegen(a: argparse.Namespace, console: Any) -> int:
     named = [s for s in plan.model.inputs if not s.startswith("arg")]
     loaded = _load_model(source, input_shapes=a.input_shape or shapes, inputs=a.input or named,
                          microbatches=plan.config.microbatches, method=a.trace_method,
-                         console=console)
+                         console=err)
     if loaded.traced is None:
         raise ConfigError("codegen needs the model itself, not an IR JSON file; give --model "
                           "pkg.module:factory")
@@ -395,12 +395,12 @@ def _cmd_codegen(a: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _cmd_calibrate(a: argparse.Namespace, console: Any) -> int:
+def _cmd_calibrate(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel.cost_model.calibrate import calibrate
 
-    spec = calibrate(device=a.device, name=a.name, quick=a.quick, console=console)
+    spec = calibrate(device=a.device, name=a.name, quick=a.quick, console=err)
     Path(a.output).write_text(json.dumps(spec.to_dict(), indent=1))
-    console.print(f"wrote {a.output}")
+    err.print(f"wrote {a.output}")
     return 0
 
 
@@ -460,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         # Tables keep their columns when written to a file or pipe instead of wrapping at 80.
         width = None if sys.stdout.isatty() else 160
-        return int(args.func(args, Console(highlight=False, width=width)))
+        return int(args.func(args, Console(highlight=False, width=width),
+                             Console(stderr=True, highlight=False)))
     except ModelParallelError as e:
         if debug:
             raise
@@ -483,3 +484,7 @@ def _one_line(message: str) -> None:
     text = " ".join(str(message).split())
     print(f"{_PROG}: {text}", file=sys.stderr)
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

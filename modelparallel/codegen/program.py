@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from modelparallel.ir import TensorMeta
+from modelparallel.ir import IRFormatError, TensorMeta
 
 __all__ = ["BoundaryValue", "StageProgram"]
+
+_KINDS = frozenset({"tensor", "tensors", "scalar", "none"})
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,21 @@ class BoundaryValue:
     kind: str
     metas: tuple[TensorMeta, ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metas", tuple(self.metas))
+        if self.kind not in _KINDS:
+            raise IRFormatError(f"boundary value {self.name!r} has kind {self.kind!r}; "
+                             f"use one of {sorted(_KINDS)}")
+
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor leaves at the traced shapes."""
         return sum(m.nbytes for m in self.metas)
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether a gradient flows back through it (a floating leaf that requires grad)."""
+        return any(m.requires_grad and m.is_floating for m in self.metas)
 
 
 @dataclass
@@ -79,6 +92,21 @@ class StageProgram:
             ``modelparallel/partitioner/problem.py``).
         input_names: Names of the flat model inputs (placeholders of the traced graph), for
             error messages and ``input_split_axes`` by name.
+        param_names: Every qualified name under which ``module`` holds a parameter or buffer,
+            mapped to its canonical name in the IR (Note [stage parameters] in
+            ``modelparallel/codegen/build.py``). Every canonical name of a tensor the stage holds
+            is itself a valid qualified name in ``module``, so ``shared_params`` keys resolve
+            with ``module.get_parameter``.
+        param_aliases: Canonical name to the other qualified names the same tensor has in the
+            original model (tied weights), for loading state dicts keyed by any of them.
+        stage_nodes: IR nodes this stage computes from the plan (its own nodes, not the
+            input-derived ones it recomputes), in topological order.
+        recomputed: Input-derived IR nodes this stage recomputes from the model inputs (Note
+            [inputs on every rank] in ``modelparallel/partitioner/problem.py``).
+        mutated_inputs: Received values the stage's code modifies in place (e.g. a
+            ``ReLU(inplace=True)`` right after the cut). A runtime passes clones of them: a
+            received tensor that requires grad is an autograd leaf, which must not be written
+            in place.
     """
 
     index: int
@@ -91,6 +119,11 @@ class StageProgram:
     out_spec: pytree.TreeSpec | None = None
     shared_params: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     input_names: tuple[str, ...] = ()
+    param_names: Mapping[str, str] = field(default_factory=dict)
+    param_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    stage_nodes: tuple[str, ...] = ()
+    recomputed: tuple[str, ...] = ()
+    mutated_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         assert 0 <= self.index < self.num_stages
@@ -111,3 +144,30 @@ class StageProgram:
     def code(self) -> str:
         """The generated Python source of ``module.forward``."""
         return self.module.code
+
+    @property
+    def num_inputs(self) -> int:
+        """Positional arguments of ``module.forward``: local model inputs, then received values."""
+        return len(self.model_inputs) + len(self.recv)
+
+    def canonical_params(self) -> frozenset[str]:
+        """Canonical names of every parameter and buffer the stage holds."""
+        return frozenset(self.param_names.values())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The stage's parameter or buffer called ``name`` (canonical, local or alias name).
+
+        Raises:
+            KeyError: if the stage holds no tensor of that name.
+        """
+        canonical = self.param_names.get(name, name)
+        for canon, aliases in self.param_aliases.items():
+            if name in aliases:
+                canonical = canon
+        for local in (name, canonical):
+            if local in self.param_names:
+                owner, _, attr = local.rpartition(".")
+                value = getattr(self.module.get_submodule(owner), attr)
+                assert isinstance(value, torch.Tensor)
+                return value
+        raise KeyError(f"stage {self.index} holds no parameter or buffer named {name!r}")

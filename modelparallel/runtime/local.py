@@ -1,0 +1,450 @@
+"""Run every stage of a pipeline in one process: the single-GPU mode and the test bed of codegen.
+
+:class:`LocalPipeline` executes the stage programs of :func:`modelparallel.codegen.build_stages`
+the way the distributed runtime does, minus the processes: the batch is split into microbatches,
+each microbatch flows forward through the stages in schedule order, the loss is computed on the
+last stage, and backward runs stage by stage in reverse with autograd cut at every boundary
+(Note [local boundaries]). Stage ``k`` may sit on its own device; values move with ``.to``.
+
+Note [local boundaries]
+~~~~~~~~~~~~~~~~~~~~~~~
+At each stage boundary a value is detached, moved to the next stage's device, and (when it is a
+floating tensor that requires grad) made a leaf that requires grad, just as a received buffer is
+in the distributed runtime. A stage's backward starts from the gradients the next stage left on
+those leaves (or from the loss on the last stage) and leaves the gradients of its own input
+leaves for the previous stage. A relayed value is its stage's input leaf returned unchanged, so
+the gradients of its later uses and of uses on the way add up on that leaf (Note [relay
+communication] in ``modelparallel/plan.py``). Autograd refuses in-place writes on such a leaf,
+so the received values a stage modifies in place (``StageProgram.mutated_inputs``, e.g. a
+``ReLU(inplace=True)`` right after a cut) are passed as clones. Should a stage still write a
+received leaf in place (through a view, say, which codegen does not detect), the write fails
+before changing anything; the stage is run again on clones of all its received tensors, and
+gets clones from then on (side effects of the failed attempt before that write, such as
+batch-norm statistics, would happen twice, once).
+
+Note [local tied parameters]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Stages built in one process from one traced model share the very parameter objects of a tied
+weight, so autograd already sums the gradients of all its uses into one ``.grad``: nothing more
+to do. When the holders are distinct tensors (stages materialized separately, or put on different
+devices, which forces copies), the gradients of this step are summed among the copies after
+backward, as the distributed runtime's all-reduce does (``StageProgram.shared_params``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from modelparallel.codegen.program import StageProgram
+from modelparallel.errors import ConfigError
+from modelparallel.runtime.microbatch import (
+    merge_outputs,
+    resolve_split,
+    split_inputs,
+    split_target,
+)
+from modelparallel.runtime.schedule import Schedule, make_schedule
+
+__all__ = ["LocalPipeline", "action_order"]
+
+_INPLACE_LEAF_ERROR = "leaf Variable that requires grad is being used in an in-place operation"
+
+
+def action_order(schedule: str | Schedule, num_stages: int,
+                 microbatches: int) -> list[tuple[str, int, int]]:
+    """A single-process order of a schedule's actions, as ``(kind, stage, microbatch)``.
+
+    Each stage keeps its action order from the schedule (:mod:`modelparallel.runtime.schedule`);
+    the stages are interleaved by running every action as soon as its inputs are ready (the
+    forward of the previous stage, the backward of the next), so the peak of activations held is
+    the schedule's (1F1B: at most ``p - s`` microbatches in flight on stage ``s``).
+
+    Raises:
+        ConfigError: for an unknown schedule name or a schedule of another shape.
+
+    Example:
+        >>> " ".join(f"{s}{k}{i}" for k, s, i in action_order("1f1b", 2, 2))
+        '0F0 0F1 1F0 1B0 1F1 1B1 0B0 0B1'
+    """
+    sched = (schedule if isinstance(schedule, Schedule)
+             else make_schedule(schedule, num_stages, microbatches))
+    p, m = num_stages, microbatches
+    if (sched.num_stages, sched.num_microbatches) != (p, m):
+        raise ConfigError(
+            f"schedule {sched.name!r} is for {sched.num_stages} stages and "
+            f"{sched.num_microbatches} microbatches; the pipeline has {p} and {m}")
+    per_stage = [[(a.kind, a.microbatch) for a in acts] for acts in sched.actions]
+    done: set[tuple[str, int, int]] = set()
+    order: list[tuple[str, int, int]] = []
+    pos = [0] * p
+    total = sum(len(acts) for acts in per_stage)
+    while len(order) < total:
+        progressed = False
+        for s in range(p):
+            while pos[s] < len(per_stage[s]):
+                kind, i = per_stage[s][pos[s]]
+                ready = (s == 0 or ("F", s - 1, i) in done) if kind == "F" else (
+                    ("F", s, i) in done and (s == p - 1 or ("B", s + 1, i) in done))
+                if not ready:
+                    break
+                done.add((kind, s, i))
+                order.append((kind, s, i))
+                pos[s] += 1
+                progressed = True
+        if not progressed:
+            raise ConfigError(f"schedule {sched.name!r} deadlocks: stage actions wait on each "
+                              "other; validate it with Schedule.validate()")
+    if len(done) != 2 * p * m:
+        raise ConfigError(f"schedule {sched.name!r} does not run every forward and backward "
+                          "exactly once")
+    return order
+
+
+@dataclass
+class _Slot:
+    """What one stage keeps between the forward and backward of one microbatch.
+
+    Attributes:
+        outputs: The stage's outputs as produced, until they are passed on.
+        pairs: For the boundary into the next stage: (output tensor here, leaf there) pairs of
+            the tensors through which a gradient flows back.
+        loss: The microbatch loss (last stage only).
+    """
+
+    outputs: list[Any] = field(default_factory=list)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    loss: torch.Tensor | None = None
+
+
+class LocalPipeline:
+    """All stages of a pipeline in one process (Note [local boundaries]).
+
+    Args:
+        stages: Every stage's program, in order (``build_stages``).
+        microbatches: Microbatches per step; the batch must divide by it.
+        loss_fn: ``loss_fn(model_output, target) -> scalar``, mean-reduced over the batch; called
+            per microbatch on the last stage with the rebuilt model output.
+        schedule: ``"gpipe"`` (SMP ``"simple"``), ``"1f1b"`` (SMP ``"interleaved"``), or a
+            :class:`~modelparallel.runtime.schedule.Schedule` of ``p`` stages and
+            ``microbatches`` microbatches.
+        devices: One device per stage; the stage modules are moved there (tied weights shared
+            between stages on different devices become copies, Note [local tied parameters]).
+            ``None`` leaves each stage where its parameters are.
+        input_split_axes: Flat input (name or index) to the axis it is split along (default 0).
+        non_split_inputs: Flat inputs (names or indices) given whole to every microbatch.
+            Splitting follows SMP (:mod:`modelparallel.runtime.microbatch`).
+        average_grads: Average gradients over microbatches (SMP's default); ``False`` sums.
+
+    Example:
+        >>> import torch
+        >>> from modelparallel.codegen import build_stages
+        >>> from modelparallel.partitioner import partition
+        >>> from modelparallel.plan import PlanConfig
+        >>> from modelparallel.tracer import trace
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+        >>> traced = trace(model, (x,))
+        >>> plan = partition(traced.graph, PlanConfig(partitions=2), "cpu")
+        >>> pipe = LocalPipeline(build_stages(traced, plan), microbatches=4,
+        ...                      loss_fn=torch.nn.functional.mse_loss)
+        >>> loss, out = pipe.train_step([x], y)
+        >>> out.shape
+        torch.Size([8, 1])
+    """
+
+    def __init__(self, stages: Sequence[StageProgram], *, microbatches: int,
+                 loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str | Schedule = "gpipe",
+                 devices: Sequence[torch.device | str] | None = None,
+                 input_split_axes: Mapping[str | int, int] | None = None,
+                 non_split_inputs: Sequence[str | int] = (),
+                 average_grads: bool = True) -> None:
+        self.stages = tuple(stages)
+        _check_stages(self.stages)
+        if not isinstance(microbatches, int) or microbatches < 1:
+            raise ConfigError(f"microbatches = {microbatches!r} must be an integer >= 1")
+        self.microbatches = microbatches
+        self.loss_fn = loss_fn
+        self._order = action_order(schedule, len(self.stages), microbatches)
+        self.schedule = schedule if isinstance(schedule, str) else schedule.name
+        self.average_grads = bool(average_grads)
+        self._split = resolve_split(self.stages[0].input_names, microbatches, input_split_axes,
+                                    non_split_inputs)
+        self._clone_inputs = [False] * len(self.stages)
+        if devices is not None:
+            if len(devices) != len(self.stages):
+                raise ConfigError(f"{len(devices)} devices given for {len(self.stages)} stages; "
+                                  "give one device per stage")
+            self.devices = [torch.device(d) for d in devices]
+            _place_stages(self.stages, self.devices)
+        else:
+            self.devices = [_module_device(s.module) for s in self.stages]
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def num_stages(self) -> int:
+        """Stages in the pipeline."""
+        return len(self.stages)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Every parameter of every stage once (copies of a tied weight each once)."""
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """``(canonical name, parameter)`` for every distinct parameter of every stage."""
+        seen: set[int] = set()
+        for stage in self.stages:
+            for name, p in stage.module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield stage.param_names.get(name, name), p
+
+    def train_step(self, flat_inputs: Sequence[Any], target: Any) -> tuple[torch.Tensor, Any]:
+        """One forward and backward pass over the batch, microbatch by microbatch.
+
+        Gradients accumulate into the parameters' ``.grad`` (zero them between steps, as with
+        plain PyTorch); they are averaged over microbatches unless ``average_grads=False``.
+
+        Args:
+            flat_inputs: The flat model inputs of the whole batch (``traced.flatten_inputs``).
+            target: The target of the whole batch; tensor leaves are split along dim 0.
+
+        Returns:
+            ``(loss, outputs)``: the mean microbatch loss (detached), and the model output
+            merged over microbatches (``modelparallel.runtime.microbatch.merge_outputs``:
+            tensors concatenated along dim 0, 0-d tensors stacked, other leaves from the first
+            microbatch).
+
+        Raises:
+            ConfigError: if the batch (or target) does not divide into the microbatches, or the
+                number of inputs is wrong.
+        """
+        m, p = self.microbatches, self.num_stages
+        mb_inputs = self._split_inputs(flat_inputs)
+        mb_targets = split_target(target, m)
+        tied = self._tied_groups()
+        before = [[None if t.grad is None else t.grad.clone() for t in g] for g in tied]
+        slots: dict[tuple[int, int], _Slot] = {}
+        received: dict[tuple[int, int], list[Any]] = {}
+        outputs: list[Any] = [None] * m
+        losses: list[torch.Tensor] = [torch.zeros(())] * m
+        for kind, s, i in self._order:
+            if kind == "F":
+                slot = self._forward(s, mb_inputs[i], received.pop((s, i), []), grad=True)
+                slots[(s, i)] = slot
+                if s < p - 1:
+                    received[(s + 1, i)] = self._transfer(slot, s + 1)
+                else:
+                    out = self._model_output(s, slot.outputs)
+                    outputs[i] = pytree.tree_map(_detach, out)
+                    slot.loss = self._loss(out, pytree.tree_map(
+                        lambda v: _move(v, self.devices[-1]), mb_targets[i]))
+                    losses[i] = slot.loss.detach()
+                    slot.outputs = []
+            else:
+                self._backward(slots, s, i)
+        self._sum_tied_grads(tied, before)
+        loss = torch.stack([x.to(losses[-1].device) for x in losses]).mean()
+        return loss, merge_outputs(outputs)
+
+    def eval_step(self, flat_inputs: Sequence[Any]) -> Any:
+        """A forward pass over the batch without gradients; returns the merged model output."""
+        mb_inputs = self._split_inputs(flat_inputs)
+        outputs = []
+        with torch.no_grad():
+            for inputs in mb_inputs:
+                values: list[Any] = []
+                for s in range(self.num_stages):
+                    slot = self._forward(s, inputs, values, grad=False)
+                    if s < self.num_stages - 1:
+                        values = [pytree.tree_map(lambda v, d=self.devices[s + 1]: _move(v, d), v)
+                                  for v in slot.outputs]
+                    else:
+                        outputs.append(self._model_output(s, slot.outputs))
+        return merge_outputs(outputs)
+
+    # -- forward / backward ----------------------------------------------------------------------
+
+    def _forward(self, s: int, inputs: Sequence[Any], received: list[Any], *,
+                 grad: bool) -> _Slot:
+        stage = self.stages[s]
+        dev = self.devices[s]
+        local = [_move(inputs[i], dev) for i in stage.model_inputs]
+        args = received
+        if grad and self._clone_inputs[s]:
+            args = [pytree.tree_map(_clone_grad_leaf, v) for v in received]
+        elif grad and stage.mutated_inputs:
+            mutated = set(stage.mutated_inputs)
+            args = [pytree.tree_map(_clone_grad_leaf, v) if b.name in mutated else v
+                    for b, v in zip(stage.recv, received)]
+        try:
+            out = stage.module(*local, *args)
+        except RuntimeError as e:
+            if not grad or self._clone_inputs[s] or _INPLACE_LEAF_ERROR not in str(e):
+                raise
+            self._clone_inputs[s] = True
+            return self._forward(s, inputs, received, grad=grad)
+        if not isinstance(out, (tuple, list)):
+            raise ConfigError(f"stage {s} returned {type(out).__name__}; stage modules built "
+                              "by modelparallel.codegen return a tuple")
+        return _Slot(outputs=list(out))
+
+    def _transfer(self, slot: _Slot, dest: int) -> list[Any]:
+        """Detach the send values, move them to the next stage, make grad-carrying leaves."""
+        dev = self.devices[dest]
+        values = []
+        n_send = len(self.stages[dest - 1].send)
+        for value in slot.outputs[:n_send]:
+            leaves, spec = pytree.tree_flatten(value)
+            moved = []
+            for leaf in leaves:
+                if isinstance(leaf, torch.Tensor):
+                    new = leaf.detach().to(dev)
+                    if leaf.requires_grad:
+                        new.requires_grad_(True)
+                        slot.pairs.append((leaf, new))
+                    moved.append(new)
+                else:
+                    moved.append(leaf)
+            values.append(pytree.tree_unflatten(moved, spec))
+        slot.outputs = []
+        return values
+
+    def _model_output(self, s: int, outputs: list[Any]) -> Any:
+        stage = self.stages[s]
+        flat = outputs[len(stage.send):]
+        if stage.out_spec is None:
+            return flat
+        return pytree.tree_unflatten(list(flat), stage.out_spec)
+
+    def _loss(self, output: Any, target: Any) -> torch.Tensor:
+        loss = self.loss_fn(output, target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError(
+                f"loss_fn returned {type(loss).__name__} "
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; it must return a "
+                "scalar tensor (mean-reduced over the batch)")
+        return loss.reshape(())
+
+    def _backward(self, slots: dict[tuple[int, int], _Slot], s: int, i: int) -> None:
+        slot = slots.pop((s, i))
+        if slot.loss is not None:
+            scale = 1.0 / self.microbatches if self.average_grads else 1.0
+            if slot.loss.requires_grad:
+                (slot.loss * scale).backward()
+        else:
+            tensors, grads = [], []
+            for out, leaf in slot.pairs:
+                if leaf.grad is not None:
+                    tensors.append(out)
+                    grads.append(leaf.grad.to(out.device))
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+
+    # -- tied parameters -------------------------------------------------------------------------
+
+    def _tied_groups(self) -> list[list[torch.Tensor]]:
+        """Distinct tensors of each shared parameter, when there is more than one
+        (Note [local tied parameters])."""
+        groups: dict[str, list[torch.Tensor]] = {}
+        for stage in self.stages:
+            for name in stage.shared_params:
+                t = stage.tensor(name)
+                group = groups.setdefault(name, [])
+                if all(t is not other for other in group):
+                    group.append(t)
+        return [g for g in groups.values() if len(g) > 1]
+
+    @staticmethod
+    def _sum_tied_grads(groups: list[list[torch.Tensor]],
+                        before: list[list[torch.Tensor | None]]) -> None:
+        for group, old in zip(groups, before):
+            deltas = []
+            for t, g0 in zip(group, old):
+                if t.grad is not None:
+                    deltas.append(t.grad if g0 is None else t.grad - g0)
+            if not deltas:
+                continue
+            dev = group[0].device
+            total = torch.stack([d.to(dev) for d in deltas]).sum(0)
+            for t, g0 in zip(group, old):
+                new = total.to(t.device)
+                t.grad = new.clone() if g0 is None else g0 + new
+
+    # -- microbatches ----------------------------------------------------------------------------
+
+    def _split_inputs(self, flat_inputs: Sequence[Any]) -> list[list[Any]]:
+        names = self.stages[0].input_names
+        if names and len(flat_inputs) != len(names):
+            raise ConfigError(
+                f"{len(flat_inputs)} flat inputs given; the model takes {len(names)} "
+                f"({', '.join(names)}). Flatten the batch with traced.flatten_inputs(args, "
+                "kwargs).")
+        return split_inputs(flat_inputs, self._split)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _check_stages(stages: tuple[StageProgram, ...]) -> None:
+    if not stages:
+        raise ConfigError("LocalPipeline needs at least one stage")
+    p = len(stages)
+    for k, stage in enumerate(stages):
+        if stage.index != k or stage.num_stages != p:
+            raise ConfigError(
+                f"stage programs must be given in order, one per stage: position {k} holds "
+                f"stage {stage.index} of {stage.num_stages}; pass build_stages(traced, plan)")
+    for a, b in itertools.pairwise(stages):
+        if [v.name for v in a.send] != [v.name for v in b.recv]:
+            raise ConfigError(
+                f"stage {a.index} sends {[v.name for v in a.send]} but stage {b.index} receives "
+                f"{[v.name for v in b.recv]}; the stages come from different plans")
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor) and value.device != device:
+        return value.to(device)
+    return value
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _clone_grad_leaf(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return value.clone()
+    return value
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _place_stages(stages: tuple[StageProgram, ...], devices: list[torch.device]) -> None:
+    """Move each stage to its device; a tensor already placed by an earlier stage on another
+    device is replaced by a copy in this stage (Note [local tied parameters])."""
+    from modelparallel.codegen.materialize import held_tensors, replace_tensors
+
+    placed: dict[int, torch.device] = {}
+    for stage, dev in zip(stages, devices):
+        copies: dict[int, torch.Tensor] = {}
+        for t in held_tensors(stage.module):
+            if id(t) in placed and placed[id(t)] != dev:
+                new = t.detach().to(dev).clone()
+                copies[id(t)] = (torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                                 if isinstance(t, torch.nn.Parameter) else new)
+        replace_tensors(stage.module, copies)
+        stage.module.to(dev)
+        for t in held_tensors(stage.module):
+            placed[id(t)] = dev

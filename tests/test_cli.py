@@ -1,0 +1,131 @@
+"""``partition-plan``: end to end on small models, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelparallel.cli import main
+from modelparallel.ir import Graph
+from modelparallel.plan import load_plan
+
+MODEL = "modelparallel.models:skip_mlp"
+
+
+@pytest.fixture(scope="module")
+def fast_link(tmp_path_factory) -> Path:
+    """A CPU-like device whose links are free, so even a tiny model spreads over the stages."""
+    from modelparallel.cost_model import get_device_spec
+
+    spec = get_device_spec("cpu").to_dict()
+    spec.update(name="fastlink", link_bandwidth=1e15, link_latency=0.0)
+    path = tmp_path_factory.mktemp("dev") / "fastlink.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory, fast_link: Path) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "plan.json"
+    assert main(["build", MODEL, "-p", "3", "-m", "2", "--device", str(fast_link),
+                 "--time-limit", "5", "-o", str(out)]) == 0
+    return out
+
+
+def test_build_writes_a_valid_plan(plan_file: Path, capsys) -> None:
+    plan = load_plan(plan_file)
+    assert plan.partitions == 3 and plan.config.microbatches == 2
+    assert plan.devices[0].name == "fastlink"
+    assert all(s.num_nodes > 0 for s in plan.stages)
+    assert plan.model.source == MODEL
+    assert {n.stage for n in plan.nodes if n.stage >= 0} <= {0, 1, 2}
+    assert any(n.inputs for n in plan.nodes), "the plan records the graph's edges"
+
+
+def test_inspect_views(plan_file: Path, capsys) -> None:
+    assert main(["inspect", str(plan_file)]) == 0
+    out = capsys.readouterr().out
+    assert "Stages" in out and "bottleneck" in out and "timeline" in out
+    plan = load_plan(plan_file)
+    assert main(["inspect", str(plan_file), "--stage", "1"]) == 0
+    assert "Stage 1" in capsys.readouterr().out
+    name = next(n.name for n in plan.nodes if n.stage == 1 and n.inputs)
+    assert main(["inspect", str(plan_file), "--node", name]) == 0
+    out = capsys.readouterr().out
+    assert "placed on stage 1" in out and "pipeline order allows" in out
+    assert main(["inspect", str(plan_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "modelparallel.plan"
+
+
+def test_compare_runs_every_method(tmp_path: Path, fast_link: Path, capsys) -> None:
+    out = tmp_path / "all.json"
+    assert main(["compare", MODEL, "-p", "2", "--device", str(fast_link), "--time-limit", "5",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    for method in ("ilp", "dp", "uniform", "param_balanced"):
+        assert method in text
+    assert set(json.loads(out.read_text())) >= {"ilp", "dp", "uniform", "param_balanced"}
+
+
+def test_build_from_ir_json(tmp_path: Path) -> None:
+    from modelparallel.tracer import trace
+    from modelparallel.models import skip_mlp
+
+    case = skip_mlp()
+    graph_file = tmp_path / "g.json"
+    trace(case.model, case.args, case.kwargs).graph.to_json(graph_file)
+    out = tmp_path / "p.json"
+    assert main(["build", str(graph_file), "-p", "2", "--device", "h100", "--memory", "1GiB",
+                 "-o", str(out)]) == 0
+    plan = load_plan(out, Graph.from_json(graph_file))
+    assert plan.stages[0].capacity_bytes == 2**30
+
+
+def test_codegen_prints_stage_source(plan_file: Path, capsys) -> None:
+    assert main(["codegen", str(plan_file), "--stage", "1"]) == 0
+    source = capsys.readouterr().out
+    compile(source, "<stage 1>", "exec")
+    assert "def forward" in source
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["build", "no_such_module_xyz:factory", "-p", "2", "-o", "x.json"], "cannot import"),
+    (["build", "modelparallel.models:nope", "-p", "2", "-o", "x.json"], "no callable"),
+    (["build", MODEL, "-p", "0", "-o", "x.json"], "partitions"),
+    (["build", MODEL, "-p", "2", "--memory", "lots", "-o", "x.json"], "cannot read size"),
+    (["build", MODEL, "-p", "2", "--device", "tpu9", "-o", "x.json"], "unknown device"),
+    (["build", MODEL, "-p", "2", "--pin", "oops", "-o", "x.json"], "NAME=STAGE"),
+    (["build", MODEL, "-p", "2", "--memory-weight", "3", "-o", "x.json"], "memory_weight"),
+    (["build", MODEL, "-p", "2", "-m", "3", "-o", "x.json"], "microbatches"),
+    (["build", MODEL, "-p", "2", "--device", "cpu", "--memory", "1KiB", "-o", "x.json"],
+     "memory"),
+    (["inspect", "missing.json"], "cannot read plan"),
+    (["inspect"], "required"),
+    (["frobnicate"], "invalid choice"),
+    (["build", MODEL, "-o", "x.json"], "required"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("partition-plan:")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert errors[0].startswith("partition-plan: error:")
+    assert message in errors[0]
+    assert "Traceback" not in err
+
+
+def test_bad_plan_node_and_stage(plan_file: Path, capsys) -> None:
+    assert main(["inspect", str(plan_file), "--node", "no_such_node"]) == 2
+    assert main(["inspect", str(plan_file), "--stage", "9"]) == 2
+    assert main(["codegen", str(plan_file), "--stage", "9"]) == 2
+
+
+def test_console_script_exit_status(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "modelparallel.cli", "inspect",
+                             str(tmp_path / "none.json")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
