@@ -96,3 +96,83 @@ def test_comm_time() -> None:
     costs = estimate_costs(_linear_graph(), DEV)
     assert costs.comm_time(10e9) == pytest.approx(1 + 2e-6)
     assert costs.comm_time(0) == 0
+
+
+# -- traced modules against hand-computed numbers ---------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+def _traced_costs(module, *inputs):
+    from modelparallel.tracer import trace
+
+    traced = trace(module, inputs)
+    return traced.graph, estimate_costs(traced.graph, DEV, optimizer="adam")
+
+
+def _only(graph, predicate):
+    nodes = [n for n in graph.nodes if predicate(n)]
+    assert len(nodes) == 1, [n.name for n in graph.nodes]
+    return nodes[0]
+
+
+def test_traced_linear() -> None:
+    b, i, o = 32, 256, 512
+    graph, costs = _traced_costs(torch.nn.Linear(i, o), torch.randn(b, i))
+    node = _only(graph, lambda n: n.op not in (OpKind.PLACEHOLDER, OpKind.OUTPUT))
+    assert node.flops == 2 * b * i * o
+    assert node.backward_flops == 2 * b * i * o              # weight grad only: x needs none
+    assert node.saved_bytes == 4 * b * i                     # the input
+    c = costs.nodes[node.name]
+    moved = 4 * (b * i + o * i + o + b * o)
+    assert c.forward_time == pytest.approx(max(2 * b * i * o / 1e12, moved / 100e9) + 1e-6)
+    assert costs.param_state_bytes["weight"] == 4 * o * i * 4  # param, grad, Adam m and v
+
+
+def test_traced_second_linear_needs_both_gradients() -> None:
+    b, i, o = 8, 64, 32
+    graph, _ = _traced_costs(torch.nn.Sequential(torch.nn.Linear(i, i), torch.nn.Linear(i, o)),
+                             torch.randn(b, i))
+    second = [n for n in graph.nodes if n.flops][-1]
+    assert second.flops == 2 * b * i * o
+    assert second.backward_flops == 2 * 2 * b * i * o       # input grad + weight grad
+
+
+def test_traced_conv2d() -> None:
+    n, cin, cout, k, hw = 4, 16, 32, 3, 20
+    conv = torch.nn.Conv2d(cin, cout, k, padding=1)
+    graph, costs = _traced_costs(conv, torch.randn(n, cin, hw, hw))
+    node = _only(graph, lambda x: x.op not in (OpKind.PLACEHOLDER, OpKind.OUTPUT))
+    flops = 2 * n * cout * hw * hw * cin * k * k
+    assert node.flops == flops
+    assert node.outputs[0].shape == (n, cout, hw, hw)
+    assert node.saved_bytes == 4 * n * cin * hw * hw
+    assert costs.nodes[node.name].forward_time == pytest.approx(
+        max(flops / 1e12, 4 * (n * cin * hw * hw + cout * cin * k * k + cout + n * cout * hw * hw)
+            / 100e9) + 1e-6)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        self.d = d
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(self.d, dim=-1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.d**0.5
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def test_traced_attention() -> None:
+    b, s, d = 2, 64, 32
+    graph, costs = _traced_costs(_Attention(d), torch.randn(b, s, d))
+    matmuls = [n for n in graph.nodes if "matmul" in n.target]
+    assert [n.flops for n in matmuls] == [2 * b * s * s * d, 2 * b * s * s * d]
+    qkv = _only(graph, lambda n: n.op is OpKind.CALL_MODULE)
+    assert qkv.flops == 2 * b * s * d * 3 * d
+    softmax = _only(graph, lambda n: "softmax" in n.target)
+    assert softmax.saved_bytes == 4 * b * s * s                # softmax keeps its output
+    total = sum(n.flops for n in graph.nodes)
+    assert total >= 2 * b * s * d * 3 * d + 4 * b * s * s * d
+    assert sum(c.forward_time for c in costs.nodes.values()) > 0
