@@ -6,6 +6,7 @@ Trace a model into a framework-neutral graph (:mod:`modelparallel.ir`), cost eve
 the runtime execute.
 """
 
+from modelparallel.api import LoadResult, Pipeline, PlanningOptions, StepResult, pipeline
 from modelparallel.errors import (
     CommunicationError,
     ConfigError,
@@ -30,15 +31,20 @@ __all__ = [
     "Graph",
     "IRFormatError",
     "InfeasiblePlanError",
+    "LoadResult",
     "ModelParallelError",
     "PeerFailedError",
+    "Pipeline",
     "Plan",
     "PlanConfig",
     "PlanFormatError",
     "PlanMismatchError",
+    "PlanningOptions",
     "SolverError",
+    "StepResult",
     "StepTimeoutError",
     "TracingError",
     "__version__",
     "load_plan",
+    "pipeline",
 ]

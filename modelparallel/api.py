@@ -1,0 +1,600 @@
+"""The plain PyTorch front end: ``modelparallel.pipeline(model, example_inputs, loss_fn=...)``.
+
+Run the same script on every rank (``torchrun --nproc_per_node P train.py``); each rank gets a
+:class:`Pipeline` holding its own stage of the model, trains it with its own optimizer on its own
+parameters, and sees the loss (and outputs) of every step::
+
+    pipe = modelparallel.pipeline(model, example_batch, loss_fn=loss_fn, microbatches=4)
+    opt = torch.optim.AdamW(pipe.parameters(), lr=3e-4)
+    for inputs, targets in data:
+        opt.zero_grad()
+        result = pipe.step(inputs, targets)   # forward + backward of every microbatch
+        opt.step()
+        print(float(result.loss))
+
+Note [pipeline setup]
+~~~~~~~~~~~~~~~~~~~~~
+How a pipeline is built, on every rank:
+
+1. torch.distributed is started from torchrun's environment if needed (gloo on CPU, NCCL on
+   CUDA); a single process without launcher variables runs a one-stage pipeline without it.
+2. Every rank traces the model on one microbatch of the example batch (or of the first batch
+   given to :meth:`Pipeline.step` when ``example_inputs`` is ``None``, like SMP, which partitions
+   at the first step).
+3. With a plan (a :class:`~modelparallel.plan.Plan` or a plan file), every rank checks the plan's
+   fingerprint against its trace and refuses a mismatch (:class:`PlanMismatchError`) before any
+   communication. Without one, rank 0 partitions the graph (the ILP of
+   :mod:`modelparallel.partitioner`) and publishes the plan JSON; every rank checks its
+   fingerprint.
+4. The ranks agree on the outcome through the c10d store (Note [setup agreement] in
+   ``modelparallel/runtime/distributed.py``), so a failure on one rank is raised on all.
+5. Each rank builds its stage (:func:`modelparallel.codegen.build_stage`), makes its parameters
+   real if the model was on the meta device, moves it to its device, and creates the pipeline's
+   process groups.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from modelparallel.cost_model.device import DeviceSpec, get_device_spec, parse_bytes
+from modelparallel.errors import ConfigError, PlanMismatchError
+from modelparallel.plan import Plan, PlanConfig, load_plan, normalize_schedule
+from modelparallel.runtime.comm import StageComm
+from modelparallel.runtime.distributed import (
+    SetupRound,
+    default_device,
+    init_distributed,
+    pipeline_namespace,
+)
+from modelparallel.runtime.executor import StageExecutor
+from modelparallel.runtime.microbatch import resolve_split, split_inputs
+
+__all__ = ["LoadResult", "Pipeline", "PlanningOptions", "StepResult", "pipeline"]
+
+Inputs = Any  # a tensor, a tuple of positional arguments, or a dict of keyword arguments
+
+_METHODS = ("ilp", "dp", "uniform", "param_balanced")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What :meth:`Pipeline.step` returns on every rank.
+
+    Attributes:
+        loss: Mean loss over the microbatches, a detached 0-d tensor.
+        outputs: The model's output for the whole batch (microbatches concatenated on axis 0),
+            detached; ``None`` when output broadcasting is off (``return_outputs=False``).
+    """
+
+    loss: torch.Tensor
+    outputs: Any = None
+
+
+class LoadResult(NamedTuple):
+    """What :meth:`Pipeline.load_state_dict` did on this rank.
+
+    Attributes:
+        missing_keys: This stage's tensors the state dict had no value for.
+        loaded_keys: The state dict keys this stage loaded.
+    """
+
+    missing_keys: list[str]
+    loaded_keys: list[str]
+
+
+@dataclass(frozen=True)
+class PlanningOptions:
+    """How to plan when no plan is given (see :class:`~modelparallel.plan.PlanConfig`).
+
+    Attributes:
+        device_spec: Device spec(s) for the cost model: a built-in name (``"cpu"``, ``"h100"``...),
+            a spec JSON path, a :class:`DeviceSpec`, or one per stage. ``None``: ``"cpu"`` for a
+            CPU pipeline, ``"h100"`` for CUDA.
+        memory: Memory per device (bytes or ``"80GiB"``), overriding the spec's.
+        optimize: ``"speed"`` or ``"memory"``.
+        memory_weight: Memory balance weight in [0, 1] (``None``: the default of ``optimize``).
+        optimizer: Optimizer whose state memory is counted (``"adam"``, ``"sgd"``...).
+        solver: ``"highs"`` or ``"cbc"``.
+        time_limit: Seconds the solver may take.
+        pins: Node name or module path to stage.
+        tied: ``"replicate"`` or ``"colocate"`` tied parameters.
+        method: Partitioning method (``"ilp"``, ``"dp"``, ``"uniform"``, ``"param_balanced"``).
+    """
+
+    device_spec: str | DeviceSpec | Sequence[str | DeviceSpec] | None = None
+    memory: int | str | None = None
+    optimize: str = "speed"
+    memory_weight: float | None = None
+    optimizer: str | float = "adam"
+    solver: str = "highs"
+    time_limit: float = 10.0
+    pins: Mapping[str, int] = field(default_factory=dict)
+    tied: str = "replicate"
+    method: str = "ilp"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pins", dict(self.pins))
+        # PlanConfig checks the shared options, on every rank before anything else happens.
+        PlanConfig(partitions=1, optimize=self.optimize, memory_weight=self.memory_weight,
+                   optimizer=self.optimizer, solver=self.solver, time_limit=self.time_limit,
+                   tied=self.tied)
+        if self.method not in _METHODS:
+            raise ConfigError(f"method = {self.method!r}; use one of {list(_METHODS)}")
+        if self.memory is not None:
+            parse_bytes(self.memory)
+
+
+def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
+             loss_fn: Callable[[Any, Any], torch.Tensor],
+             plan: Plan | str | Path | None = None,
+             partitions: int | None = None,
+             microbatches: int | None = None,
+             schedule: str | None = None,
+             device: torch.device | str | None = None,
+             planning: PlanningOptions | None = None,
+             input_split_axes: Mapping[str | int, int] | None = None,
+             non_split_inputs: Iterable[str | int] = (),
+             average_grads: bool = True,
+             return_outputs: bool = True,
+             timeout: float = 300.0,
+             trace_method: str = "auto",
+             leaf_modules: Sequence[Any] = (),
+             **planning_kwargs: Any) -> Pipeline:
+    """Split ``model`` into a pipeline over this job's ranks; return this rank's part.
+
+    Call it on every rank with the same arguments (Note [pipeline setup]).
+
+    Args:
+        model: The model, built identically on every rank (or on the meta device: each rank then
+            initialises only its own stage's parameters, with ``reset_parameters``).
+        example_inputs: A batch shaped like the training batches: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments. ``None``: partition at the first step, from
+            its batch (then :meth:`Pipeline.parameters` is available after the first step only).
+        loss_fn: ``loss_fn(model_output, target) -> scalar tensor``, mean over the batch.
+        plan: A plan or plan file; ``None`` plans automatically on rank 0.
+        partitions: Pipeline stages; default: the plan's, else the world size. Must equal the
+            world size (data-parallel replicas are not supported).
+        microbatches: Microbatches per step; default: the plan's, else 1.
+        schedule: ``"1f1b"``/``"interleaved"`` or ``"gpipe"``/``"simple"``; default: the
+            plan's, else ``"1f1b"``.
+        device: This rank's device; default ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``.
+        planning: Planning options (used when no plan is given); keyword arguments named like
+            its fields (``optimize="memory"``, ``time_limit=30``...) are accepted too.
+        input_split_axes: Input name (placeholder name of the traced model) or flat index to the
+            axis its microbatches are cut along (default 0).
+        non_split_inputs: Inputs passed whole to every microbatch.
+        average_grads: Average gradients over microbatches (else sum).
+        return_outputs: Broadcast the model outputs to every rank after each step (turn off for
+            speed; the loss is always broadcast).
+        timeout: Seconds any rank waits for another before raising.
+        trace_method: ``"auto"``, ``"fx"`` or ``"export"``.
+        leaf_modules: Module types or names the fx tracer keeps whole.
+        **planning_kwargs: Fields of :class:`PlanningOptions`.
+
+    Returns:
+        This rank's :class:`Pipeline`.
+
+    Raises:
+        PlanMismatchError: if the plan was made for another model or world size (before any
+            communication).
+        ConfigError: for invalid options.
+        PeerFailedError: if another rank failed while building the pipeline.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(8, 1))
+        >>> pipe = pipeline(model, torch.randn(8, 4), loss_fn=torch.nn.functional.mse_loss,
+        ...                 microbatches=2)
+        >>> result = pipe.step(torch.randn(8, 4), torch.randn(8, 1))
+        >>> result.outputs.shape
+        torch.Size([8, 1])
+    """
+    if planning is None:
+        planning = PlanningOptions(**planning_kwargs)
+    elif planning_kwargs:
+        raise ConfigError("give planning options either as planning=PlanningOptions(...) or as "
+                          f"keyword arguments, not both (got {sorted(planning_kwargs)})")
+    if timeout <= 0:
+        raise ConfigError(f"timeout = {timeout} must be > 0 seconds")
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    running = init_distributed(dev, timeout)
+    world = dist.get_world_size() if running else 1
+    rank = dist.get_rank() if running else 0
+    if plan is not None:
+        plan.check_world_size(world)
+        if partitions is not None and partitions != plan.partitions:
+            raise ConfigError(f"partitions = {partitions} but the plan has {plan.partitions} "
+                              "stages; leave partitions out to use the plan's")
+    p = plan.partitions if plan is not None else (partitions or world)
+    if p != world:
+        raise ConfigError(
+            f"the pipeline has {p} stages but {world} processes are running; start one process "
+            f"per stage (torchrun --nproc_per_node {p}). Data-parallel replicas of a pipeline "
+            "are not supported yet.")
+    m = microbatches if microbatches is not None else (
+        plan.config.microbatches if plan is not None else 1)
+    sched = normalize_schedule(schedule if schedule is not None else (
+        plan.config.schedule if plan is not None else "1f1b"))
+    if m < 1:
+        raise ConfigError(f"microbatches = {m} must be >= 1")
+    pipe = Pipeline(model, loss_fn=loss_fn, plan=plan, partitions=p, microbatches=m,
+                    schedule=sched, device=dev, planning=planning,
+                    input_split_axes=dict(input_split_axes or {}),
+                    non_split_inputs=tuple(non_split_inputs), average_grads=average_grads,
+                    return_outputs=return_outputs, timeout=timeout, rank=rank,
+                    distributed=running, trace_method=trace_method,
+                    leaf_modules=tuple(leaf_modules))
+    if example_inputs is not None:
+        pipe._build(example_inputs)
+    return pipe
+
+
+class Pipeline:
+    """This rank's part of a pipeline-parallel model. Build it with :func:`pipeline`.
+
+    Attributes:
+        plan: The plan (``None`` until partitioned).
+        stage: This rank's stage index.
+        program: This rank's :class:`~modelparallel.codegen.StageProgram` (after partitioning).
+        device: Where the stage runs.
+    """
+
+    def __init__(self, model: nn.Module, *, loss_fn: Callable[[Any, Any], torch.Tensor],
+                 plan: Plan | None, partitions: int, microbatches: int, schedule: str,
+                 device: torch.device, planning: PlanningOptions,
+                 input_split_axes: dict[str | int, int], non_split_inputs: tuple[str | int, ...],
+                 average_grads: bool, return_outputs: bool, timeout: float, rank: int,
+                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...]) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.plan = plan
+        self.partitions = partitions
+        self.microbatches = microbatches
+        self.schedule = schedule
+        self.device = device
+        self.planning = planning
+        self.input_split_axes = input_split_axes
+        self.non_split_inputs = non_split_inputs
+        self.average_grads = average_grads
+        self.return_outputs = return_outputs
+        self.timeout = timeout
+        self.rank = rank
+        self.stage = rank
+        self.distributed = distributed
+        self.trace_method = trace_method
+        self.leaf_modules = leaf_modules
+        self.program: Any = None
+        self.traced: Any = None
+        self._executor: StageExecutor | None = None
+        self._comm: StageComm | None = None
+
+    # -- building ----------------------------------------------------------------------------------
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the model has been split (SMP's ``model.partitioned``)."""
+        return self._executor is not None
+
+    def _build(self, inputs: Inputs) -> None:
+        from modelparallel.codegen import build_stage, materialize
+        from modelparallel.tracer import trace
+
+        args, kwargs = _as_call(inputs)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
+        store = dist.distributed_c10d._get_default_store() if self.distributed else None
+        ranks = list(range(self.partitions))
+        namespace = pipeline_namespace(store, self.rank) if store is not None else ""
+        round_ = (SetupRound(store, namespace, self.rank, ranks, self.timeout)
+                  if store is not None else None)
+        try:
+            mb_args, mb_kwargs = _first_microbatch(self.model, args, kwargs, self.microbatches,
+                                                   self.input_split_axes, self.non_split_inputs)
+            traced = trace(self.model, mb_args, mb_kwargs, method=self.trace_method,
+                           leaf_modules=self.leaf_modules)
+            if self.plan is not None:
+                self.plan.check_graph(traced.graph)
+            plan = self._agree_on_plan(traced, round_, mb_args, mb_kwargs)
+            plan.check_graph(traced.graph)
+            program = build_stage(traced, plan, self.stage)
+            if any(t.is_meta for t in _held(program.module)):
+                materialize(program, self.device)
+            program.module.to(self.device)
+        except BaseException as e:
+            if round_ is not None:
+                round_.fail(e)
+            raise
+        if round_ is not None:
+            round_.agree()
+        self.traced, self.plan, self.program = traced, plan, program
+        if not any(p.requires_grad for p in program.module.parameters()):
+            warnings.warn(
+                f"stage {self.stage} of {self.partitions} holds no trainable parameters (the "
+                "plan gives it only parameter-free work, or none: the model may be too small "
+                "for this many stages); do not build an optimizer over its empty parameter list",
+                RuntimeWarning, stacklevel=3)
+        split = resolve_split(program.input_names, self.microbatches, self.input_split_axes,
+                              self.non_split_inputs)
+        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace)
+                if self.partitions > 1 else None)
+        self._comm = comm
+        self._executor = StageExecutor(program, comm, loss_fn=self.loss_fn,
+                                       schedule=self.schedule, split=split,
+                                       average_grads=self.average_grads, device=self.device)
+
+    def _agree_on_plan(self, traced: Any, round_: SetupRound | None, mb_args: tuple[Any, ...],
+                       mb_kwargs: dict[str, Any]) -> Plan:
+        if self.plan is not None:
+            return self.plan
+        if self.rank != 0:
+            assert round_ is not None
+            plan = Plan.from_json(round_.fetch("plan", 0))
+            if plan.model.fingerprint != traced.graph.fingerprint():
+                raise PlanMismatchError(
+                    f"rank {self.rank} traced the model to fingerprint "
+                    f"{traced.graph.fingerprint()[:12]} but rank 0 planned for "
+                    f"{plan.model.fingerprint[:12]}: the ranks built different models. Build "
+                    "the model identically on every rank (same code, config and seed).")
+            return plan
+        plan = self._make_plan(traced, mb_args, mb_kwargs)
+        if round_ is not None:
+            round_.publish("plan", plan.to_json(indent=None))
+        return plan
+
+    def _make_plan(self, traced: Any, mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any]
+                   ) -> Plan:
+        from modelparallel.partitioner import partition
+
+        opts = self.planning
+        config = PlanConfig(partitions=self.partitions, microbatches=self.microbatches,
+                            schedule=self.schedule, optimize=opts.optimize,
+                            memory_weight=opts.memory_weight, optimizer=opts.optimizer,
+                            tied=opts.tied, pins=dict(opts.pins), solver=opts.solver,
+                            time_limit=opts.time_limit)
+        return partition(traced.graph, config, self._device_specs(), method=opts.method,
+                         samples_per_microbatch=_batch_size(mb_args, mb_kwargs))
+
+    def _device_specs(self) -> list[DeviceSpec]:
+        spec = self.planning.device_spec
+        if spec is None:
+            spec = "h100" if self.device.type == "cuda" else "cpu"
+        specs = ([get_device_spec(s) for s in spec]
+                 if isinstance(spec, Sequence) and not isinstance(spec, str)
+                 else [get_device_spec(spec)] * self.partitions)
+        if len(specs) != self.partitions:
+            raise ConfigError(f"device_spec lists {len(specs)} devices for {self.partitions} "
+                              "stages; give one for all or one per stage")
+        if self.planning.memory is not None:
+            specs = [s.with_memory(parse_bytes(self.planning.memory)) for s in specs]
+        return specs
+
+    def _ready(self, inputs: Inputs) -> StageExecutor:
+        if self._executor is None:
+            self._build(inputs)
+        assert self._executor is not None
+        return self._executor
+
+    def _require(self) -> StageExecutor:
+        if self._executor is None:
+            raise ConfigError(
+                "the model is not partitioned yet: pass example_inputs to pipeline(), or run "
+                "one step first (partitioning happens at the first step)")
+        return self._executor
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def step(self, inputs: Inputs, targets: Any, *, return_outputs: bool | None = None
+             ) -> StepResult:
+        """One training step: forward and backward of every microbatch through the pipeline.
+
+        Gradients accumulate into this rank's parameters' ``.grad`` (averaged over microbatches
+        unless ``average_grads=False``); call your optimizer's ``step`` afterwards and
+        ``zero_grad`` before the next step, as in plain PyTorch.
+
+        Args:
+            inputs: A batch shaped like ``example_inputs``.
+            targets: The targets of the batch (split along axis 0 like the inputs).
+            return_outputs: Override the pipeline's ``return_outputs`` for this step.
+
+        Returns:
+            The mean loss and the outputs, on every rank.
+
+        Raises:
+            ConfigError: if the batch does not divide into the microbatches (every rank).
+            PeerFailedError: if another rank failed during the step.
+            StepTimeoutError: if a wait on another rank ran out.
+        """
+        ex = self._ready(inputs)
+        flat = self._flatten(inputs)
+        out = ex.train_step(flat, targets, return_outputs=self.return_outputs
+                            if return_outputs is None else return_outputs)
+        return StepResult(out.loss, out.outputs)
+
+    def eval_step(self, inputs: Inputs) -> Any:
+        """Forward only, without gradients; returns the outputs on every rank."""
+        ex = self._ready(inputs)
+        return ex.eval_step(self._flatten(inputs))
+
+    def train(self, mode: bool = True) -> Pipeline:
+        """Set this stage's modules to training (or evaluation) mode."""
+        if self.program is not None:
+            self.program.module.train(mode)
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> Pipeline:
+        """Same as ``train(False)``."""
+        return self.train(False)
+
+    def _flatten(self, inputs: Inputs) -> list[Any]:
+        args, kwargs = _as_call(inputs)
+        return list(self.traced.flatten_inputs(args, kwargs))
+
+    # -- parameters and state ----------------------------------------------------------------------
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (give them to the optimizer)."""
+        self._require()
+        return self.program.module.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters with their qualified names in the original model."""
+        self._require()
+        return self.program.module.named_parameters()
+
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This stage's parameters and buffers, keyed as in the original model's state dict
+        (every alias of a tied weight included), detached."""
+        self._require()
+        held = self._held_canonical()
+        out: dict[str, torch.Tensor] = {}
+        for key in self.model.state_dict(keep_vars=True):
+            canon = self._canonical(key)
+            if canon in held:
+                out[key] = held[canon].detach()
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model's state dict, gathered from every rank (collective; CPU tensors).
+
+        Tensors no stage holds (parameters no operation reads) come from the local model.
+        """
+        self._require()
+        local = {k: v.cpu() for k, v in self.local_state_dict().items()}
+        parts = self._comm.all_gather_object(local, "the state dict") if self._comm else [local]
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        full: dict[str, torch.Tensor] = {}
+        for key, value in self.model.state_dict().items():
+            if key in merged:
+                full[key] = merged[key]
+            else:  # read by no operation: the local model's (still meta if it was built so)
+                full[key] = value.detach() if value.is_meta else value.detach().cpu()
+        return full
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False
+                        ) -> LoadResult:
+        """Load this stage's tensors from a full or partial state dict (keys of the original
+        model, any alias of a tied weight).
+
+        Raises:
+            ConfigError: with ``strict=True`` if a tensor of this stage has no value, or on a
+                shape mismatch.
+        """
+        self._require()
+        aliases: dict[str, list[str]] = {}
+        for key in self.model.state_dict(keep_vars=True):
+            aliases.setdefault(self._canonical(key), []).append(key)
+        missing, loaded = [], []
+        with torch.no_grad():
+            for canon, tensor in self._held_canonical().items():
+                keys = [k for k in [canon, *aliases.get(canon, [])] if k in state_dict]
+                if not keys:
+                    missing.append(canon)
+                    continue
+                value = state_dict[keys[0]]
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise ConfigError(f"state dict entry {keys[0]!r} has shape "
+                                      f"{tuple(value.shape)}; stage {self.stage} holds "
+                                      f"{tuple(tensor.shape)}")
+                tensor.copy_(value)
+                loaded.append(keys[0])
+        if strict and missing:
+            raise ConfigError(f"strict=True but the state dict has no value for {missing[:8]} "
+                              f"({len(missing)} tensors of stage {self.stage})")
+        return LoadResult(missing, loaded)
+
+    def _held_canonical(self) -> dict[str, torch.Tensor]:
+        module = self.program.module
+        out: dict[str, torch.Tensor] = {}
+        for name, t in [*module.named_parameters(remove_duplicate=False),
+                        *module.named_buffers(remove_duplicate=False)]:
+            out.setdefault(self._canonical(name), t)
+        return out
+
+    def _canonical(self, name: str) -> str:
+        names = getattr(self.traced, "param_names", {}) or {}
+        return str(names.get(name, name))
+
+    def close(self) -> None:
+        """Release the pipeline's process groups (the pipeline is unusable afterwards)."""
+        if self._comm is not None:
+            self._comm.teardown("closed by the user")
+
+    def __repr__(self) -> str:
+        state = "partitioned" if self.partitioned else "not partitioned yet"
+        return (f"Pipeline(stage {self.stage} of {self.partitions}, {self.microbatches} "
+                f"microbatches, {self.schedule}, {self.device}, {state})")
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _as_call(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _first_microbatch(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], m: int,
+                      axes: Mapping[str | int, int], whole: Iterable[str | int]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Microbatch 0 of the example, for tracing. Inputs are named here by their argument
+    names; names that do not match are checked again, against the traced placeholder names,
+    when the pipeline is built."""
+    import torch.utils._pytree as pytree
+
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    names = _leaf_names(model, args, kwargs, len(leaves))
+    known_axes = {k: v for k, v in axes.items() if isinstance(k, int) or k in names}
+    known_whole = [k for k in whole if isinstance(k, int) or k in names]
+    split = resolve_split(names, m, known_axes, known_whole)
+    first = split_inputs(leaves, split)[0]
+    mb_args, mb_kwargs = pytree.tree_unflatten(first, spec)
+    return tuple(mb_args), dict(mb_kwargs)
+
+
+def _leaf_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
+                ) -> tuple[str, ...]:
+    import inspect
+
+    import torch.utils._pytree as pytree
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(f"arg{i}" for i in range(n))
+    names: list[str] = []
+    for name, value in bound.arguments.items():
+        count = len(pytree.tree_leaves(value))
+        names += [name] if count == 1 else [f"{name}_{i}" for i in range(count)]
+    return tuple(names) if len(names) == n else tuple(f"arg{i}" for i in range(n))
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    import torch.utils._pytree as pytree
+
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 1
+
+
+def _held(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]

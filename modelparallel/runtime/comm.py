@@ -1,0 +1,326 @@
+"""Point-to-point and collective communication of one pipeline rank.
+
+:class:`StageComm` owns the pipeline's process groups: one over all its ranks (timeouts set to the
+pipeline's ``timeout``) for neighbour sends and receives and the loss/output broadcast, and one
+subgroup per set of stages sharing a tied parameter. Sends and receives are asynchronous
+(``isend``/``irecv``); a receive's buffers are filled when :meth:`StageComm.wait` returns, a sent
+tensor stays referenced until :meth:`StageComm.drain_sends`. A failed or timed-out wait becomes a
+:class:`~modelparallel.errors.PeerFailedError` or :class:`~modelparallel.errors.StepTimeoutError`
+(Note [failure propagation] in ``modelparallel/runtime/failure.py``).
+
+On NCCL the sends of one action and the receives of the next are issued as one group
+(``batch_isend_irecv``), Megatron-style, because NCCL runs the operations between two ranks in
+issue order and a large send and a large receive issued separately in opposite orders on the two
+sides would wait on each other. Gloo needs no grouping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import pickle
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from modelparallel.errors import CommunicationError
+from modelparallel.runtime.distributed import pipeline_namespace
+from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_for
+
+__all__ = ["PendingRecv", "StageComm"]
+
+
+@dataclass
+class PendingRecv:
+    """Receives posted for one message (a set of tensors from one peer).
+
+    Attributes:
+        src_stage: The stage they come from.
+        buffers: The tensors being filled.
+        what: What they are, for error messages.
+        works: The library's handles (empty until issued).
+    """
+
+    src_stage: int
+    buffers: list[torch.Tensor]
+    what: str
+    works: list[Any] = field(default_factory=list)
+
+
+class StageComm:
+    """Communication of stage ``stage`` of a pipeline of ``len(ranks)`` stages.
+
+    Creating one is collective: every rank of the job must create its pipeline's comm at the
+    same point (``torch.distributed.new_group`` is collective over the whole job).
+
+    Args:
+        stage: This rank's stage.
+        ranks: Global rank of each stage.
+        device: Device of the boundary tensors (CUDA: NCCL; otherwise gloo).
+        timeout: Seconds any wait may take before :class:`StepTimeoutError`.
+        board: Where failures are reported.
+    """
+
+    def __init__(self, stage: int, ranks: Sequence[int], device: torch.device, timeout: float,
+                 board: FailureBoard | None) -> None:
+        self.stage = stage
+        self.ranks = tuple(ranks)
+        self.num_stages = len(self.ranks)
+        self.device = device
+        self.timeout = float(timeout)
+        self.board = board
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+        self.rank = self.ranks[stage]
+        self._group: Any = None
+        self._subgroups: dict[tuple[int, ...], Any] = {}
+        self._pending_sends: list[tuple[Any, list[torch.Tensor], str]] = []
+        self._broken: str | None = None
+        if self.num_stages > 1:
+            self._group = dist.new_group(list(self.ranks), timeout=timedelta(seconds=timeout),
+                                         backend=self.backend)
+
+    @classmethod
+    def create(cls, stage: int, ranks: Sequence[int], device: torch.device | str,
+               timeout: float, namespace: str | None = None) -> StageComm:
+        """Create the comm of ``stage`` with a failure board in the job's default store.
+
+        Collective over the whole job (it creates process groups).
+
+        Args:
+            stage: This rank's stage.
+            ranks: Global rank of each stage.
+            device: Device of the boundary tensors.
+            timeout: Seconds any wait may take.
+            namespace: The pipeline's store key prefix; by default the next one of this rank
+                (Note [setup agreement] in ``modelparallel/runtime/distributed.py``).
+        """
+        comm = cls(stage, ranks, torch.device(device), timeout, board=None)
+        store = dist.distributed_c10d._get_default_store()
+        if namespace is None:
+            namespace = pipeline_namespace(store, comm.rank)
+        comm.board = FailureBoard(store, namespace, comm.rank)
+        return comm
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def grouped(self) -> bool:
+        """Whether sends and the next receives are issued as one group (NCCL)."""
+        return self.backend == "nccl"
+
+    def check_usable(self) -> None:
+        """Raise if an earlier failure tore the pipeline down."""
+        if self._broken is not None:
+            raise CommunicationError(
+                f"this pipeline's communication was torn down after an earlier failure "
+                f"({self._broken}); create a new pipeline")
+
+    # -- point to point --------------------------------------------------------------------------
+
+    def issue(self, sends: Sequence[tuple[int, Sequence[torch.Tensor]]],
+              recvs: Sequence[PendingRecv], label: str = "") -> None:
+        """Post sends (``(dst_stage, tensors)``) and receives, asynchronously.
+
+        The sends are kept, under ``label``, until :meth:`release` or :meth:`drain_sends`.
+        """
+        self.check_usable()
+        ops: list[tuple[str, torch.Tensor, int, PendingRecv | None, list[torch.Tensor]]] = []
+        for dst, tensors in sends:
+            kept = [t.detach().contiguous() for t in tensors]
+            for t in kept:
+                ops.append(("send", t, self.ranks[dst], None, kept))
+        for r in recvs:
+            for b in r.buffers:
+                ops.append(("recv", b, self.ranks[r.src_stage], r, r.buffers))
+        if not ops:
+            return
+        issued: list[Any]
+        try:
+            if self.grouped:
+                issued = dist.batch_isend_irecv([
+                    dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer,
+                               group=self._group) for kind, t, peer, _, _ in ops])
+            else:
+                issued = [dist.isend(t, peer, group=self._group) if kind == "send"
+                          else dist.irecv(t, peer, group=self._group)
+                          for kind, t, peer, _, _ in ops]
+        except RuntimeError as e:
+            if not _is_link_failure(e):
+                raise
+            raise map_comm_error(e, self.board, rank=self.rank, peer=ops[0][2],
+                                 what="posting sends/receives", timeout=self.timeout) from None
+        works = [w for w in issued if w is not None]
+        # A coalesced group may come back as one work for all its operations.
+        per_op = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
+        for (kind, _, _, recv, kept), mine in zip(ops, per_op):
+            for work in mine:
+                if kind == "send":
+                    self._pending_sends.append((work, kept, label))
+                else:
+                    assert recv is not None
+                    recv.works.append(work)
+
+    def wait(self, recv: PendingRecv) -> list[torch.Tensor]:
+        """Block until ``recv``'s buffers are filled; return them."""
+        self.check_usable()
+        try:
+            for w in recv.works:
+                w.wait()
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=self.ranks[recv.src_stage],
+                                 what=recv.what, timeout=self.timeout) from None
+        recv.works.clear()
+        return recv.buffers
+
+    def drain_sends(self) -> None:
+        """Wait for every posted send to complete, then drop its tensors."""
+        self._wait_sends(lambda label: True)
+
+    def release(self, label: str) -> None:
+        """Wait for the sends posted under ``label`` (the caller knows they were received)
+        and drop their tensors."""
+        self._wait_sends(lambda mine: mine == label)
+
+    def _wait_sends(self, which: Callable[[str], bool]) -> None:
+        done = [s for s in self._pending_sends if which(s[2])]
+        self._pending_sends = [s for s in self._pending_sends if not which(s[2])]
+        try:
+            for w, _, _ in done:
+                w.wait()
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
+                                 what="a send to complete", timeout=self.timeout) from None
+
+    def send_object(self, dst_stage: int, obj: Any) -> None:
+        """Send a picklable object (a length, then the bytes)."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        length = torch.tensor([data.numel()], dtype=torch.int64)
+        self.issue([(dst_stage, [length.to(self.device), data.to(self.device)])], [])
+
+    def recv_object(self, src_stage: int, what: str) -> Any:
+        """Receive an object sent with :meth:`send_object` (blocking)."""
+        length = PendingRecv(src_stage, [torch.empty(1, dtype=torch.int64, device=self.device)],
+                             what)
+        self.issue([], [length])
+        n = int(self.wait(length)[0].item())
+        data = PendingRecv(src_stage, [torch.empty(n, dtype=torch.uint8, device=self.device)],
+                           what)
+        self.issue([], [data])
+        with warnings.catch_warnings():  # unpickling a TreeSpec warns about LeafSpec in torch 2.13
+            warnings.simplefilter("ignore", FutureWarning)
+            return pickle.loads(self.wait(data)[0].cpu().numpy().tobytes())
+
+    # -- collectives -----------------------------------------------------------------------------
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src_stage: int, what: str) -> None:
+        """Broadcast ``tensors`` in place from ``src_stage`` to every stage."""
+        if self._group is None:
+            return
+        self.check_usable()
+        try:
+            for t in tensors:
+                dist.broadcast(t, self.ranks[src_stage], group=self._group)
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=self.ranks[src_stage],
+                                 what=what, timeout=self.timeout) from None
+
+    def broadcast_object(self, obj: Any, src_stage: int, what: str) -> Any:
+        """Broadcast a picklable object from ``src_stage``; every stage returns it."""
+        if self._group is None:
+            return obj
+        self.check_usable()
+        box = [obj if self.stage == src_stage else None]
+        try:
+            dist.broadcast_object_list(box, self.ranks[src_stage], group=self._group,
+                                       device=self.device)
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=self.ranks[src_stage],
+                                 what=what, timeout=self.timeout) from None
+        return box[0]
+
+    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
+        """Every stage's ``obj``, in stage order (collective over the pipeline)."""
+        if self._group is None:
+            return [obj]
+        self.check_usable()
+        out: list[Any] = [None] * self.num_stages
+        try:
+            dist.all_gather_object(out, obj, group=self._group)
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
+                                 timeout=self.timeout) from None
+        return out
+
+    def make_subgroups(self, stage_sets: Sequence[tuple[int, ...]]) -> None:
+        """Create one subgroup per set of stages, in the given order, on every rank.
+
+        Collective over the whole job: every rank must pass the same sets in the same order.
+        """
+        for stages in stage_sets:
+            key = tuple(sorted(stages))
+            if key in self._subgroups or len(key) < 2:
+                continue
+            self._subgroups[key] = dist.new_group(
+                [self.ranks[s] for s in key], timeout=timedelta(seconds=self.timeout),
+                backend=self.backend)
+
+    def all_reduce_sum(self, tensor: torch.Tensor, stages: tuple[int, ...], what: str) -> None:
+        """Sum ``tensor`` in place over the stages ``stages`` (their subgroup)."""
+        key = tuple(sorted(stages))
+        if len(key) < 2:
+            return
+        self.check_usable()
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._subgroups[key])
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
+                                 timeout=self.timeout) from None
+
+    # -- failure ---------------------------------------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        """Report ``error`` (raised on this rank during a step) and tear down, so every other
+        rank learns of it (Note [failure propagation]). Idempotent."""
+        if self.board is not None:
+            report = report_for(error, self.rank)
+            self.board.post(origin=report.origin, kind=report.kind, message=report.message)
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__)
+        self.teardown(f"{type(error).__name__}: {_first_line(error)}")
+
+    def teardown(self, reason: str = "closed") -> None:
+        """Destroy the pipeline's process groups, closing connections (Note [failure
+        propagation]). The comm is unusable afterwards."""
+        if self._broken is not None:
+            return
+        self._broken = reason
+        groups = [g for g in (self._group, *self._subgroups.values()) if g is not None]
+        self._group = None
+        self._subgroups.clear()
+        self._pending_sends.clear()
+        for g in groups:
+            if self.backend == "nccl" and hasattr(g, "abort"):
+                with contextlib.suppress(RuntimeError):
+                    g.abort()
+            with contextlib.suppress(RuntimeError, ValueError, AssertionError):
+                dist.destroy_process_group(g)
+        groups.clear()
+        gc.collect()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_link_failure(error: BaseException) -> bool:
+    """Whether a library error is about the connection to a peer (not a local mistake)."""
+    text = str(error).lower()
+    return any(w in text for w in ("connection", "closed", "broken pipe", "timed out", "timeout",
+                                   "pair", "peer", "socket", "reset"))

@@ -1,0 +1,534 @@
+"""The per-rank pipeline executor: one :class:`~modelparallel.codegen.StageProgram` under a schedule.
+
+Each rank runs its stage's action list (:mod:`modelparallel.runtime.schedule`). A forward of
+microbatch ``i`` calls ``program.module`` on the stage's local model inputs of the microbatch and
+the values received from the previous stage (Note [stage calling convention] in
+``modelparallel/codegen/program.py``), sends the stage's outputs on, and keeps what backward
+needs. The last stage rebuilds the model output with ``out_spec`` and computes
+``loss_fn(output, target)``. A backward receives the gradients of the values the stage sent (or
+starts from the loss on the last stage, scaled by ``1/m`` when gradients are averaged over
+microbatches), runs autograd, and sends the gradients of the values it received back. Parameter
+gradients accumulate over the microbatches; afterwards the gradients of tied parameters held by
+several stages are summed among those stages. The mean loss (and, unless turned off, the merged
+outputs) are broadcast from the last stage, so every rank returns them.
+
+Note [boundary metadata]
+~~~~~~~~~~~~~~~~~~~~~~~~
+A receiver must know the shapes and dtypes of what it receives before posting the receive. Every
+rank holds the whole batch, so every rank computes the same *shape key* of the batch
+(:func:`~modelparallel.runtime.microbatch.shape_key`: input shapes, dtypes, hashable non-tensor
+values, train or eval). The first step with a key unseen so far is a *metadata step*: before the
+tensors of its first forward message, each sender sends a template (:mod:`modelparallel.runtime.
+boundary`: the value names, the structure, every tensor's shape, dtype and whether a gradient
+comes back, and the non-tensor values themselves). Both sides cache the template under the key
+and later steps with that key send tensors only. All microbatches of a step have the same shapes
+(the batch splits evenly), so one template serves them all; the sender checks each microbatch
+against it and raises :class:`CommunicationError` if a boundary value's shape or a non-tensor
+value depends on the data rather than on the input shapes (not supported). The receiver checks
+the value names against its own program, which catches ranks built from different plans.
+Gradients have the shapes of the tensors they belong to and flow back only for floating tensors
+that required grad when sent (zeros when the receiver's gradient is ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+
+from modelparallel.codegen.program import StageProgram
+from modelparallel.errors import CommunicationError, ConfigError
+from modelparallel.runtime.boundary import allocate, pack, slots, unpack
+from modelparallel.runtime.comm import PendingRecv, StageComm
+from modelparallel.runtime.microbatch import (
+    SplitSpec,
+    merge_outputs,
+    shape_key,
+    split_inputs,
+    split_target,
+)
+from modelparallel.runtime.schedule import Action, Schedule, make_schedule
+
+__all__ = ["StageExecutor", "StepOutput", "StepStats"]
+
+_MAX_KEYS = 64
+_INPLACE_LEAF_ERROR = "leaf Variable that requires grad is being used in an in-place operation"
+
+
+class StepOutput(NamedTuple):
+    """What a training step returns on every rank.
+
+    Attributes:
+        loss: Mean of the microbatch losses (a 0-d tensor, detached; NaN for an eval step).
+        outputs: The model output, microbatches merged (tensors concatenated on axis 0), detached;
+            ``None`` when output broadcasting was turned off.
+    """
+
+    loss: torch.Tensor
+    outputs: Any
+
+
+@dataclass
+class StepStats:
+    """Timing of this rank's last step (for benchmarks).
+
+    Attributes:
+        compute_seconds: Wall seconds spent in forward/backward compute of its actions.
+        step_seconds: Wall seconds of the whole step.
+        actions: Actions run, in order, with their compute seconds.
+    """
+
+    compute_seconds: float = 0.0
+    step_seconds: float = 0.0
+    actions: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Microbatch:
+    """What the backward of one microbatch needs."""
+
+    roots: list[torch.Tensor]
+    received: list[torch.Tensor]
+    loss: torch.Tensor | None
+
+
+@dataclass
+class _Templates:
+    """Boundary templates of one shape key (Note [boundary metadata]).
+
+    ``send``/``recv`` are ``(value names, template)``; ``result`` maps ``return_outputs`` to
+    ``(loss dtype, output template)``.
+    """
+
+    send: tuple[Any, ...] | None = None
+    recv: tuple[Any, ...] | None = None
+    result: dict[bool, tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Step:
+    """The state of one step in flight on this rank."""
+
+    actions: tuple[Action, ...]
+    local: list[list[Any]]
+    targets: list[Any]
+    tpl: _Templates
+    train: bool
+    return_outputs: bool
+    microbatches: dict[int, _Microbatch] = field(default_factory=dict)
+    posted: dict[int, PendingRecv | None] = field(default_factory=dict)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+
+
+class StageExecutor:
+    """Runs one stage of a pipeline on this rank.
+
+    Creating one is collective (it creates process subgroups for tied parameters) when ``comm``
+    is given; with ``comm=None`` the stage must be the only one (a one-stage pipeline).
+
+    Args:
+        program: This rank's stage.
+        comm: Its communication (``None`` for a single stage).
+        loss_fn: ``loss_fn(model_output, target) -> scalar tensor``, mean-reduced over the
+            microbatch; run on the last stage.
+        schedule: ``"gpipe"``/``"simple"`` or ``"1f1b"``/``"interleaved"``.
+        split: How the flat inputs split into microbatches.
+        average_grads: Average parameter gradients over microbatches (SMP's
+            ``average_grads_across_microbatches``); otherwise sum them.
+        device: Where the stage runs.
+
+    Example:
+        >>> import torch
+        >>> from modelparallel.codegen import build_stage
+        >>> from modelparallel.partitioner import partition
+        >>> from modelparallel.plan import PlanConfig
+        >>> from modelparallel.runtime.microbatch import resolve_split
+        >>> from modelparallel.tracer import trace
+        >>> traced = trace(torch.nn.Linear(4, 1), (torch.randn(2, 4),))
+        >>> program = build_stage(traced, partition(traced.graph, PlanConfig(1), "cpu"), 0)
+        >>> ex = StageExecutor(program, None, loss_fn=torch.nn.functional.mse_loss,
+        ...                    schedule="1f1b", split=resolve_split(program.input_names, 2))
+        >>> ex.train_step([torch.randn(4, 4)], torch.randn(4, 1)).outputs.shape
+        torch.Size([4, 1])
+    """
+
+    def __init__(self, program: StageProgram, comm: StageComm | None, *,
+                 loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
+                 average_grads: bool = True, device: torch.device | str = "cpu") -> None:
+        if comm is None and program.num_stages != 1:
+            raise ConfigError(f"stage {program.index} of {program.num_stages} needs a StageComm")
+        self.program = program
+        self.comm = comm
+        self.loss_fn = loss_fn
+        self.schedule_name = schedule
+        self.split = split
+        self.average_grads = average_grads
+        self.device = torch.device(device)
+        self.stats = StepStats()
+        self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
+        self._schedules: dict[tuple[int, bool], Schedule] = {}
+        self._clone_received = False
+        make_schedule(schedule, program.num_stages, split.num_microbatches).validate()
+        self._shared = self._shared_groups()
+
+    # -- public ----------------------------------------------------------------------------------
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this is stage 0."""
+        return self.program.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this is the last stage."""
+        return self.program.index == self.program.num_stages - 1
+
+    def train_step(self, flat_inputs: Sequence[Any], target: Any, *,
+                   return_outputs: bool = True) -> StepOutput:
+        """Run forward and backward of every microbatch; gradients end in ``.grad``.
+
+        Raises:
+            ConfigError: if the batch does not split into the microbatches (on every rank,
+                before any communication).
+            PeerFailedError: if another rank failed during the step.
+            StepTimeoutError: if a wait on a neighbour ran out.
+        """
+        return self._step(flat_inputs, target, train=True, return_outputs=return_outputs)
+
+    def eval_step(self, flat_inputs: Sequence[Any], *, return_outputs: bool = True) -> Any:
+        """Run forward only (no gradients); return the merged outputs on every rank."""
+        return self._step(flat_inputs, None, train=False, return_outputs=return_outputs).outputs
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def _step(self, flat_inputs: Sequence[Any], target: Any, *, train: bool,
+              return_outputs: bool) -> StepOutput:
+        m = self.split.num_microbatches
+        # Every rank splits the whole batch and the targets, so a batch that does not divide
+        # into the microbatches raises ConfigError on every rank, before any communication.
+        microbatches = split_inputs(flat_inputs, self.split)
+        targets = split_target(target, m) if train else [None] * m
+        if not self.is_last:
+            targets = [None] * m
+        if self.comm is not None:
+            self.comm.check_usable()
+        key = shape_key(flat_inputs, "train" if train else "eval")
+        step = _Step(actions=self._actions(train),
+                     local=[[_to(mb[i], self.device) for i in self.program.model_inputs]
+                            for mb in microbatches],
+                     targets=[_to(t, self.device) for t in targets],
+                     tpl=self._templates_for(key), train=train,
+                     return_outputs=return_outputs, outputs=[None] * m)
+        start = time.perf_counter()
+        self.stats = StepStats()
+        try:
+            with torch.enable_grad() if train else torch.no_grad():
+                stash = self._stash_shared_grads() if train else {}
+                self._run(step)
+                if self.comm is not None:
+                    self.comm.drain_sends()
+                if train:
+                    self._reduce_shared_grads(stash)
+                result = self._gather_result(step)
+        except BaseException as e:
+            self._templates.pop(key, None)
+            if self.comm is not None:
+                self.comm.fail(e)
+            raise
+        self.stats.step_seconds = time.perf_counter() - start
+        return result
+
+    def _run(self, step: _Step) -> None:
+        """Run this stage's actions (Note [schedule communication model] in ``schedule.py``).
+
+        Each action's receive is posted before the previous action computes (gloo: it lands
+        during that compute), or together with the previous action's sends (NCCL, see
+        ``comm.py``); an action's sends are posted right after its compute.
+        """
+        grouped = self.comm is not None and self.comm.grouped
+        for k, a in enumerate(step.actions):
+            if k not in step.posted:
+                self._post(step, k, allow_meta=True)  # reads new boundary metadata first
+            if not grouped:
+                self._post(step, k + 1, allow_meta=False)
+            recv = step.posted.pop(k)
+            received = self.comm.wait(recv) if recv is not None and self.comm is not None else []
+            t0 = time.perf_counter()
+            if a.kind == "F":
+                sends = self._forward(step, a.microbatch, received)
+            else:
+                sends = self._backward(step, a.microbatch, received)
+            dt = time.perf_counter() - t0
+            self.stats.compute_seconds += dt
+            self.stats.actions.append((str(a), dt))
+            self._post(step, k + 1 if grouped else -1, allow_meta=False, sends=sends, label=str(a))
+        assert not step.train or not step.microbatches, "every microbatch ran its backward"
+
+    def _post(self, step: _Step, k: int, *, allow_meta: bool,
+              sends: Sequence[tuple[int, list[torch.Tensor]]] = (), label: str = "") -> None:
+        """Issue ``sends`` plus action k's receive, if that can be created now."""
+        recv = None
+        if 0 <= k < len(step.actions) and k not in step.posted and self._make_recv(
+                step, k, allow_meta):
+            recv = step.posted[k]
+        if self.comm is not None and (sends or recv is not None):
+            self.comm.issue(sends, [recv] if recv is not None else [], label=label)
+
+    def _make_recv(self, step: _Step, k: int, allow_meta: bool) -> bool:
+        """Create action k's receive in ``step.posted`` (``None``: it receives nothing). False
+        if what it receives is not known yet (metadata not read, or forward not run)."""
+        a, me = step.actions[k], self.program.index
+        if a.kind == "F":
+            if self.is_first:
+                step.posted[k] = None
+                return True
+            if step.tpl.recv is None:
+                if not allow_meta:
+                    return False
+                step.tpl.recv = self._recv_template(a.microbatch)
+            step.posted[k] = PendingRecv(me - 1, allocate(step.tpl.recv[1], self.device),
+                                         f"the activations of microbatch {a.microbatch}")
+            return True
+        if self.is_last:
+            step.posted[k] = None
+            return True
+        mb = step.microbatches.get(a.microbatch)
+        if mb is None:
+            return False
+        step.posted[k] = (PendingRecv(me + 1, [torch.empty(t.shape, dtype=t.dtype,
+                                                           device=t.device) for t in mb.roots],
+                                      f"the gradients of microbatch {a.microbatch}")
+                          if mb.roots else None)
+        return True
+
+    def _forward(self, step: _Step, i: int, received: list[torch.Tensor]
+                 ) -> list[tuple[int, list[torch.Tensor]]]:
+        p = self.program
+        leaves: list[torch.Tensor] = []
+        values: list[Any] = []
+        if not self.is_first:
+            assert step.tpl.recv is not None
+            for buf, slot in zip(received, slots(step.tpl.recv[1])):
+                if step.train and slot.requires_grad:
+                    buf.requires_grad_(True)
+                    leaves.append(buf)
+            values = unpack(step.tpl.recv[1], received)
+        out = self._call(step, values, i, bool(leaves))
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        n_send = len(p.send)
+        if not self.is_last:
+            template, tensors = pack(out[:n_send])
+            self._check_send_template(step.tpl, template, i)
+            roots = [t for t, s in zip(tensors, slots(template)) if s.requires_grad]
+            step.microbatches[i] = _Microbatch(roots, leaves, None)
+            return [(p.index + 1, tensors)]
+        flat_out = list(out[n_send:])
+        output = (pytree.tree_unflatten(flat_out, p.out_spec) if p.out_spec is not None
+                  else flat_out[0] if len(flat_out) == 1 else tuple(flat_out))
+        if step.return_outputs:
+            step.outputs[i] = pytree.tree_map(
+                lambda v: v.detach() if isinstance(v, torch.Tensor) else v, output)
+        if step.train:
+            loss = self.loss_fn(output, step.targets[i])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
+                raise ConfigError(
+                    f"loss_fn must return a scalar tensor; it returned {type(loss).__name__}"
+                    f"{shape}. Reduce the loss (mean over the batch).")
+            step.losses.append(loss.detach().reshape(()))
+            step.microbatches[i] = _Microbatch([], leaves, loss.reshape(()))
+        return []
+
+    def _call(self, step: _Step, values: list[Any], i: int, grad_leaves: bool) -> Any:
+        """Run the stage module on microbatch ``i``.
+
+        Received tensors that need a gradient are autograd leaves, which must not be written in
+        place: the values codegen lists in ``mutated_inputs`` are passed as clones; should the
+        module still write a received leaf in place (through a view, which codegen may not
+        detect), the write fails before changing anything, and the call is repeated with every
+        received value cloned, as all later calls are.
+        """
+        p = self.program
+        if grad_leaves:
+            mutated = set(getattr(p, "mutated_inputs", ()))
+            values = [_clone_grad_leaves(v) if self._clone_received or b.name in mutated else v
+                      for b, v in zip(p.recv, values)]
+        try:
+            return p.module(*step.local[i], *values)
+        except RuntimeError as e:
+            if not grad_leaves or self._clone_received or _INPLACE_LEAF_ERROR not in str(e):
+                raise
+            self._clone_received = True
+            return self._call(step, values, i, grad_leaves)
+
+    def _backward(self, step: _Step, i: int, grads: list[torch.Tensor]
+                  ) -> list[tuple[int, list[torch.Tensor]]]:
+        mb = step.microbatches.pop(i)
+        if mb.loss is not None:
+            scale = 1.0 / self.split.num_microbatches if self.average_grads else 1.0
+            if mb.loss.requires_grad:
+                (mb.loss * scale if scale != 1.0 else mb.loss).backward()
+        elif mb.roots:
+            torch.autograd.backward(mb.roots, grads)
+            if self.comm is not None:
+                # The next stage sent these gradients, so it holds our activations of
+                # microbatch i: that send is complete, and its buffers can go.
+                self.comm.release(f"{self.program.index}F{i}")
+        if self.is_first or not mb.received:
+            return []
+        back = [b.grad if b.grad is not None else torch.zeros_like(b) for b in mb.received]
+        return [(self.program.index - 1, back)]
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    def _templates_for(self, key: tuple[Any, ...]) -> _Templates:
+        found = self._templates.get(key)
+        if found is not None:
+            self._templates.move_to_end(key)
+            return found
+        tpl = _Templates()
+        self._templates[key] = tpl
+        while len(self._templates) > _MAX_KEYS:
+            self._templates.popitem(last=False)
+        return tpl
+
+    def _check_send_template(self, tpl: _Templates, template: tuple[Any, ...], i: int) -> None:
+        """Send the template on the first forward of a new shape key; afterwards check that
+        every microbatch matches it (Note [boundary metadata])."""
+        names = tuple(v.name for v in self.program.send)
+        if tpl.send is None:
+            assert self.comm is not None
+            self.comm.send_object(self.program.index + 1, (names, template))
+            tpl.send = (names, template)
+        elif tpl.send[1] != template:
+            raise CommunicationError(
+                f"stage {self.program.index} sends values whose shapes or non-tensor contents "
+                f"differ between microbatches of one step (microbatch {i}: {template!r}; "
+                f"earlier: {tpl.send[1]!r}). Boundary values must depend on the input shapes "
+                "only; keep the data-dependent computation inside one stage (pins) or use one "
+                "microbatch.")
+
+    def _recv_template(self, microbatch: int) -> tuple[Any, ...]:
+        assert self.comm is not None
+        names, template = self.comm.recv_object(
+            self.program.index - 1, f"the boundary metadata of microbatch {microbatch}")
+        want = tuple(v.name for v in self.program.recv)
+        if tuple(names) != want:
+            raise CommunicationError(
+                f"stage {self.program.index} expects values {list(want)} from stage "
+                f"{self.program.index - 1}, which sends {list(names)}: the ranks were built from "
+                "different plans or models. Give every rank the same plan and model.")
+        return (tuple(names), template)
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def _gather_result(self, step: _Step) -> StepOutput:
+        """Mean loss and merged outputs, broadcast from the last stage to every rank."""
+        last = self.program.num_stages - 1
+        want_outputs = step.return_outputs
+        loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
+        merged = merge_outputs(step.outputs) if self.is_last and want_outputs else None
+        nan = torch.tensor(math.nan)
+        if self.comm is None:
+            return StepOutput(loss if loss is not None else nan, merged)
+        if want_outputs not in step.tpl.result:
+            info = ((loss.dtype if loss is not None else None,
+                     pack([merged])[0] if merged is not None else None)
+                    if self.is_last else None)
+            step.tpl.result[want_outputs] = self.comm.broadcast_object(
+                info, last, "the step's result metadata")
+        loss_dtype, out_template = step.tpl.result[want_outputs]
+        if step.train:
+            buf = (loss.reshape(1) if loss is not None
+                   else torch.empty(1, dtype=loss_dtype, device=self.device))
+            self.comm.broadcast([buf], last, "the step's loss")
+            loss = buf.reshape(())
+        else:
+            loss = nan
+        if not want_outputs:
+            return StepOutput(loss, None)
+        tensors = pack([merged])[1] if self.is_last else allocate(out_template, self.device)
+        self.comm.broadcast(tensors, last, "the step's outputs")
+        if not self.is_last:
+            merged = unpack(out_template, tensors)[0]
+        return StepOutput(loss, merged)
+
+    # -- tied parameters ---------------------------------------------------------------------------
+
+    def _shared_groups(self) -> list[tuple[tuple[int, ...], list[str]]]:
+        """Collective: agree on every set of stages sharing parameters and create subgroups."""
+        mine: dict[tuple[int, ...], list[str]] = {}
+        for name, stages in sorted(self.program.shared_params.items()):
+            key = tuple(sorted(set(stages)))
+            if len(key) > 1:
+                mine.setdefault(key, []).append(name)
+        if self.comm is None:
+            return []
+        sets: set[tuple[int, ...]] = set()
+        for theirs in self.comm.all_gather_object(sorted(mine), "the tied-parameter stages"):
+            sets.update(tuple(x) for x in theirs)
+        self.comm.make_subgroups(sorted(sets))
+        return sorted(mine.items())
+
+    def _shared_tensor(self, name: str) -> torch.Tensor:
+        return self.program.tensor(name) if hasattr(self.program, "tensor") else \
+            self.program.module.get_parameter(name)
+
+    def _stash_shared_grads(self) -> dict[str, torch.Tensor | None]:
+        stash: dict[str, torch.Tensor | None] = {}
+        for _, names in self._shared:
+            for name in names:
+                t = self._shared_tensor(name)
+                stash[name] = t.grad
+                t.grad = None
+        return stash
+
+    def _reduce_shared_grads(self, stash: dict[str, torch.Tensor | None]) -> None:
+        if self.comm is None:
+            return
+        for stages, names in self._shared:
+            tensors = [self._shared_tensor(n) for n in names]
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.comm.all_reduce_sum(flat, stages, f"the gradients of tied parameters {names}")
+            offset = 0
+            for name, t, g in zip(names, tensors, grads):
+                n = g.numel()
+                reduced = flat[offset:offset + n].view_as(g)
+                offset += n
+                prev = stash.get(name)
+                t.grad = reduced.clone() if prev is None else prev + reduced
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _actions(self, train: bool) -> tuple[Action, ...]:
+        p, m = self.program.num_stages, self.split.num_microbatches
+        key = (m, train)
+        if key not in self._schedules:
+            if train:
+                sched = make_schedule(self.schedule_name, p, m)
+            else:
+                sched = Schedule("forward", p, m, tuple(
+                    tuple(Action(s, "F", i) for i in range(m)) for s in range(p)))
+            self._schedules[key] = sched
+        return self._schedules[key].actions[self.program.index]
+
+
+def _clone_grad_leaves(value: Any) -> Any:
+    return pytree.tree_map(
+        lambda v: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v, value)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor) and value.device != device:
+        return value.to(device, non_blocking=True)
+    return value
+

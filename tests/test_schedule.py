@@ -1,0 +1,128 @@
+"""Pipeline schedules: structure, validation, text round trip, simulation (pure logic)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelparallel.errors import ConfigError
+from modelparallel.runtime.schedule import (
+    Action,
+    Schedule,
+    gpipe,
+    make_schedule,
+    one_f_one_b,
+    simulate,
+    theoretical_bubble,
+)
+
+P = st.integers(min_value=1, max_value=8)
+M = st.integers(min_value=1, max_value=16)
+
+
+def test_action_text_round_trip() -> None:
+    a = Action(1, "F", 0)
+    assert str(a) == "1F0"
+    assert Action.parse("2B3") == Action(2, "B", 3)
+    assert Action.parse(str(Action(12, "B", 40))) == Action(12, "B", 40)
+    for bad in ("", "1X0", "F0", "1F", "-1F0", "1 F 0 0"):
+        with pytest.raises(ConfigError):
+            Action.parse(bad)
+    with pytest.raises(ConfigError):
+        Action(0, "X", 0)
+
+
+def test_known_schedules_by_hand() -> None:
+    assert str(gpipe(2, 2)) == "gpipe p=2 m=2\n0: 0F0 0F1 0B0 0B1\n1: 1F0 1F1 1B0 1B1"
+    assert str(one_f_one_b(3, 4)).splitlines()[1:] == [
+        "0: 0F0 0F1 0F2 0B0 0F3 0B1 0B2 0B3",
+        "1: 1F0 1F1 1B0 1F2 1B1 1F3 1B2 1B3",
+        "2: 2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3",
+    ]
+    assert make_schedule("simple", 2, 2) == gpipe(2, 2)
+    assert make_schedule("interleaved", 3, 4) == one_f_one_b(3, 4)
+    with pytest.raises(ConfigError):
+        make_schedule("zero-bubble", 2, 2)
+    with pytest.raises(ConfigError):
+        gpipe(0, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=P, m=M)
+def test_builtin_schedules_are_valid(p: int, m: int) -> None:
+    for sched in (gpipe(p, m), one_f_one_b(p, m)):
+        sched.validate()
+        assert sched.num_stages == p and sched.num_microbatches == m
+        for s, lst in enumerate(sched.actions):
+            assert len(lst) == 2 * m and all(a.stage == s for a in lst)
+            assert {(a.kind, a.microbatch) for a in lst} == {(k, i) for k in "FB" for i in range(m)}
+    f1b = one_f_one_b(p, m)
+    for s in range(p):
+        assert f1b.inflight_peak(s) == min(m, p - s)
+        assert gpipe(p, m).inflight_peak(s) == m
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=P, m=M)
+def test_text_round_trip(p: int, m: int) -> None:
+    for sched in (gpipe(p, m), one_f_one_b(p, m)):
+        assert Schedule.parse(str(sched)) == sched
+    body = "\n".join(str(one_f_one_b(p, m)).splitlines()[1:])
+    parsed = Schedule.parse(body)
+    assert parsed.name == "custom" and parsed.actions == one_f_one_b(p, m).actions
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=P, m=M, tf=st.floats(0.1, 5.0), ratio=st.floats(0.5, 3.0))
+def test_simulated_bubble_matches_theory_for_equal_stages(p: int, m: int, tf: float,
+                                                          ratio: float) -> None:
+    for sched in (gpipe(p, m), one_f_one_b(p, m)):
+        t = simulate(sched, tf, tf * ratio)
+        assert t.makespan == pytest.approx((m + p - 1) * tf * (1 + ratio), rel=1e-9)
+        assert t.bubble_fraction == pytest.approx(theoretical_bubble(p, m), abs=1e-9)
+
+
+def test_simulation_respects_dependencies_and_comm_time() -> None:
+    t = simulate(one_f_one_b(3, 4), [1.0, 2.0, 1.0], [2.0, 4.0, 2.0], comm_time=0.5)
+    ends = {e.action: e for lst in t.entries for e in lst}
+    for lst in t.entries:
+        for prev, cur in itertools.pairwise(lst):
+            assert cur.start >= prev.end - 1e-12
+    for a, e in ends.items():
+        if a.kind == "F" and a.stage > 0:
+            assert e.start >= ends[Action(a.stage - 1, "F", a.microbatch)].end + 0.5 - 1e-12
+        if a.kind == "B" and a.stage < 2:
+            assert e.start >= ends[Action(a.stage + 1, "B", a.microbatch)].end + 0.5 - 1e-12
+    # the slow middle stage is the bottleneck: it is idle least
+    assert t.stage_bubbles[1] == min(t.stage_bubbles)
+    with pytest.raises(ConfigError):
+        simulate(gpipe(2, 2), [1.0], 1.0)
+
+
+def test_validate_rejects_broken_schedules() -> None:
+    def sched(text: str, name: str = "custom") -> Schedule:
+        s = Schedule.parse(text)
+        return Schedule(name, s.num_stages, s.num_microbatches, s.actions)
+
+    with pytest.raises(ConfigError, match="before"):
+        sched("0: 0B0 0F0").validate()
+    with pytest.raises(ConfigError, match="missing"):
+        sched("custom p=1 m=2\n0: 0F0 0B0").validate()
+    with pytest.raises(ConfigError, match="repeated"):
+        sched("0: 0F0 0F0 0B0").validate()
+    with pytest.raises(ConfigError, match="deadlocks"):
+        sched("0: 0F0 0B0 0F1 0B1\n1: 1F0 1F1 1B0 1B1").validate()
+    with pytest.raises(ConfigError, match="order"):
+        sched("0: 0F1 0F0 0B0 0B1\n1: 1F0 1F1 1B0 1B1").validate()
+    with pytest.raises(ConfigError, match="in flight"):
+        sched(str(gpipe(2, 4)).split("\n", 1)[1], name="1f1b").validate()
+    with pytest.raises(ConfigError, match="stage 1"):
+        Schedule("x", 2, 1, ((Action(0, "F", 0), Action(0, "B", 0)),
+                             (Action(0, "F", 0),))).validate()
+    with pytest.raises(ConfigError):
+        Schedule.parse("nonsense")
+    with pytest.raises(ConfigError, match="twice"):
+        Schedule.parse("0: 0F0 0B0\n0: 0F0 0B0")
