@@ -1,0 +1,219 @@
+"""Planner benchmark: the ILP against the baselines and against a proven lower bound.
+
+    python benchmarks/partition_quality.py                 # every model, p in {2, 4, 8}
+    python benchmarks/partition_quality.py --quick         # GPT-2 small and ResNet-50, p in {2, 4}
+    python benchmarks/partition_quality.py --models gpt2_small,unet_base --partitions 4,8
+
+For each reference model (``modelparallel.models``: GPT-2 small and medium, BERT-base, a
+Llama-style decoder, T5-small, ResNet-50, a UNet with long skips, an Inception-like CNN) the
+model is traced once (``modelparallel.tracer.trace``, its example batch is ONE microbatch:
+8 samples, text 8 x 512 tokens (T5: 512 encoder / 256 decoder tokens), images 8 x 3 x 224 x 224
+(UNet 256 x 256)), costed on the built-in ``h100`` device spec (every stage an H100: 80 GiB,
+NVLink-class link; roofline estimates, nothing runs on a GPU), and partitioned into p stages with
+8 microbatches (a global batch of 64 samples), schedule 1F1B, Adam state, ``optimize="speed"``
+(memory_weight 0.2) by every method of :func:`modelparallel.partitioner.compare`.
+
+Per row and method: the objective (Note [objective] in modelparallel/partitioner/problem.py),
+its ratio to the proven lower bound, the estimated bottleneck stage time per microbatch, the
+largest stage's peak memory, and the solve time. The bar, checked per row:
+
+- the ILP is never worse than any baseline (uniform, param_balanced, dp);
+- the ILP's objective is within 2% of the proven lower bound;
+- the ILP's solve time is at most 10 s (``config.time_limit`` = 10 s) on this machine.
+
+Writes a rich table to stdout and ``benchmarks/results/partition_quality.json`` (versions,
+device, machine, date, every row with its pass/fail per bar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results" / "partition_quality.json"
+
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2_small": ("gpt2", {"size": "small"}),
+    "gpt2_medium": ("gpt2", {"size": "medium"}),
+    "bert_base": ("bert", {"size": "base"}),
+    "llama_small": ("llama", {"size": "small"}),
+    "t5_small": ("t5", {"size": "small"}),
+    "resnet50": ("resnet50", {}),
+    "unet_base": ("unet", {"size": "base"}),
+    "inception_base": ("inception", {"size": "base"}),
+}
+QUICK_MODELS = ("gpt2_small", "resnet50")
+METHODS = ("ilp", "dp", "uniform", "param_balanced")
+DEVICE = "h100"
+MICROBATCHES = 8
+BAR_GAP = 0.02
+BAR_SECONDS = 10.0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("modelparallel", "torch", "transformers", "PuLP", "highspy", "numpy"):
+        try:
+            out[pkg.lower()] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg.lower()] = "not installed"
+    return out
+
+
+def _trace(name: str) -> tuple[Any, int, dict[str, Any]]:
+    """The model's IR graph, the samples per microbatch, and tracing facts."""
+    from modelparallel import models
+    from modelparallel.tracer import trace
+
+    factory, kwargs = MODELS[name]
+    t0 = time.perf_counter()
+    case = getattr(models, factory)(**kwargs)
+    traced = trace(case.model, case.args, case.kwargs)
+    shapes = {f"arg{i}": list(a.shape) for i, a in enumerate(case.args) if hasattr(a, "shape")}
+    shapes.update({k: list(v.shape) for k, v in case.kwargs.items() if hasattr(v, "shape")})
+    batch = next(iter(shapes.values()))[0]
+    graph = traced.graph
+    return graph, batch, {"nodes": len(graph), "parameters": graph.num_parameters,
+                          "tracer": traced.method, "input_shapes": shapes,
+                          "trace_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _row(name: str, graph: Any, batch: int, p: int, time_limit: float) -> dict[str, Any]:
+    from modelparallel.partitioner import compare
+    from modelparallel.plan import PlanConfig
+
+    config = PlanConfig(partitions=p, microbatches=MICROBATCHES, schedule="1f1b",
+                        optimize="speed", time_limit=time_limit)
+    plans = compare(graph, config, DEVICE, samples_per_microbatch=batch)
+    ilp = plans["ilp"]
+    bound = ilp.solver.lower_bound
+    methods = {}
+    for m, plan in plans.items():
+        obj = plan.solver.objective
+        methods[m] = {
+            "objective": obj,
+            "ratio_to_bound": obj / bound if bound else None,
+            "bottleneck_ms": 1e3 * plan.pipeline.bottleneck_time,
+            "step_ms": 1e3 * plan.pipeline.step_time,
+            "peak_memory_gib": max(s.memory.peak for s in plan.stages) / 2**30,
+            "solve_seconds": plan.solver.solve_time,
+            "status": plan.solver.status,
+        }
+    baselines = {m: v["objective"] for m, v in methods.items() if m != "ilp"}
+    missing = [m for m in METHODS if m not in plans]
+    ilp_obj = methods["ilp"]["objective"]
+    bar = {
+        "never_worse_than_baselines": all(ilp_obj <= o * (1 + 1e-9) for o in baselines.values()),
+        "within_2pct_of_bound": bound is not None and ilp_obj <= bound * (1 + BAR_GAP),
+        "solve_time_le_10s": ilp.solver.solve_time <= BAR_SECONDS,
+    }
+    return {"model": name, "partitions": p, "nodes": len(graph), "lower_bound": bound,
+            "gap": ilp.solver.gap, "ilp_status": ilp.solver.status,
+            "ilp_coarse_units": ilp.solver.coarse_nodes, "ilp_notes": list(ilp.solver.notes),
+            "methods": methods, "infeasible_methods": missing, "bar": bar,
+            "passes": all(bar.values())}
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Partition quality on {DEVICE} (microbatch = one example batch, "
+                        f"m = {MICROBATCHES}, 1F1B, memory_weight 0.2)")
+    for col in ("model", "p", "nodes", "bound", "method", "objective", "x bound",
+                "bottleneck ms", "peak GiB", "solve s", "bar"):
+        table.add_column(col, justify="right" if col not in ("model", "method", "bar") else "left")
+    for r in rows:
+        first = True
+        for m in METHODS:
+            if m not in r["methods"]:
+                continue
+            v = r["methods"][m]
+            bar = ""
+            if m == "ilp":
+                bar = "pass" if r["passes"] else "MISS: " + ", ".join(
+                    k for k, ok in r["bar"].items() if not ok)
+            ratio = v["ratio_to_bound"]
+            table.add_row(r["model"] if first else "", str(r["partitions"]) if first else "",
+                          str(r["nodes"]) if first else "",
+                          f"{r['lower_bound']:.4f}" if first else "", m,
+                          f"{v['objective']:.4f}", f"{ratio:.4f}" if ratio else "-",
+                          f"{v['bottleneck_ms']:.3f}", f"{v['peak_memory_gib']:.2f}",
+                          f"{v['solve_seconds']:.2f}", bar)
+            first = False
+        for m in r["infeasible_methods"]:
+            table.add_row("", "", "", "", m, "no plan (over memory or pins)", "", "", "", "", "")
+        table.add_section()
+    Console(width=180).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+    ap.add_argument("--partitions", default=None, help="comma-separated (default: 2,4,8)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"only {', '.join(QUICK_MODELS)} with p in 2,4 (unless given)")
+    ap.add_argument("--time-limit", type=float, default=BAR_SECONDS,
+                    help="PlanConfig.time_limit in seconds (default 10)")
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    names = a.models.split(",") if a.models else list(QUICK_MODELS if a.quick else MODELS)
+    unknown = [x for x in names if x not in MODELS]
+    if unknown:
+        ap.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    parts = [int(x) for x in a.partitions.split(",")] if a.partitions else (
+        [2, 4] if a.quick else [2, 4, 8])
+    rows: list[dict[str, Any]] = []
+    traced: dict[str, Any] = {}
+    for name in names:
+        graph, batch, facts = _trace(name)
+        traced[name] = facts
+        print(f"{name}: {facts['nodes']} nodes, {facts['parameters'] / 1e6:.1f} M parameters, "
+              f"traced by {facts['tracer']} in {facts['trace_seconds']} s", flush=True)
+        for p in parts:
+            row = _row(name, graph, batch, p, a.time_limit)
+            rows.append(row)
+            ilp = row["methods"]["ilp"]
+            print(f"  p={p}: ilp {ilp['objective']:.4f} (x{ilp['ratio_to_bound']:.4f} bound) in "
+                  f"{ilp['solve_seconds']:.1f} s: {'pass' if row['passes'] else 'MISS'}",
+                  flush=True)
+    _print(rows)
+    misses = [f"{r['model']} p={r['partitions']}: " + ", ".join(
+        k for k, ok in r["bar"].items() if not ok) for r in rows if not r["passes"]]
+    print(f"{len(rows) - len(misses)} of {len(rows)} rows meet the bar")
+    for m in misses:
+        print(f"  MISS {m}")
+    out = {
+        "benchmark": "partition_quality",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0]},
+        "versions": _versions(),
+        "device": DEVICE,
+        "setup": {"microbatches": MICROBATCHES, "schedule": "1f1b", "optimize": "speed",
+                  "memory_weight": 0.2, "optimizer": "adam", "time_limit_s": a.time_limit,
+                  "microbatch": "the model factory's example batch (8 samples)"},
+        "bar": {"ilp_never_worse_than_baselines": True, "gap_to_bound": BAR_GAP,
+                "solve_seconds": BAR_SECONDS},
+        "models": traced,
+        "rows": rows,
+        "misses": misses,
+    }
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(json.dumps(out, indent=1))
+    print(f"wrote {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

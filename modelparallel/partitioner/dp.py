@@ -1,0 +1,414 @@
+"""Exact dynamic programme over contiguous splits of a topological order (PipeDream style).
+
+A contiguous split cuts a topological order of the assigned nodes into ``p`` consecutive
+segments, one per stage (some may be empty); it always respects the pipeline order. Over all
+such splits of one order, :func:`solve_dp` finds one minimising the objective of Note
+[objective], under the memory caps, pins and colocation, and optionally only cutting at allowed
+positions (unit boundaries).
+
+Note [DP for two maxima]
+~~~~~~~~~~~~~~~~~~~~~~~~
+The objective ``J = (1 - w) A + w B`` adds two maxima over stages (time ``A`` and utilisation
+``B``), so it does not decompose over segments. For a utilisation cap ``theta`` the classic
+min-max DP gives ``A(theta) = min A subject to every stage's B_s <= theta``. Starting from
+``theta = 1`` (the hard memory cap), each pass yields a split with objective ``J``; any split
+strictly better than the best ``J*`` found has ``A' >= A(theta)`` and therefore
+``B' < (J* - (1 - w) A(theta)) / w``, which becomes the next ``theta``. The passes stop when no
+split meets the cap. This visits only Pareto points that could improve, and is exact.
+
+Each pass is vectorised with numpy over a band of segment lengths: a segment whose compute alone
+makes ``(1 - w) * work / T_ref`` exceed the best objective known cannot be in a better split,
+which bounds segment lengths. The first and last stages are vectors (they start at 0 / end at
+``n``); only the middle stages need the ``(n + 1) x band`` matrices.
+
+Example:
+    >>> from modelparallel.partitioner._synthetic import chain_graph
+    >>> from modelparallel.partitioner.problem import build_problem
+    >>> from modelparallel.plan import PlanConfig
+    >>> prob = build_problem(chain_graph(8), PlanConfig(partitions=2, memory_weight=0.0), "h100")
+    >>> solve_dp(prob).stage.tolist()
+    [0, 0, 0, 0, 1, 1, 1, 1, 1]
+"""
+
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelparallel.partitioner.evaluate import evaluate
+from modelparallel.partitioner.problem import Problem
+
+__all__ = ["DPResult", "solve_dp", "split_to_stages"]
+
+_INF = np.inf
+_MAX_PASSES = 60
+
+
+@dataclass(frozen=True, eq=False)
+class DPResult:
+    """The best contiguous split found.
+
+    Attributes:
+        stage: Stage of every assigned node (problem index order), ``(n,)``.
+        objective: Its objective (recomputed by the evaluation function).
+        passes: Min-max DP passes run (Note [DP for two maxima]).
+        exact: Whether the search finished (False if it stopped at the pass limit).
+        seconds: Wall time.
+    """
+
+    stage: np.ndarray
+    objective: float
+    passes: int
+    exact: bool
+    seconds: float
+
+
+def split_to_stages(order: np.ndarray, cuts: list[int], n: int) -> np.ndarray:
+    """Stage per node index from cut positions in ``order`` (``cuts[s]`` ends stage ``s``)."""
+    stage = np.empty(n, dtype=np.int64)
+    start = 0
+    for s, end in enumerate([*cuts, n]):
+        stage[order[start:end]] = s
+        start = end
+    return stage
+
+
+class _Arrays:
+    """Position-space arrays of one order (prefix sums, cut costs, band matrices)."""
+
+    def __init__(self, prob: Problem, order: np.ndarray, allowed: np.ndarray) -> None:
+        n, p = prob.n, prob.p
+        self.n, self.p = n, p
+        self.order = order
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)
+        self.allowed = allowed
+        zero = np.zeros(1)
+        self.work = [np.concatenate([zero, np.cumsum(prob.time[order, s])]) for s in range(p)]
+        self.work_min = np.concatenate([zero, np.cumsum(prob.time[order].min(axis=1))])
+        self.saved = np.concatenate([zero, np.cumsum(prob.saved[order])])
+        self.single = [np.concatenate([zero, np.cumsum(prob.single_param_state[order, s])])
+                       for s in range(p)]
+        self.ws = prob.workspace[order]
+        # Value at position a is cut by every cut position k with a < k <= last consumer pos.
+        last = np.arange(n)
+        if len(prob.edge_src):
+            np.maximum.at(last, pos[prob.edge_src], pos[prob.edge_dst])
+        last_pos = last  # indexed by position of producer
+        a_pos = np.arange(n)
+        has = last_pos > a_pos
+
+        def cut_curve(weight: np.ndarray) -> np.ndarray:
+            diff = np.zeros(n + 2)
+            np.add.at(diff, a_pos[has] + 1, weight[has])
+            np.add.at(diff, last_pos[has] + 1, -weight[has])
+            return np.cumsum(diff)[: n + 1]
+
+        self.cut = [cut_curve(prob.comm[order, b]) for b in range(max(p - 1, 1))]
+        self.recv = cut_curve(prob.out_bytes[order])
+        # Parameters read by several nodes: held by a segment [i, j) iff next reader < j.
+        groups: dict[tuple[int, ...], np.ndarray] = {}
+        for q in prob.shared:
+            key = tuple(sorted({int(pos[r]) for r in q.readers}))
+            groups[key] = groups.get(key, np.zeros(p)) + np.asarray(q.state, dtype=float)
+        self.multi: list[tuple[np.ndarray, np.ndarray]] = []
+        for readers, state in groups.items():
+            nxt = np.full(n + 1, n + 1, dtype=np.int64)
+            for r in readers:
+                nxt[: r + 1] = np.minimum(nxt[: r + 1], r)
+            self.multi.append((nxt, state))
+        # Domain (pins, output, colocation): bad-node prefix counts per stage.
+        lo, hi = prob.lo[order], prob.hi[order]
+        self.bad = [np.concatenate([[0], np.cumsum((lo > s) | (hi < s))]) for s in range(p)]
+
+    def seg_held(self, i: np.ndarray, j: np.ndarray, s: int) -> np.ndarray:
+        """Parameter state bytes stage ``s`` holds when running positions ``[i, j)``."""
+        held = self.single[s][j] - self.single[s][i]
+        for nxt, state in self.multi:
+            held += state[s] * (nxt[i] < j)
+        return held
+
+    def seg_mem(self, i: np.ndarray, j: np.ndarray, s: int, k: float, ws: np.ndarray) -> np.ndarray:
+        """Memory of stage ``s`` holding positions ``[i, j)`` (broadcasting arrays)."""
+        held = self.seg_held(i, j, s)
+        act = self.saved[j] - self.saved[i]
+        if s > 0:
+            act = act + self.recv[i]
+        return held + k * act + ws
+
+    def seg_time(self, i: np.ndarray, j: np.ndarray, s: int) -> np.ndarray:
+        """Time of stage ``s`` running positions ``[i, j)``."""
+        t = self.work[s][j] - self.work[s][i]
+        if s > 0:
+            t = t + self.cut[s - 1][i]
+        if s < self.p - 1:
+            t = t + self.cut[s][j]
+        return t
+
+    def seg_ok(self, i: np.ndarray, j: np.ndarray, s: int) -> np.ndarray:
+        """Whether positions ``[i, j)`` may all go to stage ``s``."""
+        bad = np.flatnonzero(np.diff(self.bad[s]))
+        if len(bad) > 4:
+            return (self.bad[s][j] - self.bad[s][i]) == 0
+        ok = np.ones(np.broadcast_shapes(np.shape(i), np.shape(j)), dtype=bool)
+        for b in bad.tolist():
+            ok &= (j <= b) | (i > b)
+        return ok
+
+
+def _band(arr: _Arrays, prob: Problem, best: float) -> int:
+    """Largest segment length that could appear in a split better than ``best``."""
+    n = arr.n
+    if not np.isfinite(best):
+        return n
+    w = prob.w
+    if w < 1.0:
+        limit = best * prob.t_ref / (1.0 - w) * (1 + 1e-9) + 1e-15
+        lo = np.searchsorted(arr.work_min, arr.work_min - limit, side="left")
+    else:
+        k_min = float(prob.inflight.min())
+        mono = np.concatenate([[0.0], np.cumsum(
+            prob.single_param_state[arr.order].min(axis=1) + k_min * prob.saved[arr.order])])
+        limit = best * prob.u_ref * float(prob.caps.max()) * (1 + 1e-9) + 1.0
+        lo = np.searchsorted(mono, mono - limit, side="left")
+    return int(max(1, (np.arange(n + 1) - lo).max()))
+
+
+class _Pass:
+    """Min-max DP passes over one band; theta-independent matrices are built once and cached."""
+
+    def __init__(self, arr: _Arrays, prob: Problem, band: int) -> None:
+        self.arr, self.prob = arr, prob
+        n, p = arr.n, arr.p
+        self.K = K = min(band, n) if p > 2 else 0
+        j = np.arange(n + 1)[:, None]
+        d = np.arange(K + 1)[None, :]
+        i = j - d
+        valid = i >= 0
+        self.i = np.where(valid, i, 0)
+        self.j = np.broadcast_to(j, self.i.shape)
+        # Largest workspace of positions [j - d, j): a running max along d.
+        ws = np.where(valid & (d > 0), arr.ws[np.clip(self.i, 0, max(n - 1, 0))], 0.0) \
+            if n else np.zeros((n + 1, K + 1))
+        np.maximum.accumulate(ws, axis=1, out=ws)
+        self.rows = np.arange(n + 1)
+        # Stage-independent pieces of a middle stage's memory: held parameters plus workspace,
+        # and activations (saved plus received) per microbatch in flight.
+        act = arr.saved[self.j] - arr.saved[self.i] + arr.recv[self.i]
+        base: dict[tuple[int, ...], np.ndarray] = {}
+        # Per middle stage: time and utilisation matrices and the static feasibility mask,
+        # shared between stages whose inputs are equal (identical devices, equal in-flight).
+        self._a: dict[tuple[object, ...], np.ndarray] = {}
+        self._b: dict[tuple[object, ...], np.ndarray] = {}
+        self._ok: dict[tuple[object, ...], np.ndarray] = {}
+        self.stage_keys = []
+        for s in range(1, p - 1):
+            ka = ("a", self._key_time(s))
+            kb = ("b", self._key_mem(s))
+            ko = ("ok", kb, self._key_dom(s))
+            if ka not in self._a:
+                self._a[ka] = arr.seg_time(self.i, self.j, s)
+            if kb not in self._b:
+                states = kb[1][0]
+                assert isinstance(states, tuple)
+                if states not in base:
+                    held = arr.seg_held(self.i, self.j, s)
+                    held += ws
+                    base[states] = held
+                b = act * float(prob.inflight[s])
+                b += base[states]
+                b *= 1.0 / float(prob.caps[s])
+                self._b[kb] = b
+            if ko not in self._ok:
+                self._ok[ko] = valid & arr.seg_ok(self.i, self.j, s) & (self._b[kb] <= 1.0)
+            self.stage_keys.append((ka, kb, ko))
+        del ws, act, base
+
+    def _key_time(self, s: int) -> tuple[object, ...]:
+        prob = self.prob
+        return (prob.time[:, s].tobytes(), prob.comm[:, s - 1].tobytes(),
+                prob.comm[:, s].tobytes())
+
+    def _key_mem(self, s: int) -> tuple[object, ...]:
+        prob = self.prob
+        return (tuple(q.state[s] for q in prob.params), float(prob.inflight[s]),
+                float(prob.caps[s]))
+
+    def _key_dom(self, s: int) -> tuple[object, ...]:
+        return (self.arr.bad[s].tobytes(),)
+
+    def run(self, theta: float, minimize_memory: bool) -> list[int] | None:
+        """Cut positions minimising max time (or max utilisation) with every B_s <= theta."""
+        arr, prob = self.arr, self.prob
+        n, p = arr.n, arr.p
+        cap_b = min(theta, 1.0)
+        if p == 1:
+            return []
+        args: list[np.ndarray] = []
+        # Stage 0: segments [0, j).
+        j0 = np.arange(n + 1)
+        i0 = np.zeros(n + 1, dtype=np.int64)
+        ws0 = np.concatenate([[0.0], np.maximum.accumulate(arr.ws)])
+        b0 = arr.seg_mem(i0, j0, 0, prob.inflight[0], ws0) / prob.caps[0]
+        a0 = b0 if minimize_memory else arr.seg_time(i0, j0, 0)
+        ok = arr.seg_ok(i0, j0, 0) & (b0 <= cap_b) & arr.allowed
+        f = np.where(ok, a0, _INF)
+        args.append(j0.copy())
+        for ka, kb, ko in self.stage_keys:
+            b = self._b[kb]
+            a = b if minimize_memory else self._a[ka]
+            ok = self._ok[ko]
+            if cap_b < 1.0:
+                ok = ok & (b <= cap_b)
+            cand = np.maximum(f[self.i], a)
+            cand[~ok] = _INF
+            best_d = np.argmin(cand, axis=1)
+            f_new = cand[self.rows, best_d]
+            f = np.where(arr.allowed, f_new, _INF)
+            args.append(self.rows - best_d)
+        # Last stage: segments [i, n).
+        s = p - 1
+        il = np.arange(n + 1)
+        jl = np.full(n + 1, n)
+        wsl = np.concatenate([np.maximum.accumulate(arr.ws[::-1])[::-1], [0.0]])
+        bl = arr.seg_mem(il, jl, s, prob.inflight[s], wsl) / prob.caps[s]
+        al = bl if minimize_memory else arr.seg_time(il, jl, s)
+        ok = arr.seg_ok(il, jl, s) & (bl <= cap_b)
+        total = np.where(ok, np.maximum(f, al), _INF)
+        i_best = int(np.argmin(total))
+        if not np.isfinite(total[i_best]):
+            return None
+        cuts = [i_best]
+        for s in range(p - 2, 0, -1):
+            cuts.append(int(args[s][cuts[-1]]))
+        return cuts[::-1]
+
+
+def _greedy(arr: _Arrays, prob: Problem, slack: float) -> list[int] | None:
+    """Fill stages in order up to ``slack`` times an equal share of the remaining compute,
+    stopping earlier where memory or pins require; a cheap first incumbent for the band."""
+    n, p = arr.n, arr.p
+    cuts: list[int] = []
+    start = 0
+    for s in range(p - 1):
+        j = np.arange(start, n + 1)
+        i = np.full(len(j), start)
+        remaining = arr.work[s][n] - arr.work[s][start]
+        t = arr.seg_time(i, j, s)
+        ws = np.maximum.accumulate(np.concatenate([[0.0], arr.ws[start:]]))
+        mem = arr.seg_mem(i, j, s, float(prob.inflight[s]), ws[: len(j)]) / prob.caps[s]
+        ok = (mem <= 1.0) & arr.seg_ok(i, j, s) & arr.allowed[start:] & (
+            t <= slack * remaining / (p - s) + 1e-15)
+        if not ok.any():
+            return None
+        start = int(j[np.nonzero(ok)[0][-1]])
+        cuts.append(start)
+    return cuts
+
+
+def _valid(prob: Problem, stage: np.ndarray) -> bool:
+    if any(stage[v] != s for v, s in prob.pinned.items()):
+        return False
+    if np.any(stage < prob.lo) or np.any(stage > prob.hi):
+        return False
+    return all(len({int(stage[i]) for i in g}) == 1 for g in prob.colocate)
+
+
+def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
+             allowed_cuts: np.ndarray | None = None) -> DPResult | None:
+    """The best contiguous split of ``order`` (default: the problem's topological order).
+
+    Args:
+        prob: The problem.
+        order: A topological order of the assigned node indices.
+        allowed_cuts: Boolean mask over cut positions ``0..n``; cuts elsewhere are forbidden
+            (positions 0 and n are always allowed).
+
+    Returns:
+        The best split, or ``None`` if no contiguous split meets the memory caps and pins.
+    """
+    t0 = _time.perf_counter()
+    n, p, w = prob.n, prob.p, prob.w
+    order = np.arange(n) if order is None else np.asarray(order, dtype=np.int64)
+    allowed = np.ones(n + 1, dtype=bool) if allowed_cuts is None else allowed_cuts.copy()
+    allowed[0] = allowed[n] = True
+    for group in prob.colocate:  # colocated readers may not be separated by a cut
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)
+        ps = [int(pos[i]) for i in group]
+        allowed[min(ps) + 1: max(ps) + 1] = False
+    arr = _Arrays(prob, order, allowed)
+    best_obj: float = _INF
+    best_stage: np.ndarray | None = None
+    for slack in (1.0, 1.15, 1.4):
+        cuts = _greedy(arr, prob, slack)
+        if cuts is None:
+            continue
+        g = split_to_stages(order, cuts, n)
+        ev = evaluate(prob, g)
+        if _valid(prob, g) and float((ev.memory / prob.caps).max()) <= 1.0 and (
+                ev.objective < best_obj):
+            best_obj, best_stage = ev.objective, g
+    band = _band(arr, prob, best_obj)
+    if not np.isfinite(best_obj) and p > 2:
+        # No incumbent: a pass over short segments usually finds one cheaply, which then
+        # bounds the band; otherwise fall back to every segment length.
+        trial = _Pass(arr, prob, min(n, 3 * n // p + 1)).run(1.0, w >= 1.0)
+        if trial is not None:
+            stage = split_to_stages(order, trial, n)
+            best_obj, best_stage = evaluate(prob, stage).objective, stage
+            band = _band(arr, prob, best_obj)
+    dp = _Pass(arr, prob, band)
+    passes = 0
+
+    def run(theta: float, memory: bool) -> tuple[float, float] | None:
+        """One pass; returns (A, B) of its split and keeps the best split."""
+        nonlocal best_obj, best_stage, passes
+        passes += 1
+        cuts = dp.run(theta, memory)
+        if cuts is None:
+            return None
+        stage = split_to_stages(order, cuts, n)
+        ev = evaluate(prob, stage)
+        if ev.objective < best_obj:
+            best_obj, best_stage = ev.objective, stage
+        return float(ev.time.max()) / prob.t_ref, float((ev.memory / prob.caps).max())
+
+    exact = True
+    if w >= 1.0:
+        run(1.0, True)
+    elif w <= 0.0:
+        run(1.0, False)
+    else:
+        first = run(1.0, False)
+        new_band = _band(arr, prob, best_obj)
+        if new_band < dp.K * 0.7:
+            dp = _Pass(arr, prob, new_band)
+        if first is not None:
+            # A few probes between the time-optimal and the memory-optimal split give a good
+            # incumbent, so the exact walk below (Note [DP for two maxima]) jumps far.
+            b_hi = first[1]
+            low = run(1.0, True)
+            b_lo = low[1] if low is not None else b_hi
+            for frac in (0.5, 0.25, 0.75):
+                run(b_lo + (b_hi - b_lo) * frac, False)
+            theta, a = 1.0, first[0]
+            while True:
+                nxt = (best_obj - (1 - w) * a) / w * prob.u_ref
+                nxt = min(nxt, theta) * (1 - 1e-9) - 1e-15
+                if nxt < b_lo * (1 - 1e-9) - 1e-15:
+                    break
+                if passes >= _MAX_PASSES:
+                    exact = False
+                    break
+                theta = nxt
+                res = run(theta, False)
+                if res is None:
+                    break
+                a = res[0]
+    if best_stage is None:
+        return None
+    return DPResult(stage=best_stage, objective=float(best_obj), passes=passes, exact=exact,
+                    seconds=_time.perf_counter() - t0)

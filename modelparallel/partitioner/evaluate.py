@@ -1,0 +1,280 @@
+"""The single evaluation function: from an assignment to stage times, memory, objective and Plan.
+
+Every method (ILP, DP, baselines, :func:`~modelparallel.partitioner.evaluate_assignment`) ends
+here, so their estimates and objectives are comparable: the model is Note [stage time and
+memory] and Note [objective] in :mod:`modelparallel.partitioner.problem`.
+
+Example:
+    >>> import numpy as np
+    >>> from modelparallel.partitioner._synthetic import chain_graph
+    >>> from modelparallel.partitioner.problem import build_problem
+    >>> from modelparallel.plan import PlanConfig
+    >>> prob = build_problem(chain_graph(4), PlanConfig(partitions=2), "h100")
+    >>> ev = evaluate(prob, np.array([0, 0, 1, 1, 1]))
+    >>> ev.crossing[0]
+    (1,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelparallel.errors import ConfigError
+from modelparallel.ir import OpKind
+from modelparallel.partitioner.problem import Problem
+from modelparallel.plan import (
+    BoundaryEstimate,
+    MemoryEstimate,
+    ModelInfo,
+    NodePlacement,
+    PipelineEstimate,
+    Plan,
+    SolverReport,
+    StageEstimate,
+)
+
+__all__ = ["Evaluation", "assignment_array", "check_assignment", "evaluate", "make_plan"]
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """Estimates of one assignment (arrays are per stage unless noted).
+
+    Attributes:
+        stage: Stage of every assigned node, ``(n,)``.
+        compute: Compute seconds (forward + backward), ``(p,)``.
+        forward: Forward compute seconds, ``(p,)``.
+        backward: Backward compute seconds, ``(p,)``.
+        comm: Communication seconds, ``(p,)``.
+        boundary_time: Seconds per boundary (charged to both of its stages), ``(p - 1,)``.
+        boundary_fwd_bytes: Activation bytes crossing each boundary, ``(p - 1,)``.
+        boundary_bwd_bytes: Gradient bytes crossing each boundary, ``(p - 1,)``.
+        crossing: Node indices of the values crossing each boundary.
+        held: Per stage, indices into ``problem.params`` of the parameters it holds.
+        param_mem: Parameter state bytes per stage, ``(p,)``.
+        act_mem: Activation bytes per stage (times microbatches in flight), ``(p,)``.
+        workspace: Workspace bytes per stage, ``(p,)``.
+        objective: ``J`` of Note [objective].
+    """
+
+    stage: np.ndarray
+    compute: np.ndarray
+    forward: np.ndarray
+    backward: np.ndarray
+    comm: np.ndarray
+    boundary_time: np.ndarray
+    boundary_fwd_bytes: np.ndarray
+    boundary_bwd_bytes: np.ndarray
+    crossing: tuple[tuple[int, ...], ...]
+    held: tuple[tuple[int, ...], ...]
+    param_mem: np.ndarray
+    act_mem: np.ndarray
+    workspace: np.ndarray
+    objective: float
+
+    @property
+    def time(self) -> np.ndarray:
+        """``T_s``: compute plus communication seconds per stage."""
+        return self.compute + self.comm
+
+    @property
+    def memory(self) -> np.ndarray:
+        """``M_s``: peak bytes per stage."""
+        return self.param_mem + self.act_mem + self.workspace
+
+
+def check_assignment(problem: Problem, stage: np.ndarray) -> None:
+    """Check that ``stage`` is a valid assignment (range, order, pins, colocation).
+
+    Raises:
+        ConfigError: naming the first rule broken.
+    """
+    p = problem.p
+    if stage.shape != (problem.n,):
+        raise ConfigError(f"an assignment needs a stage for each of the {problem.n} assigned nodes")
+    if len(stage) and (stage.min() < 0 or stage.max() >= p):
+        v = int(np.nonzero((stage < 0) | (stage >= p))[0][0])
+        raise ConfigError(f"node {problem.names[v]!r} is on stage {int(stage[v])}; stages are "
+                          f"0..{p - 1}")
+    bad = np.nonzero(stage[problem.edge_src] > stage[problem.edge_dst])[0]
+    if len(bad):
+        u, v = int(problem.edge_src[bad[0]]), int(problem.edge_dst[bad[0]])
+        raise ConfigError(
+            f"node {problem.names[u]!r} (stage {int(stage[u])}) feeds node {problem.names[v]!r} "
+            f"(stage {int(stage[v])}); values only flow to the same or a later stage (Note "
+            "[pipeline order] in modelparallel/partitioner/problem.py)")
+    for v, s in problem.pinned.items():
+        if stage[v] != s:
+            what = "the output node" if v == problem.output else "a pin"
+            raise ConfigError(f"node {problem.names[v]!r} is on stage {int(stage[v])} but "
+                              f"{what} puts it on stage {s}")
+    for group in problem.colocate:
+        if len({int(stage[i]) for i in group}) > 1:
+            raise ConfigError(
+                f"nodes {[problem.names[i] for i in group]} read one parameter and "
+                "tied='colocate' requires them on one stage")
+
+
+def assignment_array(problem: Problem, assignment: Mapping[str, int]) -> np.ndarray:
+    """The stage array of a name-to-stage mapping (input-derived nodes may be left out).
+
+    Raises:
+        ConfigError: if an assigned node is missing or a name is unknown.
+    """
+    unknown = [k for k in assignment if k not in problem.graph]
+    if unknown:
+        raise ConfigError(f"the assignment names nodes the graph does not have: {unknown[:5]}")
+    missing = [x for x in problem.names if x not in assignment]
+    if missing:
+        raise ConfigError(f"the assignment lacks {len(missing)} nodes, e.g. {missing[:5]}; give "
+                          "a stage for every node except input-derived ones")
+    return np.array([int(assignment[x]) for x in problem.names], dtype=np.int64)
+
+
+def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
+    """Stage times, memory and objective of a valid assignment (Note [objective]).
+
+    Args:
+        problem: The problem.
+        stage: Stage of every assigned node, ``(n,)`` integers (not checked here; see
+            :func:`check_assignment`).
+    """
+    p, n = problem.p, problem.n
+    stage = np.asarray(stage, dtype=np.int64)
+    idx = np.arange(n)
+    fwd = np.bincount(stage, weights=problem.fwd[idx, stage], minlength=p)
+    bwd = np.bincount(stage, weights=problem.bwd[idx, stage], minlength=p)
+    compute = fwd + bwd
+    # Values cross every boundary from their stage to their last consumer's (relay).
+    last = stage.copy()
+    if len(problem.edge_src):
+        np.maximum.at(last, problem.edge_src, stage[problem.edge_dst])
+    nb = p - 1
+    bnd = np.arange(nb)
+    cross = (stage[:, None] <= bnd[None, :]) & (bnd[None, :] < last[:, None])  # (n, p-1)
+    b_time = (cross * problem.comm[:, :nb]).sum(axis=0) if nb else np.zeros(0)
+    b_fwd = (cross * problem.out_bytes[:, None]).sum(axis=0) if nb else np.zeros(0)
+    b_bwd = (cross * problem.grad_bytes[:, None]).sum(axis=0) if nb else np.zeros(0)
+    comm = np.zeros(p)
+    comm[:nb] += b_time
+    comm[1:] += b_time
+    crossing = tuple(tuple(int(v) for v in np.nonzero(cross[:, b])[0]) for b in range(nb))
+    # Memory (Note [stage time and memory]).
+    held_sets: list[set[int]] = [set() for _ in range(p)]
+    param_mem = np.zeros(p)
+    for qi, q in enumerate(problem.params):
+        for s in {int(stage[r]) for r in q.readers}:
+            held_sets[s].add(qi)
+            param_mem[s] += q.state[s]
+    saved = np.bincount(stage, weights=problem.saved, minlength=p)
+    recv = np.zeros(p)
+    recv[1:] = b_fwd
+    act = problem.inflight * (saved + recv)
+    ws = np.zeros(p)
+    np.maximum.at(ws, stage, problem.workspace)
+    time = compute + comm
+    mem = param_mem + act + ws
+    w = problem.w
+    objective = (1 - w) * float(time.max()) / problem.t_ref + w * float(
+        (mem / problem.caps).max()) / problem.u_ref
+    return Evaluation(stage=stage, compute=compute, forward=fwd, backward=bwd, comm=comm,
+                      boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
+                      crossing=crossing, held=tuple(tuple(sorted(h)) for h in held_sets),
+                      param_mem=param_mem, act_mem=act, workspace=ws, objective=objective)
+
+
+def _memory_breakdown(problem: Problem, ev: Evaluation, s: int) -> MemoryEstimate:
+    params = grads = opt = 0
+    for qi in ev.held[s]:
+        q = problem.params[qi]
+        state = q.state[s]
+        pb = min(q.nbytes, state)
+        gb = min(q.nbytes if q.trainable else 0, state - pb)
+        params += pb
+        grads += gb
+        opt += state - pb - gb
+    return MemoryEstimate(parameters=int(params), gradients=int(grads), optimizer=int(opt),
+                          activations=round(float(ev.act_mem[s])),
+                          workspace=round(float(ev.workspace[s])))
+
+
+def make_plan(problem: Problem, ev: Evaluation, report: SolverReport, *,
+              samples_per_microbatch: int = 1) -> Plan:
+    """The :class:`Plan` of an evaluated assignment, with ``report`` as its solver report.
+
+    The report's ``objective`` is replaced by the evaluation's, and its gap recomputed from
+    its lower bound, so every plan states the objective of the assignment it holds.
+    """
+    from modelparallel import __version__  # late: the package imports us indirectly
+
+    p, graph = problem.p, problem.graph
+    stage_of = {name: int(ev.stage[i]) for i, name in enumerate(problem.names)}
+    c0 = problem.costs[0]
+    placements = []
+    for nd in graph.nodes:
+        s = stage_of.get(nd.name, -1)
+        c = problem.costs[max(s, 0)].nodes.get(nd.name) or c0.nodes[nd.name]
+        placements.append(NodePlacement(
+            name=nd.name, stage=s, op=nd.op.value, target=nd.target,
+            module_path=nd.module_path, forward_time=float(c.forward_time),
+            backward_time=float(c.backward_time), saved_bytes=int(c.saved_bytes),
+            output_bytes=int(c.output_bytes),
+            param_bytes=int(sum(graph.param(q).nbytes for q in dict.fromkeys(nd.params))),
+            pinned=problem.index.get(nd.name, -1) in problem.pinned
+            and nd.op is not OpKind.OUTPUT, inputs=tuple(nd.inputs)))
+    stages = []
+    for s in range(p):
+        recv_b = (ev.boundary_fwd_bytes[s - 1] if s > 0 else 0) + (
+            ev.boundary_bwd_bytes[s] if s < p - 1 else 0)
+        sent_b = (ev.boundary_fwd_bytes[s] if s < p - 1 else 0) + (
+            ev.boundary_bwd_bytes[s - 1] if s > 0 else 0)
+        stages.append(StageEstimate(
+            index=s, device=problem.devices[s].name,
+            num_nodes=int(np.count_nonzero(ev.stage == s)),
+            num_parameters=int(sum(problem.params[q].numel for q in ev.held[s]
+                                   if problem.params[q].trainable)),
+            memory=_memory_breakdown(problem, ev, s),
+            inflight_microbatches=int(problem.inflight[s]),
+            forward_time=float(ev.forward[s]), backward_time=float(ev.backward[s]),
+            comm_in_bytes=int(recv_b), comm_out_bytes=int(sent_b),
+            comm_time=float(ev.comm[s]), capacity_bytes=int(problem.caps[s])))
+    boundaries = tuple(
+        BoundaryEstimate(index=b, values=tuple(problem.names[v] for v in ev.crossing[b]),
+                         forward_bytes=int(ev.boundary_fwd_bytes[b]),
+                         backward_bytes=int(ev.boundary_bwd_bytes[b]),
+                         time=float(ev.boundary_time[b]))
+        for b in range(p - 1))
+    m = problem.config.microbatches
+    t = ev.time
+    t_max = float(t.max())
+    step = float(t.sum()) + (m - 1) * t_max
+    pipeline = PipelineEstimate(
+        step_time=step, bubble_fraction=(1.0 - m * t_max / step) if step > 0 else 0.0,
+        throughput=(m * samples_per_microbatch / step) if step > 0 else 0.0,
+        bottleneck_stage=int(np.argmax(t)), bottleneck_time=t_max,
+        samples_per_microbatch=samples_per_microbatch)
+    shared = {}
+    for qi, q in enumerate(problem.params):
+        holders = tuple(s for s in range(p) if qi in ev.held[s])
+        if len(holders) > 1:
+            shared[q.name] = holders
+    lb = report.lower_bound
+    obj = float(ev.objective)
+    gap = None if lb is None else (max(0.0, (obj - lb) / obj) if obj > 0 else 0.0)
+    report = SolverReport(
+        method=report.method, solver=report.solver, status=report.status, objective=obj,
+        lower_bound=lb, gap=gap, solve_time=report.solve_time, coarse_nodes=report.coarse_nodes,
+        refined=report.refined, num_variables=report.num_variables,
+        num_constraints=report.num_constraints, notes=tuple(report.notes))
+    model = ModelInfo(
+        name=graph.name, fingerprint=graph.fingerprint(), num_nodes=len(graph),
+        num_parameters=graph.num_parameters, tracer=graph.metadata.get("tracer", ""),
+        example_shapes={nd.name: list(nd.outputs[0].shape) for nd in graph.placeholders
+                        if nd.outputs})
+    return Plan(config=problem.config, devices=problem.devices, model=model,
+                nodes=tuple(placements), stages=tuple(stages), boundaries=boundaries,
+                pipeline=pipeline, solver=report, shared_params=shared,
+                created_by=f"modelparallel {__version__}")
