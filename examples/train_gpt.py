@@ -2,6 +2,10 @@
 
     torchrun --nproc_per_node 4 examples/train_gpt.py --steps 200
 
+    # or: train GPT-2 small with a plan made offline by ``partition-plan build``
+    partition-plan build modelparallel.models:gpt2_small -p 4 -m 4 --device cpu -o gpt2.plan.json
+    torchrun --nproc_per_node 4 examples/train_gpt.py --size small --plan gpt2.plan.json --steps 10
+
 Every rank runs this script. ``modelparallel.api.pipeline`` traces the model, rank 0 plans the
 split (an ILP over the traced graph; it prints the plan summary), and each rank trains its own
 stage with its own optimizer. The loss of every step is known on every rank; rank 0 prints it.
@@ -38,19 +42,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200, help="training steps")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
-    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step")
-    parser.add_argument("--schedule", default="1f1b", help="1f1b (interleaved) or gpipe (simple)")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "medium"),
+                        help="GPT-2 size: tiny (2 layers, tests), small (124M), medium (355M)")
+    parser.add_argument("--plan", default=None,
+                        help="a plan file from 'partition-plan build' (default: plan on rank 0)")
+    parser.add_argument("--microbatches", type=int, default=None,
+                        help="microbatches per step (default: the plan's, else 4)")
+    parser.add_argument("--schedule", default=None,
+                        help="1f1b (interleaved) or gpipe (simple) (default: the plan's, else 1f1b)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    case = models.gpt2("tiny", batch_size=args.batch_size, seq_len=args.seq_len)
+    case = models.gpt2(args.size, batch_size=args.batch_size, seq_len=args.seq_len)
     vocab = case.model.config.vocab_size
     example, _ = batch(args.batch_size, args.seq_len, vocab, seed=0)
 
-    pipe = pipeline(case.model, example, loss_fn=case.loss_fn, microbatches=args.microbatches,
-                    schedule=args.schedule, return_outputs=False)
+    microbatches = args.microbatches or (None if args.plan else 4)
+    pipe = pipeline(case.model, example, loss_fn=case.loss_fn, plan=args.plan,
+                    microbatches=microbatches, schedule=args.schedule, return_outputs=False)
     rank = pipe.rank
     if rank == 0:
         from rich.console import Console

@@ -72,8 +72,8 @@ def test_compare_runs_every_method(tmp_path: Path, fast_link: Path, capsys) -> N
 
 
 def test_build_from_ir_json(tmp_path: Path) -> None:
-    from modelparallel.tracer import trace
     from modelparallel.models import skip_mlp
+    from modelparallel.tracer import trace
 
     case = skip_mlp()
     graph_file = tmp_path / "g.json"
