@@ -5,8 +5,9 @@
     python benchmarks/partition_quality.py --models gpt2_small,unet_base --partitions 4,8
 
 For each reference model (``modelparallel.models``: GPT-2 small and medium, BERT-base, a
-Llama-style decoder, T5-small, ResNet-50, a UNet with long skips, an Inception-like CNN) the
-model is traced once (``modelparallel.tracer.trace``, its example batch is ONE microbatch:
+Llama-style decoder, T5-small, ResNet-50, a UNet with long skips, an Inception-like CNN, and
+two graphs of 2,000 to 3,000 ops: GPT-2 XL (1.56B parameters) and a 48-layer Llama, both built
+on the meta device) the model is traced once (``modelparallel.tracer.trace``, its example batch is ONE microbatch:
 8 samples, text 8 x 512 tokens (T5: 512 encoder / 256 decoder tokens), images 8 x 3 x 224 x 224
 (UNet 256 x 256)), costed on the built-in ``h100`` device spec (every stage an H100: 80 GiB,
 NVLink-class link; roofline estimates, nothing runs on a GPU), and partitioned into p stages with
@@ -37,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import versions
+
 RESULTS = Path(__file__).resolve().parent / "results" / "partition_quality.json"
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -48,6 +51,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "resnet50": ("resnet50", {}),
     "unet_base": ("unet", {"size": "base"}),
     "inception_base": ("inception", {"size": "base"}),
+    # Real architectures of 2,000 to 3,000 ops, built on the meta device (no weights).
+    "gpt2_xl": ("gpt2", {"size": "xl", "device": "meta"}),
+    "llama_deep": ("llama", {"size": "deep", "device": "meta"}),
 }
 QUICK_MODELS = ("gpt2_small", "resnet50")
 METHODS = ("ilp", "dp", "uniform", "param_balanced")
@@ -55,18 +61,6 @@ DEVICE = "h100"
 MICROBATCHES = 8
 BAR_GAP = 0.02
 BAR_SECONDS = 10.0
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("modelparallel", "torch", "transformers", "PuLP", "highspy", "numpy"):
-        try:
-            out[pkg.lower()] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg.lower()] = "not installed"
-    return out
 
 
 def _trace(name: str) -> tuple[Any, int, dict[str, Any]]:
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": sys.version.split()[0]},
-        "versions": _versions(),
+        "versions": versions("transformers", "PuLP", "highspy", "numpy"),
         "device": DEVICE,
         "setup": {"microbatches": MICROBATCHES, "schedule": "1f1b", "optimize": "speed",
                   "memory_weight": 0.2, "optimizer": "adam", "time_limit_s": a.time_limit,

@@ -204,6 +204,8 @@ _GPT2 = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128),
     "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
+    "large": dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024),
+    "xl": dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257, n_positions=1024),
 }
 
 
@@ -219,8 +221,9 @@ def gpt2(size: str = "tiny", *, seq_len: int | None = None, batch_size: int | No
     """GPT-2 (``GPT2LMHeadModel``) with a next-token cross-entropy loss.
 
     Args:
-        size: ``"tiny"`` (2 layers, width 64; tests), ``"small"`` (HF ``gpt2``, 124M) or
-            ``"medium"`` (``gpt2-medium``, 355M).
+        size: ``"tiny"`` (2 layers, width 64; tests), ``"small"`` (HF ``gpt2``, 124M),
+            ``"medium"`` (``gpt2-medium``, 355M), ``"large"`` (``gpt2-large``, 774M) or
+            ``"xl"`` (``gpt2-xl``, 1.56B; build it with ``device="meta"`` for planning).
         seq_len: Tokens per sample (default 16 for tiny, 512 otherwise).
         batch_size: Samples per batch (default 4 for tiny, 8 otherwise).
         tie_embeddings: Tie ``lm_head.weight`` to ``transformer.wte.weight`` (as HF does).
@@ -304,6 +307,9 @@ _LLAMA = {
     "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
                max_position_embeddings=2048),
+    "deep": dict(hidden_size=768, num_hidden_layers=48, num_attention_heads=12,
+                 num_key_value_heads=12, intermediate_size=2048, vocab_size=32000,
+                 max_position_embeddings=2048),
 }
 
 
@@ -313,7 +319,9 @@ def llama(size: str = "tiny", *, seq_len: int | None = None, batch_size: int | N
 
     Args:
         size: ``"tiny"``; ``"small"`` (12 layers, hidden 768, ~134M, for the planner
-            benchmark); ``"1b"`` (TinyLlama-1.1B shape: 22 layers, hidden 2048, GQA 32/4).
+            benchmark); ``"1b"`` (TinyLlama-1.1B shape: 22 layers, hidden 2048, GQA 32/4);
+            ``"deep"`` (``"small"`` with 48 layers, ~390M: a graph of about 2,800 ops for the
+            planner benchmark; build it with ``device="meta"``).
         seq_len: Tokens per sample (default 16 for tiny, 512 otherwise).
         batch_size: Samples per batch (default 4 for tiny, 8 otherwise).
         dropout: Attention dropout probability.

@@ -30,10 +30,13 @@ from modelparallel.partitioner._synthetic import (
     unet_graph,
 )
 from modelparallel.partitioner.baselines import find_layers, uniform_split
-from modelparallel.partitioner.coarsen import make_units
+from modelparallel.partitioner.bounds import window_for
+from modelparallel.partitioner.coarsen import make_units, singletons
 from modelparallel.partitioner.dp import solve_dp, split_to_stages
-from modelparallel.partitioner.evaluate import evaluate
+from modelparallel.partitioner.evaluate import check_assignment, evaluate
+from modelparallel.partitioner.ilp import solve_items
 from modelparallel.partitioner.problem import Problem, build_problem
+from modelparallel.partitioner.reduce import reduce_free_nodes
 from modelparallel.partitioner.refine import refine_once
 from modelparallel.plan import Plan, PlanConfig
 
@@ -81,6 +84,108 @@ def test_ilp_matches_brute_force(seed: int, p: int, w: float, tied: str) -> None
     assert plan.solver.objective == pytest.approx(best, rel=2e-4)
     assert plan.solver.lower_bound <= best * (1 + 1e-9)
     assert plan.solver.status == "optimal"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("p,w", [(2, 0.2), (3, 0.5)])
+def test_ilp_matches_brute_force_with_free_nodes(seed: int, p: int, w: float) -> None:
+    graph = random_graph(7, seed=seed, tie_prob=0.3, view_prob=0.4)
+    cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=3, time_limit=10)
+    prob = build_problem(graph, cfg, "h100")
+    best, _ = _brute(prob)
+    plan = partition(graph, cfg, "h100")
+    assert plan.solver.objective == pytest.approx(best, rel=2e-4)
+    assert plan.solver.lower_bound <= best * (1 + 1e-9)
+    assert plan.solver.status == "optimal"
+
+
+# -- exact reduction, windows and proofs (the flat ILP of Note [ILP pipeline]) -------------------
+
+
+def test_attaching_free_nodes_never_worsens_an_assignment() -> None:
+    """The lemma of Note [exact reduction], on every valid assignment of small graphs."""
+    attached = 0
+    for seed in range(12):
+        graph = random_graph(8, seed=seed, tie_prob=0.3, view_prob=0.5)
+        for p, w, schedule in ((3, 0.3, "1f1b"), (2, 0.8, "gpipe")):
+            cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule=schedule)
+            prob = build_problem(graph, cfg, "h100")
+            red = reduce_free_nodes(prob)
+            attached += prob.n - len(red.units)
+            for stage in _valid_assignments(prob):
+                moved = red.follow(stage)
+                check_assignment(prob, moved)
+                for m in red.units.members:
+                    assert len(set(moved[m].tolist())) == 1
+                assert red.unit_stage(stage).tolist() == [int(moved[m[0]]) for m in
+                                                          red.units.members]
+                before, after = evaluate(prob, stage), evaluate(prob, moved)
+                assert np.all(after.time <= before.time * (1 + 1e-12))
+                assert np.all(after.memory <= before.memory * (1 + 1e-12))
+                assert after.objective <= before.objective * (1 + 1e-12)
+    assert attached >= 10  # the graphs do have free nodes to attach
+
+
+def test_reduction_attaches_views_of_a_traced_style_graph() -> None:
+    graph = transformer_graph(2, hidden=64, seq=32, vocab=500)
+    prob = build_problem(graph, PlanConfig(partitions=2), "h100")
+    red = reduce_free_nodes(prob)
+    group = red.units.members[red.units.unit_of[prob.index["h0_merge"]]].tolist()
+    assert group == [prob.index["h0_ctx"], prob.index["h0_merge"]]  # joined its producer
+    q = red.units.unit_of[prob.index["h0_q"]]  # qkv has other consumers; q is smaller
+    assert red.units.members[q].tolist() == [prob.index["h0_q"]]
+    for v in np.nonzero(red.anchor != np.arange(prob.n))[0]:
+        assert prob.time[v].max() == 0 and prob.saved[v] == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_windows_contain_every_better_assignment(seed: int) -> None:
+    graph = random_graph(7, seed=200 + seed, tie_prob=0.3, view_prob=0.2)
+    for p, w, schedule in ((3, 0.2, "1f1b"), (3, 0.7, "gpipe"), (2, 0.5, "1f1b")):
+        cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule=schedule)
+        prob = build_problem(graph, cfg, "h100")
+        scored = [(evaluate(prob, st).objective, st) for st in _valid_assignments(prob)]
+        values = sorted(o for o, _ in scored)
+        near = sorted(set(values))[:5]  # just above the best few: the tightest windows
+        for cutoff in [v * (1 + 1e-9) for v in near] + [values[len(values) // 2]]:
+            lo, hi = window_for(prob, cutoff)
+            for obj, st in scored:
+                if obj < cutoff:
+                    assert np.all(lo <= st) and np.all(st <= hi), (cutoff, obj, st)
+        # The best assignment is the only one below a hair above it: windows get narrow.
+        lo, hi = window_for(prob, values[0] * (1 + 1e-9))
+        assert int((hi - lo).sum()) < prob.n * (p - 1)
+
+
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+@pytest.mark.parametrize("seed", range(3))
+def test_cutoff_search_proves_or_finds(seed: int, solver: str) -> None:
+    graph = random_graph(7, seed=300 + seed, tie_prob=0.2, view_prob=0.3)
+    prob = build_problem(graph, PlanConfig(partitions=3, microbatches=4), "h100")
+    best, _ = _brute(prob)
+    units = singletons(prob)
+    below = solve_items(prob, units.members, units.lo, units.hi, cutoff=best * 0.97,
+                        solver=solver, time_limit=10)
+    assert below.status == "infeasible" and below.item_stage is None
+    assert below.bound == pytest.approx(best * 0.97)
+    above = solve_items(prob, units.members, units.lo, units.hi, cutoff=best * 1.05,
+                        solver=solver, time_limit=10, gap_rel=1e-6)
+    assert above.item_stage is not None
+    found = evaluate(prob, above.item_stage).objective
+    assert found < best * 1.05 and found == pytest.approx(best, rel=1e-4)
+    assert above.bound is not None and above.bound <= best * (1 + 1e-6)
+
+
+def test_flat_ilp_reports_the_proofs_it_ran() -> None:
+    graph = transformer_graph(6, hidden=128, seq=64, vocab=2000)
+    cfg = PlanConfig(partitions=4, microbatches=8, time_limit=10)
+    plan = partition(graph, cfg, "h100")
+    notes = " ".join(plan.solver.notes)
+    assert "op-level ILP (within 1.9%)" in notes or "no stage left" in notes
+    dp = partition(graph, cfg, "h100", method="dp")
+    assert plan.solver.objective <= dp.solver.objective + 1e-12
+    assert plan.solver.lower_bound <= plan.solver.objective
+    assert plan.solver.gap <= 0.02
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -213,7 +318,9 @@ def test_infeasible_memory_reports_the_memory_that_works() -> None:
         partition(graph, cfg, tiny)
     need = info.value.min_memory_bytes
     assert need is not None and need > 2**20
-    assert "GiB on every device" in str(info.value) and str(need) in str(info.value)
+    msg = str(info.value)
+    assert "MiB on every device" in msg and str(need) in msg  # adaptive units, exact bytes
+    assert "0.00" not in msg and "1.00 MiB" in msg  # the 1 MiB device, not "0.00 GiB"
     plan = partition(graph, cfg, tiny.with_memory(need))  # that memory does work
     assert max(s.memory.peak for s in plan.stages) <= need
     with pytest.raises(InfeasiblePlanError):

@@ -2,10 +2,13 @@
 
 Whatever the graph, config and method: every node is placed once, values only flow forward,
 memory caps and pins hold, the reported objective is the evaluation function's, and the lower
-bound never exceeds it.
+bound never exceeds it. The stage windows and the exact reduction behind the ILP's proofs keep
+every assignment they must keep (checked against every assignment of small graphs).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -16,8 +19,10 @@ from modelparallel.errors import InfeasiblePlanError
 from modelparallel.ir import input_derived_nodes
 from modelparallel.partitioner import partition
 from modelparallel.partitioner._synthetic import random_graph
-from modelparallel.partitioner.evaluate import evaluate
+from modelparallel.partitioner.bounds import window_for
+from modelparallel.partitioner.evaluate import check_assignment, evaluate
 from modelparallel.partitioner.problem import build_problem
+from modelparallel.partitioner.reduce import reduce_free_nodes
 from modelparallel.plan import PlanConfig
 
 _SETTINGS = settings(max_examples=40, deadline=None,
@@ -29,7 +34,8 @@ def _cases(draw: st.DrawFn) -> tuple:
     n = draw(st.integers(3, 14))
     seed = draw(st.integers(0, 10_000))
     graph = random_graph(n, seed=seed, edge_prob=draw(st.floats(0.0, 0.8)),
-                         tie_prob=draw(st.floats(0.0, 0.5)))
+                         tie_prob=draw(st.floats(0.0, 0.5)),
+                         view_prob=draw(st.sampled_from([0.0, 0.3])))
     p = draw(st.integers(1, 4))
     cfg = dict(partitions=p, microbatches=draw(st.integers(1, 6)),
                schedule=draw(st.sampled_from(["gpipe", "1f1b"])),
@@ -82,3 +88,41 @@ def test_plans_are_valid_and_consistent(case: tuple) -> None:
     assert plan.solver.lower_bound is not None
     assert plan.solver.lower_bound <= plan.solver.objective * (1 + 1e-12)
     assert 0.0 <= plan.solver.gap <= 1.0
+
+
+@st.composite
+def _small_cases(draw: st.DrawFn) -> tuple:
+    n = draw(st.integers(3, 7))
+    graph = random_graph(n, seed=draw(st.integers(0, 10_000)),
+                         edge_prob=draw(st.floats(0.0, 0.8)), tie_prob=draw(st.floats(0.0, 0.5)),
+                         view_prob=draw(st.sampled_from([0.0, 0.4, 0.7])))
+    p = draw(st.integers(2, 3))
+    cfg = PlanConfig(partitions=p, microbatches=draw(st.integers(1, 6)),
+                     schedule=draw(st.sampled_from(["gpipe", "1f1b"])),
+                     memory_weight=draw(st.floats(0.0, 1.0)))
+    devices = draw(st.sampled_from(["h100", ("v100", "h100") if p == 2 else "a100"]))
+    return graph, cfg, devices, draw(st.floats(0.0, 1.0))
+
+
+@_SETTINGS
+@given(_small_cases())
+def test_windows_and_reduction_keep_better_assignments(case: tuple) -> None:
+    graph, cfg, devices, quantile = case
+    prob = build_problem(graph, cfg, devices)
+    scored = []
+    for head in itertools.product(range(prob.p), repeat=prob.n - 1):
+        stage = np.array((*head, prob.p - 1))
+        if np.all(stage[prob.edge_src] <= stage[prob.edge_dst]):
+            scored.append((evaluate(prob, stage).objective, stage))
+    values = sorted(o for o, _ in scored)
+    cutoff = values[min(len(values) - 1, int(quantile * len(values)))] * (1 + 1e-9)
+    lo, hi = window_for(prob, cutoff)
+    red = reduce_free_nodes(prob)
+    for obj, stage in scored:
+        if obj < cutoff:  # Note [lower bound], part 2
+            assert np.all(lo <= stage) and np.all(stage <= hi)
+        moved = red.follow(stage)  # Note [exact reduction]
+        check_assignment(prob, moved)
+        after = evaluate(prob, moved)
+        assert after.objective <= obj * (1 + 1e-12)
+        assert np.all(after.memory <= evaluate(prob, stage).memory * (1 + 1e-12))

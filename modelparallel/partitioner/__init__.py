@@ -1,8 +1,9 @@
 """Assign the nodes of a model's graph to pipeline stages.
 
 :func:`partition` makes a :class:`~modelparallel.plan.Plan` with an ILP (PuLP; HiGHS by default,
-CBC as fallback) over coarse units refined op by op near the stage boundaries, or with one of
-the reference methods: the exact contiguous DP (``"dp"``) and the baselines ``"uniform"`` and
+CBC as fallback) at op level (Note [ILP pipeline] in :mod:`modelparallel.partitioner.solve`;
+over coarse units refined op by op near the stage boundaries for very large graphs), or with one
+of the reference methods: the exact contiguous DP (``"dp"``) and the baselines ``"uniform"`` and
 ``"param_balanced"``. :func:`compare` runs every method on the same graph and cost model, and
 :func:`evaluate_assignment` estimates a placement given by hand. Every method is judged by the
 same evaluation function and objective (Note [objective] in

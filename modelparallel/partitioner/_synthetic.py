@@ -197,13 +197,18 @@ def unet_graph(levels: int = 3, *, channels: int = 32, size: int = 64, batch: in
 
 
 def random_graph(n: int, *, seed: int = 0, edge_prob: float = 0.3, tie_prob: float = 0.1,
-                 derived: bool = True) -> Graph:
+                 derived: bool = True, view_prob: float = 0.0) -> Graph:
     """A random DAG of ``n`` op nodes with random sizes, FLOPs, parameters and some tied reads.
 
     Every node consumes at least one earlier value, so the graph is connected to its input.
+    With probability ``view_prob`` a node is instead a free view of one earlier value (a
+    reshape of the same size or a slice of half of it; Note [exact reduction] in
+    ``modelparallel/partitioner/reduce.py``).
 
     Example:
         >>> len(random_graph(5, seed=1)) >= 7
+        True
+        >>> any(nd.target == "aten.view.default" for nd in random_graph(8, view_prob=0.5))
         True
     """
     rng = random.Random(seed)
@@ -214,8 +219,22 @@ def random_graph(n: int, *, seed: int = 0, edge_prob: float = 0.3, tie_prob: flo
     params: list[Param] = []
     names = [nd.name for nd in nodes]
     op_names: list[str] = []
+    widths: dict[str, int] = {"x": 64, "xd": 64}
     for i in range(n):
         cands = names if not op_names else op_names + names[:1]
+        if view_prob > 0 and op_names and rng.random() < view_prob:
+            src = op_names[-1] if rng.random() < 0.7 else rng.choice(op_names[-4:])
+            half = rng.random() < 0.5
+            target = "aten.slice.Tensor" if half else "aten.view.default"
+            width = max(1, widths[src] // 2) if half else widths[src]
+            name = f"op{i}"
+            shape = (8, width) if half else (width, 8)
+            nodes.append(Node(name, OpKind.CALL_FUNCTION, target, inputs=(src,),
+                              outputs=_t(*shape), module_path=f"m{i // 3}.sub{i}"))
+            widths[name] = width
+            op_names.append(name)
+            names.append(name)
+            continue
         k = 1 + sum(rng.random() < edge_prob for _ in range(2))
         inputs = tuple(dict.fromkeys(rng.choice(cands[-6:]) for _ in range(k)))
         ps: tuple[str, ...] = ()
@@ -230,6 +249,7 @@ def random_graph(n: int, *, seed: int = 0, edge_prob: float = 0.3, tie_prob: flo
         nodes.append(Node(name, OpKind.CALL_FUNCTION, "aten.addmm.default", inputs=inputs,
                           outputs=_t(8, width), params=ps, module_path=f"m{i // 3}.sub{i}",
                           flops=rng.randint(0, 4) * 10**rng.randint(5, 9)))
+        widths[name] = width
         op_names.append(name)
         names.append(name)
     used = {s for nd in nodes for s in nd.inputs}

@@ -5,24 +5,47 @@ Note [ILP pipeline]
 ``method="ilp"`` runs, within ``config.time_limit`` seconds in all:
 
 1. the exact contiguous DP at op level (:mod:`~modelparallel.partitioner.dp`) and the two
-   baselines: incumbents, and the warm start of what follows;
-2. stage windows from the best incumbent (Note [lower bound], part 2): the stages each node
-   can take in any strictly better assignment. If some node has none, the incumbent is optimal;
-3. if the windows leave at most ``_FLAT_COLUMNS`` binaries (every reference model of the
-   benchmark): the op-level ILP itself (Note [ILP formulation]) restricted to the windows,
-   warm-started from the incumbent. Its dual bound bounds every better assignment, so
-   ``min(incumbent, dual bound)`` is a proven bound of the whole problem, and ``"optimal"``
-   means proven optimal at op level;
-4. otherwise (thousands of ops): the ILP over coarse units (Note [coarsening]), warm-started
+   baselines: the first incumbents;
+2. one short op-level refinement of the best of them around its stage boundaries (Note
+   [refinement], ``_POLISH_SHARE`` of the time): it finds the branch orders a single
+   topological order misses (an Inception block cut between its branches), and a better
+   incumbent narrows everything after it;
+3. the exact reduction (Note [exact reduction]): free nodes (views, slices...) attached to a
+   neighbour, which loses no optimum; the incumbent moved accordingly (never worse);
+4. stage windows (Note [lower bound], part 2): the stages each node can take in any assignment
+   better than a given value. If some node has none, nothing is better;
+5. if the windows of the incumbent leave at most ``_FLAT_COLUMNS`` binaries over the reduced
+   groups (every reference model of the benchmark, GPT-2 XL and a 48-layer Llama included):
+   the op-level ILP itself (Note [ILP formulation]) over the groups, in proof phases of
+   decreasing gap ``g`` (``_PROOF_GAPS``: 1.9%, 0.9%, then exact), each in the time left:
+
+   - ``g > 0``: the windows of ``target = incumbent / (1 + g)`` and a search for an
+     assignment below ``target`` (a cutoff, no primal heuristics). Every assignment below
+     ``target`` lies in those windows, so ``min(target, dual bound)`` bounds every
+     assignment; a complete search (``"infeasible"``) proves ``target`` itself, i.e. the
+     incumbent within ``g``. Any better assignment found becomes the incumbent;
+   - ``g = 0``: the windows of the incumbent, warm-started from it, to optimality: the
+     bound is ``min(incumbent, dual bound)``, and ``"optimal"`` means proven optimal at op
+     level (up to the solver's relative gap of 1e-4).
+
+   A phase that runs out of time ends the sequence (a smaller gap would too), and so does
+   less time left than the previous phase took. Proving a small gap first is much cheaper
+   than proving optimality (the tighter windows and the cutoff prune most of the tree), so
+   the time goes first to a bound that certifies the plan (measured on the reference models
+   at p = 8 with one solver thread: 2 to 6 s for the 1.9% proof, where the single exact
+   solve this replaced took 11 to 28 s). The phases end at ``_ILP_SHARE_FLAT`` of the time
+   limit: HiGHS checks its time limit only between steps of its root node, which can overrun
+   it by up to a second;
+6. otherwise (thousands of ops): the ILP over coarse units (Note [coarsening]), warm-started
    from the DP over the units' order, then op-level refinement around the boundaries of the
    best assignment so far (Note [refinement]), repeated while it improves; then the windowed
    bound model of :mod:`~modelparallel.partitioner.bounds` in the remaining time;
-5. the best of every assignment seen (DP, baselines, ILPs), by the objective of the single
-   evaluation function, so the ILP is never worse than the DP or a baseline.
+7. the best of every assignment seen (DP, baselines, refinement, ILPs), by the objective of
+   the single evaluation function, so the ILP is never worse than the DP or a baseline.
 
-With ``granularity="module"`` step 3 is skipped and step 4 solves at module units only, with
-no refinement. The other methods report the analytic bound (Note [lower bound], part 1), or
-the ILP's bound when run through :func:`compare`.
+With ``granularity="module"`` steps 2 to 5 are skipped and step 6 solves at module units only,
+with no refinement. The other methods report the analytic bound (Note [lower bound], part 1),
+or the ILP's bound when run through :func:`compare`.
 
 Example:
     >>> from modelparallel.partitioner._synthetic import transformer_graph
@@ -49,7 +72,6 @@ from modelparallel.partitioner.coarsen import (
     Units,
     auto_depth,
     make_units,
-    singletons,
     unit_order,
 )
 from modelparallel.partitioner.dp import solve_dp, split_to_stages
@@ -59,10 +81,11 @@ from modelparallel.partitioner.evaluate import (
     evaluate,
     make_plan,
 )
-from modelparallel.partitioner.ilp import solve_items
+from modelparallel.partitioner.ilp import IlpResult, solve_items
 from modelparallel.partitioner.problem import DevicesArg, Problem, build_problem
 from modelparallel.partitioner.progress import ProgressEvent
-from modelparallel.partitioner.refine import refine_once
+from modelparallel.partitioner.reduce import Reduction, reduce_free_nodes
+from modelparallel.partitioner.refine import boundary_units, refine_once
 from modelparallel.plan import Plan, PlanConfig, SolverReport
 
 __all__ = ["METHODS", "compare", "evaluate_assignment", "partition"]
@@ -72,8 +95,11 @@ METHODS = ("ilp", "dp", "uniform", "param_balanced")
 
 _FLAT_COLUMNS = 4000  # windowed binaries up to which the op-level ILP is solved directly
 _ILP_SHARE = 0.55  # share of config.time_limit for the coarse and refinement ILPs
-_ILP_SHARE_FLAT = 0.85  # share for the flat op-level ILP (its dual bound is the lower bound)
-_GiB = 2**30
+_ILP_SHARE_FLAT = 0.85  # share for the flat op-level ILP (HiGHS may overrun it by a second)
+_PROOF_GAPS = (0.019, 0.009, 0.0)  # gaps the flat ILP proves in turn (the first under 2%)
+_MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
+_POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
+_POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
 
 Progress = Callable[[ProgressEvent], None]
 
@@ -112,10 +138,20 @@ def _min_memory(prob: Problem) -> int | None:
     return int(np.ceil(float(ev.memory.max()) * (1 + 1e-9))) + 1
 
 
+def _size(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps the value at least 1 (``"1.50 MiB"``,
+    ``"512 B"``), so small models do not read as ``"0.00 GiB"``."""
+    n = int(np.ceil(float(nbytes)))
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:
     need = _min_memory(prob)
     caps = sorted({int(c) for c in prob.caps})
-    have = ", ".join(f"{c / _GiB:.2f} GiB" for c in caps)
+    have = ", ".join(_size(c) for c in caps)
     lb = lower_bound(prob, incumbent=None)
     if need is None or need <= prob.caps.min():
         msg = (f"{what}: no assignment found that satisfies the pins and the pipeline order on "
@@ -124,11 +160,11 @@ def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:
                "or raise time_limit")
         return InfeasiblePlanError(msg)
     msg = (f"{what}: no assignment of {prob.graph.name!r} to {prob.p} stages fits in device "
-           f"memory ({have}). A plan exists with {need / _GiB:.2f} GiB on every device "
+           f"memory ({have}). A plan exists with {_size(need)} on every device "
            f"({need} bytes; the contiguous split minimising the largest stage), and none can "
-           f"fit below {lb.min_memory_bytes / _GiB:.2f} GiB. Use devices with at least "
-           f"{need / _GiB:.2f} GiB, more partitions, schedule='1f1b' (fewer microbatches in "
-           "flight than 'gpipe'), or a lighter optimizer.")
+           f"fit below {_size(lb.min_memory_bytes)}. Use devices with at least "
+           f"{_size(need)}, more partitions, schedule='1f1b' (fewer microbatches "
+           "in flight than 'gpipe'), or a lighter optimizer.")
     return InfeasiblePlanError(msg, min_memory_bytes=need)
 
 
@@ -153,9 +189,9 @@ def _run_baseline(prob: Problem, method: str, clock: _Clock) -> tuple[np.ndarray
         s = int(over[0])
         need = int(np.ceil(float(ev.memory.max())))
         raise InfeasiblePlanError(
-            f"method {method!r}: stage {s} needs {ev.memory[s] / _GiB:.2f} GiB but its device "
-            f"has {prob.caps[s] / _GiB:.2f} GiB; this split fits with {need / _GiB:.2f} GiB "
-            "per device. Use method='ilp' (which balances memory too) or larger devices.",
+            f"method {method!r}: stage {s} needs {_size(ev.memory[s])} but its device has "
+            f"{_size(prob.caps[s])}; this split fits with {_size(need)} ({need} bytes) per "
+            "device. Use method='ilp' (which balances memory too) or larger devices.",
             min_memory_bytes=need)
     return stage, SolverReport(method=method, status="feasible", solve_time=clock.elapsed(),
                                notes=(note,))
@@ -227,59 +263,160 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
         units = make_units(prob, depth, contract=False)
         return _units_then_refine(prob, clock, cands, units, refine=False)
     # Windows: where each node can be in any assignment better than the incumbent.
+    red = reduce_free_nodes(prob)
     inc = cands.best()
-    lo, hi = prob.lo.copy(), prob.hi.copy()
-    cutoff = np.inf
+    lo, hi = red.units.lo.copy(), red.units.hi.copy()
     if inc is not None:
-        cutoff = inc[0]
-        w_lo, w_hi = window_for(prob, cutoff)
-        lo, hi = np.maximum(lo, w_lo), np.minimum(hi, w_hi)
+        _polish(prob, clock, cands, inc[2])
+        inc = cands.best()
+        assert inc is not None
+        cands.consider(red.follow(inc[2]), inc[1])  # no worse (Note [exact reduction])
+        inc = cands.best()
+        assert inc is not None
+        lo, hi = _unit_windows(prob, red, inc[0])
         if np.any(lo > hi):
             report = SolverReport(
-                method="ilp", solver="", status="optimal", lower_bound=cutoff,
+                method="ilp", solver="", status="optimal", lower_bound=inc[0],
                 solve_time=clock.elapsed(), notes=(
                     cands.summary(), "no assignment can beat it: some node has no stage left "
                     "in the windows of Note [lower bound]"))
             return inc[2], report
     size = int((hi - lo).sum())
     if size <= _FLAT_COLUMNS:
-        return _flat(prob, clock, cands, lo, hi, cutoff)
+        return _flat(prob, clock, cands, red)
     return _units_then_refine(prob, clock, cands, make_units(prob, auto_depth(prob)), refine=True)
 
 
-def _flat(prob: Problem, clock: _Clock, cands: _Candidates, lo: np.ndarray, hi: np.ndarray,
-          cutoff: float) -> tuple[np.ndarray, SolverReport]:
-    """The op-level ILP restricted to the stage windows (Note [ILP pipeline])."""
+def _polish(prob: Problem, clock: _Clock, cands: _Candidates, stage: np.ndarray) -> None:
+    """One short op-level refinement of ``stage`` around its boundaries (Note [ILP pipeline],
+    step 2)."""
+    if prob.p < 2:
+        return
+    t0 = clock.elapsed()
+    units = make_units(prob, auto_depth(prob))
+    freed = sum(len(units.members[u]) for us in boundary_units(prob, units, stage, 0).values()
+                for u in us)
+    if freed > _POLISH_NODES:
+        return  # not a local search any more: the proof phases search it anyway
+    limit = _POLISH_SHARE * prob.config.time_limit - (clock.elapsed() - t0)
+    new, res = refine_once(prob, units, stage, window=0, time_limit=limit,
+                           solver=prob.config.solver, progress=clock.progress)
+    if res.item_stage is not None:
+        cands.consider(new, "refined")
+
+
+def _unit_windows(prob: Problem, red: Reduction, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stage ranges of the reduction's groups in assignments better than ``cutoff``."""
+    w_lo, w_hi = window_for(prob, cutoff)
+    members = red.units.members
+    lo = np.maximum(red.units.lo, [int(w_lo[m].max()) for m in members])
+    hi = np.minimum(red.units.hi, [int(w_hi[m].min()) for m in members])
+    return lo.astype(np.int64), hi.astype(np.int64)
+
+
+class _Proof:
+    """The best proven lower bound so far, and what the ILP solves said."""
+
+    def __init__(self) -> None:
+        self.bound: float | None = None
+        self.notes: list[str] = []
+        self.largest: IlpResult | None = None
+        self.optimal = False
+        self.solver = ""
+
+    def prove(self, value: float, note: str) -> None:
+        if self.bound is None or value > self.bound:
+            self.bound = value
+        self.notes.append(note)
+
+    def ran(self, res: IlpResult) -> None:
+        self.notes.extend(res.notes)
+        if self.largest is None or res.num_variables > self.largest.num_variables:
+            self.largest = res
+
+
+def _flat(prob: Problem, clock: _Clock, cands: _Candidates,
+          red: Reduction) -> tuple[np.ndarray, SolverReport]:
+    """The op-level ILP over the reduction's groups within stage windows (Note [ILP
+    pipeline]): proofs of ever smaller gaps, the last one exact."""
     cfg = prob.config
-    units = singletons(prob)
-    inc = cands.best()
-    clock.emit("coarsen", f"op level: {prob.n} nodes, {int((hi - lo).sum())} binaries within "
-               "the stage windows")
-    limit = max(0.5, _ILP_SHARE_FLAT * cfg.time_limit - clock.elapsed())
-    res = solve_items(prob, units.members, lo, hi, warm=None if inc is None else inc[2],
-                      time_limit=limit, solver=cfg.solver, progress=clock.progress, phase="ilp")
-    cands.consider(res.item_stage, "ilp-flat")
+    units = red.units
+    end = _ILP_SHARE_FLAT * cfg.time_limit
+    proof = _Proof()
+    clock.emit("coarsen", f"op level: {prob.n} nodes in {len(units)} groups (Note [exact "
+               "reduction])")
+    took = 0.0  # seconds the last proof phase took: a smaller gap takes longer
+    for gap in _PROOF_GAPS if cands.best() is not None else (0.0,):
+        best = cands.best()
+        if best is not None and proof.bound is not None and proof.bound >= best[0] / (1 + gap):
+            continue  # already proven
+        if best is not None and _left(clock, end) < max(_MIN_PHASE, took):
+            break
+        start = clock.elapsed()
+        if not _prove(prob, clock, cands, red, proof, gap, end):
+            break  # that proof ran out of time: a stronger one would too
+        took = clock.elapsed() - start
     best = cands.best()
     if best is None:
         raise _infeasible(prob, "method 'ilp'")
-    clock.emit("ilp", f"{res.status} at op level", incumbent=best[0], bound=res.bound)
-    bound = None
-    if res.bound is not None:
-        bound = min(cutoff, float(res.bound) * (1 - 1e-6))
-    elif res.status == "infeasible" and np.isfinite(cutoff):
-        bound = cutoff  # nothing within the windows: the incumbent is optimal
-    optimal = (res.status in ("optimal", "infeasible") and np.isfinite(cutoff)) or \
-        res.status == "optimal"
-    notes = [cands.summary(), *res.notes]
-    if np.isfinite(cutoff):
-        notes.append(f"op-level ILP over stage windows from the incumbent {cutoff:.4f}; its "
-                     "dual bound bounds every better assignment")
-    report = SolverReport(method="ilp", solver=res.solver,
-                          status="optimal" if optimal else "feasible", lower_bound=bound,
-                          solve_time=clock.elapsed(), coarse_nodes=0, refined=False,
-                          num_variables=res.num_variables, num_constraints=res.num_constraints,
-                          notes=tuple(notes))
+    clock.emit("ilp", "done at op level", incumbent=best[0], bound=proof.bound)
+    largest = proof.largest
+    report = SolverReport(method="ilp", solver=proof.solver,
+                          status="optimal" if proof.optimal else "feasible",
+                          lower_bound=proof.bound, solve_time=clock.elapsed(), coarse_nodes=0,
+                          refined=False,
+                          num_variables=0 if largest is None else largest.num_variables,
+                          num_constraints=0 if largest is None else largest.num_constraints,
+                          notes=(cands.summary(), *proof.notes))
     return best[2], report
+
+
+def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, proof: _Proof,
+           gap: float, end: float) -> bool:
+    """One proof phase: nothing better than ``best / (1 + gap)`` exists (``gap > 0``: a
+    search with that cutoff), or the exact optimum (``gap == 0``: warm-started from the best).
+    Returns whether the phase completed."""
+    cfg = prob.config
+    units = red.units
+    best = cands.best()
+    if best is None:  # no incumbent: the ILP over the whole ranges
+        lo, hi, target = units.lo, units.hi, np.inf
+    else:
+        target = best[0] / (1 + gap)
+        lo, hi = _unit_windows(prob, red, target)
+        if np.any(lo > hi):
+            proof.prove(target, f"no assignment beats {target:.4f}: a node has no stage left "
+                        "in its window")
+            proof.optimal = proof.optimal or gap == 0
+            return True
+    what = "exact" if gap == 0 else f"within {100 * gap:.1f}%"
+    clock.emit("ilp", f"proving {what}: {int((hi - lo).sum())} binaries within the stage "
+               "windows", incumbent=None if best is None else best[0], bound=proof.bound)
+    exact = gap == 0 or best is None
+    res = solve_items(prob, units.members, lo, hi,
+                      warm=red.unit_stage(best[2]) if exact and best is not None else None,
+                      time_limit=max(0.5, _left(clock, end)), solver=cfg.solver,
+                      progress=clock.progress, phase="ilp", gap_rel=max(gap, 1e-4),
+                      cutoff=None if exact else target)
+    proof.solver = res.solver
+    proof.ran(res)
+    if res.item_stage is not None:
+        cands.consider(_expand(units, res.item_stage, prob.n), "ilp-flat")
+    done = res.status in ("optimal", "infeasible")
+    if res.status == "infeasible" and np.isfinite(target):
+        proof.prove(target * (1 - 1e-6), f"op-level ILP ({what}): no assignment below "
+                    f"{target:.4f} (complete search of its windows)")
+    elif res.bound is not None:
+        proof.prove(min(target, float(res.bound) * (1 - 1e-6)), (
+            f"op-level ILP ({what}) over the windows of {target:.4f}: {res.status}, dual bound "
+            f"{res.bound:.4f} for every assignment below that"))
+    if exact and done:
+        proof.optimal = True
+    return done
+
+
+def _left(clock: _Clock, end: float) -> float:
+    return max(0.0, end - clock.elapsed())
 
 
 def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: Units, *,
@@ -358,7 +495,7 @@ def _finish(prob: Problem, stage: np.ndarray, report: SolverReport, clock: _Cloc
     clock.emit("bound", "proving a lower bound", incumbent=ev.objective)
     lb = lower_bound(prob, incumbent=ev.objective if search else None,
                      incumbent_stage=stage if search else None,
-                     time_limit=0.97 * prob.config.time_limit - clock.elapsed())
+                     time_limit=0.92 * prob.config.time_limit - clock.elapsed())
     value = lb.value
     notes = [*report.notes, f"lower bound: {lb.describe()}"]
     if report.lower_bound is not None and report.lower_bound > value:
@@ -496,7 +633,7 @@ def evaluate_assignment(graph: Graph, config: PlanConfig, devices: DevicesArg,
     ev = evaluate(prob, stage)
     notes = list(prob.notes)
     for s in np.nonzero(ev.memory > prob.caps)[0]:
-        notes.append(f"stage {int(s)} needs {ev.memory[s] / _GiB:.2f} GiB, over its device's "
-                     f"{prob.caps[s] / _GiB:.2f} GiB")
+        notes.append(f"stage {int(s)} needs {_size(ev.memory[s])}, over its device's "
+                     f"{_size(prob.caps[s])}")
     report = SolverReport(method="manual", status="feasible", notes=tuple(notes))
     return _finish(prob, stage, report, clock, samples_per_microbatch, search=False)
