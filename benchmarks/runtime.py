@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import versions
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime.json"
@@ -273,15 +272,6 @@ def _overhead(name: str, steps: int) -> dict[str, Any]:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, Any]:
-    import modelparallel
-
-    return {"modelparallel": modelparallel.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "backend": "gloo",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--partitions", type=int, nargs="+", default=[2, 4])
@@ -322,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         t2.add_row(r["model"], f"{r['ours_step_ms']:.2f}", f"{r['plain_step_ms']:.2f}",
                    f"{r['ratio']:.3f}")
     console.print(t2)
-    result = {"versions": _versions(), "config": cfg, "pipeline": rows, "one_stage": overhead,
+    result = {"versions": versions(), "config": cfg, "pipeline": rows, "one_stage": overhead,
               "goals": {"ours_over_torch": 1.0, "one_stage_over_plain": 1.03}}
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(result, indent=1))

@@ -7,7 +7,10 @@ Commands:
   bottleneck; a stage's nodes; why a node sits where it does.
 - ``compare MODEL ...``: the ILP beside every baseline on the same graph and cost model.
 - ``codegen plan.json --stage K``: the generated code of one stage.
-- ``calibrate -o spec.json``: measure this machine's device into a spec ``build --device`` reads.
+- ``calibrate -o spec.json``: measure this machine's device into a spec ``build --device`` reads;
+  with ``--model MODEL --ops-out ops.json`` also the time of every node of that model on it.
+- ``build MODEL --measured ops.json`` (or ``--profile``): plan with measured node times instead of
+  the roofline (profiling mode; Note [profiling isolated nodes] in ``cost_model/profile.py``).
 
 ``MODEL`` is ``pkg.module:factory``, ``path/to/file.py:factory``, or an IR JSON file. A factory
 returns an ``nn.Module`` (give ``--input-shape``/``--input``), a
@@ -31,7 +34,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -65,6 +68,7 @@ class _Loaded:
     traced: Any | None
     example_shapes: dict[str, list[int]]
     samples_per_microbatch: int
+    flat_inputs: list[Any] = field(default_factory=list)
 
 
 def _import_factory(spec: str) -> Callable[[], Any]:
@@ -169,8 +173,10 @@ def _microbatch(value: Any, microbatches: int, name: str) -> Any:
 
 
 def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str],
-                microbatches: int, method: str, console: Any) -> _Loaded:
-    """Trace MODEL (or read its IR JSON) with one microbatch of the example batch."""
+                microbatches: int, method: str, console: Any, dtype: str | None = None
+                ) -> _Loaded:
+    """Trace MODEL (or read its IR JSON) with one microbatch of the example batch, in ``dtype``
+    (floating weights and inputs cast) when given."""
     path = Path(spec)
     if spec.endswith(".json") or (path.is_file() and ":" not in spec):
         if not path.is_file():
@@ -191,6 +197,8 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
             "--input-shape 8,3,224,224 (positional) or --input input_ids=8x512:int64 (keyword)")
     args = tuple(_microbatch(a, microbatches, f"arg{i}") for i, a in enumerate(args))
     kwargs = {k: _microbatch(v, microbatches, k) for k, v in kwargs.items()}
+    if dtype is not None:
+        model, args, kwargs = _cast(model, args, kwargs, dtype)
     shapes = {f"arg{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
     shapes.update({k: list(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
     leaves = [*args, *kwargs.values()]
@@ -205,7 +213,24 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
                   f"{len(traced.graph)} nodes in {time.perf_counter() - start:.1f} s[/dim]")
     for note in traced.notes:
         console.print(f"[dim]  note: {note}[/dim]")
-    return _Loaded(traced.graph, traced, shapes, samples)
+    return _Loaded(traced.graph, traced, shapes, samples,
+                   flat_inputs=traced.flatten_inputs(args, kwargs))
+
+
+def _cast(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: str
+          ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """The model and its floating example inputs in ``dtype`` (``--dtype``)."""
+    import torch
+
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ConfigError(f"--dtype {dtype!r} is not a floating torch dtype; use e.g. float32, "
+                          "bfloat16, float16")
+
+    def cast(v: Any) -> Any:
+        return v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    return model.to(dtype=dt), tuple(cast(a) for a in args), {k: cast(v) for k, v in
+                                                               kwargs.items()}
 
 
 # -- planning options ------------------------------------------------------------------------------
@@ -221,6 +246,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a keyword example input, e.g. input_ids=8x512:int64 (repeatable)")
     p.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto",
                    help="tracer path (default: fx, falling back to torch.export)")
+    p.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="cast the model's floating weights and inputs first (e.g. bfloat16)")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -310,11 +337,14 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
 
     config = _config_from_args(a)
     devices = _devices_from_args(a)
+    if a.measured and a.profile:
+        raise ConfigError("give --measured FILE or --profile, not both")
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=err)
+                         console=err, dtype=a.dtype)
+    costs = _measured_costs(a, loaded, devices, config, err)
     with err.status("partitioning") as status:
-        plan = partition(loaded.graph, config, devices,
+        plan = partition(loaded.graph, config, devices, costs=costs,
                          samples_per_microbatch=loaded.samples_per_microbatch,
                          progress=_progress_printer(status))
     plan = _with_source(plan, a, loaded)
@@ -324,6 +354,63 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
     report.print_summary(plan, console)
     err.print(f"wrote {out}")
     return 0
+
+
+def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], config: Any,
+                    err: Any) -> list[Any] | None:
+    """Per-stage costs with measured node times (``--measured`` / ``--profile``), else None."""
+    from modelparallel.cost_model import estimate_costs
+    from modelparallel.cost_model.profile import load_node_times
+
+    if a.measured:
+        times = load_node_times(a.measured, loaded.graph)
+        _check_measured_shapes(a.measured, loaded)
+        source = a.measured
+    elif a.profile:
+        times = _profile(loaded, a.profile_device, warmup=2, repeat=5, console=err)
+        source = "profiling on this machine"
+    else:
+        return None
+    costs = [estimate_costs(loaded.graph, d, optimizer=config.optimizer, measured=times)
+             for d in devices]
+    timed = sum(1 for c in costs[0].nodes.values() if c.time > 0)
+    hit = sum(1 for n in times if n in costs[0].nodes)
+    err.print(f"[dim]measured times of {hit} nodes from {source}; the roofline keeps "
+              f"{max(0, timed - hit)} others[/dim]")
+    return costs
+
+
+def _check_measured_shapes(path: str, loaded: _Loaded) -> None:
+    """Refuse node times measured on microbatches of other shapes than this build's."""
+    try:
+        recorded = json.loads(Path(path).read_text()).get("metadata", {}).get("example_shapes")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded and loaded.example_shapes and recorded != loaded.example_shapes:
+        raise ConfigError(
+            f"node times {path!r} were measured on microbatches with example shapes "
+            f"{recorded}, but this build's microbatch has {loaded.example_shapes}; profile "
+            "with the same --input-shape/--input and --microbatches as the build")
+
+
+def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
+             console: Any) -> dict[str, tuple[float, float]]:
+    """Time every node of the loaded model on ``device`` (default: CUDA if present)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from modelparallel.cost_model.profile import profile_node_times
+
+    if loaded.traced is None:
+        raise ConfigError("profiling needs the model itself, not an IR JSON file; give "
+                          "MODEL as pkg.module:factory")
+    dev = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("profiling was asked for on CUDA but no CUDA device is available")
+    gm = loaded.traced.gm.to(dev)
+    flat = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev), loaded.flat_inputs)
+    with console.status(f"profiling {len(loaded.graph)} nodes on {dev}"):
+        return profile_node_times(gm, flat, warmup=warmup, repeat=repeat)
 
 
 def _with_source(plan: Any, a: argparse.Namespace, loaded: _Loaded) -> Any:
@@ -360,7 +447,7 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     devices = _devices_from_args(a)
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=err)
+                         console=err, dtype=a.dtype)
     with err.status("partitioning with every method") as status:
         plans = compare(loaded.graph, config, devices,
                         samples_per_microbatch=loaded.samples_per_microbatch,
@@ -387,7 +474,7 @@ def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
     named = [s for s in plan.model.inputs if not s.startswith("arg")]
     loaded = _load_model(source, input_shapes=a.input_shape or shapes, inputs=a.input or named,
                          microbatches=plan.config.microbatches, method=a.trace_method,
-                         console=err)
+                         console=err, dtype=a.dtype)
     if loaded.traced is None:
         raise ConfigError("codegen needs the model itself, not an IR JSON file; give --model "
                           "pkg.module:factory")
@@ -398,10 +485,37 @@ def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
 def _cmd_calibrate(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel.cost_model.calibrate import calibrate
 
+    if bool(a.model) != bool(a.ops_out):
+        raise ConfigError("--model and --ops-out go together: --model names what to profile, "
+                          "--ops-out where its node times go")
     spec = calibrate(device=a.device, name=a.name, quick=a.quick, console=err)
     Path(a.output).write_text(json.dumps(spec.to_dict(), indent=1))
     err.print(f"wrote {a.output}")
+    if a.model:
+        _calibrate_ops(a, spec, err)
     return 0
+
+
+def _calibrate_ops(a: argparse.Namespace, spec: Any, err: Any) -> None:
+    """Profile every node of ``--model`` on the calibrated device; write ``--ops-out``."""
+    import torch
+
+    from modelparallel.cost_model.profile import save_node_times
+
+    if a.microbatches < 1:
+        raise ConfigError(f"--microbatches {a.microbatches} must be >= 1")
+    loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
+                         microbatches=a.microbatches, method=a.trace_method, console=err,
+                         dtype=a.dtype)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    times = _profile(loaded, device, warmup=a.warmup, repeat=a.repeat, console=err)
+    save_node_times(a.ops_out, times, graph=loaded.graph,
+                    device=str(spec.extra.get("product", spec.name)),
+                    metadata={"model": a.model, "dtype": a.dtype or "as built",
+                              "microbatches": a.microbatches,
+                              "example_shapes": loaded.example_shapes,
+                              "torch": torch.__version__, "spec": spec.name})
+    err.print(f"wrote {a.ops_out} ({len(times)} nodes timed on {device})")
 
 
 def _build_parser() -> _Parser:
@@ -413,6 +527,13 @@ def _build_parser() -> _Parser:
     _add_model_args(b)
     _add_plan_args(b)
     b.add_argument("-o", "--output", required=True, help="plan file to write")
+    b.add_argument("--measured", default=None, metavar="OPS.json",
+                   help="node times measured by 'calibrate --model MODEL --ops-out OPS.json' "
+                        "(same model, inputs, dtype, microbatches) replace the roofline")
+    b.add_argument("--profile", action="store_true",
+                   help="time every node on this machine first and plan with those times")
+    b.add_argument("--profile-device", default=None, metavar="DEVICE",
+                   help="device for --profile (default: cuda if present, else cpu)")
     b.set_defaults(func=_cmd_build)
 
     i = sub.add_parser("inspect", help="show a plan")
@@ -436,6 +557,7 @@ def _build_parser() -> _Parser:
     k.add_argument("--input-shape", action="append", default=[])
     k.add_argument("--input", action="append", default=[])
     k.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto")
+    k.add_argument("--dtype", default=None, help="the dtype the plan was built with (--dtype)")
     k.set_defaults(func=_cmd_codegen)
 
     cal = sub.add_parser("calibrate", help="measure this machine's device into a spec JSON")
@@ -443,6 +565,20 @@ def _build_parser() -> _Parser:
     cal.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     cal.add_argument("--name", default=None, help="name to record in the spec")
     cal.add_argument("--quick", action="store_true", help="fewer, smaller measurements")
+    cal.add_argument("--model", default=None, metavar="MODEL",
+                     help="also time every node of this model on the device (with --ops-out)")
+    cal.add_argument("--ops-out", default=None, metavar="FILE",
+                     help="node-times JSON to write for --model ('build --measured' reads it)")
+    cal.add_argument("--input-shape", action="append", default=[], metavar="SHAPE[:DTYPE]",
+                     help="a positional example input of the full batch (as for build)")
+    cal.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
+                     help="a keyword example input (as for build)")
+    cal.add_argument("--microbatches", "-m", type=int, default=1,
+                     help="microbatches the batch is split into; nodes are timed on one")
+    cal.add_argument("--dtype", default=None, help="cast the model first (e.g. bfloat16)")
+    cal.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto")
+    cal.add_argument("--warmup", type=int, default=2, help="untimed calls per node")
+    cal.add_argument("--repeat", type=int, default=5, help="timed calls per node")
     cal.set_defaults(func=_cmd_calibrate)
     return parser
 

@@ -14,6 +14,18 @@ outputs and its parameters) and writes (its outputs). View-like ops (``view``, `
 the tracer recorded them, else twice the forward FLOPs (a gradient for the input and one for the
 weight), and twice the forward bytes. Nodes whose outputs need no gradient have no backward.
 
+Note [activation memory]
+~~~~~~~~~~~~~~~~~~~~~~~~
+A node's ``saved_bytes`` is what the tracer measured autograd saving (each storage counted once,
+at its first saver: Note [saved storages counted once] in ``modelparallel/tracer/annotate.py``),
+plus, for the nodes whose values are model outputs, those values: the runtime holds the model
+output of every microbatch in flight until the loss's backward has run. Its ``workspace_bytes``
+is the transient memory while it runs: forward, its outputs; backward, the gradient arriving for
+its outputs plus the gradients it produces for its inputs and, before they are added into
+``.grad``, for its parameters. The largest of these over a stage's nodes sits on top of the
+stage's held activations at its peak (Note [stage time and memory] in
+``modelparallel/partitioner/problem.py``).
+
 Example:
     >>> from modelparallel.ir import Graph, Node, OpKind, Param, TensorMeta
     >>> g = Graph("lin", (
@@ -91,7 +103,8 @@ class NodeCost:
         saved_bytes: Activation bytes held from forward until backward.
         output_bytes: Bytes of the node's value, sent forward if it crosses a stage boundary.
         grad_bytes: Bytes of the gradient of that value, sent backward if it crosses.
-        workspace_bytes: Transient bytes alive while the node runs (its outputs).
+        workspace_bytes: Transient bytes alive while the node runs, forward or backward (Note
+            [activation memory]).
     """
 
     forward_time: float
@@ -232,6 +245,27 @@ def _default_saved_bytes(node: Node, graph: Graph) -> int:
     return node.output_bytes
 
 
+def _workspace_bytes(node: Node, graph: Graph, needs_grad: bool) -> int:
+    """Transient bytes while ``node`` runs forward or backward (Note [activation memory])."""
+    forward = node.output_bytes
+    if not needs_grad:
+        return forward
+    backward = node.grad_bytes + sum(graph.node(s).grad_bytes for s in node.inputs)
+    backward += sum(graph.param(p).nbytes for p in dict.fromkeys(node.params)
+                    if graph.param(p).trainable)
+    return max(forward, backward)
+
+
+def _held_outputs(graph: Graph) -> dict[str, int]:
+    """Bytes of the model outputs by producing node, held until the loss's backward."""
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op is OpKind.OUTPUT:
+            for name in node.inputs:
+                out[name] = graph.node(name).output_bytes
+    return out
+
+
 def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
                    optimizer: str | float = "adam",
                    measured: Mapping[str, tuple[float, float]] | None = None) -> GraphCosts:
@@ -250,10 +284,11 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
     spec = get_device_spec(device)
     flops_rate: dict[str, float] = {}
     nodes: dict[str, NodeCost] = {}
+    held = _held_outputs(graph)
     for node in graph.nodes:
         if is_view_like(node):
-            nodes[node.name] = NodeCost(0.0, 0.0, 0, node.output_bytes, node.grad_bytes,
-                                        node.output_bytes)
+            nodes[node.name] = NodeCost(0.0, 0.0, held.get(node.name, 0), node.output_bytes,
+                                        node.grad_bytes, node.output_bytes)
             continue
         dtype = _compute_dtype(node, graph)
         if dtype not in flops_rate:
@@ -271,8 +306,9 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
             bwd = 0.0
         saved = node.saved_bytes if node.saved_bytes is not None else _default_saved_bytes(
             node, graph)
+        saved += held.get(node.name, 0)
         nodes[node.name] = NodeCost(fwd, bwd, int(saved), node.output_bytes, node.grad_bytes,
-                                    node.output_bytes)
+                                    _workspace_bytes(node, graph, needs_grad))
     costs = GraphCosts(
         device=spec,
         nodes=nodes,

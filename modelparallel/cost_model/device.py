@@ -21,13 +21,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modelparallel._jsonfile import read_json_file
 from modelparallel.errors import ConfigError
 
 __all__ = [
@@ -203,12 +203,7 @@ def load_device_spec(path: str | Path) -> DeviceSpec:
     Raises:
         ConfigError: if the file is missing, not JSON, or not a valid spec.
     """
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read device spec {str(path)!r}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"device spec {str(path)!r} is not valid JSON: {e}") from None
+    data = read_json_file(path, "device spec")
     if isinstance(data, dict) and "device" in data and isinstance(data["device"], dict):
         data = data["device"]
     if not isinstance(data, dict):

@@ -1,0 +1,75 @@
+"""Helpers shared by the benchmark scripts: step timing and the software versions of a result.
+
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``, so they
+import it as ``from _common import ...``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = ["step_times", "to_device", "versions"]
+
+
+def step_times(step: Callable[[], Any], device: torch.device, warmup: int,
+               repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``step`` after ``warmup`` untimed ones.
+
+    On CUDA, every call is bracketed by CUDA events queued back to back and read after one
+    synchronisation (so the host never waits between calls); elsewhere, the wall clock.
+    """
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeat)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) / 1e3 for s, e in events]
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def versions(*packages: str) -> dict[str, Any]:
+    """Python, torch (with CUDA, cuDNN, NCCL where present), the machine, and ``packages``."""
+    out: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "platform": platform.platform(), "cpus": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if torch.backends.cudnn.is_available():
+        out["cudnn"] = torch.backends.cudnn.version()
+    if torch.cuda.is_available() and torch.distributed.is_nccl_available():
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    for pkg in ("modelparallel", *packages):
+        try:
+            out[pkg.lower()] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg.lower()] = "not installed"
+    return out
+
+
+def to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``value``'s tensors moved to ``device``, its floating-point ones cast to ``dtype``."""
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.to(device)
+        return t.to(dtype) if t.is_floating_point() else t
+    return pytree.tree_map(move, value)

@@ -1,0 +1,208 @@
+"""Overhead of the pipeline machinery at one stage: ``partitions=1`` against plain PyTorch.
+
+    python benchmarks/gpu_overhead.py --device cuda --out benchmarks/results/gpu_overhead-h100.json
+    python benchmarks/gpu_overhead.py --device cpu --quick            # tiny models, a smoke test
+
+For each model, two copies with the same weights train on the same batch on one device, with
+AdamW, in ``--dtype`` (default bfloat16):
+
+- **plain**: ``opt.zero_grad(); loss_fn(model(*args, **kwargs), target).backward(); opt.step()``;
+- **ours**: the model traced, planned with ``PlanConfig(partitions=1, microbatches=1)``, its one
+  stage built by ``modelparallel.codegen.build_stages`` and run by
+  ``modelparallel.runtime.local.LocalPipeline`` (the single-GPU runtime): ``opt.zero_grad();
+  pipe.train_step(flat_inputs, target); opt.step()``.
+
+A step's time is the median of ``--repeat`` steps timed with CUDA events (wall clock on the CPU)
+after ``--warmup`` steps; the two are measured in alternating rounds (``--rounds``) so that clock
+and thermal drift hit both alike, and the ratio is ours / plain of the medians over all rounds.
+The goal is a ratio of at most 1.03.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import step_times, to_device, versions
+
+from modelparallel import models
+from modelparallel.codegen import build_stages
+from modelparallel.partitioner import partition
+from modelparallel.plan import PlanConfig
+from modelparallel.runtime.local import LocalPipeline
+from modelparallel.tracer import trace
+
+GOAL = 1.03
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model and batch: ``make(batch_size) -> ModelCase`` on the CPU in float32."""
+
+    name: str
+    make: Callable[[int], models.ModelCase]
+    batch_size: int
+    shape: str
+    causal: bool = False
+
+
+FULL = (
+    Workload("gpt2-medium", lambda b: models.gpt2("medium", batch_size=b, seq_len=1024), 8,
+             "1024 tokens", causal=True),
+    Workload("resnet50", lambda b: models.resnet50(batch_size=b), 64, "3x224x224"),
+)
+QUICK = (
+    Workload("gpt2-tiny", lambda b: models.gpt2("tiny", batch_size=b, seq_len=32), 8, "32 tokens",
+             causal=True),
+    Workload("resnet-tiny", lambda b: models.resnet_tiny(batch_size=b), 8, "3x16x16"),
+)
+
+
+def run_model(w: Workload, *, device: torch.device, dtype: torch.dtype, warmup: int,
+              repeat: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Plain and one-stage step times of one model."""
+    case = w.make(w.batch_size)
+    plain_model = case.model.to(dtype=dtype).to(device)
+    ours_model = copy.deepcopy(plain_model)
+    args, kwargs = to_device(case.args, device, dtype), to_device(case.kwargs, device, dtype)
+    target = to_device(case.target, device, dtype)
+    loss_fn = case.loss_fn
+
+    traced = trace(ours_model, args, kwargs)
+    plan = partition(traced.graph, PlanConfig(partitions=1, microbatches=1),
+                     "h100" if device.type == "cuda" else "cpu")
+    stages = build_stages(traced, plan)
+    pipe = LocalPipeline(stages, microbatches=1, loss_fn=loss_fn, devices=[device])
+    flat = traced.flatten_inputs(args, kwargs)
+
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
+    ours_opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
+
+    def plain_step() -> None:
+        plain_opt.zero_grad(set_to_none=True)
+        loss_fn(plain_model(*args, **kwargs), target).backward()
+        plain_opt.step()
+
+    def ours_step() -> None:
+        ours_opt.zero_grad(set_to_none=True)
+        pipe.train_step(flat, target)
+        ours_opt.step()
+
+    # Diagnostics: the traced graph module run directly (no codegen, no pipeline), and, for
+    # causal language models, that graph with SDPA's materialised causal mask replaced by
+    # is_causal=True (what the eager model runs).
+    variants: dict[str, Callable[[], None]] = {"plain": plain_step, "ours": ours_step}
+    variants["traced"] = _graph_step(traced.gm, traced, flat, target, loss_fn)
+    if w.causal:
+        variants["traced_causal"] = _graph_step(_causal_attention(traced.gm), traced, flat,
+                                                target, loss_fn)
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        # Alternate the order, so that none always runs on a warmer device.
+        names = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for k in names:
+            samples[k].extend(step_times(variants[k], device, warmup, repeat))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    plain, ours = med["plain"], med["ours"]
+    log(f"{w.name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+        + f"; ratio {ours / plain:.4f}")
+    return {"model": w.name, "batch_size": w.batch_size, "sample": w.shape,
+            "parameters": traced.graph.num_parameters, "nodes": len(traced.graph),
+            "tracer": traced.method, "plain_step_ms": plain * 1e3, "ours_step_ms": ours * 1e3,
+            "ratio": ours / plain,
+            "diagnostics_ms": {k: v * 1e3 for k, v in med.items() if k not in ("plain", "ours")},
+            "round_medians_ms": {
+                k: [1e3 * statistics.median(v[i * repeat:(i + 1) * repeat]) for i in range(rounds)]
+                for k, v in samples.items()}}
+
+
+def _graph_step(gm: torch.fx.GraphModule, traced: Any, flat: list[Any], target: Any,
+                loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[], None]:
+    """A training step that runs ``gm`` (a traced graph module) directly."""
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(traced.unflatten_outputs(gm(*flat)), target).backward()
+        opt.step()
+    return step
+
+
+def _causal_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A graph module on the same weights whose SDPA calls take ``is_causal=True`` instead of
+    the (causal) mask the trace materialised. Only valid for causal models without padding."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    for node in graph.nodes:
+        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target) \
+                and len(node.args) >= 4 and node.args[3] is not None:
+            node.args = node.args[:3]
+            node.kwargs = {**node.kwargs, "is_causal": True}
+    graph.eliminate_dead_code()
+    return torch.fx.GraphModule(gm, graph)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny models (CPU smoke test)")
+    parser.add_argument("--models", default="", help="comma-separated subset of model names")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--out", default=None, help="results JSON")
+    a = parser.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, a.dtype)
+    workloads = QUICK if a.quick else FULL
+    if a.models:
+        workloads = tuple(w for w in workloads if w.name in set(a.models.split(",")))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"device {name}; dtype {a.dtype}; AdamW; partitions=1, microbatches=1")
+    results = [run_model(w, device=device, dtype=dtype, warmup=a.warmup, repeat=a.repeat,
+                         rounds=a.rounds, log=log) for w in workloads]
+    worst = max(r["ratio"] for r in results)
+    out = {"benchmark": "gpu_overhead", "device": name, "versions": versions("transformers"),
+           "dtype": a.dtype, "optimizer": "AdamW",
+           "timing": {"warmup": a.warmup, "repeat": a.repeat, "rounds": a.rounds,
+                      "statistic": "median"},
+           "goal_ratio": GOAL, "worst_ratio": worst, "goal_met": worst <= GOAL,
+           "models": results}
+    print()
+    print("model | plain ms | ours ms | ratio | traced ms | traced, causal SDPA ms")
+    print("--- | --- | --- | --- | --- | ---")
+    for r in results:
+        d = r["diagnostics_ms"]
+        print(f"{r['model']} | {r['plain_step_ms']:.2f} | {r['ours_step_ms']:.2f} | "
+              f"{r['ratio']:.4f} | {d.get('traced', math.nan):.2f} | "
+              f"{d.get('traced_causal', math.nan):.2f}")
+    print(f"worst ratio {worst:.4f} (goal <= {GOAL})")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=1))
+        log(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
