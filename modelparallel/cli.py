@@ -204,6 +204,8 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     leaves = [*args, *kwargs.values()]
     samples = next((int(t.shape[0]) for t in leaves
                     if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+    from rich.markup import escape
+
     from modelparallel.tracer import trace
 
     start = time.perf_counter()
@@ -212,7 +214,7 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     console.print(f"[dim]traced {type(model).__name__} with {traced.method}: "
                   f"{len(traced.graph)} nodes in {time.perf_counter() - start:.1f} s[/dim]")
     for note in traced.notes:
-        console.print(f"[dim]  note: {note}[/dim]")
+        console.print(f"[dim]  note: {escape(note)}[/dim]")
     return _Loaded(traced.graph, traced, shapes, samples,
                    flat_inputs=traced.flatten_inputs(args, kwargs))
 
@@ -394,8 +396,10 @@ def _check_measured_shapes(path: str, loaded: _Loaded) -> None:
 
 
 def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
-             console: Any) -> dict[str, tuple[float, float]]:
-    """Time every node of the loaded model on ``device`` (default: CUDA if present)."""
+             console: Any, profiles_out: dict[str, Any] | None = None
+             ) -> dict[str, tuple[float, float]]:
+    """Time every node of the loaded model on ``device`` (default: CUDA if present); the
+    node profiles go into ``profiles_out`` if given."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -410,7 +414,8 @@ def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
     gm = loaded.traced.gm.to(dev)
     flat = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev), loaded.flat_inputs)
     with console.status(f"profiling {len(loaded.graph)} nodes on {dev}"):
-        return profile_node_times(gm, flat, warmup=warmup, repeat=repeat)
+        return profile_node_times(gm, flat, warmup=warmup, repeat=repeat,
+                                  profiles_out=profiles_out)
 
 
 def _with_source(plan: Any, a: argparse.Namespace, loaded: _Loaded) -> Any:
@@ -508,8 +513,10 @@ def _calibrate_ops(a: argparse.Namespace, spec: Any, err: Any) -> None:
                          microbatches=a.microbatches, method=a.trace_method, console=err,
                          dtype=a.dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    times = _profile(loaded, device, warmup=a.warmup, repeat=a.repeat, console=err)
-    save_node_times(a.ops_out, times, graph=loaded.graph,
+    profiles: dict[str, Any] = {}
+    times = _profile(loaded, device, warmup=a.warmup, repeat=a.repeat, console=err,
+                     profiles_out=profiles)
+    save_node_times(a.ops_out, times, graph=loaded.graph, profiles=profiles,
                     device=str(spec.extra.get("product", spec.name)),
                     metadata={"model": a.model, "dtype": a.dtype or "as built",
                               "microbatches": a.microbatches,

@@ -210,7 +210,7 @@ def _stage_module(traced: TracedModel, split: StageSplit) -> torch.fx.GraphModul
             assert isinstance(old.target, str)
             canonical = traced.param_names.get(old.target, old.target)
             new.target = canonical
-            attr_objects[canonical] = _resolve(gm, old.target)
+            attr_objects[canonical] = operator.attrgetter(old.target)(gm)
         env[old] = new
     outputs: list[torch.fx.node.Argument] = [env[nodes[name]] for name in split.send]
     if split.is_last:
@@ -228,13 +228,6 @@ def _placeholder(graph: torch.fx.Graph, old: torch.fx.Node) -> torch.fx.Node:
     new.meta = dict(old.meta)
     assert new.name == old.name, (new.name, old.name)
     return new
-
-
-def _resolve(root: torch.nn.Module, target: str) -> object:
-    obj: object = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _stage_root(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
@@ -312,7 +305,7 @@ def _register_canonical_names(module: torch.fx.GraphModule, traced: TracedModel)
         if canonical in names:
             continue
         try:
-            existing = _resolve(module, canonical)
+            existing = operator.attrgetter(canonical)(module)
         except AttributeError:
             existing = None
         if existing is None:

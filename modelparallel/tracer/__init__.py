@@ -2,7 +2,8 @@
 
 :func:`trace` is the entry point (Note [tracer paths] in ``tracing.py``). The module-level path
 (torch.fx with leaf modules) lives in :mod:`.fx_path`, the op-level path (torch.export) in
-:mod:`.export_path`; both are normalised by :mod:`.normalize`, annotated on fake tensors by
+:mod:`.export_path`; both are normalised by :mod:`.normalize`, their materialised causal
+attention masks turned back into ``is_causal=True`` by :mod:`.masks`, annotated on fake tensors by
 :mod:`.annotate` and turned into IR by :mod:`.to_ir`.
 
 Example:
@@ -15,6 +16,7 @@ Example:
 from modelparallel.errors import TracingError
 from modelparallel.tracer.annotate import NodeInfo, propagate
 from modelparallel.tracer.fx_path import LeafSpec
+from modelparallel.tracer.masks import MaskSimplification, simplify_attention_masks
 from modelparallel.tracer.normalize import input_device
 from modelparallel.tracer.to_ir import ParamTable
 from modelparallel.tracer.traced import TracedModel
@@ -23,11 +25,13 @@ from modelparallel.tracer.tracing import METHODS, trace
 __all__ = [
     "METHODS",
     "LeafSpec",
+    "MaskSimplification",
     "NodeInfo",
     "ParamTable",
     "TracedModel",
     "TracingError",
     "input_device",
     "propagate",
+    "simplify_attention_masks",
     "trace",
 ]

@@ -13,6 +13,11 @@ tracer failed at, both error messages, and what to try.
 Hugging Face models are traced with every ``config.use_cache`` set to False (and restored), so the
 graph returns no KV cache; a ``use_cache`` the caller passes explicitly is respected.
 
+Before annotation, attention masks computed from input shapes alone are simplified: a causal one
+becomes SDPA's ``is_causal=True``, an all-true one is dropped (Note [causal masks] in
+``masks.py``; ``simplify_masks=False`` turns this off). It is skipped when the caller passes
+``use_cache=True``: a graph with a KV cache may later run with fewer queries than keys.
+
 A model on the meta device is traced with meta copies of the example tensors, so no weight or
 activation memory is allocated; the flat inputs the caller passes later are real tensors. Model
 code that branches on the device type (Hugging Face's GPT-2 adds a ``contiguous`` off CPU) can
@@ -38,6 +43,7 @@ from modelparallel.errors import ConfigError, TracingError
 from modelparallel.tracer.annotate import PropagationError, propagate
 from modelparallel.tracer.export_path import trace_export
 from modelparallel.tracer.fx_path import LeafSpec, RawTrace, trace_fx
+from modelparallel.tracer.masks import simplify_attention_masks
 from modelparallel.tracer.normalize import build_graph_module, make_device_neutral, model_device
 from modelparallel.tracer.to_ir import build_ir
 from modelparallel.tracer.traced import TracedModel
@@ -53,7 +59,7 @@ _TRACER_DIR = os.path.dirname(__file__)
 
 def trace(model: nn.Module, args: Any = (), kwargs: Mapping[str, Any] | None = None, *,
           method: str = "auto", leaf_modules: Sequence[LeafSpec] = (), dynamic: bool = True,
-          annotate: bool = True) -> TracedModel:
+          annotate: bool = True, simplify_masks: bool = True) -> TracedModel:
     """Trace ``model`` on an example batch into a flat graph module and its IR graph.
 
     Args:
@@ -67,6 +73,9 @@ def trace(model: nn.Module, args: Any = (), kwargs: Mapping[str, Any] | None = N
             export] in ``export_path.py``). fx graphs are always shape-generic.
         annotate: Measure forward/backward FLOPs and saved activation bytes per node on fake
             tensors (Note [fake annotation] in ``annotate.py``).
+        simplify_masks: Replace attention masks computed from input shapes alone: a causal one
+            by SDPA's ``is_causal=True`` (the fast kernel), an all-true one by none (Note
+            [causal masks] in ``masks.py``). ``False`` keeps the graph as traced.
 
     Returns:
         The traced model (see :class:`TracedModel` for the contract).
@@ -95,12 +104,16 @@ def trace(model: nn.Module, args: Any = (), kwargs: Mapping[str, Any] | None = N
     paths = ["fx", "export"] if method == "auto" else [method]
     failures: dict[str, BaseException] = {}
     notes: list[str] = []
+    if simplify_masks and tkwargs.get("use_cache"):
+        simplify_masks = False
+        notes.append("attention: masks left as traced because use_cache=True was passed (a "
+                      "KV-cache graph may run with fewer queries than keys)")
     with _no_kv_cache(model, tkwargs, notes):
         for path in paths:
             try:
                 traced = _trace_with(path, model, targs, tkwargs, leaves, in_spec, device,
                                      leaf_modules=leaf_modules, dynamic=dynamic,
-                                     annotate=annotate)
+                                     annotate=annotate, simplify_masks=simplify_masks)
             except Exception as e:
                 failures[path] = e
                 continue
@@ -155,8 +168,8 @@ def _no_kv_cache(model: nn.Module, kwargs: Mapping[str, Any], notes: list[str]
 
 def _trace_with(path: str, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                 leaves: list[Any], in_spec: pytree.TreeSpec, device: torch.device, *,
-                leaf_modules: Sequence[LeafSpec], dynamic: bool, annotate: bool
-                ) -> TracedModel:
+                leaf_modules: Sequence[LeafSpec], dynamic: bool, annotate: bool,
+                simplify_masks: bool) -> TracedModel:
     t0 = time.perf_counter()
     raw: RawTrace
     if path == "fx":
@@ -169,8 +182,10 @@ def _trace_with(path: str, model: nn.Module, args: tuple[Any, ...], kwargs: dict
                              "module down to ATen ops")
     gm, gm_notes = build_graph_module(raw.holder, raw.graph, model,
                                       class_name=f"Traced{type(model).__name__}")
-    t1 = time.perf_counter()
     notes = [*raw.notes, *gm_notes]
+    if simplify_masks:
+        notes += simplify_attention_masks(gm, leaves, model=model).notes
+    t1 = time.perf_counter()
     try:
         infos, prop_notes = propagate(gm, leaves, annotate=annotate)
     except PropagationError as e:
