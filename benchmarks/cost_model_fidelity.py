@@ -11,7 +11,11 @@ For each model (GPT-2 medium, a 1.1B Llama decoder, ResNet-50, BERT-large; tiny 
    spec (``h100``, or ``cpu`` for ``--device cpu``), schedule 1F1B, Adam;
 2. predict each stage's forward+backward time per microbatch three ways, on the same assignment:
    the roofline with the built-in spec, the roofline with the calibrated spec (``--spec``), and
-   profiling mode (``cost_model.profile.profile_node_times`` of every node, summed per stage);
+   profiling mode (``cost_model.profile.profile_node_times`` of every node, summed per stage:
+   ``profiled`` is ``node_times``' default, ``profiled_device_bwd`` counts the backward's device
+   time only, ``profiled_context_bwd`` replays the backward with the in-context host times of
+   Note [in-context backward host time]; a failed in-context measurement falls back to the
+   device-only backward, with a NOTE line);
    and the stage's peak memory (``MemoryEstimate.peak``);
 3. measure each stage alone (Note [fidelity measurement]).
 
@@ -20,7 +24,7 @@ Note [fidelity measurement]
 What the cost model claims for a stage is: per microbatch, the compute time of its nodes,
 forward and backward (Note [stage time and memory] in ``modelparallel/partitioner/problem.py``);
 at its peak, its parameters, gradients and optimizer state, plus the saved activations and
-received values of the microbatches 1F1B keeps in flight, plus the largest op's workspace. So
+received and sent values of the microbatches 1F1B keeps in flight, plus the largest op's workspace. So
 each stage is measured alone, on the values it really receives (captured from a forward pass of
 the stages before it):
 
@@ -80,7 +84,14 @@ from modelparallel.cost_model import (
     get_device_spec,
     inflight_microbatches,
 )
-from modelparallel.cost_model.profile import NodeProfile, node_times, profile_nodes, time_call
+from modelparallel.cost_model.profile import (
+    NodeProfile,
+    backward_host_times,
+    node_times,
+    profile_nodes,
+    time_call,
+    with_backward_context,
+)
 from modelparallel.ir import Graph
 from modelparallel.partitioner import evaluate_assignment, partition
 from modelparallel.plan import Plan, PlanConfig
@@ -406,10 +417,13 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
     plan = partition(graph, config, plan_device, samples_per_microbatch=mb_size)
     plan_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    profiles = profile_nodes(traced.gm, flat, warmup=profile_warmup, repeat=profile_repeat)
+    profiles = profile_nodes(traced.gm, flat, warmup=profile_warmup, repeat=profile_repeat,
+                             backward_context=False)
     profile_s = time.perf_counter() - t0
     log(f"{w.name}: planned in {plan_s:.1f} s, profiled {len(profiles)} nodes in "
         f"{profile_s:.1f} s")
+    profiles, context_note, context_s = _with_context(traced.gm, flat, profiles, device, log,
+                                                      w.name)
 
     stages = build_stages(traced, plan)
     inputs = _stage_inputs(stages, flat)
@@ -442,7 +456,8 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
         "trace_s": trace_s, "plan_s": plan_s, "profile_s": profile_s,
         "time_limit": time_limit, "graph": graph.to_dict(), "assignment": plan.assignment,
         "profiles": {k: [v.device_forward, v.host_forward, v.device_backward, v.host_backward,
-                         v.kind] for k, v in profiles.items()},
+                         v.kind, v.host_backward_context] for k, v in profiles.items()},
+        "backward_context_s": context_s, "backward_context_note": context_note,
         "stages": rows,
     }
     del stages, inputs, traced, model, case
@@ -450,6 +465,32 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return raw
+
+
+def _with_context(gm: Any, flat: list[Any], profiles: dict[str, NodeProfile],
+                  device: torch.device, log: Callable[[str], None], name: str
+                  ) -> tuple[dict[str, NodeProfile], str, float]:
+    """The profiles with in-context backward host times (Note [in-context backward host
+    time] in ``cost_model/profile.py``), the note of a failure ('' if none), and the seconds
+    it took. A failure keeps the profiles as they are: the predictions then fall back to the
+    device-time backward, and the report says why."""
+    t0 = time.perf_counter()
+    try:
+        context = backward_host_times(gm, flat)
+        out = with_backward_context(profiles, [n.name for n in gm.graph.nodes], context,
+                                    host_is_device=device.type != "cuda")
+        note = ""
+    except Exception as e:  # the new measurement never breaks the run
+        traceback.print_exc()
+        out, note = profiles, f"in-context backward host times failed: {type(e).__name__}: {e}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    seconds = time.perf_counter() - t0
+    total = sum(p.host_backward_context or 0.0 for p in out.values())
+    log(f"{name}: in-context backward host times in {seconds:.1f} s "
+        f"({total * 1e3:.2f} ms of host over the backward){'; ' + note if note else ''}")
+    return out, note, seconds
 
 
 def _config(microbatches: int, time_limit: float) -> PlanConfig:
@@ -460,6 +501,8 @@ def _config(microbatches: int, time_limit: float) -> PlanConfig:
 def _node_profile(values: list[Any], graph: Graph, name: str) -> NodeProfile:
     """A recorded node profile; records made before profiles had a kind get the IR's op and
     output shapes as their kind."""
+    if len(values) >= 6:  # with the in-context backward host time (None: not measured)
+        return NodeProfile(*values[:4], kind=str(values[4]), host_backward_context=values[5])
     if len(values) >= 5:
         return NodeProfile(*values[:4], kind=str(values[4]))
     node = graph.node(name)
@@ -484,14 +527,31 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         predictions["roofline_calibrated"] = evaluate_assignment(
             graph, config, spec, assignment, samples_per_microbatch=mb)
     profiles = {k: _node_profile(v, graph, k) for k, v in raw["profiles"].items()}
-    times = node_times([n.name for n in graph.nodes], profiles)
-    costs = estimate_costs(graph, plan_device, optimizer=OPTIMIZER, measured=times)
-    predictions["profiled"] = evaluate_assignment(graph, config, plan_device, assignment,
-                                                  costs=[costs], samples_per_microbatch=mb)
+    order = [n.name for n in graph.nodes]
+    has_context = any(p.host_backward_context is not None for p in profiles.values())
+    # profiled: node_times' default (what the partitioner gets); the backward counted from
+    # device time only (the model before in-context host times), and replayed with the
+    # in-context host times (Note [in-context backward host time]); the last falls back to the
+    # device-only backward, with a note, where the in-context measurement is missing.
+    times = node_times(order, profiles)
+    variants = {"profiled": times,
+                "profiled_device_bwd": node_times(order, profiles, backward_host="device"),
+                "profiled_context_bwd": node_times(order, profiles, backward_host="context")
+                if has_context else node_times(order, profiles, backward_host="device")}
+    context_note = raw.get("backward_context_note") or (
+        "" if has_context else "no in-context backward host times in this record: "
+        "profiled_context_bwd = profiled_device_bwd")
+    times_bh = node_times(order, profiles, backward_host="isolated")
+    stage_nodes: dict[int, list[str]] = {}
+    for name, st in assignment.items():
+        stage_nodes.setdefault(int(st), []).append(name)
+    for mode, mode_times in variants.items():
+        costs = estimate_costs(graph, plan_device, optimizer=OPTIMIZER, measured=mode_times)
+        predictions[mode] = evaluate_assignment(graph, config, plan_device, assignment,
+                                                costs=[costs], samples_per_microbatch=mb)
     rows = []
     for measured in raw["stages"]:
         s = measured["stage"]
-        k = measured["inflight"]
         est = plan.stages[s]
         row = {key: v for key, v in measured.items()
                if key not in ("recomputed", "measured_host_ms")}
@@ -505,12 +565,6 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
                                  "workspace": est.memory.workspace},
             "memory_error": _rel(est.memory.peak, measured["memory_measured_bytes"]),
         })
-        # The values a stage sends stay referenced until their gradients return (the runtimes
-        # keep them to run backward from); the partitioner's formula does not count them yet.
-        sends = plan.boundaries[s].forward_bytes if s < PARTITIONS - 1 else 0
-        row["memory_predicted_with_sends_bytes"] = est.memory.peak + k * sends
-        row["memory_with_sends_error"] = _rel(est.memory.peak + k * sends,
-                                              measured["memory_measured_bytes"])
         both = measured["measured_ms"] / 1e3
         for mode, p in predictions.items():
             st = p.stages[s]
@@ -524,6 +578,14 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         row["profiled_with_recompute_ms"] = row["profiled_ms"] + extra * 1e3
         row["profiled_with_recompute_error"] = _rel(row["profiled_with_recompute_ms"] / 1e3,
                                                     both)
+        # Diagnosis: the backward replayed with the measured host backward times.
+        bh = sum(sum(times_bh.get(n, (0.0, 0.0))) for n in stage_nodes[s])
+        row["profiled_backward_host_ms"] = bh * 1e3
+        row["profiled_backward_host_error"] = _rel(bh, both)
+        row["context_backward_host_ms"] = 1e3 * sum(
+            profiles[n].host_backward_context or 0.0 for n in stage_nodes[s] if n in profiles)
+        row["device_backward_ms"] = 1e3 * sum(
+            profiles[n].device_backward for n in stage_nodes[s] if n in profiles)
         rows.append(row)
     return {
         "model": raw["model"], "batch_size": raw["batch_size"],
@@ -531,6 +593,7 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         "parameters": graph.num_parameters, "nodes": len(graph), "tracer": raw["tracer"],
         "trace_s": raw["trace_s"], "plan_s": raw["plan_s"], "profile_s": raw["profile_s"],
         "profiled_nodes": len(profiles), "stages": rows,
+        "backward_context_note": context_note,
     }
 
 
@@ -539,7 +602,7 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
 
 def _summary(results: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in [f"{m}_error" for m in modes] + ["memory_error", "memory_with_sends_error"]:
+    for key in [f"{m}_error" for m in modes] + ["memory_error"]:
         errs = [abs(r[key]) for res in results for r in res["stages"]
                 if not math.isnan(r.get(key, math.nan))]
         if errs:
@@ -602,9 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = get_device_spec(a.spec) if a.spec else None
         header, records, failed = _measure_all(a, device, spec, log)
     plan_device = header["plan_device"]
-    modes = ["roofline"] + (["roofline_calibrated"] if spec is not None else []) + ["profiled"]
+    modes = ["roofline"] + (["roofline_calibrated"] if spec is not None else []) + [
+        "profiled", "profiled_device_bwd", "profiled_context_bwd"]
     results = [predict_model(r, plan_device=plan_device, spec=spec) for r in records.values()]
-    summary = _summary(results, [*modes, "profiled_with_recompute"])
+    summary = _summary(results, [*modes, "profiled_with_recompute", "profiled_backward_host"])
     bar = {"profiled_time_median": 0.10, "profiled_time_worst": 0.20, "memory_worst": 0.10}
     met = {} if not results else {
         "profiled_time_median": summary["profiled"]["median"] <= bar["profiled_time_median"],
@@ -632,6 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{key:>24}: median |error| {100 * s['median']:.1f}%, "
               f"worst {100 * s['worst']:.1f}% over {s['stages']} stages")
     print(f"bar met: {met}")
+    for res in results:
+        if res.get("backward_context_note"):
+            print(f"NOTE {res['model']}: {res['backward_context_note']}")
     for model, why in failed.items():
         print(f"FAILED {model}: {why}")
     if a.out:

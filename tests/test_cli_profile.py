@@ -147,3 +147,24 @@ def test_only_values_computed_from_parameters_get_gradients() -> None:
     assert times["mul"][1] == 0.0
     assert times["fc"][1] > 0 and times["tanh"][1] > 0
     assert all(p.grad is None for p in gm.parameters())  # the model's .grad is never touched
+
+
+def test_node_times_file_carries_the_profiles_and_reads_version_1(
+        calibrated: tuple[Path, Path], tmp_path: Path) -> None:
+    from modelparallel.cost_model.profile import NodeProfile, load_node_profiles
+
+    _, ops = calibrated
+    data = json.loads(ops.read_text())
+    assert data["version"] == 2
+    profiles = load_node_profiles(ops)
+    assert set(profiles) == set(data["nodes"])
+    assert all(p.host_backward_context == 0.0 for p in profiles.values())  # measured, on CPU
+    path = save_node_times(tmp_path / "p.json", {"fc": (1.0, 2.0)},
+                           profiles={"fc": NodeProfile(1.0, 0.5, 2.0, 0.5, "k", 0.25)})
+    assert load_node_profiles(path)["fc"] == NodeProfile(1.0, 0.5, 2.0, 0.5, "k", 0.25)
+    old = tmp_path / "v1.json"  # a file of the first format: its times still read
+    old.write_text(json.dumps({"format": NODE_TIMES_FORMAT, "version": 1,
+                               "nodes": {"fc": [1.0, 2.0]}}))
+    assert load_node_times(old) == {"fc": (1.0, 2.0)}
+    with pytest.raises(ConfigError, match="carry no node profiles"):
+        load_node_profiles(old)

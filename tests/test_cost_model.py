@@ -176,3 +176,172 @@ def test_traced_attention() -> None:
     total = sum(n.flops for n in graph.nodes)
     assert total >= 2 * b * s * d * 3 * d + 4 * b * s * s * d
     assert sum(c.forward_time for c in costs.nodes.values()) > 0
+
+
+def test_backward_host_replay_on_a_made_up_profile() -> None:
+    from modelparallel.cost_model.profile import NodeProfile, node_times
+
+    # a: big kernels (the host runs ahead); b, c: tiny kernels queued slowly.
+    p = {"a": NodeProfile(1.0, 0.1, 2.0, 0.1, "A"), "b": NodeProfile(0.1, 0.5, 0.1, 1.0, "B"),
+         "c": NodeProfile(0.1, 0.5, 0.1, 1.0, "B")}
+    device_only = node_times(["a", "b", "c"], p)
+    assert [round(b, 6) for _, b in device_only.values()] == [2.0, 0.1, 0.1]
+    replay = node_times(["a", "b", "c"], p, backward_host=True)
+    # Forward: host queues a at 0.1, b at 0.6, c at 1.1; the device finishes a at 1.1, b at
+    # 1.2, c at 1.3. Backward in reverse: c queued at 2.1 (device waits 0.8), b at 3.1, a at
+    # 3.2 (then 2.0 of kernels).
+    assert [round(f, 6) for f, _ in replay.values()] == [1.1, 0.1, 0.1]
+    assert [round(b, 6) for _, b in replay.values()] == [2.0, 1.0, 0.9]
+    assert sum(sum(v) for v in replay.values()) == pytest.approx(5.2)
+
+
+def test_sent_values_held_unless_the_op_saves_its_output() -> None:
+    from modelparallel.ir import Graph, Node, OpKind, TensorMeta
+
+    t = (TensorMeta((8, 8), "float32", True),)
+    g = Graph("acts", (
+        Node("x", OpKind.PLACEHOLDER, "x", outputs=t),
+        Node("r", OpKind.CALL_FUNCTION, "aten.relu.default", inputs=("x",), outputs=t),
+        Node("v", OpKind.CALL_FUNCTION, "aten.view.default", inputs=("r",), outputs=t),
+        Node("g", OpKind.CALL_FUNCTION, "aten.gelu.default", inputs=("v",), outputs=t),
+        Node("a", OpKind.CALL_FUNCTION, "aten.add.Tensor", inputs=("g", "r"), outputs=t),
+        Node("output", OpKind.OUTPUT, "output", inputs=("a",))))
+    c = estimate_costs(g, "h100").nodes
+    assert [c[n].sent_held for n in "rvga"] == [0, 0, 256, 256]
+    # the addition hands its incoming gradient to both inputs: only that gradient is transient
+    assert c["a"].workspace_bytes == 256
+
+
+class _SdpaAttention(torch.nn.Module):
+    def __init__(self, d: int, heads: int, causal: bool) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        self.heads, self.causal = heads, causal
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_traced_sdpa_attention(causal: bool) -> None:
+    # A causal SDPA counts only the kept triangle, s (s + 1) / 2 of the s * s scores, forward and
+    # backward (Note [causal attention FLOPs] in modelparallel/tracer/annotate.py).
+    b, s, d, h = 2, 64, 32, 4
+    graph, costs = _traced_costs(_SdpaAttention(d, h, causal), torch.randn(b, s, d))
+    sdpa = _only(graph, lambda n: "scaled_dot_product_attention" in n.target)
+    scores = s * (s + 1) // 2 if causal else s * s
+    assert sdpa.flops == 2 * 2 * b * h * scores * (d // h)          # QK^T and PV
+    assert sdpa.backward_flops == 10 * b * h * scores * (d // h)      # 2.5x forward
+    cost = costs.nodes[sdpa.name]
+    assert cost.forward_time >= sdpa.flops / 1e12
+    assert cost.backward_time >= sdpa.backward_flops / 1e12
+
+
+# -- in-context backward host times (Note [in-context backward host time]) -----------------------
+
+
+class _GradMix(torch.nn.Module):
+    """An input-only node (no gradient), a module with parameters, a parameter-free op that
+    needs a gradient, and a value read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = x * 2.0
+        h = torch.tanh(self.fc(scaled))
+        return self.norm(h) + h
+
+
+def test_every_backward_function_belongs_to_exactly_one_node() -> None:
+    from modelparallel.cost_model.profile import _backward_roots, _FunctionMapper
+
+    gm = torch.fx.symbolic_trace(_GradMix())
+    mapper = _FunctionMapper(gm)
+    with torch.enable_grad():
+        roots = _backward_roots(mapper.run(torch.randn(4, 16)))
+    reachable, stack = set(), [t.grad_fn for t in roots]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in reachable:
+            reachable.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    # a dict: each function has one owner; and the owned functions are exactly the backward's
+    assert set(mapper.owner) == reachable
+    by_node: dict[str, list[str]] = {}
+    for fn, name in mapper.owner.items():
+        by_node.setdefault(name, []).append(type(fn).__name__)
+    assert "mul" not in by_node and "x" not in by_node            # no gradient flows there
+    assert sorted(by_node["fc"]).count("AccumulateGrad") == 2     # weight and bias, once each
+    assert set(by_node) == {"fc", "tanh", "norm", "add"}
+
+
+def test_context_backward_replay_on_a_made_up_profile() -> None:
+    from modelparallel.cost_model.profile import NodeProfile, node_times
+
+    # a: big kernels; b, c: tiny kernels whose backward the host queues slowly (1.0 in context).
+    p = {"a": NodeProfile(1.0, 0.1, 2.0, 5.0, "A", 0.3),
+         "b": NodeProfile(0.1, 0.5, 0.1, 5.0, "B", 1.0),
+         "c": NodeProfile(0.1, 0.5, 0.1, 5.0, "B", 1.0)}
+    ctx = node_times(["a", "b", "c"], p)  # default: the in-context times, since they exist
+    assert ctx == node_times(["a", "b", "c"], p, backward_host="context")
+    # Forward: the host has queued everything at 1.1; the device finishes a at 1.1, b at 1.2,
+    # c at 1.3. Backward, reverse order, the host going on from 1.1: c queued at 2.1 (the
+    # device waits), done 2.2 (adds 0.9); b queued 3.1, done 3.2 (+1.0); a queued 3.4, its
+    # 2.0 of kernels done at 5.4 (+2.2).
+    assert [round(f, 6) for f, _ in ctx.values()] == [1.1, 0.1, 0.1]
+    assert [round(b, 6) for _, b in ctx.values()] == [2.2, 1.0, 0.9]
+    assert sum(sum(v) for v in ctx.values()) == pytest.approx(5.4)
+    device = node_times(["a", "b", "c"], p, backward_host="device")
+    assert [round(b, 6) for _, b in device.values()] == [2.0, 0.1, 0.1]
+    # with no host cost (the CPU) the replay is the plain sum of device times
+    cpu = {k: NodeProfile(v.device_forward, 0.0, v.device_backward, 0.0, v.kind, 0.0)
+           for k, v in p.items()}
+    assert [b for _, b in node_times(["a", "b", "c"], cpu).values()] == pytest.approx(
+        [2.0, 0.1, 0.1])
+    with pytest.raises(ConfigError, match="backward_host"):
+        node_times(["a"], p, backward_host="sometimes")  # type: ignore[arg-type]
+
+
+def test_context_times_fold_skipped_nodes_into_their_neighbour() -> None:
+    from modelparallel.cost_model.profile import NodeProfile, with_backward_context
+
+    p = {"a": NodeProfile(1.0, 0.0, 1.0, 0.0), "c": NodeProfile(1.0, 0.0, 1.0, 0.0),
+         "d": NodeProfile(1.0, 0.0, 1.0, 0.0)}
+    out = with_backward_context(p, ["x", "a", "b", "c", "d"], {"x": 0.25, "a": 1.0, "b": 0.5,
+                                                              "c": 2.0})
+    # b (not profiled) goes to a, which the engine runs next; x has nothing before it
+    assert [out[n].host_backward_context for n in "acd"] == [1.75, 2.0, 0.0]
+    assert all(v.host_backward_context == 0.0 for v in
+               with_backward_context(p, ["a", "c", "d"], {"a": 1.0}, host_is_device=True)
+               .values())
+
+
+def test_cpu_backward_host_times_end_to_end() -> None:
+    from modelparallel.cost_model.profile import (
+        backward_host_times,
+        node_times,
+        profile_node_times,
+        profile_nodes,
+    )
+
+    gm = torch.fx.symbolic_trace(_GradMix())
+    x = torch.randn(8, 16)
+    host = backward_host_times(gm, [x], warmup=1, repeat=2)
+    assert set(host) == {"fc", "tanh", "norm", "add"}             # the nodes that need grad
+    assert all(v > 0 for v in host.values())
+    assert all(p.grad is None for p in gm.parameters())           # .grad put back
+    profiles = profile_nodes(gm, [x], warmup=1, repeat=2)
+    assert all(p.host_backward_context == 0.0 for p in profiles.values())  # CPU: host is device
+    order = [n.name for n in gm.graph.nodes]
+    replay = node_times(order, profiles)
+    assert [b for _, b in replay.values()] == pytest.approx(
+        [profiles[n].device_backward for n in replay])
+    out: dict = {}
+    times = profile_node_times(gm, [x], warmup=1, repeat=2, profiles_out=out)
+    assert set(out) == set(times) and times["mul"][1] == 0.0

@@ -21,10 +21,27 @@ at its first saver: Note [saved storages counted once] in ``modelparallel/tracer
 plus, for the nodes whose values are model outputs, those values: the runtime holds the model
 output of every microbatch in flight until the loss's backward has run. Its ``workspace_bytes``
 is the transient memory while it runs: forward, its outputs; backward, the gradient arriving for
-its outputs plus the gradients it produces for its inputs and, before they are added into
-``.grad``, for its parameters. The largest of these over a stage's nodes sits on top of the
+its outputs plus the gradients it produces for its inputs (none for the inputs of an addition
+of the output's shape, which receive the incoming gradient itself) and, before they are added
+into ``.grad``, for its parameters. The largest of these over a stage's nodes sits on top of the
 stage's held activations at its peak (Note [stage time and memory] in
 ``modelparallel/partitioner/problem.py``).
+
+Note [sent values held]
+~~~~~~~~~~~~~~~~~~~~~~~
+A stage keeps every value it sends referenced until that value's gradient comes back, for each
+microbatch in flight: the runtimes run the stage's backward from those tensors
+(``LocalPipeline``'s ``_Slot.pairs``, the distributed executor's ``mb.roots``, whose send
+buffers are released after the backward). A node's ``sent_held_bytes`` is what this costs the
+stage that computes the value, per microbatch: its output bytes, or 0 when that storage is
+already among the stage's saved activations because the op saves its own output for backward
+(ReLU, sigmoid, tanh, exp, softmax...: :data:`OUTPUT_SAVING_OPS`), or when the node is a view
+of such a value. A value relayed through a stage is its received leaf returned unchanged (Note
+[relay communication] in ``modelparallel/plan.py``), already counted there as received; so a
+value costs each stage it touches its bytes once: received, or computed there and sent
+(Note [stage time and memory] in ``modelparallel/partitioner/problem.py``). Not recognised,
+hence counted twice (an over-count): a sent value that a *consumer* on the sending stage saves
+(a LayerNorm's input), and a view, sent on, of a value the stage received.
 
 Example:
     >>> from modelparallel.ir import Graph, Node, OpKind, Param, TensorMeta
@@ -54,6 +71,7 @@ from modelparallel.ir import Graph, Node, OpKind, Param
 
 __all__ = [
     "OPTIMIZER_STATES",
+    "OUTPUT_SAVING_OPS",
     "GraphCosts",
     "NodeCost",
     "estimate_costs",
@@ -65,6 +83,16 @@ __all__ = [
 #: Optimizer state tensors per parameter tensor (each the parameter's size).
 OPTIMIZER_STATES: Mapping[str, int] = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2,
                                         "adagrad": 1, "rmsprop": 1}
+
+#: Ops whose backward reads their own output, which autograd therefore saves (Note [sent values
+#: held]): aten op names, ``torch.nn.functional`` names and ``nn.Module`` class names, lower case.
+OUTPUT_SAVING_OPS = frozenset({
+    "relu", "relu_", "threshold", "threshold_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp",
+    "exp_", "sqrt", "rsqrt", "softmax", "_softmax", "log_softmax", "_log_softmax",
+    "logsoftmax"})
+
+#: Ops whose backward passes the incoming gradient on unchanged to inputs of the same shape.
+_PASS_THROUGH_OPS = frozenset({"add", "add_", "iadd"})
 
 _VIEW_OPS = re.compile(
     r"(^|\.|_)(view|_unsafe_view|reshape|getitem|permute|transpose|t|expand|expand_as|unsqueeze|"
@@ -105,6 +133,9 @@ class NodeCost:
         grad_bytes: Bytes of the gradient of that value, sent backward if it crosses.
         workspace_bytes: Transient bytes alive while the node runs, forward or backward (Note
             [activation memory]).
+        sent_held_bytes: Bytes the stage computing the value keeps per microbatch in flight
+            when it sends the value on (Note [sent values held]); ``None`` means
+            ``output_bytes``.
     """
 
     forward_time: float
@@ -113,6 +144,12 @@ class NodeCost:
     output_bytes: int
     grad_bytes: int
     workspace_bytes: int
+    sent_held_bytes: int | None = None
+
+    @property
+    def sent_held(self) -> int:
+        """:attr:`sent_held_bytes`, with ``None`` read as the output bytes."""
+        return self.output_bytes if self.sent_held_bytes is None else self.sent_held_bytes
 
     @property
     def time(self) -> float:
@@ -250,10 +287,39 @@ def _workspace_bytes(node: Node, graph: Graph, needs_grad: bool) -> int:
     forward = node.output_bytes
     if not needs_grad:
         return forward
-    backward = node.grad_bytes + sum(graph.node(s).grad_bytes for s in node.inputs)
+    inputs = [graph.node(s) for s in node.inputs]
+    if _op_name(node) in _PASS_THROUGH_OPS:
+        # Autograd hands the incoming gradient itself to inputs of the output's shape.
+        shape = node.outputs[0].shape if node.outputs else None
+        inputs = [i for i in inputs if not (i.outputs and i.outputs[0].shape == shape)]
+    backward = node.grad_bytes + sum(i.grad_bytes for i in inputs)
     backward += sum(graph.param(p).nbytes for p in dict.fromkeys(node.params)
                     if graph.param(p).trainable)
     return max(forward, backward)
+
+
+def _op_name(node: Node) -> str:
+    """The op's short name: ``aten.relu.default`` -> ``relu``; a module: its class name."""
+    if node.op is OpKind.CALL_MODULE:
+        return node.module_type.lower()
+    parts = [x for x in re.split(r"[.:]", node.target) if x]
+    while len(parts) > 1 and parts[-1] in ("default", "Tensor", "Scalar", "int", "dim", "self",
+                                            "out"):
+        parts.pop()
+    return parts[-1].lower() if parts else ""
+
+
+def _sent_held_bytes(graph: Graph) -> dict[str, int]:
+    """Per node, what its stage holds when it sends the value (Note [sent values held])."""
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if _op_name(node) in OUTPUT_SAVING_OPS and node.grad_bytes > 0:
+            out[node.name] = 0
+        elif is_view_like(node) and len(node.inputs) == 1 and node.inputs[0] in out:
+            out[node.name] = min(node.output_bytes, out[node.inputs[0]])
+        else:
+            out[node.name] = node.output_bytes
+    return out
 
 
 def _held_outputs(graph: Graph) -> dict[str, int]:
@@ -285,10 +351,11 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
     flops_rate: dict[str, float] = {}
     nodes: dict[str, NodeCost] = {}
     held = _held_outputs(graph)
+    sent = _sent_held_bytes(graph)
     for node in graph.nodes:
         if is_view_like(node):
             nodes[node.name] = NodeCost(0.0, 0.0, held.get(node.name, 0), node.output_bytes,
-                                        node.grad_bytes, node.output_bytes)
+                                        node.grad_bytes, node.output_bytes, sent[node.name])
             continue
         dtype = _compute_dtype(node, graph)
         if dtype not in flops_rate:
@@ -308,7 +375,7 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
             node, graph)
         saved += held.get(node.name, 0)
         nodes[node.name] = NodeCost(fwd, bwd, int(saved), node.output_bytes, node.grad_bytes,
-                                    _workspace_bytes(node, graph, needs_grad))
+                                    _workspace_bytes(node, graph, needs_grad), sent[node.name])
     costs = GraphCosts(
         device=spec,
         nodes=nodes,

@@ -46,17 +46,71 @@ it is queued and the device is free. While the device works on large kernels the
 ahead; a run of small ops whose queueing takes longer than their kernels leaves the device
 waiting. :func:`node_times` replays the forward along the graph's order and gives each node the
 time it adds to the device's finishing time: its device time where the host kept ahead, more
-where the device waited for it. The backward counts device time only: it is queued by
-autograd's C++ engine, with no Python per op, which keeps ahead of the device unless kernels are
-tiny. (Its host time is measured too, but alone each node's backward pays a whole
-``autograd.grad`` call, and the measured figures overstate the engine's cost by 20 to 100%, so
-using them made predictions worse.) Host times on a shared machine are noisy (single calls of a
+where the device waited for it. The backward is replayed the same way, on the same timeline
+(the host goes on from where it finished queueing the forward), in reverse order, with each
+node's backward host time measured in context (Note [in-context backward host time]); profiles
+without those times count the backward's device time only. (The host time of each node's
+backward measured alone pays a whole ``autograd.grad`` call and overstated the engine's cost by
+20 to 100%: replaying with it made predictions worse; ``backward_host="isolated"`` keeps it
+for diagnosis.) A node's forward is timed on
+leaves that require grad where training's inputs do, so its host time includes autograd's
+recording of the op, as in a training step (profiles recorded before this change timed
+parameter-free nodes without it). Host times on a shared machine are noisy (single calls of a
 view took milliseconds once in a while), so each node takes the median host time of the nodes of
 its kind (the same op on the same shapes: one per layer). ``docs/gpu.md`` has the measurements:
 on an H100 whose host needs 10 us per op, the sum over a stage is within about 5% of its measured
 time for every stage of GPT-2 medium and a 1.1B Llama and for half of those of BERT-large and
 ResNet-50; where the backward itself is host-bound (ResNet-50's last stages at 32 images per
-microbatch, BERT-large's first ones) the model is short by 12-43%.
+microbatch, BERT-large's first ones) the device-time backward is short by 12-43%, which the
+in-context backward host times are meant to close (not yet measured on a GPU).
+
+Note [in-context backward host time]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Where a stage's backward is host-bound (ResNet-50 at 32 images per microbatch on an H100 whose
+host needs ~10 us per op: ~65 us of host per node in the backward, against 2-3 us of kernels
+for a BatchNorm), the device time of the nodes' backwards is not the stage's backward time.
+The host's cost per node is measured where it arises, inside the autograd engine running a
+whole backward (:func:`backward_host_times`):
+
+1. *Mapping.* An fx Interpreter runs the graph's forward with autograd on. After each node it
+   walks the autograd graph from the node's outputs (and inputs, which an in-place op gives a
+   new function), through ``next_functions``, stopping at functions already owned: every
+   function found is new, created by this node's run, and becomes the node's. A parameter's
+   ``AccumulateGrad`` goes to the first node that reaches it. Every function of the backward
+   thus has exactly one node; nodes whose values need no gradient have none.
+2. *Timing.* A pre-hook and a hook on every owned function take a host timestamp before and
+   after it runs. A node's host time is the sum, over its functions, of the function's span
+   plus the gap since the previous function ended (the engine's own work between functions:
+   scheduling, and summing the gradients of a value read several times, goes to the function
+   that follows), less the hooks' own cost per function (a backward of a chain of 200 views,
+   timed with and without the hooks). Parameters' ``.grad`` exist (zeros) during the runs, so
+   the backward adds into them as from a step's second microbatch; the module's ``.grad`` are
+   put back afterwards. One warm-up run, then the median over 3-5 runs per node, and in
+   :func:`node_times` the median over the nodes of one kind, as for the forward.
+3. *Free of the device.* On CUDA the backward is queued behind a spin kernel longer than twice
+   the host's queueing of the backward before (checked against it, lengthened if short, with
+   a warning if the device still ran dry), so the engine never waits for the device and the
+   figures are the host's work alone. On the CPU the host is the device: the profile records
+   0 (as its host forward), so the replay is the plain sum of the device times.
+
+Why hooks and not ``torch.profiler`` (mapping ``autograd::engine::evaluate_function`` events
+back to forward ops by sequence number): the hooks give the mapping directly from the objects
+autograd runs, without relying on sequence numbers that fx's ``call_module`` nodes (one module,
+several ops) and views blur, and cost one Python call per function, which is measured and taken
+off; the profiler's own per-event overhead is larger and would need the same correction.
+
+:func:`node_times` (``backward_host="context"``, the default where the profiles carry these
+times) then replays the backward: the host queues each node's backward at its in-context host
+time, in reverse graph order (the engine runs functions in reverse creation order), and the
+device runs its kernels (the node's isolated device backward time) when queued and free. Each
+node's backward time is what it adds to the device's finishing time, so per-node figures sum to
+the replayed time (the partitioner sums them per stage). A node the profiler skips (indexing
+through ``getitem``) gives its host time to the profiled node before it in the graph
+(:func:`with_backward_context`). If the whole-graph run fails (a training step of the whole
+model that does not fit on the device), :func:`profile_nodes` warns and the backward falls back
+to device time only. Known limits: the run needs the memory of one microbatch's training step
+of the whole graph; inputs that require grad (a stage's received values) would have their
+``AccumulateGrad`` charged to their first reader.
 
 Example:
     >>> import torch
@@ -73,10 +127,11 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx
@@ -88,18 +143,25 @@ from modelparallel.ir import Graph
 
 __all__ = [
     "NODE_TIMES_FORMAT",
+    "BackwardMode",
     "NodeProfile",
+    "backward_host_times",
+    "load_node_profiles",
     "load_node_times",
     "node_times",
     "profile_node_times",
     "profile_nodes",
     "save_node_times",
     "time_call",
+    "with_backward_context",
 ]
 
 #: ``format`` field of a node-times JSON file.
 NODE_TIMES_FORMAT = "modelparallel.node_times"
-_NODE_TIMES_VERSION = 1
+_NODE_TIMES_VERSION = 2
+_NODE_TIMES_READABLE = (1, 2)
+_PROFILE_FIELDS = ("device_forward", "host_forward", "device_backward", "host_backward",
+                   "host_backward_context", "kind")
 
 _SKIP_TARGETS = ("getitem", "size", "sym_size", "dim", "_assert", "numel")
 
@@ -121,6 +183,9 @@ class NodeProfile:
             for diagnosis; :func:`node_times` does not use it, Note [host and device time]).
         kind: The op and its output shapes: nodes of one kind (the same op in every layer)
             share their host times in :func:`node_times`.
+        host_backward_context: Seconds the host spends on this node's backward inside a whole
+            forward+backward of the graph (Note [in-context backward host time]); 0 on the
+            CPU (issuing is running), None where it was not measured.
     """
 
     device_forward: float
@@ -128,11 +193,15 @@ class NodeProfile:
     device_backward: float
     host_backward: float
     kind: str = ""
+    host_backward_context: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("device_forward", "host_forward", "device_backward", "host_backward"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"NodeProfile.{name} = {getattr(self, name)} must be >= 0")
+        if self.host_backward_context is not None and not self.host_backward_context >= 0:
+            raise ConfigError(f"NodeProfile.host_backward_context = "
+                              f"{self.host_backward_context} must be >= 0 or None")
 
 
 class _CudaClock:
@@ -296,7 +365,13 @@ class _Profiler(torch.fx.Interpreter):
         fn = _node_callable(self.module, n)  # type: ignore[arg-type]
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         try:
-            dev_f, host_f = _time_forward(fn, args, kwargs, self.clock, self.warmup, self.repeat)
+            # The forward as training runs it: on leaves that require grad where a gradient
+            # flows, so its host time includes autograd's recording (Note [host and device
+            # time]).
+            gargs, gkwargs, _, _ = _grad_leaves(args, kwargs, self._grad_args(n), [])
+            with torch.enable_grad():
+                dev_f, host_f = _time_forward(fn, gargs, gkwargs, self.clock, self.warmup,
+                                              self.repeat)
             dev_b, host_b = _time_backward(fn, args, kwargs, self._grad_args(n),
                                            _params_of(self.module, n),  # type: ignore[arg-type]
                                            self.clock, self.warmup, self.repeat)
@@ -351,8 +426,8 @@ def _grad_call_host(device: torch.device, clock: Clock, warmup: int, repeat: int
 
 
 def profile_nodes(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
-                  nodes: Iterable[str] | None = None, warmup: int = 2, repeat: int = 5
-                  ) -> dict[str, NodeProfile]:
+                  nodes: Iterable[str] | None = None, warmup: int = 2, repeat: int = 5,
+                  backward_context: bool = True) -> dict[str, NodeProfile]:
     """Device and host time of every compute node of ``gm``, forward and backward.
 
     ``gm`` and ``flat_inputs`` must already be on the device to measure (the parameters real, not
@@ -365,58 +440,131 @@ def profile_nodes(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
         nodes: Only these node names (default: every compute node).
         warmup: Untimed calls before timing each node.
         repeat: Timed calls per node.
+        backward_context: Also measure each node's backward host time inside a whole
+            forward+backward (:func:`backward_host_times`, Note [in-context backward host
+            time]) into ``host_backward_context``. If that measurement fails (a graph whose
+            training step does not fit on the device, an op autograd refuses), a warning says
+            why and the field stays None, so :func:`node_times` counts the backward's device
+            time only, as before.
 
     Raises:
         ConfigError: if the module holds meta tensors (nothing can be measured), or for bad
             ``warmup``/``repeat``.
     """
-    if any(p.is_meta for p in gm.parameters()):
-        raise ConfigError("profiling needs real weights, but the model is on the meta device; "
-                          "profile a materialised model or use the roofline cost model")
-    if repeat < 1 or warmup < 0:
-        raise ConfigError(f"repeat = {repeat} must be >= 1 and warmup = {warmup} >= 0")
-    device = next((p.device for p in gm.parameters()), None) or next(
-        (t.device for t in flat_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    device = _check_profilable(gm, flat_inputs, warmup, repeat)
     clock = _clock(device)
     overhead = _grad_call_host(device, clock, warmup, repeat) if device.type == "cuda" else 0.0
     profiler = _Profiler(gm, None if nodes is None else set(nodes), clock, warmup, repeat,
                          overhead)
     profiler.run(*flat_inputs)
-    return profiler.profiles
+    profiles = profiler.profiles
+    if not backward_context:
+        return profiles
+    try:
+        context = backward_host_times(gm, flat_inputs, warmup=min(warmup, 2),
+                                      repeat=max(3, min(repeat, 5)))
+    except Exception as e:  # never lose the isolated profile to the extra measurement
+        warnings.warn(f"in-context backward host times not measured ({type(e).__name__}: "
+                      f"{e}); the backward counts device time only", stacklevel=2)
+        return profiles
+    return with_backward_context(profiles, [n.name for n in gm.graph.nodes], context,
+                                 host_is_device=device.type != "cuda")
 
 
-def node_times(order: Sequence[str], profiles: Mapping[str, NodeProfile]
-               ) -> dict[str, tuple[float, float]]:
+def _check_profilable(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], warmup: int,
+                      repeat: int) -> torch.device:
+    """The device ``gm`` runs on, after checking it can be profiled."""
+    if any(p.is_meta for p in gm.parameters()):
+        raise ConfigError("profiling needs real weights, but the model is on the meta device; "
+                          "profile a materialised model or use the roofline cost model")
+    if repeat < 1 or warmup < 0:
+        raise ConfigError(f"repeat = {repeat} must be >= 1 and warmup = {warmup} >= 0")
+    return next((p.device for p in gm.parameters()), None) or next(
+        (t.device for t in flat_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
+#: How :func:`node_times` counts the backward: ``"device"`` (device time only), ``"context"``
+#: (replayed with the in-context host times), ``"isolated"`` (replayed with the host times of
+#: each node measured alone; diagnosis), ``"auto"`` (``"context"`` where the profiles carry
+#: in-context host times, else ``"device"``).
+BackwardMode = Literal["auto", "device", "context", "isolated"]
+
+
+def node_times(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
+               backward_host: bool | BackwardMode = "auto") -> dict[str, tuple[float, float]]:
     """Forward and backward seconds per node from device and host times (Note [host and
-    device time]).
+    device time], Note [in-context backward host time]).
 
     Args:
         order: Node names in execution order (the graph's order); names without a profile are
             skipped.
         profiles: What :func:`profile_nodes` measured.
+        backward_host: How the backward is counted (:data:`BackwardMode`; ``False`` is
+            ``"device"``, ``True`` is ``"isolated"``). ``"context"`` and ``"isolated"`` replay
+            the backward in reverse order after the forward, on the same timeline: the host
+            queues each node's backward (its in-context, or its isolated, host time: the
+            median of its kind) and the device runs its kernels (its device backward time)
+            when queued and free; each node's backward time is what it adds to the device's
+            finishing time. Default ``"auto"``: ``"context"`` where the profiles carry
+            in-context host times, else ``"device"``.
 
     Returns:
         Node name to ``(forward_seconds, backward_seconds)`` for every profiled node.
+
+    Raises:
+        ConfigError: for an unknown ``backward_host``.
 
     Example:
         >>> p = {"a": NodeProfile(1.0, 0.1, 2.0, 0.1), "b": NodeProfile(0.1, 1.0, 0.1, 1.0)}
         >>> [round(f, 3) for f, _ in node_times(["a", "b"], p).values()]  # a hides b's queueing
         [1.1, 0.1]
     """
+    mode = _backward_mode(backward_host, profiles)
     names = [n for n in order if n in profiles]
     host = _typical_host_forward(profiles)
-    fwd = _timeline([(host[n], profiles[n].device_forward) for n in names])
-    return {n: (f, profiles[n].device_backward) for n, f in zip(names, fwd)}
+    steps = [(host[n], profiles[n].device_forward) for n in names]
+    if mode == "device":
+        fwd = _timeline(steps)
+        return {n: (f, profiles[n].device_backward) for n, f in zip(names, fwd)}
+    if mode == "isolated":
+        host_b = _typical_host(profiles, "host_backward")
+    else:
+        host_b = _typical_host({n: replace(p, host_backward_context=p.host_backward_context or
+                                           0.0) for n, p in profiles.items()},
+                               "host_backward_context")
+    back = [n for n in reversed(names) if profiles[n].device_backward > 0 or host_b[n] > 0]
+    both = _timeline(steps + [(host_b[n], profiles[n].device_backward) for n in back])
+    bwd = dict(zip(back, both[len(steps):]))
+    return {n: (f, bwd.get(n, 0.0)) for n, f in zip(names, both)}
+
+
+def _backward_mode(value: bool | str, profiles: Mapping[str, NodeProfile]) -> str:
+    if value is True:
+        return "isolated"
+    if value is False:
+        return "device"
+    if value == "auto":
+        has = any(p.host_backward_context is not None for p in profiles.values())
+        return "context" if has else "device"
+    if value in ("device", "context", "isolated"):
+        return str(value)
+    raise ConfigError(f"backward_host = {value!r} must be one of 'auto', 'device', 'context', "
+                      "'isolated' (or a bool)")
 
 
 def _typical_host_forward(profiles: Mapping[str, NodeProfile]) -> dict[str, float]:
     """Each node's host forward time, as the median over the nodes of its kind."""
+    return _typical_host(profiles, "host_forward")
+
+
+def _typical_host(profiles: Mapping[str, NodeProfile], field: str) -> dict[str, float]:
+    """Each node's ``field`` (a host time), as the median over the nodes of its kind."""
     by_kind: dict[str, list[float]] = {}
     for p in profiles.values():
         if p.kind:
-            by_kind.setdefault(p.kind, []).append(p.host_forward)
+            by_kind.setdefault(p.kind, []).append(getattr(p, field))
     median = {k: statistics.median(v) for k, v in by_kind.items()}
-    return {n: median[p.kind] if p.kind else p.host_forward for n, p in profiles.items()}
+    return {n: median[p.kind] if p.kind else getattr(p, field) for n, p in profiles.items()}
 
 
 def _timeline(steps: Sequence[tuple[float, float]]) -> list[float]:
@@ -434,12 +582,13 @@ def _timeline(steps: Sequence[tuple[float, float]]) -> list[float]:
 
 
 def profile_node_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
-                       nodes: Iterable[str] | None = None, warmup: int = 2, repeat: int = 5
+                       nodes: Iterable[str] | None = None, warmup: int = 2, repeat: int = 5,
+                       profiles_out: dict[str, NodeProfile] | None = None
                        ) -> dict[str, tuple[float, float]]:
     """Measure forward and backward seconds of every compute node of ``gm`` on its device.
 
     :func:`profile_nodes` then :func:`node_times` in the graph's order; see Note [profiling
-    isolated nodes] and Note [host and device time].
+    isolated nodes], Note [host and device time] and Note [in-context backward host time].
 
     Args:
         gm: A traced graph module (``TracedModel.gm``), on the device to measure.
@@ -447,6 +596,8 @@ def profile_node_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
         nodes: Only these node names (default: every compute node).
         warmup: Untimed calls before timing each node.
         repeat: Timed calls per node.
+        profiles_out: If given, filled with the measured :class:`NodeProfile` of every node
+            (for :func:`save_node_times`'s ``profiles``).
 
     Returns:
         Node name to ``(forward_seconds, backward_seconds)``.
@@ -455,6 +606,8 @@ def profile_node_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
         ConfigError: if the module holds meta tensors, or for bad ``warmup``/``repeat``.
     """
     profiles = profile_nodes(gm, flat_inputs, nodes=nodes, warmup=warmup, repeat=repeat)
+    if profiles_out is not None:
+        profiles_out.update(profiles)
     return node_times([n.name for n in gm.graph.nodes], profiles)
 
 
@@ -476,29 +629,7 @@ def _time_backward(fn: Callable[..., Any], args: Any, kwargs: Any, flags: tuple[
     ``flags`` mirrors ``(args, kwargs)``: True where the value needs a gradient. Parameter
     gradients are added into scratch buffers (steady-state accumulation).
     """
-    leaves: list[torch.Tensor] = []
-    accumulate: list[torch.Tensor] = list(params)
-
-    def leaf(x: Any, needs: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and needs:
-            out = x.detach().requires_grad_(True)
-            (accumulate if isinstance(x, torch.nn.Parameter) else leaves).append(out)
-            return out
-        return x
-
-    def convert(value: Any, flag: Any) -> Any:
-        # A flag covers a whole node value (a tensor, or a tuple of tensors for getitem users).
-        if isinstance(flag, bool):
-            return pytree.tree_map(lambda x: leaf(x, flag), value)
-        if isinstance(value, list | tuple) and isinstance(flag, list | tuple) and \
-                len(value) == len(flag):
-            return type(value)(convert(v, f) for v, f in zip(value, flag))
-        if isinstance(value, dict) and isinstance(flag, dict):
-            return {k: convert(v, flag.get(k, False)) for k, v in value.items()}
-        return value
-
-    gargs = convert(tuple(args), tuple(flags[0]))
-    gkwargs = convert(dict(kwargs), dict(flags[1]))
+    gargs, gkwargs, leaves, accumulate = _grad_leaves(args, kwargs, flags, params)
     inputs = leaves + accumulate
     if not inputs:
         return 0.0, 0.0
@@ -524,13 +655,298 @@ def _time_backward(fn: Callable[..., Any], args: Any, kwargs: Any, flags: tuple[
     return clock(run, repeat)
 
 
+def _grad_leaves(args: Any, kwargs: Any, flags: tuple[Any, Any], params: list[torch.Tensor]
+                 ) -> tuple[Any, dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:
+    """``(args, kwargs)`` with detached leaves that require grad where ``flags`` says a
+    gradient flows (and for parameters); also those leaves, and the parameters (given and
+    found among the arguments) whose gradients accumulate."""
+    leaves: list[torch.Tensor] = []
+    accumulate: list[torch.Tensor] = list(params)
+
+    def leaf(x: Any, needs: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and needs:
+            out = x.detach().requires_grad_(True)
+            (accumulate if isinstance(x, torch.nn.Parameter) else leaves).append(out)
+            return out
+        return x
+
+    def convert(value: Any, flag: Any) -> Any:
+        # A flag covers a whole node value (a tensor, or a tuple of tensors for getitem users).
+        if isinstance(flag, bool):
+            return pytree.tree_map(lambda x: leaf(x, flag), value)
+        if isinstance(value, list | tuple) and isinstance(flag, list | tuple) and \
+                len(value) == len(flag):
+            return type(value)(convert(v, f) for v, f in zip(value, flag))
+        if isinstance(value, dict) and isinstance(flag, dict):
+            return {k: convert(v, flag.get(k, False)) for k, v in value.items()}
+        return value
+
+    gargs = convert(tuple(args), tuple(flags[0]))
+    gkwargs = convert(dict(kwargs), dict(flags[1]))
+    return gargs, gkwargs, leaves, accumulate
+
+
+# -- the backward's host time in context -----------------------------------------------------------
+
+
+class _FunctionMapper(torch.fx.Interpreter):
+    """Runs the graph with autograd on and gives every autograd function to the fx node whose
+    run created it (Note [in-context backward host time])."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.owner: dict[Any, str] = {}  # autograd Node -> fx node name
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        value = super().run_node(n)
+        # From the outputs, and from the inputs (an in-place write on an input gives it a new
+        # function), down to the functions earlier nodes created.
+        roots = [t.grad_fn for t in pytree.tree_leaves((value, args, kwargs))
+                 if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        stack: list[Any] = list(roots)
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in self.owner:
+                continue
+            self.owner[fn] = n.name
+            stack.extend(nxt for nxt, _ in fn.next_functions)
+        return value
+
+
+def _backward_roots(value: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(value)
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+
+
+def _hooked_backward(owner: Mapping[Any, str], roots: Sequence[torch.Tensor],
+                     grads: Sequence[torch.Tensor], before: Callable[[], None] | None = None
+                     ) -> tuple[list[tuple[float, float, str]], float, float]:
+    """Run the backward with a host timestamp before and after every owned function.
+
+    Returns ``(start, end, node)`` per function that ran, and the host's seconds at the start
+    and at the end of the whole backward call.
+    """
+    pre: dict[int, float] = {}
+    post: dict[int, float] = {}
+    names: dict[int, str] = {}
+    handles = []
+    for i, (fn, name) in enumerate(owner.items()):
+        names[i] = name
+
+        def on_pre(_g: Any, i: int = i) -> None:
+            pre[i] = time.perf_counter()
+
+        def on_post(_gi: Any, _go: Any, i: int = i) -> None:
+            post[i] = time.perf_counter()
+        handles.append(fn.register_prehook(on_pre))
+        handles.append(fn.register_hook(on_post))
+    try:
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        torch.autograd.backward(list(roots), list(grads))
+        t1 = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+    spans = [(pre[i], post[i], names[i]) for i in pre if i in post]
+    return spans, t0, t1
+
+
+def _charge(spans: Sequence[tuple[float, float, str]], hook_cost: float) -> dict[str, float]:
+    """Host seconds per node: each function's span, plus the engine's gap since the function
+    before it ended, less the hooks' own cost."""
+    out: dict[str, float] = {}
+    last_end: float | None = None
+    for start, end, name in sorted(spans):
+        gap = 0.0 if last_end is None else max(0.0, start - last_end)
+        out[name] = out.get(name, 0.0) + gap + (end - start) - hook_cost
+        last_end = end if last_end is None else max(last_end, end)
+    return {k: max(0.0, v) for k, v in out.items()}
+
+
+def _hook_cost(device: torch.device, length: int = 200, repeat: int = 7) -> float:
+    """Host seconds the two hooks add to one function: a chain of ``length`` views, whose
+    backward functions do almost nothing, timed with and without hooks."""
+    x = torch.zeros(8, device=device, requires_grad=True)
+    g = torch.ones(8, device=device)
+
+    def chain() -> tuple[dict[Any, str], torch.Tensor]:
+        with torch.enable_grad():
+            y = x
+            for _ in range(length):
+                y = y.view(-1)
+        owner: dict[Any, str] = {}
+        fn = y.grad_fn
+        while fn is not None and type(fn).__name__ != "AccumulateGrad":
+            owner[fn] = "chain"
+            fn = fn.next_functions[0][0] if fn.next_functions else None
+        return owner, y
+
+    def plain() -> float:
+        _, y = chain()
+        t0 = time.perf_counter()
+        torch.autograd.backward([y], [g])
+        return time.perf_counter() - t0
+
+    def hooked() -> float:
+        owner, y = chain()
+        _, t0, t1 = _hooked_backward(owner, [y], [g])
+        return t1 - t0
+    plain(), hooked()
+    with_hooks = statistics.median(hooked() for _ in range(repeat))
+    without = statistics.median(plain() for _ in range(repeat))
+    return max(0.0, (with_hooks - without) / length)
+
+
+class _Spin:
+    """On CUDA, a spin kernel queued before the backward so that the device is busy while the
+    host queues it (the host never waits for the device); a no-op elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rate = _CudaClock(device).cycles_per_second if device.type == "cuda" else None
+        self.seconds = 0.0
+        self.waited = 0
+        self._events: tuple[Any, Any] | None = None
+
+    def __call__(self) -> None:
+        if self.rate is None or self.seconds <= 0:
+            return
+        before = torch.cuda.Event(enable_timing=True)
+        after = torch.cuda.Event(enable_timing=True)
+        before.record()
+        torch.cuda._sleep(int(self.seconds * self.rate))
+        after.record()
+        self._events = (before, after)
+
+    def check(self, host_seconds: float) -> None:
+        """After a backward: if the spin ended before the host finished queueing, the host
+        may have waited; the next backward gets a longer spin."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self._events is None:
+            self.seconds = 2.0 * host_seconds + 1e-3
+            return
+        spun = self._events[0].elapsed_time(self._events[1]) / 1e3
+        self._events = None
+        if host_seconds > 0.9 * spun:
+            self.waited += 1
+            self.seconds = min(2.0 * host_seconds + 1e-3, 10.0)
+
+
+def backward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
+                        warmup: int = 1, repeat: int = 3) -> dict[str, float]:
+    """Host seconds of each node's backward inside a whole forward+backward of ``gm``.
+
+    Runs the graph's forward with autograd on (its parameters' gradients accumulating into
+    ``.grad`` buffers that exist, as from a step's second microbatch; the module's own
+    ``.grad`` are put back afterwards), maps every autograd function to the fx node that
+    created it, and times the backward from random gradients of every output with a host
+    timestamp before and after each function (Note [in-context backward host time]). On CUDA
+    the backward is queued behind a spin kernel, so the figures are the host's work alone; on
+    the CPU they are the backward's run time (the host is the device).
+
+    Args:
+        gm: A traced graph module, on the device to measure, with real weights.
+        flat_inputs: Its inputs for one microbatch.
+        warmup: Untimed forward+backward runs first.
+        repeat: Timed runs; each node gets the median.
+
+    Returns:
+        Node name to seconds, for every node that created an autograd function the backward
+        ran (nodes whose values need no gradient are absent).
+
+    Raises:
+        ConfigError: for a meta module or bad ``warmup``/``repeat``.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(8, 8),
+        ...                                                  torch.nn.ReLU()))
+        >>> sorted(backward_host_times(gm, [torch.randn(4, 8)], repeat=1))
+        ['_0', '_1']
+    """
+    device = _check_profilable(gm, flat_inputs, warmup, repeat)
+    hook_cost = _hook_cost(device)
+    spin = _Spin(device)
+    params = [p for p in gm.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    runs: list[dict[str, float]] = []
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for i in range(max(1, warmup) + repeat):
+            mapper = _FunctionMapper(gm)
+            with torch.enable_grad():
+                roots = _backward_roots(mapper.run(*flat_inputs))
+            if not roots:
+                return {}
+            grads = [torch.randn_like(t) for t in roots]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spans, t0, t1 = _hooked_backward(mapper.owner, roots, grads, before=spin)
+            spin.check(t1 - t0)
+            del mapper, roots, grads
+            if i >= max(1, warmup):
+                runs.append(_charge(spans, hook_cost))
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    if spin.waited > 1:
+        warnings.warn(f"the device ran out of queued work in {spin.waited} of "
+                      f"{max(1, warmup) + repeat} in-context backward runs; the host times "
+                      "may include waiting for the device", stacklevel=2)
+    names = sorted({n for r in runs for n in r})
+    return {n: statistics.median(r.get(n, 0.0) for r in runs) for n in names}
+
+
+def with_backward_context(profiles: Mapping[str, NodeProfile], order: Sequence[str],
+                          context: Mapping[str, float], *, host_is_device: bool = False
+                          ) -> dict[str, NodeProfile]:
+    """``profiles`` with ``host_backward_context`` set from :func:`backward_host_times`.
+
+    A node with an in-context host time but no profile (one the profiler skips, like indexing
+    with ``getitem``, or one it could not replay) gives its time to the nearest profiled node
+    before it in ``order`` (whose backward the engine runs next), else the nearest after.
+    Profiled nodes that created no function the backward ran get 0. With ``host_is_device``
+    (the CPU, where issuing is running) every figure is 0, as the host forward is.
+
+    Example:
+        >>> p = {"a": NodeProfile(1.0, 0.0, 1.0, 0.0), "c": NodeProfile(1.0, 0.0, 1.0, 0.0)}
+        >>> out = with_backward_context(p, ["a", "b", "c"], {"a": 1.0, "b": 0.5, "c": 2.0})
+        >>> [out[n].host_backward_context for n in "ac"]
+        [1.5, 2.0]
+    """
+    extra = {n: 0.0 for n in profiles}
+    ordered = [n for n in order if n in profiles]
+    position = {n: i for i, n in enumerate(order)}
+    for name, seconds in context.items():
+        if name in profiles:
+            extra[name] += seconds
+        elif ordered:
+            at = position.get(name, len(order))
+            earlier = [n for n in ordered if position[n] < at]
+            extra[earlier[-1] if earlier else ordered[0]] += seconds
+    return {n: replace(p, host_backward_context=0.0 if host_is_device else extra[n])
+            for n, p in profiles.items()}
+
+
 # -- files -----------------------------------------------------------------------------------------
 
 
 def save_node_times(path: str | Path, times: Mapping[str, tuple[float, float]], *,
                     graph: Graph | None = None, device: str = "",
-                    metadata: Mapping[str, Any] | None = None) -> Path:
+                    metadata: Mapping[str, Any] | None = None,
+                    profiles: Mapping[str, NodeProfile] | None = None) -> Path:
     """Write measured node times as JSON (read back with :func:`load_node_times`).
+
+    Format version 2 (version 1 files are still read): ``nodes`` maps each node to
+    ``[forward_seconds, backward_seconds]`` (what the partitioner uses); ``profiles``, when
+    given, maps each node to the measurements they were derived from (the fields of
+    :class:`NodeProfile`, ``host_backward_context`` included; read back with
+    :func:`load_node_profiles`), so the times can be re-derived with another
+    ``node_times(..., backward_host=...)``.
 
     Args:
         path: File to write.
@@ -539,6 +955,7 @@ def save_node_times(path: str | Path, times: Mapping[str, tuple[float, float]], 
             is caught when the file is used.
         device: What was measured (e.g. ``"NVIDIA H100 80GB HBM3"``).
         metadata: Anything else to record (dtype, batch, versions).
+        profiles: The node profiles the times come from (optional).
 
     Example:
         >>> import tempfile
@@ -556,30 +973,24 @@ def save_node_times(path: str | Path, times: Mapping[str, tuple[float, float]], 
         "metadata": dict(metadata or {}),
         "nodes": {k: [float(f), float(b)] for k, (f, b) in times.items()},
     }
+    if profiles is not None:
+        data["profiles"] = {k: {f: getattr(v, f) for f in _PROFILE_FIELDS}
+                            for k, v in profiles.items()}
     out = Path(path)
     out.write_text(json.dumps(data, indent=1))
     return out
 
 
-def load_node_times(path: str | Path, graph: Graph | None = None
-                    ) -> dict[str, tuple[float, float]]:
-    """Read a node-times JSON file written by :func:`save_node_times`.
-
-    Args:
-        path: The file.
-        graph: When given, the file must have been measured on this graph (same fingerprint).
-
-    Raises:
-        ConfigError: if the file is unreadable, not a node-times file, or for another graph.
-    """
+def _read_node_times_file(path: str | Path, graph: Graph | None) -> dict[str, Any]:
+    """The JSON object of a node-times file, checked: format, version, graph."""
     data = read_json_file(path, "node times")
     if not isinstance(data, dict) or data.get("format") != NODE_TIMES_FORMAT:
         raise ConfigError(f"{str(path)!r} is not a node-times file (format "
                           f"{NODE_TIMES_FORMAT!r}); write one with 'partition-plan calibrate "
                           "--model MODEL --ops-out FILE'")
-    if data.get("version") != _NODE_TIMES_VERSION:
+    if data.get("version") not in _NODE_TIMES_READABLE:
         raise ConfigError(f"node times {str(path)!r} has version {data.get('version')!r}; this "
-                          f"modelparallel reads version {_NODE_TIMES_VERSION}")
+                          f"modelparallel reads versions {list(_NODE_TIMES_READABLE)}")
     recorded = data.get("graph")
     if graph is not None and recorded is not None and \
             recorded.get("fingerprint") != graph.fingerprint():
@@ -589,6 +1000,57 @@ def load_node_times(path: str | Path, graph: Graph | None = None
             f"not on this model's graph {graph.name!r} ({len(graph)} nodes, fingerprint "
             f"{graph.fingerprint()}); profile this model with the same inputs, dtype and "
             "microbatches ('partition-plan calibrate --model ... --ops-out')")
+    return data
+
+
+def load_node_profiles(path: str | Path, graph: Graph | None = None
+                       ) -> dict[str, NodeProfile]:
+    """Read the node profiles a node-times file (version 2) carries.
+
+    Args:
+        path: A file written by :func:`save_node_times` with ``profiles``.
+        graph: When given, the file must have been measured on this graph.
+
+    Raises:
+        ConfigError: if the file is not a node-times file, is for another graph, or carries no
+            profiles (version 1 files, or files written without them).
+
+    Example:
+        >>> import tempfile
+        >>> p = save_node_times(tempfile.mkdtemp() + "/t.json", {"fc": (1e-3, 2e-3)},
+        ...                     profiles={"fc": NodeProfile(1e-3, 0.0, 2e-3, 0.0, "fc", 0.0)})
+        >>> load_node_profiles(p)["fc"].host_backward_context
+        0.0
+    """
+    data = _read_node_times_file(path, graph)
+    raw = data.get("profiles")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"node times {str(path)!r} (version {data.get('version')}) carry no "
+                          "node profiles, only the derived times; re-run 'partition-plan "
+                          "calibrate --model ... --ops-out' with this modelparallel")
+    out: dict[str, NodeProfile] = {}
+    for name, value in raw.items():
+        try:
+            out[str(name)] = NodeProfile(**{f: value[f] for f in _PROFILE_FIELDS
+                                            if f in value})
+        except (TypeError, KeyError, ConfigError) as e:
+            raise ConfigError(f"node times {str(path)!r}: profile of node {name!r} is "
+                              f"malformed ({e}); expected the fields {_PROFILE_FIELDS}") from e
+    return out
+
+
+def load_node_times(path: str | Path, graph: Graph | None = None
+                    ) -> dict[str, tuple[float, float]]:
+    """Read a node-times JSON file written by :func:`save_node_times` (versions 1 and 2).
+
+    Args:
+        path: The file.
+        graph: When given, the file must have been measured on this graph (same fingerprint).
+
+    Raises:
+        ConfigError: if the file is unreadable, not a node-times file, or for another graph.
+    """
+    data = _read_node_times_file(path, graph)
     nodes = data.get("nodes")
     if not isinstance(nodes, dict):
         raise ConfigError(f"node times {str(path)!r} has no 'nodes' object")

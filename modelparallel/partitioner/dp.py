@@ -108,6 +108,10 @@ class _Arrays:
 
         self.cut = [cut_curve(prob.comm[order, b]) for b in range(max(p - 1, 1))]
         self.recv = cut_curve(prob.out_bytes[order])
+        # Values computed in a segment and sent past its end (Note [sent values held]).
+        self.sent_w = prob.sent[order]
+        self.sent_curve = cut_curve(self.sent_w)
+        self.last_pos = last_pos
         # Parameters read by several nodes: held by a segment [i, j) iff next reader < j.
         groups: dict[tuple[int, ...], np.ndarray] = {}
         for q in prob.shared:
@@ -130,10 +134,25 @@ class _Arrays:
             held += state[s] * (nxt[i] < j)
         return held
 
+    def seg_sent(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Sent-value bytes of positions ``[i, j)`` crossing cut ``j`` (Note [sent values
+        held]), for one start ``i`` (a scalar or an array of equal values) or ``j == n``."""
+        i_arr, j_arr = np.broadcast_arrays(np.asarray(i), np.asarray(j))
+        if i_arr.size == 0 or np.all(j_arr == self.n):
+            return np.zeros(i_arr.shape)
+        i0 = int(i_arr.flat[0])
+        assert np.all(i_arr == i0), "seg_sent takes one start position"
+        # sent_curve[j] counts producers a < j with last >= j; drop those before i0.
+        before = np.zeros(self.n + 2)
+        np.add.at(before, self.last_pos[:i0], self.sent_w[:i0])
+        t = np.cumsum(before[::-1])[::-1]  # t[j] = sum over a < i0 with last_a >= j
+        return self.sent_curve[j_arr] - t[j_arr]
+
     def seg_mem(self, i: np.ndarray, j: np.ndarray, s: int, k: float, ws: np.ndarray) -> np.ndarray:
-        """Memory of stage ``s`` holding positions ``[i, j)`` (broadcasting arrays)."""
+        """Memory of stage ``s`` holding positions ``[i, j)`` (broadcasting arrays; one start
+        ``i`` or ``j == n``: see :meth:`seg_sent`)."""
         held = self.seg_held(i, j, s)
-        act = self.saved[j] - self.saved[i]
+        act = self.saved[j] - self.saved[i] + self.seg_sent(i, j)
         if s > 0:
             act = act + self.recv[i]
         return held + k * act + ws
@@ -197,6 +216,13 @@ class _Pass:
         # Stage-independent pieces of a middle stage's memory: held parameters plus workspace,
         # and activations (saved plus received) per microbatch in flight.
         act = arr.saved[self.j] - arr.saved[self.i] + arr.recv[self.i]
+        # Sent bytes of [j - d, j): producers there whose last consumer is at or after j.
+        src = np.clip(self.i, 0, max(n - 1, 0))
+        sent = np.where(valid & (d > 0) & (arr.last_pos[src] >= self.j), arr.sent_w[src], 0.0) \
+            if n else np.zeros((n + 1, K + 1))
+        np.cumsum(sent, axis=1, out=sent)
+        act += sent
+        del sent
         base: dict[tuple[int, ...], np.ndarray] = {}
         # Per middle stage: time and utilisation matrices and the static feasibility mask,
         # shared between stages whose inputs are equal (identical devices, equal in-flight).

@@ -55,7 +55,8 @@ class Evaluation:
         crossing: Node indices of the values crossing each boundary.
         held: Per stage, indices into ``problem.params`` of the parameters it holds.
         param_mem: Parameter state bytes per stage, ``(p,)``.
-        act_mem: Activation bytes per stage (times microbatches in flight), ``(p,)``.
+        act_mem: Activation bytes per stage (times microbatches in flight): saved, received,
+            and computed there and sent on (Note [stage time and memory]), ``(p,)``.
         workspace: Workspace bytes per stage, ``(p,)``.
         objective: ``J`` of Note [objective].
     """
@@ -172,7 +173,12 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     saved = np.bincount(stage, weights=problem.saved, minlength=p)
     recv = np.zeros(p)
     recv[1:] = b_fwd
-    act = problem.inflight * (saved + recv)
+    # Values computed on a stage and sent on stay held there (Note [sent values held]).
+    sends = np.zeros(p)
+    if nb:
+        starts = cross[idx, np.minimum(stage, nb - 1)] & (stage < nb)
+        np.add.at(sends, stage[starts], problem.sent[starts])
+    act = problem.inflight * (saved + recv + sends)
     ws = np.zeros(p)
     np.maximum.at(ws, stage, problem.workspace)
     time = compute + comm

@@ -17,7 +17,9 @@ of Note [pipeline order]. With normalised units (times over ``T_ref``, bytes ove
 
 - ``t >= sum_a work[a, s] x[a, s] + sum_g comm_g[s-1] z[g, s-1] + comm_g[s] z[g, s]``;
 - ``u >= sum_a (param[a, s] + k_s saved[a]) x[a, s] + sum_q state[q, s] h[q, s]
-  + k_s sum_g bytes_g z[g, s-1] + ws_s``, with ``h[q, s] >= x[a, s]`` for every item reading a
+  + k_s sum_g (bytes_g z[g, s-1] + sent_g w[g, s]) + ws_s``, where ``w[g, s] >= z[g, s] -
+  y[a, s-1]`` (``w >= 0``) is 1 when the group's producer item ``a`` is on ``s`` and the group
+  crosses boundary ``s`` (Note [sent values held]), and ``h[q, s] >= x[a, s]`` for every item reading a
   parameter shared between items (Note [tied parameters]; with ``colocate``, ``y`` of all its
   readers are equal instead) and ``ws_s >= workspace[a] x[a, s]``;
 - ``u <= 1 / U_ref`` (every ``M_s <= cap_s``);
@@ -247,6 +249,7 @@ class _Model:
         self.groups = [(a, cs, np.array(vs)) for (a, cs), vs in groups.items()]
         nb = max(p - 1, 1)
         self.z: dict[tuple[int, int], pulp.LpVariable | float] = {}
+        self.w: dict[tuple[int, int], pulp.LpVariable] = {}
         time_terms: list[list[tuple[Any, float]]] = [[] for _ in range(p)]
         mem_terms: list[list[tuple[Any, float]]] = [[] for _ in range(p)]
         const_t = np.zeros(p)
@@ -284,6 +287,7 @@ class _Model:
         for gi, (a, cs, vals) in enumerate(self.groups):
             ccomm = comm[vals].sum(axis=0) * inv_t
             cbytes = float(prob.out_bytes[vals].sum())
+            sbytes = float(prob.sent[vals].sum())
             for s in range(int(self.lo[a]), min(p - 1, max(int(self.hi[c]) for c in cs))):
                 ya = self.Y(a, s)
                 diffs = [(ya, self.Y(c, s)) for c in cs]
@@ -311,6 +315,9 @@ class _Model:
                     const_m[s + 1] += coef_m
                 else:
                     mem_terms[s + 1].append((zval, coef_m))
+                if sbytes > 0:
+                    self._add_sent(gi, a, s, zval, float(prob.inflight[s]) * sbytes * inv_m[s],
+                                   mem_terms[s], const_m, cons_rows)
         # Shared parameters.
         self.h: dict[tuple[int, int], pulp.LpVariable] = {}
         for qi, (state, its) in enumerate(shared):
@@ -373,6 +380,26 @@ class _Model:
         self.time_terms, self.mem_terms = time_terms, mem_terms
         self.const_t, self.const_m = const_t, const_m
 
+    def _add_sent(self, gi: int, a: int, s: int, zval: pulp.LpVariable | float, coef: float,
+                  terms: list[tuple[Any, float]], const: np.ndarray,
+                  rows: list[pulp.LpConstraint]) -> None:
+        """Charge ``coef`` to stage ``s`` when group ``gi`` crosses boundary ``s`` and its
+        producer item ``a`` is on ``s`` (Note [sent values held]): ``w >= z[g, s] - y[a, s-1]``,
+        ``w >= 0``; a relayed group (``y[a, s-1] = 1``) costs its receiver only."""
+        prev = self.Y(a, s - 1)
+        if isinstance(prev, float):
+            if prev >= 1.0:
+                return
+            if isinstance(zval, float):
+                const[s] += coef * zval
+            else:
+                terms.append((zval, coef))
+            return
+        wv = pulp.LpVariable(f"w_{gi}_{s}", lowBound=0, upBound=1)
+        self.w[gi, s] = wv
+        rows.append(_affine([(wv, 1.0), (zval, -1.0), (prev, 1.0)]) >= 0)
+        terms.append((wv, coef))
+
     def _propagate(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tighten item ranges along item edges (the quotient is a DAG in item order)."""
         prob = self.prob
@@ -411,6 +438,9 @@ class _Model:
                 a, cs, _ = self.groups[gi]
                 vals[zv.name] = 1.0 if item_stage[a] <= s < max(item_stage[c] for c in cs) \
                     else 0.0
+        for (gi, s), wv in self.w.items():
+            a, cs, _ = self.groups[gi]
+            vals[wv.name] = 1.0 if item_stage[a] == s < max(item_stage[c] for c in cs) else 0.0
         for (qi, s), hv in self.h.items():
             vals[hv.name] = 1.0 if any(item_stage[a] == s for a in self.shared[qi][1]) else 0.0
         inv_m = 1.0 / (prob.caps * prob.u_ref)

@@ -47,9 +47,13 @@ Note [stage time and memory]
 Per microbatch, stage ``s`` takes ``T_s = sum(forward_time + backward_time of its nodes on device
 s) + its communication time`` (both boundaries it touches). At its peak it holds ``M_s =
 sum(param_state_bytes of the parameters it holds) + inflight_s * (sum(saved_bytes of its nodes) +
-bytes of the values it receives) + max(workspace_bytes of its nodes)``, with ``inflight_s =
-inflight_microbatches(schedule, m, p, s)``. ``M_s <= memory_bytes`` of the stage's device is a
-hard constraint.
+bytes of the values it receives + sent_held_bytes of the values it computes and sends) +
+max(workspace_bytes of its nodes)``, with ``inflight_s = inflight_microbatches(schedule, m, p,
+s)``. A stage keeps what it sends until the gradient returns, and a value relayed through it is
+the received tensor passed on, so a value occupies every stage that receives it or computes and
+sends it, once (Note [sent values held] in ``modelparallel/cost_model/costs.py``: the sender's
+bytes are 0 when the producing op saves its own output). ``M_s <= memory_bytes`` of the
+stage's device is a hard constraint.
 
 Note [objective]
 ~~~~~~~~~~~~~~~~
@@ -143,6 +147,8 @@ class Problem:
         saved: Saved activation bytes, ``(n,)``.
         workspace: Workspace bytes, ``(n,)``.
         out_bytes: Bytes of each node's value, ``(n,)``.
+        sent: Bytes the computing stage holds per microbatch when it sends the value (Note
+            [sent values held]), ``(n,)``.
         grad_bytes: Bytes of its gradient, ``(n,)``.
         comm: Seconds to move each value across boundary ``b`` (forward + backward, device of
             stage ``b``), shape ``(n, max(p - 1, 1))``.
@@ -170,6 +176,7 @@ class Problem:
     saved: np.ndarray
     workspace: np.ndarray
     out_bytes: np.ndarray
+    sent: np.ndarray
     grad_bytes: np.ndarray
     comm: np.ndarray
     edge_src: np.ndarray
@@ -189,6 +196,7 @@ class Problem:
         n, p = len(self.names), self.config.partitions
         assert self.fwd.shape == self.bwd.shape == (n, p)
         assert self.saved.shape == self.workspace.shape == self.out_bytes.shape == (n,)
+        assert self.sent.shape == (n,) and np.all(self.sent <= self.out_bytes)
         assert len(self.devices) == len(self.costs) == p == len(self.caps) == len(self.inflight)
         assert np.all(self.edge_src < self.edge_dst), "edges must follow the topological order"
         assert self.t_ref > 0 and self.u_ref > 0
@@ -431,6 +439,7 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     saved = np.array([c0.nodes[x].saved_bytes for x in names], dtype=float)
     workspace = np.array([c0.nodes[x].workspace_bytes for x in names], dtype=float)
     out_b = np.array([c0.nodes[x].output_bytes for x in names], dtype=float)
+    sent = np.minimum(out_b, np.array([c0.nodes[x].sent_held for x in names], dtype=float))
     grad_b = np.array([c0.nodes[x].grad_bytes for x in names], dtype=float)
     nb = max(p - 1, 1)
     comm = np.zeros((n, nb))
@@ -485,7 +494,7 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
                      "that needs them (Note [inputs on every rank])")
     return Problem(
         graph=graph, config=config, devices=specs, costs=stage_costs, names=names,
-        fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b,
+        fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
         grad_bytes=grad_b, comm=comm, edge_src=edge_src, edge_dst=edge_dst, params=params,
         inflight=inflight, caps=caps, lo=lo, hi=hi, pinned=pinned, colocate=colocate,
         t_ref=t_ref, u_ref=u_ref, notes=tuple(notes))

@@ -9,10 +9,10 @@ no parameters). A free node ``v`` that is not pinned and not the output is *atta
 neighbour, so that it always shares that neighbour's stage, when one of these holds:
 
 - (into its producer) ``v`` has exactly one assigned producer ``u``, ``v`` is ``u``'s only
-  consumer, ``comm[v, b] <= comm[u, b]`` on every boundary ``b`` and ``out_bytes[v] <=
-  out_bytes[u]``;
+  consumer, ``comm[v, b] <= comm[u, b]`` on every boundary ``b``, ``out_bytes[v] <=
+  out_bytes[u]`` and ``sent[v] <= sent[u]``;
 - (into its consumer) ``v`` has exactly one consumer ``c``, and on every boundary the summed
-  ``comm`` (and ``out_bytes``) of ``v``'s producers is at most ``v``'s own.
+  ``comm`` (and ``out_bytes``, and ``sent``) of ``v``'s producers is at most ``v``'s own.
 
 In both cases ``workspace[v]`` must be at most the largest workspace of a node already in the
 neighbour's group, so the stage's peak workspace cannot grow.
@@ -23,7 +23,8 @@ changes no stage's compute, saved activations, parameters or peak workspace, and
 boundary it can only replace values that crossed by values that are no larger: into the
 producer, ``v`` now crosses exactly where ``u`` crossed because of ``v``; into the consumer,
 ``v`` no longer crosses the boundaries between it and ``c``, and its producers cross at most
-those. So every stage's time and memory, hence the objective (Note [objective]), do not grow.
+those. The bytes a sending stage holds (``sent``, Note [sent values held] in
+``modelparallel/cost_model/costs.py``) are replaced the same way, by no larger ones. So every stage's time and memory, hence the objective (Note [objective]), do not grow.
 Attachments are made one at a time, each moving a node that nothing has been attached to yet,
 so the argument applies to every assignment that honours the earlier ones: the best assignment
 of the reduced problem is a best assignment of the original one, and a lower bound proven on the
@@ -85,20 +86,21 @@ def _free_nodes(prob: Problem) -> np.ndarray:
 
 
 def _try_attach(prob: Problem, groups: _Groups, v: int) -> bool:
-    comm, out = prob.comm, prob.out_bytes
+    comm, out, sent = prob.comm, prob.out_bytes, prob.sent
     producers, consumers = prob.producers[v], set(prob.consumers[v])
     ws_v = float(prob.workspace[v])
     if len(set(producers)) == 1:
         u = producers[0]
         if (set(prob.consumers[u]) == {v} and np.all(comm[v] <= comm[u])
-                and out[v] <= out[u] and ws_v <= groups.ws[groups.find(u)]):
+                and out[v] <= out[u] and sent[v] <= sent[u]
+                and ws_v <= groups.ws[groups.find(u)]):
             groups.attach(v, u)
             return True
     if len(consumers) == 1:
         c = next(iter(consumers))
         ps = sorted(set(producers))
         if (np.all(comm[ps].sum(axis=0) <= comm[v]) and float(out[ps].sum()) <= out[v]
-                and ws_v <= groups.ws[groups.find(c)]):
+                and float(sent[ps].sum()) <= sent[v] and ws_v <= groups.ws[groups.find(c)]):
             groups.attach(v, c)
             return True
     return False

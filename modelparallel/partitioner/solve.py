@@ -17,7 +17,7 @@ Note [ILP pipeline]
 5. if the windows of the incumbent leave at most ``_FLAT_COLUMNS`` binaries over the reduced
    groups (every reference model of the benchmark, GPT-2 XL and a 48-layer Llama included):
    the op-level ILP itself (Note [ILP formulation]) over the groups, in proof phases of
-   decreasing gap ``g`` (``_PROOF_GAPS``: 1.9%, 0.9%, then exact), each in the time left:
+   decreasing gap ``g`` (``_PROOF_GAPS``: 1.97%, 0.9%, then exact), each in the time left:
 
    - ``g > 0``: the windows of ``target = incumbent / (1 + g)`` and a search for an
      assignment below ``target`` (a cutoff, no primal heuristics). Every assignment below
@@ -96,7 +96,7 @@ METHODS = ("ilp", "dp", "uniform", "param_balanced")
 _FLAT_COLUMNS = 4000  # windowed binaries up to which the op-level ILP is solved directly
 _ILP_SHARE = 0.55  # share of config.time_limit for the coarse and refinement ILPs
 _ILP_SHARE_FLAT = 0.85  # share for the flat op-level ILP (HiGHS may overrun it by a second)
-_PROOF_GAPS = (0.019, 0.009, 0.0)  # gaps the flat ILP proves in turn (the first under 2%)
+_PROOF_GAPS = (0.0197, 0.009, 0.0)  # gaps the flat ILP proves in turn (the first under 2%)
 _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
 _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
 _POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
@@ -389,7 +389,7 @@ def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, pro
                         "in its window")
             proof.optimal = proof.optimal or gap == 0
             return True
-    what = "exact" if gap == 0 else f"within {100 * gap:.1f}%"
+    what = "exact" if gap == 0 else f"within {100 * gap:.3g}%"
     clock.emit("ilp", f"proving {what}: {int((hi - lo).sum())} binaries within the stage "
                "windows", incumbent=None if best is None else best[0], bound=proof.bound)
     exact = gap == 0 or best is None
