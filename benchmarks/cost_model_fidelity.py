@@ -15,7 +15,11 @@ For each model (GPT-2 medium, a 1.1B Llama decoder, ResNet-50, BERT-large; tiny 
    ``profiled`` is ``node_times``' default, ``profiled_device_bwd`` counts the backward's device
    time only, ``profiled_context_bwd`` replays the backward with the in-context host times of
    Note [in-context backward host time]; a failed in-context measurement falls back to the
-   device-only backward, with a NOTE line);
+   device-only backward, with a NOTE line; both with the forward host times measured alone);
+   ``profiled_isolated_fwd`` and ``profiled_context_fwd`` do the same for the forward: its host
+   times measured node by node alone, or inside a whole forward of the generated code (Note
+   [in-context forward host time]; a failure falls back to the isolated ones, with a NOTE
+   line), both with the default backward (``profiled`` is the latter where measured);
    and the stage's peak memory (``MemoryEstimate.peak``);
 3. measure each stage alone (Note [fidelity measurement]).
 
@@ -32,8 +36,15 @@ the stages before it):
   require grad, as the runtime gives them), then backward from random upstream gradients of
   everything it sends (or of the model output, on the last stage); parameter gradients already
   exist, so they accumulate as from the second microbatch of a step on. CUDA events around each
-  repetition, after warm-up; the median of the repetitions (back to back, so the host queues
-  the next forward while the device runs this backward, as in a pipeline's steady state). Also
+  repetition, back to back (the host queues the next forward while the device runs this
+  backward, as in a pipeline's steady state). The stages of a model are measured in
+  ``--rounds`` interleaved rounds (default 3) of ``--repeat`` repetitions each (default 10),
+  round-robin (stage 0, 1, 2, 3, then again), each round after a warm-up (``--warmup`` for the
+  first, at most 2 after), and a stage's time is the median of all its repetitions: the GPU
+  machine's host is shared, and a burst of load on it (once Llama's stage 2 took 25.7 ms while
+  stages 1 and 3, the same layers, took 21.1) then hits one round of every stage instead of
+  every repetition of one. Each round's median is kept (``measured_rounds_ms``,
+  ``measured_fwd_rounds_ms``) to show the spread. Also
   the forward alone (``measured_fwd_ms``; ``measured_bwd_ms`` is the difference, which is not the
   backward's own time where the host is the bottleneck) and the device-only time of a step
   (``measured_device_ms``: queued behind a spin kernel, as nodes are profiled). No
@@ -87,10 +98,13 @@ from modelparallel.cost_model import (
 from modelparallel.cost_model.profile import (
     NodeProfile,
     backward_host_times,
+    forward_host_times,
     node_times,
     profile_nodes,
+    stage_replay,
     time_call,
     with_backward_context,
+    with_forward_context,
 )
 from modelparallel.ir import Graph
 from modelparallel.partitioner import evaluate_assignment, partition
@@ -291,19 +305,39 @@ class _StageRun:
             p.grad = torch.zeros_like(p) if on else None
 
 
-def _measure_time(run: _StageRun, device: torch.device, warmup: int, repeat: int
-                  ) -> dict[str, float]:
-    """Median seconds per microbatch of forward+backward and of forward; and, on CUDA, the
-    device time of forward+backward (``time_call``: what the stage would take if the host kept
-    up). ``time_call``'s host figure is not kept: a stage step synchronises with the device at
+def _measure_times(runs: Sequence[_StageRun], device: torch.device, warmup: int, repeat: int,
+                   rounds: int) -> list[dict[str, Any]]:
+    """Per stage: median seconds per microbatch of forward+backward and of forward over
+    ``rounds`` interleaved rounds of ``repeat`` repetitions (every stage of the model in turn,
+    round-robin: a burst of host load hits one round of every stage, not all repetitions of
+    one; Note [fidelity measurement]), the median of each round, and, on CUDA, the device time
+    of forward+backward (``time_call``: what the stage would take if the host kept up).
+    ``time_call``'s host figure is not kept: a stage step synchronises with the device at
     least once (the spin check escalated on every stage), which makes it meaningless."""
-    run.grads_exist(True)
-    grads = run.upstream_grads()
-    both = _median_seconds(lambda: run.step(grads), device, warmup, repeat)
-    fwd = _median_seconds(lambda: run.forward(run.inputs(fresh=False)), device, warmup, repeat)
-    dev, _ = time_call(lambda: run.step(grads), device, repeat=5, warmup=1)
-    run.grads_exist(False)
-    return {"both": both, "fwd": fwd, "device": dev if device.type == "cuda" else math.nan}
+    for run in runs:
+        run.grads_exist(True)
+    grads = [run.upstream_grads() for run in runs]
+    both: list[list[list[float]]] = [[] for _ in runs]
+    fwd: list[list[list[float]]] = [[] for _ in runs]
+    for r in range(rounds):
+        w = warmup if r == 0 else min(warmup, 2)  # switching stages: a short warm-up again
+        for i, run in enumerate(runs):
+            _sync(device)
+            both[i].append(step_times(lambda run=run, g=grads[i]: run.step(g), device, w,
+                                      repeat))
+            fwd[i].append(step_times(lambda run=run: run.forward(run.inputs(fresh=False)),
+                                     device, w, repeat))
+    out = []
+    for i, run in enumerate(runs):
+        dev, _ = time_call(lambda run=run, g=grads[i]: run.step(g), device, repeat=5, warmup=1)
+        out.append({"both": statistics.median(t for rd in both[i] for t in rd),
+                    "fwd": statistics.median(t for rd in fwd[i] for t in rd),
+                    "both_rounds": [statistics.median(rd) for rd in both[i]],
+                    "fwd_rounds": [statistics.median(rd) for rd in fwd[i]],
+                    "device": dev if device.type == "cuda" else math.nan})
+    for run in runs:
+        run.grads_exist(False)
+    return out
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -391,7 +425,8 @@ def _rel(pred: float, meas: float) -> float:
 
 def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan_device: str,
                   warmup: int, repeat: int, profile_warmup: int, profile_repeat: int,
-                  time_limit: float, log: Callable[[str], None]) -> dict[str, Any]:
+                  time_limit: float, log: Callable[[str], None], rounds: int = 3
+                  ) -> dict[str, Any]:
     """Trace, plan, profile and measure every stage of one model: the raw record that
     :func:`predict_model` turns into predictions against measurements."""
     t0 = time.perf_counter()
@@ -418,20 +453,23 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
     plan_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     profiles = profile_nodes(traced.gm, flat, warmup=profile_warmup, repeat=profile_repeat,
-                             backward_context=False)
+                             backward_context=False, forward_context=False)
     profile_s = time.perf_counter() - t0
     log(f"{w.name}: planned in {plan_s:.1f} s, profiled {len(profiles)} nodes in "
         f"{profile_s:.1f} s")
     profiles, context_note, context_s = _with_context(traced.gm, flat, profiles, device, log,
+                                                      w.name)
+    profiles, fwd_note, fwd_s = _with_forward_context(traced.gm, flat, profiles, device, log,
                                                       w.name)
 
     stages = build_stages(traced, plan)
     inputs = _stage_inputs(stages, flat)
     rows = []
     states = 2 if OPTIMIZER == "adam" else 0
-    for s, (stage, (local, received)) in enumerate(zip(stages, inputs)):
-        run = _StageRun(stage, local, received)
-        t = _measure_time(run, device, warmup, repeat)
+    runs = [_StageRun(stage, local, received) for stage, (local, received)
+            in zip(stages, inputs)]
+    stage_times = _measure_times(runs, device, warmup, repeat, rounds)
+    for s, (stage, run, t) in enumerate(zip(stages, runs, stage_times)):
         k = inflight_microbatches(SCHEDULE, m, PARTITIONS, s)
         mem = _measure_memory(run, device, k, states)
         row: dict[str, Any] = {
@@ -439,6 +477,8 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
             "measured_ms": t["both"] * 1e3, "measured_fwd_ms": t["fwd"] * 1e3,
             "measured_bwd_ms": (t["both"] - t["fwd"]) * 1e3,
             "measured_device_ms": t["device"] * 1e3,
+            "measured_rounds_ms": [x * 1e3 for x in t["both_rounds"]],
+            "measured_fwd_rounds_ms": [x * 1e3 for x in t["fwd_rounds"]],
             "memory_measured_bytes": mem["peak"], "memory_state_bytes": mem["state"],
             "memory_after_forward_bytes": mem["after_forward"],
         }
@@ -446,18 +486,22 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
             row["loss_ms"] = 1e3 * _loss_seconds(run, case.loss_fn, mb_target, device, warmup,
                                                  repeat)
         rows.append(row)
-        del run
         gc.collect()
-        log(f"{w.name} stage {s}: {t['both'] * 1e3:.2f} ms (forward {t['fwd'] * 1e3:.2f}; "
-            f"device only {t['device'] * 1e3:.2f}), {mem['peak'] / _GiB:.3f} GiB")
+        rounds_ms = ", ".join(f"{x * 1e3:.2f}" for x in t["both_rounds"])
+        log(f"{w.name} stage {s}: {t['both'] * 1e3:.2f} ms (rounds {rounds_ms}; forward "
+            f"{t['fwd'] * 1e3:.2f}; device only {t['device'] * 1e3:.2f}), "
+            f"{mem['peak'] / _GiB:.3f} GiB")
+    del runs
     raw = {
         "model": w.name, "batch_size": w.batch_size, "microbatches": m,
         "microbatch_size": mb_size, "sample": w.shape, "tracer": traced.method,
         "trace_s": trace_s, "plan_s": plan_s, "profile_s": profile_s,
         "time_limit": time_limit, "graph": graph.to_dict(), "assignment": plan.assignment,
         "profiles": {k: [v.device_forward, v.host_forward, v.device_backward, v.host_backward,
-                         v.kind, v.host_backward_context] for k, v in profiles.items()},
+                         v.kind, v.host_backward_context, v.host_forward_context]
+                     for k, v in profiles.items()},
         "backward_context_s": context_s, "backward_context_note": context_note,
+        "forward_context_s": fwd_s, "forward_context_note": fwd_note,
         "stages": rows,
     }
     del stages, inputs, traced, model, case
@@ -493,6 +537,35 @@ def _with_context(gm: Any, flat: list[Any], profiles: dict[str, NodeProfile],
     return out, note, seconds
 
 
+def _with_forward_context(gm: Any, flat: list[Any], profiles: dict[str, NodeProfile],
+                          device: torch.device, log: Callable[[str], None], name: str
+                          ) -> tuple[dict[str, NodeProfile], str, float]:
+    """The profiles with in-context forward host times (Note [in-context forward host time]
+    in ``cost_model/profile.py``), the note of a failure ('' if none), and the seconds it
+    took. A failure keeps the profiles as they are: the predictions then use the forward host
+    times measured alone, and the report says why."""
+    t0 = time.perf_counter()
+    raw_total = math.nan
+    try:
+        context = forward_host_times(gm, flat, warmup=2, repeat=5)
+        raw_total = sum(context.values())
+        out = with_forward_context(profiles, [n.name for n in gm.graph.nodes], context,
+                                   host_is_device=device.type != "cuda")
+        note = ""
+    except Exception as e:  # the new measurement never breaks the run
+        traceback.print_exc()
+        out, note = profiles, f"in-context forward host times failed: {type(e).__name__}: {e}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    seconds = time.perf_counter() - t0
+    isolated = sum(p.host_forward for p in profiles.values())
+    log(f"{name}: in-context forward host times in {seconds:.1f} s ({raw_total * 1e3:.2f} ms "
+        f"over the forward, against {isolated * 1e3:.2f} ms measured node by node)"
+        f"{'; ' + note if note else ''}")
+    return out, note, seconds
+
+
 def _config(microbatches: int, time_limit: float) -> PlanConfig:
     return PlanConfig(partitions=PARTITIONS, microbatches=microbatches, schedule=SCHEDULE,
                       optimizer=OPTIMIZER, time_limit=time_limit)
@@ -501,6 +574,9 @@ def _config(microbatches: int, time_limit: float) -> PlanConfig:
 def _node_profile(values: list[Any], graph: Graph, name: str) -> NodeProfile:
     """A recorded node profile; records made before profiles had a kind get the IR's op and
     output shapes as their kind."""
+    if len(values) >= 7:  # with the in-context forward host time (None: not measured)
+        return NodeProfile(*values[:4], kind=str(values[4]), host_backward_context=values[5],
+                           host_forward_context=values[6])
     if len(values) >= 6:  # with the in-context backward host time (None: not measured)
         return NodeProfile(*values[:4], kind=str(values[4]), host_backward_context=values[5])
     if len(values) >= 5:
@@ -533,14 +609,26 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
     # device time only (the model before in-context host times), and replayed with the
     # in-context host times (Note [in-context backward host time]); the last falls back to the
     # device-only backward, with a note, where the in-context measurement is missing.
+    # The forward the same way: its host time measured node by node alone (the model before
+    # in-context forward host times) and in context (Note [in-context forward host time]);
+    # both with the default backward.
+    has_fwd = any(p.host_forward_context is not None for p in profiles.values())
     times = node_times(order, profiles)
     variants = {"profiled": times,
-                "profiled_device_bwd": node_times(order, profiles, backward_host="device"),
-                "profiled_context_bwd": node_times(order, profiles, backward_host="context")
-                if has_context else node_times(order, profiles, backward_host="device")}
+                "profiled_device_bwd": node_times(order, profiles, backward_host="device",
+                                                  forward_host="isolated"),
+                "profiled_context_bwd": node_times(order, profiles, backward_host="context",
+                                                   forward_host="isolated")
+                if has_context else node_times(order, profiles, backward_host="device",
+                                               forward_host="isolated"),
+                "profiled_isolated_fwd": node_times(order, profiles, forward_host="isolated"),
+                "profiled_context_fwd": node_times(order, profiles, forward_host="auto")}
     context_note = raw.get("backward_context_note") or (
         "" if has_context else "no in-context backward host times in this record: "
         "profiled_context_bwd = profiled_device_bwd")
+    fwd_note = raw.get("forward_context_note") or (
+        "" if has_fwd else "no in-context forward host times in this record: "
+        "profiled_context_fwd = profiled_isolated_fwd = profiled")
     times_bh = node_times(order, profiles, backward_host="isolated")
     stage_nodes: dict[int, list[str]] = {}
     for name, st in assignment.items():
@@ -571,6 +659,7 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
             row[f"{mode}_ms"] = st.compute_time * 1e3
             row[f"{mode}_fwd_ms"] = st.forward_time * 1e3
             row[f"{mode}_error"] = _rel(st.compute_time, both)
+            row[f"{mode}_fwd_error"] = _rel(st.forward_time, measured["measured_fwd_ms"] / 1e3)
         # Input-derived nodes every stage recomputes (Note [inputs on every rank]): the plan
         # leaves their time out; with it (a proposed change to the partitioner's estimate):
         extra = sum(sum(times.get(n, (0.0, 0.0))) for n in measured.get("recomputed", ()))
@@ -578,6 +667,15 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         row["profiled_with_recompute_ms"] = row["profiled_ms"] + extra * 1e3
         row["profiled_with_recompute_error"] = _rel(row["profiled_with_recompute_ms"] / 1e3,
                                                     both)
+        # Diagnosis: the stage replayed alone (host and device starting together, as a
+        # pipeline stage does), not as part of one whole-graph timeline that can carry the
+        # host's slack from earlier stages into this one (stage_replay in cost_model/profile.py).
+        f_alone, b_alone = stage_replay(order, profiles, stage_nodes[s])
+        row["profiled_stage_alone_ms"] = (f_alone + b_alone) * 1e3
+        row["profiled_stage_alone_fwd_ms"] = f_alone * 1e3
+        row["profiled_stage_alone_error"] = _rel(f_alone + b_alone, both)
+        row["profiled_stage_alone_fwd_error"] = _rel(f_alone,
+                                                     measured["measured_fwd_ms"] / 1e3)
         # Diagnosis: the backward replayed with the measured host backward times.
         bh = sum(sum(times_bh.get(n, (0.0, 0.0))) for n in stage_nodes[s])
         row["profiled_backward_host_ms"] = bh * 1e3
@@ -586,6 +684,14 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
             profiles[n].host_backward_context or 0.0 for n in stage_nodes[s] if n in profiles)
         row["device_backward_ms"] = 1e3 * sum(
             profiles[n].device_backward for n in stage_nodes[s] if n in profiles)
+        # Diagnosis of the forward: host and device sums over the stage's nodes, against
+        # measured_fwd_ms (the host-bound forward takes about the larger).
+        row["isolated_forward_host_ms"] = 1e3 * sum(
+            profiles[n].host_forward for n in stage_nodes[s] if n in profiles)
+        row["context_forward_host_ms"] = math.nan if not has_fwd else 1e3 * sum(
+            profiles[n].host_forward_context or 0.0 for n in stage_nodes[s] if n in profiles)
+        row["device_forward_ms"] = 1e3 * sum(
+            profiles[n].device_forward for n in stage_nodes[s] if n in profiles)
         rows.append(row)
     return {
         "model": raw["model"], "batch_size": raw["batch_size"],
@@ -593,7 +699,7 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         "parameters": graph.num_parameters, "nodes": len(graph), "tracer": raw["tracer"],
         "trace_s": raw["trace_s"], "plan_s": raw["plan_s"], "profile_s": raw["profile_s"],
         "profiled_nodes": len(profiles), "stages": rows,
-        "backward_context_note": context_note,
+        "backward_context_note": context_note, "forward_context_note": fwd_note,
     }
 
 
@@ -634,7 +740,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--spec", default=None, help="calibrated device spec JSON")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="timed repetitions per stage per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over the stages (Note [fidelity measurement])")
     parser.add_argument("--profile-warmup", type=int, default=2)
     parser.add_argument("--profile-repeat", type=int, default=5)
     parser.add_argument("--time-limit", type=float, default=10.0, help="ILP seconds per model")
@@ -666,9 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         header, records, failed = _measure_all(a, device, spec, log)
     plan_device = header["plan_device"]
     modes = ["roofline"] + (["roofline_calibrated"] if spec is not None else []) + [
-        "profiled", "profiled_device_bwd", "profiled_context_bwd"]
+        "profiled", "profiled_device_bwd", "profiled_context_bwd", "profiled_isolated_fwd",
+        "profiled_context_fwd"]
     results = [predict_model(r, plan_device=plan_device, spec=spec) for r in records.values()]
-    summary = _summary(results, [*modes, "profiled_with_recompute", "profiled_backward_host"])
+    # and the forward alone against the stage's measured forward (measured_fwd_ms), the two
+    # forward host models (Note [in-context forward host time]):
+    summary = _summary(results, [*modes, "profiled_with_recompute", "profiled_backward_host",
+                                 "profiled_isolated_fwd_fwd", "profiled_context_fwd_fwd",
+                                 "profiled_stage_alone", "profiled_stage_alone_fwd"])
     bar = {"profiled_time_median": 0.10, "profiled_time_worst": 0.20, "memory_worst": 0.10}
     met = {} if not results else {
         "profiled_time_median": summary["profiled"]["median"] <= bar["profiled_time_median"],
@@ -699,6 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for res in results:
         if res.get("backward_context_note"):
             print(f"NOTE {res['model']}: {res['backward_context_note']}")
+        if res.get("forward_context_note"):
+            print(f"NOTE {res['model']}: {res['forward_context_note']}")
     for model, why in failed.items():
         print(f"FAILED {model}: {why}")
     if a.out:
@@ -725,7 +841,9 @@ def _measure_all(a: argparse.Namespace, device: torch.device, spec: Any,
         "partitions": PARTITIONS, "schedule": SCHEDULE, "optimizer": OPTIMIZER,
         "plan_device": "h100" if device.type == "cuda" else "cpu",
         "calibrated_spec": None if spec is None else spec.to_dict(),
-        "timing": {"warmup": a.warmup, "repeat": a.repeat, "statistic": "median",
+        "timing": {"warmup": a.warmup, "repeat": a.repeat, "rounds": a.rounds,
+                   "statistic": "median of all rounds' repetitions, stages interleaved "
+                                "round-robin",
                    "profile_warmup": a.profile_warmup, "profile_repeat": a.profile_repeat},
     }
     records: dict[str, Any] = {}
@@ -735,7 +853,8 @@ def _measure_all(a: argparse.Namespace, device: torch.device, spec: Any,
             records[w.name] = measure_model(
                 w, device=device, dtype=dtype, plan_device=header["plan_device"],
                 warmup=a.warmup, repeat=a.repeat, profile_warmup=a.profile_warmup,
-                profile_repeat=a.profile_repeat, time_limit=a.time_limit, log=log)
+                profile_repeat=a.profile_repeat, time_limit=a.time_limit, log=log,
+                rounds=a.rounds)
         except Exception as e:  # report the others; say which failed and why
             traceback.print_exc()
             failed[w.name] = f"{type(e).__name__}: {e}"

@@ -2,6 +2,7 @@
 
     python benchmarks/summarize.py                  # every result file found
     python benchmarks/summarize.py partition_quality runtime
+    python benchmarks/summarize.py --readme         # rewrite benchmarks/README.md
 
 Each table is read from a result JSON written by one of the benchmark scripts, so the README's
 tables can be regenerated after a new run instead of edited by hand.
@@ -125,6 +126,57 @@ _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality": partition_quality, "runtime": runtime,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu}
 
+#: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
+_SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("partition_quality", "Partition quality (`partition_quality.py`)", """\
+The planner on 8 models (GPT-2 small and medium, BERT-base, a Llama-style decoder, T5-small,
+ResNet-50, a UNet with long skips, an Inception-like CNN) plus two graphs of 2,000-3,000 ops
+(GPT-2 XL, a 48-layer Llama, both on the meta device), p in {2, 4, 8}, costed on the built-in
+`h100` spec (m = 8, 1F1B, optimize=speed). Each method's objective is divided by the proven
+lower bound of that row (1.000 = provably optimal). The bar: the ILP is never worse than a
+baseline, within 2% of the bound, and solves in at most 10 s on a 2-core machine.
+`python benchmarks/partition_quality.py` (about 4 minutes; `--quick` for 4 rows)."""),
+    ("runtime", "Pipeline runtime on CPU (`runtime.py`)", """\
+A stack of equal residual MLP blocks (so the stages are equal), gloo, one thread per rank.
+(a) measured bubble against `(p - 1) / (m + p - 1)` and against the schedule simulated with the
+measured stage times and link latency; (b) step time against `torch.distributed.pipelining`
+(`ScheduleGPipe` / `Schedule1F1B`) on the same split, goal ratio <= 1.0; (c) `partitions=1`
+against plain PyTorch, goal <= 1.03. `python benchmarks/runtime.py` (about 2 minutes)."""),
+    ("cost_model_fidelity", "Cost model against an H100 (`cost_model_fidelity.py`)", """\
+A 4-stage ILP plan of GPT-2 medium, a 1.1B Llama, ResNet-50 and BERT-large (bf16, 1F1B, m = 4);
+each stage runs alone on the GPU on the values it really receives: forward+backward time (CUDA
+events, median) and `torch.cuda.max_memory_allocated` against the predictions of the roofline
+(built-in and calibrated spec) and of profiling mode. The bar: profiled time error <= 10% median
+and <= 20% worst; memory error <= 10%. How it is measured, and what the misses are:
+[docs/gpu.md](../docs/gpu.md)."""),
+    ("gpu_overhead", "One stage against plain PyTorch on a GPU (`gpu_overhead.py`)", """\
+`partitions=1` (traced, codegen, `LocalPipeline`) against plain PyTorch training of the same
+model on the same batch, AdamW, 4 alternating rounds of 20 steps. Goal: <= 1.03."""),
+    ("multigpu", "Several GPUs (`multigpu.py`)", """\
+A GPT-style decoder of about 1.5B parameters per GPU, p = number of GPUs, m in {p, 2p, 4p}, both
+schedules: our ILP plan against the parameter-balanced and uniform splits and against
+`torch.distributed.pipelining` on the same split, bubble, predicted against measured step time
+and peak memory. **Not run on several GPUs yet: no multi-GPU machine was lent.** What is below
+is the one-GPU dry run (p = 1). How to run it: [docs/multigpu.md](../docs/multigpu.md)."""),
+)
+
+
+def readme() -> str:
+    """The text of ``benchmarks/README.md`` from the result files present."""
+    out = ["# Benchmarks", "",
+           "Every script prints a table and writes JSON to `results/` (with the machine and the",
+           "software versions); timings are compared side by side in one run (ratios). This page",
+           "is generated from those files: `python benchmarks/summarize.py --readme`.", ""]
+    for kind, title, intro in _SECTIONS:
+        files = [f for f in sorted(RESULTS.glob("*.json")) if _kind(f) == kind]
+        out += [f"## {title}", "", intro, ""]
+        for f in files:
+            data = json.loads(f.read_text())
+            when = (data.get("versions") or {}).get("date") or data.get("date") or ""
+            out += [f"`results/{f.name}`" + (f" ({when[:10]})" if when else "") + ":", "",
+                    _KINDS[kind](data), ""]
+    return "\n".join(out)
+
 
 def _kind(path: Path) -> str | None:
     for k in sorted(_KINDS, key=len, reverse=True):
@@ -136,7 +188,11 @@ def _kind(path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("only", nargs="*", help="result kinds to print (default: all)")
+    parser.add_argument("--readme", action="store_true", help="rewrite benchmarks/README.md")
     a = parser.parse_args(argv)
+    if a.readme:
+        (RESULTS.parent / "README.md").write_text(readme())
+        return 0
     for path in sorted(RESULTS.glob("*.json")):
         kind = _kind(path)
         if kind is None or (a.only and kind not in a.only):
