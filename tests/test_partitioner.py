@@ -31,7 +31,7 @@ from modelparallel.partitioner._synthetic import (
     unet_graph,
 )
 from modelparallel.partitioner.baselines import find_layers, uniform_split
-from modelparallel.partitioner.bounds import window_for
+from modelparallel.partitioner.bounds import _boundary_cuts, window_for
 from modelparallel.partitioner.coarsen import make_units, singletons
 from modelparallel.partitioner.dp import solve_dp, split_to_stages
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
@@ -156,6 +156,41 @@ def test_windows_contain_every_better_assignment(seed: int) -> None:
         # The best assignment is the only one below a hair above it: windows get narrow.
         lo, hi = window_for(prob, values[0] * (1 + 1e-9))
         assert int((hi - lo).sum()) < prob.n * (p - 1)
+
+
+@pytest.mark.parametrize("seed", [505, 507])  # graphs on which the cuts bind
+def test_boundary_cuts_and_cut_windows_are_valid_by_brute_force(seed: int) -> None:
+    # Note [lower bound], part 2: the least communication and received bytes of each boundary
+    # within the windows bound those of every assignment in the windows, and the windows they
+    # narrow still hold every better assignment; the bound stays below the optimum.
+    graph = random_graph(8, seed=seed, edge_prob=0.1, tie_prob=0.2, view_prob=0.2)
+    positive = 0
+    for p, w in ((4, 0.2), (3, 0.5)):
+        cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule="1f1b")
+        prob = build_problem(graph, cfg, "h100")
+        scored = [(evaluate(prob, st).objective, st) for st in _valid_assignments(prob)]
+        best = min(o for o, _ in scored)
+        for cutoff in sorted({o for o, _ in scored})[:4]:
+            cutoff *= 1 + 1e-9
+            lo, hi = window_for(prob, cutoff)
+            cost = np.stack([prob.comm[:, : p - 1],
+                             np.broadcast_to(prob.out_bytes[:, None], (prob.n, p - 1))])
+            cuts = _boundary_cuts(prob, lo, hi, cost)
+            positive += int(np.count_nonzero(cuts[:, 0] > 0))
+            for obj, st in scored:
+                inside = np.all(lo <= st) and np.all(st <= hi)
+                if obj < cutoff:
+                    assert inside, (cutoff, obj, st)
+                if not inside:
+                    continue
+                last = st.copy()
+                np.maximum.at(last, prob.edge_src, st[prob.edge_dst])
+                for b in range(p - 1):
+                    crosses = (st <= b) & (b < last)
+                    assert cuts[b, 0] <= prob.comm[crosses, b].sum() * (1 + 1e-9) + 1e-15
+                    assert cuts[b, 1] <= prob.out_bytes[crosses].sum() * (1 + 1e-9)
+            assert lower_bound(prob, incumbent=cutoff, time_limit=5).value <= best * (1 + 1e-9)
+    assert positive > 0  # the cuts do bind on these graphs
 
 
 @pytest.mark.parametrize("solver", ["highs", "cbc"])
