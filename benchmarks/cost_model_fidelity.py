@@ -68,6 +68,7 @@ can be re-derived (and the model changed and re-judged) on any machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -457,10 +458,10 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
     profile_s = time.perf_counter() - t0
     log(f"{w.name}: planned in {plan_s:.1f} s, profiled {len(profiles)} nodes in "
         f"{profile_s:.1f} s")
-    profiles, context_note, context_s = _with_context(traced.gm, flat, profiles, device, log,
-                                                      w.name)
-    profiles, fwd_note, fwd_s = _with_forward_context(traced.gm, flat, profiles, device, log,
-                                                      w.name)
+    profiles, context_note, context_s = _with_context("backward", traced.gm, flat, profiles,
+                                                      device, log, w.name)
+    profiles, fwd_note, fwd_s = _with_context("forward", traced.gm, flat, profiles, device, log,
+                                              w.name)
 
     stages = build_stages(traced, plan)
     inputs = _stage_inputs(stages, flat)
@@ -511,58 +512,37 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
     return raw
 
 
-def _with_context(gm: Any, flat: list[Any], profiles: dict[str, NodeProfile],
+def _with_context(which: str, gm: Any, flat: list[Any], profiles: dict[str, NodeProfile],
                   device: torch.device, log: Callable[[str], None], name: str
                   ) -> tuple[dict[str, NodeProfile], str, float]:
-    """The profiles with in-context backward host times (Note [in-context backward host
-    time] in ``cost_model/profile.py``), the note of a failure ('' if none), and the seconds
-    it took. A failure keeps the profiles as they are: the predictions then fall back to the
-    device-time backward, and the report says why."""
-    t0 = time.perf_counter()
-    try:
-        context = backward_host_times(gm, flat)
-        out = with_backward_context(profiles, [n.name for n in gm.graph.nodes], context,
-                                    host_is_device=device.type != "cuda")
-        note = ""
-    except Exception as e:  # the new measurement never breaks the run
-        traceback.print_exc()
-        out, note = profiles, f"in-context backward host times failed: {type(e).__name__}: {e}"
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    seconds = time.perf_counter() - t0
-    total = sum(p.host_backward_context or 0.0 for p in out.values())
-    log(f"{name}: in-context backward host times in {seconds:.1f} s "
-        f"({total * 1e3:.2f} ms of host over the backward){'; ' + note if note else ''}")
-    return out, note, seconds
-
-
-def _with_forward_context(gm: Any, flat: list[Any], profiles: dict[str, NodeProfile],
-                          device: torch.device, log: Callable[[str], None], name: str
-                          ) -> tuple[dict[str, NodeProfile], str, float]:
-    """The profiles with in-context forward host times (Note [in-context forward host time]
-    in ``cost_model/profile.py``), the note of a failure ('' if none), and the seconds it
-    took. A failure keeps the profiles as they are: the predictions then use the forward host
-    times measured alone, and the report says why."""
+    """The profiles with in-context ``which`` ("forward" or "backward") host times (Notes
+    [in-context forward host time] and [in-context backward host time] in
+    ``cost_model/profile.py``), the note of a failure ('' if none), and the seconds it took.
+    A failure keeps the profiles as they are (the predictions then use the forward host times
+    measured alone, or the backward's device time) and the report says why."""
+    forward = which == "forward"
+    measure = (functools.partial(forward_host_times, warmup=2, repeat=5) if forward
+               else backward_host_times)
+    attach = with_forward_context if forward else with_backward_context
     t0 = time.perf_counter()
     raw_total = math.nan
     try:
-        context = forward_host_times(gm, flat, warmup=2, repeat=5)
+        context = measure(gm, flat)
         raw_total = sum(context.values())
-        out = with_forward_context(profiles, [n.name for n in gm.graph.nodes], context,
-                                   host_is_device=device.type != "cuda")
+        out = attach(profiles, [n.name for n in gm.graph.nodes], context,
+                     host_is_device=device.type != "cuda")
         note = ""
     except Exception as e:  # the new measurement never breaks the run
         traceback.print_exc()
-        out, note = profiles, f"in-context forward host times failed: {type(e).__name__}: {e}"
+        out, note = profiles, f"in-context {which} host times failed: {type(e).__name__}: {e}"
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     seconds = time.perf_counter() - t0
-    isolated = sum(p.host_forward for p in profiles.values())
-    log(f"{name}: in-context forward host times in {seconds:.1f} s ({raw_total * 1e3:.2f} ms "
-        f"over the forward, against {isolated * 1e3:.2f} ms measured node by node)"
-        f"{'; ' + note if note else ''}")
+    alone = (f", against {sum(p.host_forward for p in profiles.values()) * 1e3:.2f} ms "
+             "measured node by node" if forward else "")
+    log(f"{name}: in-context {which} host times in {seconds:.1f} s ({raw_total * 1e3:.2f} ms "
+        f"of host over the {which}{alone}){'; ' + note if note else ''}")
     return out, note, seconds
 
 

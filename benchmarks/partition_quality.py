@@ -6,7 +6,7 @@
 
 For each reference model (``modelparallel.models``: GPT-2 small and medium, BERT-base, a
 Llama-style decoder, T5-small, ResNet-50, a UNet with long skips, an Inception-like CNN, and
-two graphs of 2,000 to 3,000 ops: GPT-2 XL (1.56B parameters) and a 48-layer Llama, both built
+two graphs of about 2,000 and 2,600 ops: GPT-2 XL (1.56B parameters) and a 48-layer Llama, both built
 on the meta device) the model is traced once (``modelparallel.tracer.trace``, its example batch is ONE microbatch:
 8 samples, text 8 x 512 tokens (T5: 512 encoder / 256 decoder tokens), images 8 x 3 x 224 x 224
 (UNet 256 x 256)), costed on the built-in ``h100`` device spec (every stage an H100: 80 GiB,
@@ -51,7 +51,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "resnet50": ("resnet50", {}),
     "unet_base": ("unet", {"size": "base"}),
     "inception_base": ("inception", {"size": "base"}),
-    # Real architectures of 2,000 to 3,000 ops, built on the meta device (no weights).
+    # Real architectures of about 2,000 and 2,600 ops, built on the meta device (no weights).
     "gpt2_xl": ("gpt2", {"size": "xl", "device": "meta"}),
     "llama_deep": ("llama", {"size": "deep", "device": "meta"}),
 }

@@ -130,9 +130,9 @@ _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
 _SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("partition_quality", "Partition quality (`partition_quality.py`)", """\
 The planner on 8 models (GPT-2 small and medium, BERT-base, a Llama-style decoder, T5-small,
-ResNet-50, a UNet with long skips, an Inception-like CNN) plus two graphs of 2,000-3,000 ops
-(GPT-2 XL, a 48-layer Llama, both on the meta device), p in {2, 4, 8}, costed on the built-in
-`h100` spec (m = 8, 1F1B, optimize=speed). Each method's objective is divided by the proven
+ResNet-50, a UNet with long skips, an Inception-like CNN) plus two graphs of about 2,000 and
+2,600 ops (GPT-2 XL, a 48-layer Llama, both on the meta device), p in {2, 4, 8}, costed on the
+built-in `h100` spec (m = 8, 1F1B, optimize=speed). Each method's objective is divided by the proven
 lower bound of that row (1.000 = provably optimal). The bar: the ILP is never worse than a
 baseline, within 2% of the bound, and solves in at most 10 s on a 2-core machine.
 `python benchmarks/partition_quality.py` (about 4 minutes; `--quick` for 4 rows)."""),

@@ -324,7 +324,7 @@ def llama(size: str = "tiny", *, seq_len: int | None = None, batch_size: int | N
     Args:
         size: ``"tiny"``; ``"small"`` (12 layers, hidden 768, ~134M, for the planner
             benchmark); ``"1b"`` (TinyLlama-1.1B shape: 22 layers, hidden 2048, GQA 32/4);
-            ``"deep"`` (``"small"`` with 48 layers, ~390M: a graph of about 2,800 ops for the
+            ``"deep"`` (``"small"`` with 48 layers, ~390M: a graph of about 2,600 ops for the
             planner benchmark; build it with ``device="meta"``).
         seq_len: Tokens per sample (default 16 for tiny, 512 otherwise).
         batch_size: Samples per batch (default 4 for tiny, 8 otherwise).

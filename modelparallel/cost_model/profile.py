@@ -1057,18 +1057,31 @@ def with_backward_context(profiles: Mapping[str, NodeProfile], order: Sequence[s
         >>> [out[n].host_backward_context for n in "ac"]
         [1.5, 2.0]
     """
+    extra = _fold_into_profiled(profiles, order, context, toward="earlier")
+    return {n: replace(p, host_backward_context=0.0 if host_is_device else extra[n])
+            for n, p in profiles.items()}
+
+
+def _fold_into_profiled(profiles: Mapping[str, NodeProfile], order: Sequence[str],
+                        context: Mapping[str, float], *, toward: str) -> dict[str, float]:
+    """Per profiled node, its in-context seconds plus those of the unprofiled nodes whose
+    nearest profiled neighbour in ``order`` it is, looking ``toward`` "earlier" or "later"
+    nodes first (and the other way when there is none)."""
     extra = {n: 0.0 for n in profiles}
     ordered = [n for n in order if n in profiles]
     position = {n: i for i, n in enumerate(order)}
     for name, seconds in context.items():
         if name in profiles:
             extra[name] += seconds
-        elif ordered:
+        elif ordered and toward == "earlier":
             at = position.get(name, len(order))
             earlier = [n for n in ordered if position[n] < at]
             extra[earlier[-1] if earlier else ordered[0]] += seconds
-    return {n: replace(p, host_backward_context=0.0 if host_is_device else extra[n])
-            for n, p in profiles.items()}
+        elif ordered:
+            at = position.get(name, -1)
+            later = [n for n in ordered if position[n] > at]
+            extra[later[0] if later else ordered[-1]] += seconds
+    return extra
 
 
 # -- the forward's host time in context ------------------------------------------------------------
@@ -1198,16 +1211,7 @@ def with_forward_context(profiles: Mapping[str, NodeProfile], order: Sequence[st
         >>> [out[n].host_forward_context for n in "ac"]
         [1.0, 2.5]
     """
-    extra = {n: 0.0 for n in profiles}
-    ordered = [n for n in order if n in profiles]
-    position = {n: i for i, n in enumerate(order)}
-    for name, seconds in context.items():
-        if name in profiles:
-            extra[name] += seconds
-        elif ordered:
-            at = position.get(name, -1)
-            later = [n for n in ordered if position[n] > at]
-            extra[later[0] if later else ordered[-1]] += seconds
+    extra = _fold_into_profiled(profiles, order, context, toward="later")
     return {n: replace(p, host_forward_context=0.0 if host_is_device else extra[n])
             for n, p in profiles.items()}
 

@@ -232,7 +232,7 @@ class Schedule:
                         f"stages {s} and {s + 1} run their {kind} actions in different "
                         f"microbatch orders ({here} vs {there}); {what} travel in order over "
                         "each link, so neighbours must agree")
-        _run_or_deadlock(self)
+        _play_order(self)
 
     def inflight_peak(self, stage: int) -> int:
         """Most microbatches forwarded but not yet backwarded at once on ``stage``."""
@@ -381,25 +381,13 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
         raise ConfigError(f"comm_time = {comm_time} must be >= 0")
     ends: dict[Action, float] = {}
     entries: list[list[TimelineEntry]] = [[] for _ in range(p)]
-    pos, free = [0] * p, [0.0] * p
-    remaining = sum(len(lst) for lst in schedule.actions)
-    while remaining:
-        progressed = False
-        for s in range(p):
-            while pos[s] < len(schedule.actions[s]):
-                a = schedule.actions[s][pos[s]]
-                dep = _dependency(a, p)
-                if dep is not None and dep not in ends:
-                    break
-                ready = ends[dep] + comm_time if dep is not None else 0.0
-                start = max(free[s], ready)
-                end = start + (fwd[s] if a.kind == "F" else bwd[s])
-                ends[a] = free[s] = end
-                entries[s].append(TimelineEntry(a, start, end))
-                pos[s] += 1
-                remaining -= 1
-                progressed = True
-        assert progressed, "validate() guarantees progress"
+    free = [0.0] * p
+    for a in _play_order(schedule):  # every dependency ends before its consumer starts
+        s = a.stage
+        dep = _dependency(a, p)
+        start = max(free[s], ends[dep] + comm_time if dep is not None else 0.0)
+        ends[a] = free[s] = start + (fwd[s] if a.kind == "F" else bwd[s])
+        entries[s].append(TimelineEntry(a, start, free[s]))
     makespan = max(free)
     busy = tuple(sum(e.end - e.start for e in lst) for lst in entries)
     return Timeline(schedule, tuple(tuple(lst) for lst in entries), makespan, busy)
@@ -430,10 +418,16 @@ def _dependency(a: Action, p: int) -> Action | None:
     return Action(a.stage + 1, "B", a.microbatch) if a.stage < p - 1 else None
 
 
-def _run_or_deadlock(schedule: Schedule) -> None:
-    """Play the schedule with blocking receives and buffered sends; raise if it gets stuck."""
+def _play_order(schedule: Schedule) -> list[Action]:
+    """Every action, in an order in which each runs after the action it receives from: the
+    stages play their lists with blocking receives and buffered sends.
+
+    Raises:
+        ConfigError: if the schedule deadlocks (naming what each stuck stage waits for).
+    """
     p = schedule.num_stages
     done: set[Action] = set()
+    order: list[Action] = []
     pos = [0] * p
     remaining = sum(len(lst) for lst in schedule.actions)
     while remaining:
@@ -445,6 +439,7 @@ def _run_or_deadlock(schedule: Schedule) -> None:
                 if dep is not None and dep not in done:
                     break
                 done.add(a)
+                order.append(a)
                 pos[s] += 1
                 remaining -= 1
                 progressed = True
@@ -453,3 +448,4 @@ def _run_or_deadlock(schedule: Schedule) -> None:
                      f"{_dependency(schedule.actions[s][pos[s]], p)}"
                      for s in range(p) if pos[s] < len(schedule.actions[s])]
             raise ConfigError(f"schedule {schedule.name!r} deadlocks: " + "; ".join(stuck))
+    return order
