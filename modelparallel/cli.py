@@ -362,19 +362,28 @@ def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], 
                     err: Any) -> list[Any] | None:
     """Per-stage costs with measured node times (``--measured`` / ``--profile``), else None."""
     from modelparallel.cost_model import estimate_costs
-    from modelparallel.cost_model.profile import load_node_times
+    from modelparallel.cost_model.profile import host_replay, load_node_profiles, load_node_times
 
+    profiles: dict[str, Any] = {}
     if a.measured:
         times = load_node_times(a.measured, loaded.graph)
         _check_measured_shapes(a.measured, loaded)
         source = a.measured
+        try:
+            profiles = load_node_profiles(a.measured, loaded.graph)
+        except ConfigError:  # a version 1 file: per-node sums only
+            err.print("[dim]the node-times file carries no node profiles: stage times are "
+                      "the sums of node times, not replayed per stage[/dim]")
     elif a.profile:
-        times = _profile(loaded, a.profile_device, warmup=2, repeat=5, console=err)
+        times = _profile(loaded, a.profile_device, warmup=2, repeat=5, console=err,
+                         profiles_out=profiles)
         source = "profiling on this machine"
     else:
         return None
-    costs = [estimate_costs(loaded.graph, d, optimizer=config.optimizer, measured=times)
-             for d in devices]
+    # Note [stage replay] in modelparallel/cost_model/replay.py
+    replay = host_replay([n.name for n in loaded.graph.nodes], profiles) if profiles else None
+    costs = [estimate_costs(loaded.graph, d, optimizer=config.optimizer, measured=times,
+                            replay=replay) for d in devices]
     timed = sum(1 for c in costs[0].nodes.values() if c.time > 0)
     hit = sum(1 for n in times if n in costs[0].nodes)
     err.print(f"[dim]measured times of {hit} nodes from {source}; the roofline keeps "

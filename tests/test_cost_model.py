@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modelparallel.cost_model import (
     DeviceSpec,
@@ -478,3 +480,111 @@ def test_stage_replay_starts_host_and_device_together() -> None:
     assert stage_replay(order, p, ["b", "c"]) == (pytest.approx(2.1), 0.0)
     # the whole graph as one stage is node_times' sum
     assert stage_replay(order, p, order)[0] == pytest.approx(sum(f for f, _ in whole.values()))
+
+
+def test_host_replay_refuses_inconsistent_times() -> None:
+    from modelparallel.cost_model import HostReplay
+
+    with pytest.raises(ConfigError, match="names a node twice"):
+        HostReplay(("a", "a"), {"a": 0.0}, {"a": 0.0}, {}, {})
+    with pytest.raises(ConfigError, match="not in order"):
+        HostReplay(("a",), {"a": 0.0, "z": 1.0}, {"a": 0.0}, {}, {})
+    with pytest.raises(ConfigError, match=">= 0"):
+        HostReplay(("a",), {"a": -1.0}, {"a": 0.0}, {}, {})
+    with pytest.raises(ConfigError, match="no forward times"):
+        HostReplay(("a", "b"), {"a": 0.0}, {"a": 0.0}, {}, {})
+    with pytest.raises(ValueError):  # ConfigError is a ValueError too
+        HostReplay(("a",), {"a": float("nan")}, {"a": 0.0}, {}, {})
+
+
+_seconds = st.floats(min_value=0.0, max_value=5.0, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(_seconds, _seconds, _seconds, _seconds), min_size=1,
+                      max_size=12),
+       cut=st.tuples(st.integers(0, 11), st.integers(1, 12)))
+def test_a_stretch_alone_is_never_faster_than_its_share_of_the_whole(
+        steps: list[tuple[float, float, float, float]], cut: tuple[int, int]) -> None:
+    """Note [stage replay]: slack only hides host time, so a contiguous stretch replayed from
+    an empty queue takes at least its share of the whole-graph timeline (the forward; and the
+    whole, forward and backward, when the stretch ends the graph)."""
+    from modelparallel.cost_model import HostReplay
+
+    names = tuple(f"n{i}" for i in range(len(steps)))
+    replay = HostReplay(names, {n: s[0] for n, s in zip(names, steps)},
+                        {n: s[1] for n, s in zip(names, steps)},
+                        {n: s[2] for n, s in zip(names, steps)},
+                        {n: s[3] for n, s in zip(names, steps)})
+    lo = min(cut[0], len(names) - 1)
+    hi = max(lo + 1, min(cut[1], len(names)))
+    stretch = names[lo:hi]
+    whole = replay.node_times()
+    alone_f, _ = replay.stage_times(stretch)
+    assert alone_f >= sum(whole[n][0] for n in stretch) - 1e-9
+    tail = names[lo:]
+    tail_f, tail_b = replay.stage_times(tail)
+    assert tail_f + tail_b >= sum(sum(whole[n]) for n in tail) - 1e-9
+    # and the whole graph as one stretch is exactly the sum of its node times
+    assert sum(replay.stage_times(names)) == pytest.approx(sum(sum(v) for v in whole.values()))
+
+
+def test_the_partitioner_replays_each_stage_alone() -> None:
+    """A host-bound stage after a device-bound one: the sums hide its queueing behind the
+    first stage's kernels, the evaluation replays it alone (Note [stage replay])."""
+    from modelparallel.cost_model import HostReplay
+    from modelparallel.partitioner import evaluate_assignment
+    from modelparallel.partitioner._synthetic import chain_graph
+    from modelparallel.plan import PlanConfig
+
+    graph = chain_graph(4)
+    order = tuple(n.name for n in graph.nodes if n.name.startswith("fc"))
+    # fc0, fc1: 3 ms of kernels, 0.1 ms of queueing; fc2, fc3: the reverse
+    host = {"fc0": 1e-4, "fc1": 1e-4, "fc2": 3e-3, "fc3": 3e-3}
+    device = {"fc0": 3e-3, "fc1": 3e-3, "fc2": 1e-4, "fc3": 1e-4}
+    replay = HostReplay(order, host, device, {n: 0.0 for n in order}, dict(device))
+    whole = replay.node_times()
+    costs = estimate_costs(graph, "h100", measured=whole, replay=replay)
+    summed = estimate_costs(graph, "h100", measured=whole)
+    assignment = {"fc0": 0, "fc1": 0, "fc2": 1, "fc3": 1, "output": 1}
+    config = PlanConfig(partitions=2)
+    plan = evaluate_assignment(graph, config, "h100", assignment, costs=[costs])
+    plain = evaluate_assignment(graph, config, "h100", assignment, costs=[summed])
+    for s, names in enumerate((["fc0", "fc1"], ["fc2", "fc3"])):
+        f, b = replay.stage_times(names)
+        assert plan.stages[s].forward_time == pytest.approx(f)
+        assert plan.stages[s].backward_time == pytest.approx(b)
+        assert plain.stages[s].forward_time == pytest.approx(sum(whole[n][0] for n in names))
+    # the second stage's queueing (6 ms) was hidden in the sums (0.2 ms of kernels)
+    assert plain.stages[1].forward_time == pytest.approx(2e-4)
+    assert plan.stages[1].forward_time == pytest.approx(6.1e-3)
+    assert plan.pipeline.step_time > plain.pipeline.step_time
+
+
+def test_a_stage_replay_counts_the_input_derived_nodes_it_recomputes() -> None:
+    """Input-derived nodes are unassigned and recomputed by every stage that reads them
+    (Note [inputs on every rank]): the replay of each such stage includes them."""
+    from modelparallel.cost_model import HostReplay
+    from modelparallel.partitioner import evaluate_assignment
+    from modelparallel.plan import PlanConfig
+
+    meta = (TensorMeta((4, 8), "float32"),)
+    graph = Graph("m", (
+        Node("x", OpKind.PLACEHOLDER, "x", outputs=meta),
+        Node("mask", OpKind.CALL_FUNCTION, "ne", ("x",), outputs=meta),
+        Node("fc0", OpKind.CALL_FUNCTION, "linear", ("x",), params=("w0",), outputs=meta),
+        Node("fc1", OpKind.CALL_FUNCTION, "linear", ("fc0",), params=("w1",), outputs=meta),
+        Node("use", OpKind.CALL_FUNCTION, "mul", ("fc1", "mask"), outputs=meta),
+        Node("output", OpKind.OUTPUT, "output", ("use",))),
+        params=(Param("w0", (8, 8), "float32"), Param("w1", (8, 8), "float32")))
+    order = ("x", "mask", "fc0", "fc1", "use")
+    host = {"x": 0.0, "mask": 5e-3, "fc0": 1e-4, "fc1": 1e-4, "use": 1e-4}
+    device = {n: 1e-4 for n in order}
+    replay = HostReplay(order, host, device, {}, {})
+    costs = estimate_costs(graph, "h100", measured=replay.node_times(), replay=replay)
+    plan = evaluate_assignment(graph, PlanConfig(partitions=2), "h100",
+                               {"fc0": 0, "fc1": 1, "use": 1, "output": 1}, costs=[costs])
+    assert plan.stages[0].forward_time == pytest.approx(replay.stage_times(["fc0"])[0])
+    assert plan.stages[1].forward_time == pytest.approx(
+        replay.stage_times(["mask", "fc1", "use"])[0])
+    assert plan.stages[1].forward_time > 5e-3  # the mask's queueing, recomputed there

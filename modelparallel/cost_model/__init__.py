@@ -20,14 +20,17 @@ from modelparallel.cost_model.device import (
     load_device_spec,
     parse_bytes,
 )
+from modelparallel.cost_model.replay import HostReplay, device_timeline
 
 __all__ = [
     "BUILTIN_DEVICES",
     "OPTIMIZER_STATES",
     "DeviceSpec",
     "GraphCosts",
+    "HostReplay",
     "NodeCost",
     "estimate_costs",
+    "device_timeline",
     "get_device_spec",
     "inflight_microbatches",
     "is_view_like",

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from modelparallel.cost_model.device import DeviceSpec, get_device_spec
+from modelparallel.cost_model.replay import HostReplay
 from modelparallel.errors import ConfigError
 from modelparallel.ir import Graph, Node, OpKind, Param
 
@@ -169,6 +170,11 @@ class GraphCosts:
         param_bytes: Canonical parameter name to the bytes of the parameter alone.
         source: ``"roofline"``, ``"profiled"`` or ``"mixed"`` (some nodes measured).
         optimizer: The optimizer whose state is counted.
+        notes: Free-form remarks on how the costs were made.
+        replay: Measured host and device times per node, with which the partitioner's
+            evaluation replays each stage alone (Note [stage replay] in
+            :mod:`modelparallel.cost_model.replay`); ``None``: stage times are the sums of
+            the nodes' times.
     """
 
     device: DeviceSpec
@@ -178,6 +184,7 @@ class GraphCosts:
     source: str = "roofline"
     optimizer: str = "adam"
     notes: Mapping[str, str] = field(default_factory=dict)
+    replay: HostReplay | None = None
 
     def comm_time(self, nbytes: float) -> float:
         """Seconds to move ``nbytes`` across one stage boundary on this device's link."""
@@ -334,7 +341,8 @@ def _held_outputs(graph: Graph) -> dict[str, int]:
 
 def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
                    optimizer: str | float = "adam",
-                   measured: Mapping[str, tuple[float, float]] | None = None) -> GraphCosts:
+                   measured: Mapping[str, tuple[float, float]] | None = None,
+                   replay: HostReplay | None = None) -> GraphCosts:
     """Roofline costs of every node of ``graph`` on ``device`` (Note [roofline]).
 
     Args:
@@ -343,6 +351,8 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
         optimizer: Optimizer whose state memory is counted, or bytes per parameter element.
         measured: Optional measured ``(forward, backward)`` seconds per node, which replace the
             roofline (profiling mode).
+        replay: Optional host and device times per node (``profile.host_replay``), to replay
+            each stage alone in the partitioner's evaluation (Note [stage replay]).
 
     Returns:
         The costs, for every node and parameter of the graph.
@@ -385,4 +395,6 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
     )
     if measured:
         costs = costs.with_measured_times(measured)
+    if replay is not None:
+        costs = replace(costs, replay=replay)
     return costs

@@ -63,16 +63,13 @@ on an H100 whose host needs 10 us per op, the sum over a stage is within about 5
 time for every stage of GPT-2 medium and a 1.1B Llama and for half of those of BERT-large and
 ResNet-50; where the backward itself is host-bound (ResNet-50's last stages at 32 images per
 microbatch, BERT-large's first ones) the device-time backward is short by 12-43%, which the
-in-context backward host times are meant to close (not yet measured on a GPU).
+in-context backward host times close (measured on an H100: `docs/gpu.md`).
 
-Known limit: the replay is one timeline over the whole graph, before any partition is known,
-so where a device-bound stretch precedes a host-bound one the host starts the latter ahead, on
-slack a pipeline stage cut between them would not have (each stage's process starts its
-forward, and its backward, from its own queue). :func:`stage_replay` replays one stage alone
-for diagnosis; on the H100 run of 22:12 (recorded profiles) it predicts ResNet-50's stages 2
-and 3 at -20% and -14% instead of -34% and -20%, and BERT-large's stages 0 and 1 at -7% and
--12% instead of -16% and -21%. Charging it in the partitioner would need per-stage replays,
-not per-node sums.
+The replay over the whole graph, before any partition is known, lets the host start a
+host-bound stretch ahead, on slack from a device-bound one before it, which a pipeline stage
+cut between them would not have. So these per-node times are what the solvers sum, and the
+plan's stage times come from replaying each stage alone (:func:`host_replay`, Note [stage
+replay] in :mod:`modelparallel.cost_model.replay`).
 
 Note [in-context backward host time]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -183,6 +180,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from modelparallel._jsonfile import read_json_file
+from modelparallel.cost_model.replay import HostReplay
 from modelparallel.errors import ConfigError
 from modelparallel.ir import Graph
 
@@ -193,6 +191,7 @@ __all__ = [
     "NodeProfile",
     "backward_host_times",
     "forward_host_times",
+    "host_replay",
     "load_node_profiles",
     "load_node_times",
     "node_times",
@@ -611,21 +610,46 @@ def node_times(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
         >>> [round(f, 3) for f, _ in node_times(["a", "b"], p).values()]  # a hides b's queueing
         [1.1, 0.1]
     """
-    return _replay([n for n in order if n in profiles], profiles,
-                   _forward_mode(forward_host, profiles), _backward_mode(backward_host, profiles))
+    return host_replay(order, profiles, backward_host=backward_host,
+                       forward_host=forward_host).node_times()
+
+
+def host_replay(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
+                backward_host: bool | BackwardMode = "auto",
+                forward_host: ForwardMode = "auto") -> HostReplay:
+    """The host and device times of every profiled node, ready to replay (Note [host and
+    device time]); give it to ``estimate_costs(..., replay=...)`` and the partitioner
+    replays each stage alone (Note [stage replay] in :mod:`modelparallel.cost_model.replay`).
+
+    Same arguments as :func:`node_times`: host times are the medians of each kind.
+
+    Example:
+        >>> p = {"a": NodeProfile(2.0, 0.1, 0.0, 0.0), "b": NodeProfile(0.1, 1.0, 0.0, 0.0)}
+        >>> host_replay(["a", "b"], p).stage_times(["b"])   # b alone: host-bound
+        (1.1, 0.0)
+    """
+    names = tuple(n for n in order if n in profiles)
+    host_f = _typical_host_forward(profiles, _forward_mode(forward_host, profiles))
+    mode = _backward_mode(backward_host, profiles)
+    if mode == "device":
+        host_b = {n: 0.0 for n in names}
+    elif mode == "isolated":
+        host_b = _typical_host(profiles, "host_backward")
+    else:
+        host_b = _typical_host({n: replace(p, host_backward_context=p.host_backward_context or
+                                           0.0) for n, p in profiles.items()},
+                               "host_backward_context")
+    return HostReplay(order=names, host_forward={n: host_f[n] for n in names},
+                      device_forward={n: profiles[n].device_forward for n in names},
+                      host_backward={n: host_b[n] for n in names},
+                      device_backward={n: profiles[n].device_backward for n in names})
 
 
 def stage_replay(order: Sequence[str], profiles: Mapping[str, NodeProfile],
                  nodes: Iterable[str], *, backward_host: bool | BackwardMode = "auto",
                  forward_host: ForwardMode = "auto") -> tuple[float, float]:
     """Forward and backward seconds of one stage's nodes replayed alone, host and device
-    starting together (a diagnosis; the partitioner sums :func:`node_times` instead).
-
-    :func:`node_times` replays the whole graph once, so a stage whose host is slower than its
-    device can start with the host ahead, on slack gained in the stages before it, and its
-    host time is then partly hidden; in a pipeline each stage's process starts its forward
-    and its backward from its own queue. Same arguments as :func:`node_times` (host times
-    are still the medians of each kind over all ``profiles``), plus the stage's ``nodes``.
+    starting together: ``host_replay(...).stage_times(nodes)`` (Note [stage replay]).
 
     Example:
         >>> p = {"a": NodeProfile(2.0, 0.1, 0.0, 0.0), "b": NodeProfile(0.1, 1.0, 0.0, 0.0)}
@@ -634,31 +658,8 @@ def stage_replay(order: Sequence[str], profiles: Mapping[str, NodeProfile],
         >>> stage_replay(["a", "b"], p, ["b"])  # b alone: host-bound
         (1.1, 0.0)
     """
-    wanted = set(nodes)
-    times = _replay([n for n in order if n in profiles and n in wanted], profiles,
-                    _forward_mode(forward_host, profiles),
-                    _backward_mode(backward_host, profiles))
-    return sum(f for f, _ in times.values()), sum(b for _, b in times.values())
-
-
-def _replay(names: Sequence[str], profiles: Mapping[str, NodeProfile], forward_mode: str,
-            backward_mode: str) -> dict[str, tuple[float, float]]:
-    """The replay of Note [host and device time] over ``names`` (in order), one timeline."""
-    host = _typical_host_forward(profiles, forward_mode)
-    steps = [(host[n], profiles[n].device_forward) for n in names]
-    if backward_mode == "device":
-        fwd = _timeline(steps)
-        return {n: (f, profiles[n].device_backward) for n, f in zip(names, fwd)}
-    if backward_mode == "isolated":
-        host_b = _typical_host(profiles, "host_backward")
-    else:
-        host_b = _typical_host({n: replace(p, host_backward_context=p.host_backward_context or
-                                           0.0) for n, p in profiles.items()},
-                               "host_backward_context")
-    back = [n for n in reversed(names) if profiles[n].device_backward > 0 or host_b[n] > 0]
-    both = _timeline(steps + [(host_b[n], profiles[n].device_backward) for n in back])
-    bwd = dict(zip(back, both[len(steps):]))
-    return {n: (f, bwd.get(n, 0.0)) for n, f in zip(names, both)}
+    return host_replay(order, profiles, backward_host=backward_host,
+                       forward_host=forward_host).stage_times(nodes)
 
 
 def _backward_mode(value: bool | str, profiles: Mapping[str, NodeProfile]) -> str:
@@ -704,20 +705,6 @@ def _typical_host(profiles: Mapping[str, NodeProfile], field: str) -> dict[str, 
             by_kind.setdefault(p.kind, []).append(getattr(p, field))
     median = {k: statistics.median(v) for k, v in by_kind.items()}
     return {n: median[p.kind] if p.kind else getattr(p, field) for n, p in profiles.items()}
-
-
-def _timeline(steps: Sequence[tuple[float, float]]) -> list[float]:
-    """How much each step adds to the device's finishing time, when the host queues steps one
-    after another (``host`` seconds each) and the device runs each (``device`` seconds) as soon
-    as it is queued and the device is free."""
-    queued = finished = 0.0
-    out = []
-    for host, device in steps:
-        queued += host
-        start = max(finished, queued)
-        out.append(start + device - finished)
-        finished = start + device
-    return out
 
 
 def profile_node_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,

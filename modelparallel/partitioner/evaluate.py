@@ -148,6 +148,7 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     idx = np.arange(n)
     fwd = np.bincount(stage, weights=problem.fwd[idx, stage], minlength=p)
     bwd = np.bincount(stage, weights=problem.bwd[idx, stage], minlength=p)
+    _replay_stages(problem, stage, fwd, bwd)
     compute = fwd + bwd
     # Values cross every boundary from their stage to their last consumer's (relay).
     last = stage.copy()
@@ -190,6 +191,43 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
                       boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
                       crossing=crossing, held=tuple(tuple(sorted(h)) for h in held_sets),
                       param_mem=param_mem, act_mem=act, workspace=ws, objective=objective)
+
+
+def _replay_stages(problem: Problem, stage: np.ndarray, fwd: np.ndarray, bwd: np.ndarray
+                   ) -> None:
+    """Replace in place the summed forward and backward seconds of every stage whose costs
+    carry a :class:`~modelparallel.cost_model.HostReplay` by the stage replayed alone, with
+    the input-derived nodes it recomputes (Note [stage replay] in
+    :mod:`modelparallel.cost_model.replay`); assigned nodes the replay does not know keep
+    their own times, added on."""
+    if all(c.replay is None for c in problem.costs):
+        return
+    for s, costs in enumerate(problem.costs):
+        replay = costs.replay
+        if replay is None:
+            continue
+        members = [problem.names[i] for i in np.nonzero(stage == s)[0]]
+        rest = [problem.index[n] for n in members if n not in replay]
+        replayed = [n for n in [*members, *_recomputed(problem, members)] if n in replay]
+        f, b = replay.stage_times(replayed)
+        fwd[s] = f + float(problem.fwd[rest, s].sum())
+        bwd[s] = b + float(problem.bwd[rest, s].sum())
+
+
+def _recomputed(problem: Problem, members: list[str]) -> set[str]:
+    """The input-derived nodes (unassigned: every stage recomputes what it reads of them, Note
+    [inputs on every rank] in ``problem.py``) that ``members`` read, directly or through
+    others."""
+    graph = problem.graph
+    out: set[str] = set()
+    stack = [u for n in members for u in graph.node(n).inputs if u not in problem.index]
+    while stack:
+        name = stack.pop()
+        if name in out:
+            continue
+        out.add(name)
+        stack.extend(u for u in graph.node(name).inputs if u not in problem.index)
+    return out
 
 
 def _memory_breakdown(problem: Problem, ev: Evaluation, s: int) -> MemoryEstimate:
