@@ -15,14 +15,15 @@ its own queue. So where profiles are known, the partitioner's evaluation (``eval
 starting together: the forward over the stage's nodes in graph order, then the backward in
 reverse order on the same timeline (the host goes on from where it finished queueing the
 forward), with the input-derived nodes the stage recomputes (Note [inputs on every rank] in
-``modelparallel/partitioner/problem.py``). The solvers (ILP, DP) still optimise the per-node sums, which must be additive for
-them; the plan's stage times, objective and step time are the replayed ones. A contiguous
-stretch replayed from an empty queue takes at least as long as its share of the whole-graph
-timeline (slack only ever hides host time), so the replay mostly adds to the sums and the
-ILP's bound stays below the plan's objective; a backward that starts with slack left by its own
-forward can come out slightly below its sum, and the reported gap is then approximate.
-On the H100 run of ``benchmarks/cost_model_fidelity.py`` the replay
-took the worst stage error from 39% to 31% on run 3's measurements (``docs/gpu.md``).
+``modelparallel/partitioner/problem.py``). The solvers (ILP, DP) still optimise the per-node
+sums, which must be additive for them; the plan's stage times, objective and step time are the
+replayed ones. A contiguous stretch replayed from an empty queue takes at least as long as its
+share of the whole-graph timeline (slack only ever hides host time), so the replay mostly adds
+to the sums and the ILP's bound stays below the plan's objective; a backward that starts with
+slack left by its own forward can come out slightly below its sum, and the reported gap is then
+approximate. On the H100 runs of ``benchmarks/cost_model_fidelity.py`` the replay took the
+worst stage error from 39% to 31% on run 3's measurements, 31.5% to 18.9% on run 5's
+(``docs/gpu.md``).
 
 Example:
     >>> r = HostReplay(order=("a", "b"), host_forward={"a": 0.1, "b": 1.0},

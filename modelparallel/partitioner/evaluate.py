@@ -200,8 +200,6 @@ def _replay_stages(problem: Problem, stage: np.ndarray, fwd: np.ndarray, bwd: np
     the input-derived nodes it recomputes (Note [stage replay] in
     :mod:`modelparallel.cost_model.replay`); assigned nodes the replay does not know keep
     their own times, added on."""
-    if all(c.replay is None for c in problem.costs):
-        return
     for s, costs in enumerate(problem.costs):
         replay = costs.replay
         if replay is None:
