@@ -103,6 +103,7 @@ from modelparallel.cost_model import (
     get_device_spec,
     inflight_microbatches,
 )
+from modelparallel.cost_model.calibrate import op_overhead
 from modelparallel.cost_model.profile import (
     BackwardMode,
     ForwardMode,
@@ -315,19 +316,10 @@ class _StageRun:
             p.grad = torch.zeros_like(p) if on else None
 
 
-def _host_probe_us(device: torch.device, ops: int = 500) -> float:
-    """Microseconds the host takes to queue one tiny kernel now (NaN off CUDA): how fast the
-    host is at this moment (Note [fidelity measurement])."""
-    if device.type != "cuda":
-        return math.nan
-    x = torch.zeros(16, device=device)
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(ops):
-        x.add_(1.0)
-    seconds = time.perf_counter() - t0
-    torch.cuda.synchronize(device)
-    return seconds / ops * 1e6
+def _host_probe_us(device: torch.device) -> float:
+    """Microseconds the host takes to queue one tiny kernel now (on the CPU: to run one tiny
+    op): how fast the host is at this moment (Note [fidelity measurement])."""
+    return op_overhead(device, repeat=1) * 1e6
 
 
 def _measure_times(runs: Sequence[_StageRun], device: torch.device, warmup: int, repeat: int,
@@ -658,8 +650,9 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         "profiled_context_bwd": ("context" if has_context else "device", "isolated"),
         "profiled_isolated_fwd": ("auto", "isolated"),
         "profiled_context_fwd": ("auto", "auto")}
-    variants = {k: node_times(order, profiles, backward_host=bh, forward_host=fh)
-                for k, (bh, fh) in modes.items()}
+    by_mode = {m: node_times(order, profiles, backward_host=m[0], forward_host=m[1])
+               for m in set(modes.values())}
+    variants = {k: by_mode[m] for k, m in modes.items()}
     times = variants["profiled"]
     context_note = raw.get("backward_context_note") or (
         "" if has_context else "no in-context backward host times in this record: "
@@ -805,8 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         header, records, failed = _measure_all(a, device, spec, log)
     plan_device = header["plan_device"]
     modes = ["roofline"] + (["roofline_calibrated"] if spec is not None else []) + [
-        "profiled", "profiled_additive", "profiled_device_bwd", "profiled_context_bwd", "profiled_isolated_fwd",
-        "profiled_context_fwd"]
+        "profiled", "profiled_additive", "profiled_device_bwd", "profiled_context_bwd",
+        "profiled_isolated_fwd", "profiled_context_fwd"]
     results = [predict_model(r, plan_device=plan_device, spec=spec) for r in records.values()]
     # and the forward alone against the stage's measured forward (measured_fwd_ms), the two
     # forward host models (Note [in-context forward host time]):

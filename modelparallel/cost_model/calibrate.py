@@ -32,7 +32,7 @@ import torch
 from modelparallel.cost_model.device import BUILTIN_DEVICES, DeviceSpec
 from modelparallel.errors import ConfigError
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "op_overhead"]
 
 
 def _sync(device: torch.device) -> None:
@@ -76,7 +76,15 @@ def _bandwidth(device: torch.device, nbytes: int, repeat: int) -> float:
     return 2 * src.numel() * 4 / t
 
 
-def _overhead(device: torch.device, repeat: int) -> float:
+def op_overhead(device: torch.device, repeat: int = 5) -> float:
+    """Seconds the host takes per tiny op on ``device`` now (a loop of in-place additions on
+    16 elements; on a GPU, the host's cost to queue one kernel): the ``kernel_overhead`` of a
+    calibrated spec, and a probe of how fast the host is at the moment.
+
+    Example:
+        >>> 0 < op_overhead(torch.device("cpu"), repeat=1) < 1e-2
+        True
+    """
     x = torch.zeros(16, device=device)
     loops = 200
 
@@ -160,7 +168,7 @@ def calibrate(device: str | torch.device | None = None, *, name: str | None = No
         say(f"{key} matmul {flops[key] / 1e12:.2f} TFLOP/s")
     bandwidth = _bandwidth(dev, bw_bytes, repeat)
     say(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s")
-    overhead = _overhead(dev, repeat)
+    overhead = op_overhead(dev, repeat)
     say(f"per-op overhead {overhead * 1e6:.1f} us")
     base = _closest_builtin(product)
     link = _link(dev, bw_bytes, repeat)

@@ -487,6 +487,25 @@ def _solve_windowed(prob: Problem, lo: np.ndarray, hi: np.ndarray, time_limit: f
                 const[s] += sign * float((coef[~fv, s] * lp.const[~fv, b]).sum())
         return rr, cc, vals, const
 
+    def minus_x(v: int, s: int, coef: float) -> tuple[list[int], list[float], float]:
+        """``-coef x[v, s]`` in boundary variables (``x[v, s] = y[v, s] - y[v, s - 1]``, fixed
+        ``y`` as constants): its columns and values, and the constant it moves to the
+        right-hand side of a ``>= 0`` row."""
+        cols: list[int] = []
+        values: list[float] = []
+        cst = 0.0
+        for b, sign in ((s, 1.0), (s - 1, -1.0)):
+            if b < 0:
+                continue
+            if b >= nb:
+                cst += sign * coef
+            elif free[v, b]:
+                cols.append(int(col[v, b]))
+                values.append(-sign * coef)
+            else:
+                cst += sign * coef * lp.const[v, b]
+        return cols, values, cst
+
     # Time rows: t - sum work x - comm z >= const.
     rr, cc, vals, const = stage_rows(prob.time * inv_t)
     for b in range(nb):
@@ -522,18 +541,8 @@ def _solve_windowed(prob: Problem, lo: np.ndarray, hi: np.ndarray, time_limit: f
             vals.append(np.array([q.state[s] * inv_m[s]]))
             rr.append(np.array([s]))
             for r in readers.tolist():
-                ents_c, ents_v = [int(hcols[s])], [1.0]
-                cst = 0.0
-                for b, sign in ((s, 1.0), (s - 1, -1.0)):
-                    if b < 0:
-                        continue
-                    if b >= nb:
-                        cst += sign
-                    elif free[r, b]:
-                        ents_c.append(int(col[r, b]))
-                        ents_v.append(-sign)
-                    else:
-                        cst += sign * lp.const[r, b]
+                xc, xv, cst = minus_x(r, s, 1.0)
+                ents_c, ents_v = [int(hcols[s]), *xc], [1.0, *xv]
                 h_rows_r.append(np.full(len(ents_c), nh))
                 h_rows_c.append(np.array(ents_c))
                 h_rows_v.append(np.array(ents_v))
@@ -555,19 +564,8 @@ def _solve_windowed(prob: Problem, lo: np.ndarray, hi: np.ndarray, time_limit: f
         if prob.workspace[v] <= 0:
             continue
         for s in range(p):
-            coef = prob.workspace[v] * inv_m[s]
-            ents_c, ents_v = [int(ws_cols[s])], [1.0]
-            cst = 0.0
-            for b, sign in ((s, 1.0), (s - 1, -1.0)):
-                if b < 0:
-                    continue
-                if b >= nb:
-                    cst += sign * coef
-                elif free[v, b]:
-                    ents_c.append(int(col[v, b]))
-                    ents_v.append(-sign * coef)
-                else:
-                    cst += sign * coef * lp.const[v, b]
+            xc, xv, cst = minus_x(v, s, float(prob.workspace[v] * inv_m[s]))
+            ents_c, ents_v = [int(ws_cols[s]), *xc], [1.0, *xv]
             wr.append(np.full(len(ents_c), nw))
             wc.append(np.array(ents_c))
             wv.append(np.array(ents_v))

@@ -251,17 +251,18 @@ class Problem:
     @cached_property
     def consumers(self) -> tuple[tuple[int, ...], ...]:
         """Consumer indices of each node."""
-        out: list[list[int]] = [[] for _ in range(self.n)]
-        for u, v in zip(self.edge_src.tolist(), self.edge_dst.tolist()):
-            out[u].append(v)
-        return tuple(tuple(c) for c in out)
+        return self._grouped(self.edge_src, self.edge_dst)
 
     @cached_property
     def producers(self) -> tuple[tuple[int, ...], ...]:
         """Producer indices (among assigned nodes) of each node."""
+        return self._grouped(self.edge_dst, self.edge_src)
+
+    def _grouped(self, keys: np.ndarray, values: np.ndarray) -> tuple[tuple[int, ...], ...]:
+        """Per node index ``i``, the ``values`` of the edges whose ``keys`` is ``i``."""
         out: list[list[int]] = [[] for _ in range(self.n)]
-        for u, v in zip(self.edge_src.tolist(), self.edge_dst.tolist()):
-            out[v].append(u)
+        for k, v in zip(keys.tolist(), values.tolist()):
+            out[k].append(v)
         return tuple(tuple(c) for c in out)
 
     @cached_property
