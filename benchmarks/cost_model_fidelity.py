@@ -20,7 +20,9 @@ For each model (GPT-2 medium, a 1.1B Llama decoder, ResNet-50, BERT-large; tiny 
    backward host time], both with the forward host times measured node by node alone;
    ``profiled_isolated_fwd`` and ``profiled_context_fwd`` do the same for the forward (Note
    [in-context forward host time]), both with the default backward (``profiled`` is the latter
-   where measured); a failed in-context measurement falls back, with a NOTE line;
+   where measured, plus each stage's call overhead: Note [call overhead] in
+   ``cost_model/replay.py``, measured in every round; the other variants leave it out); a
+   failed in-context measurement falls back, with a NOTE line;
    and the stage's peak memory (``MemoryEstimate.peak``);
 3. measure each stage alone (Note [fidelity measurement]).
 
@@ -46,8 +48,10 @@ the stages before it):
   next (a loop of tiny kernel launches: 7 or 11 us each, in stretches of 10 ms to seconds;
   ``docs/gpu.md``), and a host-bound stage takes as long as its host:
   so the in-context host times the predictions use are measured **in the same rounds**, before
-  the stages (forward: 1 warm-up and 3 runs, backward: 1 and 2; each node gets the median of
-  its round medians), and predictions and measurements see the same mix of host speeds; and a
+  the stages (forward: 1 warm-up and 3 runs, backward: 1 and 2; each node gets the robust mean
+  of its rounds' figures, Note [host time statistic] in ``cost_model/profile.py``; the raw
+  record keeps them per node before folding, ``context``, so ``--recompute`` folds them as the
+  cost model does now), and predictions and measurements see the same mix of host speeds; and a
   burst of load hits one round of every stage instead of every repetition of one. Each round's
   median is kept (``measured_rounds_ms``, ``measured_fwd_rounds_ms``), and the host's speed
   before each round (``host_probe_rounds_us``: microseconds to queue one tiny kernel; before
@@ -84,7 +88,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from modelparallel import models
 from modelparallel.codegen import StageProgram, build_stages, held_tensors
 from modelparallel.cost_model import (
+    CallOverhead,
     DeviceSpec,
     estimate_costs,
     get_device_spec,
@@ -109,10 +114,13 @@ from modelparallel.cost_model.profile import (
     ForwardMode,
     NodeProfile,
     backward_host_times,
+    call_overhead,
     forward_host_times,
+    graph_users,
     host_replay,
     node_times,
     profile_nodes,
+    robust_mean,
     time_call,
     with_backward_context,
     with_forward_context,
@@ -489,7 +497,8 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
             in zip(stages, inputs)]
     context = _ContextRounds(traced.gm, flat, device, log, w.name)
     stage_times = _measure_times(runs, device, warmup, repeat, rounds, before_round=context)
-    profiles = context.attach(profiles)
+    context_record = context.record(profiles)
+    profiles = _with_context(profiles, context_record)
     for s, (stage, run, t) in enumerate(zip(stages, runs, stage_times)):
         k = inflight_microbatches(SCHEDULE, m, PARTITIONS, s)
         mem = _measure_memory(run, device, k, states)
@@ -528,6 +537,7 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
         "forward_context_note": context.notes["forward"],
         "context_rounds": {k: len(v) for k, v in context.rounds.items()},
         "host_probe_context_us": context.probes,
+        "context": context_record,
         "stages": rows,
     }
     del stages, inputs, traced, model, case
@@ -540,8 +550,8 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
 class _ContextRounds:
     """The in-context host times (Notes [in-context forward host time] and [in-context
     backward host time] in ``cost_model/profile.py``), measured a few runs at a time in every
-    round of the stage measurement (Note [fidelity measurement]): each node gets the median of
-    its per-round medians. A failed measurement is not retried; the predictions then use the
+    round of the stage measurement (Note [fidelity measurement]): each node gets the robust
+    mean of its rounds' figures (Note [host time statistic]). A failed measurement is not retried; the predictions then use the
     forward host times measured alone, or the backward's device time, and the report says why.
     """
 
@@ -552,9 +562,11 @@ class _ContextRounds:
         self.notes = {"forward": "", "backward": ""}
         self.seconds = {"forward": 0.0, "backward": 0.0}
         self.probes: list[float] = []
+        self.calls: list[CallOverhead] = []
 
     def __call__(self, r: int) -> None:
         self.probes.append(_host_probe_us(self.device))
+        self.calls.append(call_overhead(self.device, warmup=1, repeat=3))
         for which, measure in (("forward", functools.partial(forward_host_times, warmup=1,
                                                               repeat=3)),
                                ("backward", functools.partial(backward_host_times, warmup=1,
@@ -573,24 +585,47 @@ class _ContextRounds:
                     torch.cuda.empty_cache()
             self.seconds[which] += time.perf_counter() - t0
 
-    def attach(self, profiles: dict[str, NodeProfile]) -> dict[str, NodeProfile]:
-        """``profiles`` with the in-context host times measured so far."""
-        order = [n.name for n in self.gm.graph.nodes]
-        out = profiles
-        for which, attach in (("forward", with_forward_context),
-                              ("backward", with_backward_context)):
+    def record(self, profiles: Mapping[str, NodeProfile]) -> dict[str, Any]:
+        """The in-context host times measured so far, per node as measured (before they are
+        folded into profiled nodes), with what folding them needs: the raw record's
+        ``context``, which :func:`_with_context` attaches to profiles."""
+        out: dict[str, Any] = {"host_is_device": self.device.type != "cuda"}
+        for which in ("forward", "backward"):
             runs = self.rounds[which]
             if not runs:
                 self.notes[which] = self.notes[which] or f"in-context {which} host times: none"
                 self.log(f"{self.name}: NOTE {self.notes[which]}")
                 continue
-            context = {n: statistics.median(r[n] for r in runs if n in r)
-                       for n in dict.fromkeys(k for r in runs for k in r)}
-            out = attach(out, order, context, host_is_device=self.device.type != "cuda")
+            out[which] = {n: robust_mean(r[n] for r in runs if n in r)
+                          for n in dict.fromkeys(k for r in runs for k in r)}
             totals = ", ".join(f"{sum(r.values()) * 1e3:.2f}" for r in runs)
             self.log(f"{self.name}: in-context {which} host ms per round: {totals}"
                      f"{'; ' + self.notes[which] if self.notes[which] else ''}")
+        if self.calls:
+            out["call_overhead"] = [robust_mean(c.forward for c in self.calls),
+                                    robust_mean(c.backward for c in self.calls)]
+            self.log(f"{self.name}: call overhead per stage (Note [call overhead]): forward "
+                     f"{out['call_overhead'][0] * 1e6:.0f} us, backward "
+                     f"{out['call_overhead'][1] * 1e6:.0f} us")
+        users = graph_users(self.gm)
+        out["order"] = list(users)
+        out["users"] = {n: u for n, u in users.items() if n not in profiles}
         return out
+
+
+def _with_context(profiles: dict[str, NodeProfile], context: Mapping[str, Any]
+                  ) -> dict[str, NodeProfile]:
+    """``profiles`` with a raw record's in-context host times (:meth:`_ContextRounds.record`)
+    folded into them as the cost model does now (Notes [in-context forward host time] and
+    [in-context backward host time] in ``cost_model/profile.py``)."""
+    order, flag = context["order"], context["host_is_device"]
+    if "forward" in context:
+        profiles = with_forward_context(profiles, order, context["forward"],
+                                        host_is_device=flag, users=context["users"])
+    if "backward" in context:
+        profiles = with_backward_context(profiles, order, context["backward"],
+                                         host_is_device=flag)
+    return profiles
 
 
 def _config(microbatches: int, time_limit: float) -> PlanConfig:
@@ -630,6 +665,8 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         predictions["roofline_calibrated"] = evaluate_assignment(
             graph, config, spec, assignment, samples_per_microbatch=mb)
     profiles = {k: _node_profile(v, graph, k) for k, v in raw["profiles"].items()}
+    if "context" in raw:  # re-fold the in-context times as measured (older records: as folded)
+        profiles = _with_context(profiles, raw["context"])
     order = [n.name for n in graph.nodes]
     has_context = any(p.host_backward_context is not None for p in profiles.values())
     # profiled: node_times' default (what the partitioner gets); the backward counted from
@@ -664,10 +701,12 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
     stage_nodes: dict[int, list[str]] = {}
     for name, st in assignment.items():
         stage_nodes.setdefault(int(st), []).append(name)
+    call = CallOverhead(*raw.get("context", {}).get("call_overhead", (0.0, 0.0)))
     for mode, mode_times in variants.items():
         bh, fh = modes[mode]
         replay = None if mode == "profiled_additive" else host_replay(
-            order, profiles, backward_host=bh, forward_host=fh)
+            order, profiles, backward_host=bh, forward_host=fh,
+            call=call if mode == "profiled" else None)
         costs = estimate_costs(graph, plan_device, optimizer=OPTIMIZER, measured=mode_times,
                                replay=replay)
         predictions[mode] = evaluate_assignment(graph, config, plan_device, assignment,
@@ -869,7 +908,8 @@ def _measure_all(a: argparse.Namespace, device: torch.device, spec: Any,
                                 "round-robin",
                    "context": "in-context host times measured in every round before the "
                               "stages (forward: 1 warm-up + 3 runs, backward: 1 + 2); each "
-                              "node gets the median of its round medians",
+                              "node gets the robust mean of its rounds' figures (values "
+                              "capped at 3x their median, then averaged)",
                    "profile_warmup": a.profile_warmup, "profile_repeat": a.profile_repeat},
     }
     records: dict[str, Any] = {}

@@ -361,27 +361,37 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
 def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], config: Any,
                     err: Any) -> list[Any] | None:
     """Per-stage costs with measured node times (``--measured`` / ``--profile``), else None."""
-    from modelparallel.cost_model import estimate_costs
-    from modelparallel.cost_model.profile import host_replay, load_node_profiles, load_node_times
+    from modelparallel.cost_model import CallOverhead, estimate_costs
+    from modelparallel.cost_model.profile import (
+        host_replay,
+        load_call_overhead,
+        load_node_profiles,
+        load_node_times,
+    )
 
     profiles: dict[str, Any] = {}
+    call = CallOverhead()
     if a.measured:
         times = load_node_times(a.measured, loaded.graph)
         _check_measured_shapes(a.measured, loaded)
         source = a.measured
+        call = load_call_overhead(a.measured, loaded.graph)
         try:
             profiles = load_node_profiles(a.measured, loaded.graph)
         except ConfigError:  # a version 1 file: per-node sums only
             err.print("[dim]the node-times file carries no node profiles: stage times are "
                       "the sums of node times, not replayed per stage[/dim]")
     elif a.profile:
+        calls: list[Any] = []
         times = _profile(loaded, a.profile_device, warmup=2, repeat=5, console=err,
-                         profiles_out=profiles)
+                         profiles_out=profiles, call_out=calls)
+        call = calls[0]
         source = "profiling on this machine"
     else:
         return None
-    # Note [stage replay] in modelparallel/cost_model/replay.py
-    replay = host_replay([n.name for n in loaded.graph.nodes], profiles) if profiles else None
+    # Notes [stage replay] and [call overhead] in modelparallel/cost_model/replay.py
+    replay = host_replay([n.name for n in loaded.graph.nodes], profiles,
+                         call=call) if profiles else None
     costs = [estimate_costs(loaded.graph, d, optimizer=config.optimizer, measured=times,
                             replay=replay) for d in devices]
     timed = sum(1 for c in costs[0].nodes.values() if c.time > 0)
@@ -405,14 +415,15 @@ def _check_measured_shapes(path: str, loaded: _Loaded) -> None:
 
 
 def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
-             console: Any, profiles_out: dict[str, Any] | None = None
-             ) -> dict[str, tuple[float, float]]:
+             console: Any, profiles_out: dict[str, Any] | None = None,
+             call_out: list[Any] | None = None) -> dict[str, tuple[float, float]]:
     """Time every node of the loaded model on ``device`` (default: CUDA if present); the
-    node profiles go into ``profiles_out`` if given."""
+    node profiles go into ``profiles_out`` and the call overhead (Note [call overhead]) is
+    appended to ``call_out``, if given."""
     import torch
     import torch.utils._pytree as pytree
 
-    from modelparallel.cost_model.profile import profile_node_times
+    from modelparallel.cost_model.profile import call_overhead, profile_node_times
 
     if loaded.traced is None:
         raise ConfigError("profiling needs the model itself, not an IR JSON file; give "
@@ -423,6 +434,8 @@ def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
     gm = loaded.traced.gm.to(dev)
     flat = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev), loaded.flat_inputs)
     with console.status(f"profiling {len(loaded.graph)} nodes on {dev}"):
+        if call_out is not None:
+            call_out.append(call_overhead(dev))
         return profile_node_times(gm, flat, warmup=warmup, repeat=repeat,
                                   profiles_out=profiles_out)
 
@@ -523,9 +536,10 @@ def _calibrate_ops(a: argparse.Namespace, spec: Any, err: Any) -> None:
                          dtype=a.dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profiles: dict[str, Any] = {}
+    calls: list[Any] = []
     times = _profile(loaded, device, warmup=a.warmup, repeat=a.repeat, console=err,
-                     profiles_out=profiles)
-    save_node_times(a.ops_out, times, graph=loaded.graph, profiles=profiles,
+                     profiles_out=profiles, call_out=calls)
+    save_node_times(a.ops_out, times, graph=loaded.graph, profiles=profiles, call=calls[0],
                     device=str(spec.extra.get("product", spec.name)),
                     metadata={"model": a.model, "dtype": a.dtype or "as built",
                               "microbatches": a.microbatches,

@@ -69,12 +69,18 @@ def test_build_measured_replays_each_stage_with_the_files_host_times(
         calibrated: tuple[Path, Path], tmp_path: Path) -> None:
     """A version 2 file carries host and device times per node: the plan's stage times are
     each stage replayed alone (Note [stage replay]), not the sums of the node times."""
-    from modelparallel.cost_model.profile import host_replay, load_node_profiles
+    from modelparallel.cost_model.profile import (
+        host_replay,
+        load_call_overhead,
+        load_node_profiles,
+    )
 
     spec, ops = calibrated
     data = json.loads(ops.read_text())
     for v in data["profiles"].values():  # a slow host: every node 1 ms to queue
         v["host_forward_context"] = 1e-3
+    # and a slow autograd engine: 50 ms per stage and microbatch (Note [call overhead])
+    data["call_overhead"] = {"forward": 1e-4, "backward": 5e-2}
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps(data))
     out = tmp_path / "plan.json"
@@ -82,13 +88,15 @@ def test_build_measured_replays_each_stage_with_the_files_host_times(
                  str(slow), "-o", str(out)]) == 0
     plan = load_plan(out)
     profiles = load_node_profiles(slow)
-    replay = host_replay([n.name for n in plan.nodes], profiles)
+    replay = host_replay([n.name for n in plan.nodes], profiles,
+                         call=load_call_overhead(slow))
     for s in range(2):
         own = [n.name for n in plan.nodes if n.stage == s]
         fwd, bwd = replay.stage_times(own)
         assert plan.stages[s].forward_time == pytest.approx(fwd)
         assert plan.stages[s].backward_time == pytest.approx(bwd)
         assert fwd >= 1e-3 * sum(1 for n in own if n in profiles)
+        assert fwd + bwd >= 5e-2
 
 
 def test_build_measured_refuses_another_model_or_batch(calibrated: tuple[Path, Path],

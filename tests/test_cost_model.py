@@ -422,6 +422,69 @@ def test_context_forward_replay_on_a_made_up_profile() -> None:
     assert [out[n].host_forward_context for n in "ab"] == [1.25, 2.625]
 
 
+def test_forward_context_of_a_fetch_goes_to_its_reader() -> None:
+    from modelparallel.cost_model.profile import NodeProfile, with_forward_context
+
+    # An exported graph fetches every parameter at its top; each stage fetches its own, so a
+    # fetch's host time belongs to the node that reads it (through unprofiled nodes too).
+    p = {n: NodeProfile(1.0, 0.0, 0.0, 0.0) for n in ("a", "b", "c")}
+    order = ["w0", "w1", "w2", "t", "a", "b", "c"]
+    context = {"w0": 0.5, "w1": 0.25, "w2": 0.125, "t": 0.0625, "a": 1.0, "b": 2.0, "c": 4.0}
+    users = {"w0": ["a"], "w1": ["t"], "t": ["c", "b"], "w2": [], "a": ["b"], "b": ["c"]}
+    out = with_forward_context(p, order, context, users=users)
+    # w1 reaches b and c through t: the earlier, b, gets it; w2 has no reader: next in order
+    assert {n: out[n].host_forward_context for n in "abc"} == {
+        "a": 1.0 + 0.5 + 0.125, "b": 2.0 + 0.25 + 0.0625, "c": 4.0}
+    by_order = with_forward_context(p, order, context)
+    assert by_order["a"].host_forward_context == 1.0 + 0.5 + 0.25 + 0.125 + 0.0625
+    total = sum(v.host_forward_context or 0.0 for v in out.values())
+    assert total == pytest.approx(sum(context.values()))
+
+
+def test_graph_users_of_a_traced_module() -> None:
+    from modelparallel.cost_model.profile import graph_users
+
+    class Scale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x) * self.w
+
+    gm = torch.fx.symbolic_trace(Scale())
+    users = graph_users(gm)
+    assert users["w"] == ["mul"] and users["x"] == ["relu"] and users["relu"] == ["mul"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1e3, allow_nan=False), min_size=1,
+                max_size=30),
+       st.floats(min_value=1e-3, max_value=1e3))
+def test_robust_mean_property(values: list[float], scale: float) -> None:
+    import statistics
+
+    from modelparallel.cost_model.profile import HOST_OUTLIER_CAP, robust_mean
+
+    r = robust_mean(values)
+    assert min(values) - 1e-9 <= r <= statistics.fmean(values) + 1e-9
+    assert r <= HOST_OUTLIER_CAP * statistics.median(values) + 1e-9
+    if max(values) <= HOST_OUTLIER_CAP * statistics.median(values):
+        assert r == pytest.approx(statistics.fmean(values))
+    assert robust_mean([v * scale for v in values]) == pytest.approx(r * scale, abs=1e-9)
+
+
+def test_host_times_of_a_kind_are_pooled_with_the_robust_mean() -> None:
+    from modelparallel.cost_model.profile import NodeProfile, host_replay
+
+    # five nodes of one kind, one stalled once: the stall is capped at 3x the median (1.0),
+    # the slow-but-real 2.0 is kept (a median would drop it)
+    ctx = [1.0, 2.0, 1.0, 1.0, 100.0]
+    p = {f"n{i}": NodeProfile(0.0, 0.0, 0.0, 0.0, "K", None, c) for i, c in enumerate(ctx)}
+    replay = host_replay(list(p), p)
+    assert list(replay.host_forward.values()) == pytest.approx([(1 + 2 + 1 + 1 + 3) / 5] * 5)
+
+
 def test_forward_host_times_fall_back_when_the_stamped_run_fails(tmp_path) -> None:
     import json
 
@@ -527,6 +590,62 @@ def test_a_stretch_alone_is_never_faster_than_its_share_of_the_whole(
     assert tail_f + tail_b >= sum(sum(whole[n]) for n in tail) - 1e-9
     # and the whole graph as one stretch is exactly the sum of its node times
     assert sum(replay.stage_times(names)) == pytest.approx(sum(sum(v) for v in whole.values()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(_seconds, _seconds, _seconds, _seconds), min_size=1,
+                      max_size=12),
+       call=st.tuples(_seconds, _seconds))
+def test_a_stage_takes_at_least_its_hosts_work_with_the_call_overhead(
+        steps: list[tuple[float, float, float, float]], call: tuple[float, float]) -> None:
+    """Note [call overhead]: a stage's time is the larger of its replay and its host's own
+    work; the overhead never makes a stage faster, and none changes nothing."""
+    from dataclasses import replace
+
+    from modelparallel.cost_model import CallOverhead, HostReplay
+
+    names = tuple(f"n{i}" for i in range(len(steps)))
+    bare = HostReplay(names, {n: s[0] for n, s in zip(names, steps)},
+                      {n: s[1] for n, s in zip(names, steps)},
+                      {n: s[2] for n, s in zip(names, steps)},
+                      {n: s[3] for n, s in zip(names, steps)})
+    with_call = replace(bare, call=CallOverhead(*call))
+    f0, b0 = bare.stage_times(names)
+    f1, b1 = with_call.stage_times(names)
+    assert f1 >= f0 - 1e-9 and b1 >= b0 - 1e-9
+    assert f1 >= sum(s[0] for s in steps) + call[0] - 1e-9
+    assert f1 + b1 >= sum(s[0] + s[2] for s in steps) + sum(call) - 1e-9
+    assert f1 + b1 <= f0 + b0 + sum(s[0] + s[2] for s in steps) + sum(call) + 1e-9
+    assert replace(bare, call=CallOverhead()).stage_times(names) == (f0, b0)
+
+
+def test_call_overhead_values() -> None:
+    from modelparallel.cost_model import CallOverhead
+    from modelparallel.cost_model.profile import call_overhead
+
+    with pytest.raises(ConfigError, match=">= 0"):
+        CallOverhead(-1e-6, 0.0)
+    with pytest.raises(ValueError):
+        CallOverhead(0.0, float("nan"))
+    assert call_overhead("cpu") == CallOverhead()  # the CPU records host time as 0
+
+
+def test_call_overhead_in_node_times_files(tmp_path) -> None:
+    import json
+
+    from modelparallel.cost_model import CallOverhead
+    from modelparallel.cost_model.profile import load_call_overhead, save_node_times
+
+    with_call = save_node_times(tmp_path / "a.json", {"fc": (1e-3, 2e-3)},
+                                call=CallOverhead(4e-5, 3e-4))
+    assert load_call_overhead(with_call) == CallOverhead(4e-5, 3e-4)
+    without = save_node_times(tmp_path / "b.json", {"fc": (1e-3, 2e-3)})
+    assert load_call_overhead(without) == CallOverhead()
+    data = json.loads(with_call.read_text())
+    data["call_overhead"] = {"forward": "soon"}
+    with_call.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"call_overhead .* is malformed"):
+        load_call_overhead(with_call)
 
 
 def test_the_partitioner_replays_each_stage_alone() -> None:

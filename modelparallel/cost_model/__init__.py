@@ -20,13 +20,14 @@ from modelparallel.cost_model.device import (
     load_device_spec,
     parse_bytes,
 )
-from modelparallel.cost_model.replay import HostReplay, device_timeline
+from modelparallel.cost_model.replay import CallOverhead, HostReplay, device_timeline
 
 __all__ = [
     "BUILTIN_DEVICES",
     "OPTIMIZER_STATES",
     "DeviceSpec",
     "GraphCosts",
+    "CallOverhead",
     "HostReplay",
     "NodeCost",
     "estimate_costs",

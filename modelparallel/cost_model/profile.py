@@ -57,8 +57,8 @@ profile has it (Note [in-context forward host time]), else the one measured alon
 forward is timed on leaves that require grad where training's inputs do, so its host time includes autograd's
 recording of the op, as in a training step (profiles recorded before this change timed
 parameter-free nodes without it). Host times on a shared machine are noisy (single calls of a
-view took milliseconds once in a while), so each node takes the median host time of the nodes of
-its kind (the same op on the same shapes: one per layer). ``docs/gpu.md`` has the measurements:
+view took milliseconds once in a while), so each node takes the typical host time of the nodes
+of its kind (the same op on the same shapes: one per layer; Note [host time statistic]). ``docs/gpu.md`` has the measurements:
 on an H100 whose host needs 10 us per op, the sum over a stage is within about 5% of its measured
 time for every stage of GPT-2 medium and a 1.1B Llama and for half of those of BERT-large and
 ResNet-50; where the backward itself is host-bound (ResNet-50's last stages at 32 images per
@@ -92,8 +92,9 @@ whole backward (:func:`backward_host_times`):
    that follows), less the hooks' own cost per function (a backward of a chain of 200 views,
    timed with and without the hooks). Parameters' ``.grad`` exist (zeros) during the runs, so
    the backward adds into them as from a step's second microbatch; the module's ``.grad`` are
-   put back afterwards. One warm-up run, then the median over 3-5 runs per node, and in
-   :func:`node_times` the median over the nodes of one kind, as for the forward.
+   put back afterwards. One warm-up run, then 3-5 timed runs per node, and in
+   :func:`node_times` the nodes of one kind pooled, as for the forward (both with the robust
+   mean of Note [host time statistic]).
 3. *Free of the device.* On CUDA the backward is queued behind a spin kernel longer than twice
    the host's queueing of the backward before (checked against it, lengthened if short, with
    a warning if the device still ran dry), so the engine never waits for the device and the
@@ -138,19 +139,41 @@ backward (Note [in-context backward host time]), the host time is measured where
    less the recorder's own cost (the median interval of a generated function of 200 stamps
    back to back, about 0.1 us).
 2. *Training's forward.* It runs with autograd recording, on the graph's real inputs and
-   parameters, one or two warm-up runs, then the median over 3-5 runs per node, and in
-   :func:`node_times` the median over the nodes of one kind, as the isolated figures.
+   parameters, one or two warm-up runs, then 3-5 timed runs per node, and in
+   :func:`node_times` the nodes of one kind pooled (both with the robust mean of Note [host
+   time statistic]).
 3. *Free of the device.* On CUDA the forward is queued behind a spin kernel longer than twice
    the host's previous forward (lengthened if short, a warning if the device still ran dry),
    so the host never waits. On the CPU the figures are run times; the profile records 0, as
    for the isolated host forward.
 
-A node without a profile (``getitem``, ``get_attr``) gives its time to the next profiled node,
-whose queueing it delays (:func:`with_forward_context`). :func:`node_times` uses these figures
-by default where the profiles carry them (``forward_host="auto"``), else the isolated ones; if
-the stamped run fails, :func:`profile_nodes` warns and the field stays None. Known limits: a
-stage's call overhead (the module call, building its received leaves) is outside every node
-and not counted; the run needs the memory of one forward with autograd of the whole graph.
+A node without a profile (``getitem``, ``sym_size``, a parameter's ``get_attr``) gives its time
+to the first profiled node that reads it, directly or through other unprofiled nodes
+(:func:`with_forward_context` with ``users``), else to the next profiled node. The reader is
+what decides: an exported graph fetches all parameters at its top (one ``getattr`` chain each,
+about 4.5 us on the H100's host: 1.4 ms for GPT-2 medium, 2.4 ms for BERT-large), but each
+stage's generated code fetches only its own, so charging the next node in order put the whole
+model's fetches on stage 0 (+12 to +17% on its predicted time). :func:`node_times` uses these
+figures by default where the profiles carry them (``forward_host="auto"``), else the isolated
+ones; if the stamped run fails, :func:`profile_nodes` warns and the field stays None. Known
+limits: a stage's call overhead (the module call, building its received leaves) is outside
+every node and not counted; the run needs the memory of one forward with autograd of the whole
+graph; a CUDA stream holds about a thousand queued kernels, and a forward or backward that
+queues more behind the spin blocks the host until the spin ends, a wait the node then running
+gets (the robust mean caps it: Note [host time statistic]).
+
+Note [host time statistic]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+Host times are pooled with :func:`robust_mean` (each value capped at ``HOST_OUTLIER_CAP`` = 3
+times the median, then averaged), over a node's timed runs and over the nodes of one kind, not
+with the median. A stage's host time is a sum over its nodes, and the expected value of a sum is
+the sum of the expected values; the sum of medians is not the median of the sum. On a host whose
+speed changes in stretches (the H100 machine's virtual host: 7 or 11 us per launch, in stretches
+of 10 ms to seconds, ``docs/gpu.md``), each node's median picks the usual speed and drops the
+slow stretches that every run of a whole stage pays a share of, so the sum of medians
+under-counts the stage (2 to 6% on the H100 runs, pooling over kinds alone). The cap keeps what
+the median was there for: one stall (a garbage collection, a full launch queue) in one run of
+one node does not become the node's time.
 
 Example:
     >>> import torch
@@ -180,23 +203,28 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from modelparallel._jsonfile import read_json_file
-from modelparallel.cost_model.replay import HostReplay
+from modelparallel.cost_model.replay import CallOverhead, HostReplay
 from modelparallel.errors import ConfigError
 from modelparallel.ir import Graph
 
 __all__ = [
+    "HOST_OUTLIER_CAP",
     "NODE_TIMES_FORMAT",
     "BackwardMode",
     "ForwardMode",
     "NodeProfile",
     "backward_host_times",
+    "call_overhead",
     "forward_host_times",
+    "graph_users",
     "host_replay",
+    "load_call_overhead",
     "load_node_profiles",
     "load_node_times",
     "node_times",
     "profile_node_times",
     "profile_nodes",
+    "robust_mean",
     "save_node_times",
     "stage_replay",
     "stamped_module",
@@ -213,6 +241,26 @@ _PROFILE_FIELDS = ("device_forward", "host_forward", "device_backward", "host_ba
                    "host_backward_context", "kind", "host_forward_context")
 
 _SKIP_TARGETS = ("getitem", "size", "sym_size", "dim", "_assert", "numel")
+
+#: Host times above this multiple of their median are capped before averaging
+#: (Note [host time statistic]).
+HOST_OUTLIER_CAP = 3.0
+
+
+def robust_mean(values: Iterable[float], cap: float = HOST_OUTLIER_CAP) -> float:
+    """The mean of ``values`` after capping each at ``cap`` times their median: the expected
+    host time, with no single stall (a collection, a queue that filled) dominating it
+    (Note [host time statistic]).
+
+    Example:
+        >>> robust_mean([1.0, 1.0, 2.0, 100.0])   # 100 is capped at 3 x 1.5
+        2.125
+    """
+    values = list(values)
+    if not values:
+        raise ValueError("robust_mean of no values")
+    limit = cap * statistics.median(values)
+    return sum(min(v, limit) for v in values) / len(values)
 
 # -- timing one call ------------------------------------------------------------------------------
 
@@ -525,7 +573,8 @@ def profile_nodes(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
                           stacklevel=2)
         else:
             profiles = with_forward_context(profiles, order, fwd,
-                                            host_is_device=device.type != "cuda")
+                                            host_is_device=device.type != "cuda",
+                                            users=graph_users(gm))
     if not backward_context:
         return profiles
     try:
@@ -591,13 +640,13 @@ def node_times(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
             ``"device"``, ``True`` is ``"isolated"``). ``"context"`` and ``"isolated"`` replay
             the backward in reverse order after the forward, on the same timeline: the host
             queues each node's backward (its in-context, or its isolated, host time: the
-            median of its kind) and the device runs its kernels (its device backward time)
+            typical of its kind) and the device runs its kernels (its device backward time)
             when queued and free; each node's backward time is what it adds to the device's
             finishing time. Default ``"auto"``: ``"context"`` where the profiles carry
             in-context host times, else ``"device"``.
         forward_host: Which host time the forward's replay uses (:data:`ForwardMode`;
             default ``"auto"``: the in-context one where the profiles carry it, Note
-            [in-context forward host time]); either way the median of the node's kind.
+            [in-context forward host time]); either way typical of the node's kind.
 
     Returns:
         Node name to ``(forward_seconds, backward_seconds)`` for every profiled node.
@@ -616,12 +665,15 @@ def node_times(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
 
 def host_replay(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
                 backward_host: bool | BackwardMode = "auto",
-                forward_host: ForwardMode = "auto") -> HostReplay:
+                forward_host: ForwardMode = "auto",
+                call: CallOverhead | None = None) -> HostReplay:
     """The host and device times of every profiled node, ready to replay (Note [host and
     device time]); give it to ``estimate_costs(..., replay=...)`` and the partitioner
     replays each stage alone (Note [stage replay] in :mod:`modelparallel.cost_model.replay`).
 
-    Same arguments as :func:`node_times`: host times are the medians of each kind.
+    Same arguments as :func:`node_times`: host times are typical of each kind (Note [host
+    time statistic]); ``call`` is each stage's host time outside its nodes
+    (:func:`call_overhead`, Note [call overhead]; default none).
 
     Example:
         >>> p = {"a": NodeProfile(2.0, 0.1, 0.0, 0.0), "b": NodeProfile(0.1, 1.0, 0.0, 0.0)}
@@ -642,7 +694,8 @@ def host_replay(order: Sequence[str], profiles: Mapping[str, NodeProfile], *,
     return HostReplay(order=names, host_forward={n: host_f[n] for n in names},
                       device_forward={n: profiles[n].device_forward for n in names},
                       host_backward={n: host_b[n] for n in names},
-                      device_backward={n: profiles[n].device_backward for n in names})
+                      device_backward={n: profiles[n].device_backward for n in names},
+                      call=call or CallOverhead())
 
 
 def stage_replay(order: Sequence[str], profiles: Mapping[str, NodeProfile],
@@ -687,8 +740,8 @@ def _forward_mode(value: str, profiles: Mapping[str, NodeProfile]) -> str:
 
 def _typical_host_forward(profiles: Mapping[str, NodeProfile], mode: str = "isolated"
                           ) -> dict[str, float]:
-    """Each node's host forward time (measured alone, or in context where measured), as the
-    median over the nodes of its kind."""
+    """Each node's host forward time (measured alone, or in context where measured), typical
+    of its kind (:func:`_typical_host`)."""
     if mode == "isolated":
         return _typical_host(profiles, "host_forward")
     return _typical_host({n: replace(p, host_forward_context=p.host_forward
@@ -698,13 +751,14 @@ def _typical_host_forward(profiles: Mapping[str, NodeProfile], mode: str = "isol
 
 
 def _typical_host(profiles: Mapping[str, NodeProfile], field: str) -> dict[str, float]:
-    """Each node's ``field`` (a host time), as the median over the nodes of its kind."""
+    """Each node's ``field`` (a host time), as the robust mean over the nodes of its kind
+    (Note [host time statistic])."""
     by_kind: dict[str, list[float]] = {}
     for p in profiles.values():
         if p.kind:
             by_kind.setdefault(p.kind, []).append(getattr(p, field))
-    median = {k: statistics.median(v) for k, v in by_kind.items()}
-    return {n: median[p.kind] if p.kind else getattr(p, field) for n, p in profiles.items()}
+    typical = {k: robust_mean(v) for k, v in by_kind.items()}
+    return {n: typical[p.kind] if p.kind else getattr(p, field) for n, p in profiles.items()}
 
 
 def profile_node_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
@@ -978,7 +1032,7 @@ def backward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
         gm: A traced graph module, on the device to measure, with real weights.
         flat_inputs: Its inputs for one microbatch.
         warmup: Untimed forward+backward runs first.
-        repeat: Timed runs; each node gets the median.
+        repeat: Timed runs; each node gets their robust mean (Note [host time statistic]).
 
     Returns:
         Node name to seconds, for every node that created an autograd function the backward
@@ -1024,7 +1078,7 @@ def backward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
                       f"{max(1, warmup) + repeat} in-context backward runs; the host times "
                       "may include waiting for the device", stacklevel=2)
     names = sorted({n for r in runs for n in r})
-    return {n: statistics.median(r.get(n, 0.0) for r in runs) for n in names}
+    return {n: robust_mean(r.get(n, 0.0) for r in runs) for n in names}
 
 
 def with_backward_context(profiles: Mapping[str, NodeProfile], order: Sequence[str],
@@ -1050,16 +1104,22 @@ def with_backward_context(profiles: Mapping[str, NodeProfile], order: Sequence[s
 
 
 def _fold_into_profiled(profiles: Mapping[str, NodeProfile], order: Sequence[str],
-                        context: Mapping[str, float], *, toward: str) -> dict[str, float]:
-    """Per profiled node, its in-context seconds plus those of the unprofiled nodes whose
-    nearest profiled neighbour in ``order`` it is, looking ``toward`` "earlier" or "later"
-    nodes first (and the other way when there is none)."""
+                        context: Mapping[str, float], *, toward: str,
+                        users: Mapping[str, Iterable[str]] | None = None) -> dict[str, float]:
+    """Per profiled node, its in-context seconds plus those of the unprofiled nodes it is the
+    first profiled reader of (through ``users``), or else the nearest profiled neighbour in
+    ``order`` of, looking ``toward`` "earlier" or "later" nodes first (and the other way when
+    there is none)."""
     extra = {n: 0.0 for n in profiles}
     ordered = [n for n in order if n in profiles]
     position = {n: i for i, n in enumerate(order)}
     for name, seconds in context.items():
+        reader = None if users is None or name in profiles else _first_profiled_reader(
+            name, profiles, users, position)
         if name in profiles:
             extra[name] += seconds
+        elif reader is not None:
+            extra[reader] += seconds
         elif ordered and toward == "earlier":
             at = position.get(name, len(order))
             earlier = [n for n in ordered if position[n] < at]
@@ -1071,9 +1131,42 @@ def _fold_into_profiled(profiles: Mapping[str, NodeProfile], order: Sequence[str
     return extra
 
 
+def _first_profiled_reader(name: str, profiles: Mapping[str, NodeProfile],
+                           users: Mapping[str, Iterable[str]], position: Mapping[str, int]
+                           ) -> str | None:
+    """The earliest profiled node (by ``position``) that reads ``name``'s value, directly or
+    through unprofiled nodes; None if there is none."""
+    readers = set()
+    seen = {name}
+    frontier = [name]
+    while frontier:
+        for user in users.get(frontier.pop(), ()):
+            if user in seen:
+                continue
+            seen.add(user)
+            if user in profiles:
+                readers.add(user)
+            else:
+                frontier.append(user)
+    return min(readers, key=lambda n: position.get(n, len(position)), default=None)
+
+
 # -- the forward's host time in context ------------------------------------------------------------
 
 _STAMPS: list[float] = []
+
+
+def graph_users(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """Node name to the names of the nodes that read its value, for
+    :func:`with_forward_context`.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(8, 8),
+        ...                                                  torch.nn.ReLU()))
+        >>> graph_users(gm)["_0"]
+        ['_1']
+    """
+    return {n.name: [u.name for u in n.users] for n in gm.graph.nodes}
 
 
 def _stamp() -> None:
@@ -1140,7 +1233,8 @@ def forward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
         gm: A traced graph module, on the device to measure, with real weights.
         flat_inputs: Its inputs for one microbatch.
         warmup: Untimed forwards first (at least one: it sizes the spin).
-        repeat: Timed forwards; each node gets the median.
+        repeat: Timed forwards; each node gets their robust mean (Note [host time
+            statistic]).
 
     Returns:
         Node name to seconds, for every node but placeholders and the output.
@@ -1179,17 +1273,21 @@ def forward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
         warnings.warn(f"the device ran out of queued work in {spin.waited} of "
                       f"{max(1, warmup) + repeat} in-context forward runs; the host times "
                       "may include waiting for the device", stacklevel=2)
-    return {n: statistics.median(r[k] for r in runs) for k, n in enumerate(names)}
+    return {n: robust_mean(r[k] for r in runs) for k, n in enumerate(names)}
 
 
 def with_forward_context(profiles: Mapping[str, NodeProfile], order: Sequence[str],
-                         context: Mapping[str, float], *, host_is_device: bool = False
+                         context: Mapping[str, float], *, host_is_device: bool = False,
+                         users: Mapping[str, Iterable[str]] | None = None
                          ) -> dict[str, NodeProfile]:
     """``profiles`` with ``host_forward_context`` set from :func:`forward_host_times`.
 
     A node with an in-context host time but no profile (indexing with ``getitem``, a
-    ``get_attr``, a node the profiler could not replay) gives its time to the nearest profiled
-    node after it in ``order`` (whose queueing it delays), else the nearest before. With
+    parameter's ``get_attr``, a node the profiler could not replay) gives its time to the first
+    profiled node in ``order`` among those that read it, directly or through other unprofiled
+    nodes (``users``: node name to the names of the nodes reading its value, as
+    ``torch.fx.Node.users``), else to the nearest profiled node after it in ``order`` (whose
+    queueing it delays), else before (Note [in-context forward host time]). With
     ``host_is_device`` (the CPU, where issuing is running) every figure is 0.
 
     Example:
@@ -1197,10 +1295,70 @@ def with_forward_context(profiles: Mapping[str, NodeProfile], order: Sequence[st
         >>> out = with_forward_context(p, ["a", "b", "c"], {"a": 1.0, "b": 0.5, "c": 2.0})
         >>> [out[n].host_forward_context for n in "ac"]
         [1.0, 2.5]
+        >>> out = with_forward_context(p, ["b", "a", "c"], {"a": 1.0, "b": 0.5, "c": 2.0},
+        ...                            users={"b": ["c"]})   # b is read by c only
+        >>> [out[n].host_forward_context for n in "ac"]
+        [1.0, 2.5]
     """
-    extra = _fold_into_profiled(profiles, order, context, toward="later")
+    extra = _fold_into_profiled(profiles, order, context, toward="later", users=users)
     return {n: replace(p, host_forward_context=0.0 if host_is_device else extra[n])
             for n, p in profiles.items()}
+
+
+def _functions(roots: Sequence[torch.Tensor]) -> dict[Any, str]:
+    """Every autograd function reachable from ``roots``, for :func:`_hooked_backward`."""
+    out: dict[Any, str] = {}
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in out:
+            continue
+        out[fn] = "call"
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return out
+
+
+def call_overhead(device: torch.device | str, *, warmup: int = 2, repeat: int = 7
+                  ) -> CallOverhead:
+    """Host seconds a stage pays per microbatch outside its nodes (Note [call overhead] in
+    :mod:`modelparallel.cost_model.replay`), measured on a small generated module: from the
+    module call to its first op's timestamp and from its last to the return, and from the
+    backward call to the first function's pre-hook and from the last function's hook to the
+    return; both queued behind a spin kernel on CUDA, as the in-context times are. On the
+    CPU, where the host is the device and host times are recorded as 0, it is 0 too.
+
+    Example:
+        >>> call_overhead("cpu")
+        CallOverhead(forward=0.0, backward=0.0)
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CallOverhead()
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(64, 64),
+                                                     torch.nn.ReLU())).to(device)
+    stamped, _ = stamped_module(gm)
+    x = torch.randn(8, 64, device=device, requires_grad=True)  # a received leaf
+    spin = _Spin(device)
+    forward: list[float] = []
+    backward: list[float] = []
+    for i in range(max(1, warmup) + repeat):
+        torch.cuda.synchronize(device)
+        _STAMPS.clear()
+        spin()
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            out = stamped(x)
+        t1 = time.perf_counter()
+        stamps = list(_STAMPS)
+        _STAMPS.clear()
+        spin.check(t1 - t0)
+        spans, b0, b1 = _hooked_backward(_functions([out]), [out], [torch.ones_like(out)],
+                                         before=spin)
+        spin.check(b1 - b0)
+        if i >= max(1, warmup):
+            forward.append(stamps[0] - t0 + t1 - stamps[-1])
+            backward.append(min(s for s, _, _ in spans) - b0 + b1 - max(e for _, e, _ in spans))
+    return CallOverhead(robust_mean(forward), robust_mean(backward))
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -1209,7 +1367,8 @@ def with_forward_context(profiles: Mapping[str, NodeProfile], order: Sequence[st
 def save_node_times(path: str | Path, times: Mapping[str, tuple[float, float]], *,
                     graph: Graph | None = None, device: str = "",
                     metadata: Mapping[str, Any] | None = None,
-                    profiles: Mapping[str, NodeProfile] | None = None) -> Path:
+                    profiles: Mapping[str, NodeProfile] | None = None,
+                    call: CallOverhead | None = None) -> Path:
     """Write measured node times as JSON (read back with :func:`load_node_times`).
 
     Format version 2 (version 1 files are still read): ``nodes`` maps each node to
@@ -1227,6 +1386,8 @@ def save_node_times(path: str | Path, times: Mapping[str, tuple[float, float]], 
         device: What was measured (e.g. ``"NVIDIA H100 80GB HBM3"``).
         metadata: Anything else to record (dtype, batch, versions).
         profiles: The node profiles the times come from (optional).
+        call: Each stage's host time outside its nodes (:func:`call_overhead`; optional, read
+            back with :func:`load_call_overhead`).
 
     Example:
         >>> import tempfile
@@ -1247,6 +1408,8 @@ def save_node_times(path: str | Path, times: Mapping[str, tuple[float, float]], 
     if profiles is not None:
         data["profiles"] = {k: {f: getattr(v, f) for f in _PROFILE_FIELDS}
                             for k, v in profiles.items()}
+    if call is not None:
+        data["call_overhead"] = {"forward": call.forward, "backward": call.backward}
     out = Path(path)
     out.write_text(json.dumps(data, indent=1))
     return out
@@ -1308,6 +1471,33 @@ def load_node_profiles(path: str | Path, graph: Graph | None = None
             raise ConfigError(f"node times {str(path)!r}: profile of node {name!r} is "
                               f"malformed ({e}); expected the fields {_PROFILE_FIELDS}") from e
     return out
+
+
+def load_call_overhead(path: str | Path, graph: Graph | None = None) -> CallOverhead:
+    """The call overhead a node-times file carries (:func:`save_node_times` with ``call``);
+    none (zeros) for files without it.
+
+    Raises:
+        ConfigError: if the file is not a node-times file, is for another graph, or its
+            ``call_overhead`` is malformed.
+
+    Example:
+        >>> import tempfile
+        >>> p = save_node_times(tempfile.mkdtemp() + "/t.json", {"fc": (1e-3, 2e-3)},
+        ...                     call=CallOverhead(5e-5, 4e-4))
+        >>> load_call_overhead(p)
+        CallOverhead(forward=5e-05, backward=0.0004)
+    """
+    data = _read_node_times_file(path, graph)
+    raw = data.get("call_overhead")
+    if raw is None:
+        return CallOverhead()
+    try:
+        return CallOverhead(float(raw["forward"]), float(raw["backward"]))
+    except (TypeError, KeyError, ValueError) as e:
+        raise ConfigError(f"node times {str(path)!r}: call_overhead {raw!r} is malformed "
+                          f"({e}); expected {{'forward': seconds, 'backward': seconds}}"
+                          ) from e
 
 
 def load_node_times(path: str | Path, graph: Graph | None = None
