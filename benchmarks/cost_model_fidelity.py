@@ -551,8 +551,9 @@ class _ContextRounds:
     """The in-context host times (Notes [in-context forward host time] and [in-context
     backward host time] in ``cost_model/profile.py``), measured a few runs at a time in every
     round of the stage measurement (Note [fidelity measurement]): each node gets the robust
-    mean of its rounds' figures (Note [host time statistic]). A failed measurement is not retried; the predictions then use the
-    forward host times measured alone, or the backward's device time, and the report says why.
+    mean of its rounds' figures (Note [host time statistic]). A failed measurement is not
+    retried; the predictions then use the forward host times measured alone, or the
+    backward's device time, and the report says why.
     """
 
     def __init__(self, gm: Any, flat: list[Any], device: torch.device,

@@ -25,9 +25,9 @@ from modelparallel.cost_model.replay import CallOverhead, HostReplay, device_tim
 __all__ = [
     "BUILTIN_DEVICES",
     "OPTIMIZER_STATES",
+    "CallOverhead",
     "DeviceSpec",
     "GraphCosts",
-    "CallOverhead",
     "HostReplay",
     "NodeCost",
     "estimate_costs",

@@ -54,16 +54,17 @@ backward measured alone pays a whole ``autograd.grad`` call and overstated the e
 20 to 100%: replaying with it made predictions worse; ``backward_host="isolated"`` keeps it
 for diagnosis.) The forward's host time per node is the one measured in context where the
 profile has it (Note [in-context forward host time]), else the one measured alone. A node's
-forward is timed on leaves that require grad where training's inputs do, so its host time includes autograd's
-recording of the op, as in a training step (profiles recorded before this change timed
-parameter-free nodes without it). Host times on a shared machine are noisy (single calls of a
-view took milliseconds once in a while), so each node takes the typical host time of the nodes
-of its kind (the same op on the same shapes: one per layer; Note [host time statistic]). ``docs/gpu.md`` has the measurements:
-on an H100 whose host needs 10 us per op, the sum over a stage is within about 5% of its measured
-time for every stage of GPT-2 medium and a 1.1B Llama and for half of those of BERT-large and
-ResNet-50; where the backward itself is host-bound (ResNet-50's last stages at 32 images per
-microbatch, BERT-large's first ones) the device-time backward is short by 12-43%, which the
-in-context backward host times close (measured on an H100: `docs/gpu.md`).
+forward is timed on leaves that require grad where training's inputs do, so its host time
+includes autograd's recording of the op, as in a training step (profiles recorded before this
+change timed parameter-free nodes without it). Host times on a shared machine are noisy (single
+calls of a view took milliseconds once in a while), so each node takes the typical host time of
+the nodes of its kind (the same op on the same shapes: one per layer; Note [host time
+statistic]). ``docs/gpu.md`` has the measurements: on an H100 whose host needs 10 us per op, the
+sum over a stage is within about 5% of its measured time for every stage of GPT-2 medium and a
+1.1B Llama and for half of those of BERT-large and ResNet-50; where the backward itself is
+host-bound (ResNet-50's last stages at 32 images per microbatch, BERT-large's first ones) the
+device-time backward is short by 12-43%, which the in-context backward host times close
+(measured on an H100: `docs/gpu.md`).
 
 The replay over the whole graph, before any partition is known, lets the host start a
 host-bound stretch ahead, on slack from a device-bound one before it, which a pipeline stage
@@ -156,8 +157,9 @@ stage's generated code fetches only its own, so charging the next node in order 
 model's fetches on stage 0 (+12 to +17% on its predicted time). :func:`node_times` uses these
 figures by default where the profiles carry them (``forward_host="auto"``), else the isolated
 ones; if the stamped run fails, :func:`profile_nodes` warns and the field stays None. Known
-limits: a stage's call overhead (the module call, building its received leaves) is outside
-every node and not counted; the run needs the memory of one forward with autograd of the whole
+limits: a stage's call overhead is outside every node (Note [call overhead] in
+:mod:`modelparallel.cost_model.replay` counts it apart, but not the building of a stage's
+received leaves); the run needs the memory of one forward with autograd of the whole
 graph; a CUDA stream holds about a thousand queued kernels, and a forward or backward that
 queues more behind the spin blocks the host until the spin ends, a wait the node then running
 gets (the robust mean caps it: Note [host time statistic]).
@@ -258,7 +260,7 @@ def robust_mean(values: Iterable[float], cap: float = HOST_OUTLIER_CAP) -> float
     """
     values = list(values)
     if not values:
-        raise ValueError("robust_mean of no values")
+        raise ConfigError("robust_mean needs at least one value; got none")
     limit = cap * statistics.median(values)
     return sum(min(v, limit) for v in values) / len(values)
 
