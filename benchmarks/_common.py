@@ -6,6 +6,7 @@ import it as ``from _common import ...``.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["step_times", "to_device", "versions"]
+__all__ = ["model_benchmark_parser", "step_times", "to_device", "versions"]
 
 
 def step_times(step: Callable[[], Any], device: torch.device, warmup: int,
@@ -73,3 +74,14 @@ def to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
         t = t.to(device)
         return t.to(dtype) if t.is_floating_point() else t
     return pytree.tree_map(move, value)
+
+
+def model_benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options the per-model GPU benchmarks share: ``--device``, ``--quick``, ``--models``
+    and ``--dtype``; the description is ``doc``'s first paragraph."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny models (CPU smoke test)")
+    parser.add_argument("--models", default="", help="comma-separated subset of model names")
+    parser.add_argument("--dtype", default="bfloat16")
+    return parser

@@ -95,7 +95,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from _common import step_times, to_device, versions
+from _common import model_benchmark_parser, step_times, to_device, versions
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -796,11 +796,7 @@ def _table(results: list[dict[str, Any]], modes: list[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny models (CPU smoke test)")
-    parser.add_argument("--models", default="", help="comma-separated subset of model names")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = model_benchmark_parser(__doc__)
     parser.add_argument("--spec", default=None, help="calibrated device spec JSON")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5,

@@ -20,7 +20,6 @@ The goal is a ratio of at most 1.03.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import step_times, to_device, versions
+from _common import model_benchmark_parser, step_times, to_device, versions
 
 from modelparallel import models
 from modelparallel.codegen import build_stages
@@ -137,11 +136,7 @@ def _graph_step(gm: torch.fx.GraphModule, traced: Any, flat: list[Any], target: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny models (CPU smoke test)")
-    parser.add_argument("--models", default="", help="comma-separated subset of model names")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = model_benchmark_parser(__doc__)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)

@@ -152,7 +152,7 @@ A node without a profile (``getitem``, ``sym_size``, a parameter's ``get_attr``)
 to the first profiled node that reads it, directly or through other unprofiled nodes
 (:func:`with_forward_context` with ``users``), else to the next profiled node. The reader is
 what decides: an exported graph fetches all parameters at its top (one ``getattr`` chain each,
-about 4.5 us on the H100's host: 1.4 ms for GPT-2 medium, 2.4 ms for BERT-large), but each
+about 5-6 us on the H100's host: 1.4 ms for GPT-2 medium, 2.4 ms for BERT-large), but each
 stage's generated code fetches only its own, so charging the next node in order put the whole
 model's fetches on stage 0 (+12 to +17% on its predicted time). :func:`node_times` uses these
 figures by default where the profiles carry them (``forward_host="auto"``), else the isolated
@@ -1116,11 +1116,12 @@ def _fold_into_profiled(profiles: Mapping[str, NodeProfile], order: Sequence[str
     ordered = [n for n in order if n in profiles]
     position = {n: i for i, n in enumerate(order)}
     for name, seconds in context.items():
-        reader = None if users is None or name in profiles else _first_profiled_reader(
-            name, profiles, users, position)
         if name in profiles:
             extra[name] += seconds
-        elif reader is not None:
+            continue
+        reader = None if users is None else _first_profiled_reader(name, profiles, users,
+                                                                   position)
+        if reader is not None:
             extra[reader] += seconds
         elif ordered and toward == "earlier":
             at = position.get(name, len(order))
@@ -1221,6 +1222,24 @@ def _stamp_cost(length: int = 200, repeat: int = 7) -> float:
     return statistics.median(costs[1:])
 
 
+def _stamped_run(stamped: torch.fx.GraphModule, flat_inputs: Sequence[Any], spin: _Spin
+                 ) -> tuple[Any, list[float], float, float]:
+    """One forward of a stamped module with autograd on, queued behind ``spin``: its output,
+    its stamps, and the host's clock at the call and at the return."""
+    if spin.device.type == "cuda":
+        torch.cuda.synchronize(spin.device)
+    _STAMPS.clear()
+    spin()
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        out = stamped(*flat_inputs)
+    t1 = time.perf_counter()
+    stamps = list(_STAMPS)
+    _STAMPS.clear()
+    spin.check(t1 - t0)
+    return out, stamps, t0, t1
+
+
 def forward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
                        warmup: int = 1, repeat: int = 3) -> dict[str, float]:
     """Host seconds of each node's forward inside a whole forward of ``gm``'s generated code.
@@ -1256,18 +1275,7 @@ def forward_host_times(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], *,
     spin = _Spin(device)
     runs: list[list[float]] = []
     for i in range(max(1, warmup) + repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        _STAMPS.clear()
-        spin()
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            out = stamped(*flat_inputs)
-        t1 = time.perf_counter()
-        stamps = list(_STAMPS)
-        _STAMPS.clear()
-        del out
-        spin.check(t1 - t0)
+        _, stamps, _, _ = _stamped_run(stamped, flat_inputs, spin)
         assert len(stamps) == len(names) + 1, (len(stamps), len(names))
         if i >= max(1, warmup):
             runs.append([max(0.0, b - a - cost) for a, b in itertools.pairwise(stamps)])
@@ -1344,16 +1352,7 @@ def call_overhead(device: torch.device | str, *, warmup: int = 2, repeat: int = 
     forward: list[float] = []
     backward: list[float] = []
     for i in range(max(1, warmup) + repeat):
-        torch.cuda.synchronize(device)
-        _STAMPS.clear()
-        spin()
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            out = stamped(x)
-        t1 = time.perf_counter()
-        stamps = list(_STAMPS)
-        _STAMPS.clear()
-        spin.check(t1 - t0)
+        out, stamps, t0, t1 = _stamped_run(stamped, [x], spin)
         spans, b0, b1 = _hooked_backward(_functions([out]), [out], [torch.ones_like(out)],
                                          before=spin)
         spin.check(b1 - b0)

@@ -30,7 +30,7 @@ Note [call overhead]
 Per microbatch a stage also pays host time outside every node: calling its module (to the first
 op, and back from the last) and calling autograd's backward (the engine's start, before the
 first backward function, and its hand-back after the last). On the H100 machine's host this is
-about 0.05 ms for the forward and 0.4-0.6 ms for the backward of every stage of ResNet-50 and
+about 0.05-0.09 ms for the forward and 0.4-0.6 ms for the backward of every stage of ResNet-50 and
 BERT-large, measured on the stage modules, 5-10% of a host-bound stage; the per-node in-context
 times cannot see it (it lies between their timestamps). ``profile.call_overhead`` measures it on
 a small module (the fixed part: the engine's traversal of a large graph adds a little more) and
