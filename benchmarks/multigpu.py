@@ -41,7 +41,7 @@ Note [multigpu measurement]
   time``, the median over the timed steps, next to the theory ``(p - 1) / (m + p - 1)`` (equal
   stages, free communication), the plan's own estimate (``PipelineEstimate.bubble_fraction``:
   the idle fraction of the bottleneck stage) and the schedule simulated with the measured
-  per-stage forward and backward times (:func:`modelparallel.runtime.schedule.simulate`, no
+  per-stage forward and backward times (:func:`modelparallel.schedule.simulate`, no
   communication). On the CPU the wall clock replaces the events.
 - **Predicted step time**: the plan's ``PipelineEstimate.step_time`` (the roofline of the
   device spec; no optimizer step), against the measured pipeline time.
@@ -119,7 +119,7 @@ from modelparallel.runtime.comm import StageComm  # noqa: E402
 from modelparallel.runtime.distributed import default_device, init_distributed  # noqa: E402
 from modelparallel.runtime.executor import StageExecutor  # noqa: E402
 from modelparallel.runtime.microbatch import resolve_split  # noqa: E402
-from modelparallel.runtime.schedule import (  # noqa: E402
+from modelparallel.schedule import (  # noqa: E402
     make_schedule,
     simulate,
     theoretical_bubble,

@@ -46,6 +46,7 @@ from typing import Any
 from modelparallel.cost_model.device import DeviceSpec
 from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
 from modelparallel.ir import Graph
+from modelparallel.schedule import SCHEDULE_ALIASES, normalize_schedule  # re-exported (moved)
 
 __all__ = [
     "PLAN_FORMAT",
@@ -67,28 +68,7 @@ __all__ = [
 PLAN_FORMAT = "modelparallel.plan"
 PLAN_VERSION = 1
 
-#: Accepted schedule names: ours and SMP's.
-SCHEDULE_ALIASES: Mapping[str, str] = {
-    "gpipe": "gpipe", "simple": "gpipe",
-    "1f1b": "1f1b", "interleaved": "1f1b",
-}
-
 _OPTIMIZE_DEFAULT_WEIGHT = {"speed": 0.2, "memory": 0.8}
-
-
-def normalize_schedule(name: str) -> str:
-    """Our name for a schedule given by our name or SMP's.
-
-    Example:
-        >>> normalize_schedule("simple")
-        'gpipe'
-    """
-    try:
-        return SCHEDULE_ALIASES[str(name).lower()]
-    except KeyError:
-        raise ConfigError(
-            f"unknown schedule {name!r}; use 'gpipe' (SMP 'simple') or '1f1b' "
-            "(SMP 'interleaved')") from None
 
 
 @dataclass(frozen=True)

@@ -98,11 +98,11 @@ from modelparallel.cost_model import (
     GraphCosts,
     estimate_costs,
     get_device_spec,
-    inflight_microbatches,
 )
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
 from modelparallel.plan import PlanConfig
+from modelparallel.schedule import inflight_microbatches
 
 __all__ = ["DevicesArg", "ParamInfo", "Problem", "build_problem", "normalize_devices"]
 

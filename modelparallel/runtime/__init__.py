@@ -1,8 +1,8 @@
 """The pipeline runtime: schedules, microbatching, neighbour communication and the per-rank
 executor that trains one :class:`~modelparallel.codegen.StageProgram` on torch.distributed.
 
-- :mod:`.schedule`: GPipe and 1F1B action lists, validation, simulation (Note [schedule
-  communication model]);
+- :mod:`modelparallel.schedule` (in the core, re-exported here): GPipe and 1F1B action lists,
+  validation, simulation (Note [schedule communication model]);
 - :mod:`.microbatch`: SMP's splitting rules (``input_split_axes``, ``non_split_inputs``,
   ``smp_slice``) and output merging;
 - :mod:`.boundary`: boundary values as tensors plus a picklable template;
@@ -36,7 +36,7 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
-from modelparallel.runtime.schedule import (
+from modelparallel.schedule import (
     Action,
     Schedule,
     Timeline,

@@ -1,6 +1,6 @@
 """The per-rank pipeline executor: one :class:`~modelparallel.codegen.StageProgram` under a schedule.
 
-Each rank runs its stage's action list (:mod:`modelparallel.runtime.schedule`). A forward of
+Each rank runs its stage's action list (:mod:`modelparallel.schedule`). A forward of
 microbatch ``i`` calls ``program.module`` on the stage's local model inputs of the microbatch and
 the values received from the previous stage (Note [stage calling convention] in
 ``modelparallel/codegen/program.py``), sends the stage's outputs on, and keeps what backward
@@ -53,7 +53,7 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
-from modelparallel.runtime.schedule import Action, Schedule, make_schedule
+from modelparallel.schedule import Action, Schedule, make_schedule
 
 __all__ = ["StageExecutor", "StepOutput", "StepStats"]
 

@@ -49,7 +49,7 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
-from modelparallel.runtime.schedule import Schedule, make_schedule
+from modelparallel.schedule import Action, Schedule, make_schedule
 
 __all__ = ["LocalPipeline", "action_order"]
 
@@ -57,19 +57,20 @@ _INPLACE_LEAF_ERROR = "leaf Variable that requires grad is being used in an in-p
 
 
 def action_order(schedule: str | Schedule, num_stages: int,
-                 microbatches: int) -> list[tuple[str, int, int]]:
-    """A single-process order of a schedule's actions, as ``(kind, stage, microbatch)``.
+                 microbatches: int) -> list[Action]:
+    """A single-process order of a schedule's actions: the :class:`~modelparallel.schedule.Action`
+    values the distributed executor runs, every stage's interleaved into one list.
 
-    Each stage keeps its action order from the schedule (:mod:`modelparallel.runtime.schedule`);
-    the stages are interleaved by running every action as soon as its inputs are ready (the
+    Each stage keeps its action order from the schedule (:mod:`modelparallel.schedule`); the
+    stages are interleaved by running every action as soon as its inputs are ready (the
     forward of the previous stage, the backward of the next), so the peak of activations held is
-    the schedule's (1F1B: at most ``p - s`` microbatches in flight on stage ``s``).
+    the schedule's (Note [in-flight microbatches] in ``modelparallel/schedule.py``).
 
     Raises:
         ConfigError: for an unknown schedule name or a schedule of another shape.
 
     Example:
-        >>> " ".join(f"{s}{k}{i}" for k, s, i in action_order("1f1b", 2, 2))
+        >>> " ".join(str(a) for a in action_order("1f1b", 2, 2))
         '0F0 0F1 1F0 1B0 1F1 1B1 0B0 0B1'
     """
     sched = (schedule if isinstance(schedule, Schedule)
@@ -79,22 +80,22 @@ def action_order(schedule: str | Schedule, num_stages: int,
         raise ConfigError(
             f"schedule {sched.name!r} is for {sched.num_stages} stages and "
             f"{sched.num_microbatches} microbatches; the pipeline has {p} and {m}")
-    per_stage = [[(a.kind, a.microbatch) for a in acts] for acts in sched.actions]
-    done: set[tuple[str, int, int]] = set()
-    order: list[tuple[str, int, int]] = []
+    done: set[Action] = set()
+    order: list[Action] = []
     pos = [0] * p
-    total = sum(len(acts) for acts in per_stage)
+    total = sum(len(acts) for acts in sched.actions)
     while len(order) < total:
         progressed = False
         for s in range(p):
-            while pos[s] < len(per_stage[s]):
-                kind, i = per_stage[s][pos[s]]
-                ready = (s == 0 or ("F", s - 1, i) in done) if kind == "F" else (
-                    ("F", s, i) in done and (s == p - 1 or ("B", s + 1, i) in done))
+            while pos[s] < len(sched.actions[s]):
+                a = sched.actions[s][pos[s]]
+                i = a.microbatch
+                ready = (s == 0 or Action(s - 1, "F", i) in done) if a.kind == "F" else (
+                    Action(s, "F", i) in done and (s == p - 1 or Action(s + 1, "B", i) in done))
                 if not ready:
                     break
-                done.add((kind, s, i))
-                order.append((kind, s, i))
+                done.add(a)
+                order.append(a)
                 pos[s] += 1
                 progressed = True
         if not progressed:
@@ -131,7 +132,7 @@ class LocalPipeline:
         loss_fn: ``loss_fn(model_output, target) -> scalar``, mean-reduced over the batch; called
             per microbatch on the last stage with the rebuilt model output.
         schedule: ``"gpipe"`` (SMP ``"simple"``), ``"1f1b"`` (SMP ``"interleaved"``), or a
-            :class:`~modelparallel.runtime.schedule.Schedule` of ``p`` stages and
+            :class:`~modelparallel.schedule.Schedule` of ``p`` stages and
             ``microbatches`` microbatches.
         devices: One device per stage; the stage modules are moved there (tied weights shared
             between stages on different devices become copies, Note [local tied parameters]).
@@ -235,8 +236,9 @@ class LocalPipeline:
         received: dict[tuple[int, int], list[Any]] = {}
         outputs: list[Any] = [None] * m
         losses: list[torch.Tensor] = [torch.zeros(())] * m
-        for kind, s, i in self._order:
-            if kind == "F":
+        for a in self._order:
+            s, i = a.stage, a.microbatch
+            if a.kind == "F":
                 slot = self._forward(s, mb_inputs[i], received.pop((s, i), []), grad=True)
                 slots[(s, i)] = slot
                 if s < p - 1:
