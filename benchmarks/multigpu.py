@@ -34,7 +34,7 @@ Note [multigpu measurement]
   the ranks; the figures are medians over the timed steps. Throughput = tokens per step
   (``m * microbatch size * sequence length``) / median(pipeline + optimizer time).
 - **Bubble.** Each forward and each backward action is bracketed by CUDA events on the compute
-  stream (our executor's ``_forward``/``_backward``; torch's ``forward_one_chunk``/
+  stream (our executor's ``on_action`` hook; torch's ``forward_one_chunk``/
   ``backward_one_chunk``), so a rank's *busy* time is the device time between the start and
   the end of its actions (a gap inside an action, e.g. the host queueing kernels slower than the
   GPU runs them, counts as busy). Measured bubble = ``1 - mean over ranks of busy / step
@@ -118,6 +118,7 @@ from modelparallel.plan import Plan, PlanConfig  # noqa: E402
 from modelparallel.runtime.comm import StageComm  # noqa: E402
 from modelparallel.runtime.distributed import default_device, init_distributed  # noqa: E402
 from modelparallel.runtime.executor import StageExecutor  # noqa: E402
+from modelparallel.runtime.hooks import StageEvent  # noqa: E402
 from modelparallel.runtime.microbatch import resolve_split  # noqa: E402
 from modelparallel.schedule import (  # noqa: E402
     make_schedule,
@@ -269,64 +270,54 @@ class Busy:
 
 
 class TimedExecutor(StageExecutor):
-    """Our executor with every forward and backward action bracketed by :class:`Busy`."""
+    """Our executor with every forward and backward action bracketed by :class:`Busy`, through
+    its public ``on_action`` hook (Note [action hook] in ``modelparallel/runtime/hooks.py``)."""
 
     busy: Busy
     fail_at: int | None = None  # --inject-failure: raise in the forward of this microbatch
 
-    def _forward(self, step: Any, i: int, received: list[torch.Tensor]) -> Any:
-        token = self.busy.start()
-        try:
-            if i == self.fail_at:
-                raise RuntimeError(f"injected failure (--inject-failure) in forward {i}")
-            return super()._forward(step, i, received)
-        finally:
-            self.busy.stop("F", token)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._token: Any = None
+        super().__init__(*args, on_action=self._bracket, **kwargs)
 
-    def _backward(self, step: Any, i: int, grads: list[torch.Tensor]) -> Any:
-        token = self.busy.start()
-        try:
-            return super()._backward(step, i, grads)
-        finally:
-            self.busy.stop("B", token)
+    def _bracket(self, event: StageEvent, phase: str) -> None:
+        if event.kind not in ("forward", "backward"):
+            return
+        if phase == "start":
+            self._token = self.busy.start()
+            if event.kind == "forward" and event.microbatch == self.fail_at:
+                self.busy.stop("F", self._token)
+                raise RuntimeError(
+                    f"injected failure (--inject-failure) in forward {event.microbatch}")
+        else:
+            self.busy.stop("F" if event.kind == "forward" else "B", self._token)
 
 
 class TorchStageModule(nn.Module):
-    """A stage ``GraphModule`` of our codegen in the calling convention of
-    ``torch.distributed.pipelining``: the first stage takes its model inputs as positional
-    arguments (as ``schedule.step(x)`` gives them); a later stage takes the received
-    activations as positional arguments and any model inputs it reads (input-derived values it
-    recomputes) as keyword arguments ``in<i>`` (``PipelineSchedule.step`` passes keyword
-    arguments, split into microbatches, to every stage). It returns a tensor or a tuple of
-    tensors (the model output on the last stage)."""
+    """A stage of our codegen in the calling convention of ``torch.distributed.pipelining``:
+    the first stage takes its model inputs as positional arguments (as ``schedule.step(x)``
+    gives them); a later stage takes the received activations as positional arguments and any
+    model inputs it reads (input-derived values it recomputes) as keyword arguments ``in<i>``
+    (``PipelineSchedule.step`` passes keyword arguments, split into microbatches, to every
+    stage). It returns a tensor or a tuple of tensors (the model output on the last stage). The
+    stage is called through ``StageProgram.run`` (Note [stage calling convention] in
+    ``modelparallel/codegen/program.py``), like our executors do."""
 
     def __init__(self, program: StageProgram) -> None:
         super().__init__()
-        self.module = program.module
-        self.is_first = program.is_first
-        self.is_last = program.is_last
+        self.module = program.module  # registers the parameters
+        self.program = program
         self.inputs = [f"in{i}" for i in program.model_inputs]
-        self.n_send = len(program.send)
-        self.out_spec = program.out_spec
-        mutated = set(program.mutated_inputs)
-        self.mutated = {k for k, b in enumerate(program.recv) if b.name in mutated}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        import torch.utils._pytree as pytree
-
-        if self.is_first:
-            values = list(args)
+        if self.program.is_first:
+            out = self.program.run(args, ())
         else:
-            received = [v.clone() if k in self.mutated and isinstance(v, torch.Tensor) else v
-                        for k, v in enumerate(args)]
-            values = [kwargs[n] for n in self.inputs] + received
-        out = self.module(*values)
-        if self.is_last:
-            flat = list(out[self.n_send:])
-            return (pytree.tree_unflatten(flat, self.out_spec) if self.out_spec is not None
-                    else flat[0] if len(flat) == 1 else tuple(flat))
-        sends = tuple(out[:self.n_send])
-        return sends[0] if len(sends) == 1 else sends
+            out = self.program.run([kwargs[n] for n in self.inputs], args,
+                                   grad_leaves=torch.is_grad_enabled())
+        if self.program.is_last:
+            return out.model_output
+        return out.sends[0] if len(out.sends) == 1 else out.sends
 
 
 def torch_unsupported(program: StageProgram) -> str:

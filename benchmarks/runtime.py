@@ -84,15 +84,23 @@ def _batch(m: int, mb: int, width: int = 256, seed: int = 0) -> tuple[torch.Tens
 
 
 class _TorchStage(nn.Module):
-    """Our stage module in the calling convention of torch.distributed.pipelining."""
+    """Our stage in the calling convention of torch.distributed.pipelining, called through
+    ``StageProgram.run`` (Note [stage calling convention] in ``modelparallel/codegen/program.py``):
+    positional arguments are the model inputs on the first stage, the received values on the
+    others (the MLP's later stages read no model input)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, program: Any) -> None:
         super().__init__()
-        self.module = module
+        self.module = program.module  # registers the parameters
+        self.program = program
 
     def forward(self, *args: torch.Tensor) -> Any:
-        out = self.module(*args)
-        return out[0] if len(out) == 1 else tuple(out)
+        if self.program.is_first:
+            out = self.program.run(args, ())
+        else:
+            out = self.program.run((), args, grad_leaves=torch.is_grad_enabled())
+        values = (out.model_output,) if self.program.is_last else out.sends
+        return values[0] if len(values) == 1 else tuple(values)
 
 
 def _latency(rank: int, message: torch.Tensor, rounds: int = 30) -> float:
@@ -155,7 +163,7 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
                 ex = StageExecutor(prog, comm, loss_fn=loss_fn, schedule=schedule,
                                    split=resolve_split(prog.input_names, m))
                 # torch.distributed.pipelining on the very same stage module
-                stage = PipelineStage(_TorchStage(prog.module), rank, world,
+                stage = PipelineStage(_TorchStage(prog), rank, world,
                                       torch.device("cpu"))
                 cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
                 sched = cls(stage, m, loss_fn=loss_fn)
