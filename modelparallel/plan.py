@@ -247,7 +247,8 @@ class StageEstimate:
         num_nodes: Nodes assigned (input-derived copies not counted).
         num_parameters: Trainable parameter elements held.
         memory: Peak memory breakdown for the whole step.
-        inflight_microbatches: Microbatches whose activations it holds at peak.
+        inflight_microbatches: Microbatches whose activations it holds at peak (Note [in-flight
+            microbatches] in ``modelparallel/schedule.py``).
         forward_time: Compute seconds of forward.
         backward_time: Compute seconds of backward.
         comm_in_bytes: Bytes received per microbatch (activations in, gradients back in).

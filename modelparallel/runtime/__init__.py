@@ -12,6 +12,7 @@ executor that trains one :class:`~modelparallel.codegen.StageProgram` on torch.d
   [setup agreement]);
 - :mod:`.executor`: :class:`StageExecutor`, one stage under a schedule (Note [boundary
   metadata]);
+- :mod:`.hooks`: the executor's per-action hook, :class:`StageEvent` (Note [action hook]);
 - :mod:`.local`: :class:`LocalPipeline`, every stage in one process.
 
 The plain PyTorch front end over all of it is :func:`modelparallel.api.pipeline`.
@@ -27,6 +28,7 @@ from modelparallel.runtime.comm import PendingRecv, StageComm
 from modelparallel.runtime.distributed import SetupRound, default_device, init_distributed
 from modelparallel.runtime.executor import StageExecutor, StepOutput, StepStats
 from modelparallel.runtime.failure import FailureBoard, FailureReport
+from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.local import LocalPipeline, action_order
 from modelparallel.runtime.microbatch import (
     SplitSpec,
@@ -50,6 +52,7 @@ from modelparallel.schedule import (
 
 __all__ = [
     "Action",
+    "ActionHook",
     "FailureBoard",
     "FailureReport",
     "LocalPipeline",
@@ -58,6 +61,7 @@ __all__ = [
     "SetupRound",
     "SplitSpec",
     "StageComm",
+    "StageEvent",
     "StageExecutor",
     "StepOutput",
     "StepStats",
