@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelparallel.partitioner import bounds
+from modelparallel.partitioner import _bound_model
 from modelparallel.partitioner._synthetic import (
     chain_graph,
     random_graph,
@@ -89,8 +89,8 @@ def _ilp_at_point(prob: Problem, stage: np.ndarray) -> float:
 
 
 def _bound_fixed(prob: Problem, stage: np.ndarray) -> float:
-    value, word, _, _ = bounds._solve_windowed(prob, stage.copy(), stage.copy(), 10.0,
-                                               integral=False)
+    value, word, _, _ = _bound_model._solve_windowed(prob, stage.copy(), stage.copy(), 10.0,
+                                                     integral=False)
     assert value is not None, word
     return value
 
@@ -98,7 +98,7 @@ def _bound_fixed(prob: Problem, stage: np.ndarray) -> float:
 def _without_sent(prob: Problem) -> Problem | None:
     """The problem without sender-held bytes, on which the bound model charges every term
     ``evaluate`` does (``None`` if it keeps too few workspaces for that; see the module doc)."""
-    if int((prob.workspace > 0).sum()) > bounds._WS_NODES:
+    if int((prob.workspace > 0).sum()) > _bound_model._WS_NODES:
         return None
     return dataclasses.replace(prob, sent=np.zeros_like(prob.sent))
 
