@@ -155,7 +155,7 @@ def _highs_callback(phase: str, progress: Callable[[ProgressEvent], None] | None
 
 class _Model:
     """Builds the PuLP model of Note [ILP formulation] for a set of items, one constraint family
-    per method (the same families as the bound model's builders in ``bounds.py``)."""
+    per method (the same families as the bound model's builders in ``_bound_model.py``)."""
 
     def __init__(self, prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray,
                  hi: np.ndarray) -> None:

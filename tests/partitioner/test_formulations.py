@@ -1,5 +1,5 @@
 """The three cost models of an assignment agree: the ILP (``partitioner/ilp.py``), the bound
-model (``partitioner/bounds.py``) and :func:`~modelparallel.partitioner.evaluate.evaluate`.
+model (``partitioner/_bound_model.py``) and :func:`~modelparallel.partitioner.evaluate.evaluate`.
 
 For a fixed valid assignment:
 
