@@ -159,7 +159,7 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
             for i, row in enumerate(rows):
                 per_rank = [g[i] for g in gathered]
                 step = max(r["ours_step"] for r in per_rank)
-                theirs = max(r["theirs_step"] for r in per_rank)
+                their_step = max(r["theirs_step"] for r in per_rank)
                 sim = simulate(make_schedule(row["schedule"], world, row["m"]),
                                [r["fwd"] for r in per_rank], [r["bwd"] for r in per_rank],
                                comm_time=latency)
@@ -168,8 +168,8 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
                     "bubble_measured": 1.0 - statistics.mean(r["busy"] for r in per_rank),
                     "bubble_theory": theoretical_bubble(world, row["m"]),
                     "bubble_simulated": sim.bubble_fraction,
-                    "ours_step_ms": 1e3 * step, "torch_step_ms": 1e3 * theirs,
-                    "ratio": step / theirs, "link_latency_ms": 1e3 * latency,
+                    "ours_step_ms": 1e3 * step, "torch_step_ms": 1e3 * their_step,
+                    "ratio": step / their_step, "link_latency_ms": 1e3 * latency,
                 })
             queue.put(out)
     finally:
