@@ -23,6 +23,14 @@ Note [reference model conventions]
 - Hugging Face models are built from ``transformers`` configs (no download), imported inside the
   factories; torchvision is not used.
 
+Modules, by family: :mod:`~modelparallel.models.case` (:class:`ModelCase`, losses, the
+factories' helpers), :mod:`~modelparallel.models.hf` (Hugging Face GPT-2, BERT, Llama, T5),
+:mod:`~modelparallel.models.cnn` (ResNet, U-Net, Inception), :mod:`~modelparallel.models.mlp`
+(``SkipMLP``), :mod:`~modelparallel.models.gpt` (the parameter-sized GPT decoder) and
+:mod:`~modelparallel.models.registry` (zero-argument factories, ``REGISTRY``, :func:`get`).
+Every public name is importable from ``modelparallel.models`` (the CLI's
+``modelparallel.models:gpt2_small`` form).
+
 Example:
     >>> case = get("skip_mlp", batch_size=4)
     >>> case.loss().item() > 0
