@@ -361,6 +361,8 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
 def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], config: Any,
                     err: Any) -> list[Any] | None:
     """Per-stage costs with measured node times (``--measured`` / ``--profile``), else None."""
+    if not (a.measured or a.profile):
+        return None
     from modelparallel.cost_model import CallOverhead, estimate_costs
     from modelparallel.cost_model.profile import (
         host_replay,
