@@ -47,6 +47,7 @@ from typing import Any
 
 import networkx as nx
 
+from modelparallel._jsonfile import check_envelope
 from modelparallel.errors import IRFormatError, ModelParallelError
 
 __all__ = [
@@ -489,17 +490,9 @@ class Graph:
             IRFormatError: on a wrong format name, an unsupported version, a missing or mistyped
                 field, or a structural error.
         """
-        if not isinstance(data, Mapping):
-            raise IRFormatError(f"IR JSON must be an object, got {type(data).__name__}")
-        fmt = data.get("format")
-        if fmt != FORMAT_NAME:
-            raise IRFormatError(
-                f"IR JSON has format {fmt!r}; expected {FORMAT_NAME!r} (see docs/ir-format.md)")
-        version = data.get("version")
-        if version != FORMAT_VERSION:
-            raise IRFormatError(
-                f"IR JSON has version {version!r}; this modelparallel reads version "
-                f"{FORMAT_VERSION}. Re-export the graph with a matching version.")
+        check_envelope(data, fmt=FORMAT_NAME, versions=(FORMAT_VERSION,), what="IR JSON",
+                       error=IRFormatError, hint="(see docs/ir-format.md)",
+                       version_hint="Re-export the graph with a matching version.")
         try:
             graph = cls(
                 name=str(data.get("name", "graph")),

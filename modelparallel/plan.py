@@ -43,6 +43,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from modelparallel._jsonfile import check_envelope
 from modelparallel.cost_model.device import DeviceSpec
 from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
 from modelparallel.ir import Graph
@@ -522,14 +523,9 @@ class Plan:
         Raises:
             PlanFormatError: on a wrong format, unsupported version, or missing/invalid fields.
         """
-        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise PlanFormatError(
-                f"not a modelparallel plan: format is {got!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanFormatError(
-                f"plan version {data.get('version')!r} is not supported; this modelparallel "
-                f"reads version {PLAN_VERSION}. Rebuild the plan with 'partition-plan build'.")
+        check_envelope(data, fmt=PLAN_FORMAT, versions=(PLAN_VERSION,), what="plan",
+                       error=PlanFormatError, hint="(not a modelparallel plan)",
+                       version_hint="Rebuild the plan with 'partition-plan build'.")
         try:
             stages = []
             for s in data["stages"]:

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 from modelparallel._jsonfile import read_json_file
 from modelparallel.errors import ConfigError
+from modelparallel.units import GIB as _GIB
+from modelparallel.units import parse_bytes
 
 __all__ = [
     "BUILTIN_DEVICES",
@@ -38,7 +39,7 @@ __all__ = [
     "parse_bytes",
 ]
 
-_GIB = 2**30
+
 
 
 @dataclass(frozen=True)
@@ -209,33 +210,3 @@ def load_device_spec(path: str | Path) -> DeviceSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"device spec {str(path)!r} must hold a JSON object")
     return DeviceSpec.from_dict(data)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """Parse a size such as ``"80GiB"``, ``"16 GB"``, ``"512MiB"`` or ``1024`` into bytes.
-
-    Raises:
-        ConfigError: if the text is not a size.
-
-    Example:
-        >>> parse_bytes("1.5GiB")
-        1610612736
-    """
-    if isinstance(text, int | float):
-        if text <= 0:
-            raise ConfigError(f"size {text} must be > 0")
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(
-            f"cannot read size {text!r}; write a number with an optional unit, e.g. '80GiB', "
-            "'16GB', '512MiB'")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ConfigError(f"size {text!r} must be > 0")
-    return value
