@@ -10,7 +10,7 @@ Commands:
 - ``calibrate -o spec.json``: measure this machine's device into a spec ``build --device`` reads;
   with ``--model MODEL --ops-out ops.json`` also the time of every node of that model on it.
 - ``build MODEL --measured ops.json`` (or ``--profile``): plan with measured node times instead of
-  the roofline (profiling mode; Note [profiling isolated nodes] in ``cost_model/profile.py``).
+  the roofline (profiling mode; Note [profiling isolated nodes] in ``cost_model/measure/isolated.py``).
 
 ``MODEL`` is ``pkg.module:factory``, ``path/to/file.py:factory``, or an IR JSON file. A factory
 returns an ``nn.Module`` (give ``--input-shape``/``--input``), a
@@ -364,23 +364,20 @@ def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], 
     if not (a.measured or a.profile):
         return None
     from modelparallel.cost_model import CallOverhead, estimate_costs
-    from modelparallel.cost_model.profile import (
-        host_replay,
-        load_call_overhead,
-        load_node_profiles,
-        load_node_times,
-    )
+    from modelparallel.cost_model.node_replay import host_replay
+    from modelparallel.cost_model.node_times import NodeTimesFile
 
     profiles: dict[str, Any] = {}
     call = CallOverhead()
     if a.measured:
-        times = load_node_times(a.measured, loaded.graph)
-        _check_measured_shapes(a.measured, loaded)
+        measured = NodeTimesFile.load(a.measured, loaded.graph)
+        times = dict(measured.times)
+        _check_measured_shapes(a.measured, measured.metadata.get("example_shapes"), loaded)
         source = a.measured
-        call = load_call_overhead(a.measured, loaded.graph)
-        try:
-            profiles = load_node_profiles(a.measured, loaded.graph)
-        except ConfigError:  # a version 1 file: per-node sums only
+        call = measured.call_overhead
+        if measured.profiles is not None:
+            profiles = dict(measured.profiles)
+        else:  # a version 1 file: per-node sums only
             err.print("[dim]the node-times file carries no node profiles: stage times are "
                       "the sums of node times, not replayed per stage[/dim]")
     elif a.profile:
@@ -403,12 +400,8 @@ def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], 
     return costs
 
 
-def _check_measured_shapes(path: str, loaded: _Loaded) -> None:
+def _check_measured_shapes(path: str, recorded: Any, loaded: _Loaded) -> None:
     """Refuse node times measured on microbatches of other shapes than this build's."""
-    try:
-        recorded = json.loads(Path(path).read_text()).get("metadata", {}).get("example_shapes")
-    except (OSError, ValueError, AttributeError):
-        return
     if recorded and loaded.example_shapes and recorded != loaded.example_shapes:
         raise ConfigError(
             f"node times {path!r} were measured on microbatches with example shapes "
@@ -425,7 +418,7 @@ def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
     import torch
     import torch.utils._pytree as pytree
 
-    from modelparallel.cost_model.profile import call_overhead, profile_node_times
+    from modelparallel.cost_model.measure import call_overhead, profile_node_times
 
     if loaded.traced is None:
         raise ConfigError("profiling needs the model itself, not an IR JSON file; give "
@@ -512,7 +505,7 @@ def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
 
 
 def _cmd_calibrate(a: argparse.Namespace, console: Any, err: Any) -> int:
-    from modelparallel.cost_model.calibrate import calibrate
+    from modelparallel.cost_model.measure import calibrate
 
     if bool(a.model) != bool(a.ops_out):
         raise ConfigError("--model and --ops-out go together: --model names what to profile, "
@@ -529,7 +522,7 @@ def _calibrate_ops(a: argparse.Namespace, spec: Any, err: Any) -> None:
     """Profile every node of ``--model`` on the calibrated device; write ``--ops-out``."""
     import torch
 
-    from modelparallel.cost_model.profile import save_node_times
+    from modelparallel.cost_model.node_times import save_node_times
 
     if a.microbatches < 1:
         raise ConfigError(f"--microbatches {a.microbatches} must be >= 1")
