@@ -57,6 +57,11 @@ __all__ = [
     "ModelInfo",
     "NodePlacement",
     "PipelineEstimate",
+    "GRANULARITIES",
+    "OPTIMIZE_CHOICES",
+    "SOLVERS",
+    "TIED_CHOICES",
+    "PartitionOptions",
     "Plan",
     "PlanConfig",
     "SolverReport",
@@ -92,14 +97,33 @@ def normalize_schedule(name: str) -> str:
             "(SMP 'interleaved')") from None
 
 
-@dataclass(frozen=True)
-class PlanConfig:
-    """The options a plan is made with.
+#: The values of the planning options that are a choice among names (Note [planning options]).
+OPTIMIZE_CHOICES = ("speed", "memory")
+GRANULARITIES = ("op", "module")
+TIED_CHOICES = ("replicate", "colocate")
+SOLVERS = ("highs", "cbc")
+#: The order of :class:`PlanConfig`'s fields in plan files (the pipeline's shape first).
+_CONFIG_ORDER = ("partitions", "microbatches", "schedule")
+
+
+# Note [planning options]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# The options a plan is made with are declared once, here: :class:`PartitionOptions` holds those
+# that do not depend on the pipeline's shape, :class:`PlanConfig` adds the shape (partitions,
+# microbatches, schedule). The Python front end's ``PlanningOptions`` (api.py) derives from
+# PartitionOptions and adds only what is not part of a plan (device specs, a memory override,
+# the method, measured node times); the CLI builds PlanConfig from its flags field by field and
+# takes its choices from the tuples above (tests/test_planning_options.py checks that every
+# field has a flag). The devices are resolved by one function for all three,
+# :func:`modelparallel.cost_model.device.stage_devices`.
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionOptions:
+    """The planning options that do not depend on the pipeline's shape (Note [planning
+    options]).
 
     Attributes:
-        partitions: Pipeline stages, one device each.
-        microbatches: Microbatches per step; the batch must divide by it.
-        schedule: ``"gpipe"`` or ``"1f1b"`` (SMP's ``"simple"`` / ``"interleaved"`` accepted).
         optimize: ``"speed"`` or ``"memory"``; sets the default ``memory_weight`` (0.2 / 0.8).
         memory_weight: Weight in [0, 1] of memory balance against compute balance in the
             objective; ``None`` takes the default of ``optimize``.
@@ -117,9 +141,6 @@ class PlanConfig:
         time_limit: Seconds the ILP solver may take in all.
     """
 
-    partitions: int
-    microbatches: int = 1
-    schedule: str = "1f1b"
     optimize: str = "speed"
     memory_weight: float | None = None
     optimizer: str | float = "adam"
@@ -131,11 +152,6 @@ class PlanConfig:
     time_limit: float = 10.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.partitions, int) or self.partitions < 1:
-            raise ConfigError(f"partitions = {self.partitions!r} must be an integer >= 1")
-        if not isinstance(self.microbatches, int) or self.microbatches < 1:
-            raise ConfigError(f"microbatches = {self.microbatches!r} must be an integer >= 1")
-        object.__setattr__(self, "schedule", normalize_schedule(self.schedule))
         if self.optimize not in _OPTIMIZE_DEFAULT_WEIGHT:
             raise ConfigError(f"optimize = {self.optimize!r}; use 'speed' or 'memory'")
         if self.memory_weight is None:
@@ -143,27 +159,67 @@ class PlanConfig:
         elif not 0.0 <= float(self.memory_weight) <= 1.0:
             raise ConfigError(f"memory_weight = {self.memory_weight} must be in [0, 1]")
         object.__setattr__(self, "memory_weight", float(self.memory_weight))  # type: ignore[arg-type]
-        if self.granularity not in ("op", "module"):
+        if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity = {self.granularity!r}; use 'op' or 'module'")
         if self.module_depth is not None and self.module_depth < 1:
             raise ConfigError(f"module_depth = {self.module_depth} must be >= 1")
-        if self.tied not in ("replicate", "colocate"):
+        if self.tied not in TIED_CHOICES:
             raise ConfigError(f"tied = {self.tied!r}; use 'replicate' or 'colocate'")
-        if self.solver not in ("highs", "cbc"):
+        if self.solver not in SOLVERS:
             raise ConfigError(f"solver = {self.solver!r}; use 'highs' or 'cbc'")
         if self.time_limit <= 0:
             raise ConfigError(f"time_limit = {self.time_limit} must be > 0 seconds")
-        pins = dict(self.pins)
-        for key, stage in pins.items():
+        object.__setattr__(self, "pins", dict(self.pins))
+
+    def partition_options(self) -> dict[str, Any]:
+        """This value's :class:`PartitionOptions` fields, by name (for :meth:`PlanConfig.of`)."""
+        return {f.name: getattr(self, f.name) for f in fields(PartitionOptions)}
+
+
+@dataclass(frozen=True)
+class PlanConfig(PartitionOptions):
+    """The options a plan is made with: the pipeline's shape and the :class:`PartitionOptions`
+    (given by keyword).
+
+    Attributes:
+        partitions: Pipeline stages, one device each.
+        microbatches: Microbatches per step; the batch must divide by it.
+        schedule: ``"gpipe"`` or ``"1f1b"`` (SMP's ``"simple"`` / ``"interleaved"`` accepted).
+
+    Example:
+        >>> PlanConfig(2, optimize="memory").memory_weight
+        0.8
+    """
+
+    partitions: int
+    microbatches: int = 1
+    schedule: str = "1f1b"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ConfigError(f"partitions = {self.partitions!r} must be an integer >= 1")
+        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise ConfigError(f"microbatches = {self.microbatches!r} must be an integer >= 1")
+        object.__setattr__(self, "schedule", normalize_schedule(self.schedule))
+        super().__post_init__()
+        for key, stage in self.pins.items():
             if not isinstance(stage, int) or not 0 <= stage < self.partitions:
                 raise ConfigError(
                     f"pin {key!r} -> {stage!r}: the stage must be an integer in "
                     f"0..{self.partitions - 1}")
-        object.__setattr__(self, "pins", pins)
+
+    @classmethod
+    def of(cls, options: PartitionOptions, *, partitions: int, microbatches: int = 1,
+           schedule: str = "1f1b") -> PlanConfig:
+        """The config of a pipeline's shape with ``options``' partition options."""
+        return cls(partitions=partitions, microbatches=microbatches, schedule=schedule,
+                   **options.partition_options())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data."""
-        return asdict(self)
+        """JSON-ready data (the pipeline's shape first)."""
+        data = asdict(self)
+        return {k: data[k] for k in (*_CONFIG_ORDER, *(k for k in data
+                                                      if k not in _CONFIG_ORDER))}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:

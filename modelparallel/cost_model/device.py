@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,12 @@ from modelparallel.units import parse_bytes
 __all__ = [
     "BUILTIN_DEVICES",
     "DeviceSpec",
+    "DeviceArg",
+    "DevicesArg",
     "get_device_spec",
     "load_device_spec",
     "parse_bytes",
+    "stage_devices",
 ]
 
 
@@ -196,6 +199,48 @@ def get_device_spec(name_or_path: str | Path | DeviceSpec) -> DeviceSpec:
     raise ConfigError(
         f"unknown device {key!r}; use one of {sorted(BUILTIN_DEVICES)} or a spec JSON file "
         "(write one with 'partition-plan calibrate')")
+
+
+#: One device for every stage, or one per stage: a built-in name, a spec file or a spec.
+DeviceArg = DeviceSpec | str | Path
+DevicesArg = DeviceArg | Sequence[DeviceArg]
+
+
+def stage_devices(devices: DevicesArg, partitions: int, *, memory: int | str | None = None,
+                  what: str = "devices") -> tuple[DeviceSpec, ...]:
+    """One :class:`DeviceSpec` per stage: one device for every stage or one per stage, with
+    each device's memory replaced by ``memory`` when given (Note [planning options] in
+    ``modelparallel/plan.py``: the CLI, the Python front end and the partitioner all use this).
+
+    Args:
+        devices: A device (name, spec file, spec) or a sequence of one or ``partitions`` of
+            them.
+        partitions: Pipeline stages.
+        memory: Memory per device in bytes or as a size (``"80GiB"``), overriding the specs'.
+        what: Names the option in errors (``"--device"``, ``"device_spec"``).
+
+    Raises:
+        ConfigError: if a sequence has neither one nor ``partitions`` devices, a name is
+            unknown, or ``memory`` is not a size.
+
+    Example:
+        >>> [d.name for d in stage_devices("a100", 2)]
+        ['a100', 'a100']
+        >>> stage_devices(["cpu", "h100"], 2, memory="1GiB")[1].memory_bytes
+        1073741824
+    """
+    if isinstance(devices, DeviceSpec | str | Path):
+        specs: tuple[DeviceSpec, ...] = (get_device_spec(devices),)
+    else:
+        specs = tuple(get_device_spec(d) for d in devices)
+    if len(specs) not in (1, partitions):
+        raise ConfigError(
+            f"{what}: got {len(specs)} devices for {partitions} stages; give one device for "
+            f"every stage or exactly one per stage ({partitions})")
+    if memory is not None:
+        size = parse_bytes(memory)
+        specs = tuple(s.with_memory(size) for s in specs)
+    return specs * partitions if len(specs) == 1 else specs
 
 
 def load_device_spec(path: str | Path) -> DeviceSpec:

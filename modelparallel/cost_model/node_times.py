@@ -17,13 +17,15 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modelparallel._jsonfile import check_envelope, read_json_file
-from modelparallel.cost_model.node_replay import NodeProfile
+from modelparallel.cost_model.costs import GraphCosts, estimate_costs
+from modelparallel.cost_model.device import DeviceSpec
+from modelparallel.cost_model.node_replay import NodeProfile, host_replay
 from modelparallel.cost_model.replay import CallOverhead
 from modelparallel.errors import ConfigError
 from modelparallel.ir import Graph
@@ -34,6 +36,7 @@ __all__ = [
     "load_call_overhead",
     "load_node_profiles",
     "load_node_times",
+    "measured_costs",
     "save_node_times",
 ]
 
@@ -268,3 +271,27 @@ def load_call_overhead(path: str | Path, graph: Graph | None = None) -> CallOver
         CallOverhead(forward=5e-05, backward=0.0004)
     """
     return NodeTimesFile.load(path, graph).call_overhead
+
+
+def measured_costs(graph: Graph, devices: Sequence[DeviceSpec], measured: NodeTimesFile, *,
+                   optimizer: str | float = "adam") -> list[GraphCosts]:
+    """Per-stage costs of ``graph`` with ``measured``'s node times in place of the roofline, and
+    each stage replayed alone where the file carries node profiles (Notes [stage replay] and
+    [call overhead] in ``modelparallel/cost_model/replay.py``); the roofline keeps the nodes the
+    file has no time for. Used by ``partition-plan build --measured/--profile`` and by
+    ``PlanningOptions(node_times=...)``.
+
+    Example:
+        >>> from modelparallel.cost_model import get_device_spec
+        >>> from modelparallel.partitioner._synthetic import chain_graph
+        >>> g = chain_graph(3)
+        >>> f = NodeTimesFile(times={g.nodes[1].name: (1.0, 2.0)})
+        >>> c = measured_costs(g, [get_device_spec("cpu")], f)[0].nodes[g.nodes[1].name]
+        >>> (c.forward_time, c.backward_time)
+        (1.0, 2.0)
+    """
+    profiles = measured.profiles
+    replay = (host_replay([n.name for n in graph.nodes], profiles, call=measured.call_overhead)
+              if profiles else None)
+    return [estimate_costs(graph, d, optimizer=optimizer, measured=dict(measured.times),
+                           replay=replay) for d in devices]
