@@ -65,6 +65,10 @@ def test_core_plans_and_reports_an_ir_file_without_torch(tmp_path: Path) -> None
         assert main(["build", {str(ir)!r}, "-p", "2", "-m", "2", "--time-limit", "5",
                      "-o", "cli.plan.json"]) == 0
         assert main(["inspect", "cli.plan.json", "--stage", "1"]) == 0
+        from modelparallel.cost_model.node_times import save_node_times
+        save_node_times("ops.json", {{g.nodes[2].name: (1e-3, 2e-3)}}, graph=g)
+        assert main(["build", {str(ir)!r}, "-p", "2", "--measured", "ops.json",
+                     "--time-limit", "5", "-o", "measured.plan.json"]) == 0
         assert main(["compare", {str(ir)!r}, "-p", "2", "--time-limit", "5"]) == 0
         assert "pipeline" in dir(modelparallel)
         bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow")]

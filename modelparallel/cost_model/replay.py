@@ -1,7 +1,8 @@
 """Host and device timelines: a stage's time when the host queues ops slower than they run.
 
 Pure Python (no torch): the partitioner replays stages with it, and
-:mod:`modelparallel.cost_model.profile` builds a :class:`HostReplay` from measured node profiles.
+:func:`modelparallel.cost_model.node_replay.host_replay` builds a :class:`HostReplay` from
+measured node profiles.
 
 Note [stage replay]
 ~~~~~~~~~~~~~~~~~~~
