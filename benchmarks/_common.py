@@ -10,42 +10,14 @@ import argparse
 import datetime
 import os
 import platform
-import time
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from _timing import step_times  # re-exported: it lived here before _timing.py
 
 __all__ = ["model_benchmark_parser", "step_times", "to_device", "versions"]
-
-
-def step_times(step: Callable[[], Any], device: torch.device, warmup: int,
-               repeat: int) -> list[float]:
-    """Seconds of each of ``repeat`` calls of ``step`` after ``warmup`` untimed ones.
-
-    On CUDA, every call is bracketed by CUDA events queued back to back and read after one
-    synchronisation (so the host never waits between calls); elsewhere, the wall clock.
-    """
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeat)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) / 1e3 for s, e in events]
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def versions(*packages: str) -> dict[str, Any]:

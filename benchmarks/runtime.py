@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import versions
+from _timing import link_latency
+from _torch_pp import TorchStage, schedule_step
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime.json"
@@ -83,44 +85,6 @@ def _batch(m: int, mb: int, width: int = 256, seed: int = 0) -> tuple[torch.Tens
 # -- (a) and (b): one job per pipeline size --------------------------------------------------------
 
 
-class _TorchStage(nn.Module):
-    """Our stage module in the calling convention of torch.distributed.pipelining."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        out = self.module(*args)
-        return out[0] if len(out) == 1 else tuple(out)
-
-
-def _latency(rank: int, message: torch.Tensor, rounds: int = 30) -> float:
-    """One-way seconds of a boundary-sized message between ranks 0 and 1 (median ping-pong)."""
-    times = []
-    for _ in range(rounds):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if rank == 0:
-            dist.send(message, 1)
-            dist.recv(message, 1)
-        elif rank == 1:
-            dist.recv(message, 0)
-            dist.send(message, 0)
-        times.append((time.perf_counter() - t0) / 2)
-    box: list[Any] = [statistics.median(times)]
-    dist.broadcast_object_list(box, 0)
-    return float(box[0])
-
-
-def _torch_step(sched: Any, rank: int, world: int, x: torch.Tensor, y: torch.Tensor) -> None:
-    if rank == 0:
-        sched.step(x, return_outputs=False)
-    elif rank == world - 1:
-        sched.step(target=y, losses=[], return_outputs=False)
-    else:
-        sched.step(return_outputs=False)
-
 
 def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], queue: Any) -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -144,7 +108,7 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
         traced = trace(model, (x0,))
         plan = partition(traced.graph, PlanConfig(partitions=world), "cpu", method="uniform")
         loss_fn = nn.functional.mse_loss
-        latency = _latency(rank, torch.zeros(mb, 256))
+        latency = link_latency(rank, torch.zeros(mb, 256))
         rows = []
         for m in cfg["microbatches"]:
             for schedule in ("gpipe", "1f1b"):
@@ -155,13 +119,13 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
                 ex = StageExecutor(prog, comm, loss_fn=loss_fn, schedule=schedule,
                                    split=resolve_split(prog.input_names, m))
                 # torch.distributed.pipelining on the very same stage module
-                stage = PipelineStage(_TorchStage(prog.module), rank, world,
+                stage = PipelineStage(TorchStage(prog.module), rank, world,
                                       torch.device("cpu"))
                 cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
                 sched = cls(stage, m, loss_fn=loss_fn)
 
                 ours_step = functools.partial(ex.train_step, [x], y, return_outputs=False)
-                torch_step = functools.partial(_torch_step, sched, rank, world, x, y)
+                torch_step = functools.partial(schedule_step, sched, rank, world, x, y)
                 ours, theirs, compute, fwd, bwd = [], [], [], [], []
                 for i in range(cfg["warmup"] + cfg["steps"]):
                     for which, fn in (("ours", ours_step), ("torch", torch_step)):
@@ -195,7 +159,7 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
             for i, row in enumerate(rows):
                 per_rank = [g[i] for g in gathered]
                 step = max(r["ours_step"] for r in per_rank)
-                theirs = max(r["theirs_step"] for r in per_rank)
+                their_step = max(r["theirs_step"] for r in per_rank)
                 sim = simulate(make_schedule(row["schedule"], world, row["m"]),
                                [r["fwd"] for r in per_rank], [r["bwd"] for r in per_rank],
                                comm_time=latency)
@@ -204,8 +168,8 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
                     "bubble_measured": 1.0 - statistics.mean(r["busy"] for r in per_rank),
                     "bubble_theory": theoretical_bubble(world, row["m"]),
                     "bubble_simulated": sim.bubble_fraction,
-                    "ours_step_ms": 1e3 * step, "torch_step_ms": 1e3 * theirs,
-                    "ratio": step / theirs, "link_latency_ms": 1e3 * latency,
+                    "ours_step_ms": 1e3 * step, "torch_step_ms": 1e3 * their_step,
+                    "ratio": step / their_step, "link_latency_ms": 1e3 * latency,
                 })
             queue.put(out)
     finally:

@@ -49,12 +49,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import sys
 import time as _time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +59,7 @@ import numpy as np
 import pulp
 
 from modelparallel.errors import SolverError
+from modelparallel.partitioner._highs import THREADS, highs_options, silence_banner
 from modelparallel.partitioner.problem import Problem
 from modelparallel.partitioner.progress import ProgressEvent
 
@@ -97,51 +95,6 @@ class IlpResult:
 
 
 # -- HiGHS through PuLP, quietly, with a warm start and progress callbacks -------------------------
-
-_BANNER_SHOWN = False
-
-#: HiGHS options for our models: we always pass a good incumbent (the DP's split), so little
-#: effort on primal heuristics and no root restarts; the time goes to the dual bound, which is
-#: what proves plans optimal (measured on the reference models at p = 8).
-_HIGHS_OPTIONS: dict[str, Any] = {"mip_allow_restart": False, "mip_heuristic_effort": 0.01}
-
-#: With a cutoff the solve is a proof (nothing better than the cutoff exists): no primal
-#: heuristics at all. Branch and bound still finds better assignments where they exist. It cut
-#: the time to a proof by 30% (Llama at p = 8: 15.8 s to 11.2 s, before Note [exact reduction]).
-_HIGHS_PROOF_OPTIONS: dict[str, Any] = {
-    "mip_allow_restart": False, "mip_heuristic_effort": 0.0,
-    "mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
-    "mip_heuristic_run_root_reduced_cost": False, "mip_heuristic_run_feasibility_jump": False}
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """Silence file descriptor 1 (HiGHS prints its banner from C++ on first use)."""
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _silence_banner() -> None:
-    global _BANNER_SHOWN
-    if not _BANNER_SHOWN:
-        import highspy
-
-        with _quiet_stdout():
-            h = highspy.Highs()
-            h.setOptionValue("output_flag", False)
-        _BANNER_SHOWN = True
-
 
 class _HiGHS(pulp.HiGHS):  # type: ignore[misc,name-defined]
     """``pulp.HiGHS`` that passes a warm start with ``Highs.setSolution`` before solving."""
@@ -201,13 +154,14 @@ def _highs_callback(phase: str, progress: Callable[[ProgressEvent], None] | None
 
 
 class _Model:
-    """Builds the PuLP model of Note [ILP formulation] for a set of items."""
+    """Builds the PuLP model of Note [ILP formulation] for a set of items, one constraint family
+    per method (the same families as the bound model's builders in ``_bound_model.py``)."""
 
     def __init__(self, prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray,
                  hi: np.ndarray) -> None:
         self.prob = prob
         p = prob.p
-        self.k = k = len(items)
+        self.k = len(items)
         self.items = items
         item_of = np.empty(prob.n, dtype=np.int64)
         for a, m in enumerate(items):
@@ -215,28 +169,44 @@ class _Model:
         self.item_of = item_of
         self.lo, self.hi = self._propagate(lo.copy(), hi.copy())
         self.lp = pulp.LpProblem("partition", pulp.LpMinimize)
-        self.y: dict[tuple[int, int], pulp.LpVariable] = {}
-        for a in range(k):
-            for s in range(int(self.lo[a]), int(self.hi[a])):
-                self.y[a, s] = pulp.LpVariable(f"y_{a}_{s}", cat=pulp.LpBinary)
-        inv_t = 1.0 / prob.t_ref
-        inv_m = 1.0 / (prob.caps * prob.u_ref)
-        self.t = pulp.LpVariable("t", lowBound=0)
-        self.u = pulp.LpVariable("u", lowBound=0, upBound=1.0 / prob.u_ref)
-        work = np.stack([prob.time[m].sum(axis=0) for m in items]) * inv_t  # (k, p)
-        saved = np.array([prob.saved[m].sum() for m in items])
-        ws = np.array([prob.workspace[m].max(initial=0.0) for m in items])
-        pmem = np.stack([prob.single_param_state[m].sum(axis=0) for m in items]) \
-            if k else np.zeros((0, p))
+        self.inv_t = 1.0 / prob.t_ref
+        self.inv_m = 1.0 / (prob.caps * prob.u_ref)
+        self.time_terms: list[list[tuple[Any, float]]] = [[] for _ in range(p)]
+        self.mem_terms: list[list[tuple[Any, float]]] = [[] for _ in range(p)]
+        self.const_t = np.zeros(p)
+        self.const_m = np.zeros(p)
+        self.rows: list[pulp.LpConstraint] = []
+        self.z: dict[tuple[int, int], pulp.LpVariable | float] = {}
+        self.w: dict[tuple[int, int], pulp.LpVariable] = {}
+        self.h: dict[tuple[int, int], pulp.LpVariable] = {}
+        self.ws: dict[int, pulp.LpVariable] = {}
+        self._item_costs()
+        self._assignment()
+        self._order()
+        self._boundaries()
+        self._shared_parameters()
+        self._workspace()
+        self._bottleneck()
+
+    # -- constraint families --------------------------------------------------------------------
+
+    def _item_costs(self) -> None:
+        """Per-item constants: compute time, saved bytes, workspace, parameter state (a parameter
+        read within one item only is the item's own); the item edges and value groups."""
+        prob, items, item_of, p = self.prob, self.items, self.item_of, self.prob.p
+        self.work = np.stack([prob.time[m].sum(axis=0) for m in items]) * self.inv_t  # (k, p)
+        self.saved = np.array([prob.saved[m].sum() for m in items])
+        self.wsz = np.array([prob.workspace[m].max(initial=0.0) for m in items])
+        self.pmem = np.stack([prob.single_param_state[m].sum(axis=0) for m in items]) \
+            if self.k else np.zeros((0, p))
         # Parameters shared by several nodes: within one item they are constants of the item.
-        shared: list[tuple[np.ndarray, list[int]]] = []
+        self.shared: list[tuple[np.ndarray, list[int]]] = []
         for q in prob.shared:
             its = sorted({int(item_of[r]) for r in q.readers})
             if len(its) == 1:
-                pmem[its[0]] += np.asarray(q.state, dtype=float)
+                self.pmem[its[0]] += np.asarray(q.state, dtype=float)
             else:
-                shared.append((np.asarray(q.state, dtype=float), its))
-        # Item edges and value groups.
+                self.shared.append((np.asarray(q.state, dtype=float), its))
         src_i, dst_i = item_of[prob.edge_src], item_of[prob.edge_dst]
         cross = src_i != dst_i
         self.edges = sorted(set(zip(src_i[cross].tolist(), dst_i[cross].tolist())))
@@ -247,45 +217,43 @@ class _Model:
         for u_, consumer_items in cons.items():
             groups.setdefault((int(item_of[u_]), tuple(sorted(consumer_items))), []).append(u_)
         self.groups = [(a, cs, np.array(vs)) for (a, cs), vs in groups.items()]
-        nb = max(p - 1, 1)
-        self.z: dict[tuple[int, int], pulp.LpVariable | float] = {}
-        self.w: dict[tuple[int, int], pulp.LpVariable] = {}
-        time_terms: list[list[tuple[Any, float]]] = [[] for _ in range(p)]
-        mem_terms: list[list[tuple[Any, float]]] = [[] for _ in range(p)]
-        const_t = np.zeros(p)
-        const_m = np.zeros(p)
-        cons_rows: list[pulp.LpConstraint] = []
 
-        def add_x(a: int, s: int, coef: float, terms: list[tuple[Any, float]],
-                  const: np.ndarray) -> None:
-            """Add ``coef * x[a, s]`` (x = Y(a,s) - Y(a,s-1))."""
-            for ss, sign in ((s, 1.0), (s - 1, -1.0)):
-                y = self.Y(a, ss)
-                if isinstance(y, float):
-                    const[s] += sign * coef * y
-                else:
-                    terms.append((y, sign * coef))
-
+    def _assignment(self) -> None:
+        """Assignment: the cumulative binaries ``y`` (pins and order are in the item ranges,
+        :meth:`_propagate`), monotone in ``s``; each item's time and memory on its stage."""
+        prob, k = self.prob, self.k
+        self.y: dict[tuple[int, int], pulp.LpVariable] = {}
+        for a in range(k):
+            for s in range(int(self.lo[a]), int(self.hi[a])):
+                self.y[a, s] = pulp.LpVariable(f"y_{a}_{s}", cat=pulp.LpBinary)
         for a in range(k):
             for s in range(int(self.lo[a]), int(self.hi[a]) + 1):
-                add_x(a, s, float(work[a, s]), time_terms[s], const_t)
-                mcoef = (float(pmem[a, s]) + float(prob.inflight[s]) * saved[a]) * inv_m[s]
-                add_x(a, s, mcoef, mem_terms[s], const_m)
-        # Monotone cumulative variables.
+                self._add_x(a, s, float(self.work[a, s]), self.time_terms[s], self.const_t)
+                mcoef = (float(self.pmem[a, s]) + float(prob.inflight[s]) * self.saved[a]) \
+                    * self.inv_m[s]
+                self._add_x(a, s, mcoef, self.mem_terms[s], self.const_m)
         for a in range(k):
             for s in range(int(self.lo[a]), int(self.hi[a]) - 1):
-                cons_rows.append(_affine([(self.y[a, s + 1], 1.0), (self.y[a, s], -1.0)]) >= 0)
-        # Order.
+                self.rows.append(_affine([(self.y[a, s + 1], 1.0), (self.y[a, s], -1.0)]) >= 0)
+
+    def _order(self) -> None:
+        """Pipeline order: ``y[a, s] >= y[c, s]`` for every item edge ``a -> c``."""
         for a, c in self.edges:
-            for s in range(p - 1):
+            for s in range(self.prob.p - 1):
                 ya, yc = self.Y(a, s), self.Y(c, s)
                 if (isinstance(yc, float) and yc == 0.0) or (isinstance(ya, float) and ya == 1.0):
                     continue
-                cons_rows.append(_affine([(ya, 1.0), (yc, -1.0)]) >= 0)
-        # Crossing groups.
-        comm = prob.comm[:, :nb]
+                self.rows.append(_affine([(ya, 1.0), (yc, -1.0)]) >= 0)
+
+    def _boundaries(self) -> None:
+        """Communication: ``z[g, s] >= y[a, s] - y[c, s]`` per value group crossing boundary
+        ``s``, its time on both stages, its bytes received on ``s + 1`` and held by the sender
+        (:meth:`_add_sent`)."""
+        prob, p = self.prob, self.prob.p
+        comm = prob.comm[:, :max(p - 1, 1)]
+        inv_m = self.inv_m
         for gi, (a, cs, vals) in enumerate(self.groups):
-            ccomm = comm[vals].sum(axis=0) * inv_t
+            ccomm = comm[vals].sum(axis=0) * self.inv_t
             cbytes = float(prob.out_bytes[vals].sum())
             sbytes = float(prob.sent[vals].sum())
             for s in range(int(self.lo[a]), min(p - 1, max(int(self.hi[c]) for c in cs))):
@@ -303,82 +271,105 @@ class _Model:
                         continue
                     zval = pulp.LpVariable(f"z_{gi}_{s}", lowBound=0, upBound=1)
                     for d0, d1 in live:
-                        cons_rows.append(_affine([(zval, 1.0), (d0, -1.0), (d1, 1.0)]) >= 0)
+                        self.rows.append(_affine([(zval, 1.0), (d0, -1.0), (d1, 1.0)]) >= 0)
                 self.z[gi, s] = zval
                 for st, coef_t in ((s, ccomm[s]), (s + 1, ccomm[s])):
                     if isinstance(zval, float):
-                        const_t[st] += coef_t
+                        self.const_t[st] += coef_t
                     else:
-                        time_terms[st].append((zval, coef_t))
+                        self.time_terms[st].append((zval, coef_t))
                 coef_m = float(prob.inflight[s + 1]) * cbytes * inv_m[s + 1]
                 if isinstance(zval, float):
-                    const_m[s + 1] += coef_m
+                    self.const_m[s + 1] += coef_m
                 else:
-                    mem_terms[s + 1].append((zval, coef_m))
+                    self.mem_terms[s + 1].append((zval, coef_m))
                 if sbytes > 0:
                     self._add_sent(gi, a, s, zval, float(prob.inflight[s]) * sbytes * inv_m[s],
-                                   mem_terms[s], const_m, cons_rows)
-        # Shared parameters.
-        self.h: dict[tuple[int, int], pulp.LpVariable] = {}
-        for qi, (state, its) in enumerate(shared):
-            if prob.config.tied == "colocate":
+                                   self.mem_terms[s], self.const_m, self.rows)
+
+    def _shared_parameters(self) -> None:
+        """Parameters read by several items: colocation (``tied="colocate"``: equal ``y``, the
+        state charged once) or ``h[q, s] >= x[a, s]`` for every reader (Note [tied
+        parameters])."""
+        prob, p = self.prob, self.prob.p
+        colocate = prob.config.tied == "colocate"
+        for qi, (state, its) in enumerate(self.shared):
+            if colocate:
                 for a, b in itertools.pairwise(its):
                     for s in range(p - 1):
                         ya, yb = self.Y(a, s), self.Y(b, s)
                         if isinstance(ya, float) and isinstance(yb, float):
                             continue
-                        cons_rows.append(_affine([(ya, 1.0), (yb, -1.0)]) == 0)
+                        self.rows.append(_affine([(ya, 1.0), (yb, -1.0)]) == 0)
             for s in range(p):
                 readers = [a for a in its if self.lo[a] <= s <= self.hi[a]]
                 if not readers:
                     continue
-                coef = float(state[s]) * inv_m[s]
-                if prob.config.tied == "colocate":
-                    add_x(readers[0], s, coef, mem_terms[s], const_m)
+                coef = float(state[s]) * self.inv_m[s]
+                if colocate:
+                    self._add_x(readers[0], s, coef, self.mem_terms[s], self.const_m)
                     continue
                 if any(self.lo[a] == self.hi[a] == s for a in readers):
-                    const_m[s] += coef
+                    self.const_m[s] += coef
                     continue
                 hv = pulp.LpVariable(f"h_{qi}_{s}", lowBound=0, upBound=1)
                 self.h[qi, s] = hv
-                mem_terms[s].append((hv, coef))
+                self.mem_terms[s].append((hv, coef))
                 for a in readers:
-                    xs: list[tuple[Any, float]] = []
-                    cst = np.zeros(p)
-                    add_x(a, s, 1.0, xs, cst)
-                    cons_rows.append(_affine([(hv, 1.0)] + [(v, -c) for v, c in xs]) >= cst[s])
-        self.shared = shared
-        # Workspace.
-        self.ws: dict[int, pulp.LpVariable] = {}
-        for s in range(p):
+                    self._at_least(hv, a, s, 1.0)
+
+    def _workspace(self) -> None:
+        """Workspace: ``ws_s >= workspace[a] x[a, s]`` (the largest on the stage)."""
+        k, ws, inv_m = self.k, self.wsz, self.inv_m
+        for s in range(self.prob.p):
             fixed = [ws[a] for a in range(k) if self.lo[a] == self.hi[a] == s]
             base = max(fixed, default=0.0)
             free = [a for a in range(k) if self.lo[a] <= s <= self.hi[a]
                     and self.lo[a] != self.hi[a] and ws[a] > base]
             if not free:
-                const_m[s] += base * inv_m[s]
+                self.const_m[s] += base * inv_m[s]
                 continue
             wv = pulp.LpVariable(f"ws_{s}", lowBound=base * inv_m[s])
             self.ws[s] = wv
-            mem_terms[s].append((wv, 1.0))
+            self.mem_terms[s].append((wv, 1.0))
             for a in free:
-                xs = []
-                cst = np.zeros(p)
-                add_x(a, s, float(ws[a]) * inv_m[s], xs, cst)
-                cons_rows.append(_affine([(wv, 1.0)] + [(v, -c) for v, c in xs]) >= cst[s])
-        # Epigraphs.
-        for s in range(p):
-            cons_rows.append(_affine([(self.t, 1.0)] + [(v, -c) for v, c in time_terms[s]])
-                             >= const_t[s])
-            cons_rows.append(_affine([(self.u, 1.0)] + [(v, -c) for v, c in mem_terms[s]])
-                             >= const_m[s])
+                self._at_least(wv, a, s, float(ws[a]) * inv_m[s])
+
+    def _bottleneck(self) -> None:
+        """Time and memory epigraphs ``t >= T_s``, ``u >= M_s`` (``u <= 1 / U_ref``: memory
+        caps), the objective ``(1 - w) t + w u`` (memory balance) and every row into the LP."""
+        prob = self.prob
+        self.t = pulp.LpVariable("t", lowBound=0)
+        self.u = pulp.LpVariable("u", lowBound=0, upBound=1.0 / prob.u_ref)
+        rows = self.rows
+        for s in range(prob.p):
+            rows.append(_affine([(self.t, 1.0)] + [(v, -c) for v, c in self.time_terms[s]])
+                        >= self.const_t[s])
+            rows.append(_affine([(self.u, 1.0)] + [(v, -c) for v, c in self.mem_terms[s]])
+                        >= self.const_m[s])
         w = prob.w
         self.lp += _affine([(self.t, 1.0 - w), (self.u, w)])
-        for i, c in enumerate(cons_rows):
+        for i, c in enumerate(rows):
             self.lp.addConstraint(c, f"c{i}")
-        self.work, self.saved, self.wsz, self.pmem = work, saved, ws, pmem
-        self.time_terms, self.mem_terms = time_terms, mem_terms
-        self.const_t, self.const_m = const_t, const_m
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _add_x(self, a: int, s: int, coef: float, terms: list[tuple[Any, float]],
+               const: np.ndarray) -> None:
+        """Add ``coef * x[a, s]`` (x = Y(a,s) - Y(a,s-1))."""
+        for ss, sign in ((s, 1.0), (s - 1, -1.0)):
+            y = self.Y(a, ss)
+            if isinstance(y, float):
+                const[s] += sign * coef * y
+            else:
+                terms.append((y, sign * coef))
+
+    def _at_least(self, var: pulp.LpVariable, a: int, s: int, coef: float) -> None:
+        """The row ``var >= coef * x[a, s]``."""
+        xs: list[tuple[Any, float]] = []
+        cst = np.zeros(self.prob.p)
+        self._add_x(a, s, coef, xs, cst)
+        self.rows.append(_affine([(var, 1.0)] + [(v, -c) for v, c in xs]) >= cst[s])
 
     def _add_sent(self, gi: int, a: int, s: int, zval: pulp.LpVariable | float, coef: float,
                   terms: list[tuple[Any, float]], const: np.ndarray,
@@ -557,12 +548,10 @@ def _solve_highs(model: _Model, warm: dict[str, float] | None, limit: float,
                  ) -> tuple[np.ndarray | None, str, float | None, float | None]:
     import highspy
 
-    _silence_banner()
+    silence_banner()
     cb = highspy.cb.HighsCallbackType
-    options = _HIGHS_OPTIONS if cutoff is None else dict(_HIGHS_PROOF_OPTIONS,
-                                                         objective_bound=float(cutoff))
-    kwargs: dict[str, Any] = dict(msg=False, timeLimit=limit, gapRel=gap_rel, threads=1,
-                                  **options)
+    kwargs: dict[str, Any] = dict(msg=False, **highs_options(time_limit=limit, gap_rel=gap_rel,
+                                                             cutoff=cutoff))
     deadline = _time.perf_counter() + limit
     kwargs["callbackTuple"] = (_highs_callback(phase, progress, t0, deadline, cutoff=cutoff),
                                None)
@@ -607,7 +596,7 @@ def _solve_cbc(model: _Model, warm: dict[str, float] | None, limit: float,
             if var.name in warm:
                 var.setInitialValue(warm[var.name])
     solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(np.ceil(limit))),
-                               gapRel=gap_rel, warmStart=bool(warm), threads=1)
+                               gapRel=gap_rel, warmStart=bool(warm), threads=THREADS)
     code = model.lp.solve(solver)
     stage = _extract(model) if code == pulp.LpStatusOptimal else None
     optimal = code == pulp.LpStatusOptimal and model.lp.sol_status == pulp.LpSolutionOptimal

@@ -1,0 +1,123 @@
+"""Timing helpers of the benchmarks: spans of pipeline actions (:class:`Busy`, our executor
+bracketed by them), timed repeated calls (:func:`step_times`) and the one-way latency of a
+message (:func:`link_latency`).
+
+``benchmarks/`` is not a package: import it as ``from _timing import ...``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from modelparallel.runtime.executor import StageExecutor
+
+__all__ = ["Busy", "TimedExecutor", "link_latency", "step_times"]
+
+
+def step_times(step: Callable[[], Any], device: torch.device, warmup: int,
+               repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``step`` after ``warmup`` untimed ones.
+
+    On CUDA, every call is bracketed by CUDA events queued back to back and read after one
+    synchronisation (so the host never waits between calls); elsewhere, the wall clock.
+    """
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeat)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) / 1e3 for s, e in events]
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def link_latency(rank: int, message: torch.Tensor, rounds: int = 30) -> float:
+    """One-way seconds of a boundary-sized message between ranks 0 and 1 (median ping-pong)."""
+    times = []
+    for _ in range(rounds):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(message, 1)
+            dist.recv(message, 1)
+        elif rank == 1:
+            dist.recv(message, 0)
+            dist.send(message, 0)
+        times.append((time.perf_counter() - t0) / 2)
+    box: list[Any] = [statistics.median(times)]
+    dist.broadcast_object_list(box, 0)
+    return float(box[0])
+
+
+class Busy:
+    """Spans of forward and backward actions: CUDA events on the current stream, or the wall
+    clock on the CPU (Note [multigpu measurement] in
+    ``benchmarks/multigpu.py``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+
+    def start(self) -> Any:
+        """A token for :meth:`stop`."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, kind: str, token: Any) -> None:
+        """Close the span of an action of ``kind`` (``"F"`` or ``"B"``)."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.spans.append((kind, token, ev))
+        else:
+            self.spans.append((kind, token, time.perf_counter()))
+
+    def take(self) -> dict[str, list[float]]:
+        """Seconds of every span since the last call, by kind (after a synchronisation)."""
+        out: dict[str, list[float]] = {"F": [], "B": []}
+        for kind, a, b in self.spans:
+            out[kind].append(a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        self.spans = []
+        return out
+
+
+class TimedExecutor(StageExecutor):
+    """Our executor with every forward and backward action bracketed by :class:`Busy`."""
+
+    busy: Busy
+    fail_at: int | None = None  # --inject-failure: raise in the forward of this microbatch
+
+    def _forward(self, step: Any, i: int, received: list[torch.Tensor]) -> Any:
+        token = self.busy.start()
+        try:
+            if i == self.fail_at:
+                raise RuntimeError(f"injected failure (--inject-failure) in forward {i}")
+            return super()._forward(step, i, received)
+        finally:
+            self.busy.stop("F", token)
+
+    def _backward(self, step: Any, i: int, grads: list[torch.Tensor]) -> Any:
+        token = self.busy.start()
+        try:
+            return super()._backward(step, i, grads)
+        finally:
+            self.busy.stop("B", token)
