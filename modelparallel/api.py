@@ -97,7 +97,7 @@ class PlanningOptions(PartitionOptions):
     """How to plan when no plan is given: the :class:`~modelparallel.plan.PartitionOptions`
     (``optimize``, ``memory_weight``, ``optimizer``, ``granularity``, ``module_depth``,
     ``tied``, ``pins``, ``solver``, ``time_limit``, given by keyword) and what is not part of a
-    plan (Note [planning options] in ``modelparallel/plan.py``).
+    plan (Note [planning options] in ``modelparallel/plan_config.py``).
 
     Attributes:
         device_spec: Device spec(s) for the cost model: a built-in name (``"cpu"``, ``"h100"``...),

@@ -1,4 +1,4 @@
-"""Planning options are declared once (Note [planning options] in modelparallel/plan.py): the
+"""Planning options are declared once (Note [planning options] in modelparallel/plan_config.py): the
 CLI's flags and the Python front end's PlanningOptions follow PlanConfig, one function resolves
 the devices, and measured node times reach the planner from the API too."""
 

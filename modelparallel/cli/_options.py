@@ -1,5 +1,5 @@
 """The CLI's planning flags, built from and checked against :class:`~modelparallel.plan.PlanConfig`
-(Note [planning options] in ``modelparallel/plan.py``)."""
+(Note [planning options] in ``modelparallel/plan_config.py``)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cast the model's floating weights and inputs first (e.g. bfloat16)")
 
 
-#: PlanConfig fields whose flag is not ``--field-name`` (tests/test_planning_options.py checks
-#: that every field has its flag; Note [planning options] in ``modelparallel/plan.py``).
+#: PlanConfig fields whose flag is not ``--field-name`` (tests/test_plan_options.py checks
+#: that every field has its flag; Note [planning options] in ``modelparallel/plan_config.py``).
 FLAG_OF = {"pins": "--pin"}
 
 

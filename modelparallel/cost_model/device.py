@@ -210,7 +210,7 @@ def stage_devices(devices: DevicesArg, partitions: int, *, memory: int | str | N
                   what: str = "devices") -> tuple[DeviceSpec, ...]:
     """One :class:`DeviceSpec` per stage: one device for every stage or one per stage, with
     each device's memory replaced by ``memory`` when given (Note [planning options] in
-    ``modelparallel/plan.py``: the CLI, the Python front end and the partitioner all use this).
+    ``modelparallel/plan_config.py``: the CLI, the Python front end and the partitioner all use this).
 
     Args:
         devices: A device (name, spec file, spec) or a sequence of one or ``partitions`` of
