@@ -11,7 +11,7 @@ For each model (GPT-2 medium, a 1.1B Llama decoder, ResNet-50, BERT-large; tiny 
    spec (``h100``, or ``cpu`` for ``--device cpu``), schedule 1F1B, Adam;
 2. predict each stage's forward+backward time per microbatch three ways, on the same assignment:
    the roofline with the built-in spec, the roofline with the calibrated spec (``--spec``), and
-   profiling mode (``cost_model.profile.profile_nodes`` of every node, with the in-context host
+   profiling mode (``cost_model.measure.profile_nodes`` of every node, with the in-context host
    times, each stage replayed alone with the input-derived nodes it recomputes, as the
    partitioner's evaluation does: Note [stage replay] in ``cost_model/replay.py``);
    ``profiled_additive`` sums ``node_times`` over the stage instead (the model before the stage
@@ -49,7 +49,7 @@ the stages before it):
   ``docs/gpu.md``), and a host-bound stage takes as long as its host:
   so the in-context host times the predictions use are measured **in the same rounds**, before
   the stages (forward: 1 warm-up and 3 runs, backward: 1 and 2; each node gets the robust mean
-  of its rounds' figures, Note [host time statistic] in ``cost_model/profile.py``; the raw
+  of its rounds' figures, Note [host time statistic] in ``cost_model/node_replay.py``; the raw
   record keeps them per node before folding, ``context``, so ``--recompute`` folds them as the
   cost model does now), and predictions and measurements see the same mix of host speeds; and a
   burst of load hits one round of every stage instead of every repetition of one. Each round's
@@ -108,20 +108,22 @@ from modelparallel.cost_model import (
     get_device_spec,
     inflight_microbatches,
 )
-from modelparallel.cost_model.calibrate import op_overhead
-from modelparallel.cost_model.profile import (
-    BackwardMode,
-    ForwardMode,
-    NodeProfile,
+from modelparallel.cost_model.measure import (
     backward_host_times,
     call_overhead,
     forward_host_times,
     graph_users,
+    op_overhead,
+    profile_nodes,
+    time_call,
+)
+from modelparallel.cost_model.node_replay import (
+    BackwardMode,
+    ForwardMode,
+    NodeProfile,
     host_replay,
     node_times,
-    profile_nodes,
     robust_mean,
-    time_call,
     with_backward_context,
     with_forward_context,
 )
@@ -549,7 +551,7 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
 
 class _ContextRounds:
     """The in-context host times (Notes [in-context forward host time] and [in-context
-    backward host time] in ``cost_model/profile.py``), measured a few runs at a time in every
+    backward host time] in ``cost_model/measure/backward.py``), measured a few runs at a time in every
     round of the stage measurement (Note [fidelity measurement]): each node gets the robust
     mean of its rounds' figures (Note [host time statistic]). A failed measurement is not
     retried; the predictions then use the forward host times measured alone, or the
@@ -618,7 +620,7 @@ def _with_context(profiles: dict[str, NodeProfile], context: Mapping[str, Any]
                   ) -> dict[str, NodeProfile]:
     """``profiles`` with a raw record's in-context host times (:meth:`_ContextRounds.record`)
     folded into them as the cost model does now (Notes [in-context forward host time] and
-    [in-context backward host time] in ``cost_model/profile.py``)."""
+    [in-context backward host time] in ``cost_model/measure/backward.py``)."""
     order, flag = context["order"], context["host_is_device"]
     if "forward" in context:
         profiles = with_forward_context(profiles, order, context["forward"],

@@ -1,14 +1,26 @@
-"""Reading a JSON file given by the user, with a :class:`ConfigError` that names it."""
+"""The JSON files modelparallel reads and writes: reading one with an error that names it, and
+the one envelope check (format name, version) of the plan, IR, device-spec and node-times files.
+
+Note [file envelope]
+~~~~~~~~~~~~~~~~~~~~
+Every file modelparallel writes is a JSON object whose ``format`` names what it is
+(``modelparallel.plan``, ``modelparallel.ir``, ``modelparallel.node_times``) and whose ``version``
+is an integer this release may or may not read. :func:`check_envelope` is the one check of both;
+each file kind passes its own error class (``PlanFormatError``, ``IRFormatError``,
+``ConfigError``) and the hint that says how to make a readable file. Device specs are bare objects
+(or ``{"device": {...}}`` as calibrate writes them) and only get the object check.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from modelparallel.errors import ConfigError
+from modelparallel.errors import ConfigError, ModelParallelError
 
-__all__ = ["read_json_file"]
+__all__ = ["check_envelope", "read_json_file"]
 
 
 def read_json_file(path: str | Path, what: str) -> Any:
@@ -29,3 +41,43 @@ def read_json_file(path: str | Path, what: str) -> Any:
         raise ConfigError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
+
+
+def check_envelope(data: Any, *, fmt: str, versions: Collection[int], what: str,
+                   error: type[ModelParallelError] = ConfigError, hint: str = "",
+                   version_hint: str = "") -> Mapping[str, Any]:
+    """``data`` as a mapping, once its ``format`` is ``fmt`` and its ``version`` one of
+    ``versions`` (Note [file envelope]).
+
+    Args:
+        data: Parsed JSON.
+        fmt: The expected ``format`` value.
+        versions: The versions this release reads.
+        what: Names the file in messages (``"plan"``, ``"IR JSON"``, ``"node times 'x.json'"``).
+        error: The exception class to raise.
+        hint: Appended to a wrong-format message (how to get the right file).
+        version_hint: Appended to an unsupported-version message.
+
+    Example:
+        >>> check_envelope({"format": "modelparallel.ir", "version": 1},
+        ...                fmt="modelparallel.ir", versions=(1,), what="IR JSON")["version"]
+        1
+        >>> check_envelope({"format": "x"}, fmt="modelparallel.ir", versions=(1,), what="IR JSON")
+        Traceback (most recent call last):
+        ...
+        modelparallel.errors.ConfigError: IR JSON has format 'x'; expected 'modelparallel.ir'
+
+    Raises:
+        ModelParallelError: of class ``error``, on a non-object, a wrong format or version.
+    """
+    if not isinstance(data, Mapping):
+        raise error(f"{what} must be a JSON object, got {type(data).__name__}")
+    got = data.get("format")
+    if got != fmt:
+        raise error(f"{what} has format {got!r}; expected {fmt!r}" + (f" {hint}" if hint else ""))
+    version = data.get("version")
+    if version not in versions:
+        readable = " or ".join(str(v) for v in versions)
+        raise error(f"{what} has version {version!r}; this modelparallel reads version "
+                    f"{readable}" + (f". {version_hint}" if version_hint else ""))
+    return data

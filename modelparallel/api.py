@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelparallel.cost_model.device import DeviceSpec, get_device_spec, parse_bytes
+from modelparallel.cost_model.device import DeviceSpec, stage_devices
 from modelparallel.errors import ConfigError, PlanMismatchError
-from modelparallel.plan import Plan, PlanConfig, load_plan
+from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
 from modelparallel.runtime.comm import StageComm
 from modelparallel.runtime.distributed import (
     SetupRound,
@@ -56,8 +56,9 @@ from modelparallel.runtime.distributed import (
     pipeline_namespace,
 )
 from modelparallel.runtime.executor import StageExecutor
-from modelparallel.runtime.microbatch import resolve_split, split_inputs
+from modelparallel.runtime.microbatch import first_microbatch, resolve_split
 from modelparallel.schedule import normalize_schedule
+from modelparallel.units import parse_bytes
 
 __all__ = ["LoadResult", "Pipeline", "PlanningOptions", "StepResult", "pipeline"]
 
@@ -93,41 +94,31 @@ class LoadResult(NamedTuple):
 
 
 @dataclass(frozen=True)
-class PlanningOptions:
-    """How to plan when no plan is given (see :class:`~modelparallel.plan.PlanConfig`).
+class PlanningOptions(PartitionOptions):
+    """How to plan when no plan is given: the :class:`~modelparallel.plan.PartitionOptions`
+    (``optimize``, ``memory_weight``, ``optimizer``, ``granularity``, ``module_depth``,
+    ``tied``, ``pins``, ``solver``, ``time_limit``, given by keyword) and what is not part of a
+    plan (Note [planning options] in ``modelparallel/plan_config.py``).
 
     Attributes:
         device_spec: Device spec(s) for the cost model: a built-in name (``"cpu"``, ``"h100"``...),
             a spec JSON path, a :class:`DeviceSpec`, or one per stage. ``None``: ``"cpu"`` for a
             CPU pipeline, ``"h100"`` for CUDA.
         memory: Memory per device (bytes or ``"80GiB"``), overriding the spec's.
-        optimize: ``"speed"`` or ``"memory"``.
-        memory_weight: Memory balance weight in [0, 1] (``None``: the default of ``optimize``).
-        optimizer: Optimizer whose state memory is counted (``"adam"``, ``"sgd"``...).
-        solver: ``"highs"`` or ``"cbc"``.
-        time_limit: Seconds the solver may take.
-        pins: Node name or module path to stage.
-        tied: ``"replicate"`` or ``"colocate"`` tied parameters.
         method: Partitioning method (``"ilp"``, ``"dp"``, ``"uniform"``, ``"param_balanced"``).
+        node_times: A node-times file (``partition-plan calibrate --model ... --ops-out``)
+            whose measured times replace the roofline, as ``partition-plan build --measured``;
+            it must have been measured on this model's graph, on microbatches of the same
+            shapes.
     """
 
     device_spec: str | DeviceSpec | Sequence[str | DeviceSpec] | None = None
     memory: int | str | None = None
-    optimize: str = "speed"
-    memory_weight: float | None = None
-    optimizer: str | float = "adam"
-    solver: str = "highs"
-    time_limit: float = 10.0
-    pins: Mapping[str, int] = field(default_factory=dict)
-    tied: str = "replicate"
     method: str = "ilp"
+    node_times: str | Path | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pins", dict(self.pins))
-        # PlanConfig checks the shared options, on every rank before anything else happens.
-        PlanConfig(partitions=1, optimize=self.optimize, memory_weight=self.memory_weight,
-                   optimizer=self.optimizer, solver=self.solver, time_limit=self.time_limit,
-                   tied=self.tied)
+        super().__post_init__()
         if self.method not in _METHODS:
             raise ConfigError(f"method = {self.method!r}; use one of {list(_METHODS)}")
         if self.memory is not None:
@@ -301,7 +292,7 @@ class Pipeline:
         round_ = (SetupRound(store, namespace, self.rank, ranks, self.timeout)
                   if store is not None else None)
         try:
-            mb_args, mb_kwargs = _first_microbatch(self.model, args, kwargs, self.microbatches,
+            mb_args, mb_kwargs = first_microbatch(self.model, args, kwargs, self.microbatches,
                                                    self.input_split_axes, self.non_split_inputs)
             traced = trace(self.model, mb_args, mb_kwargs, method=self.trace_method,
                            leaf_modules=self.leaf_modules)
@@ -359,27 +350,24 @@ class Pipeline:
         from modelparallel.partitioner import partition
 
         opts = self.planning
-        config = PlanConfig(partitions=self.partitions, microbatches=self.microbatches,
-                            schedule=self.schedule, optimize=opts.optimize,
-                            memory_weight=opts.memory_weight, optimizer=opts.optimizer,
-                            tied=opts.tied, pins=dict(opts.pins), solver=opts.solver,
-                            time_limit=opts.time_limit)
-        return partition(traced.graph, config, self._device_specs(), method=opts.method,
+        config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
+                               schedule=self.schedule)
+        devices = self._device_specs()
+        costs = None
+        if opts.node_times is not None:
+            from modelparallel.cost_model.node_times import NodeTimesFile, measured_costs
+
+            measured = NodeTimesFile.load(opts.node_times, traced.graph)
+            costs = measured_costs(traced.graph, devices, measured, optimizer=config.optimizer)
+        return partition(traced.graph, config, devices, method=opts.method, costs=costs,
                          samples_per_microbatch=_batch_size(mb_args, mb_kwargs))
 
     def _device_specs(self) -> list[DeviceSpec]:
         spec = self.planning.device_spec
         if spec is None:
             spec = "h100" if self.device.type == "cuda" else "cpu"
-        specs = ([get_device_spec(s) for s in spec]
-                 if isinstance(spec, Sequence) and not isinstance(spec, str)
-                 else [get_device_spec(spec)] * self.partitions)
-        if len(specs) != self.partitions:
-            raise ConfigError(f"device_spec lists {len(specs)} devices for {self.partitions} "
-                              "stages; give one for all or one per stage")
-        if self.planning.memory is not None:
-            specs = [s.with_memory(parse_bytes(self.planning.memory)) for s in specs]
-        return specs
+        return list(stage_devices(spec, self.partitions, memory=self.planning.memory,
+                                  what="device_spec"))
 
     def _ready(self, inputs: Inputs) -> StageExecutor:
         if self._executor is None:
@@ -551,41 +539,6 @@ def _as_call(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
     return (inputs,), {}
-
-
-def _first_microbatch(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], m: int,
-                      axes: Mapping[str | int, int], whole: Iterable[str | int]
-                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Microbatch 0 of the example, for tracing. Inputs are named here by their argument
-    names; names that do not match are checked again, against the traced placeholder names,
-    when the pipeline is built."""
-    import torch.utils._pytree as pytree
-
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    names = _leaf_names(model, args, kwargs, len(leaves))
-    known_axes = {k: v for k, v in axes.items() if isinstance(k, int) or k in names}
-    known_whole = [k for k in whole if isinstance(k, int) or k in names]
-    split = resolve_split(names, m, known_axes, known_whole)
-    first = split_inputs(leaves, split)[0]
-    mb_args, mb_kwargs = pytree.tree_unflatten(first, spec)
-    return tuple(mb_args), dict(mb_kwargs)
-
-
-def _leaf_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
-                ) -> tuple[str, ...]:
-    import inspect
-
-    import torch.utils._pytree as pytree
-
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return tuple(f"arg{i}" for i in range(n))
-    names: list[str] = []
-    for name, value in bound.arguments.items():
-        count = len(pytree.tree_leaves(value))
-        names += [name] if count == 1 else [f"{name}_{i}" for i in range(count)]
-    return tuple(names) if len(names) == n else tuple(f"arg{i}" for i in range(n))
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

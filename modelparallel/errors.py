@@ -7,9 +7,8 @@ built-in it refines (``ValueError`` for bad input, ``RuntimeError`` for failures
 ``TimeoutError`` for waits that ran out), so callers may catch either. A message states the rule
 that was broken, the values involved, and the fix.
 
-The base class lives in :mod:`modelparallel.ir`, the root of the one-way import chain, because the
-IR module imports nothing else of ours yet must raise these errors too. This module re-exports it
-with the rest; import errors from here.
+This module imports nothing of modelparallel, so every module (the IR, the root of the one-way
+import chain, included) can import its errors from here.
 
 Example:
     >>> try:
@@ -20,8 +19,6 @@ Example:
 """
 
 from __future__ import annotations
-
-from modelparallel.ir import IRFormatError, ModelParallelError
 
 __all__ = [
     "CommunicationError",
@@ -36,6 +33,19 @@ __all__ = [
     "StepTimeoutError",
     "TracingError",
 ]
+
+
+class ModelParallelError(Exception):
+    """Base class of every error modelparallel raises on purpose.
+
+    Subclasses also derive from the matching built-in (``ValueError``, ``RuntimeError``, ...), so
+    existing ``except ValueError`` code keeps working. Messages state the rule that was broken,
+    the values involved, and the fix.
+    """
+
+
+class IRFormatError(ModelParallelError, ValueError):
+    """An IR graph or its JSON breaks a structural rule (unknown producer, cycle, bad field...)."""
 
 
 class ConfigError(ModelParallelError, ValueError):

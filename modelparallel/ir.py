@@ -6,10 +6,10 @@ computes (op kind and target), where it lives in the model (module path), which 
 (by canonical qualified name), and its forward FLOPs. Parameters are listed once in the graph under
 a canonical name; names that alias the same storage (tied weights) are kept as ``aliases``.
 
-This module imports nothing else of modelparallel. It is the root of the one-way import chain
-(``ir <- tracer, cost_model <- partitioner <- codegen <- runtime <- front ends``), which is why the
-base exception :class:`ModelParallelError` is defined here; see Note [error hierarchy] in
-``modelparallel/errors.py``.
+This module imports only :mod:`modelparallel.errors` and :mod:`modelparallel._jsonfile` of
+modelparallel (neither imports anything else of ours). It is the root of the one-way import chain
+(``ir <- tracer, cost_model <- partitioner <- codegen <- runtime <- front ends``); see Note [error
+hierarchy] in ``modelparallel/errors.py``.
 
 The JSON format written by :meth:`Graph.to_json` is documented in ``docs/ir-format.md``; other tools
 can write it and have the graph planned without its model.
@@ -47,6 +47,9 @@ from typing import Any
 
 import networkx as nx
 
+from modelparallel._jsonfile import check_envelope
+from modelparallel.errors import IRFormatError, ModelParallelError
+
 __all__ = [
     "DTYPE_BYTES",
     "FORMAT_NAME",
@@ -66,19 +69,6 @@ __all__ = [
 
 FORMAT_NAME = "modelparallel.ir"
 FORMAT_VERSION = 1
-
-
-class ModelParallelError(Exception):
-    """Base class of every error modelparallel raises on purpose.
-
-    Subclasses also derive from the matching built-in (``ValueError``, ``RuntimeError``, ...), so
-    existing ``except ValueError`` code keeps working. Messages state the rule that was broken,
-    the values involved, and the fix.
-    """
-
-
-class IRFormatError(ModelParallelError, ValueError):
-    """An IR graph or its JSON breaks a structural rule (unknown producer, cycle, bad field...)."""
 
 
 #: Bytes per element for the dtype names the IR uses (torch's names without the ``torch.`` prefix).
@@ -501,17 +491,9 @@ class Graph:
             IRFormatError: on a wrong format name, an unsupported version, a missing or mistyped
                 field, or a structural error.
         """
-        if not isinstance(data, Mapping):
-            raise IRFormatError(f"IR JSON must be an object, got {type(data).__name__}")
-        fmt = data.get("format")
-        if fmt != FORMAT_NAME:
-            raise IRFormatError(
-                f"IR JSON has format {fmt!r}; expected {FORMAT_NAME!r} (see docs/ir-format.md)")
-        version = data.get("version")
-        if version != FORMAT_VERSION:
-            raise IRFormatError(
-                f"IR JSON has version {version!r}; this modelparallel reads version "
-                f"{FORMAT_VERSION}. Re-export the graph with a matching version.")
+        check_envelope(data, fmt=FORMAT_NAME, versions=(FORMAT_VERSION,), what="IR JSON",
+                       error=IRFormatError, hint="(see docs/ir-format.md)",
+                       version_hint="Re-export the graph with a matching version.")
         try:
             graph = cls(
                 name=str(data.get("name", "graph")),

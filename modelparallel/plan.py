@@ -7,7 +7,8 @@ The runtime needs nothing else from the planner: a plan plus the model is enough
 Contents:
 
 - :class:`PlanConfig`: the options the plan was made with (partitions, microbatches, schedule,
-  optimize, memory_weight, ...);
+  optimize, memory_weight, ...), defined in :mod:`modelparallel.plan_config` (Note [planning
+  options]) and re-exported here;
 - the devices, one :class:`~modelparallel.cost_model.DeviceSpec` per stage;
 - :class:`ModelInfo`: the model's name and graph fingerprint, checked when the plan is applied;
 - :class:`NodePlacement` for every node: its stage and its costs;
@@ -38,15 +39,26 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from modelparallel._jsonfile import check_envelope
 from modelparallel.cost_model.device import DeviceSpec
 from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
 from modelparallel.ir import Graph
-from modelparallel.schedule import SCHEDULE_ALIASES, normalize_schedule  # re-exported (moved)
+from modelparallel.plan_config import (
+    GRANULARITIES,
+    OPTIMIZE_CHOICES,
+    SCHEDULE_ALIASES,
+    SOLVERS,
+    TIED_CHOICES,
+    PartitionOptions,
+    PlanConfig,
+    _from_dict,
+    normalize_schedule,
+)
 
 __all__ = [
     "PLAN_FORMAT",
@@ -57,6 +69,11 @@ __all__ = [
     "ModelInfo",
     "NodePlacement",
     "PipelineEstimate",
+    "GRANULARITIES",
+    "OPTIMIZE_CHOICES",
+    "SOLVERS",
+    "TIED_CHOICES",
+    "PartitionOptions",
     "Plan",
     "PlanConfig",
     "SolverReport",
@@ -67,88 +84,6 @@ __all__ = [
 
 PLAN_FORMAT = "modelparallel.plan"
 PLAN_VERSION = 1
-
-_OPTIMIZE_DEFAULT_WEIGHT = {"speed": 0.2, "memory": 0.8}
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """The options a plan is made with.
-
-    Attributes:
-        partitions: Pipeline stages, one device each.
-        microbatches: Microbatches per step; the batch must divide by it.
-        schedule: ``"gpipe"`` or ``"1f1b"`` (SMP's ``"simple"`` / ``"interleaved"`` accepted).
-        optimize: ``"speed"`` or ``"memory"``; sets the default ``memory_weight`` (0.2 / 0.8).
-        memory_weight: Weight in [0, 1] of memory balance against compute balance in the
-            objective; ``None`` takes the default of ``optimize``.
-        optimizer: Optimizer whose state memory is counted (``"adam"``, ``"sgd"``, ...), or bytes
-            per parameter element.
-        granularity: ``"op"`` (partition single ops, coarsened internally) or ``"module"``
-            (whole modules up to ``module_depth``).
-        module_depth: Module-path depth of the units for ``granularity="module"``; ``None`` picks
-            the depth that gives enough units per stage.
-        tied: ``"replicate"``: a parameter read on several stages is copied to each and its
-            gradients are summed between them (Note [tied parameters] in
-            ``modelparallel/partitioner/problem.py``); ``"colocate"``: its readers share a stage.
-        pins: Node name or module path to stage index; pinned nodes go to that stage.
-        solver: ``"highs"`` (default) or ``"cbc"``.
-        time_limit: Seconds the ILP solver may take in all.
-    """
-
-    partitions: int
-    microbatches: int = 1
-    schedule: str = "1f1b"
-    optimize: str = "speed"
-    memory_weight: float | None = None
-    optimizer: str | float = "adam"
-    granularity: str = "op"
-    module_depth: int | None = None
-    tied: str = "replicate"
-    pins: Mapping[str, int] = field(default_factory=dict)
-    solver: str = "highs"
-    time_limit: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.partitions, int) or self.partitions < 1:
-            raise ConfigError(f"partitions = {self.partitions!r} must be an integer >= 1")
-        if not isinstance(self.microbatches, int) or self.microbatches < 1:
-            raise ConfigError(f"microbatches = {self.microbatches!r} must be an integer >= 1")
-        object.__setattr__(self, "schedule", normalize_schedule(self.schedule))
-        if self.optimize not in _OPTIMIZE_DEFAULT_WEIGHT:
-            raise ConfigError(f"optimize = {self.optimize!r}; use 'speed' or 'memory'")
-        if self.memory_weight is None:
-            object.__setattr__(self, "memory_weight", _OPTIMIZE_DEFAULT_WEIGHT[self.optimize])
-        elif not 0.0 <= float(self.memory_weight) <= 1.0:
-            raise ConfigError(f"memory_weight = {self.memory_weight} must be in [0, 1]")
-        object.__setattr__(self, "memory_weight", float(self.memory_weight))  # type: ignore[arg-type]
-        if self.granularity not in ("op", "module"):
-            raise ConfigError(f"granularity = {self.granularity!r}; use 'op' or 'module'")
-        if self.module_depth is not None and self.module_depth < 1:
-            raise ConfigError(f"module_depth = {self.module_depth} must be >= 1")
-        if self.tied not in ("replicate", "colocate"):
-            raise ConfigError(f"tied = {self.tied!r}; use 'replicate' or 'colocate'")
-        if self.solver not in ("highs", "cbc"):
-            raise ConfigError(f"solver = {self.solver!r}; use 'highs' or 'cbc'")
-        if self.time_limit <= 0:
-            raise ConfigError(f"time_limit = {self.time_limit} must be > 0 seconds")
-        pins = dict(self.pins)
-        for key, stage in pins.items():
-            if not isinstance(stage, int) or not 0 <= stage < self.partitions:
-                raise ConfigError(
-                    f"pin {key!r} -> {stage!r}: the stage must be an integer in "
-                    f"0..{self.partitions - 1}")
-        object.__setattr__(self, "pins", pins)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PlanConfig:
-        """Read :meth:`to_dict` data; unknown keys are an error."""
-        return _from_dict(cls, data, "config")
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -247,8 +182,7 @@ class StageEstimate:
         num_nodes: Nodes assigned (input-derived copies not counted).
         num_parameters: Trainable parameter elements held.
         memory: Peak memory breakdown for the whole step.
-        inflight_microbatches: Microbatches whose activations it holds at peak (Note [in-flight
-            microbatches] in ``modelparallel/schedule.py``).
+        inflight_microbatches: Microbatches whose activations it holds at peak.
         forward_time: Compute seconds of forward.
         backward_time: Compute seconds of backward.
         comm_in_bytes: Bytes received per microbatch (activations in, gradients back in).
@@ -503,14 +437,9 @@ class Plan:
         Raises:
             PlanFormatError: on a wrong format, unsupported version, or missing/invalid fields.
         """
-        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise PlanFormatError(
-                f"not a modelparallel plan: format is {got!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanFormatError(
-                f"plan version {data.get('version')!r} is not supported; this modelparallel "
-                f"reads version {PLAN_VERSION}. Rebuild the plan with 'partition-plan build'.")
+        check_envelope(data, fmt=PLAN_FORMAT, versions=(PLAN_VERSION,), what="plan",
+                       error=PlanFormatError, hint="(not a modelparallel plan)",
+                       version_hint="Rebuild the plan with 'partition-plan build'.")
         try:
             stages = []
             for s in data["stages"]:
@@ -578,16 +507,3 @@ def load_plan(path: str | Path, graph: Graph | None = None) -> Plan:
     if graph is not None:
         plan.check_graph(graph)
     return plan
-
-
-def _from_dict(cls: Any, data: Mapping[str, Any], what: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise PlanFormatError(f"plan field {what!r} must be an object")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise PlanFormatError(f"plan field {what!r} has unknown keys {unknown}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise PlanFormatError(f"plan field {what!r} is incomplete: {e}") from None

@@ -20,6 +20,7 @@ from rich.table import Table
 from modelparallel.errors import ConfigError
 from modelparallel.plan import NodePlacement, Plan
 from modelparallel.schedule import Timeline, make_schedule, simulate
+from modelparallel.units import format_bytes, format_count, format_seconds
 
 __all__ = [
     "explain_node",
@@ -33,30 +34,6 @@ __all__ = [
 ]
 
 
-def format_bytes(n: float) -> str:
-    """Bytes in binary units with three significant digits."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def format_seconds(t: float) -> str:
-    """Seconds in s, ms or µs, three significant digits."""
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if abs(t) >= scale or unit == "µs":
-            v = t / scale
-            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def _format_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(int(n))
-
-
 def _bar(fraction: float, width: int = 20) -> str:
     fraction = max(0.0, min(1.0, fraction))
     full = round(fraction * width)
@@ -68,7 +45,7 @@ def _header(plan: Plan) -> list[str]:
     devices = sorted({d.name for d in plan.devices})
     lines = [
         f"[bold]Plan for {m.name}[/bold]  fingerprint {m.fingerprint[:12]}  {m.num_nodes} nodes  "
-        f"{_format_count(m.num_parameters)} parameters" + (f"  traced with {m.tracer}"
+        f"{format_count(m.num_parameters)} parameters" + (f"  traced with {m.tracer}"
                                                           if m.tracer else ""),
         f"{c.partitions} stages on {', '.join(devices)}  ·  {c.microbatches} microbatches  ·  "
         f"{c.schedule}  ·  optimize={c.optimize} (memory_weight {c.memory_weight:g})  ·  "
@@ -106,7 +83,7 @@ def _stage_table(plan: Plan) -> Table:
         mark = " ◀" if s.index == plan.pipeline.bottleneck_stage else ""
         mem = f"{format_bytes(s.memory.peak)} {100 * s.memory.peak / s.capacity_bytes:.0f}%"
         row = [str(s.index), *([] if one_device else [s.device]), str(s.num_nodes),
-               _format_count(s.num_parameters), mem, format_seconds(s.forward_time),
+               format_count(s.num_parameters), mem, format_seconds(s.forward_time),
                format_seconds(s.backward_time), format_seconds(s.comm_time),
                format_seconds(s.total_time), _bar(s.total_time / tmax, 10) + mark]
         table.add_row(*row)

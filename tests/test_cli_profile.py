@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from modelparallel.cli import main
-from modelparallel.cost_model.profile import (
-    NODE_TIMES_FORMAT,
-    load_node_times,
-    profile_node_times,
-    save_node_times,
-)
+from modelparallel.cost_model.measure import profile_node_times
+from modelparallel.cost_model.node_times import NODE_TIMES_FORMAT, load_node_times, save_node_times
 from modelparallel.errors import ConfigError
 from modelparallel.plan import load_plan
 from modelparallel.tracer import trace
@@ -69,11 +65,8 @@ def test_build_measured_replays_each_stage_with_the_files_host_times(
         calibrated: tuple[Path, Path], tmp_path: Path) -> None:
     """A version 2 file carries host and device times per node: the plan's stage times are
     each stage replayed alone (Note [stage replay]), not the sums of the node times."""
-    from modelparallel.cost_model.profile import (
-        host_replay,
-        load_call_overhead,
-        load_node_profiles,
-    )
+    from modelparallel.cost_model.node_replay import host_replay
+    from modelparallel.cost_model.node_times import load_call_overhead, load_node_profiles
 
     spec, ops = calibrated
     data = json.loads(ops.read_text())
@@ -185,7 +178,8 @@ def test_only_values_computed_from_parameters_get_gradients() -> None:
 
 def test_node_times_file_carries_the_profiles_and_reads_version_1(
         calibrated: tuple[Path, Path], tmp_path: Path) -> None:
-    from modelparallel.cost_model.profile import NodeProfile, load_node_profiles
+    from modelparallel.cost_model.node_replay import NodeProfile
+    from modelparallel.cost_model.node_times import load_node_profiles
 
     _, ops = calibrated
     data = json.loads(ops.read_text())

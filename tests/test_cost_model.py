@@ -181,7 +181,7 @@ def test_traced_attention() -> None:
 
 
 def test_backward_host_replay_on_a_made_up_profile() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, node_times
+    from modelparallel.cost_model.node_replay import NodeProfile, node_times
 
     # a: big kernels (the host runs ahead); b, c: tiny kernels queued slowly.
     p = {"a": NodeProfile(1.0, 0.1, 2.0, 0.1, "A"), "b": NodeProfile(0.1, 0.5, 0.1, 1.0, "B"),
@@ -261,7 +261,7 @@ class _GradMix(torch.nn.Module):
 
 
 def test_every_backward_function_belongs_to_exactly_one_node() -> None:
-    from modelparallel.cost_model.profile import _backward_roots, _FunctionMapper
+    from modelparallel.cost_model.measure.backward import _backward_roots, _FunctionMapper
 
     gm = torch.fx.symbolic_trace(_GradMix())
     mapper = _FunctionMapper(gm)
@@ -284,7 +284,7 @@ def test_every_backward_function_belongs_to_exactly_one_node() -> None:
 
 
 def test_context_backward_replay_on_a_made_up_profile() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, node_times
+    from modelparallel.cost_model.node_replay import NodeProfile, node_times
 
     # a: big kernels; b, c: tiny kernels whose backward the host queues slowly (1.0 in context).
     p = {"a": NodeProfile(1.0, 0.1, 2.0, 5.0, "A", 0.3),
@@ -311,7 +311,7 @@ def test_context_backward_replay_on_a_made_up_profile() -> None:
 
 
 def test_context_times_fold_skipped_nodes_into_their_neighbour() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, with_backward_context
+    from modelparallel.cost_model.node_replay import NodeProfile, with_backward_context
 
     p = {"a": NodeProfile(1.0, 0.0, 1.0, 0.0), "c": NodeProfile(1.0, 0.0, 1.0, 0.0),
          "d": NodeProfile(1.0, 0.0, 1.0, 0.0)}
@@ -325,12 +325,12 @@ def test_context_times_fold_skipped_nodes_into_their_neighbour() -> None:
 
 
 def test_cpu_backward_host_times_end_to_end() -> None:
-    from modelparallel.cost_model.profile import (
+    from modelparallel.cost_model.measure import (
         backward_host_times,
-        node_times,
         profile_node_times,
         profile_nodes,
     )
+    from modelparallel.cost_model.node_replay import node_times
 
     gm = torch.fx.symbolic_trace(_GradMix())
     x = torch.randn(8, 16)
@@ -368,7 +368,7 @@ class _SplitMix(torch.nn.Module):
 
 
 def test_stamped_module_keeps_outputs_and_times_every_node() -> None:
-    from modelparallel.cost_model.profile import forward_host_times, stamped_module
+    from modelparallel.cost_model.measure import forward_host_times, stamped_module
 
     gm = torch.fx.symbolic_trace(_SplitMix())
     x = torch.randn(4, 16)
@@ -385,7 +385,8 @@ def test_stamped_module_keeps_outputs_and_times_every_node() -> None:
 
 
 def test_cpu_forward_host_times_end_to_end() -> None:
-    from modelparallel.cost_model.profile import forward_host_times, node_times, profile_nodes
+    from modelparallel.cost_model.measure import forward_host_times, profile_nodes
+    from modelparallel.cost_model.node_replay import node_times
 
     gm = torch.fx.symbolic_trace(_GradMix())
     x = torch.randn(8, 16)
@@ -401,7 +402,7 @@ def test_cpu_forward_host_times_end_to_end() -> None:
 
 
 def test_context_forward_replay_on_a_made_up_profile() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, node_times, with_forward_context
+    from modelparallel.cost_model.node_replay import NodeProfile, node_times, with_forward_context
 
     p = {"a": NodeProfile(1.0, 0.1, 0.0, 0.0, "A", None, 0.5),
          "b": NodeProfile(0.1, 0.1, 0.0, 0.0, "B", None, 2.0)}
@@ -423,7 +424,7 @@ def test_context_forward_replay_on_a_made_up_profile() -> None:
 
 
 def test_forward_context_of_a_fetch_goes_to_its_reader() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, with_forward_context
+    from modelparallel.cost_model.node_replay import NodeProfile, with_forward_context
 
     # An exported graph fetches every parameter at its top; each stage fetches its own, so a
     # fetch's host time belongs to the node that reads it (through unprofiled nodes too).
@@ -442,7 +443,7 @@ def test_forward_context_of_a_fetch_goes_to_its_reader() -> None:
 
 
 def test_graph_users_of_a_traced_module() -> None:
-    from modelparallel.cost_model.profile import graph_users
+    from modelparallel.cost_model.measure import graph_users
 
     class Scale(torch.nn.Module):
         def __init__(self) -> None:
@@ -464,7 +465,7 @@ def test_graph_users_of_a_traced_module() -> None:
 def test_robust_mean_property(values: list[float], scale: float) -> None:
     import statistics
 
-    from modelparallel.cost_model.profile import HOST_OUTLIER_CAP, robust_mean
+    from modelparallel.cost_model.node_replay import HOST_OUTLIER_CAP, robust_mean
 
     r = robust_mean(values)
     assert min(values) - 1e-9 <= r <= statistics.fmean(values) + 1e-9
@@ -475,7 +476,7 @@ def test_robust_mean_property(values: list[float], scale: float) -> None:
 
 
 def test_host_times_of_a_kind_are_pooled_with_the_robust_mean() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, host_replay
+    from modelparallel.cost_model.node_replay import NodeProfile, host_replay
 
     # five nodes of one kind, one stalled once: the stall is capped at 3x the median (1.0),
     # the slow-but-real 2.0 is kept (a median would drop it)
@@ -488,12 +489,9 @@ def test_host_times_of_a_kind_are_pooled_with_the_robust_mean() -> None:
 def test_forward_host_times_fall_back_when_the_stamped_run_fails(tmp_path) -> None:
     import json
 
-    from modelparallel.cost_model.profile import (
-        load_node_profiles,
-        node_times,
-        profile_nodes,
-        save_node_times,
-    )
+    from modelparallel.cost_model.measure import profile_nodes
+    from modelparallel.cost_model.node_replay import node_times
+    from modelparallel.cost_model.node_times import load_node_profiles, save_node_times
 
     class InPlaceOnWeight(torch.nn.Module):
         """Scales its own weight in place: fine without autograd (the isolated profiler runs
@@ -530,7 +528,7 @@ def test_forward_host_times_fall_back_when_the_stamped_run_fails(tmp_path) -> No
 
 
 def test_stage_replay_starts_host_and_device_together() -> None:
-    from modelparallel.cost_model.profile import NodeProfile, node_times, stage_replay
+    from modelparallel.cost_model.node_replay import NodeProfile, node_times, stage_replay
 
     # a: device-bound; b, c: host-bound (1.0 of queueing, 0.1 of kernels each)
     p = {"a": NodeProfile(3.0, 0.1, 0.0, 0.0, "A"), "b": NodeProfile(0.1, 1.0, 0.0, 0.0, "B"),
@@ -621,7 +619,7 @@ def test_a_stage_takes_at_least_its_hosts_work_with_the_call_overhead(
 
 def test_call_overhead_values() -> None:
     from modelparallel.cost_model import CallOverhead
-    from modelparallel.cost_model.profile import call_overhead
+    from modelparallel.cost_model.measure import call_overhead
 
     with pytest.raises(ConfigError, match=">= 0"):
         CallOverhead(-1e-6, 0.0)
@@ -634,7 +632,7 @@ def test_call_overhead_in_node_times_files(tmp_path) -> None:
     import json
 
     from modelparallel.cost_model import CallOverhead
-    from modelparallel.cost_model.profile import load_call_overhead, save_node_times
+    from modelparallel.cost_model.node_times import load_call_overhead, save_node_times
 
     with_call = save_node_times(tmp_path / "a.json", {"fc": (1e-3, 2e-3)},
                                 call=CallOverhead(4e-5, 3e-4))

@@ -142,7 +142,7 @@ def test_training_steps_track_single_device_training_on_cuda() -> None:
 def test_profile_node_times_on_cuda_measure_device_time() -> None:
     """Profiling on CUDA times every compute node; big matrix products dominate, and views
     (no kernel) cost next to nothing however slow their host-side call is."""
-    from modelparallel.cost_model.profile import profile_node_times
+    from modelparallel.cost_model.measure import profile_node_times
 
     model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.GELU(),
                                 torch.nn.Flatten(0), torch.nn.Unflatten(0, (512, 4096)),

@@ -1,6 +1,7 @@
 """Cost model: how long each node takes and how much memory and communication it needs.
 
-Reads only the IR. See :mod:`modelparallel.cost_model.device` for device specs and
+Reads only the IR and imports no deep-learning framework (Note [planning core]); measuring on a
+device is the torch subpackage :mod:`modelparallel.cost_model.measure` (Note [measure split]). See :mod:`modelparallel.cost_model.device` for device specs and
 :mod:`modelparallel.cost_model.costs` for the per-node estimates (Note [roofline]).
 """
 
@@ -20,6 +21,8 @@ from modelparallel.cost_model.device import (
     load_device_spec,
     parse_bytes,
 )
+from modelparallel.cost_model.node_replay import NodeProfile, host_replay
+from modelparallel.cost_model.node_times import NodeTimesFile
 from modelparallel.cost_model.replay import CallOverhead, HostReplay, device_timeline
 
 __all__ = [
@@ -30,9 +33,12 @@ __all__ = [
     "GraphCosts",
     "HostReplay",
     "NodeCost",
+    "NodeProfile",
+    "NodeTimesFile",
     "estimate_costs",
     "device_timeline",
     "get_device_spec",
+    "host_replay",
     "inflight_microbatches",
     "is_view_like",
     "load_device_spec",

@@ -3,7 +3,7 @@
 :func:`estimate_costs` turns an IR :class:`~modelparallel.ir.Graph` and a
 :class:`~modelparallel.cost_model.device.DeviceSpec` into :class:`GraphCosts`, which the
 partitioner reads. Times come from a roofline on each node's FLOPs and bytes moved, or from
-measurements (:func:`modelparallel.cost_model.profile.profile_node_times`) when given.
+measurements (:func:`modelparallel.cost_model.measure.profile_node_times`) when given.
 
 Note [roofline]
 ~~~~~~~~~~~~~~~

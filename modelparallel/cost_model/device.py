@@ -21,24 +21,28 @@ Example:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from modelparallel._jsonfile import read_json_file
 from modelparallel.errors import ConfigError
+from modelparallel.units import GIB as _GIB
+from modelparallel.units import parse_bytes
 
 __all__ = [
     "BUILTIN_DEVICES",
     "DeviceSpec",
+    "DeviceArg",
+    "DevicesArg",
     "get_device_spec",
     "load_device_spec",
     "parse_bytes",
+    "stage_devices",
 ]
 
-_GIB = 2**30
+
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,48 @@ def get_device_spec(name_or_path: str | Path | DeviceSpec) -> DeviceSpec:
         "(write one with 'partition-plan calibrate')")
 
 
+#: One device for every stage, or one per stage: a built-in name, a spec file or a spec.
+DeviceArg = DeviceSpec | str | Path
+DevicesArg = DeviceArg | Sequence[DeviceArg]
+
+
+def stage_devices(devices: DevicesArg, partitions: int, *, memory: int | str | None = None,
+                  what: str = "devices") -> tuple[DeviceSpec, ...]:
+    """One :class:`DeviceSpec` per stage: one device for every stage or one per stage, with
+    each device's memory replaced by ``memory`` when given (Note [planning options] in
+    ``modelparallel/plan_config.py``: the CLI, the Python front end and the partitioner all use this).
+
+    Args:
+        devices: A device (name, spec file, spec) or a sequence of one or ``partitions`` of
+            them.
+        partitions: Pipeline stages.
+        memory: Memory per device in bytes or as a size (``"80GiB"``), overriding the specs'.
+        what: Names the option in errors (``"--device"``, ``"device_spec"``).
+
+    Raises:
+        ConfigError: if a sequence has neither one nor ``partitions`` devices, a name is
+            unknown, or ``memory`` is not a size.
+
+    Example:
+        >>> [d.name for d in stage_devices("a100", 2)]
+        ['a100', 'a100']
+        >>> stage_devices(["cpu", "h100"], 2, memory="1GiB")[1].memory_bytes
+        1073741824
+    """
+    if isinstance(devices, DeviceSpec | str | Path):
+        specs: tuple[DeviceSpec, ...] = (get_device_spec(devices),)
+    else:
+        specs = tuple(get_device_spec(d) for d in devices)
+    if len(specs) not in (1, partitions):
+        raise ConfigError(
+            f"{what}: got {len(specs)} devices for {partitions} stages; give one device for "
+            f"every stage or exactly one per stage ({partitions})")
+    if memory is not None:
+        size = parse_bytes(memory)
+        specs = tuple(s.with_memory(size) for s in specs)
+    return specs * partitions if len(specs) == 1 else specs
+
+
 def load_device_spec(path: str | Path) -> DeviceSpec:
     """Read a device spec JSON file (as written by ``partition-plan calibrate``).
 
@@ -209,33 +255,3 @@ def load_device_spec(path: str | Path) -> DeviceSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"device spec {str(path)!r} must hold a JSON object")
     return DeviceSpec.from_dict(data)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """Parse a size such as ``"80GiB"``, ``"16 GB"``, ``"512MiB"`` or ``1024`` into bytes.
-
-    Raises:
-        ConfigError: if the text is not a size.
-
-    Example:
-        >>> parse_bytes("1.5GiB")
-        1610612736
-    """
-    if isinstance(text, int | float):
-        if text <= 0:
-            raise ConfigError(f"size {text} must be > 0")
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(
-            f"cannot read size {text!r}; write a number with an optional unit, e.g. '80GiB', "
-            "'16GB', '512MiB'")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ConfigError(f"size {text!r} must be > 0")
-    return value

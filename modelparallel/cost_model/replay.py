@@ -1,12 +1,13 @@
 """Host and device timelines: a stage's time when the host queues ops slower than they run.
 
 Pure Python (no torch): the partitioner replays stages with it, and
-:mod:`modelparallel.cost_model.profile` builds a :class:`HostReplay` from measured node profiles.
+:func:`modelparallel.cost_model.node_replay.host_replay` builds a :class:`HostReplay` from
+measured node profiles.
 
 Note [stage replay]
 ~~~~~~~~~~~~~~~~~~~
 A stage runs eagerly: its host queues one op after another and its device runs each as soon as
-it is queued and free (Note [host and device time] in ``profile.py``). Per-node times that add
+it is queued and free (Note [host and device time] in ``node_replay.py``). Per-node times that add
 up (``node_times``) come from one timeline over the whole graph, in which the host can enter a
 host-bound stretch ahead of the device, on slack gained in a device-bound stretch before it.
 A pipeline stage has no such slack: its process starts each forward and each backward from
@@ -149,7 +150,7 @@ class HostReplay:
     def node_times(self, nodes: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
         """What each of ``nodes`` (default: all) adds to the device's finishing time, forward
         and backward, on one timeline over them: the forward in :attr:`order`, then the
-        backward in reverse (Note [host and device time] in ``profile.py``). Names not in
+        backward in reverse (Note [host and device time] in ``node_replay.py``). Names not in
         :attr:`order` are ignored.
 
         Example:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelparallel._version import __version__
 from modelparallel.errors import ConfigError
 from modelparallel.ir import OpKind, recomputed_nodes
 from modelparallel.partitioner.problem import Problem
@@ -251,8 +252,6 @@ def make_plan(problem: Problem, ev: Evaluation, report: SolverReport, *,
     The report's ``objective`` is replaced by the evaluation's, and its gap recomputed from
     its lower bound, so every plan states the objective of the assignment it holds.
     """
-    from modelparallel import __version__  # late: the package imports us indirectly
-
     p, graph = problem.p, problem.graph
     stage_of = {name: int(ev.stage[i]) for i, name in enumerate(problem.names)}
     c0 = problem.costs[0]

@@ -97,8 +97,8 @@ from modelparallel.cost_model import (
     DeviceSpec,
     GraphCosts,
     estimate_costs,
-    get_device_spec,
 )
+from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
 from modelparallel.plan import PlanConfig
@@ -106,8 +106,6 @@ from modelparallel.schedule import inflight_microbatches
 
 __all__ = ["DevicesArg", "ParamInfo", "Problem", "build_problem", "normalize_devices"]
 
-#: What ``partition`` accepts as devices: one for every stage, or one per stage.
-DevicesArg = DeviceSpec | str | Sequence[DeviceSpec | str]
 
 
 @dataclass(frozen=True)
@@ -284,7 +282,8 @@ class Problem:
 
 
 def normalize_devices(devices: DevicesArg, partitions: int) -> tuple[DeviceSpec, ...]:
-    """One :class:`DeviceSpec` per stage from one device or a sequence of them.
+    """One :class:`DeviceSpec` per stage from one device or a sequence of them
+    (:func:`~modelparallel.cost_model.device.stage_devices`).
 
     Raises:
         ConfigError: if a sequence does not have one device per stage, or a name is unknown.
@@ -293,17 +292,7 @@ def normalize_devices(devices: DevicesArg, partitions: int) -> tuple[DeviceSpec,
         >>> [d.name for d in normalize_devices("a100", 2)]
         ['a100', 'a100']
     """
-    if isinstance(devices, DeviceSpec | str):
-        spec = get_device_spec(devices)
-        return (spec,) * partitions
-    specs = tuple(get_device_spec(d) for d in devices)
-    if len(specs) == 1:
-        return specs * partitions
-    if len(specs) != partitions:
-        raise ConfigError(
-            f"got {len(specs)} devices for {partitions} partitions; give one device for every "
-            f"stage or exactly one per stage ({partitions})")
-    return specs
+    return stage_devices(devices, partitions)
 
 
 def _stage_costs(graph: Graph, config: PlanConfig, devices: tuple[DeviceSpec, ...],

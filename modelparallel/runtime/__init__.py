@@ -24,20 +24,11 @@ Example:
     1: 1F0 1B0 1F1 1B1
 """
 
-from modelparallel.runtime.comm import PendingRecv, StageComm
-from modelparallel.runtime.distributed import SetupRound, default_device, init_distributed
-from modelparallel.runtime.executor import StageExecutor, StepOutput, StepStats
-from modelparallel.runtime.failure import FailureBoard, FailureReport
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from modelparallel.runtime.hooks import ActionHook, StageEvent
-from modelparallel.runtime.local import LocalPipeline, action_order
-from modelparallel.runtime.microbatch import (
-    SplitSpec,
-    merge_outputs,
-    resolve_split,
-    shape_key,
-    split_inputs,
-    split_target,
-)
 from modelparallel.schedule import (
     Action,
     Schedule,
@@ -49,6 +40,33 @@ from modelparallel.schedule import (
     simulate,
     theoretical_bubble,
 )
+
+if TYPE_CHECKING:
+    from modelparallel.runtime.comm import PendingRecv, StageComm
+    from modelparallel.runtime.distributed import SetupRound, default_device, init_distributed
+    from modelparallel.runtime.executor import StageExecutor, StepOutput, StepStats
+    from modelparallel.runtime.failure import FailureBoard, FailureReport
+    from modelparallel.runtime.local import LocalPipeline, action_order
+    from modelparallel.runtime.microbatch import (
+        SplitSpec,
+        merge_outputs,
+        resolve_split,
+        shape_key,
+        split_inputs,
+        split_target,
+    )
+
+# The torch modules load on first use, so the schedule vocabulary imports without torch
+# (Note [planning core] in modelparallel/__init__.py).
+_LAZY = {
+    **dict.fromkeys(("PendingRecv", "StageComm"), "comm"),
+    **dict.fromkeys(("SetupRound", "default_device", "init_distributed"), "distributed"),
+    **dict.fromkeys(("StageExecutor", "StepOutput", "StepStats"), "executor"),
+    **dict.fromkeys(("FailureBoard", "FailureReport"), "failure"),
+    **dict.fromkeys(("LocalPipeline", "action_order"), "local"),
+    **dict.fromkeys(("SplitSpec", "merge_outputs", "resolve_split", "shape_key", "split_inputs",
+                     "split_target"), "microbatch"),
+}
 
 __all__ = [
     "Action",
@@ -81,3 +99,18 @@ __all__ = [
     "split_target",
     "theoretical_bubble",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-backed names, imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"modelparallel.runtime.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelparallel.runtime' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -38,6 +38,7 @@ from modelparallel.errors import ConfigError
 
 __all__ = [
     "SplitSpec",
+    "first_microbatch",
     "merge_outputs",
     "resolve_split",
     "shape_key",
@@ -216,3 +217,43 @@ def _split_leaf(value: Any, m: int, axis: int, whole: bool, name: str) -> list[A
             "microbatches, or list the input in non_split_inputs")
     step = size // m
     return [value.narrow(axis, j * step, step) for j in range(m)]
+
+
+def first_microbatch(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     m: int, axes: Mapping[str | int, int] | None = None,
+                     whole: Iterable[str | int] = ()) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Microbatch 0 of an example call of ``model``, for tracing: cut by the same rules as the
+    training batches (:func:`resolve_split`, :func:`split_inputs`), so the CLI and
+    :func:`modelparallel.pipeline` trace the same microbatch. Inputs are named here by their
+    argument names; names that do not match are checked again, against the traced placeholder
+    names, when the pipeline is built.
+
+    Example:
+        >>> mb, _ = first_microbatch(torch.nn.Linear(4, 2), (torch.zeros(8, 4),), {}, 4)
+        >>> tuple(mb[0].shape)
+        (2, 4)
+    """
+    axes = axes or {}
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    names = _leaf_names(model, args, kwargs, len(leaves))
+    known_axes = {k: v for k, v in axes.items() if isinstance(k, int) or k in names}
+    known_whole = [k for k in whole if isinstance(k, int) or k in names]
+    split = resolve_split(names, m, known_axes, known_whole)
+    first = split_inputs(leaves, split)[0]
+    mb_args, mb_kwargs = pytree.tree_unflatten(first, spec)
+    return tuple(mb_args), dict(mb_kwargs)
+
+
+def _leaf_names(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
+                ) -> tuple[str, ...]:
+    import inspect
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(f"arg{i}" for i in range(n))
+    names: list[str] = []
+    for name, value in bound.arguments.items():
+        count = len(pytree.tree_leaves(value))
+        names += [name] if count == 1 else [f"{name}_{i}" for i in range(count)]
+    return tuple(names) if len(names) == n else tuple(f"arg{i}" for i in range(n))

@@ -1,0 +1,106 @@
+"""The CLI's planning flags, built from and checked against :class:`~modelparallel.plan.PlanConfig`
+(Note [planning options] in ``modelparallel/plan_config.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from modelparallel.cost_model.device import DeviceSpec, stage_devices
+from modelparallel.errors import ConfigError
+from modelparallel.plan import (
+    GRANULARITIES,
+    OPTIMIZE_CHOICES,
+    SCHEDULE_ALIASES,
+    SOLVERS,
+    TIED_CHOICES,
+    PlanConfig,
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="pkg.module:factory, path/to/file.py:factory, or an IR JSON file")
+    p.add_argument("--input-shape", action="append", default=[], metavar="SHAPE[:DTYPE]",
+                   help="a positional example input of the FULL batch, e.g. 8,3,224,224 or "
+                        "8x512:int64 (repeat for more inputs)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
+                   help="a keyword example input, e.g. input_ids=8x512:int64 (repeatable)")
+    p.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto",
+                   help="tracer path (default: fx, falling back to torch.export)")
+    p.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="cast the model's floating weights and inputs first (e.g. bfloat16)")
+
+
+#: PlanConfig fields whose flag is not ``--field-name`` (tests/test_plan_options.py checks
+#: that every field has its flag; Note [planning options] in ``modelparallel/plan_config.py``).
+FLAG_OF = {"pins": "--pin"}
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    d = {f.name: f.default for f in fields(PlanConfig)}
+    p.add_argument("--partitions", "-p", type=int, required=True, help="pipeline stages")
+    p.add_argument("--microbatches", "-m", type=int, default=d["microbatches"],
+                   help="microbatches per step")
+    p.add_argument("--schedule", default=d["schedule"], choices=tuple(SCHEDULE_ALIASES))
+    p.add_argument("--device", action="append", default=[], metavar="NAME|SPEC.json",
+                   help="device for every stage, or repeat once per stage "
+                        "(cpu, v100, a100, h100, h200, or a calibrated spec JSON; default h100)")
+    p.add_argument("--memory", metavar="SIZE", help="memory per device, e.g. 80GiB (overrides "
+                                                    "the device spec)")
+    p.add_argument("--optimize", choices=OPTIMIZE_CHOICES, default=d["optimize"])
+    p.add_argument("--memory-weight", type=float, default=d["memory_weight"], metavar="W",
+                   help="weight of memory balance in [0, 1] (default 0.2 speed / 0.8 memory)")
+    p.add_argument("--optimizer", default=d["optimizer"],
+                   help="optimizer whose state is counted: sgd, momentum, adam, adamw, or bytes "
+                        "per parameter")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=d["granularity"])
+    p.add_argument("--module-depth", type=int, default=d["module_depth"],
+                   help="module depth of the units with --granularity module")
+    p.add_argument("--tied", choices=TIED_CHOICES, default=d["tied"],
+                   help="tied parameters on several stages: replicate with gradient sync, or "
+                        "keep their readers on one stage")
+    p.add_argument(FLAG_OF["pins"], dest="pins", action="append", default=[],
+                   metavar="NAME=STAGE",
+                   help="pin a node or module path to a stage (repeatable)")
+    p.add_argument("--solver", choices=SOLVERS, default=d["solver"])
+    p.add_argument("--time-limit", type=float, default=d["time_limit"], metavar="S",
+                   help=f"seconds the ILP may take (default {d['time_limit']:g})")
+
+
+def _config_from_args(a: argparse.Namespace) -> PlanConfig:
+    """The PlanConfig of the flags: every field read from the flag of its name."""
+    pins: dict[str, int] = {}
+    for item in a.pins:
+        key, sep, stage = item.rpartition("=")
+        if not sep or not key or not stage.lstrip("-").isdigit():
+            raise ConfigError(f"--pin {item!r} must look like NAME=STAGE, e.g. "
+                              "transformer.h.0=0")
+        pins[key] = int(stage)
+    optimizer: str | float = a.optimizer
+    with contextlib.suppress(ValueError):
+        optimizer = float(a.optimizer)
+    values = {f.name: getattr(a, f.name) for f in fields(PlanConfig)}
+    return PlanConfig(**{**values, "pins": pins, "optimizer": optimizer})
+
+
+def _devices_from_args(a: argparse.Namespace) -> list[DeviceSpec]:
+    return list(stage_devices(a.device or ["h100"], a.partitions, memory=a.memory,
+                              what="--device (give it once for every stage or once per stage)"))
+
+
+def _progress_printer(status: Any) -> Callable[[Any], None]:
+    def show(event: Any) -> None:
+        parts = [f"{getattr(event, 'phase', '')}: {getattr(event, 'message', '')}"]
+        inc, bound, gap = (getattr(event, k, None) for k in ("incumbent", "bound", "gap"))
+        if inc is not None:
+            parts.append(f"incumbent {inc:.4f}")
+        if bound is not None:
+            parts.append(f"bound {bound:.4f}")
+        if gap is not None:
+            parts.append(f"gap {100 * gap:.2f}%")
+        status.update(" | ".join(parts))
+    return show
