@@ -39,7 +39,7 @@ from modelparallel.partitioner import partition
 from modelparallel.plan import Plan, PlanConfig
 from modelparallel.runtime.comm import StageComm
 from modelparallel.runtime.microbatch import resolve_split
-from modelparallel.runtime.schedule import make_schedule, simulate, theoretical_bubble
+from modelparallel.schedule import make_schedule, simulate, theoretical_bubble
 
 __all__ = ["OPTIMIZER", "Config", "Env", "Run", "configs", "device_spec", "make_plans",
            "plan_summary", "run_config", "summarize"]

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from modelparallel.runtime.executor import StageExecutor
+from modelparallel.runtime.hooks import StageEvent
 
 __all__ = ["Busy", "TimedExecutor", "link_latency", "step_times"]
 
@@ -101,23 +102,24 @@ class Busy:
 
 
 class TimedExecutor(StageExecutor):
-    """Our executor with every forward and backward action bracketed by :class:`Busy`."""
+    """Our executor with every forward and backward action bracketed by :class:`Busy`, through
+    its public ``on_action`` hook (Note [action hook] in ``modelparallel/runtime/hooks.py``)."""
 
     busy: Busy
     fail_at: int | None = None  # --inject-failure: raise in the forward of this microbatch
 
-    def _forward(self, step: Any, i: int, received: list[torch.Tensor]) -> Any:
-        token = self.busy.start()
-        try:
-            if i == self.fail_at:
-                raise RuntimeError(f"injected failure (--inject-failure) in forward {i}")
-            return super()._forward(step, i, received)
-        finally:
-            self.busy.stop("F", token)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._token: Any = None
+        super().__init__(*args, on_action=self._bracket, **kwargs)
 
-    def _backward(self, step: Any, i: int, grads: list[torch.Tensor]) -> Any:
-        token = self.busy.start()
-        try:
-            return super()._backward(step, i, grads)
-        finally:
-            self.busy.stop("B", token)
+    def _bracket(self, event: StageEvent, phase: str) -> None:
+        if event.kind not in ("forward", "backward"):
+            return
+        if phase == "start":
+            self._token = self.busy.start()
+            if event.kind == "forward" and event.microbatch == self.fail_at:
+                self.busy.stop("F", self._token)
+                raise RuntimeError(
+                    f"injected failure (--inject-failure) in forward {event.microbatch}")
+        else:
+            self.busy.stop("F" if event.kind == "forward" else "B", self._token)

@@ -19,15 +19,23 @@ __all__ = ["TorchStage", "TorchStageModule", "schedule_step", "timed_stage_class
 
 
 class TorchStage(nn.Module):
-    """Our stage module in the calling convention of torch.distributed.pipelining."""
+    """Our stage in the calling convention of torch.distributed.pipelining, called through
+    ``StageProgram.run`` (Note [stage calling convention] in ``modelparallel/codegen/program.py``):
+    positional arguments are the model inputs on the first stage, the received values on the
+    others (for stages that read no model input past the first: plain pipelines)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, program: StageProgram) -> None:
         super().__init__()
-        self.module = module
+        self.module = program.module  # registers the parameters
+        self.program = program
 
     def forward(self, *args: torch.Tensor) -> Any:
-        out = self.module(*args)
-        return out[0] if len(out) == 1 else tuple(out)
+        if self.program.is_first:
+            out = self.program.run(args, ())
+        else:
+            out = self.program.run((), args, grad_leaves=torch.is_grad_enabled())
+        values = (out.model_output,) if self.program.is_last else out.sends
+        return values[0] if len(values) == 1 else tuple(values)
 
 
 def schedule_step(sched: Any, rank: int, world: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -42,41 +50,30 @@ def schedule_step(sched: Any, rank: int, world: int, x: torch.Tensor, y: torch.T
 
 
 class TorchStageModule(nn.Module):
-    """A stage ``GraphModule`` of our codegen in the calling convention of
-    ``torch.distributed.pipelining``: the first stage takes its model inputs as positional
-    arguments (as ``schedule.step(x)`` gives them); a later stage takes the received
-    activations as positional arguments and any model inputs it reads (input-derived values it
-    recomputes) as keyword arguments ``in<i>`` (``PipelineSchedule.step`` passes keyword
-    arguments, split into microbatches, to every stage). It returns a tensor or a tuple of
-    tensors (the model output on the last stage)."""
+    """A stage of our codegen in the calling convention of ``torch.distributed.pipelining``:
+    the first stage takes its model inputs as positional arguments (as ``schedule.step(x)``
+    gives them); a later stage takes the received activations as positional arguments and any
+    model inputs it reads (input-derived values it recomputes) as keyword arguments ``in<i>``
+    (``PipelineSchedule.step`` passes keyword arguments, split into microbatches, to every
+    stage). It returns a tensor or a tuple of tensors (the model output on the last stage). The
+    stage is called through ``StageProgram.run`` (Note [stage calling convention] in
+    ``modelparallel/codegen/program.py``), like our executors do."""
 
     def __init__(self, program: StageProgram) -> None:
         super().__init__()
-        self.module = program.module
-        self.is_first = program.is_first
-        self.is_last = program.is_last
+        self.module = program.module  # registers the parameters
+        self.program = program
         self.inputs = [f"in{i}" for i in program.model_inputs]
-        self.n_send = len(program.send)
-        self.out_spec = program.out_spec
-        mutated = set(program.mutated_inputs)
-        self.mutated = {k for k, b in enumerate(program.recv) if b.name in mutated}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        import torch.utils._pytree as pytree
-
-        if self.is_first:
-            values = list(args)
+        if self.program.is_first:
+            out = self.program.run(args, ())
         else:
-            received = [v.clone() if k in self.mutated and isinstance(v, torch.Tensor) else v
-                        for k, v in enumerate(args)]
-            values = [kwargs[n] for n in self.inputs] + received
-        out = self.module(*values)
-        if self.is_last:
-            flat = list(out[self.n_send:])
-            return (pytree.tree_unflatten(flat, self.out_spec) if self.out_spec is not None
-                    else flat[0] if len(flat) == 1 else tuple(flat))
-        sends = tuple(out[:self.n_send])
-        return sends[0] if len(sends) == 1 else sends
+            out = self.program.run([kwargs[n] for n in self.inputs], args,
+                                   grad_leaves=torch.is_grad_enabled())
+        if self.program.is_last:
+            return out.model_output
+        return out.sends[0] if len(out.sends) == 1 else out.sends
 
 
 def torch_unsupported(program: StageProgram) -> str:

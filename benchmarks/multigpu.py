@@ -34,14 +34,14 @@ Note [multigpu measurement]
   the ranks; the figures are medians over the timed steps. Throughput = tokens per step
   (``m * microbatch size * sequence length``) / median(pipeline + optimizer time).
 - **Bubble.** Each forward and each backward action is bracketed by CUDA events on the compute
-  stream (our executor's ``_forward``/``_backward``; torch's ``forward_one_chunk``/
+  stream (our executor's ``on_action`` hook; torch's ``forward_one_chunk``/
   ``backward_one_chunk``), so a rank's *busy* time is the device time between the start and
   the end of its actions (a gap inside an action, e.g. the host queueing kernels slower than the
   GPU runs them, counts as busy). Measured bubble = ``1 - mean over ranks of busy / step
   time``, the median over the timed steps, next to the theory ``(p - 1) / (m + p - 1)`` (equal
   stages, free communication), the plan's own estimate (``PipelineEstimate.bubble_fraction``:
   the idle fraction of the bottleneck stage) and the schedule simulated with the measured
-  per-stage forward and backward times (:func:`modelparallel.runtime.schedule.simulate`, no
+  per-stage forward and backward times (:func:`modelparallel.schedule.simulate`, no
   communication). On the CPU the wall clock replaces the events.
 - **Predicted step time**: the plan's ``PipelineEstimate.step_time`` (the roofline of the
   device spec; no optimizer step), against the measured pipeline time.

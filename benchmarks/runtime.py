@@ -6,7 +6,7 @@ overhead of a one-stage pipeline against plain PyTorch.
 
 (a) Bubble: the measured idle fraction of the pipeline, ``1 - mean over ranks of (compute
     seconds / step seconds)``, next to the theory ``(p - 1) / (m + p - 1)`` and to
-    :func:`modelparallel.runtime.schedule.simulate` fed with the measured per-stage forward and
+    :func:`modelparallel.schedule.simulate` fed with the measured per-stage forward and
     backward times and the measured one-way latency of a boundary message (which accounts for
     unequal stages and the links).
 (b) Step time of our runtime against ``torch.distributed.pipelining`` (``PipelineStage`` with
@@ -95,7 +95,7 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
     from modelparallel.runtime.comm import StageComm
     from modelparallel.runtime.executor import StageExecutor
     from modelparallel.runtime.microbatch import resolve_split
-    from modelparallel.runtime.schedule import make_schedule, simulate, theoretical_bubble
+    from modelparallel.schedule import make_schedule, simulate, theoretical_bubble
     from modelparallel.tracer import trace
 
     torch.set_num_threads(1)
@@ -119,7 +119,7 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
                 ex = StageExecutor(prog, comm, loss_fn=loss_fn, schedule=schedule,
                                    split=resolve_split(prog.input_names, m))
                 # torch.distributed.pipelining on the very same stage module
-                stage = PipelineStage(TorchStage(prog.module), rank, world,
+                stage = PipelineStage(TorchStage(prog), rank, world,
                                       torch.device("cpu"))
                 cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
                 sched = cls(stage, m, loss_fn=loss_fn)

@@ -47,7 +47,7 @@ from torch import nn
 
 from modelparallel.cost_model.device import DeviceSpec, stage_devices
 from modelparallel.errors import ConfigError, PlanMismatchError
-from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan, normalize_schedule
+from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
 from modelparallel.runtime.comm import StageComm
 from modelparallel.runtime.distributed import (
     SetupRound,
@@ -57,6 +57,7 @@ from modelparallel.runtime.distributed import (
 )
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
+from modelparallel.schedule import normalize_schedule
 from modelparallel.units import parse_bytes
 
 __all__ = ["LoadResult", "Pipeline", "PlanningOptions", "StepResult", "pipeline"]

@@ -39,7 +39,7 @@ import enum
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -63,6 +63,7 @@ __all__ = [
     "TensorMeta",
     "dtype_bytes",
     "input_derived_nodes",
+    "recomputed_nodes",
     "module_groups",
 ]
 
@@ -639,6 +640,55 @@ def input_derived_nodes(graph: Graph) -> frozenset[str]:
               and n.op is not OpKind.GET_ATTR and all(s in derived for s in n.inputs)):
             derived.add(n.name)
     return frozenset(derived)
+
+
+def recomputed_nodes(graph: Graph, members: Iterable[str],
+                     derived: Container[str] | None = None) -> tuple[str, ...]:
+    """The input-derived nodes a stage computing ``members`` recomputes instead of receiving.
+
+    Note [recomputed nodes]
+    ~~~~~~~~~~~~~~~~~~~~~~~
+    A stage recomputes every input-derived node (:func:`input_derived_nodes`) its own nodes read,
+    directly or through other input-derived nodes, and reads the placeholders among them from
+    the batch every rank holds (Note [inputs on every rank] in
+    ``modelparallel/partitioner/problem.py``). This function is the one statement of that walk:
+    the cost model's stage replay (``modelparallel/partitioner/evaluate.py``) charges a stage
+    with the nodes it returns and codegen (``modelparallel/codegen/split.py``) copies exactly
+    those nodes into the stage's module, so the two always agree.
+
+    Args:
+        graph: The graph.
+        members: The nodes the stage computes (its assigned nodes; input-derived names among
+            them are walked through like any other).
+        derived: The input-derived nodes, when the caller has them (default:
+            ``input_derived_nodes(graph)``).
+
+    Returns:
+        The input-derived nodes read, placeholders included, in topological order; members
+        themselves are left out.
+
+    Example:
+        >>> g = Graph("m", (Node("ids", OpKind.PLACEHOLDER, "ids"),
+        ...                 Node("mask", OpKind.CALL_FUNCTION, "ne", ("ids",)),
+        ...                 Node("emb", OpKind.CALL_FUNCTION, "emb", ("mask",), params=("w",)),
+        ...                 Node("output", OpKind.OUTPUT, "output", ("emb",))),
+        ...           params=(Param("w", (10, 4), "float32"),))
+        >>> recomputed_nodes(g, ["emb"])
+        ('ids', 'mask')
+    """
+    if derived is None:
+        derived = input_derived_nodes(graph)
+    own = set(members)
+    out: set[str] = set()
+    stack = [u for n in own for u in graph.node(n).inputs if u in derived and u not in own]
+    while stack:
+        name = stack.pop()
+        if name in out:
+            continue
+        out.add(name)
+        stack.extend(u for u in graph.node(name).inputs
+                     if u in derived and u not in own and u not in out)
+    return tuple(sorted(out, key=graph.index))
 
 
 def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) -> dict[str, str]:

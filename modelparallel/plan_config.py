@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from modelparallel.errors import ConfigError, PlanFormatError
+from modelparallel.schedule import SCHEDULE_ALIASES, normalize_schedule  # re-exported (moved)
 
 __all__ = [
     "GRANULARITIES",
@@ -25,28 +26,7 @@ __all__ = [
     "normalize_schedule",
 ]
 
-#: Accepted schedule names: ours and SMP's.
-SCHEDULE_ALIASES: Mapping[str, str] = {
-    "gpipe": "gpipe", "simple": "gpipe",
-    "1f1b": "1f1b", "interleaved": "1f1b",
-}
-
 _OPTIMIZE_DEFAULT_WEIGHT = {"speed": 0.2, "memory": 0.8}
-
-
-def normalize_schedule(name: str) -> str:
-    """Our name for a schedule given by our name or SMP's.
-
-    Example:
-        >>> normalize_schedule("simple")
-        'gpipe'
-    """
-    try:
-        return SCHEDULE_ALIASES[str(name).lower()]
-    except KeyError:
-        raise ConfigError(
-            f"unknown schedule {name!r}; use 'gpipe' (SMP 'simple') or '1f1b' "
-            "(SMP 'interleaved')") from None
 
 
 #: The values of the planning options that are a choice among names (Note [planning options]).

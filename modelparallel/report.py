@@ -19,7 +19,7 @@ from rich.table import Table
 
 from modelparallel.errors import ConfigError
 from modelparallel.plan import NodePlacement, Plan
-from modelparallel.runtime.schedule import Timeline, make_schedule, simulate
+from modelparallel.schedule import Timeline, make_schedule, simulate
 from modelparallel.units import format_bytes, format_count, format_seconds
 
 __all__ = [

@@ -561,7 +561,8 @@ def test_action_order_respects_dependencies() -> None:
     for schedule in ("gpipe", "1f1b"):
         order = action_order(schedule, 3, 5)
         seen: set[tuple[str, int, int]] = set()
-        for kind, s, i in order:
+        for a in order:
+            kind, s, i = a.kind, a.stage, a.microbatch
             if kind == "F" and s > 0:
                 assert ("F", s - 1, i) in seen
             if kind == "B":

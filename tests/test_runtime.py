@@ -203,7 +203,7 @@ def inplace_job(rank: int, world: int) -> dict[str, Any]:
     errs = [_rel(p.detach(), refp[n].detach()) for n, p in prog.module.named_parameters()]
     comm.teardown()
     return {"losses": losses, "param_err": max(errs), "mutated": list(prog.mutated_inputs),
-            "cloned_all": ex._clone_received}
+            "cloned_all": prog.clones_received}
 
 
 def failure_job(rank: int, world: int, mode: str, victim: int, timeout: float

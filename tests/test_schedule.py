@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelparallel.errors import ConfigError
-from modelparallel.runtime.schedule import (
+from modelparallel.schedule import (
     Action,
     Schedule,
     gpipe,

@@ -21,16 +21,25 @@ Example:
 
 from modelparallel.codegen.build import build_stage, build_stages
 from modelparallel.codegen.materialize import held_tensors, materialize, replace_tensors
-from modelparallel.codegen.program import BoundaryValue, StageProgram
+from modelparallel.codegen.program import (
+    BoundaryValue,
+    StageOutputs,
+    StageProgram,
+    add_step_grads,
+    check_loss,
+)
 from modelparallel.codegen.source import program_source, stage_source
 from modelparallel.codegen.split import StageSplit, split_stages
 
 __all__ = [
     "BoundaryValue",
+    "StageOutputs",
     "StageProgram",
     "StageSplit",
+    "add_step_grads",
     "build_stage",
     "build_stages",
+    "check_loss",
     "held_tensors",
     "materialize",
     "program_source",

@@ -21,21 +21,44 @@ It returns a tuple holding, in order:
 A boundary value is whatever the producing node's value is: a tensor, a tuple/list of tensors, or
 a non-tensor (an int, a shape, ``None``). Values relayed through a stage (Note [relay
 communication] in ``modelparallel/plan.py``) appear in both its ``recv`` and ``send``.
+
+Every runtime calls a stage the same way, through :meth:`StageProgram.run` (the distributed
+:class:`~modelparallel.runtime.executor.StageExecutor`, the one-process
+:class:`~modelparallel.runtime.local.LocalPipeline`, and the benchmarks' adapter for
+``torch.distributed.pipelining``), which also holds the rest of the contract:
+
+- *received values that are autograd leaves*: a received tensor through which a gradient flows
+  back is a leaf that requires grad, which autograd refuses to write in place. The values
+  ``mutated_inputs`` lists are passed as clones; should the module still write a received leaf
+  in place (through a view, which codegen may not detect), the write fails before changing
+  anything, and the call is repeated with every received tensor that requires grad cloned, as
+  all later calls of that program are (side effects of the failed attempt before the write,
+  such as batch-norm statistics, happen twice, once);
+- *outputs*: a single non-tuple value counts as a one-element tuple; :class:`StageOutputs`
+  holds the sends and, on the last stage, the model output rebuilt with ``out_spec`` (without
+  an ``out_spec``: the one flat output, or a tuple of several);
+- *the loss*: :func:`check_loss` makes ``loss_fn``'s result a 0-d tensor or raises;
+- *tied parameters*: after backward, the gradients of this step of every copy of a shared
+  parameter are summed (by an all-reduce, or in one process) and :func:`add_step_grads` adds
+  the sum to what the copies held before the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
+from modelparallel.errors import ConfigError
 from modelparallel.ir import IRFormatError, TensorMeta
 
-__all__ = ["BoundaryValue", "StageProgram"]
+__all__ = ["BoundaryValue", "StageOutputs", "StageProgram", "add_step_grads", "check_loss"]
 
 _KINDS = frozenset({"tensor", "tensors", "scalar", "none"})
+_INPLACE_LEAF_ERROR = "leaf Variable that requires grad is being used in an in-place operation"
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,21 @@ class BoundaryValue:
     def requires_grad(self) -> bool:
         """Whether a gradient flows back through it (a floating leaf that requires grad)."""
         return any(m.requires_grad and m.is_floating for m in self.metas)
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """What one call of a stage produced (Note [stage calling convention]).
+
+    Attributes:
+        sends: The values for the next stage, in the order of ``StageProgram.send`` (empty on
+            the last stage).
+        model_output: On the last stage, the model output rebuilt with ``out_spec`` (what
+            ``loss_fn`` gets); ``None`` on the other stages.
+    """
+
+    sends: tuple[Any, ...]
+    model_output: Any = None
 
 
 @dataclass
@@ -124,6 +162,7 @@ class StageProgram:
     stage_nodes: tuple[str, ...] = ()
     recomputed: tuple[str, ...] = ()
     mutated_inputs: tuple[str, ...] = ()
+    _clone_received: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert 0 <= self.index < self.num_stages
@@ -150,6 +189,63 @@ class StageProgram:
         """Positional arguments of ``module.forward``: local model inputs, then received values."""
         return len(self.model_inputs) + len(self.recv)
 
+    @property
+    def clones_received(self) -> bool:
+        """Whether :meth:`run` clones every received tensor that requires grad: after the
+        module wrote one in place undetected (Note [stage calling convention])."""
+        return self._clone_received
+
+    def run(self, local: Sequence[Any], received: Sequence[Any], *,
+            grad_leaves: bool = False) -> StageOutputs:
+        """Call the stage module on one microbatch (Note [stage calling convention]).
+
+        Args:
+            local: The stage's model inputs of the microbatch, in the order of
+                ``model_inputs``.
+            received: The values from the previous stage, in the order of ``recv``.
+            grad_leaves: Whether received tensors may be autograd leaves that require grad
+                (training): then the ones the stage writes in place are passed as clones.
+
+        Example:
+            >>> import torch
+            >>> from modelparallel.codegen import build_stage
+            >>> from modelparallel.partitioner import partition
+            >>> from modelparallel.plan import PlanConfig
+            >>> from modelparallel.tracer import trace
+            >>> traced = trace(torch.nn.Linear(4, 1), (torch.randn(2, 4),))
+            >>> program = build_stage(traced, partition(traced.graph, PlanConfig(1), "cpu"), 0)
+            >>> out = program.run([torch.randn(3, 4)], [])
+            >>> out.sends, out.model_output.shape
+            ((), torch.Size([3, 1]))
+        """
+        values = list(received)
+        if grad_leaves:
+            mutated = set(self.mutated_inputs)
+            values = [_clone_grad_leaves(v) if self._clone_received or b.name in mutated else v
+                      for b, v in zip(self.recv, values)]
+        try:
+            out = self.module(*local, *values)
+        except RuntimeError as e:
+            if not grad_leaves or self._clone_received or _INPLACE_LEAF_ERROR not in str(e):
+                raise
+            self._clone_received = True
+            return self.run(local, received, grad_leaves=True)
+        return self.split_outputs(out)
+
+    def split_outputs(self, out: Any) -> StageOutputs:
+        """The sends and the model output of what ``module`` returned (Note [stage calling
+        convention])."""
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        n_send = len(self.send)
+        sends = tuple(out[:n_send])
+        if not self.is_last:
+            return StageOutputs(sends)
+        flat = list(out[n_send:])
+        output = (pytree.tree_unflatten(flat, self.out_spec) if self.out_spec is not None
+                  else flat[0] if len(flat) == 1 else tuple(flat))
+        return StageOutputs(sends, output)
+
     def canonical_params(self) -> frozenset[str]:
         """Canonical names of every parameter and buffer the stage holds."""
         return frozenset(self.param_names.values())
@@ -171,3 +267,48 @@ class StageProgram:
                 assert isinstance(value, torch.Tensor)
                 return value
         raise KeyError(f"stage {self.index} holds no parameter or buffer named {name!r}")
+
+
+def check_loss(loss: Any) -> torch.Tensor:
+    """``loss_fn``'s result as a 0-d tensor (Note [stage calling convention]).
+
+    Raises:
+        ConfigError: if it is not a tensor of one element.
+
+    Example:
+        >>> check_loss(torch.tensor([2.0])).shape
+        torch.Size([])
+    """
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
+        raise ConfigError(
+            f"loss_fn must return a scalar tensor; it returned {type(loss).__name__}"
+            f"{shape}. Reduce the loss (mean over the batch).")
+    return loss.reshape(())
+
+
+def add_step_grads(tensors: Sequence[torch.Tensor], totals: Sequence[torch.Tensor],
+                   before: Sequence[torch.Tensor | None]) -> None:
+    """Give every copy of a tied parameter the summed gradient of this step on top of what it
+    held before the step (Note [stage calling convention]).
+
+    Args:
+        tensors: The copies this process holds.
+        totals: Per copy, the gradient of this step summed over every copy (moved to the copy's
+            device here).
+        before: Per copy, its ``.grad`` before the step (``None``: none).
+
+    Example:
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> add_step_grads([w], [torch.ones(2)], [torch.ones(2)])
+        >>> w.grad
+        tensor([2., 2.])
+    """
+    for t, total, prev in zip(tensors, totals, before):
+        new = total.to(t.device)
+        t.grad = new.clone() if prev is None else prev + new
+
+
+def _clone_grad_leaves(value: Any) -> Any:
+    return pytree.tree_map(
+        lambda v: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v, value)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch.fx
 
 from modelparallel.errors import PlanFormatError
-from modelparallel.ir import Graph, IRFormatError, OpKind, input_derived_nodes
+from modelparallel.ir import Graph, IRFormatError, OpKind, input_derived_nodes, recomputed_nodes
 from modelparallel.plan import Plan
 from modelparallel.tracer.traced import TracedModel
 
@@ -207,17 +207,15 @@ def _split_one(nodes: dict[str, torch.fx.Node], graph: Graph, home: dict[str, in
                p: int) -> StageSplit:
     order = {name: i for i, name in enumerate(nodes)}
     own = [name for name in nodes if home[name] == k]
-    needed: set[str] = set()
-    stack = [src.name for name in own for src in nodes[name].all_input_nodes]
-    while stack:
-        name = stack.pop()
-        if home[name] != _EVERYWHERE or name in needed:
-            continue
-        needed.add(name)
-        stack.extend(src.name for src in nodes[name].all_input_nodes)
+    # What the stage recomputes: Note [recomputed nodes] in modelparallel/ir.py, the walk the
+    # cost model charges too. The IR leaves out the get_attr nodes of tensors (they are
+    # ``params``), which the stage reads as attributes.
+    everywhere = {n.name for n in graph if home[n.name] == _EVERYWHERE}
+    needed = set(recomputed_nodes(graph, own, everywhere))
+    attrs = {src.name for name in (*own, *needed) for src in nodes[name].all_input_nodes
+             if src.name not in graph and src.op == "get_attr"}
     placeholders = {n for n in needed if nodes[n].op == "placeholder"}
-    attrs = {n for n in needed if n not in graph and nodes[n].op == "get_attr"}
-    recomputed = needed - placeholders - attrs
+    recomputed = needed - placeholders
     for name in placeholders:
         if name not in input_index:
             raise IRFormatError(

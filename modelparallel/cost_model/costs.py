@@ -69,6 +69,7 @@ from modelparallel.cost_model.device import DeviceSpec, get_device_spec
 from modelparallel.cost_model.replay import HostReplay
 from modelparallel.errors import ConfigError
 from modelparallel.ir import Graph, Node, OpKind, Param
+from modelparallel.schedule import inflight_microbatches  # re-exported here
 
 __all__ = [
     "OPTIMIZER_STATES",
@@ -235,28 +236,6 @@ def param_state_bytes(param: Param, optimizer: str | float = "adam") -> int:
             f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZER_STATES)} or give "
             "bytes per parameter as a number") from None
     return param.nbytes * (2 + states)
-
-
-def inflight_microbatches(schedule: str, microbatches: int, partitions: int, stage: int) -> int:
-    """How many microbatches' activations stage ``stage`` holds at its peak.
-
-    GPipe runs every forward before any backward, so every stage holds all ``m``. 1F1B lets stage
-    ``i`` (0-based) run at most ``p - i`` forwards ahead of its backwards: ``min(m, p - i)``.
-
-    Example:
-        >>> [inflight_microbatches("1f1b", 8, 4, i) for i in range(4)]
-        [4, 3, 2, 1]
-        >>> inflight_microbatches("gpipe", 8, 4, 3)
-        8
-    """
-    if not 0 <= stage < partitions:
-        raise ConfigError(f"stage {stage} is outside 0..{partitions - 1}")
-    s = schedule.lower()
-    if s in ("gpipe", "simple"):
-        return microbatches
-    if s in ("1f1b", "interleaved"):
-        return min(microbatches, partitions - stage)
-    raise ConfigError(f"unknown schedule {schedule!r}; use 'gpipe' or '1f1b'")
 
 
 def _compute_dtype(node: Node, graph: Graph) -> str:

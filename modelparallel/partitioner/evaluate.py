@@ -24,7 +24,7 @@ import numpy as np
 
 from modelparallel._version import __version__
 from modelparallel.errors import ConfigError
-from modelparallel.ir import OpKind
+from modelparallel.ir import OpKind, recomputed_nodes
 from modelparallel.partitioner.problem import Problem
 from modelparallel.plan import (
     BoundaryEstimate,
@@ -213,20 +213,21 @@ def _replay_stages(problem: Problem, stage: np.ndarray, fwd: np.ndarray, bwd: np
         bwd[s] = b + float(problem.bwd[rest, s].sum())
 
 
-def _recomputed(problem: Problem, members: list[str]) -> set[str]:
-    """The input-derived nodes (unassigned: every stage recomputes what it reads of them, Note
-    [inputs on every rank] in ``problem.py``) that ``members`` read, directly or through
-    others."""
-    graph = problem.graph
-    out: set[str] = set()
-    stack = [u for n in members for u in graph.node(n).inputs if u not in problem.index]
-    while stack:
-        name = stack.pop()
-        if name in out:
-            continue
-        out.add(name)
-        stack.extend(u for u in graph.node(name).inputs if u not in problem.index)
-    return out
+def _recomputed(problem: Problem, members: list[str]) -> tuple[str, ...]:
+    """The input-derived nodes (unassigned: not in ``problem.index``) that ``members`` read,
+    directly or through others: what their stage recomputes (Note [recomputed nodes] in
+    ``modelparallel/ir.py``, the walk codegen uses too)."""
+    return recomputed_nodes(problem.graph, members, _Unassigned(problem.index))
+
+
+class _Unassigned:
+    """The nodes a problem leaves unassigned (the input-derived ones), as a container."""
+
+    def __init__(self, index: Mapping[str, int]) -> None:
+        self._index = index
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self._index
 
 
 def _memory_breakdown(problem: Problem, ev: Evaluation, s: int) -> MemoryEstimate:

@@ -97,12 +97,12 @@ from modelparallel.cost_model import (
     DeviceSpec,
     GraphCosts,
     estimate_costs,
-    inflight_microbatches,
 )
 from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
 from modelparallel.plan import PlanConfig
+from modelparallel.schedule import inflight_microbatches
 
 __all__ = ["DevicesArg", "ParamInfo", "Problem", "build_problem", "normalize_devices"]
 

@@ -1,8 +1,8 @@
 """The pipeline runtime: schedules, microbatching, neighbour communication and the per-rank
 executor that trains one :class:`~modelparallel.codegen.StageProgram` on torch.distributed.
 
-- :mod:`.schedule`: GPipe and 1F1B action lists, validation, simulation (Note [schedule
-  communication model]);
+- :mod:`modelparallel.schedule` (in the core, re-exported here): GPipe and 1F1B action lists,
+  validation, simulation (Note [schedule communication model]);
 - :mod:`.microbatch`: SMP's splitting rules (``input_split_axes``, ``non_split_inputs``,
   ``smp_slice``) and output merging;
 - :mod:`.boundary`: boundary values as tensors plus a picklable template;
@@ -12,6 +12,7 @@ executor that trains one :class:`~modelparallel.codegen.StageProgram` on torch.d
   [setup agreement]);
 - :mod:`.executor`: :class:`StageExecutor`, one stage under a schedule (Note [boundary
   metadata]);
+- :mod:`.hooks`: the executor's per-action hook, :class:`StageEvent` (Note [action hook]);
 - :mod:`.local`: :class:`LocalPipeline`, every stage in one process.
 
 The plain PyTorch front end over all of it is :func:`modelparallel.api.pipeline`.
@@ -27,7 +28,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from modelparallel.runtime.schedule import (
+from modelparallel.runtime.hooks import ActionHook, StageEvent
+from modelparallel.schedule import (
     Action,
     Schedule,
     Timeline,
@@ -68,6 +70,7 @@ _LAZY = {
 
 __all__ = [
     "Action",
+    "ActionHook",
     "FailureBoard",
     "FailureReport",
     "LocalPipeline",
@@ -76,6 +79,7 @@ __all__ = [
     "SetupRound",
     "SplitSpec",
     "StageComm",
+    "StageEvent",
     "StageExecutor",
     "StepOutput",
     "StepStats",

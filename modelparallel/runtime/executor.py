@@ -1,10 +1,11 @@
 """The per-rank pipeline executor: one :class:`~modelparallel.codegen.StageProgram` under a schedule.
 
-Each rank runs its stage's action list (:mod:`modelparallel.runtime.schedule`). A forward of
-microbatch ``i`` calls ``program.module`` on the stage's local model inputs of the microbatch and
-the values received from the previous stage (Note [stage calling convention] in
+Each rank runs its stage's action list (:mod:`modelparallel.schedule`). A forward of
+microbatch ``i`` runs the stage (``program.run``) on the stage's local model inputs of the
+microbatch and the values received from the previous stage (Note [stage calling convention] in
 ``modelparallel/codegen/program.py``), sends the stage's outputs on, and keeps what backward
-needs. The last stage rebuilds the model output with ``out_spec`` and computes
+needs. A hook given as ``on_action`` is called around every receive wait, forward, backward,
+send and gradient sync (Note [action hook] in ``modelparallel/runtime/hooks.py``). The last stage rebuilds the model output with ``out_spec`` and computes
 ``loss_fn(output, target)``. A backward receives the gradients of the values the stage sent (or
 starts from the loss on the last stage, scaled by ``1/m`` when gradients are averaged over
 microbatches), runs autograd, and sends the gradients of the values it received back. Parameter
@@ -37,15 +38,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
 
-from modelparallel.codegen.program import StageProgram
+from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
 from modelparallel.errors import CommunicationError, ConfigError
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
+from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.microbatch import (
     SplitSpec,
     merge_outputs,
@@ -53,12 +55,13 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
-from modelparallel.runtime.schedule import Action, Schedule, make_schedule
+from modelparallel.schedule import Action, Schedule, make_schedule
 
 __all__ = ["StageExecutor", "StepOutput", "StepStats"]
 
+_T = TypeVar("_T")
+
 _MAX_KEYS = 64
-_INPLACE_LEAF_ERROR = "leaf Variable that requires grad is being used in an in-place operation"
 
 
 class StepOutput(NamedTuple):
@@ -143,6 +146,9 @@ class StageExecutor:
         average_grads: Average parameter gradients over microbatches (SMP's
             ``average_grads_across_microbatches``); otherwise sum them.
         device: Where the stage runs.
+        on_action: Called with ``(StageEvent, "start" | "end")`` around every receive wait,
+            forward, backward, send and gradient sync of this rank (Note [action hook] in
+            ``modelparallel/runtime/hooks.py``); ``None``: nothing is called.
 
     Example:
         >>> import torch
@@ -161,7 +167,8 @@ class StageExecutor:
 
     def __init__(self, program: StageProgram, comm: StageComm | None, *,
                  loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
-                 average_grads: bool = True, device: torch.device | str = "cpu") -> None:
+                 average_grads: bool = True, device: torch.device | str = "cpu",
+                 on_action: ActionHook | None = None) -> None:
         if comm is None and program.num_stages != 1:
             raise ConfigError(f"stage {program.index} of {program.num_stages} needs a StageComm")
         self.program = program
@@ -172,9 +179,9 @@ class StageExecutor:
         self.average_grads = average_grads
         self.device = torch.device(device)
         self.stats = StepStats()
+        self.on_action = on_action
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
-        self._clone_received = False
         make_schedule(schedule, program.num_stages, split.num_microbatches).validate()
         self._shared = self._shared_groups()
 
@@ -235,7 +242,7 @@ class StageExecutor:
                 if self.comm is not None:
                     self.comm.drain_sends()
                 if train:
-                    self._reduce_shared_grads(stash)
+                    self._hooked("grad_sync", None, self._reduce_shared_grads, stash)
                 result = self._gather_result(step)
         except BaseException as e:
             self._templates.pop(key, None)
@@ -259,17 +266,37 @@ class StageExecutor:
             if not grouped:
                 self._post(step, k + 1, allow_meta=False)
             recv = step.posted.pop(k)
-            received = self.comm.wait(recv) if recv is not None and self.comm is not None else []
+            i = a.microbatch
+            received = (self._hooked("recv_wait", i, self.comm.wait, recv)
+                        if recv is not None and self.comm is not None else [])
             t0 = time.perf_counter()
             if a.kind == "F":
-                sends = self._forward(step, a.microbatch, received)
+                sends = self._hooked("forward", i, self._forward, step, i, received)
             else:
-                sends = self._backward(step, a.microbatch, received)
+                sends = self._hooked("backward", i, self._backward, step, i, received)
             dt = time.perf_counter() - t0
             self.stats.compute_seconds += dt
             self.stats.actions.append((str(a), dt))
-            self._post(step, k + 1 if grouped else -1, allow_meta=False, sends=sends, label=str(a))
+            nxt = k + 1 if grouped else -1
+            if sends and self.on_action is not None:
+                self._hooked("send", i, self._post, step, nxt, allow_meta=False, sends=sends,
+                             label=str(a))
+            else:
+                self._post(step, nxt, allow_meta=False, sends=sends, label=str(a))
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
+
+    def _hooked(self, kind: str, microbatch: int | None, fn: Callable[..., _T], *args: Any,
+                **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)``, bracketed by the ``on_action`` hook if there is one."""
+        hook = self.on_action
+        if hook is None:
+            return fn(*args, **kwargs)
+        event = StageEvent(kind, self.program.index, microbatch)
+        hook(event, "start")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            hook(event, "end")
 
     def _post(self, step: _Step, k: int, *, allow_meta: bool,
               sends: Sequence[tuple[int, list[torch.Tensor]]] = (), label: str = "") -> None:
@@ -320,54 +347,22 @@ class StageExecutor:
                     buf.requires_grad_(True)
                     leaves.append(buf)
             values = unpack(step.tpl.recv[1], received)
-        out = self._call(step, values, i, bool(leaves))
-        if not isinstance(out, (tuple, list)):
-            out = (out,)
-        n_send = len(p.send)
+        out = p.run(step.local[i], values, grad_leaves=bool(leaves))
         if not self.is_last:
-            template, tensors = pack(out[:n_send])
+            template, tensors = pack(out.sends)
             self._check_send_template(step.tpl, template, i)
             roots = [t for t, s in zip(tensors, slots(template)) if s.requires_grad]
             step.microbatches[i] = _Microbatch(roots, leaves, None)
             return [(p.index + 1, tensors)]
-        flat_out = list(out[n_send:])
-        output = (pytree.tree_unflatten(flat_out, p.out_spec) if p.out_spec is not None
-                  else flat_out[0] if len(flat_out) == 1 else tuple(flat_out))
+        output = out.model_output
         if step.return_outputs:
             step.outputs[i] = pytree.tree_map(
                 lambda v: v.detach() if isinstance(v, torch.Tensor) else v, output)
         if step.train:
-            loss = self.loss_fn(output, step.targets[i])
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
-                raise ConfigError(
-                    f"loss_fn must return a scalar tensor; it returned {type(loss).__name__}"
-                    f"{shape}. Reduce the loss (mean over the batch).")
-            step.losses.append(loss.detach().reshape(()))
-            step.microbatches[i] = _Microbatch([], leaves, loss.reshape(()))
+            loss = check_loss(self.loss_fn(output, step.targets[i]))
+            step.losses.append(loss.detach())
+            step.microbatches[i] = _Microbatch([], leaves, loss)
         return []
-
-    def _call(self, step: _Step, values: list[Any], i: int, grad_leaves: bool) -> Any:
-        """Run the stage module on microbatch ``i``.
-
-        Received tensors that need a gradient are autograd leaves, which must not be written in
-        place: the values codegen lists in ``mutated_inputs`` are passed as clones; should the
-        module still write a received leaf in place (through a view, which codegen may not
-        detect), the write fails before changing anything, and the call is repeated with every
-        received value cloned, as all later calls are.
-        """
-        p = self.program
-        if grad_leaves:
-            mutated = set(getattr(p, "mutated_inputs", ()))
-            values = [_clone_grad_leaves(v) if self._clone_received or b.name in mutated else v
-                      for b, v in zip(p.recv, values)]
-        try:
-            return p.module(*step.local[i], *values)
-        except RuntimeError as e:
-            if not grad_leaves or self._clone_received or _INPLACE_LEAF_ERROR not in str(e):
-                raise
-            self._clone_received = True
-            return self._call(step, values, i, grad_leaves)
 
     def _backward(self, step: _Step, i: int, grads: list[torch.Tensor]
                   ) -> list[tuple[int, list[torch.Tensor]]]:
@@ -499,13 +494,11 @@ class StageExecutor:
             grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
             flat = torch.cat([g.reshape(-1) for g in grads])
             self.comm.all_reduce_sum(flat, stages, f"the gradients of tied parameters {names}")
-            offset = 0
-            for name, t, g in zip(names, tensors, grads):
-                n = g.numel()
-                reduced = flat[offset:offset + n].view_as(g)
-                offset += n
-                prev = stash.get(name)
-                t.grad = reduced.clone() if prev is None else prev + reduced
+            offset, totals = 0, []
+            for g in grads:
+                totals.append(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            add_step_grads(tensors, totals, [stash.get(n) for n in names])
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -520,11 +513,6 @@ class StageExecutor:
                     tuple(Action(s, "F", i) for i in range(m)) for s in range(p)))
             self._schedules[key] = sched
         return self._schedules[key].actions[self.program.index]
-
-
-def _clone_grad_leaves(value: Any) -> Any:
-    return pytree.tree_map(
-        lambda v: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v, value)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -14,13 +14,9 @@ in the distributed runtime. A stage's backward starts from the gradients the nex
 those leaves (or from the loss on the last stage) and leaves the gradients of its own input
 leaves for the previous stage. A relayed value is its stage's input leaf returned unchanged, so
 the gradients of its later uses and of uses on the way add up on that leaf (Note [relay
-communication] in ``modelparallel/plan.py``). Autograd refuses in-place writes on such a leaf,
-so the received values a stage modifies in place (``StageProgram.mutated_inputs``, e.g. a
-``ReLU(inplace=True)`` right after a cut) are passed as clones. Should a stage still write a
-received leaf in place (through a view, say, which codegen does not detect), the write fails
-before changing anything; the stage is run again on clones of all its received tensors, and
-gets clones from then on (side effects of the failed attempt before that write, such as
-batch-norm statistics, would happen twice, once).
+communication] in ``modelparallel/plan.py``). Autograd refuses in-place writes on such a leaf;
+``StageProgram.run`` passes clones where needed, as for the distributed runtime (Note [stage
+calling convention] in ``modelparallel/codegen/program.py``).
 
 Note [local tied parameters]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -41,7 +37,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from modelparallel.codegen.program import StageProgram
+from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
 from modelparallel.errors import ConfigError
 from modelparallel.runtime.microbatch import (
     merge_outputs,
@@ -49,27 +45,26 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
-from modelparallel.runtime.schedule import Schedule, make_schedule
+from modelparallel.schedule import Action, Schedule, make_schedule
 
 __all__ = ["LocalPipeline", "action_order"]
 
-_INPLACE_LEAF_ERROR = "leaf Variable that requires grad is being used in an in-place operation"
-
 
 def action_order(schedule: str | Schedule, num_stages: int,
-                 microbatches: int) -> list[tuple[str, int, int]]:
-    """A single-process order of a schedule's actions, as ``(kind, stage, microbatch)``.
+                 microbatches: int) -> list[Action]:
+    """A single-process order of a schedule's actions: the :class:`~modelparallel.schedule.Action`
+    values the distributed executor runs, every stage's interleaved into one list.
 
-    Each stage keeps its action order from the schedule (:mod:`modelparallel.runtime.schedule`);
-    the stages are interleaved by running every action as soon as its inputs are ready (the
+    Each stage keeps its action order from the schedule (:mod:`modelparallel.schedule`); the
+    stages are interleaved by running every action as soon as its inputs are ready (the
     forward of the previous stage, the backward of the next), so the peak of activations held is
-    the schedule's (1F1B: at most ``p - s`` microbatches in flight on stage ``s``).
+    the schedule's (Note [in-flight microbatches] in ``modelparallel/schedule.py``).
 
     Raises:
         ConfigError: for an unknown schedule name or a schedule of another shape.
 
     Example:
-        >>> " ".join(f"{s}{k}{i}" for k, s, i in action_order("1f1b", 2, 2))
+        >>> " ".join(str(a) for a in action_order("1f1b", 2, 2))
         '0F0 0F1 1F0 1B0 1F1 1B1 0B0 0B1'
     """
     sched = (schedule if isinstance(schedule, Schedule)
@@ -79,22 +74,22 @@ def action_order(schedule: str | Schedule, num_stages: int,
         raise ConfigError(
             f"schedule {sched.name!r} is for {sched.num_stages} stages and "
             f"{sched.num_microbatches} microbatches; the pipeline has {p} and {m}")
-    per_stage = [[(a.kind, a.microbatch) for a in acts] for acts in sched.actions]
-    done: set[tuple[str, int, int]] = set()
-    order: list[tuple[str, int, int]] = []
+    done: set[Action] = set()
+    order: list[Action] = []
     pos = [0] * p
-    total = sum(len(acts) for acts in per_stage)
+    total = sum(len(acts) for acts in sched.actions)
     while len(order) < total:
         progressed = False
         for s in range(p):
-            while pos[s] < len(per_stage[s]):
-                kind, i = per_stage[s][pos[s]]
-                ready = (s == 0 or ("F", s - 1, i) in done) if kind == "F" else (
-                    ("F", s, i) in done and (s == p - 1 or ("B", s + 1, i) in done))
+            while pos[s] < len(sched.actions[s]):
+                a = sched.actions[s][pos[s]]
+                i = a.microbatch
+                ready = (s == 0 or Action(s - 1, "F", i) in done) if a.kind == "F" else (
+                    Action(s, "F", i) in done and (s == p - 1 or Action(s + 1, "B", i) in done))
                 if not ready:
                     break
-                done.add((kind, s, i))
-                order.append((kind, s, i))
+                done.add(a)
+                order.append(a)
                 pos[s] += 1
                 progressed = True
         if not progressed:
@@ -111,7 +106,7 @@ class _Slot:
     """What one stage keeps between the forward and backward of one microbatch.
 
     Attributes:
-        outputs: The stage's outputs as produced, until they are passed on.
+        outputs: The values the stage sends, until they are passed on.
         pairs: For the boundary into the next stage: (output tensor here, leaf there) pairs of
             the tensors through which a gradient flows back.
         loss: The microbatch loss (last stage only).
@@ -131,7 +126,7 @@ class LocalPipeline:
         loss_fn: ``loss_fn(model_output, target) -> scalar``, mean-reduced over the batch; called
             per microbatch on the last stage with the rebuilt model output.
         schedule: ``"gpipe"`` (SMP ``"simple"``), ``"1f1b"`` (SMP ``"interleaved"``), or a
-            :class:`~modelparallel.runtime.schedule.Schedule` of ``p`` stages and
+            :class:`~modelparallel.schedule.Schedule` of ``p`` stages and
             ``microbatches`` microbatches.
         devices: One device per stage; the stage modules are moved there (tied weights shared
             between stages on different devices become copies, Note [local tied parameters]).
@@ -175,7 +170,6 @@ class LocalPipeline:
         self.average_grads = bool(average_grads)
         self._split = resolve_split(self.stages[0].input_names, microbatches, input_split_axes,
                                     non_split_inputs)
-        self._clone_inputs = [False] * len(self.stages)
         if devices is not None:
             if len(devices) != len(self.stages):
                 raise ConfigError(f"{len(devices)} devices given for {len(self.stages)} stages; "
@@ -235,19 +229,18 @@ class LocalPipeline:
         received: dict[tuple[int, int], list[Any]] = {}
         outputs: list[Any] = [None] * m
         losses: list[torch.Tensor] = [torch.zeros(())] * m
-        for kind, s, i in self._order:
-            if kind == "F":
-                slot = self._forward(s, mb_inputs[i], received.pop((s, i), []), grad=True)
+        for a in self._order:
+            s, i = a.stage, a.microbatch
+            if a.kind == "F":
+                slot, out = self._forward(s, mb_inputs[i], received.pop((s, i), []), grad=True)
                 slots[(s, i)] = slot
                 if s < p - 1:
                     received[(s + 1, i)] = self._transfer(slot, s + 1)
                 else:
-                    out = self._model_output(s, slot.outputs)
                     outputs[i] = pytree.tree_map(_detach, out)
-                    slot.loss = self._loss(out, pytree.tree_map(
-                        lambda v: _move(v, self.devices[-1]), mb_targets[i]))
+                    slot.loss = check_loss(self.loss_fn(out, pytree.tree_map(
+                        lambda v: _move(v, self.devices[-1]), mb_targets[i])))
                     losses[i] = slot.loss.detach()
-                    slot.outputs = []
             else:
                 self._backward(slots, s, i)
         self._sum_tied_grads(tied, before)
@@ -262,46 +255,30 @@ class LocalPipeline:
             for inputs in mb_inputs:
                 values: list[Any] = []
                 for s in range(self.num_stages):
-                    slot = self._forward(s, inputs, values, grad=False)
+                    slot, out = self._forward(s, inputs, values, grad=False)
                     if s < self.num_stages - 1:
                         values = [pytree.tree_map(lambda v, d=self.devices[s + 1]: _move(v, d), v)
                                   for v in slot.outputs]
                     else:
-                        outputs.append(self._model_output(s, slot.outputs))
+                        outputs.append(out)
         return merge_outputs(outputs)
 
     # -- forward / backward ----------------------------------------------------------------------
 
     def _forward(self, s: int, inputs: Sequence[Any], received: list[Any], *,
-                 grad: bool) -> _Slot:
+                 grad: bool) -> tuple[_Slot, Any]:
+        """Run stage ``s`` on one microbatch: its sends and (last stage) the model output."""
         stage = self.stages[s]
         dev = self.devices[s]
         local = [_move(inputs[i], dev) for i in stage.model_inputs]
-        args = received
-        if grad and self._clone_inputs[s]:
-            args = [pytree.tree_map(_clone_grad_leaf, v) for v in received]
-        elif grad and stage.mutated_inputs:
-            mutated = set(stage.mutated_inputs)
-            args = [pytree.tree_map(_clone_grad_leaf, v) if b.name in mutated else v
-                    for b, v in zip(stage.recv, received)]
-        try:
-            out = stage.module(*local, *args)
-        except RuntimeError as e:
-            if not grad or self._clone_inputs[s] or _INPLACE_LEAF_ERROR not in str(e):
-                raise
-            self._clone_inputs[s] = True
-            return self._forward(s, inputs, received, grad=grad)
-        if not isinstance(out, (tuple, list)):
-            raise ConfigError(f"stage {s} returned {type(out).__name__}; stage modules built "
-                              "by modelparallel.codegen return a tuple")
-        return _Slot(outputs=list(out))
+        out = stage.run(local, received, grad_leaves=grad)
+        return _Slot(outputs=list(out.sends)), out.model_output
 
     def _transfer(self, slot: _Slot, dest: int) -> list[Any]:
         """Detach the send values, move them to the next stage, make grad-carrying leaves."""
         dev = self.devices[dest]
         values = []
-        n_send = len(self.stages[dest - 1].send)
-        for value in slot.outputs[:n_send]:
+        for value in slot.outputs:
             leaves, spec = pytree.tree_flatten(value)
             moved = []
             for leaf in leaves:
@@ -316,22 +293,6 @@ class LocalPipeline:
             values.append(pytree.tree_unflatten(moved, spec))
         slot.outputs = []
         return values
-
-    def _model_output(self, s: int, outputs: list[Any]) -> Any:
-        stage = self.stages[s]
-        flat = outputs[len(stage.send):]
-        if stage.out_spec is None:
-            return flat
-        return pytree.tree_unflatten(list(flat), stage.out_spec)
-
-    def _loss(self, output: Any, target: Any) -> torch.Tensor:
-        loss = self.loss_fn(output, target)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError(
-                f"loss_fn returned {type(loss).__name__} "
-                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}; it must return a "
-                "scalar tensor (mean-reduced over the batch)")
-        return loss.reshape(())
 
     def _backward(self, slots: dict[tuple[int, int], _Slot], s: int, i: int) -> None:
         slot = slots.pop((s, i))
@@ -374,9 +335,7 @@ class LocalPipeline:
                 continue
             dev = group[0].device
             total = torch.stack([d.to(dev) for d in deltas]).sum(0)
-            for t, g0 in zip(group, old):
-                new = total.to(t.device)
-                t.grad = new.clone() if g0 is None else g0 + new
+            add_step_grads(group, [total] * len(group), old)
 
     # -- microbatches ----------------------------------------------------------------------------
 
@@ -417,12 +376,6 @@ def _move(value: Any, device: torch.device) -> Any:
 
 def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def _clone_grad_leaf(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.requires_grad:
-        return value.clone()
-    return value
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:

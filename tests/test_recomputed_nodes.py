@@ -1,0 +1,96 @@
+"""One walk decides what a stage recomputes (Note [recomputed nodes] in ``modelparallel/ir.py``):
+the cost model's stage replay and codegen both call :func:`modelparallel.ir.recomputed_nodes`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from modelparallel.ir import Graph, Node, OpKind, Param, TensorMeta, recomputed_nodes
+
+
+class _Masked(nn.Module):
+    """Two linears whose outputs are gated by masks computed from the input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(8, 8)
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x > 0).float()
+        scale = mask.sum(-1, keepdim=True) + 1.0
+        h = self.fc0(x) * mask
+        h = self.fc1(h) / scale
+        return self.fc2(h) * mask
+
+
+def test_recomputed_nodes_walks_through_input_derived_nodes_only() -> None:
+    meta = (TensorMeta((4, 8), "float32"),)
+    graph = Graph("m", (
+        Node("x", OpKind.PLACEHOLDER, "x", outputs=meta),
+        Node("mask", OpKind.CALL_FUNCTION, "ne", ("x",), outputs=meta),
+        Node("m2", OpKind.CALL_FUNCTION, "neg", ("mask",), outputs=meta),
+        Node("fc0", OpKind.CALL_FUNCTION, "linear", ("x",), params=("w",), outputs=meta),
+        Node("use", OpKind.CALL_FUNCTION, "mul", ("fc0", "m2"), outputs=meta),
+        Node("output", OpKind.OUTPUT, "output", ("use",))),
+        params=(Param("w", (8, 8), "float32"),))
+    assert recomputed_nodes(graph, ["fc0"]) == ("x",)
+    assert recomputed_nodes(graph, ["use"]) == ("x", "mask", "m2")
+    assert recomputed_nodes(graph, ["fc0", "use"]) == ("x", "mask", "m2")
+    assert recomputed_nodes(graph, []) == ()
+    # a caller's own idea of what is recomputed (codegen: the plan's stage -1)
+    assert recomputed_nodes(graph, ["use"], {"m2"}) == ("m2",)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[tuple[str, ...]]:
+    calls: list[tuple[str, ...]] = []
+    real = module.recomputed_nodes
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[str, ...]:
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(module, "recomputed_nodes", spy)
+    return calls
+
+
+def test_codegen_and_the_stage_replay_recompute_the_same_nodes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from _dist import cut_assignment
+
+    import modelparallel.codegen.split as split
+    import modelparallel.partitioner.evaluate as evaluate
+    from modelparallel.codegen import build_stages
+    from modelparallel.cost_model import HostReplay, estimate_costs
+    from modelparallel.partitioner import evaluate_assignment
+    from modelparallel.plan import PlanConfig
+    from modelparallel.tracer import trace
+
+    traced = trace(_Masked(), (torch.randn(4, 8),))
+    graph = traced.graph
+    order = tuple(n.name for n in graph.nodes if n.op is not OpKind.OUTPUT)
+    replay = HostReplay(order, {n: 1e-4 for n in order}, {n: 1e-4 for n in order}, {}, {})
+    costs = estimate_costs(graph, "cpu", measured=replay.node_times(), replay=replay)
+    config = PlanConfig(partitions=3)
+    assignment = cut_assignment(graph, [0.34, 0.67])
+
+    charged = _spy(monkeypatch, evaluate)
+    plan = evaluate_assignment(graph, config, "cpu", assignment, costs=[costs])
+    copied = _spy(monkeypatch, split)
+    stages = build_stages(traced, plan)
+
+    assert len(copied) == 3 and charged and len(charged) % 3 == 0  # one call per stage
+    charged = charged[-3:]  # the last evaluation's
+    placeholders = {n.name for n in graph.placeholders}
+    for s, program in enumerate(stages):
+        assert charged[s] == copied[s], s
+        assert program.recomputed == tuple(n for n in copied[s] if n not in placeholders)
+        assert sorted(program.model_inputs) == sorted(
+            traced.input_names.index(n) for n in copied[s] if n in placeholders)
+    assert any(program.recomputed for program in stages[1:])  # the masks are recomputed
