@@ -5,7 +5,7 @@ on a GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``).
 
 Parity tolerance: ``RTOL = 1e-5`` (relative, on the loss, the output and every parameter
 gradient's norm), with TF32 off for matrix products and convolutions: the same bound as on the
-CPU (``tests/test_codegen.py``). On CUDA, float32 reductions are not bitwise reproducible across
+CPU (``tests/codegen/test_build.py``). On CUDA, float32 reductions are not bitwise reproducible across
 shapes: cuBLAS and cuDNN choose other kernels (other blocking, split-K) for a microbatch than
 for the whole batch, and some backward kernels accumulate with atomics, so sums come out in
 another order, each off by a few float32 ulps. The worst error seen on an H100 was 4e-7
