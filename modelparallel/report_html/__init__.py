@@ -31,11 +31,11 @@ from modelparallel.plan import Plan
 from modelparallel.report import explain_node
 from modelparallel.report_html._model import (
     MEMORY_KINDS,
-    estimated_blocks,
     memory_rows,
     module_graph,
-    other_schedule,
+    other_schedules,
     simulate_plan,
+    timeline_blocks,
 )
 from modelparallel.units import format_bytes, format_count, format_seconds
 
@@ -160,14 +160,14 @@ def render_report(plan: Plan, *, trace: Any = None, depth: int | None = None) ->
     lanes = [f"stage {i}" + (" ◀ bottleneck" if i == pipe.bottleneck_stage else "")
              for i in range(p)]
     timelines = []
-    for name in (plan.config.schedule, other_schedule(plan.config.schedule)):
+    for name in (plan.config.schedule, *other_schedules(plan.config.schedule)):
         sim = simulate_plan(plan, name)
         own = name == plan.config.schedule
         title = (f"Estimated step, {name}{' (the plan’s schedule)' if own else ''}: "
                  f"{format_seconds(sim.makespan)}, bubble {100 * sim.bubble_fraction:.1f}%")
-        fig = timeline_figure(estimated_blocks(plan, name), lanes, title,
-                              marked_lane=pipe.bottleneck_stage)
-        timelines.append({"schedule": name, "own": own, "blocks": 2 * p * m,
+        blocks = timeline_blocks(sim)
+        fig = timeline_figure(blocks, lanes, title, marked_lane=pipe.bottleneck_stage)
+        timelines.append({"schedule": name, "own": own, "blocks": len(blocks),
                           "html": _figure_html(fig, f"timeline-{name}")})
     measured = None
     if trace is not None:

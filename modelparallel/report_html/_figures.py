@@ -18,12 +18,14 @@ __all__ = ["KIND_COLOURS", "KIND_LABELS", "memory_figure", "timeline_figure"]
 
 #: Block colours by kind: the estimate's ``F``/``B`` and a trace's action kinds.
 KIND_COLOURS = {
-    "F": "#4c78a8", "B": "#f58518", "forward": "#4c78a8", "backward": "#f58518",
+    "F": "#4c78a8", "B": "#f58518", "I": "#f58518", "W": "#e45756",
+    "forward": "#4c78a8", "backward": "#f58518",
     "recv_wait": "#bab0ac", "send": "#54a24b", "grad_sync": "#b279a2",
 }
 #: Legend names by kind.
 KIND_LABELS = {
-    "F": "forward", "B": "backward", "forward": "forward", "backward": "backward",
+    "F": "forward", "B": "backward", "I": "backward: input gradients",
+    "W": "backward: weight gradients", "forward": "forward", "backward": "backward",
     "recv_wait": "waiting to receive", "send": "posting sends", "grad_sync": "gradient sync",
 }
 _MEMORY_COLOURS = ("#4c78a8", "#72b7b2", "#eeca3b", "#f58518", "#bab0ac")
@@ -41,7 +43,7 @@ def timeline_figure(blocks: Sequence[TimelineBlock], lanes: Sequence[str], title
     """A Gantt chart of ``blocks``: one lane per entry of ``lanes``, one bar per block.
 
     Args:
-        blocks: The blocks; ``block.stage`` indexes ``lanes`` unless ``lane_of`` is given.
+        blocks: The blocks; ``block.rank`` indexes ``lanes`` unless ``lane_of`` is given.
         lanes: Lane labels, top to bottom.
         title: Chart title.
         marked_lane: A lane to mark (the bottleneck), shaded.
@@ -50,7 +52,7 @@ def timeline_figure(blocks: Sequence[TimelineBlock], lanes: Sequence[str], title
     """
     go = _go()
     fig = go.Figure()
-    lane_idx = list(lane_of) if lane_of is not None else [b.stage for b in blocks]
+    lane_idx = list(lane_of) if lane_of is not None else [b.rank for b in blocks]
     kinds = list(kinds_of) if kinds_of is not None else [b.kind for b in blocks]
     for kind in dict.fromkeys(kinds):
         pick = [i for i, k in enumerate(kinds) if k == kind]

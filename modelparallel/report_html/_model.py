@@ -41,8 +41,14 @@ __all__ = [
     "estimated_blocks",
     "memory_rows",
     "module_graph",
-    "other_schedule",
+    "other_schedules",
+    "simulate_plan",
+    "timeline_blocks",
 ]
+
+#: The schedules a report draws, the plan's own first (Note [schedule names] in
+#: ``modelparallel/schedule/__init__.py``).
+REPORT_SCHEDULES = ("gpipe", "1f1b", "zb-h1")
 
 #: The parts of a stage's peak memory, in the order the bars stack them, with their labels
 #: (the fields of :class:`~modelparallel.plan.MemoryEstimate`).
@@ -60,16 +66,19 @@ MAX_GROUPS = 32
 
 @dataclass(frozen=True)
 class TimelineBlock:
-    """One forward or backward of one microbatch on one stage, in a step's timeline.
+    """One action of one microbatch on one rank, in a step's timeline.
 
     Attributes:
-        stage: The stage (lane).
-        kind: ``"F"`` or ``"B"``.
+        rank: The rank (lane).
+        stage: The stage it runs (the rank itself unless ranks hold virtual stages).
+        kind: ``"F"``, ``"B"``, or a split backward's ``"I"``/``"W"``; a measured trace's
+            action kinds too (:mod:`modelparallel.step_trace`).
         microbatch: The microbatch.
         start: Seconds from the start of the step.
         end: Seconds from the start of the step.
     """
 
+    rank: int
     stage: int
     kind: str
     microbatch: int
@@ -130,14 +139,14 @@ class GraphEdge:
     boundary: bool
 
 
-def other_schedule(name: str) -> str:
-    """The schedule a report shows beside the plan's own.
+def other_schedules(name: str) -> tuple[str, ...]:
+    """The schedules a report shows beside the plan's own.
 
     Example:
-        >>> other_schedule("1f1b"), other_schedule("gpipe")
-        ('gpipe', '1f1b')
+        >>> other_schedules("1f1b")
+        ('gpipe', 'zb-h1')
     """
-    return "gpipe" if name == "1f1b" else "1f1b"
+    return tuple(s for s in REPORT_SCHEDULES if s != name)
 
 
 def simulate_plan(plan: Plan, schedule: str | None = None) -> Timeline:
@@ -151,16 +160,22 @@ def simulate_plan(plan: Plan, schedule: str | None = None) -> Timeline:
 
 
 def estimated_blocks(plan: Plan, schedule: str | None = None) -> tuple[TimelineBlock, ...]:
-    """Every block of the estimated timeline: ``partitions × microbatches × 2`` of them.
+    """Every block of the estimated timeline: ``partitions × microbatches × 2`` of them (× 3
+    for a schedule that splits backwards).
 
     Example:
         >>> from modelparallel.plan import load_plan  # doctest: +SKIP
         >>> len(estimated_blocks(load_plan("plan.json")))  # doctest: +SKIP
         24
     """
-    timeline = simulate_plan(plan, schedule)
-    return tuple(TimelineBlock(e.action.stage, e.action.kind, e.action.microbatch, e.start, e.end)
-                 for entries in timeline.entries for e in entries)
+    return timeline_blocks(simulate_plan(plan, schedule))
+
+
+def timeline_blocks(timeline: Timeline) -> tuple[TimelineBlock, ...]:
+    """The blocks of a simulated timeline, rank by rank in execution order."""
+    return tuple(TimelineBlock(rank, e.action.stage, e.action.kind, e.action.microbatch,
+                               e.start, e.end)
+                 for rank, entries in enumerate(timeline.entries) for e in entries)
 
 
 def memory_rows(plan: Plan) -> list[dict[str, int]]:

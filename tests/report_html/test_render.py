@@ -33,7 +33,7 @@ _PROBE = """() => ({
   cyNodes: window.mpReport.cy.nodes().length,
   timelines: [...document.querySelectorAll('.timeline')].map(d => ({
       schedule: d.dataset.schedule, own: d.dataset.own,
-      blocks: d.querySelectorAll('.barlayer .point').length})),
+      blocks: d.querySelectorAll('.barlayer .point').length, said: +d.dataset.blocks})),
   memory: [...document.querySelectorAll('#memory .barlayer .trace')].map(
       t => t.querySelectorAll('.point').length),
   memoryX: [...document.querySelectorAll('#memory .xtick text')].map(t => t.textContent),
@@ -58,9 +58,12 @@ def test_report_in_a_browser(tmp_path: Path) -> None:
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     assert errors == []
     assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
-    assert {t["schedule"] for t in seen["timelines"]} == {"1f1b", "gpipe"}
-    assert [t["own"] for t in seen["timelines"]] == ["yes", "no"]
-    assert all(t["blocks"] == _P * _M * 2 for t in seen["timelines"]), seen["timelines"]
+    blocks = {t["schedule"]: t["blocks"] for t in seen["timelines"]}
+    assert all(t["blocks"] == t["said"] for t in seen["timelines"]), seen["timelines"]
+    assert [t["own"] for t in seen["timelines"]] == ["yes", "no", "no"]
+    assert seen["timelines"][0]["schedule"] == "1f1b"
+    # a forward and a backward per stage and microbatch (zero-bubble splits the backward in two)
+    assert blocks == {"1f1b": _P * _M * 2, "gpipe": _P * _M * 2, "zb-h1": _P * _M * 3}
     assert seen["memory"] == [_P] * len(MEMORY_KINDS)  # every stage has a bar of every kind
     assert seen["memoryX"] == [f"stage {i}" for i in range(_P)]
     _, groups, _ = module_graph(plan)
