@@ -35,7 +35,7 @@ def test_split_rules() -> None:
     parts = split_arguments(sig, ("M", batch, torch.ones(2, 4), 0.5),
                             {"tokens": _Sliced([1, 2, 3, 4])}, 2, {"mask": 1}, ())
     assert len(parts) == 2
-    (args0, kw0), (args1, kw1) = parts
+    (args0, kw0), (args1, _kw1) = parts
     assert args0[0] == "M" and args0[3] == 0.5
     assert args1[1]["x"].tolist() == [[4, 5], [6, 7]]
     assert isinstance(args1[1]["pair"], Pair) and args1[1]["pair"].a.tolist() == [2, 3]
@@ -48,7 +48,7 @@ def test_split_rules() -> None:
 
 def test_indivisible_batch_is_named() -> None:
     sig = inspect.signature(lambda model, data: None)
-    with pytest.raises(ConfigError, match="'data' has size 5 .* 2 microbatches"):
+    with pytest.raises(ConfigError, match=r"'data' has size 5 .* 2 microbatches"):
         split_arguments(sig, (None, torch.zeros(5, 2)), {}, 2, {}, ())
 
 
@@ -116,11 +116,11 @@ def test_one_process_step_matches_plain_training() -> None:
         def forgets_backward(model: Any, x: torch.Tensor) -> Any:
             return model(x)
 
-        with pytest.raises(UsageError, match="without calling model.backward"):
+        with pytest.raises(UsageError, match=r"without calling model\.backward"):
             forgets_backward(dm, x)
         with torch.no_grad():
             assert forgets_backward(dm, x).concat().shape == (8, 2)
-        with pytest.raises(UsageError, match="only one smp.DistributedModel"):
+        with pytest.raises(UsageError, match=r"only one smp\.DistributedModel"):
             smp.DistributedModel(torch.nn.Linear(1, 1))
     finally:
         shutdown()
