@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "IRFormatError",
     "InfeasiblePlanError",
+    "MissingDependencyError",
     "ModelParallelError",
     "PeerFailedError",
     "PlanFormatError",
@@ -69,6 +70,10 @@ class InfeasiblePlanError(ModelParallelError, ValueError):
     def __init__(self, message: str, *, min_memory_bytes: int | None = None) -> None:
         super().__init__(message)
         self.min_memory_bytes = min_memory_bytes
+
+
+class MissingDependencyError(ModelParallelError, ImportError):
+    """An optional library a feature needs is not installed; the message names the extra."""
 
 
 class SolverError(ModelParallelError, RuntimeError):
