@@ -1,7 +1,7 @@
 """Assign the nodes of a model's graph to pipeline stages.
 
 :func:`partition` makes a :class:`~modelparallel.plan.Plan` with an ILP (PuLP; HiGHS by default,
-CBC as fallback) at op level (Note [ILP pipeline] in :mod:`modelparallel.partitioner.solve`;
+CBC as fallback) at op level (Note [ILP pipeline] in :mod:`modelparallel.partitioner.methods`;
 over coarse units refined op by op near the stage boundaries for very large graphs), or with one
 of the reference methods: the exact contiguous DP (``"dp"``) and the baselines ``"uniform"`` and
 ``"param_balanced"``. :func:`compare` runs every method on the same graph and cost model, and
