@@ -333,9 +333,9 @@ def _to_ir(model: Any, concrete: Any, claims: Mapping[str, tuple[str, str]],
         attrs: dict[str, Any] = {}
         with contextlib.suppress(ValueError):
             attrs["equation"] = op.get_attr("equation").decode()
-        for attr, key in (("transpose_a", "transpose_a"), ("adj_x", "adj_x")):
+        for attr in ("transpose_a", "adj_x"):
             with contextlib.suppress(ValueError):
-                attrs[key] = bool(op.get_attr(attr))
+                attrs[attr] = bool(op.get_attr(attr))
         flops = op_flops(op.type, [_shape(t) for t in op.inputs],
                          [_shape(t) for t in op.outputs], **attrs)
         nodes.append(Node(
@@ -348,12 +348,12 @@ def _to_ir(model: Any, concrete: Any, claims: Mapping[str, tuple[str, str]],
         if isinstance(t, tf.Tensor):
             out_nodes += sources(t, set())[0]
     nodes.append(Node("output", OpKind.OUTPUT, "output", inputs=tuple(dict.fromkeys(out_nodes))))
-    params = tuple(
+    table = tuple(
         Param(pname, tuple(int(s) for s in var.shape), _dtype(tf.as_dtype(var.dtype)) or "float32",
               is_buffer=not bool(getattr(var, "trainable", False)),
               requires_grad=bool(getattr(var, "trainable", False)))
         for pname, var in variables.items())
-    ir = Graph(name=name, nodes=tuple(nodes), params=params,
+    ir = Graph(name=name, nodes=tuple(nodes), params=table,
                metadata={"framework": "tensorflow", "tensorflow": tf.__version__,
                          "tracer": "keras-capture"})
     owners, types = _op_owners(ops, kept_names, span)

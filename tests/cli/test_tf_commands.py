@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from modelparallel.cli import main  # noqa: E402
-from modelparallel.plan import load_plan  # noqa: E402
+from modelparallel.cli import main
+from modelparallel.plan import load_plan
 
 MODEL = "modelparallel.tensorflow.models:keras_gpt_factory"
 

@@ -94,5 +94,5 @@ def test_python_branch_on_a_tensor_value_is_a_tracing_error() -> None:
 
     model = Branchy()
     model(tf.ones((2, 3)))
-    with pytest.raises(TracingError, match="tf.cond"):
+    with pytest.raises(TracingError, match=r"tf\.cond"):
         trace_keras(model, tf.ones((2, 3)))
