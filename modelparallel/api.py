@@ -49,7 +49,10 @@ from torch import nn
 from modelparallel.cost_model.device import DeviceSpec, stage_devices
 from modelparallel.errors import ConfigError, PlanMismatchError
 from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
+from modelparallel.parallel import ParallelOptions
+from modelparallel.placement import Placement
 from modelparallel.runtime.comm import StageComm
+from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.distributed import (
     SetupRound,
     default_device,
@@ -141,6 +144,8 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              timeout: float = 300.0,
              trace_method: str = "auto",
              leaf_modules: Sequence[Any] = (),
+             data_parallel: int | None = None,
+             parallel: ParallelOptions | None = None,
              **planning_kwargs: Any) -> Pipeline:
     """Split ``model`` into a pipeline over this job's ranks; return this rank's part.
 
@@ -154,8 +159,8 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
             its batch (then :meth:`Pipeline.parameters` is available after the first step only).
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``, mean over the batch.
         plan: A plan or plan file; ``None`` plans automatically on rank 0.
-        partitions: Pipeline stages; default: the plan's, else the world size. Must equal the
-            world size (data-parallel replicas are not supported).
+        partitions: Pipeline stages; default: the plan's, else the world size divided by
+            ``data_parallel``. Stages × ``data_parallel`` must equal the world size.
         microbatches: Microbatches per step; default: the plan's, else 1.
         schedule: ``"1f1b"``/``"interleaved"`` or ``"gpipe"``/``"simple"``; default: the
             plan's, else ``"1f1b"``.
@@ -171,6 +176,13 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         timeout: Seconds any rank waits for another before raising.
         trace_method: ``"auto"``, ``"fx"`` or ``"export"``.
         leaf_modules: Module types or names the fx tracer keeps whole.
+        data_parallel: Replicas of the pipeline (data-parallel degree, default 1): the job runs
+            ``partitions × data_parallel`` processes, each replica on its own batches, each
+            stage's gradients averaged over its replicas (Note [data-parallel gradient sync] in
+            ``modelparallel/runtime/data_parallel.py``). The plan is made once, on rank 0, for
+            one replica.
+        parallel: :class:`~modelparallel.parallel.ParallelOptions` (placement strategy,
+            all-reduce buckets...); ``data_parallel`` overrides its degree.
         **planning_kwargs: Fields of :class:`PlanningOptions`.
 
     Returns:
@@ -210,12 +222,17 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         if partitions is not None and partitions != plan.partitions:
             raise ConfigError(f"partitions = {partitions} but the plan has {plan.partitions} "
                               "stages; leave partitions out to use the plan's")
-    p = plan.partitions if plan is not None else (partitions or world)
-    if p != world:
+    par = parallel if parallel is not None else ParallelOptions()
+    if data_parallel is not None:
+        par = dataclasses.replace(par, data_parallel=data_parallel)
+    dp = par.data_parallel
+    p = plan.partitions if plan is not None else (partitions or max(1, world // dp))
+    if p * dp != world:
+        hint = (f"; for {world // p} data-parallel replicas pass data_parallel={world // p}"
+                if world % p == 0 and world != p * dp else "")
         raise ConfigError(
-            f"the pipeline has {p} stages but {world} processes are running; start one process "
-            f"per stage (torchrun --nproc_per_node {p}). Data-parallel replicas of a pipeline "
-            "are not supported yet.")
+            f"the pipeline has {p} stages × {dp} data-parallel replicas = {p * dp} processes "
+            f"but {world} are running; start torchrun --nproc_per_node {p * dp}{hint}")
     m = microbatches if microbatches is not None else (
         plan.config.microbatches if plan is not None else 1)
     sched = normalize_schedule(schedule if schedule is not None else (
@@ -228,7 +245,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
                     non_split_inputs=tuple(non_split_inputs), average_grads=average_grads,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
                     distributed=running, trace_method=trace_method,
-                    leaf_modules=tuple(leaf_modules))
+                    leaf_modules=tuple(leaf_modules), parallel=par)
     if example_inputs is not None:
         pipe._build(example_inputs)
     return pipe
@@ -239,7 +256,10 @@ class Pipeline:
 
     Attributes:
         plan: The plan (``None`` until partitioned).
-        stage: This rank's stage index.
+        stage: This rank's stage index (its ``pp_rank``).
+        placement: The rank grid (:class:`~modelparallel.placement.Placement`): stages ×
+            data-parallel replicas.
+        dp_rank: This rank's replica.
         program: This rank's :class:`~modelparallel.codegen.StageProgram` (after partitioning).
         device: Where the stage runs.
     """
@@ -249,7 +269,8 @@ class Pipeline:
                  device: torch.device, planning: PlanningOptions,
                  input_split_axes: dict[str | int, int], non_split_inputs: tuple[str | int, ...],
                  average_grads: bool, return_outputs: bool, timeout: float, rank: int,
-                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...]) -> None:
+                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...],
+                 parallel: ParallelOptions | None = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.plan = plan
@@ -264,7 +285,13 @@ class Pipeline:
         self.return_outputs = return_outputs
         self.timeout = timeout
         self.rank = rank
-        self.stage = rank
+        self.parallel = parallel if parallel is not None else ParallelOptions()
+        self.placement = Placement(pp=partitions, dp=self.parallel.data_parallel,
+                                   strategy=self.parallel.placement_strategy)
+        coords = self.placement.coords(rank)
+        self.stage = coords.pp_rank
+        self.dp_rank = coords.dp_rank
+        self.dp_group: Any = None  # the stage's data-parallel process group, once built
         self.distributed = distributed
         self.trace_method = trace_method
         self.leaf_modules = leaf_modules
@@ -303,9 +330,10 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
         store = dist.distributed_c10d._get_default_store() if self.distributed else None
-        ranks = list(range(self.partitions))
+        ranks = list(self.placement.pipeline_of(self.rank))
         namespace = pipeline_namespace(store, self.rank) if store is not None else ""
-        round_ = (SetupRound(store, namespace, self.rank, ranks, self.timeout)
+        round_ = (SetupRound(store, namespace, self.rank, list(range(self.placement.world)),
+                             self.timeout)
                   if store is not None else None)
         try:
             mb_args, mb_kwargs = (args, kwargs) if presplit else first_microbatch(
@@ -336,12 +364,27 @@ class Pipeline:
                 RuntimeWarning, stacklevel=3)
         split = resolve_split(program.input_names, self.microbatches, self.input_split_axes,
                               self.non_split_inputs)
-        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace)
-                if self.partitions > 1 else None)
+        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace,
+                                 replicas=self.placement.pipelines())
+                if self.placement.world > 1 else None)
         self._comm = comm
         self._executor = StageExecutor(program, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
-                                       average_grads=self.average_grads, device=self.device)
+                                       average_grads=self.average_grads, device=self.device,
+                                       grad_sync=self._grad_sync(program, comm))
+
+    def _grad_sync(self, program: Any, comm: StageComm | None) -> GradientSync | None:
+        """The stage's data-parallel gradient averaging (collective: creates the groups)."""
+        dp = self.placement.dp
+        if dp == 1 or comm is None:
+            return None
+        self.dp_group = comm.own_group(self.placement.dp_groups())
+        tied = [program.tensor(name) for name, stages in program.shared_params.items()
+                if len(set(stages)) > 1]
+        return GradientSync(list(program.module.parameters()), comm, self.dp_group, dp,
+                            self.microbatches, bucket_cap_bytes=self.parallel.bucket_cap_bytes,
+                            overlap=self.parallel.overlap_allreduce, late=tied,
+                            check_uneven=self.parallel.check_uneven)
 
     def _agree_on_plan(self, traced: Any, round_: SetupRound | None, mb_args: tuple[Any, ...],
                        mb_kwargs: dict[str, Any]) -> Plan:
