@@ -48,9 +48,9 @@ from torch import nn
 
 from modelparallel.cost_model.device import DeviceSpec, stage_devices
 from modelparallel.errors import ConfigError, PlanMismatchError
-from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
 from modelparallel.parallel import ParallelOptions
 from modelparallel.placement import Placement
+from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
 from modelparallel.runtime.comm import StageComm
 from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.distributed import (
