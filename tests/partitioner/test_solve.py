@@ -70,9 +70,6 @@ def test_ilp_matches_brute_force_with_free_nodes(seed: int, p: int, w: float) ->
     assert plan.solver.status == "optimal"
 
 
-# -- exact reduction, windows and proofs (the flat ILP of Note [ILP pipeline] in partitioner/methods.py) -------------------
-
-
 # -- the pipeline on bigger graphs ------------------------------------------------------------
 
 
