@@ -61,7 +61,7 @@ from modelparallel.runtime.distributed import (
 )
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
-from modelparallel.schedule import normalize_schedule
+from modelparallel.schedule import check_virtual_stages, normalize_schedule
 from modelparallel.units import parse_bytes
 
 __all__ = ["LoadResult", "Pipeline", "PlanningOptions", "StepResult", "pipeline"]
@@ -135,6 +135,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              partitions: int | None = None,
              microbatches: int | None = None,
              schedule: str | None = None,
+             virtual_stages: int | None = None,
              device: torch.device | str | None = None,
              planning: PlanningOptions | None = None,
              input_split_axes: Mapping[str | int, int] | None = None,
@@ -162,8 +163,12 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         partitions: Pipeline stages; default: the plan's, else the world size divided by
             ``data_parallel``. Stages × ``data_parallel`` must equal the world size.
         microbatches: Microbatches per step; default: the plan's, else 1.
-        schedule: ``"1f1b"``/``"interleaved"`` or ``"gpipe"``/``"simple"``; default: the
-            plan's, else ``"1f1b"``.
+        schedule: ``"1f1b"``/``"interleaved"``, ``"gpipe"``/``"simple"`` or ``"zb-h1"``
+            (zero-bubble); default: the plan's, else ``"1f1b"`` (Note [schedule names] in
+            ``modelparallel/schedule/__init__.py``).
+        virtual_stages: Stages per rank ``v`` (``schedule="1f1b"`` only: interleaved 1F1B
+            over ``partitions * v`` stages, stage ``s`` on rank ``s % partitions``); default:
+            the plan's, else 1.
         device: This rank's device; default ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``.
         planning: Planning options (used when no plan is given); keyword arguments named like
             its fields (``optimize="memory"``, ``time_limit=30``...) are accepted too.
@@ -235,12 +240,20 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
             f"but {world} are running; start torchrun --nproc_per_node {p * dp}{hint}")
     m = microbatches if microbatches is not None else (
         plan.config.microbatches if plan is not None else 1)
-    sched = normalize_schedule(schedule if schedule is not None else (
-        plan.config.schedule if plan is not None else "1f1b"))
+    raw = schedule if schedule is not None else (
+        plan.config.schedule if plan is not None else "1f1b")
+    v = virtual_stages if virtual_stages is not None else (
+        plan.config.virtual_stages if plan is not None else 1)
+    if plan is not None and v != plan.config.virtual_stages:
+        raise ConfigError(f"virtual_stages = {v} but the plan has "
+                          f"{plan.config.virtual_stages} stages per rank; leave virtual_stages "
+                          "out to use the plan's")
+    check_virtual_stages(raw, v, ranks=p)
+    sched = normalize_schedule(raw)
     if m < 1:
         raise ConfigError(f"microbatches = {m} must be >= 1")
     pipe = Pipeline(model, loss_fn=loss_fn, plan=plan, partitions=p, microbatches=m,
-                    schedule=sched, device=dev, planning=planning,
+                    schedule=sched, virtual_stages=v, device=dev, planning=planning,
                     input_split_axes=dict(input_split_axes or {}),
                     non_split_inputs=tuple(non_split_inputs), average_grads=average_grads,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
@@ -266,6 +279,7 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, *, loss_fn: Callable[[Any, Any], torch.Tensor],
                  plan: Plan | None, partitions: int, microbatches: int, schedule: str,
+                 virtual_stages: int,
                  device: torch.device, planning: PlanningOptions,
                  input_split_axes: dict[str | int, int], non_split_inputs: tuple[str | int, ...],
                  average_grads: bool, return_outputs: bool, timeout: float, rank: int,
@@ -277,6 +291,7 @@ class Pipeline:
         self.partitions = partitions
         self.microbatches = microbatches
         self.schedule = schedule
+        self.virtual_stages = virtual_stages
         self.device = device
         self.planning = planning
         self.input_split_axes = input_split_axes
@@ -296,6 +311,7 @@ class Pipeline:
         self.trace_method = trace_method
         self.leaf_modules = leaf_modules
         self.program: Any = None
+        self.programs: tuple[Any, ...] = ()
         self.traced: Any = None
         self._executor: StageExecutor | None = None
         self._comm: StageComm | None = None
@@ -345,10 +361,13 @@ class Pipeline:
                 self.plan.check_graph(traced.graph)
             plan = self._agree_on_plan(traced, round_, mb_args, mb_kwargs)
             plan.check_graph(traced.graph)
-            program = build_stage(traced, plan, self.stage)
-            if any(t.is_meta for t in _held(program.module)):
-                materialize(program, self.device)
-            program.module.to(self.device)
+            programs = tuple(build_stage(traced, plan, s)
+                             for s in range(self.stage, plan.num_stages, plan.partitions))
+            for program in programs:
+                if any(t.is_meta for t in _held(program.module)):
+                    materialize(program, self.device)
+                program.module.to(self.device)
+            program = programs[0]
         except BaseException as e:
             if round_ is not None:
                 round_.fail(e)
@@ -356,7 +375,8 @@ class Pipeline:
         if round_ is not None:
             round_.agree()
         self.traced, self.plan, self.program = traced, plan, program
-        if not any(p.requires_grad for p in program.module.parameters()):
+        self.programs = programs
+        if not any(p.requires_grad for q in programs for p in q.module.parameters()):
             warnings.warn(
                 f"stage {self.stage} of {self.partitions} holds no trainable parameters (the "
                 "plan gives it only parameter-free work, or none: the model may be too small "
@@ -368,7 +388,7 @@ class Pipeline:
                                  replicas=self.placement.pipelines())
                 if self.placement.world > 1 else None)
         self._comm = comm
-        self._executor = StageExecutor(program, comm, loss_fn=self.loss_fn,
+        self._executor = StageExecutor(programs, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
                                        average_grads=self.average_grads, device=self.device,
                                        grad_sync=self._grad_sync(program, comm))
@@ -413,7 +433,7 @@ class Pipeline:
         if self.pins_for is not None:
             opts = dataclasses.replace(opts, pins={**opts.pins, **self.pins_for(traced.graph)})
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
-                               schedule=self.schedule)
+                               schedule=self.schedule, virtual_stages=self.virtual_stages)
         devices = self._device_specs()
         costs = None
         if opts.node_times is not None:
@@ -480,8 +500,8 @@ class Pipeline:
 
     def train(self, mode: bool = True) -> Pipeline:
         """Set this stage's modules to training (or evaluation) mode."""
-        if self.program is not None:
-            self.program.module.train(mode)
+        for program in self.programs:
+            program.module.train(mode)
         self.model.train(mode)
         return self
 
@@ -498,12 +518,16 @@ class Pipeline:
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (give them to the optimizer)."""
         self._require()
-        return self.program.module.parameters()
+        return (p for _, p in self.named_parameters())
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters with their qualified names in the original model."""
         self._require()
-        return self.program.module.named_parameters()
+        found: dict[int, tuple[str, nn.Parameter]] = {}
+        for program in self.programs:  # a rank's virtual stages: each tensor once
+            for name, p in program.module.named_parameters():
+                found.setdefault(id(p), (name, p))
+        return iter(list(found.values()))
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's parameters and buffers, keyed as in the original model's state dict
@@ -570,11 +594,12 @@ class Pipeline:
         return LoadResult(missing, loaded)
 
     def _held_canonical(self) -> dict[str, torch.Tensor]:
-        module = self.program.module
         out: dict[str, torch.Tensor] = {}
-        for name, t in [*module.named_parameters(remove_duplicate=False),
-                        *module.named_buffers(remove_duplicate=False)]:
-            out.setdefault(self._canonical(name), t)
+        for program in self.programs:
+            module = program.module
+            for name, t in [*module.named_parameters(remove_duplicate=False),
+                            *module.named_buffers(remove_duplicate=False)]:
+                out.setdefault(self._canonical(name), t)
         return out
 
     def _canonical(self, name: str) -> str:
