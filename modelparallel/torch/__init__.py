@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from modelparallel._version import __version__
 from modelparallel.torch import state_mod
+from modelparallel.torch.checkpoint import load, resume_from_checkpoint, save, save_checkpoint
 from modelparallel.torch.comm import (
     DP_GROUP,
     MP_GROUP,
@@ -111,6 +112,7 @@ __all__ = [
     "init",
     "is_initialized",
     "is_tracing",
+    "load",
     "local_rank",
     "local_size",
     "mp_barrier",
@@ -126,6 +128,9 @@ __all__ = [
     "rdp_size",
     "recv_from",
     "reset",
+    "resume_from_checkpoint",
+    "save",
+    "save_checkpoint",
     "send",
     "set_partition",
     "size",

@@ -115,6 +115,7 @@ class DistributedModel(nn.Module):
         self._post_step_hooks: list[Callable[..., Any]] = []
         self._deferred: list[tuple[dict[str, Any], bool]] = []
         self._wave = 0
+        self._resume_plan: Any = None
         state.model = self
 
     # -- SMP's properties ---------------------------------------------------------------------------
@@ -229,8 +230,8 @@ class DistributedModel(nn.Module):
         assert cfg is not None and first.model_inputs is not None
         self._wave = _wave_size(cfg.pipeline, cfg.partitions, cfg.microbatches,
                                 int(cfg.active_microbatches or 1))
-        plan = None
-        if cfg.load_partition and cfg.partition_file:
+        plan = self._resume_plan
+        if plan is None and cfg.load_partition and cfg.partition_file:
             plan = cfg.partition_file
         pipe = modelparallel.pipeline(
             self.module, None, loss_fn=self._loss, plan=plan, partitions=cfg.partitions,
@@ -255,6 +256,17 @@ class DistributedModel(nn.Module):
             state.optimizer._after_partition()
         for hook in list(self._post_partition_hooks):
             hook(self, state.optimizer)
+
+    def _use_plan(self, plan: Any) -> None:
+        """Partition with ``plan`` (a resumed partial checkpoint's, Note [smp checkpoints])."""
+        if self.partitioned:
+            if dict(plan.assignment) != dict(self._pipe.plan.assignment):
+                raise UsageError(
+                    "the partial checkpoint was saved with another partition than this "
+                    "model's, which is already partitioned; resume before the first step, or "
+                    "resume from a full checkpoint (partial=False)")
+            return
+        self._resume_plan = plan
 
     # -- local objects ------------------------------------------------------------------------------
 
@@ -405,7 +417,7 @@ def _assignments(plan: Any) -> str:
     """SMP's ``Partition assignments:`` block: top-level modules and their stages."""
     stages: dict[str, set[int]] = {}
     for node in plan.nodes:
-        if node.stage < 0:
+        if node.stage < 0 or node.op == "output":
             continue
         top = node.module_path.split(".")[0] if node.module_path else "(root)"
         stages.setdefault(top, set()).add(node.stage)
