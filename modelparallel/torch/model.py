@@ -239,11 +239,15 @@ class DistributedModel(nn.Module):
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
             memory_weight=cfg.memory_weight)
         pipe.pins_for = lambda graph: placement_pins(self.module, graph, cfg)
+        before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
         try:
             pipe._build(first.model_inputs, presplit=True)
         finally:
             state.tracing = False
+        now = dict(self.module.named_parameters(remove_duplicate=False))
+        # Materialised (meta) parameters are new objects (Note [delayed parameters]).
+        renamed = {i: now[n] for i, n in before.items() if n in now and id(now[n]) != i}
         self._pipe = pipe
         if cfg.partition_file and not cfg.load_partition and state.rank == 0 and pipe.plan:
             pipe.plan.save(cfg.partition_file)
@@ -253,7 +257,7 @@ class DistributedModel(nn.Module):
             self._load_now(sd, strict)
         self._deferred.clear()
         if state.optimizer is not None and hasattr(state.optimizer, "_after_partition"):
-            state.optimizer._after_partition()
+            state.optimizer._after_partition(renamed)
         for hook in list(self._post_partition_hooks):
             hook(self, state.optimizer)
 
