@@ -31,7 +31,7 @@ import modelparallel.torch as smp  # was: import smdistributed.modelparallel.tor
 
 class Net1(nn.Module):
     def __init__(self):
-        super(Net1, self).__init__()
+        super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
 
@@ -46,7 +46,7 @@ class Net1(nn.Module):
 
 class Net2(nn.Module):
     def __init__(self):
-        super(Net2, self).__init__()
+        super().__init__()
         self.fc1 = nn.Linear(9216, 128)
         self.fc2 = nn.Linear(128, 10)
 
@@ -59,7 +59,7 @@ class Net2(nn.Module):
 
 class GroupedNet(nn.Module):
     def __init__(self):
-        super(GroupedNet, self).__init__()
+        super().__init__()
         self.net1 = Net1()
         self.net2 = Net2()
 

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -117,6 +118,7 @@ class DistributedModel(nn.Module):
         self._wave = 0
         self._resume_plan: Any = None
         state.model = self
+        state.models += 1
 
     # -- SMP's properties ---------------------------------------------------------------------------
 
@@ -224,7 +226,6 @@ class DistributedModel(nn.Module):
 
     def _partition(self, first: _Body) -> None:
         import modelparallel
-        from modelparallel.torch.placement import placement_pins
 
         cfg = state.cfg
         assert cfg is not None and first.model_inputs is not None
@@ -238,7 +239,7 @@ class DistributedModel(nn.Module):
             microbatches=self._wave, schedule=cfg.schedule, device=state.device,
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
             memory_weight=cfg.memory_weight)
-        pipe.pins_for = lambda graph: placement_pins(self.module, graph, cfg)
+        pipe.planning_for = self._planning_for
         before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
         try:
@@ -260,6 +261,22 @@ class DistributedModel(nn.Module):
             state.optimizer._after_partition(renamed)
         for hook in list(self._post_partition_hooks):
             hook(self, state.optimizer)
+
+    def _planning_for(self, traced: Any, mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any],
+                      options: Any) -> Any:
+        """Rank 0's planning options from the trace: placements as pins (Note [smp
+        placement]) and, with ``trace_execution_times``, measured node times."""
+        import dataclasses
+
+        from modelparallel.torch.placement import placement_pins
+
+        assert state.cfg is not None
+        pins = placement_pins(self.module, traced.graph, state.cfg)
+        options = dataclasses.replace(options, pins={**options.pins, **pins})
+        if self.trace_execution_times:
+            options = dataclasses.replace(options, node_times=_measure(traced, mb_args,
+                                                                       mb_kwargs))
+        return options
 
     def _use_plan(self, plan: Any) -> None:
         """Partition with ``plan`` (a resumed partial checkpoint's, Note [smp checkpoints])."""
@@ -393,6 +410,29 @@ class DistributedModel(nn.Module):
     def _close(self) -> None:
         if self._pipe is not None:
             self._pipe.close()
+
+
+def _measure(traced: Any, mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any]) -> str:
+    """Time every node on this rank's device (the existing profiling mode); a node-times file."""
+    import tempfile
+
+    import torch.utils._pytree as pytree
+
+    from modelparallel.cost_model.measure import call_overhead, profile_node_times
+    from modelparallel.cost_model.node_times import NodeTimesFile
+
+    dev = state.device
+    gm = traced.gm.to(dev)
+    flat = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev),
+                                list(traced.flatten_inputs(mb_args, mb_kwargs)))
+    profiles: dict[str, Any] = {}
+    times = profile_node_times(gm, flat, profiles_out=profiles)
+    call = call_overhead(dev)
+    gm.to("cpu")  # each stage moves its own part at build
+    fd, path = tempfile.mkstemp(prefix="smp-node-times-", suffix=".json")
+    os.close(fd)
+    NodeTimesFile(times=times, profiles=profiles or None, call=call, device=str(dev)).save(path)
+    return path
 
 
 def _inputs(body: _Body) -> tuple[tuple[Any, ...], dict[str, Any]]:

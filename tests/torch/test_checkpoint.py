@@ -95,7 +95,7 @@ def test_resume_gives_exactly_the_same_losses(tmp_path: Path, opt_name: str) -> 
     from modelparallel.torch.state_mod import shutdown
 
     try:
-        smp, dm, opt = _setup(1, 7, opt_name)
+        smp, dm, _ = _setup(1, 7, opt_name)
         assert smp.resume_from_checkpoint(str(tmp_path), partial=False) == {"step": 2}
         full = torch.load(tmp_path / "full2", weights_only=False)
         for k, v in dm.module.state_dict().items():
