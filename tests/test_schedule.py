@@ -126,3 +126,75 @@ def test_validate_rejects_broken_schedules() -> None:
         Schedule.parse("nonsense")
     with pytest.raises(ConfigError, match="twice"):
         Schedule.parse("0: 0F0 0B0\n0: 0F0 0B0")
+
+
+# -- interleaved 1F1B (virtual stages) and ZB-H1 ---------------------------------------------------
+
+V = st.integers(min_value=2, max_value=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 6), v=V, rounds=st.integers(1, 3))
+def test_interleaved_is_valid_places_stages_and_meets_theory(p: int, v: int, rounds: int) -> None:
+    m = p * rounds
+    sched = make_schedule("1f1b", p, m, virtual_stages=v)
+    sched.validate()
+    assert sched.num_stages == p * v and sched.num_ranks == p and sched.virtual_stages == v
+    for r, lst in enumerate(sched.actions):
+        assert {a.stage for a in lst} == set(range(r, p * v, p))
+        assert len(lst) == 2 * m * v
+    assert Schedule.parse(str(sched)) == sched
+    t = simulate(sched, 1.0, 2.0)
+    assert t.bubble_fraction == pytest.approx(theoretical_bubble(p, m, "1f1b", v), abs=1e-9)
+    assert t.bubble_fraction < theoretical_bubble(p, m)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 8), m=M)
+def test_zb_h1_is_valid_bounded_and_cuts_the_bubble(p: int, m: int) -> None:
+    sched = make_schedule("zb-h1", p, m)
+    sched.validate()
+    for r, lst in enumerate(sched.actions):
+        assert {(a.kind, a.microbatch) for a in lst} == {(k, i) for k in "FIW" for i in range(m)}
+        assert sched.rank_inflight_peak(r) <= min(m, p)
+    assert Schedule.parse(str(sched)) == sched
+    t = simulate(sched, 1.0, 2.0)  # I = W = 1 with the default wgrad fraction
+    if m >= p:
+        assert t.bubble_fraction == pytest.approx(theoretical_bubble(p, m, "zb-h1"), abs=1e-9)
+    assert t.bubble_fraction <= simulate(one_f_one_b(p, m), 1.0, 2.0).bubble_fraction + 1e-9
+
+
+def test_schedule_names_keep_smp_meanings() -> None:
+    from modelparallel.schedule import SMP_SCHEDULES, check_virtual_stages, normalize_schedule
+
+    assert SMP_SCHEDULES == {"simple": "gpipe", "interleaved": "1f1b"}
+    assert normalize_schedule("ZB-H1") == "zb-h1"
+    assert make_schedule("interleaved", 2, 2).virtual_stages == 1
+    with pytest.raises(ConfigError, match="SMP's 'interleaved'"):
+        make_schedule("interleaved", 2, 2, virtual_stages=2)
+    for name in ("gpipe", "zb-h1"):
+        with pytest.raises(ConfigError, match="virtual_stages"):
+            check_virtual_stages(name, 2)
+    with pytest.raises(ConfigError, match="2 pipeline ranks"):
+        make_schedule("1f1b", 1, 2, virtual_stages=2)
+    with pytest.raises(ConfigError, match="rounds"):
+        make_schedule("1f1b", 2, 5, virtual_stages=2)
+
+
+def test_validate_checks_links_and_split_backward() -> None:
+    good = make_schedule("1f1b", 2, 2, virtual_stages=2)
+    # rank 1 receives stage 2's gradients before stage 0's second activations: out of order
+    swapped = list(good.actions[1])
+    lst = list(good.actions[0])
+    lst[1], lst[2] = lst[2], lst[1]  # 0F1 <-> 2F0 on rank 0
+    with pytest.raises(ConfigError, match="link rank 0 -> rank 1"):
+        Schedule("1f1b", 4, 2, (tuple(lst), tuple(swapped)), 2).validate()
+    with pytest.raises(ConfigError, match="before"):
+        Schedule.parse("0: 0F0 0W0 0I0").validate()
+    with pytest.raises(ConfigError, match="B, or I then W"):
+        Schedule.parse("0: 0F0 0I0 0B0").validate()
+    with pytest.raises(ConfigError, match="rank 1 of 2"):
+        Schedule("x", 4, 1, ((Action(1, "F", 0),), ()), 2)
+    t = simulate(make_schedule("zb-h1", 2, 2), 1.0, [2.0, 4.0], wgrad_fraction=[0.5, 0.25])
+    took = {e.action: e.end - e.start for lst in t.entries for e in lst}
+    assert took[Action(1, "I", 0)] == pytest.approx(3.0) and took[Action(0, "W", 0)] == 1.0

@@ -253,7 +253,7 @@ class StageExecutor:
         return result
 
     def _run(self, step: _Step) -> None:
-        """Run this stage's actions (Note [schedule communication model] in ``schedule.py``).
+        """Run this stage's actions (Note [schedule communication model] in ``modelparallel/schedule/__init__.py``).
 
         Each action's receive is posted before the previous action computes (gloo: it lands
         during that compute), or together with the previous action's sends (NCCL, see

@@ -58,7 +58,7 @@ def action_order(schedule: str | Schedule, num_stages: int,
     Each stage keeps its action order from the schedule (:mod:`modelparallel.schedule`); the
     stages are interleaved by running every action as soon as its inputs are ready (the
     forward of the previous stage, the backward of the next), so the peak of activations held is
-    the schedule's (Note [in-flight microbatches] in ``modelparallel/schedule.py``).
+    the schedule's (Note [in-flight microbatches] in ``modelparallel/schedule/__init__.py``).
 
     Raises:
         ConfigError: for an unknown schedule name or a schedule of another shape.
