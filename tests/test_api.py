@@ -263,3 +263,25 @@ def test_variable_sequence_length_across_steps() -> None:
     for errors in (r.unwrap() for r in run_ranks(variable_length_job, 2, timeout=240)):
         for loss_err, out_err in errors:
             assert loss_err <= RTOL and out_err <= RTOL, errors
+
+
+def test_load_state_dict_is_strict_by_default() -> None:
+    """Issue 13 item 3: a checkpoint whose keys do not match loads nothing silently no more."""
+    from modelparallel.api import LoadResult
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    pipe = pipeline(model, torch.randn(4, 4), loss_fn=torch.nn.functional.mse_loss)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    prefixed = {f"module.{k}": v for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"no value for 4 tensor.*'module\.'"):
+        pipe.load_state_dict(prefixed)
+    with pytest.raises(ConfigError, match=r"1 key\(s\) name no tensor.*'extra'"):
+        pipe.load_state_dict({**other.state_dict(), "extra": torch.zeros(1)})
+    with pytest.warns(RuntimeWarning, match="no value for 4 tensor"):
+        result = pipe.load_state_dict(prefixed, strict=False)
+    assert isinstance(result, LoadResult)
+    assert sorted(result.missing_keys) == sorted(other.state_dict())
+    assert sorted(result.unexpected_keys) == sorted(prefixed)
+    assert pipe.load_state_dict(other.state_dict()) == LoadResult([], [])
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(pipe.eval_step(x), other(x))

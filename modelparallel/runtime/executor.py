@@ -45,6 +45,7 @@ import torch.utils._pytree as pytree
 
 from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
 from modelparallel.errors import CommunicationError, ConfigError
+from modelparallel.runtime.batch import share_batch
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
 from modelparallel.runtime.hooks import ActionHook, StageEvent
@@ -149,6 +150,12 @@ class StageExecutor:
         on_action: Called with ``(StageEvent, "start" | "end")`` around every receive wait,
             forward, backward, send and gradient sync of this rank (Note [action hook] in
             ``modelparallel/runtime/hooks.py``); ``None``: nothing is called.
+        check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
+            rank after the batch is shared (the front end refuses shapes the traced graph
+            cannot run, ``TracedModel.check_shapes``).
+
+    Every step trains on pipeline rank 0's inputs and targets (Note [batch from rank 0] in
+    ``modelparallel/runtime/batch.py``).
 
     Example:
         >>> import torch
@@ -168,7 +175,8 @@ class StageExecutor:
     def __init__(self, program: StageProgram, comm: StageComm | None, *,
                  loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
                  average_grads: bool = True, device: torch.device | str = "cpu",
-                 on_action: ActionHook | None = None) -> None:
+                 on_action: ActionHook | None = None,
+                 check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         if comm is None and program.num_stages != 1:
             raise ConfigError(f"stage {program.index} of {program.num_stages} needs a StageComm")
         self.program = program
@@ -184,6 +192,8 @@ class StageExecutor:
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         make_schedule(schedule, program.num_stages, split.num_microbatches).validate()
         self._shared = self._shared_groups()
+        self.check_inputs = check_inputs
+        self._batch_readers = self._readers()
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -218,14 +228,28 @@ class StageExecutor:
     def _step(self, flat_inputs: Sequence[Any], target: Any, *, train: bool,
               return_outputs: bool) -> StepOutput:
         m = self.split.num_microbatches
-        # Every rank splits the whole batch and the targets, so a batch that does not divide
-        # into the microbatches raises ConfigError on every rank, before any communication.
+        if self.comm is not None:
+            self.comm.check_usable()
+        # Rank 0's batch on every rank (Note [batch from rank 0]); then every rank splits the
+        # same batch, so a batch that does not divide into the microbatches raises
+        # ConfigError on every rank, before any point-to-point communication.
+        shared, needed = self._batch_readers
+        try:
+            flat_inputs, target = share_batch(
+                self.comm, flat_inputs, target, train=train, input_names=self.split.names,
+                shared_inputs=shared, target_needed=needed)
+        except ConfigError:
+            raise
+        except BaseException as e:
+            if self.comm is not None:
+                self.comm.fail(e)
+            raise
         microbatches = split_inputs(flat_inputs, self.split)
         targets = split_target(target, m) if train else [None] * m
         if not self.is_last:
             targets = [None] * m
-        if self.comm is not None:
-            self.comm.check_usable()
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = shape_key(flat_inputs, "train" if train else "eval")
         step = _Step(actions=self._actions(train),
                      local=[[_to(mb[i], self.device) for i in self.program.model_inputs]
@@ -472,6 +496,16 @@ class StageExecutor:
             sets.update(tuple(x) for x in theirs)
         self.comm.make_subgroups(sorted(sets))
         return sorted(mine.items())
+
+    def _readers(self) -> tuple[tuple[int, ...], bool]:
+        """Collective: the flat inputs a stage other than 0 reads, and whether the loss is
+        computed off stage 0 (Note [batch from rank 0])."""
+        if self.comm is None:
+            return (), False
+        reads = self.comm.all_gather_object(list(self.program.model_inputs),
+                                            "the model inputs each stage reads")
+        shared = sorted({int(i) for theirs in reads[1:] for i in theirs})
+        return tuple(shared), self.program.num_stages > 1
 
     def _shared_tensor(self, name: str) -> torch.Tensor:
         return self.program.tensor(name) if hasattr(self.program, "tensor") else \

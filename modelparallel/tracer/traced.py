@@ -86,13 +86,19 @@ class TracedModel:
     constants: tuple[tuple[int, Any], ...] = ()
     static_dims: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)
 
-    def flatten_inputs(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
-                       ) -> list[Any]:
+    def flatten_inputs(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                       *, check: bool = True) -> list[Any]:
         """The flat input leaves for ``gm`` from call arguments shaped like the example.
+
+        Args:
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+            check: Also refuse non-tensor values that differ from the traced ones (Note
+                [guarded inputs]); a pipeline checks them later, on rank 0's batch.
 
         Raises:
             ConfigError: if the arguments are structured differently from the traced example
-                (other keyword names, another nesting).
+                (other keyword names, another nesting), or a non-tensor value differs.
         """
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
         if spec != self.in_spec:
@@ -100,15 +106,23 @@ class TracedModel:
                 "the inputs are structured differently from the example the model was traced "
                 f"with: expected {self.in_spec}, got {spec}. Pass the same positional and "
                 "keyword arguments as the example batch.")
-        self._check_constants(leaves)
+        if check:
+            self._check_constants(leaves)
         return leaves
 
+    def check_inputs(self, leaves: Sequence[Any]) -> None:
+        """Refuse flat inputs (of a microbatch) the graph cannot run as traced: non-tensor
+        values other than the traced ones (Note [guarded inputs]), sizes other than the traced
+        ones in specialised dimensions (:meth:`check_shapes`).
+
+        Raises:
+            ConfigError: naming the input, the traced value and the new one.
+        """
+        self._check_constants(leaves)
+        self.check_shapes(leaves)
+
     def _input_label(self, index: int) -> str:
-        paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(
-            pytree.tree_unflatten([0] * self.in_spec.num_leaves, self.in_spec))[0]]
-        name = self.input_names[index] if index < len(self.input_names) else f"#{index}"
-        path = paths[index] if index < len(paths) else ""
-        return f"{name!r} (input {path})" if path else repr(name)
+        return repr(self.input_names[index]) if index < len(self.input_names) else f"#{index}"
 
     def _check_constants(self, leaves: Sequence[Any]) -> None:
         """Refuse non-tensor leaves that differ from the traced ones (Note [guarded inputs])."""
