@@ -6,6 +6,9 @@ Commands:
 - ``inspect plan.json [--stage K] [--node NAME]``: per-stage table, estimated timeline and
   bottleneck; a stage's nodes; why a node sits where it does.
 - ``compare MODEL ...``: the ILP beside every baseline on the same graph and cost model.
+- ``report plan.json -o report.html [--trace trace.json]``: one self-contained HTML page: the
+  estimated timeline of both schedules, memory per stage, the graph coloured by stage, the tables;
+  with a measured trace (``pipeline(..., trace=DIR)``) the measured timeline under the estimate.
 - ``codegen plan.json --stage K``: the generated code of one stage.
 - ``calibrate -o spec.json``: measure this machine's device into a spec ``build --device`` reads;
   with ``--model MODEL --ops-out ops.json`` also the time of every node of that model on it.
@@ -39,6 +42,7 @@ from modelparallel.cli._commands import (
     _cmd_inspect,
 )
 from modelparallel.cli._options import _add_model_args, _add_plan_args
+from modelparallel.cli._report import _add_report_parser
 from modelparallel.errors import ModelParallelError
 
 __all__ = ["main"]
@@ -88,6 +92,8 @@ def _build_parser() -> _Parser:
     _add_plan_args(c)
     c.add_argument("-o", "--output", default=None, help="also write every plan to this JSON")
     c.set_defaults(func=_cmd_compare)
+
+    _add_report_parser(sub)
 
     k = sub.add_parser("codegen", help="print the generated code of one stage")
     k.add_argument("plan", help="plan JSON file")

@@ -116,7 +116,7 @@ def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
     """
     plan.check_graph(traced.graph)
     graph = traced.graph
-    p = plan.partitions
+    p = plan.num_stages
     home = _homes(traced, plan)
     _check_order(traced.gm, home)
     last_use = _last_uses(traced.gm, home, p)
@@ -127,7 +127,7 @@ def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
 
 def _homes(traced: TracedModel, plan: Plan) -> dict[str, int]:
     """Stage of every traced-module node; ``-1`` for nodes computed wherever needed."""
-    graph, p = traced.graph, plan.partitions
+    graph, p = traced.graph, plan.num_stages
     assignment = plan.assignment
     derived = input_derived_nodes(graph)
     home: dict[str, int] = {}
@@ -207,7 +207,7 @@ def _split_one(nodes: dict[str, torch.fx.Node], graph: Graph, home: dict[str, in
                p: int) -> StageSplit:
     order = {name: i for i, name in enumerate(nodes)}
     own = [name for name in nodes if home[name] == k]
-    # What the stage recomputes: Note [recomputed nodes] in modelparallel/ir.py, the walk the
+    # What the stage recomputes: Note [recomputed nodes] in modelparallel/ir/analysis.py, the walk the
     # cost model charges too. The IR leaves out the get_attr nodes of tensors (they are
     # ``params``), which the stage reads as attributes.
     everywhere = {n.name for n in graph if home[n.name] == _EVERYWHERE}
