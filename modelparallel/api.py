@@ -391,17 +391,18 @@ class Pipeline:
         self._executor = StageExecutor(programs, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
                                        average_grads=self.average_grads, device=self.device,
-                                       grad_sync=self._grad_sync(program, comm))
+                                       grad_sync=self._grad_sync(programs, comm))
 
-    def _grad_sync(self, program: Any, comm: StageComm | None) -> GradientSync | None:
-        """The stage's data-parallel gradient averaging (collective: creates the groups)."""
+    def _grad_sync(self, programs: tuple[Any, ...], comm: StageComm | None
+                   ) -> GradientSync | None:
+        """The stages' data-parallel gradient averaging (collective: creates the groups)."""
         dp = self.placement.dp
         if dp == 1 or comm is None:
             return None
         self.dp_group = comm.own_group(self.placement.dp_groups())
-        tied = [program.tensor(name) for name, stages in program.shared_params.items()
-                if len(set(stages)) > 1]
-        return GradientSync(list(program.module.parameters()), comm, self.dp_group, dp,
+        tied = [q.tensor(name) for q in programs for name in q.shared_params]
+        params = [t for q in programs for t in q.module.parameters()]
+        return GradientSync(params, comm, self.dp_group, dp,
                             self.microbatches, bucket_cap_bytes=self.parallel.bucket_cap_bytes,
                             overlap=self.parallel.overlap_allreduce, late=tied,
                             check_uneven=self.parallel.check_uneven)
