@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import torch
 import torch.distributed as dist
 from _dist import cut_plan, run_ranks
 
+from modelparallel import PlanningOptions
 from modelparallel.api import Pipeline, StepResult, pipeline
+from modelparallel.cost_model.node_times import save_node_times
 from modelparallel.errors import ConfigError, PlanMismatchError
 
 RTOL = 1e-5
@@ -308,6 +311,28 @@ def test_variable_sequence_length_across_steps() -> None:
     for errors in (r.unwrap() for r in run_ranks(variable_length_job, 2, timeout=240)):
         for loss_err, out_err in errors:
             assert loss_err <= RTOL and out_err <= RTOL, errors
+
+
+def test_pipeline_plans_with_measured_node_times(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(8, 4)
+    loss = torch.nn.functional.mse_loss
+    plain = pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu")
+    graph = plain.traced.graph
+    times = {n.name: (0.5, 1.0) for n in graph.nodes if n.name == "_0"}
+    path = save_node_times(tmp_path / "t.json", times, graph=graph)
+    measured = pipeline(model, x, loss_fn=loss, microbatches=2,
+                        planning=PlanningOptions(device_spec="cpu", node_times=path))
+    stage = measured.plan.stages[0]
+    assert stage.forward_time >= 0.5 and stage.backward_time >= 1.0
+    assert plain.plan.stages[0].forward_time < 0.5
+    data = json.loads(path.read_text())
+    data["graph"]["fingerprint"] = "0" * 64
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="not on this model's graph"):
+        pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu", node_times=other)
 
 
 def test_load_state_dict_is_strict_by_default() -> None:
