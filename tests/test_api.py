@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import torch
 import torch.distributed as dist
 from _dist import cut_plan, run_ranks
 
+from modelparallel import PlanningOptions
 from modelparallel.api import Pipeline, StepResult, pipeline
+from modelparallel.cost_model.node_times import save_node_times
 from modelparallel.errors import ConfigError, PlanMismatchError
 
 RTOL = 1e-5
@@ -65,6 +68,39 @@ def auto_plan_job(rank: int, world: int) -> dict[str, Any]:
         "eval_err": _rel(out.logits, want.detach()), "stage": pipe.stage,
         "num_params": sum(p.numel() for p in pipe.parameters()),
     }
+
+
+def new_schedules_job(rank: int, world: int) -> dict[str, Any]:
+    """``pipeline(schedule=..., virtual_stages=...)``: interleaved 1F1B and ZB-H1 planned on
+    rank 0 (DP) and trained 2 steps against one process; the state dict gathers every stage."""
+    from modelparallel import models
+
+    out: dict[str, Any] = {}
+    for schedule, v in (("1f1b", 2), ("zb-h1", 1)):
+        case = models.gpt2("tiny", batch_size=4, seq_len=16)
+        ref = copy.deepcopy(case.model)
+        pipe = pipeline(case.model, case.args, loss_fn=case.loss_fn, microbatches=2,
+                        schedule=schedule, virtual_stages=v, method="dp")
+        opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
+        ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        errs = []
+        for seed in (1, 2):
+            args, _kwargs, target = case.make_batch(4, seed)
+            opt.zero_grad()
+            ropt.zero_grad()
+            res = pipe.step(args, target)
+            ref_loss = case.loss_fn(ref(*args), target)
+            ref_loss.backward()
+            opt.step()
+            ropt.step()
+            errs.append(_rel(res.loss, ref_loss.detach()))
+        full, ref_sd = pipe.state_dict(), ref.state_dict()
+        errs.append(max(_rel(full[k].float(), ref_sd[k].float()) for k in ref_sd
+                        if ref_sd[k].is_floating_point()))
+        out[schedule] = {"err": max(errs), "stages": [p.index for p in pipe.programs],
+                         "num_stages": pipe.plan.num_stages}
+        pipe.close()
+    return out
 
 
 def bad_batch_job(rank: int, world: int) -> dict[str, Any]:
@@ -198,6 +234,9 @@ def test_options_are_checked() -> None:
         pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, partitions=2)
     with pytest.raises(ConfigError, match="schedule"):
         pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, schedule="zigzag")
+    with pytest.raises(ConfigError, match="SMP's 'interleaved'"):
+        pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, schedule="interleaved",
+                 virtual_stages=2)
     with pytest.raises(ConfigError, match="input_split_axes"):
         pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, input_split_axes={"nope": 1})
     with pytest.raises(ConfigError):
@@ -218,6 +257,15 @@ def test_automatic_plan_training_and_state_dicts() -> None:
         assert r["missing"] == [] and r["eval_err"] <= RTOL
     assert set(results[0]["local"]) != set(results[1]["local"])
     assert all(r["num_params"] > 0 for r in results)
+
+
+@pytest.mark.multiprocess
+def test_interleaved_and_zero_bubble_through_the_api() -> None:
+    results = [r.unwrap() for r in run_ranks(new_schedules_job, 2, timeout=240)]
+    for rank, r in enumerate(results):
+        assert r["1f1b"]["err"] <= RTOL and r["zb-h1"]["err"] <= RTOL, (rank, r)
+        assert r["1f1b"]["stages"] == [rank, rank + 2] and r["1f1b"]["num_stages"] == 4
+        assert r["zb-h1"]["stages"] == [rank]
 
 
 @pytest.mark.multiprocess
@@ -263,3 +311,47 @@ def test_variable_sequence_length_across_steps() -> None:
     for errors in (r.unwrap() for r in run_ranks(variable_length_job, 2, timeout=240)):
         for loss_err, out_err in errors:
             assert loss_err <= RTOL and out_err <= RTOL, errors
+
+
+def test_pipeline_plans_with_measured_node_times(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(8, 4)
+    loss = torch.nn.functional.mse_loss
+    plain = pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu")
+    graph = plain.traced.graph
+    times = {n.name: (0.5, 1.0) for n in graph.nodes if n.name == "_0"}
+    path = save_node_times(tmp_path / "t.json", times, graph=graph)
+    measured = pipeline(model, x, loss_fn=loss, microbatches=2,
+                        planning=PlanningOptions(device_spec="cpu", node_times=path))
+    stage = measured.plan.stages[0]
+    assert stage.forward_time >= 0.5 and stage.backward_time >= 1.0
+    assert plain.plan.stages[0].forward_time < 0.5
+    data = json.loads(path.read_text())
+    data["graph"]["fingerprint"] = "0" * 64
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="not on this model's graph"):
+        pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu", node_times=other)
+
+
+def test_load_state_dict_is_strict_by_default() -> None:
+    """Issue 13 item 3: a checkpoint whose keys do not match loads nothing silently no more."""
+    from modelparallel.api import LoadResult
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    pipe = pipeline(model, torch.randn(4, 4), loss_fn=torch.nn.functional.mse_loss)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    prefixed = {f"module.{k}": v for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"no value for 4 tensor.*'module\.'"):
+        pipe.load_state_dict(prefixed)
+    with pytest.raises(ConfigError, match=r"1 key\(s\) name no tensor.*'extra'"):
+        pipe.load_state_dict({**other.state_dict(), "extra": torch.zeros(1)})
+    with pytest.warns(RuntimeWarning, match="no value for 4 tensor"):
+        result = pipe.load_state_dict(prefixed, strict=False)
+    assert isinstance(result, LoadResult)
+    assert sorted(result.missing_keys) == sorted(other.state_dict())
+    assert sorted(result.unexpected_keys) == sorted(prefixed)
+    assert pipe.load_state_dict(other.state_dict()) == LoadResult([], [])
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(pipe.eval_step(x), other(x))
