@@ -234,11 +234,20 @@ class DistributedModel(nn.Module):
         plan = self._resume_plan
         if plan is None and cfg.load_partition and cfg.partition_file:
             plan = cfg.partition_file
+        from modelparallel.parallel import ParallelOptions
+
+        layout = state.require()
+        # ddp: replicas of the pipeline, gradients averaged over each stage's replicas
+        # (modelparallel.runtime.data_parallel) with DistributedModel's DDP options.
+        parallel = ParallelOptions(
+            data_parallel=layout.dp, placement_strategy=cfg.placement_strategy,
+            bucket_cap_mb=float(self.ddp_options["bucket_cap_mb"]),
+            overlap_allreduce=bool(self.ddp_options["overlapping_allreduce"]))
         pipe = modelparallel.pipeline(
             self.module, None, loss_fn=self._loss, plan=plan, partitions=cfg.partitions,
             microbatches=self._wave, schedule=cfg.schedule, device=state.device,
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
-            memory_weight=cfg.memory_weight)
+            memory_weight=cfg.memory_weight, parallel=parallel)
         pipe.planning_for = self._planning_for
         before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
