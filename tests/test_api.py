@@ -333,3 +333,25 @@ def test_pipeline_plans_with_measured_node_times(tmp_path: Path) -> None:
     other.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="not on this model's graph"):
         pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu", node_times=other)
+
+
+def test_load_state_dict_is_strict_by_default() -> None:
+    """Issue 13 item 3: a checkpoint whose keys do not match loads nothing silently no more."""
+    from modelparallel.api import LoadResult
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    pipe = pipeline(model, torch.randn(4, 4), loss_fn=torch.nn.functional.mse_loss)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    prefixed = {f"module.{k}": v for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"no value for 4 tensor.*'module\.'"):
+        pipe.load_state_dict(prefixed)
+    with pytest.raises(ConfigError, match=r"1 key\(s\) name no tensor.*'extra'"):
+        pipe.load_state_dict({**other.state_dict(), "extra": torch.zeros(1)})
+    with pytest.warns(RuntimeWarning, match="no value for 4 tensor"):
+        result = pipe.load_state_dict(prefixed, strict=False)
+    assert isinstance(result, LoadResult)
+    assert sorted(result.missing_keys) == sorted(other.state_dict())
+    assert sorted(result.unexpected_keys) == sorted(prefixed)
+    assert pipe.load_state_dict(other.state_dict()) == LoadResult([], [])
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(pipe.eval_step(x), other(x))
