@@ -23,6 +23,8 @@ from modelparallel.errors import (
     SolverError,
     StepTimeoutError,
     TracingError,
+    UnsupportedFeatureError,
+    UsageError,
 )
 from modelparallel.ir import Graph
 from modelparallel.plan import Plan, PlanConfig, load_plan
@@ -65,6 +67,8 @@ __all__ = [
     "StepResult",
     "StepTimeoutError",
     "TracingError",
+    "UnsupportedFeatureError",
+    "UsageError",
     "__version__",
     "load_plan",
     "pipeline",

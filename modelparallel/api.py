@@ -35,6 +35,7 @@ How a pipeline is built, on every rank:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -271,6 +272,8 @@ class Pipeline:
         self.traced: Any = None
         self._executor: StageExecutor | None = None
         self._comm: StageComm | None = None
+        # Extra pins computed from the traced graph when planning (SMP's manual placement).
+        self.pins_for: Callable[[Any], Mapping[str, int]] | None = None
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -279,11 +282,24 @@ class Pipeline:
         """Whether the model has been split (SMP's ``model.partitioned``)."""
         return self._executor is not None
 
-    def _build(self, inputs: Inputs) -> None:
+    @property
+    def executor(self) -> StageExecutor:
+        """This rank's :class:`~modelparallel.runtime.executor.StageExecutor` (after
+        partitioning), for front ends that drive the steps themselves (``modelparallel.torch``).
+
+        Raises:
+            ConfigError: if the model is not partitioned yet.
+        """
+        return self._require()
+
+    def _build(self, inputs: Inputs, *, presplit: bool = False) -> None:
+        """Trace, plan and build this rank's stage (Note [pipeline setup]); ``presplit``:
+        ``inputs`` is already one microbatch, as an ``(args, kwargs)`` pair (SMP's step cuts the batch
+        itself)."""
         from modelparallel.codegen import build_stage, materialize
         from modelparallel.tracer import trace
 
-        args, kwargs = _as_call(inputs)
+        args, kwargs = inputs if presplit else _as_call(inputs)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
         store = dist.distributed_c10d._get_default_store() if self.distributed else None
@@ -292,8 +308,9 @@ class Pipeline:
         round_ = (SetupRound(store, namespace, self.rank, ranks, self.timeout)
                   if store is not None else None)
         try:
-            mb_args, mb_kwargs = first_microbatch(self.model, args, kwargs, self.microbatches,
-                                                   self.input_split_axes, self.non_split_inputs)
+            mb_args, mb_kwargs = (args, kwargs) if presplit else first_microbatch(
+                self.model, args, kwargs, self.microbatches, self.input_split_axes,
+                self.non_split_inputs)
             traced = trace(self.model, mb_args, mb_kwargs, method=self.trace_method,
                            leaf_modules=self.leaf_modules)
             if self.plan is not None:
@@ -350,6 +367,8 @@ class Pipeline:
         from modelparallel.partitioner import partition
 
         opts = self.planning
+        if self.pins_for is not None:
+            opts = dataclasses.replace(opts, pins={**opts.pins, **self.pins_for(traced.graph)})
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
                                schedule=self.schedule)
         devices = self._device_specs()

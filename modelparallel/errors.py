@@ -33,6 +33,8 @@ __all__ = [
     "SolverError",
     "StepTimeoutError",
     "TracingError",
+    "UnsupportedFeatureError",
+    "UsageError",
 ]
 
 
@@ -104,3 +106,13 @@ class PeerFailedError(CommunicationError):
 
 class StepTimeoutError(ModelParallelError, TimeoutError):
     """A pipeline step waited on another rank for longer than the configured timeout."""
+
+
+class UsageError(ModelParallelError, RuntimeError):
+    """An API was called where it is not allowed (SMP's ``model(...)`` outside ``smp.step``,
+    ``state_dict()`` on only some ranks, a call before ``smp.init()``...)."""
+
+
+class UnsupportedFeatureError(ModelParallelError, NotImplementedError):
+    """A feature of the reference API that modelparallel does not implement (yet); the message
+    names it and what to do instead."""

@@ -1,4 +1,4 @@
-"""One walk decides what a stage recomputes (Note [recomputed nodes] in ``modelparallel/ir.py``):
+"""One walk decides what a stage recomputes (Note [recomputed nodes] in ``modelparallel/ir/analysis.py``):
 the cost model's stage replay and codegen both call :func:`modelparallel.ir.recomputed_nodes`."""
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def _split_one(nodes: dict[str, torch.fx.Node], graph: Graph, home: dict[str, in
                p: int) -> StageSplit:
     order = {name: i for i, name in enumerate(nodes)}
     own = [name for name in nodes if home[name] == k]
-    # What the stage recomputes: Note [recomputed nodes] in modelparallel/ir.py, the walk the
+    # What the stage recomputes: Note [recomputed nodes] in modelparallel/ir/analysis.py, the walk the
     # cost model charges too. The IR leaves out the get_attr nodes of tensors (they are
     # ``params``), which the stage reads as attributes.
     everywhere = {n.name for n in graph if home[n.name] == _EVERYWHERE}

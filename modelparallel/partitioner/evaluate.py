@@ -216,7 +216,7 @@ def _replay_stages(problem: Problem, stage: np.ndarray, fwd: np.ndarray, bwd: np
 def _recomputed(problem: Problem, members: list[str]) -> tuple[str, ...]:
     """The input-derived nodes (unassigned: not in ``problem.index``) that ``members`` read,
     directly or through others: what their stage recomputes (Note [recomputed nodes] in
-    ``modelparallel/ir.py``, the walk codegen uses too)."""
+    ``modelparallel/ir/analysis.py``, the walk codegen uses too)."""
     return recomputed_nodes(problem.graph, members, _Unassigned(problem.index))
 
 

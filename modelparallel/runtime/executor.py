@@ -33,6 +33,7 @@ that required grad when sent (zeros when the receiver's gradient is ``None``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -124,6 +125,8 @@ class _Step:
     tpl: _Templates
     train: bool
     return_outputs: bool
+    merge: bool = True
+    context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
     microbatches: dict[int, _Microbatch] = field(default_factory=dict)
     posted: dict[int, PendingRecv | None] = field(default_factory=dict)
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -213,6 +216,35 @@ class StageExecutor:
         """Run forward only (no gradients); return the merged outputs on every rank."""
         return self._step(flat_inputs, None, train=False, return_outputs=return_outputs).outputs
 
+    def run_microbatches(self, microbatches: Sequence[Sequence[Any]], targets: Sequence[Any],
+                         *, train: bool, return_outputs: bool = True, merge: bool = True,
+                         context: Callable[[int], contextlib.AbstractContextManager[Any]]
+                         | None = None) -> StepOutput:
+        """Run one step on inputs already cut into microbatches (SMP's ``smp.step`` cuts the
+        step function's arguments itself, Note [smp step] in ``modelparallel/torch/stepping.py``).
+
+        Args:
+            microbatches: Per microbatch, the flat model inputs (as :meth:`train_step` takes
+                for the whole batch); every rank must pass the same shapes.
+            targets: Per microbatch, what ``loss_fn`` gets as its second argument.
+            train: Forward and backward (else forward only, no gradients).
+            return_outputs: Broadcast the outputs from the last stage to every rank.
+            merge: Merge the outputs over microbatches (else ``outputs`` is the list of the
+                per-microbatch outputs).
+            context: ``context(i)`` is entered around the forward of microbatch ``i`` on this
+                stage (an autocast context, say).
+
+        Raises:
+            ConfigError: if the number of microbatches is not the executor's.
+        """
+        m = self.split.num_microbatches
+        if len(microbatches) != m or len(targets) != m:
+            raise ConfigError(f"{len(microbatches)} microbatches given; this executor runs {m}")
+        key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
+        return self._run_step(list(microbatches), list(targets) if train else [None] * m,
+                              key, train=train, return_outputs=return_outputs, merge=merge,
+                              context=context)
+
     # -- the step ----------------------------------------------------------------------------------
 
     def _step(self, flat_inputs: Sequence[Any], target: Any, *, train: bool,
@@ -222,17 +254,26 @@ class StageExecutor:
         # into the microbatches raises ConfigError on every rank, before any communication.
         microbatches = split_inputs(flat_inputs, self.split)
         targets = split_target(target, m) if train else [None] * m
+        key = shape_key(flat_inputs, "train" if train else "eval")
+        return self._run_step(microbatches, targets, key, train=train,
+                              return_outputs=return_outputs)
+
+    def _run_step(self, microbatches: Sequence[Sequence[Any]], targets: list[Any],
+                  key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
+                  context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
+                  ) -> StepOutput:
+        m = self.split.num_microbatches
         if not self.is_last:
             targets = [None] * m
         if self.comm is not None:
             self.comm.check_usable()
-        key = shape_key(flat_inputs, "train" if train else "eval")
         step = _Step(actions=self._actions(train),
                      local=[[_to(mb[i], self.device) for i in self.program.model_inputs]
                             for mb in microbatches],
                      targets=[_to(t, self.device) for t in targets],
                      tpl=self._templates_for(key), train=train,
-                     return_outputs=return_outputs, outputs=[None] * m)
+                     return_outputs=return_outputs, merge=merge, context=context,
+                     outputs=[None] * m)
         start = time.perf_counter()
         self.stats = StepStats()
         try:
@@ -347,7 +388,8 @@ class StageExecutor:
                     buf.requires_grad_(True)
                     leaves.append(buf)
             values = unpack(step.tpl.recv[1], received)
-        out = p.run(step.local[i], values, grad_leaves=bool(leaves))
+        with step.context(i) if step.context is not None else contextlib.nullcontext():
+            out = p.run(step.local[i], values, grad_leaves=bool(leaves))
         if not self.is_last:
             template, tensors = pack(out.sends)
             self._check_send_template(step.tpl, template, i)
@@ -430,7 +472,8 @@ class StageExecutor:
         last = self.program.num_stages - 1
         want_outputs = step.return_outputs
         loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
-        merged = merge_outputs(step.outputs) if self.is_last and want_outputs else None
+        merged = ((merge_outputs(step.outputs) if step.merge else list(step.outputs))
+                  if self.is_last and want_outputs else None)
         nan = torch.tensor(math.nan)
         if self.comm is None:
             return StepOutput(loss if loss is not None else nan, merged)

@@ -1,0 +1,177 @@
+"""Graph analyses several stages share: input-derived nodes, what a stage recomputes, module groups.
+
+Import them from :mod:`modelparallel.ir`.
+
+Example:
+    >>> g = Graph("id", (Node("x", OpKind.PLACEHOLDER, "x"),
+    ...                  Node("output", OpKind.OUTPUT, "output", ("x",))))
+    >>> sorted(input_derived_nodes(g))
+    ['x']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable
+
+import networkx as nx
+
+from modelparallel.ir.graph import Graph
+from modelparallel.ir.nodes import Node, OpKind, Param  # noqa: F401  (Param: doctests)
+
+__all__ = ["input_derived_nodes", "module_groups", "recomputed_nodes"]
+
+
+def input_derived_nodes(graph: Graph) -> frozenset[str]:
+    """Nodes computed from model inputs alone, which every stage can recompute instead of receiving.
+
+    A node is input-derived when it is a placeholder, or when it reads no parameter or buffer, is
+    not random, is not the output, and every input is input-derived. Examples: attention masks
+    and position ids built from ``input_ids``, and shapes read off the inputs. Every rank of a
+    pipeline holds the whole input batch (see Note [inputs on every rank] in
+    ``modelparallel/partitioner/problem.py``), so such values cost no communication: the
+    partitioner leaves them out and codegen copies them into every stage that uses them.
+
+    Example:
+        >>> g = Graph("m", (Node("ids", OpKind.PLACEHOLDER, "ids"),
+        ...                 Node("mask", OpKind.CALL_FUNCTION, "ne", ("ids",)),
+        ...                 Node("emb", OpKind.CALL_FUNCTION, "emb", ("ids",), params=("w",)),
+        ...                 Node("output", OpKind.OUTPUT, "output", ("emb", "mask"))),
+        ...           params=(Param("w", (10, 4), "float32"),))
+        >>> sorted(input_derived_nodes(g))
+        ['ids', 'mask']
+    """
+    derived: set[str] = set()
+    for n in graph.nodes:
+        if n.op is OpKind.PLACEHOLDER or (n.op is not OpKind.OUTPUT and not n.params and not n.is_random
+              and n.op is not OpKind.GET_ATTR and all(s in derived for s in n.inputs)):
+            derived.add(n.name)
+    return frozenset(derived)
+
+
+def recomputed_nodes(graph: Graph, members: Iterable[str],
+                     derived: Container[str] | None = None) -> tuple[str, ...]:
+    """The input-derived nodes a stage computing ``members`` recomputes instead of receiving.
+
+    Note [recomputed nodes]
+    ~~~~~~~~~~~~~~~~~~~~~~~
+    A stage recomputes every input-derived node (:func:`input_derived_nodes`) its own nodes read,
+    directly or through other input-derived nodes, and reads the placeholders among them from
+    the batch every rank holds (Note [inputs on every rank] in
+    ``modelparallel/partitioner/problem.py``). This function is the one statement of that walk:
+    the cost model's stage replay (``modelparallel/partitioner/evaluate.py``) charges a stage
+    with the nodes it returns and codegen (``modelparallel/codegen/split.py``) copies exactly
+    those nodes into the stage's module, so the two always agree.
+
+    Args:
+        graph: The graph.
+        members: The nodes the stage computes (its assigned nodes; input-derived names among
+            them are walked through like any other).
+        derived: The input-derived nodes, when the caller has them (default:
+            ``input_derived_nodes(graph)``).
+
+    Returns:
+        The input-derived nodes read, placeholders included, in topological order; members
+        themselves are left out.
+
+    Example:
+        >>> g = Graph("m", (Node("ids", OpKind.PLACEHOLDER, "ids"),
+        ...                 Node("mask", OpKind.CALL_FUNCTION, "ne", ("ids",)),
+        ...                 Node("emb", OpKind.CALL_FUNCTION, "emb", ("mask",), params=("w",)),
+        ...                 Node("output", OpKind.OUTPUT, "output", ("emb",))),
+        ...           params=(Param("w", (10, 4), "float32"),))
+        >>> recomputed_nodes(g, ["emb"])
+        ('ids', 'mask')
+    """
+    if derived is None:
+        derived = input_derived_nodes(graph)
+    own = set(members)
+    out: set[str] = set()
+    stack = [u for n in own for u in graph.node(n).inputs if u in derived and u not in own]
+    while stack:
+        name = stack.pop()
+        if name in out:
+            continue
+        out.add(name)
+        stack.extend(u for u in graph.node(name).inputs
+                     if u in derived and u not in own and u not in out)
+    return tuple(sorted(out, key=graph.index))
+
+
+def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) -> dict[str, str]:
+    """Group nodes by their module path cut to ``depth`` levels, keeping the quotient acyclic.
+
+    Each node maps to a group name: its module path truncated to ``depth`` dotted components
+    (``"transformer.h.3"`` at depth 3 for ``"transformer.h.3.attn.c_attn"``). Nodes outside any
+    module at that depth (or of depth 0) are singletons. Consecutive nodes of one module that are
+    interleaved with other work can make the quotient graph cyclic (a module called twice, or a
+    parent op between two child calls); such groups are split along the topological order until
+    the quotient is a DAG. The result therefore always contracts to a valid pipeline unit graph.
+
+    Args:
+        graph: The op-level graph.
+        depth: How many leading module-path components to keep; 0 makes every node its own group.
+        nodes: Restrict grouping to these nodes (others are left out of the result).
+
+    Returns:
+        Node name to group name. Group names are stable: the module path, with ``#k`` appended to
+        the k-th piece of a split module and ``@node`` for singletons.
+
+    Example:
+        >>> g = Graph("m", (Node("x", OpKind.PLACEHOLDER, "x"),
+        ...                 Node("a", OpKind.CALL_FUNCTION, "f", ("x",), module_path="blk.0.fc"),
+        ...                 Node("b", OpKind.CALL_FUNCTION, "g", ("a",), module_path="blk.0.act"),
+        ...                 Node("c", OpKind.CALL_FUNCTION, "h", ("b",), module_path="blk.1"),
+        ...                 Node("output", OpKind.OUTPUT, "output", ("c",))))
+        >>> module_groups(g, 2)["a"] == module_groups(g, 2)["b"]
+        True
+    """
+    selected = [n for n in graph.nodes if nodes is None or n.name in set(nodes)]
+    keys: dict[str, str] = {}
+    for n in selected:
+        parts = n.module_path.split(".") if n.module_path else []
+        if depth <= 0 or len(parts) < depth or n.op in (OpKind.PLACEHOLDER, OpKind.OUTPUT):
+            keys[n.name] = f"@{n.name}"
+        else:
+            keys[n.name] = ".".join(parts[:depth])
+    # Split each group into maximal runs that are contiguous in topological order among the
+    # selected nodes: a contiguous run of a topological order can never create a cycle with its
+    # complement order-wise, so the quotient of runs is acyclic. Then merge runs back where the
+    # merge keeps the quotient acyclic (the common case: one module, one run).
+    runs: dict[str, list[list[str]]] = {}
+    prev_key: str | None = None
+    for n in selected:
+        k = keys[n.name]
+        if k != prev_key or k not in runs:
+            runs.setdefault(k, []).append([])
+        runs[k][-1].append(n.name)
+        prev_key = k
+    groups: dict[str, str] = {}
+    for k, pieces in runs.items():
+        if len(pieces) == 1:
+            for name in pieces[0]:
+                groups[name] = k
+        else:
+            for i, piece in enumerate(pieces):
+                for name in piece:
+                    groups[name] = f"{k}#{i}"
+    return _merge_split_runs(graph, groups, selected)
+
+
+def _merge_split_runs(graph: Graph, groups: dict[str, str], selected: list[Node]) -> dict[str, str]:
+    """Merge ``module#k`` pieces back into one group when that keeps the quotient acyclic."""
+    split_bases = sorted({g.split("#", 1)[0] for g in groups.values() if "#" in g})
+    if not split_bases:
+        return groups
+    sel = {n.name for n in selected}
+    for base in split_bases:
+        trial = {n: (base if g.split("#", 1)[0] == base and "#" in g else g)
+                 for n, g in groups.items()}
+        q = nx.DiGraph()
+        q.add_nodes_from(set(trial.values()))
+        for n in selected:
+            for src in n.inputs:
+                if src in sel and trial[src] != trial[n.name]:
+                    q.add_edge(trial[src], trial[n.name])
+        if nx.is_directed_acyclic_graph(q):
+            groups = trial
+    return groups

@@ -1,0 +1,417 @@
+"""``smp.DistributedModel``: the user's module, partitioned at the first step onto our pipeline.
+
+The wrapper holds the user's module (``model.module``); its parameters are the user's own
+objects, and each rank's stage refers to the same objects (Note [stage parameters] in
+``modelparallel/codegen/build.py``), so an optimizer built from ``model.parameters()`` before the
+first step updates exactly this rank's stage: parameters of other stages never get a gradient
+and torch optimizers skip them. ``model(...)`` and ``model.backward(...)`` are only legal inside
+an ``smp.step`` function (Note [smp step] in ``modelparallel/torch/stepping.py``), except with
+one partition, where they run the module directly like SMP.
+
+Example:
+    >>> import modelparallel.torch as smp
+    >>> smp.init({"partitions": 1, "microbatches": 2})
+    >>> model = smp.DistributedModel(torch.nn.Linear(4, 1))
+    >>> @smp.step
+    ... def train_step(model, x, y):
+    ...     loss = torch.nn.functional.mse_loss(model(x), y)
+    ...     model.backward(loss)
+    ...     return loss
+    >>> loss = train_step(model, torch.randn(8, 4), torch.randn(8, 1))
+    Partition assignments:
+      (all): 0
+    >>> len(loss.outputs), model.partitioned
+    (2, True)
+    >>> smp.state_mod.shutdown()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelparallel.errors import ConfigError, UsageError
+from modelparallel.torch.state_mod import state
+from modelparallel.torch.stepping import _Body, current_body
+
+__all__ = ["DistributedModel", "PARTIAL_MARKER"]
+
+#: Key that marks a partial (one rank's) state dict, as in SMP.
+PARTIAL_MARKER = "_smp_is_partial"
+
+
+class _Handle:
+    """Removes a registered hook."""
+
+    def __init__(self, hooks: list[Any], hook: Any) -> None:
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+
+
+class DistributedModel(nn.Module):
+    """SMP's ``DistributedModel``: wrap the model once, after ``smp.init``, and use the wrapper.
+
+    Args:
+        module: The user's model (built the same way on every rank).
+        trace_device: ``"gpu"`` or ``"cpu"``; accepted (our trace runs on fake tensors, so no
+            device memory is used either way).
+        trace_execution_times: Plan with measured node times instead of the roofline.
+        overlapping_allreduce, backward_passes_per_step, bucket_cap_mb, broadcast_buffers,
+        gradient_as_bucket_view, find_unused_parameters: DDP options, stored for hybrid data
+            parallelism.
+        average_grads_across_microbatches: Gradients are the mean over microbatches (else the
+            sum).
+        trace_memory_usage: Accepted (the cost model estimates memory per node).
+
+    Raises:
+        UsageError: before ``smp.init``, or when a second model is wrapped without
+            ``smp.reset()``.
+    """
+
+    def __init__(self, module: nn.Module, trace_device: str = "gpu",
+                 trace_execution_times: bool = False, overlapping_allreduce: bool = True,
+                 backward_passes_per_step: int = 1,
+                 average_grads_across_microbatches: bool = True, bucket_cap_mb: int = 25,
+                 trace_memory_usage: bool = False, broadcast_buffers: bool = True,
+                 gradient_as_bucket_view: bool = False,
+                 find_unused_parameters: bool = False) -> None:
+        state.require()
+        if state.model is not None:
+            raise UsageError("only one smp.DistributedModel per script; call smp.reset() "
+                             "before wrapping another model")
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"DistributedModel wraps an nn.Module, not "
+                              f"{type(module).__name__}")
+        if trace_device not in ("gpu", "cpu"):
+            raise ConfigError(f"trace_device = {trace_device!r}; use 'gpu' or 'cpu'")
+        if trace_execution_times and trace_device == "cpu":
+            raise ConfigError("trace_execution_times = True needs trace_device = 'gpu' "
+                              "(SMP's rule: times measured on the CPU mislead the planner)")
+        if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+            raise ConfigError(f"backward_passes_per_step = {backward_passes_per_step!r} must "
+                              "be a positive int")
+        super().__init__()
+        self.module = module
+        self.trace_device = trace_device
+        self.trace_execution_times = trace_execution_times
+        self.average_grads_across_microbatches = average_grads_across_microbatches
+        self.ddp_options = {"overlapping_allreduce": overlapping_allreduce,
+                            "backward_passes_per_step": backward_passes_per_step,
+                            "bucket_cap_mb": bucket_cap_mb,
+                            "broadcast_buffers": broadcast_buffers,
+                            "gradient_as_bucket_view": gradient_as_bucket_view,
+                            "find_unused_parameters": find_unused_parameters}
+        self.trace_memory_usage = trace_memory_usage
+        self._pipe: Any = None
+        self._bodies: list[_Body] = []
+        self._post_partition_hooks: list[Callable[..., Any]] = []
+        self._post_step_hooks: list[Callable[..., Any]] = []
+        self._deferred: list[tuple[dict[str, Any], bool]] = []
+        self._wave = 0
+        state.model = self
+
+    # -- SMP's properties ---------------------------------------------------------------------------
+
+    @property
+    def partitioned(self) -> bool:
+        """False until the first step partitions the model."""
+        return self._pipe is not None and self._pipe.partitioned
+
+    def get_module(self) -> nn.Module:
+        """The wrapped user module."""
+        return self.module
+
+    @property
+    def pipeline(self) -> Any:
+        """The underlying :class:`modelparallel.api.Pipeline` (after partitioning)."""
+        if not self.partitioned:
+            raise UsageError("the model is not partitioned yet: run one smp.step first")
+        return self._pipe
+
+    # -- calling ------------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        body = current_body()
+        if body is not None:
+            return body.model_call(args, kwargs)
+        if state.require().pp == 1 and not state.cfg.ddp:  # type: ignore[union-attr]
+            return self.module(*args, **kwargs)  # SMP allows this with one partition
+        raise UsageError("the DistributedModel was called outside an smp.step function; call "
+                         "model(...) inside a function decorated with @smp.step (only "
+                         "partitions = 1 allows calls outside)")
+
+    def backward(self, tensors: Any, grad_tensors: Any = None) -> None:
+        """Back-propagate ``tensors`` (a loss, or tensors with ``grad_tensors``) through the
+        pipeline; replaces ``loss.backward()`` inside ``smp.step``."""
+        body = current_body()
+        if body is not None:
+            body.backward(tensors, grad_tensors)
+            return
+        if state.require().pp == 1 and not state.cfg.ddp:  # type: ignore[union-attr]
+            torch.autograd.backward(tensors, grad_tensors)
+            return
+        raise UsageError("model.backward was called outside an smp.step function; call it "
+                         "inside the function decorated with @smp.step, after model(...)")
+
+    # -- the step (Note [smp step]) ----------------------------------------------------------------
+
+    def _run_bodies(self, bodies: list[_Body], *, train: bool) -> None:
+        if not self.partitioned:
+            self._partition(bodies[0])
+        pipe = self._pipe
+        self._bodies = bodies
+        m = len(bodies)
+        wave = self._wave
+        for start in range(0, m, wave):
+            chunk = bodies[start:start + wave]
+            flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in chunk]
+            result = pipe.executor.run_microbatches(
+                flat, [b.index for b in chunk], train=train, return_outputs=True, merge=False,
+                context=lambda i, c=chunk: _autocast(c[i].autocast, pipe.device))
+            for b, out in zip(chunk, result.outputs):
+                if b.where == "model":
+                    b.resume(out)
+                if b.where == "backward":
+                    b.resume(None)
+                if b.where != "done":
+                    raise UsageError(f"microbatch {b.index} of the smp.step called the model "
+                                     "again after backward; call it once per step function")
+        self._bodies = []
+        for hook in list(self._post_step_hooks):
+            hook(self, state.optimizer)
+
+    def _loss(self, output: Any, index: int) -> torch.Tensor:
+        """The executor's loss on the last stage: resume the body with the real output and take
+        what it gives ``model.backward`` (Note [smp step], 4)."""
+        body = next(b for b in self._bodies if b.index == index)
+        where = body.resume(output)
+        if where != "backward":
+            raise UsageError(
+                f"microbatch {index} of the smp.step returned without calling "
+                "model.backward(...) while gradients are enabled; call model.backward(loss) in "
+                "the step function, or run evaluation steps under torch.no_grad()")
+        assert body.backward_call is not None
+        tensors, grads = body.backward_call
+        terms = []
+        for t, g in zip(tensors, grads):
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"model.backward got a {type(t).__name__}; give it tensors")
+            if not t.requires_grad:
+                continue
+            if g is None:
+                if t.numel() != 1:
+                    raise ConfigError(
+                        f"model.backward got a tensor of shape {tuple(t.shape)} without "
+                        "grad_tensors; give a scalar loss or grad_tensors")
+                terms.append(t.sum())
+            else:
+                terms.append((t * g.detach().to(t.device)).sum())
+        if not terms:
+            return torch.zeros((), device=self._pipe.device)
+        total = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        if self.average_grads_across_microbatches:
+            assert state.cfg is not None
+            total = total / state.cfg.microbatches
+        return total
+
+    def _partition(self, first: _Body) -> None:
+        import modelparallel
+        from modelparallel.torch.placement import placement_pins
+
+        cfg = state.cfg
+        assert cfg is not None and first.model_inputs is not None
+        self._wave = _wave_size(cfg.pipeline, cfg.partitions, cfg.microbatches,
+                                int(cfg.active_microbatches or 1))
+        plan = None
+        if cfg.load_partition and cfg.partition_file:
+            plan = cfg.partition_file
+        pipe = modelparallel.pipeline(
+            self.module, None, loss_fn=self._loss, plan=plan, partitions=cfg.partitions,
+            microbatches=self._wave, schedule=cfg.schedule, device=state.device,
+            average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
+            memory_weight=cfg.memory_weight)
+        pipe.pins_for = lambda graph: placement_pins(self.module, graph, cfg)
+        state.tracing = True
+        try:
+            pipe._build(first.model_inputs, presplit=True)
+        finally:
+            state.tracing = False
+        self._pipe = pipe
+        if cfg.partition_file and not cfg.load_partition and state.rank == 0 and pipe.plan:
+            pipe.plan.save(cfg.partition_file)
+        if state.rank == 0:
+            print(_assignments(pipe.plan), flush=True)
+        for sd, strict in self._deferred:
+            self._load_now(sd, strict)
+        self._deferred.clear()
+        if state.optimizer is not None and hasattr(state.optimizer, "_after_partition"):
+            state.optimizer._after_partition()
+        for hook in list(self._post_partition_hooks):
+            hook(self, state.optimizer)
+
+    # -- local objects ------------------------------------------------------------------------------
+
+    def _stage(self) -> nn.Module:
+        return self._pipe.program.module if self.partitioned else self.module
+
+    def local_parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (all of them before partitioning)."""
+        for _, p in self.local_named_parameters():
+            yield p
+
+    def local_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters with their names in the user's module."""
+        mine = {id(p) for p in self._stage().parameters()}
+        for name, p in self.module.named_parameters():
+            if id(p) in mine:
+                yield name, p
+
+    def local_buffers(self) -> Iterator[torch.Tensor]:
+        """This rank's buffers."""
+        for _, b in self.local_named_buffers():
+            yield b
+
+    def local_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers with their names in the user's module."""
+        mine = {id(b) for b in self._stage().buffers()}
+        for name, b in self.module.named_buffers():
+            if id(b) in mine:
+                yield name, b
+
+    def local_modules(self) -> Iterator[nn.Module]:
+        """The user's submodules this rank runs."""
+        for _, m in self.local_named_modules():
+            yield m
+
+    def local_named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """The user's submodules this rank runs, with their names."""
+        mine = {id(m) for m in self._stage().modules()}
+        for name, m in self.module.named_modules():
+            if id(m) in mine:
+                yield name, m
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def local_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """This rank's parameters and buffers, with the marker key ``_smp_is_partial``."""
+        if not self.partitioned:
+            out: dict[str, Any] = dict(self.module.state_dict())
+        else:
+            out = dict(self._pipe.local_state_dict())
+        out[PARTIAL_MARKER] = True
+        return out
+
+    def state_dict(self, *args: Any, gather_to_rank0: bool = False,  # type: ignore[override]
+                   **kwargs: Any) -> dict[str, Any]:
+        """The full model's state dict, gathered over the pipeline: a collective, call it on
+        every rank (with ``gather_to_rank0``, ranks other than 0 get ``{}``)."""
+        if not self.partitioned:
+            return dict(self.module.state_dict())
+        from modelparallel.torch._agree import collective
+
+        full = collective("state_dict()", self._pipe, self._pipe.state_dict)
+        if gather_to_rank0 and state.rank != 0:
+            return {}
+        return dict(full)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        same_partition_load: bool = False) -> Any:  # type: ignore[override]
+        """Load a full or partial state dict; before partitioning the load is deferred until
+        the first step has partitioned the model."""
+        sd = dict(state_dict)
+        partial = bool(sd.pop(PARTIAL_MARKER, False))
+        if not self.partitioned:
+            if not partial:
+                return self.module.load_state_dict(sd, strict=strict)
+            self._deferred.append((sd, strict))
+            return None
+        return self._load_now(sd, strict)
+
+    def _load_now(self, sd: dict[str, Any], strict: bool) -> Any:
+        return self._pipe.load_state_dict(sd, strict=strict)
+
+    # -- hooks and modes ----------------------------------------------------------------------------
+
+    def register_post_partition_hook(self, hook: Callable[..., Any]) -> _Handle:
+        """Run ``hook(model, optimizer)`` once after partitioning, before the first forward."""
+        self._post_partition_hooks.append(hook)
+        return _Handle(self._post_partition_hooks, hook)
+
+    def register_post_step_hook(self, hook: Callable[..., Any]) -> _Handle:
+        """Run ``hook(model, optimizer)`` after every step."""
+        self._post_step_hooks.append(hook)
+        return _Handle(self._post_step_hooks, hook)
+
+    def train(self, mode: bool = True) -> DistributedModel:
+        super().train(mode)
+        if self._pipe is not None and self._pipe.partitioned:
+            self._pipe.train(mode)
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> DistributedModel:  # type: ignore[override]
+        """Ignored, like SMP: each stage is moved to its device at partitioning."""
+        return self
+
+    def cuda(self, device: Any = None) -> DistributedModel:  # type: ignore[override]
+        """Ignored, like SMP (see :meth:`to`)."""
+        return self
+
+    def cpu(self) -> DistributedModel:  # type: ignore[override]
+        """Gather every parameter and buffer to the CPU copy of the user's module (collective);
+        the model is then for saving or inspection, not for further pipelined steps."""
+        full = self.state_dict()
+        self.module.cpu()
+        with torch.no_grad():
+            for name, t in list(self.module.state_dict(keep_vars=True).items()):
+                if name in full and isinstance(t, torch.Tensor):
+                    t.copy_(full[name])
+        return self
+
+    def _close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+
+
+def _inputs(body: _Body) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    assert body.model_inputs is not None
+    return body.model_inputs
+
+
+def _wave_size(pipeline: str, p: int, m: int, active: int) -> int:
+    """Microbatches per schedule so that no stage holds more than ``active`` in flight (Note
+    [smp step]): all of them when the schedule allows, else the largest divisor that fits."""
+    inflight = m if pipeline == "simple" else min(m, p)
+    if inflight <= active:
+        return m
+    return max(d for d in range(1, m + 1) if m % d == 0 and d <= active)
+
+
+def _autocast(dtypes: dict[str, torch.dtype], device: torch.device
+              ) -> contextlib.AbstractContextManager[Any]:
+    dtype = dtypes.get(device.type)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _assignments(plan: Any) -> str:
+    """SMP's ``Partition assignments:`` block: top-level modules and their stages."""
+    stages: dict[str, set[int]] = {}
+    for node in plan.nodes:
+        if node.stage < 0:
+            continue
+        top = node.module_path.split(".")[0] if node.module_path else "(root)"
+        stages.setdefault(top, set()).add(node.stage)
+    if len(stages) <= 1 and plan.partitions == 1:
+        return "Partition assignments:\n  (all): 0"
+    lines = ["Partition assignments:"]
+    for name, s in stages.items():
+        lines.append(f"  {name}: {', '.join(map(str, sorted(s)))}")
+    return "\n".join(lines)

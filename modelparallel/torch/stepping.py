@@ -1,0 +1,434 @@
+"""``@smp.step``: the step function, run once per microbatch and pipelined, and ``StepOutput``.
+
+Note [smp step]
+~~~~~~~~~~~~~~~
+SMP's step function holds one forward (``model(...)``) and backward (``model.backward(loss)``)
+of a microbatch, plus whatever user code surrounds them, and returns what the user wants back.
+We run it on our pipeline (``modelparallel.api.Pipeline`` and its
+:class:`~modelparallel.runtime.executor.StageExecutor`; no second runtime) like this, on every rank
+of the pipeline:
+
+1. **Inputs from pipeline rank 0.** The tensors among the step function's arguments are
+   broadcast from pipeline rank 0 (SMP's rule, which AWS's scripts rely on: other ranks feed
+   placeholder tensors); every rank first exchanges how many tensors it passes, so a rank with a
+   different argument structure fails every rank with the same :class:`ConfigError`.
+2. **Split.** The arguments are cut into ``microbatches`` pieces by SMP's rules
+   (:func:`split_arguments`: tensors along axis 0 or ``input_split_axes[name]``, containers
+   traversed, ``smp_slice`` objects slice themselves, ``non_split_inputs`` and non-tensors are
+   passed whole). A batch that does not divide raises on every rank (same data everywhere).
+3. **One body per microbatch, as a coroutine.** Each microbatch's call of the step function runs
+   on its own thread, but only one thread runs at any time: the driver hands control to a body
+   and waits until the body yields it back (:class:`_Body`), so user code never runs
+   concurrently and its order is deterministic. The thread starts with the step's grad mode and
+   device. Every body first runs up to its ``model(...)`` call, which records the model's
+   arguments and the autocast state, and yields.
+4. **The pipeline.** The model is partitioned at the first step (from microbatch 0's model
+   arguments). The recorded model arguments of every microbatch are the pipeline's inputs;
+   the executor runs the schedule (1F1B for ``"interleaved"``, GPipe for ``"simple"``), entering
+   each microbatch's autocast state around that microbatch's forward on every stage. On the
+   last stage, the executor's loss function of microbatch ``i`` *resumes body i* with the real
+   model output: the user's code computes the loss and calls ``model.backward(loss)``, which
+   yields ``(tensors, grad_tensors)`` back; the executor back-propagates the surrogate
+   ``sum(t * g)`` (``t`` itself for a scalar loss), scaled by ``1/microbatches`` when
+   ``average_grads_across_microbatches``. So the loss computation is interleaved with the
+   schedule, as in SMP, and gradients end as the sum (or mean) over microbatches.
+5. **Outputs everywhere.** The executor broadcasts the per-microbatch outputs from the last stage;
+   every other rank resumes its bodies with them (its ``model.backward`` is then a no-op: its
+   stage's backward ran inside the schedule), so ``model(...)`` returns the real outputs on every
+   rank and every rank computes the same return values.
+6. **Results.** Every tensor in the bodies' return values becomes a :class:`StepOutput` of its
+   per-microbatch values (detached unless ``detach_outputs=False``); other leaves come back as
+   per-microbatch lists; containers (tuples, dicts, Hugging Face ``ModelOutput``) are kept.
+
+``active_microbatches`` caps the microbatches in flight: when the schedule would hold more (GPipe
+holds all of them; 1F1B at most ``partitions``), the step runs in waves of the largest divisor of
+``microbatches`` that fits, one schedule per wave, gradients accumulating.
+
+Under ``torch.no_grad()`` the step is forward-only on every stage. A grad-enabled step must
+call ``model.backward`` (else a :class:`UsageError` on the last stage, which reaches every rank
+as a peer failure).
+
+Example:
+    >>> so = StepOutput([torch.tensor(1.0), torch.tensor(3.0)])
+    >>> float(so.reduce_mean()), float(so.reduce_sum()), so.concat().tolist()
+    (2.0, 4.0, [1.0, 3.0])
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+
+from modelparallel.errors import ConfigError, UsageError
+from modelparallel.torch.state_mod import state
+
+__all__ = ["StepFunction", "StepOutput", "current_body", "split_arguments", "step"]
+
+_local = threading.local()
+
+
+class StepOutput:
+    """One returned tensor's values over the microbatches of a step (SMP's ``StepOutput``).
+
+    Attributes:
+        outputs: The per-microbatch tensors, in microbatch order.
+    """
+
+    def __init__(self, outputs: Sequence[torch.Tensor]) -> None:
+        self.outputs = list(outputs)
+
+    def reduce_mean(self) -> torch.Tensor:
+        """The element-wise mean over microbatches (the usual loss reduction)."""
+        return torch.stack(self.outputs).mean(dim=0)
+
+    def reduce_sum(self) -> torch.Tensor:
+        """The element-wise sum over microbatches."""
+        return torch.stack(self.outputs).sum(dim=0)
+
+    def concat(self) -> torch.Tensor:
+        """The microbatches concatenated along the batch axis (0-d values stacked)."""
+        if self.outputs and self.outputs[0].dim() == 0:
+            return torch.stack(self.outputs)
+        return torch.cat(self.outputs, dim=0)
+
+    def stack(self) -> torch.Tensor:
+        """The microbatches stacked along a new axis 0."""
+        return torch.stack(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def __repr__(self) -> str:
+        return f"StepOutput({len(self.outputs)} microbatches)"
+
+
+class _Abort(BaseException):
+    """Unwinds a body whose step failed elsewhere."""
+
+
+_ABORT = object()
+
+
+class _Body:
+    """One microbatch's call of the step function, as a coroutine on a thread (Note [smp
+    step]). The driver calls :meth:`start`/:meth:`resume`; the body side calls
+    :meth:`model_call`/:meth:`backward` (through ``DistributedModel``)."""
+
+    def __init__(self, index: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], grad: bool, device: torch.device) -> None:
+        self.index = index
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.grad, self.device = grad, device
+        self.model_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self.autocast: dict[str, torch.dtype] = {}
+        self.backward_call: tuple[list[torch.Tensor], list[Any]] | None = None
+        self.result: Any = None
+        self.where = "new"  # new, model, backward, done
+        self._to_body: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._to_driver: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, daemon=True,
+                                        name=f"smp-step-microbatch-{index}")
+
+    # -- driver side --------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Run the body until it yields; return where it stopped."""
+        self._thread.start()
+        return self._wait()
+
+    def resume(self, value: Any = None) -> str:
+        """Hand ``value`` to the yielded body and run it until it yields again."""
+        assert self.where in ("model", "backward"), self.where
+        self._to_body.put(value)
+        return self._wait()
+
+    def abort(self) -> None:
+        """Unwind a body that is waiting (after a failure)."""
+        if self.where in ("model", "backward"):
+            self._to_body.put(_ABORT)
+            self._to_driver.get()
+            self.where = "done"
+
+    def _wait(self) -> str:
+        kind, value = self._to_driver.get()
+        if kind == "error":
+            self.where = "done"
+            raise value
+        self.where = kind
+        if kind == "done":
+            self.result = value
+        return kind
+
+    def _main(self) -> None:
+        _local.body = self
+        torch.set_grad_enabled(self.grad)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            value = self.fn(*self.args, **self.kwargs)
+        except _Abort:
+            self._to_driver.put(("aborted", None))
+        except BaseException as e:  # handed to the driver, which raises it
+            self._to_driver.put(("error", e))
+        else:
+            self._to_driver.put(("done", value))
+
+    # -- body side ----------------------------------------------------------------------------------
+
+    def _yield(self, kind: str) -> Any:
+        self._to_driver.put((kind, None))
+        reply = self._to_body.get()
+        if reply is _ABORT:
+            raise _Abort()
+        return reply
+
+    def model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``model(*args, **kwargs)`` inside the step: yields, returns the model's output."""
+        if self.model_inputs is not None:
+            raise UsageError(
+                f"the model was called twice in microbatch {self.index} of one smp.step; call "
+                "it once per step function (put both calls in the model's forward)")
+        self.model_inputs = (args, kwargs)
+        self.autocast = {dev: torch.get_autocast_dtype(dev) for dev in ("cpu", "cuda")
+                         if torch.is_autocast_enabled(dev)}
+        return self._yield("model")
+
+    def backward(self, tensors: Any, grad_tensors: Any) -> None:
+        """``model.backward(tensors, grad_tensors)`` inside the step."""
+        if self.model_inputs is None:
+            raise UsageError("model.backward was called before the model in an smp.step "
+                             "function; call model(...) first")
+        if self.backward_call is not None:
+            raise UsageError(f"model.backward was called twice in microbatch {self.index}; "
+                             "call it once per step function (sum the losses first)")
+        ts = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+        if grad_tensors is None:
+            gs: list[Any] = [None] * len(ts)
+        else:
+            gs = list(grad_tensors) if isinstance(grad_tensors, (list, tuple)) else [grad_tensors]
+        if len(gs) != len(ts):
+            raise ConfigError(f"model.backward got {len(ts)} tensors and {len(gs)} "
+                              "grad_tensors; give one gradient per tensor")
+        self.backward_call = (ts, gs)
+        self._yield("backward")
+
+
+def current_body() -> _Body | None:
+    """The microbatch body running on this thread, or ``None`` outside ``smp.step``."""
+    return getattr(_local, "body", None)
+
+
+class StepFunction:
+    """A function decorated with ``@smp.step``; calling it runs one pipelined step."""
+
+    def __init__(self, fn: Callable[..., Any], non_split_inputs: Iterable[str] | None,
+                 input_split_axes: Mapping[str, int] | None, detach_outputs: bool,
+                 **fw_kwargs: Any) -> None:
+        self.fn = fn
+        self.non_split_inputs = frozenset(non_split_inputs or ())
+        self.input_split_axes = dict(input_split_axes or {})
+        self.detach_outputs = detach_outputs
+        self.fw_kwargs = fw_kwargs
+        self.signature = inspect.signature(fn)
+        names = set(self.signature.parameters)
+        for key in (*self.non_split_inputs, *self.input_split_axes):
+            if key not in names:
+                raise ConfigError(f"smp.step option names argument {key!r}, but "
+                                  f"{fn.__name__} takes {sorted(names)}")
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state.require()
+        if current_body() is not None:
+            raise UsageError("an smp.step function was called inside another one")
+        model = state.model
+        if model is None:
+            raise UsageError("smp.step needs a DistributedModel: wrap the model with "
+                             "smp.DistributedModel(model) before calling the step function")
+        assert state.cfg is not None
+        args, kwargs = _from_pipeline_rank0(args, kwargs)
+        m = state.cfg.microbatches
+        pieces = split_arguments(self.signature, args, kwargs, m, self.input_split_axes,
+                                 self.non_split_inputs)
+        grad = torch.is_grad_enabled()
+        bodies = [_Body(i, self.fn, a, k, grad, state.device) for i, (a, k) in enumerate(pieces)]
+        try:
+            where = [b.start() for b in bodies]
+            if all(w == "done" for w in where):
+                pass  # no model call: nothing to pipeline
+            elif any(w != "model" for w in where):
+                raise UsageError("every microbatch of an smp.step must call the model once "
+                                 f"(microbatches stopped at {where}); make the call "
+                                 "independent of the data")
+            else:
+                model._run_bodies(bodies, train=grad)
+        finally:
+            for b in bodies:
+                b.abort()
+        return _collect([b.result for b in bodies], self.detach_outputs)
+
+
+def step(fn: Callable[..., Any] | None = None, *, non_split_inputs: Iterable[str] | None = None,
+         input_split_axes: Mapping[str, int] | None = None, detach_outputs: bool = True,
+         **fw_kwargs: Any) -> Any:
+    """Decorate a step function (``@smp.step`` or ``@smp.step(non_split_inputs=[...])``).
+
+    Args:
+        fn: The function: one forward (``model(...)``) and, for training, one
+            ``model.backward(loss)``.
+        non_split_inputs: Argument names passed whole to every microbatch.
+        input_split_axes: Argument name to the axis its tensors are split along (default 0).
+        detach_outputs: Detach the returned tensors (default, like SMP).
+        **fw_kwargs: Accepted for SMP compatibility (SMP's TensorFlow ``tf.function`` options).
+
+    Returns:
+        A :class:`StepFunction` (Note [smp step]).
+
+    Example:
+        >>> @step(non_split_inputs=["scale"])
+        ... def train_step(model, x, scale):
+        ...     return model(x) * scale
+        >>> train_step.non_split_inputs
+        frozenset({'scale'})
+    """
+    def wrap(f: Callable[..., Any]) -> StepFunction:
+        return StepFunction(f, non_split_inputs, input_split_axes, detach_outputs, **fw_kwargs)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+# -- splitting ---------------------------------------------------------------------------------------
+
+
+def split_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    m: int, axes: Mapping[str, int], whole: Iterable[str]
+                    ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Cut a step function's arguments into ``m`` microbatches by SMP's rules.
+
+    Raises:
+        ConfigError: if a split tensor's size does not divide by ``m`` (naming the argument).
+
+    Example:
+        >>> sig = inspect.signature(lambda model, x, n: None)
+        >>> parts = split_arguments(sig, ("M", torch.arange(4), 3), {}, 2, {}, ())
+        >>> [(a[0], a[1].tolist(), a[2]) for a, _ in parts]
+        [('M', [0, 1], 3), ('M', [2, 3], 3)]
+    """
+    bound = signature.bind(*args, **kwargs)
+    whole = frozenset(whole)
+    columns: dict[str, list[Any]] = {}
+    for name, value in bound.arguments.items():
+        if name in whole or m == 1:
+            columns[name] = [value] * m
+        else:
+            columns[name] = _split(value, m, int(axes.get(name, 0)), name)
+    out = []
+    for j in range(m):
+        part = inspect.BoundArguments(signature, {n: c[j] for n, c in columns.items()})  # type: ignore[arg-type]
+        out.append((tuple(part.args), dict(part.kwargs)))
+    return out
+
+
+def _split(value: Any, m: int, axis: int, name: str) -> list[Any]:
+    if hasattr(value, "smp_slice") and callable(value.smp_slice):
+        return [value.smp_slice(m, j, axis) for j in range(m)]
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return [value] * m
+        if axis >= value.dim():
+            raise ConfigError(f"argument {name!r} has {value.dim()} dimensions and cannot be "
+                              f"split along axis {axis}; fix input_split_axes or list it in "
+                              "non_split_inputs")
+        size = value.shape[axis]
+        if size % m:
+            raise ConfigError(
+                f"argument {name!r} has size {size} along axis {axis}, which does not divide "
+                f"into {m} microbatches; every batch must be a multiple of microbatches = {m} "
+                "(drop_last=True on the DataLoader), or list the argument in non_split_inputs")
+        return list(value.chunk(m, dim=axis))
+    if isinstance(value, (list, tuple)):
+        cols = [_split(v, m, axis, f"{name}[{i}]") for i, v in enumerate(value)]
+        rows = [[c[j] for c in cols] for j in range(m)]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+            return [type(value)(*r) for r in rows]
+        return [type(value)(r) for r in rows]
+    if isinstance(value, Mapping):
+        cols_d = {k: _split(v, m, axis, f"{name}[{k!r}]") for k, v in value.items()}
+        rows_d = [{k: c[j] for k, c in cols_d.items()} for j in range(m)]
+        try:
+            return [type(value)(r) for r in rows_d]  # type: ignore[call-arg]
+        except TypeError:
+            return rows_d
+    if isinstance(value, (set, frozenset)):
+        items = list(value)
+        cols_s = [_split(v, m, axis, f"{name} item") for v in items]
+        return [type(value)(c[j] for c in cols_s) for j in range(m)]
+    return [value] * m
+
+
+# -- inputs from pipeline rank 0 --------------------------------------------------------------------
+
+
+def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
+                         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Replace the tensors among the arguments by pipeline rank 0's (Note [smp step], 1)."""
+    layout = state.require()
+    group = state.groups.get("pp")
+    if layout.pp == 1 or group is None:
+        return args, kwargs
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    meta = [(tuple(leaves[i].shape), leaves[i].dtype) for i in where]
+    ranks = layout.pp_group(state.rank)
+    every: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(every, (len(where), meta if state.rank == ranks[0] else None),
+                           group=group)
+    counts = [c for c, _ in every]
+    if len(set(counts)) != 1:
+        raise ConfigError(
+            f"the ranks of the pipeline pass different numbers of tensors to the step function "
+            f"(by pipeline rank: {counts}); every rank must call it with the same argument "
+            "structure (placeholder tensors on pipeline ranks > 0 are fine: their contents "
+            "are replaced by pipeline rank 0's)")
+    source_meta = every[0][1]
+    device = state.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    leaves = list(leaves)
+    for i, (shape, dtype) in zip(where, source_meta):
+        if state.rank == ranks[0]:
+            buf = leaves[i].detach().to(device).contiguous()
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(buf, ranks[0], group=group)
+        if state.rank != ranks[0]:
+            leaves[i] = buf
+    new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def _collect(results: list[Any], detach: bool) -> Any:
+    """Per-microbatch return values to one structure of StepOutputs and lists."""
+    if all(r is None for r in results):
+        return None
+    flats = [pytree.tree_flatten(r) for r in results]
+    spec = flats[0][1]
+    if any(f[1] != spec for f in flats[1:]):
+        return list(results)  # structures differ between microbatches: plain list
+    leaves: list[Any] = []
+    for k, first in enumerate(flats[0][0]):
+        values = [f[0][k] for f in flats]
+        if isinstance(first, torch.Tensor):
+            leaves.append(StepOutput([v.detach() if detach else v for v in values]))
+        else:
+            leaves.append(values)
+    return pytree.tree_unflatten(leaves, spec)
