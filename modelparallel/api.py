@@ -36,6 +36,7 @@ How a pipeline is built, on every rank:
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from modelparallel.runtime.distributed import (
 )
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
+from modelparallel.runtime.trace import trace_directory
 from modelparallel.schedule import normalize_schedule
 from modelparallel.units import parse_bytes
 
@@ -141,6 +143,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              timeout: float = 300.0,
              trace_method: str = "auto",
              leaf_modules: Sequence[Any] = (),
+             trace: str | os.PathLike[str] | None = None,
              **planning_kwargs: Any) -> Pipeline:
     """Split ``model`` into a pipeline over this job's ranks; return this rank's part.
 
@@ -171,6 +174,10 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         timeout: Seconds any rank waits for another before raising.
         trace_method: ``"auto"``, ``"fx"`` or ``"export"``.
         leaf_modules: Module types or names the fx tracer keeps whole.
+        trace: A directory: record every step's actions on every rank and have rank 0 write
+            them to ``DIR/trace.json`` (Chrome trace / Perfetto JSON; ``partition-plan report
+            plan.json --trace DIR/trace.json`` draws it). Default: ``$MODELPARALLEL_TRACE``, if
+            set (``modelparallel/runtime/trace.py``).
         **planning_kwargs: Fields of :class:`PlanningOptions`.
 
     Returns:
@@ -229,6 +236,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
                     distributed=running, trace_method=trace_method,
                     leaf_modules=tuple(leaf_modules))
+    pipe.trace_dir = trace_directory(trace)
     if example_inputs is not None:
         pipe._build(example_inputs)
     return pipe
@@ -271,6 +279,9 @@ class Pipeline:
         self.program: Any = None
         self.traced: Any = None
         self._executor: StageExecutor | None = None
+        #: Where step traces go (``pipeline(trace=...)``), and their recorder once built.
+        self.trace_dir: Path | None = None
+        self.recorder: Any = None
         self._comm: StageComm | None = None
         # Extra pins computed from the traced graph when planning (SMP's manual placement).
         self.pins_for: Callable[[Any], Mapping[str, int]] | None = None
@@ -342,6 +353,13 @@ class Pipeline:
         self._executor = StageExecutor(program, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
                                        average_grads=self.average_grads, device=self.device)
+        if self.trace_dir is not None:
+            from modelparallel.runtime.trace import attach_recorder
+
+            self.recorder = attach_recorder(
+                self._executor, self.trace_dir,
+                gather=comm.all_gather_object if comm is not None else None,
+                metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
 
     def _agree_on_plan(self, traced: Any, round_: SetupRound | None, mb_args: tuple[Any, ...],
                        mb_kwargs: dict[str, Any]) -> Plan:

@@ -32,9 +32,10 @@ import torch
 
 from modelparallel.errors import ConfigError
 from modelparallel.runtime.hooks import Phase, StageEvent
+from modelparallel.schedule import normalize_schedule
 from modelparallel.step_trace import StepTrace, TraceEvent
 
-__all__ = ["TRACE_ENV", "StepRecorder", "trace_directory"]
+__all__ = ["TRACE_ENV", "TRACE_FILE", "StepRecorder", "attach_recorder", "trace_directory"]
 
 #: The environment variable naming a trace directory when ``pipeline(trace=...)`` is not given.
 TRACE_ENV = "MODELPARALLEL_TRACE"
@@ -156,3 +157,43 @@ def _write_atomic(path: Path, trace: StepTrace) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def attach_recorder(executor: Any, directory: str | os.PathLike[str] | None, *,
+                    gather: Callable[[Any, str], list[Any]] | None,
+                    metadata: Mapping[str, Any] | None = None) -> StepRecorder:
+    """Record ``executor``'s steps: a :class:`StepRecorder` becomes its ``on_action`` hook
+    (after any hook it had) and its ``after_step`` gathers and writes each training step
+    (evaluation steps are not recorded).
+
+    Args:
+        executor: A :class:`~modelparallel.runtime.executor.StageExecutor`.
+        directory: Where rank 0 writes ``trace.json``.
+        gather: Every rank's object, e.g. ``StageComm.all_gather_object``; ``None`` for one
+            stage.
+        metadata: Recorded in the trace.
+    """
+    program = executor.program
+    # A rank's lane is its place in the pipeline (the order ``gather`` returns), its stage.
+    recorder = StepRecorder(directory, rank=program.index, stage=program.index,
+                            ranks=program.num_stages,
+                            schedule=normalize_schedule(executor.schedule_name),
+                            microbatches=executor.split.num_microbatches, metadata=metadata)
+    previous = executor.on_action
+    if previous is None:
+        executor.on_action = recorder
+    else:
+        def both(event: StageEvent, phase: Phase) -> None:
+            previous(event, phase)
+            recorder(event, phase)
+
+        executor.on_action = both
+
+    def after_step(_result: Any, train: bool) -> None:
+        if train:
+            recorder.end_step(gather)
+        else:  # evaluation steps are not traced
+            recorder.discard()
+
+    executor.after_step = after_step
+    return recorder
