@@ -95,16 +95,28 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from _common import model_benchmark_parser, step_times, to_device, versions
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from _common import model_benchmark_parser, to_device, versions
+from _fidelity_predict import (
+    OPTIMIZER,
+    PARTITIONS,
+    SCHEDULE,
+    _config,
+    _with_context,
+    predict_model,
+)
+from _fidelity_stage import (
+    _host_probe_us,
+    _loss_seconds,
+    _measure_memory,
+    _measure_times,
+    _StageRun,
+)
 
 from modelparallel import models
-from modelparallel.codegen import StageProgram, build_stages, held_tensors
+from modelparallel.codegen import StageProgram, build_stages
 from modelparallel.cost_model import (
     CallOverhead,
     DeviceSpec,
-    estimate_costs,
     get_device_spec,
     inflight_microbatches,
 )
@@ -113,28 +125,15 @@ from modelparallel.cost_model.measure import (
     call_overhead,
     forward_host_times,
     graph_users,
-    op_overhead,
     profile_nodes,
-    time_call,
 )
 from modelparallel.cost_model.node_replay import (
-    BackwardMode,
-    ForwardMode,
     NodeProfile,
-    host_replay,
-    node_times,
     robust_mean,
-    with_backward_context,
-    with_forward_context,
 )
-from modelparallel.ir import Graph
-from modelparallel.partitioner import evaluate_assignment, partition
-from modelparallel.plan import Plan, PlanConfig
+from modelparallel.partitioner import partition
 from modelparallel.tracer import trace
 
-PARTITIONS = 4
-SCHEDULE = "1f1b"
-OPTIMIZER = "adam"
 _GiB = 2**30
 
 
@@ -182,251 +181,6 @@ QUICK = (
 )
 
 
-# -- memory meters ---------------------------------------------------------------------------------
-
-
-class _CudaMeter:
-    """Peak bytes allocated on a CUDA device since :meth:`start`, above the level at start."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0
-
-    def start(self, exclude: Sequence[torch.Tensor] = ()) -> None:
-        torch.cuda.synchronize(self.device)
-        self.base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return int(torch.cuda.max_memory_allocated(self.device) - self.base)
-
-    def stop(self) -> None:
-        pass
-
-
-class _LiveStorages(TorchDispatchMode):
-    """CPU stand-in for the CUDA allocator's peak: bytes of live storages created by ops run
-    since it was entered, checked after every op (autograd's backward included)."""
-
-    def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
-        super().__init__()
-        self.live: dict[StorageWeakRef, int] = {}
-        self.high = 0
-        # Storages allocated before (weights, captured inputs) that ops may return views of.
-        self.old = {StorageWeakRef(t.untyped_storage()) for t in exclude}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                st = t.untyped_storage()
-                ref = StorageWeakRef(st)
-                if ref not in self.live and ref not in self.old:
-                    self.live[ref] = int(st.nbytes())
-        dead = [r for r in self.live if r.expired()]
-        for r in dead:
-            del self.live[r]
-        self.high = max(self.high, sum(self.live.values()))
-        return out
-
-
-class _CpuMeter:
-    def __init__(self) -> None:
-        self.mode: _LiveStorages | None = None
-
-    def start(self, exclude: Sequence[torch.Tensor] = ()) -> None:
-        gc.collect()
-        self.mode = _LiveStorages(exclude)
-        self.mode.__enter__()
-
-    def peak(self) -> int:
-        assert self.mode is not None
-        return self.mode.high
-
-    def stop(self) -> None:
-        if self.mode is not None:
-            self.mode.__exit__(None, None, None)
-
-
-def _meter(device: torch.device) -> Any:
-    return _CudaMeter(device) if device.type == "cuda" else _CpuMeter()
-
-
-# -- timing ----------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int,
-                    repeat: int) -> float:
-    """Median seconds of ``fn`` (CUDA events on a GPU, the wall clock on the CPU)."""
-    _sync(device)
-    return statistics.median(step_times(fn, device, warmup, repeat))
-
-
-# -- one stage -------------------------------------------------------------------------------------
-
-
-class _StageRun:
-    """One stage with the values it receives, runnable forward and backward alone."""
-
-    def __init__(self, stage: StageProgram, local: list[Any], received: list[Any]) -> None:
-        self.stage = stage
-        self.local = local
-        self.received = received
-        self.params = [p for p in stage.module.parameters() if p.requires_grad]
-        self.own_bytes = sum(t.numel() * t.element_size() for t in held_tensors(stage.module))
-        self.mutated = set(stage.mutated_inputs)
-
-    def inputs(self, fresh: bool) -> list[Any]:
-        """The received values as the runtime gives them: leaves that require grad where a
-        gradient flows back; ``fresh`` copies them (a new microbatch's buffers)."""
-        out = []
-        for boundary, value in zip(self.stage.recv, self.received):
-            def leaf(t: Any, rg: bool = boundary.requires_grad) -> Any:
-                if not isinstance(t, torch.Tensor):
-                    return t
-                new = t.detach().clone() if fresh else t.detach()
-                if rg and new.is_floating_point():
-                    new.requires_grad_(True)
-                return new
-            v = pytree.tree_map(leaf, value)
-            if boundary.name in self.mutated:
-                v = pytree.tree_map(
-                    lambda t: t.clone() if isinstance(t, torch.Tensor) and t.requires_grad
-                    else t, v)
-            out.append(v)
-        return out
-
-    def forward(self, args: list[Any]) -> list[torch.Tensor]:
-        """Run forward; return the output tensors a gradient flows back through."""
-        outs = self.stage.module(*self.local, *args)
-        return [t for t in pytree.tree_leaves(list(outs))
-                if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def step(self, grads: list[torch.Tensor] | None) -> None:
-        """Forward and backward of one microbatch (``grads``: upstream gradients, or fresh)."""
-        tensors = self.forward(self.inputs(fresh=False))
-        if tensors:
-            g = grads if grads is not None else [torch.randn_like(t) for t in tensors]
-            torch.autograd.backward(tensors, g)
-
-    def upstream_grads(self) -> list[torch.Tensor]:
-        tensors = self.forward(self.inputs(fresh=False))
-        grads = [torch.randn_like(t) for t in tensors]
-        del tensors
-        return grads
-
-    def grads_exist(self, on: bool) -> None:
-        for p in self.params:
-            p.grad = torch.zeros_like(p) if on else None
-
-
-def _host_probe_us(device: torch.device) -> float:
-    """Microseconds the host takes to queue one tiny kernel now (on the CPU: to run one tiny
-    op): how fast the host is at this moment (Note [fidelity measurement])."""
-    return op_overhead(device, repeat=1) * 1e6
-
-
-def _measure_times(runs: Sequence[_StageRun], device: torch.device, warmup: int, repeat: int,
-                   rounds: int, before_round: Callable[[int], None] | None = None
-                   ) -> list[dict[str, Any]]:
-    """Per stage: median seconds per microbatch of forward+backward and of forward over
-    ``rounds`` interleaved rounds of ``repeat`` repetitions (every stage of the model in turn,
-    round-robin, after ``before_round(r)``, which measures the in-context host times in the
-    same rounds; Note [fidelity measurement]), the median of each round, the host probe before
-    each round, and, on CUDA, the device time of forward+backward (``time_call``: what the
-    stage would take if the host kept up). ``time_call``'s host figure is not kept: a stage
-    step synchronises with the device at least once (the spin check escalated on every
-    stage), which makes it meaningless."""
-    for run in runs:
-        run.grads_exist(True)
-    grads = [run.upstream_grads() for run in runs]
-    both: list[list[list[float]]] = [[] for _ in runs]
-    fwd: list[list[list[float]]] = [[] for _ in runs]
-    probes: list[list[float]] = [[] for _ in runs]
-    for r in range(rounds):
-        if before_round is not None:
-            before_round(r)
-        w = warmup if r == 0 else min(warmup, 2)  # switching stages: a short warm-up again
-        for i, run in enumerate(runs):
-            _sync(device)
-            probes[i].append(_host_probe_us(device))
-            both[i].append(step_times(lambda run=run, g=grads[i]: run.step(g), device, w,
-                                      repeat))
-            fwd[i].append(step_times(lambda run=run: run.forward(run.inputs(fresh=False)),
-                                     device, w, repeat))
-    out = []
-    for i, run in enumerate(runs):
-        dev, _ = time_call(lambda run=run, g=grads[i]: run.step(g), device, repeat=5, warmup=1)
-        out.append({"both": statistics.median(t for rd in both[i] for t in rd),
-                    "fwd": statistics.median(t for rd in fwd[i] for t in rd),
-                    "both_rounds": [statistics.median(rd) for rd in both[i]],
-                    "fwd_rounds": [statistics.median(rd) for rd in fwd[i]],
-                    "probe_rounds_us": probes[i],
-                    "device": dev if device.type == "cuda" else math.nan})
-    for run in runs:
-        run.grads_exist(False)
-    return out
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
-
-
-def _measure_memory(run: _StageRun, device: torch.device, inflight: int,
-                    optimizer_states: int) -> dict[str, int]:
-    """Peak bytes of the stage alone with ``inflight`` microbatches (Note [fidelity
-    measurement])."""
-    run.grads_exist(False)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    meter = _meter(device)
-    meter.start([*held_tensors(run.stage.module), *_tensors(run.local), *_tensors(run.received)])
-    try:
-        run.grads_exist(True)
-        states = [torch.zeros_like(p) for p in run.params for _ in range(optimizer_states)]
-        state_peak = meter.peak()
-        held = []
-        for _ in range(inflight):
-            args = run.inputs(fresh=True)
-            held.append((args, run.forward(args)))
-        after_forward = meter.peak()
-        while held:
-            args, tensors = held.pop(0)
-            if tensors:
-                torch.autograd.backward(tensors, [torch.randn_like(t) for t in tensors])
-            del args, tensors
-        peak = meter.peak()
-    finally:
-        meter.stop()
-    del states
-    run.grads_exist(False)
-    return {"peak": peak + run.own_bytes, "state": state_peak + run.own_bytes,
-            "after_forward": after_forward + run.own_bytes}
-
-
-def _loss_seconds(run: _StageRun, loss_fn: Callable[[Any, Any], torch.Tensor], target: Any,
-                  device: torch.device, warmup: int, repeat: int) -> float:
-    """Forward+backward seconds of the loss alone on the last stage's output."""
-    with torch.no_grad():
-        outs = run.stage.module(*run.local, *run.inputs(fresh=False))
-    flat = list(outs)[len(run.stage.send):]
-    spec = run.stage.out_spec
-
-    def step() -> None:
-        leaves = [t.detach().requires_grad_(t.is_floating_point())
-                  if isinstance(t, torch.Tensor) else t for t in flat]
-        out = pytree.tree_unflatten(leaves, spec) if spec is not None else leaves
-        loss_fn(out, target).backward()
-    return _median_seconds(step, device, warmup, repeat)
-
-
 # -- one model -------------------------------------------------------------------------------------
 
 
@@ -451,10 +205,6 @@ def _stage_inputs(stages: Sequence[StageProgram], flat: list[Any]
             values = st.module(*local, *received)
             received = list(values[:len(st.send)])
     return out
-
-
-def _rel(pred: float, meas: float) -> float:
-    return (pred - meas) / meas if meas > 0 else math.nan
 
 
 def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan_device: str,
@@ -614,158 +364,6 @@ class _ContextRounds:
         out["order"] = list(users)
         out["users"] = {n: u for n, u in users.items() if n not in profiles}
         return out
-
-
-def _with_context(profiles: dict[str, NodeProfile], context: Mapping[str, Any]
-                  ) -> dict[str, NodeProfile]:
-    """``profiles`` with a raw record's in-context host times (:meth:`_ContextRounds.record`)
-    folded into them as the cost model does now (Notes [in-context forward host time] and
-    [in-context backward host time] in ``cost_model/measure/backward.py``)."""
-    order, flag = context["order"], context["host_is_device"]
-    if "forward" in context:
-        profiles = with_forward_context(profiles, order, context["forward"],
-                                        host_is_device=flag, users=context["users"])
-    if "backward" in context:
-        profiles = with_backward_context(profiles, order, context["backward"],
-                                         host_is_device=flag)
-    return profiles
-
-
-def _config(microbatches: int, time_limit: float) -> PlanConfig:
-    return PlanConfig(partitions=PARTITIONS, microbatches=microbatches, schedule=SCHEDULE,
-                      optimizer=OPTIMIZER, time_limit=time_limit)
-
-
-def _node_profile(values: list[Any], graph: Graph, name: str) -> NodeProfile:
-    """A recorded node profile; records made before profiles had a kind get the IR's op and
-    output shapes as their kind."""
-    if len(values) >= 7:  # with the in-context forward host time (None: not measured)
-        return NodeProfile(*values[:4], kind=str(values[4]), host_backward_context=values[5],
-                           host_forward_context=values[6])
-    if len(values) >= 6:  # with the in-context backward host time (None: not measured)
-        return NodeProfile(*values[:4], kind=str(values[4]), host_backward_context=values[5])
-    if len(values) >= 5:
-        return NodeProfile(*values[:4], kind=str(values[4]))
-    node = graph.node(name)
-    kind = f"{node.target}|{[(m.shape, m.dtype) for m in node.outputs]}"
-    return NodeProfile(*values[:4], kind=kind)
-
-
-def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[str, Any]:
-    """Predictions of the cost model for every stage of a raw record, beside its measurements.
-
-    The assignment is the recorded one (planned on ``plan_device``'s roofline); the modes are
-    that roofline, the roofline on the calibrated ``spec`` (if any) and profiling mode
-    (``node_times`` of the recorded node profiles). Memory is the plan's.
-    """
-    graph = Graph.from_dict(raw["graph"])
-    config = _config(raw["microbatches"], raw.get("time_limit", 10.0))
-    assignment = raw["assignment"]
-    mb = raw["microbatch_size"]
-    plan = evaluate_assignment(graph, config, plan_device, assignment, samples_per_microbatch=mb)
-    predictions: dict[str, Plan] = {"roofline": plan}
-    if spec is not None:
-        predictions["roofline_calibrated"] = evaluate_assignment(
-            graph, config, spec, assignment, samples_per_microbatch=mb)
-    profiles = {k: _node_profile(v, graph, k) for k, v in raw["profiles"].items()}
-    if "context" in raw:  # re-fold the in-context times as measured (older records: as folded)
-        profiles = _with_context(profiles, raw["context"])
-    order = [n.name for n in graph.nodes]
-    has_context = any(p.host_backward_context is not None for p in profiles.values())
-    # profiled: node_times' default (what the partitioner gets); the backward counted from
-    # device time only (the model before in-context host times), and replayed with the
-    # in-context host times (Note [in-context backward host time]); the last falls back to the
-    # device-only backward, with a note, where the in-context measurement is missing.
-    # The forward the same way: its host time measured node by node alone (the model before
-    # in-context forward host times) and in context (Note [in-context forward host time]);
-    # both with the default backward.
-    has_fwd = any(p.host_forward_context is not None for p in profiles.values())
-    # (backward_host, forward_host) of each variant; every variant replays each stage alone
-    # (Note [stage replay]), as the partitioner does; "profiled_additive" sums node_times
-    # instead (the model before the stage replay).
-    modes: dict[str, tuple[BackwardMode, ForwardMode]] = {
-        "profiled": ("auto", "auto"),
-        "profiled_additive": ("auto", "auto"),
-        "profiled_device_bwd": ("device", "isolated"),
-        "profiled_context_bwd": ("context" if has_context else "device", "isolated"),
-        "profiled_isolated_fwd": ("auto", "isolated"),
-        "profiled_context_fwd": ("auto", "auto")}
-    by_mode = {m: node_times(order, profiles, backward_host=m[0], forward_host=m[1])
-               for m in set(modes.values())}
-    variants = {k: by_mode[m] for k, m in modes.items()}
-    times = variants["profiled"]
-    context_note = raw.get("backward_context_note") or (
-        "" if has_context else "no in-context backward host times in this record: "
-        "profiled_context_bwd = profiled_device_bwd")
-    fwd_note = raw.get("forward_context_note") or (
-        "" if has_fwd else "no in-context forward host times in this record: "
-        "profiled_context_fwd = profiled_isolated_fwd = profiled")
-    times_bh = node_times(order, profiles, backward_host="isolated")
-    stage_nodes: dict[int, list[str]] = {}
-    for name, st in assignment.items():
-        stage_nodes.setdefault(int(st), []).append(name)
-    call = CallOverhead(*raw.get("context", {}).get("call_overhead", (0.0, 0.0)))
-    for mode, mode_times in variants.items():
-        bh, fh = modes[mode]
-        replay = None if mode == "profiled_additive" else host_replay(
-            order, profiles, backward_host=bh, forward_host=fh,
-            call=call if mode == "profiled" else None)
-        costs = estimate_costs(graph, plan_device, optimizer=OPTIMIZER, measured=mode_times,
-                               replay=replay)
-        predictions[mode] = evaluate_assignment(graph, config, plan_device, assignment,
-                                                costs=[costs], samples_per_microbatch=mb)
-    rows = []
-    for measured in raw["stages"]:
-        s = measured["stage"]
-        est = plan.stages[s]
-        row = {key: v for key, v in measured.items()
-               if key not in ("recomputed", "measured_host_ms")}
-        row.update({
-            "nodes": est.num_nodes, "parameters": est.num_parameters,
-            "memory_predicted_bytes": est.memory.peak,
-            "memory_predicted": {"parameters": est.memory.parameters,
-                                 "gradients": est.memory.gradients,
-                                 "optimizer": est.memory.optimizer,
-                                 "activations": est.memory.activations,
-                                 "workspace": est.memory.workspace},
-            "memory_error": _rel(est.memory.peak, measured["memory_measured_bytes"]),
-        })
-        both = measured["measured_ms"] / 1e3
-        for mode, p in predictions.items():
-            st = p.stages[s]
-            row[f"{mode}_ms"] = st.compute_time * 1e3
-            row[f"{mode}_fwd_ms"] = st.forward_time * 1e3
-            row[f"{mode}_error"] = _rel(st.compute_time, both)
-            row[f"{mode}_fwd_error"] = _rel(st.forward_time, measured["measured_fwd_ms"] / 1e3)
-        # Input-derived nodes the stage recomputes (Note [inputs on every rank]): in the
-        # replayed modes' stage times since the stage replay (Note [stage replay]).
-        row["recomputed_ms"] = 1e3 * sum(sum(times.get(n, (0.0, 0.0)))
-                                         for n in measured.get("recomputed", ()))
-        # Diagnosis: the backward replayed with the measured host backward times.
-        bh = sum(sum(times_bh.get(n, (0.0, 0.0))) for n in stage_nodes[s])
-        row["profiled_backward_host_ms"] = bh * 1e3
-        row["profiled_backward_host_error"] = _rel(bh, both)
-        row["context_backward_host_ms"] = 1e3 * sum(
-            profiles[n].host_backward_context or 0.0 for n in stage_nodes[s] if n in profiles)
-        row["device_backward_ms"] = 1e3 * sum(
-            profiles[n].device_backward for n in stage_nodes[s] if n in profiles)
-        # Diagnosis of the forward: host and device sums over the stage's nodes, against
-        # measured_fwd_ms (the host-bound forward takes about the larger).
-        row["isolated_forward_host_ms"] = 1e3 * sum(
-            profiles[n].host_forward for n in stage_nodes[s] if n in profiles)
-        row["context_forward_host_ms"] = math.nan if not has_fwd else 1e3 * sum(
-            profiles[n].host_forward_context or 0.0 for n in stage_nodes[s] if n in profiles)
-        row["device_forward_ms"] = 1e3 * sum(
-            profiles[n].device_forward for n in stage_nodes[s] if n in profiles)
-        rows.append(row)
-    return {
-        "model": raw["model"], "batch_size": raw["batch_size"],
-        "microbatches": raw["microbatches"], "microbatch_size": mb, "sample": raw["sample"],
-        "parameters": graph.num_parameters, "nodes": len(graph), "tracer": raw["tracer"],
-        "trace_s": raw["trace_s"], "plan_s": raw["plan_s"], "profile_s": raw["profile_s"],
-        "profiled_nodes": len(profiles), "stages": rows,
-        "backward_context_note": context_note, "forward_context_note": fwd_note,
-    }
 
 
 # -- report ----------------------------------------------------------------------------------------

@@ -321,9 +321,9 @@ class Plan:
     created_by: str = ""
 
     def __post_init__(self) -> None:
-        p = self.config.partitions
+        p = self.config.num_stages
         if len(self.devices) != p:
-            raise PlanFormatError(f"plan has {len(self.devices)} devices for {p} partitions")
+            raise PlanFormatError(f"plan has {len(self.devices)} devices for {p} stages")
         if len(self.stages) != p or [s.index for s in self.stages] != list(range(p)):
             raise PlanFormatError(f"plan must have stages 0..{p - 1}, in order")
         if len(self.boundaries) != p - 1:
@@ -344,8 +344,14 @@ class Plan:
 
     @property
     def partitions(self) -> int:
-        """Number of stages."""
+        """Pipeline ranks (the stages, unless ranks hold virtual stages)."""
         return self.config.partitions
+
+    @property
+    def num_stages(self) -> int:
+        """Stages: ``partitions * virtual_stages`` (Note [virtual stages] in
+        ``modelparallel/schedule/__init__.py``)."""
+        return self.config.num_stages
 
     def stage_nodes(self, stage: int) -> tuple[str, ...]:
         """Names of the nodes assigned to ``stage``, in topological order."""

@@ -13,7 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from modelparallel.errors import ConfigError, PlanFormatError
-from modelparallel.schedule import SCHEDULE_ALIASES, normalize_schedule  # re-exported (moved)
+from modelparallel.schedule import (  # re-exported (moved)
+    SCHEDULE_ALIASES,
+    check_virtual_stages,
+    normalize_schedule,
+)
 
 __all__ = [
     "GRANULARITIES",
@@ -35,7 +39,7 @@ GRANULARITIES = ("op", "module")
 TIED_CHOICES = ("replicate", "colocate")
 SOLVERS = ("highs", "cbc")
 #: The order of :class:`PlanConfig`'s fields in plan files (the pipeline's shape first).
-_CONFIG_ORDER = ("partitions", "microbatches", "schedule")
+_CONFIG_ORDER = ("partitions", "microbatches", "schedule", "virtual_stages")
 
 
 # Note [planning options]
@@ -114,9 +118,13 @@ class PlanConfig(PartitionOptions):
     (given by keyword).
 
     Attributes:
-        partitions: Pipeline stages, one device each.
+        partitions: Pipeline ranks, one device each (with ``virtual_stages = 1``, the stages).
         microbatches: Microbatches per step; the batch must divide by it.
-        schedule: ``"gpipe"`` or ``"1f1b"`` (SMP's ``"simple"`` / ``"interleaved"`` accepted).
+        schedule: ``"gpipe"``, ``"1f1b"`` or ``"zb-h1"`` (SMP's ``"simple"`` / ``"interleaved"``
+            accepted, Note [schedule names] in ``modelparallel/schedule/__init__.py``).
+        virtual_stages: Stages per rank ``v``: the plan has ``partitions * v`` stages and
+            stage ``s`` runs on rank ``s % partitions`` (interleaved 1F1B, Note [virtual
+            stages]); only ``"1f1b"`` takes ``v > 1``.
 
     Example:
         >>> PlanConfig(2, optimize="memory").memory_weight
@@ -126,26 +134,38 @@ class PlanConfig(PartitionOptions):
     partitions: int
     microbatches: int = 1
     schedule: str = "1f1b"
+    virtual_stages: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.partitions, int) or self.partitions < 1:
             raise ConfigError(f"partitions = {self.partitions!r} must be an integer >= 1")
         if not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise ConfigError(f"microbatches = {self.microbatches!r} must be an integer >= 1")
+        check_virtual_stages(self.schedule, self.virtual_stages, ranks=self.partitions)
         object.__setattr__(self, "schedule", normalize_schedule(self.schedule))
+        if self.virtual_stages > 1:
+            from modelparallel.schedule import make_schedule
+
+            make_schedule(self.schedule, self.partitions, self.microbatches,
+                          self.virtual_stages)  # raises for microbatches it cannot run
         super().__post_init__()
         for key, stage in self.pins.items():
-            if not isinstance(stage, int) or not 0 <= stage < self.partitions:
+            if not isinstance(stage, int) or not 0 <= stage < self.num_stages:
                 raise ConfigError(
                     f"pin {key!r} -> {stage!r}: the stage must be an integer in "
-                    f"0..{self.partitions - 1}")
+                    f"0..{self.num_stages - 1}")
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages: ``partitions * virtual_stages`` (Note [virtual stages])."""
+        return self.partitions * self.virtual_stages
 
     @classmethod
     def of(cls, options: PartitionOptions, *, partitions: int, microbatches: int = 1,
-           schedule: str = "1f1b") -> PlanConfig:
+           schedule: str = "1f1b", virtual_stages: int = 1) -> PlanConfig:
         """The config of a pipeline's shape with ``options``' partition options."""
         return cls(partitions=partitions, microbatches=microbatches, schedule=schedule,
-                   **options.partition_options())
+                   virtual_stages=virtual_stages, **options.partition_options())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (the pipeline's shape first)."""

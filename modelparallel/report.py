@@ -27,6 +27,7 @@ __all__ = [
     "format_bytes",
     "format_seconds",
     "print_comparison",
+    "print_schedule_comparison",
     "print_node",
     "print_stage",
     "print_summary",
@@ -47,8 +48,10 @@ def _header(plan: Plan) -> list[str]:
         f"[bold]Plan for {m.name}[/bold]  fingerprint {m.fingerprint[:12]}  {m.num_nodes} nodes  "
         f"{format_count(m.num_parameters)} parameters" + (f"  traced with {m.tracer}"
                                                           if m.tracer else ""),
-        f"{c.partitions} stages on {', '.join(devices)}  ·  {c.microbatches} microbatches  ·  "
-        f"{c.schedule}  ·  optimize={c.optimize} (memory_weight {c.memory_weight:g})  ·  "
+        f"{c.num_stages} stages on {', '.join(devices)}"
+        + (f" ({c.partitions} ranks x {c.virtual_stages} virtual stages)"
+           if c.virtual_stages > 1 else "")
+        + f"  ·  {c.microbatches} microbatches  ·  {c.schedule}  ·  optimize={c.optimize} (memory_weight {c.memory_weight:g})  ·  "
         f"optimizer {c.optimizer}  ·  granularity {c.granularity}  ·  tied {c.tied}",
     ]
     bound = "n/a" if s.lower_bound is None else f"{s.lower_bound:.4f}"
@@ -107,10 +110,10 @@ def _boundary_table(plan: Plan) -> Table:
 def timeline_rows(plan: Plan) -> Timeline:
     """The estimated timeline of one step: the plan's schedule played with its stages' forward
     and backward times (communication split evenly between the two directions)."""
-    p, m = plan.partitions, plan.config.microbatches
+    p, m, v = plan.partitions, plan.config.microbatches, plan.config.virtual_stages
     fwd = [s.forward_time + s.comm_time / 2 for s in plan.stages]
     bwd = [s.backward_time + s.comm_time / 2 for s in plan.stages]
-    return simulate(make_schedule(plan.config.schedule, p, m), fwd, bwd)
+    return simulate(make_schedule(plan.config.schedule, p, m, v), fwd, bwd)
 
 
 def _timeline(plan: Plan, width: int = 72) -> list[str]:
@@ -119,6 +122,7 @@ def _timeline(plan: Plan, width: int = 72) -> list[str]:
     if total <= 0:
         return []
     rows = []
+    unit = "rank" if plan.config.virtual_stages > 1 else "stage"
     for stage, entries in enumerate(timeline.entries):
         line = [" "] * width
         for e in entries:
@@ -128,7 +132,7 @@ def _timeline(plan: Plan, width: int = 72) -> list[str]:
             colour = "cyan" if e.action.kind == "F" else "magenta"
             for i in range(a, min(b, width)):
                 line[i] = f"[{colour}]{glyph}[/{colour}]"
-        rows.append(f"  stage {stage} │{''.join(line)}│ busy "
+        rows.append(f"  {unit} {stage} │{''.join(line)}│ busy "
                     f"{100 * timeline.busy[stage] / total:.0f}%")
     return rows
 
@@ -165,8 +169,8 @@ def print_stage(plan: Plan, stage: int, console: Console | None = None) -> None:
         ConfigError: if the stage does not exist.
     """
     console = console or Console()
-    if not 0 <= stage < plan.partitions:
-        raise ConfigError(f"stage {stage} is outside 0..{plan.partitions - 1}")
+    if not 0 <= stage < plan.num_stages:
+        raise ConfigError(f"stage {stage} is outside 0..{plan.num_stages - 1}")
     nodes = [n for n in plan.nodes if n.stage == stage]
     table = Table(title=f"Stage {stage}: {len(nodes)} nodes", title_justify="left")
     for col in ("node", "op", "module", "fwd", "bwd", "saved", "output", "params"):
@@ -218,9 +222,9 @@ def explain_node(plan: Plan, name: str) -> list[str]:
     producers = [by_name[s] for s in node.inputs if s in by_name and by_name[s].stage >= 0]
     consumers = [n for n in plan.nodes if name in n.inputs and n.stage >= 0]
     lo = max((p.stage for p in producers), default=0)
-    hi = min((c.stage for c in consumers), default=plan.partitions - 1)
+    hi = min((c.stage for c in consumers), default=plan.num_stages - 1)
     if node.op == "output":
-        lo = hi = plan.partitions - 1
+        lo = hi = plan.num_stages - 1
     if producers:
         lines.append("producers: " + ", ".join(f"{p.name} (stage {p.stage})" for p in producers[:6]))
     if consumers:
@@ -268,6 +272,28 @@ def print_node(plan: Plan, name: str, console: Console | None = None) -> None:
     console = console or Console()
     for line in explain_node(plan, name):
         console.print(line, markup=False)
+
+
+def print_schedule_comparison(plans: Mapping[str, Plan], console: Console | None = None,
+                              title: str = "") -> None:
+    """One row per schedule (``compare_schedules``): stages, estimated step time and bubble,
+    activations held, peak memory."""
+    console = console or Console()
+    if not plans:
+        return
+    best = min(p.pipeline.step_time for p in plans.values())
+    table = Table(title=title or "Schedules on the same graph (each planned by the DP)",
+                  title_justify="left")
+    for col in ("schedule", "stages", "step", "÷ best", "bubble", "in flight", "max memory"):
+        table.add_column(col, justify="left" if col == "schedule" else "right", no_wrap=True)
+    for name, p in plans.items():
+        step = p.pipeline.step_time
+        table.add_row(name + (" ★" if step <= best * (1 + 1e-12) else ""), str(p.num_stages),
+                      format_seconds(step), f"{step / best:.3f}" if best > 0 else "n/a",
+                      f"{100 * p.pipeline.bubble_fraction:.1f}%",
+                      str(max(s.inflight_microbatches for s in p.stages)),
+                      format_bytes(max(s.memory.peak for s in p.stages)))
+    console.print(table)
 
 
 def print_comparison(plans: Mapping[str, Plan], console: Console | None = None,

@@ -130,7 +130,7 @@ def _cmd_inspect(a: argparse.Namespace, console: Any, err: Any) -> int:
 
 def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel import report
-    from modelparallel.partitioner import compare
+    from modelparallel.partitioner import compare, compare_schedules
 
     config = _config_from_args(a)
     devices = _devices_from_args(a)
@@ -142,8 +142,14 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
                         samples_per_microbatch=loaded.samples_per_microbatch,
                         progress=_progress_printer(status))
     report.print_comparison(plans, console)
+    with err.status("planning every schedule"):
+        schedules = compare_schedules(loaded.graph, config, devices,
+                                      samples_per_microbatch=loaded.samples_per_microbatch)
+    report.print_schedule_comparison(schedules, console)
     if a.output:
-        Path(a.output).write_text(json.dumps({k: p.to_dict() for k, p in plans.items()}, indent=1))
+        data = {k: p.to_dict() for k, p in plans.items()}
+        data.update({f"schedule {k}": p.to_dict() for k, p in schedules.items()})
+        Path(a.output).write_text(json.dumps(data, indent=1))
         err.print(f"wrote {a.output}")
     return 0
 
@@ -153,8 +159,8 @@ def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
     from modelparallel.plan import load_plan
 
     plan = load_plan(a.plan)
-    if not 0 <= a.stage < plan.partitions:
-        raise ConfigError(f"--stage {a.stage} is outside 0..{plan.partitions - 1}")
+    if not 0 <= a.stage < plan.num_stages:
+        raise ConfigError(f"--stage {a.stage} is outside 0..{plan.num_stages - 1}")
     source = a.model or plan.model.source
     if not source:
         raise ConfigError("the plan does not say which model it was built from; give --model "

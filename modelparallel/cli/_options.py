@@ -42,10 +42,16 @@ FLAG_OF = {"pins": "--pin"}
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     d = {f.name: f.default for f in fields(PlanConfig)}
-    p.add_argument("--partitions", "-p", type=int, required=True, help="pipeline stages")
+    p.add_argument("--partitions", "-p", type=int, required=True,
+                   help="pipeline ranks (stages, unless --virtual-stages > 1)")
     p.add_argument("--microbatches", "-m", type=int, default=d["microbatches"],
                    help="microbatches per step")
-    p.add_argument("--schedule", default=d["schedule"], choices=tuple(SCHEDULE_ALIASES))
+    p.add_argument("--schedule", default=d["schedule"], choices=tuple(SCHEDULE_ALIASES),
+                   help="gpipe (SMP 'simple'), 1f1b (SMP 'interleaved'; with --virtual-stages > 1 "
+                        "interleaved 1F1B) or zb-h1 (zero-bubble)")
+    p.add_argument("--virtual-stages", "-v", type=int, default=d["virtual_stages"], metavar="V",
+                   help="stages per rank: plan partitions x V stages, stage s on rank s mod "
+                        "partitions (interleaved 1F1B; --schedule 1f1b only)")
     p.add_argument("--device", action="append", default=[], metavar="NAME|SPEC.json",
                    help="device for every stage, or repeat once per stage "
                         "(cpu, v100, a100, h100, h200, or a calibrated spec JSON; default h100)")

@@ -52,7 +52,7 @@ def build_stage(traced: TracedModel, plan: Plan, stage: int) -> StageProgram:
     Args:
         traced: The traced model (``modelparallel.tracer.trace``).
         plan: A plan made for ``traced.graph``.
-        stage: Which stage to build, ``0 .. plan.partitions - 1``.
+        stage: Which stage to build, ``0 .. plan.num_stages - 1``.
 
     Returns:
         The stage's :class:`StageProgram`.
@@ -75,8 +75,8 @@ def build_stage(traced: TracedModel, plan: Plan, stage: int) -> StageProgram:
         (True, 1)
     """
     plan.check_graph(traced.graph)
-    if not isinstance(stage, int) or not 0 <= stage < plan.partitions:
-        raise ConfigError(f"stage = {stage!r}; the plan has stages 0..{plan.partitions - 1}")
+    if not isinstance(stage, int) or not 0 <= stage < plan.num_stages:
+        raise ConfigError(f"stage = {stage!r}; the plan has stages 0..{plan.num_stages - 1}")
     splits = split_stages(traced, plan)
     return _build(traced, splits, stage)
 
@@ -97,7 +97,7 @@ def build_stages(traced: TracedModel, plan: Plan) -> tuple[StageProgram, ...]:
     """
     plan.check_graph(traced.graph)
     splits = split_stages(traced, plan)
-    return tuple(_build(traced, splits, k) for k in range(plan.partitions))
+    return tuple(_build(traced, splits, k) for k in range(plan.num_stages))
 
 
 # -- one stage ------------------------------------------------------------------------------------

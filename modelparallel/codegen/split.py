@@ -116,7 +116,7 @@ def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
     """
     plan.check_graph(traced.graph)
     graph = traced.graph
-    p = plan.partitions
+    p = plan.num_stages
     home = _homes(traced, plan)
     _check_order(traced.gm, home)
     last_use = _last_uses(traced.gm, home, p)
@@ -127,7 +127,7 @@ def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
 
 def _homes(traced: TracedModel, plan: Plan) -> dict[str, int]:
     """Stage of every traced-module node; ``-1`` for nodes computed wherever needed."""
-    graph, p = traced.graph, plan.partitions
+    graph, p = traced.graph, plan.num_stages
     assignment = plan.assignment
     derived = input_derived_nodes(graph)
     home: dict[str, int] = {}

@@ -1,11 +1,12 @@
 """Assign the nodes of a model's graph to pipeline stages.
 
 :func:`partition` makes a :class:`~modelparallel.plan.Plan` with an ILP (PuLP; HiGHS by default,
-CBC as fallback) at op level (Note [ILP pipeline] in :mod:`modelparallel.partitioner.solve`;
+CBC as fallback) at op level (Note [ILP pipeline] in :mod:`modelparallel.partitioner.methods`;
 over coarse units refined op by op near the stage boundaries for very large graphs), or with one
 of the reference methods: the exact contiguous DP (``"dp"``) and the baselines ``"uniform"`` and
 ``"param_balanced"``. :func:`compare` runs every method on the same graph and cost model, and
-:func:`evaluate_assignment` estimates a placement given by hand. Every method is judged by the
+:func:`evaluate_assignment` estimates a placement given by hand, and :func:`compare_schedules`
+plans the graph for every schedule. Every method is judged by the
 same evaluation function and objective (Note [objective] in
 :mod:`modelparallel.partitioner.problem`), and every plan carries a proven lower bound.
 
@@ -20,6 +21,7 @@ Example:
 from modelparallel.partitioner.bounds import LowerBound, lower_bound
 from modelparallel.partitioner.problem import DevicesArg
 from modelparallel.partitioner.progress import PHASES, ProgressEvent
+from modelparallel.partitioner.schedules import compare_schedules
 from modelparallel.partitioner.solve import METHODS, compare, evaluate_assignment, partition
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "LowerBound",
     "ProgressEvent",
     "compare",
+    "compare_schedules",
     "evaluate_assignment",
     "lower_bound",
     "partition",

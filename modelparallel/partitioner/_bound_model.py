@@ -1,6 +1,6 @@
 """The windowed bound model of part 3 of Note [lower bound] (``bounds.py``), in raw highspy.
 
-One builder per constraint family, the same families as the ILP's (``ilp.py``, Note [ILP
+One builder per constraint family, the same families as the ILP's (``_ilp_model.py``, Note [ILP
 formulation]) over single ops: assignment and precedence (:func:`_order_rows`), communication
 (:func:`_crossing_rows`), time (:func:`_time_rows`), memory (:func:`_memory_terms`), shared
 parameters (:func:`_shared_parameter_rows`) and workspace (:func:`_workspace_rows`); pins and
@@ -139,7 +139,7 @@ class _Windowed:
 
 def _windowed_model(prob: Problem, lo: np.ndarray, hi: np.ndarray) -> _Windowed:
     """The windowed model, one constraint family per builder (the ILP's families in
-    ``ilp.py``, over single ops; pins and colocation are dropped, Note [lower bound])."""
+    ``_ilp_model.py``, over single ops; pins and colocation are dropped, Note [lower bound])."""
     lp = _LP(prob, lo, hi)
     _order_rows(lp)
     zcol, forced_uv = _crossing_rows(lp)

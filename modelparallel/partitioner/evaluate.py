@@ -36,8 +36,10 @@ from modelparallel.plan import (
     SolverReport,
     StageEstimate,
 )
+from modelparallel.schedule import make_schedule, simulate
 
-__all__ = ["Evaluation", "assignment_array", "check_assignment", "evaluate", "make_plan"]
+__all__ = ["Evaluation", "assignment_array", "check_assignment", "evaluate", "make_plan",
+           "step_time"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,6 +196,22 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
                       param_mem=param_mem, act_mem=act, workspace=ws, objective=objective)
 
 
+def step_time(problem: Problem, ev: Evaluation) -> float:
+    """Seconds per step of an evaluated assignment under the problem's schedule.
+
+    GPipe and 1F1B with one stage per rank: ``sum(T_s) + (m - 1) max(T_s)``. Interleaved 1F1B
+    and ZB-H1: the schedule simulated (:func:`modelparallel.schedule.simulate`) with each
+    stage's forward and backward seconds, its communication split evenly between the two.
+    """
+    cfg = problem.config
+    m, t = cfg.microbatches, ev.time
+    if cfg.schedule in ("gpipe", "1f1b") and cfg.virtual_stages == 1:
+        return float(t.sum()) + (m - 1) * float(t.max())
+    sched = make_schedule(cfg.schedule, cfg.partitions, m, cfg.virtual_stages)
+    return simulate(sched, list(ev.forward + ev.comm / 2),
+                    list(ev.backward + ev.comm / 2)).makespan
+
+
 def _replay_stages(problem: Problem, stage: np.ndarray, fwd: np.ndarray, bwd: np.ndarray
                    ) -> None:
     """Replace in place the summed forward and backward seconds of every stage whose costs
@@ -292,9 +310,11 @@ def make_plan(problem: Problem, ev: Evaluation, report: SolverReport, *,
     m = problem.config.microbatches
     t = ev.time
     t_max = float(t.max())
-    step = float(t.sum()) + (m - 1) * t_max
+    step = step_time(problem, ev)
+    ranks = problem.config.partitions
+    rank_work = max(float(t[r::ranks].sum()) for r in range(ranks))
     pipeline = PipelineEstimate(
-        step_time=step, bubble_fraction=(1.0 - m * t_max / step) if step > 0 else 0.0,
+        step_time=step, bubble_fraction=(1.0 - m * rank_work / step) if step > 0 else 0.0,
         throughput=(m * samples_per_microbatch / step) if step > 0 else 0.0,
         bottleneck_stage=int(np.argmax(t)), bottleneck_time=t_max,
         samples_per_microbatch=samples_per_microbatch)

@@ -77,6 +77,16 @@ communication-free split:
 :attr:`SolverReport.objective <modelparallel.plan.SolverReport.objective>` is always ``J``
 recomputed from the final assignment by :func:`modelparallel.partitioner.evaluate.evaluate`.
 
+Note [virtual stages in the plan]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+With ``virtual_stages = v > 1`` (interleaved 1F1B, Note [virtual stages] in
+``modelparallel/schedule/__init__.py``) the problem has ``p * v`` stages and stage ``s`` runs
+on rank ``s % p``: it gets that rank's device (its speed and link) and ``1 / v`` of its memory,
+so the per-stage memory caps every method enforces imply the rank's cap for the sum of its
+stages (conservative when a rank's stages need unequal memory), and the per-stage objective,
+bounds and DP stay exact for this model. ``inflight_s`` is the stage's peak in the interleaved
+schedule. Balancing the ``p * v`` stages balances the ranks, each of which runs ``v`` of them.
+
 Example:
     >>> from modelparallel.partitioner._synthetic import chain_graph
     >>> from modelparallel.plan import PlanConfig
@@ -193,7 +203,7 @@ class Problem:
     notes: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        n, p = len(self.names), self.config.partitions
+        n, p = len(self.names), self.config.num_stages
         assert self.fwd.shape == self.bwd.shape == (n, p)
         assert self.saved.shape == self.workspace.shape == self.out_bytes.shape == (n,)
         assert self.sent.shape == (n,) and np.all(self.sent <= self.out_bytes)
@@ -210,8 +220,9 @@ class Problem:
 
     @property
     def p(self) -> int:
-        """Number of stages."""
-        return self.config.partitions
+        """Number of stages (``partitions * virtual_stages``, Note [virtual stages] in
+        ``modelparallel/schedule/__init__.py``)."""
+        return self.config.num_stages
 
     @property
     def w(self) -> float:
@@ -295,9 +306,20 @@ def normalize_devices(devices: DevicesArg, partitions: int) -> tuple[DeviceSpec,
     return stage_devices(devices, partitions)
 
 
+def _stage_specs(devices: DevicesArg, config: PlanConfig) -> tuple[DeviceSpec, ...]:
+    """One spec per stage: stage ``s`` gets rank ``s % partitions``'s device (Note [virtual
+    stages in the plan]); a sequence may also give one per stage."""
+    ranks, n = config.partitions, config.num_stages
+    if n != ranks and isinstance(devices, Sequence) and not isinstance(devices, str) \
+            and len(devices) == n:
+        return normalize_devices(devices, n)
+    per_rank = normalize_devices(devices, ranks)
+    return tuple(per_rank[s % ranks] for s in range(n))
+
+
 def _stage_costs(graph: Graph, config: PlanConfig, devices: tuple[DeviceSpec, ...],
                  costs: Sequence[GraphCosts] | None) -> tuple[GraphCosts, ...]:
-    p = config.partitions
+    p = config.num_stages
     if costs is None:
         cache: dict[int, GraphCosts] = {}
         out = []
@@ -311,6 +333,8 @@ def _stage_costs(graph: Graph, config: PlanConfig, devices: tuple[DeviceSpec, ..
     given = tuple(costs)
     if len(given) == 1:
         given = given * p
+    elif len(given) == config.partitions:
+        given = tuple(given[s % config.partitions] for s in range(p))
     if len(given) != p:
         raise ConfigError(f"got {len(given)} GraphCosts for {p} partitions; give one per stage")
     for c in given:
@@ -416,8 +440,8 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
         >>> prob.names[-1]
         'output'
     """
-    p = config.partitions
-    specs = normalize_devices(devices, p)
+    p = config.num_stages
+    specs = _stage_specs(devices, config)
     stage_costs = _stage_costs(graph, config, specs, costs)
     derived = input_derived_nodes(graph)
     names = tuple(nd.name for nd in graph.nodes if nd.name not in derived)
@@ -459,9 +483,12 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
                   nbytes=graph.param(q).nbytes, numel=graph.param(q).numel,
                   trainable=graph.param(q).trainable)
         for q, rs in readers.items())
-    inflight = np.array([inflight_microbatches(config.schedule, config.microbatches, p, s)
+    v = config.virtual_stages
+    inflight = np.array([inflight_microbatches(config.schedule, config.microbatches,
+                                               config.partitions, s, v)
                          for s in range(p)], dtype=float)
-    caps = np.array([d.memory_bytes for d in specs], dtype=float)
+    # Note [virtual stages in the plan]: each of a rank's v stages gets 1/v of its memory.
+    caps = np.array([d.memory_bytes / v for d in specs], dtype=float)
     pinned = _resolve_pins(graph, config, index, derived)
     out_idx = n - 1
     if pinned.get(out_idx, p - 1) != p - 1:

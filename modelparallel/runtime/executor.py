@@ -1,6 +1,9 @@
-"""The per-rank pipeline executor: one :class:`~modelparallel.codegen.StageProgram` under a schedule.
+"""The per-rank pipeline executor: this rank's :class:`~modelparallel.codegen.StageProgram` (or its
+``v`` programs with virtual stages) under a schedule.
 
-Each rank runs its stage's action list (:mod:`modelparallel.schedule`). A forward of
+Each rank runs its action list (:mod:`modelparallel.schedule`); with virtual stages (Note
+[virtual stages] in ``modelparallel/schedule/__init__.py``) rank ``r`` of ``p`` holds the programs
+of stages ``r, r + p, ...`` and each action names the stage it runs. A forward of
 microbatch ``i`` runs the stage (``program.run``) on the stage's local model inputs of the
 microbatch and the values received from the previous stage (Note [stage calling convention] in
 ``modelparallel/codegen/program.py``), sends the stage's outputs on, and keeps what backward
@@ -8,7 +11,9 @@ needs. A hook given as ``on_action`` is called around every receive wait, forwar
 send and gradient sync (Note [action hook] in ``modelparallel/runtime/hooks.py``). The last stage rebuilds the model output with ``out_spec`` and computes
 ``loss_fn(output, target)``. A backward receives the gradients of the values the stage sent (or
 starts from the loss on the last stage, scaled by ``1/m`` when gradients are averaged over
-microbatches), runs autograd, and sends the gradients of the values it received back. Parameter
+microbatches), runs autograd, and sends the gradients of the values it received back; a split
+backward (``I`` then ``W``, Note [split backward]) computes and sends those gradients first and
+the parameters' gradients at the later ``W`` (``modelparallel/runtime/split_backward.py``). Parameter
 gradients accumulate over the microbatches; afterwards the gradients of tied parameters held by
 several stages are summed among those stages. The mean loss (and, unless turned off, the merged
 outputs) are broadcast from the last stage, so every rank returns them.
@@ -56,6 +61,11 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
+from modelparallel.runtime.split_backward import (
+    PendingWeightGrad,
+    backward_input,
+    backward_weight,
+)
 from modelparallel.schedule import Action, Schedule, make_schedule
 
 __all__ = ["StageExecutor", "StepOutput", "StepStats"]
@@ -100,18 +110,19 @@ class _Microbatch:
     roots: list[torch.Tensor]
     received: list[torch.Tensor]
     loss: torch.Tensor | None
+    pending: PendingWeightGrad | None = None
 
 
 @dataclass
 class _Templates:
     """Boundary templates of one shape key (Note [boundary metadata]).
 
-    ``send``/``recv`` are ``(value names, template)``; ``result`` maps ``return_outputs`` to
-    ``(loss dtype, output template)``.
+    ``send``/``recv`` map each of this rank's stages to ``(value names, template)``; ``result``
+    maps ``return_outputs`` to ``(loss dtype, output template)``.
     """
 
-    send: tuple[Any, ...] | None = None
-    recv: tuple[Any, ...] | None = None
+    send: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    recv: dict[int, tuple[Any, ...]] = field(default_factory=dict)
     result: dict[bool, tuple[Any, Any]] = field(default_factory=dict)
 
 
@@ -120,14 +131,14 @@ class _Step:
     """The state of one step in flight on this rank."""
 
     actions: tuple[Action, ...]
-    local: list[list[Any]]
+    local: dict[int, list[list[Any]]]
     targets: list[Any]
     tpl: _Templates
     train: bool
     return_outputs: bool
     merge: bool = True
     context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
-    microbatches: dict[int, _Microbatch] = field(default_factory=dict)
+    microbatches: dict[tuple[int, int], _Microbatch] = field(default_factory=dict)
     posted: dict[int, PendingRecv | None] = field(default_factory=dict)
     losses: list[torch.Tensor] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
@@ -140,11 +151,13 @@ class StageExecutor:
     is given; with ``comm=None`` the stage must be the only one (a one-stage pipeline).
 
     Args:
-        program: This rank's stage.
-        comm: Its communication (``None`` for a single stage).
+        program: This rank's stage, or with virtual stages this rank's ``v`` stages ``r, r + p,
+            ...`` in order (Note [virtual stages]).
+        comm: Its communication (``None`` for a single stage); its stages are the ``p`` ranks.
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``, mean-reduced over the
             microbatch; run on the last stage.
-        schedule: ``"gpipe"``/``"simple"`` or ``"1f1b"``/``"interleaved"``.
+        schedule: ``"gpipe"``/``"simple"``, ``"1f1b"``/``"interleaved"`` (with several programs:
+            interleaved 1F1B) or ``"zb-h1"``.
         split: How the flat inputs split into microbatches.
         average_grads: Average parameter gradients over microbatches (SMP's
             ``average_grads_across_microbatches``); otherwise sum them.
@@ -168,13 +181,19 @@ class StageExecutor:
         torch.Size([4, 1])
     """
 
-    def __init__(self, program: StageProgram, comm: StageComm | None, *,
-                 loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
+    def __init__(self, program: StageProgram | Sequence[StageProgram], comm: StageComm | None,
+                 *, loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
                  average_grads: bool = True, device: torch.device | str = "cpu",
                  on_action: ActionHook | None = None) -> None:
-        if comm is None and program.num_stages != 1:
-            raise ConfigError(f"stage {program.index} of {program.num_stages} needs a StageComm")
-        self.program = program
+        programs = (program,) if isinstance(program, StageProgram) else tuple(program)
+        self.programs = _check_programs(programs)
+        self.program = programs[0]
+        self.virtual_stages = len(programs)
+        self.num_ranks = self.program.num_stages // self.virtual_stages
+        self._by_stage = {p.index: p for p in programs}
+        if comm is None and self.num_ranks != 1:
+            raise ConfigError(f"stage {self.program.index} of {self.program.num_stages} needs "
+                              "a StageComm")
         self.comm = comm
         self.loss_fn = loss_fn
         self.schedule_name = schedule
@@ -189,20 +208,27 @@ class StageExecutor:
         self.after_step: Callable[[StepOutput, bool], None] | None = None
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
-        make_schedule(schedule, program.num_stages, split.num_microbatches).validate()
+        make_schedule(schedule, self.num_ranks, split.num_microbatches,
+                      self.virtual_stages).validate()
+        self._params = {p.index: [t for t in p.module.parameters() if t.requires_grad]
+                        for p in programs}
         self._shared = self._shared_groups()
 
     # -- public ----------------------------------------------------------------------------------
 
     @property
     def is_first(self) -> bool:
-        """Whether this is stage 0."""
+        """Whether this rank runs stage 0."""
         return self.program.index == 0
 
     @property
     def is_last(self) -> bool:
-        """Whether this is the last stage."""
-        return self.program.index == self.program.num_stages - 1
+        """Whether this rank runs the last stage."""
+        return self.programs[-1].is_last
+
+    def _rank(self, stage: int) -> int:
+        """The pipeline rank (the comm's stage index) that runs ``stage``."""
+        return stage % self.num_ranks
 
     def train_step(self, flat_inputs: Sequence[Any], target: Any, *,
                    return_outputs: bool = True) -> StepOutput:
@@ -272,8 +298,8 @@ class StageExecutor:
         if self.comm is not None:
             self.comm.check_usable()
         step = _Step(actions=self._actions(train),
-                     local=[[_to(mb[i], self.device) for i in self.program.model_inputs]
-                            for mb in microbatches],
+                     local={p.index: [[_to(mb[i], self.device) for i in p.model_inputs]
+                                      for mb in microbatches] for p in self.programs},
                      targets=[_to(t, self.device) for t in targets],
                      tpl=self._templates_for(key), train=train,
                      return_outputs=return_outputs, merge=merge, context=context,
@@ -287,7 +313,8 @@ class StageExecutor:
                 if self.comm is not None:
                     self.comm.drain_sends()
                 if train:
-                    self._hooked("grad_sync", None, self._reduce_shared_grads, stash)
+                    self._hooked("grad_sync", self.program.index, None,
+                                 self._reduce_shared_grads, stash)
                 result = self._gather_result(step)
         except BaseException as e:
             self._templates.pop(key, None)
@@ -313,32 +340,38 @@ class StageExecutor:
             if not grouped:
                 self._post(step, k + 1, allow_meta=False)
             recv = step.posted.pop(k)
-            i = a.microbatch
-            received = (self._hooked("recv_wait", i, self.comm.wait, recv)
+            i, s = a.microbatch, a.stage
+            received = (self._hooked("recv_wait", s, i, self.comm.wait, recv)
                         if recv is not None and self.comm is not None else [])
             t0 = time.perf_counter()
             if a.kind == "F":
-                sends = self._hooked("forward", i, self._forward, step, i, received)
+                sends = self._hooked("forward", s, i, self._forward, step, s, i, received)
+            elif a.kind == "B":
+                sends = self._hooked("backward", s, i, self._backward, step, s, i, received)
+            elif a.kind == "I":
+                sends = self._hooked("backward", s, i, self._backward_input, step, s, i,
+                                     received)
             else:
-                sends = self._hooked("backward", i, self._backward, step, i, received)
+                sends = self._hooked("weight_backward", s, i, self._backward_weight, step, s,
+                                     i)
             dt = time.perf_counter() - t0
             self.stats.compute_seconds += dt
             self.stats.actions.append((str(a), dt))
             nxt = k + 1 if grouped else -1
             if sends and self.on_action is not None:
-                self._hooked("send", i, self._post, step, nxt, allow_meta=False, sends=sends,
-                             label=str(a))
+                self._hooked("send", s, i, self._post, step, nxt, allow_meta=False,
+                             sends=sends, label=str(a))
             else:
                 self._post(step, nxt, allow_meta=False, sends=sends, label=str(a))
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
 
-    def _hooked(self, kind: str, microbatch: int | None, fn: Callable[..., _T], *args: Any,
-                **kwargs: Any) -> _T:
+    def _hooked(self, kind: str, stage: int, microbatch: int | None, fn: Callable[..., _T],
+                *args: Any, **kwargs: Any) -> _T:
         """``fn(*args, **kwargs)``, bracketed by the ``on_action`` hook if there is one."""
         hook = self.on_action
         if hook is None:
             return fn(*args, **kwargs)
-        event = StageEvent(kind, self.program.index, microbatch)
+        event = StageEvent(kind, stage, microbatch)
         hook(event, "start")
         try:
             return fn(*args, **kwargs)
@@ -358,50 +391,51 @@ class StageExecutor:
     def _make_recv(self, step: _Step, k: int, allow_meta: bool) -> bool:
         """Create action k's receive in ``step.posted`` (``None``: it receives nothing). False
         if what it receives is not known yet (metadata not read, or forward not run)."""
-        a, me = step.actions[k], self.program.index
-        if a.kind == "F":
-            if self.is_first:
-                step.posted[k] = None
-                return True
-            if step.tpl.recv is None:
-                if not allow_meta:
-                    return False
-                step.tpl.recv = self._recv_template(a.microbatch)
-            step.posted[k] = PendingRecv(me - 1, allocate(step.tpl.recv[1], self.device),
-                                         f"the activations of microbatch {a.microbatch}")
-            return True
-        if self.is_last:
+        a = step.actions[k]
+        s, prog = a.stage, self._by_stage[a.stage]
+        if a.kind == "W" or (a.kind == "F" and prog.is_first) or (a.kind != "F" and prog.is_last):
             step.posted[k] = None
             return True
-        mb = step.microbatches.get(a.microbatch)
+        of = f" of stage {s}" if self.virtual_stages > 1 else ""
+        if a.kind == "F":
+            tpl = step.tpl.recv.get(s)
+            if tpl is None:
+                if not allow_meta:
+                    return False
+                tpl = step.tpl.recv[s] = self._recv_template(s, a.microbatch)
+            step.posted[k] = PendingRecv(self._rank(s - 1), allocate(tpl[1], self.device),
+                                         f"the activations{of} of microbatch {a.microbatch}")
+            return True
+        mb = step.microbatches.get((s, a.microbatch))
         if mb is None:
             return False
-        step.posted[k] = (PendingRecv(me + 1, [torch.empty(t.shape, dtype=t.dtype,
-                                                           device=t.device) for t in mb.roots],
-                                      f"the gradients of microbatch {a.microbatch}")
+        step.posted[k] = (PendingRecv(self._rank(s + 1),
+                                      [torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                       for t in mb.roots],
+                                      f"the gradients{of} of microbatch {a.microbatch}")
                           if mb.roots else None)
         return True
 
-    def _forward(self, step: _Step, i: int, received: list[torch.Tensor]
+    def _forward(self, step: _Step, s: int, i: int, received: list[torch.Tensor]
                  ) -> list[tuple[int, list[torch.Tensor]]]:
-        p = self.program
+        p = self._by_stage[s]
         leaves: list[torch.Tensor] = []
         values: list[Any] = []
-        if not self.is_first:
-            assert step.tpl.recv is not None
-            for buf, slot in zip(received, slots(step.tpl.recv[1])):
+        if not p.is_first:
+            tpl = step.tpl.recv[s]
+            for buf, slot in zip(received, slots(tpl[1])):
                 if step.train and slot.requires_grad:
                     buf.requires_grad_(True)
                     leaves.append(buf)
-            values = unpack(step.tpl.recv[1], received)
+            values = unpack(tpl[1], received)
         with step.context(i) if step.context is not None else contextlib.nullcontext():
-            out = p.run(step.local[i], values, grad_leaves=bool(leaves))
-        if not self.is_last:
+            out = p.run(step.local[s][i], values, grad_leaves=bool(leaves))
+        if not p.is_last:
             template, tensors = pack(out.sends)
-            self._check_send_template(step.tpl, template, i)
-            roots = [t for t, s in zip(tensors, slots(template)) if s.requires_grad]
-            step.microbatches[i] = _Microbatch(roots, leaves, None)
-            return [(p.index + 1, tensors)]
+            self._check_send_template(step.tpl, template, s, i)
+            roots = [t for t, sl in zip(tensors, slots(template)) if sl.requires_grad]
+            step.microbatches[(s, i)] = _Microbatch(roots, leaves, None)
+            return [(self._rank(s + 1), tensors)]
         output = out.model_output
         if step.return_outputs:
             step.outputs[i] = pytree.tree_map(
@@ -409,26 +443,59 @@ class StageExecutor:
         if step.train:
             loss = check_loss(self.loss_fn(output, step.targets[i]))
             step.losses.append(loss.detach())
-            step.microbatches[i] = _Microbatch([], leaves, loss)
+            step.microbatches[(s, i)] = _Microbatch([], leaves, loss)
         return []
 
-    def _backward(self, step: _Step, i: int, grads: list[torch.Tensor]
+    def _scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 / self.split.num_microbatches if self.average_grads else 1.0
+        return loss * scale if scale != 1.0 else loss
+
+    def _release(self, s: int, i: int) -> None:
+        if self.comm is not None:
+            # The next stage sent these gradients, so it holds our activations of microbatch i:
+            # that send is complete, and its buffers can go.
+            self.comm.release(f"{s}F{i}")
+
+    def _backward(self, step: _Step, s: int, i: int, grads: list[torch.Tensor]
                   ) -> list[tuple[int, list[torch.Tensor]]]:
-        mb = step.microbatches.pop(i)
+        mb = step.microbatches.pop((s, i))
         if mb.loss is not None:
-            scale = 1.0 / self.split.num_microbatches if self.average_grads else 1.0
             if mb.loss.requires_grad:
-                (mb.loss * scale if scale != 1.0 else mb.loss).backward()
+                self._scaled_loss(mb.loss).backward()
         elif mb.roots:
             torch.autograd.backward(mb.roots, grads)
-            if self.comm is not None:
-                # The next stage sent these gradients, so it holds our activations of
-                # microbatch i: that send is complete, and its buffers can go.
-                self.comm.release(f"{self.program.index}F{i}")
-        if self.is_first or not mb.received:
+            self._release(s, i)
+        if self._by_stage[s].is_first or not mb.received:
             return []
         back = [b.grad if b.grad is not None else torch.zeros_like(b) for b in mb.received]
-        return [(self.program.index - 1, back)]
+        return [(self._rank(s - 1), back)]
+
+    def _backward_input(self, step: _Step, s: int, i: int, grads: list[torch.Tensor]
+                        ) -> list[tuple[int, list[torch.Tensor]]]:
+        """``I`` of a split backward: the received values' gradients, sent back now; the
+        parameters' part is kept for ``W`` (Note [split backward])."""
+        mb = step.microbatches[(s, i)]
+        if mb.loss is not None:
+            roots = [self._scaled_loss(mb.loss)] if mb.loss.requires_grad else []
+            root_grads: list[torch.Tensor | None] = [None] * len(roots)
+        else:
+            roots, root_grads = mb.roots, list(grads)
+        got, mb.pending = backward_input(roots, root_grads, mb.received, self._params[s])
+        if mb.loss is None and mb.roots:
+            self._release(s, i)
+        mb.roots = []
+        if self._by_stage[s].is_first or not mb.received:
+            return []
+        back = [g if g is not None else torch.zeros_like(b) for g, b in zip(got, mb.received)]
+        return [(self._rank(s - 1), back)]
+
+    def _backward_weight(self, step: _Step, s: int, i: int
+                         ) -> list[tuple[int, list[torch.Tensor]]]:
+        """``W`` of a split backward: the parameters' gradients of microbatch ``i``."""
+        mb = step.microbatches.pop((s, i))
+        if mb.pending is not None:
+            backward_weight(mb.pending)
+        return []
 
     # -- metadata ----------------------------------------------------------------------------------
 
@@ -443,31 +510,33 @@ class StageExecutor:
             self._templates.popitem(last=False)
         return tpl
 
-    def _check_send_template(self, tpl: _Templates, template: tuple[Any, ...], i: int) -> None:
+    def _check_send_template(self, tpl: _Templates, template: tuple[Any, ...], s: int,
+                             i: int) -> None:
         """Send the template on the first forward of a new shape key; afterwards check that
         every microbatch matches it (Note [boundary metadata])."""
-        names = tuple(v.name for v in self.program.send)
-        if tpl.send is None:
+        names = tuple(v.name for v in self._by_stage[s].send)
+        sent = tpl.send.get(s)
+        if sent is None:
             assert self.comm is not None
-            self.comm.send_object(self.program.index + 1, (names, template))
-            tpl.send = (names, template)
-        elif tpl.send[1] != template:
+            self.comm.send_object(self._rank(s + 1), (names, template))
+            tpl.send[s] = (names, template)
+        elif sent[1] != template:
             raise CommunicationError(
-                f"stage {self.program.index} sends values whose shapes or non-tensor contents "
+                f"stage {s} sends values whose shapes or non-tensor contents "
                 f"differ between microbatches of one step (microbatch {i}: {template!r}; "
-                f"earlier: {tpl.send[1]!r}). Boundary values must depend on the input shapes "
+                f"earlier: {sent[1]!r}). Boundary values must depend on the input shapes "
                 "only; keep the data-dependent computation inside one stage (pins) or use one "
                 "microbatch.")
 
-    def _recv_template(self, microbatch: int) -> tuple[Any, ...]:
+    def _recv_template(self, s: int, microbatch: int) -> tuple[Any, ...]:
         assert self.comm is not None
         names, template = self.comm.recv_object(
-            self.program.index - 1, f"the boundary metadata of microbatch {microbatch}")
-        want = tuple(v.name for v in self.program.recv)
+            self._rank(s - 1), f"the boundary metadata of microbatch {microbatch}")
+        want = tuple(v.name for v in self._by_stage[s].recv)
         if tuple(names) != want:
             raise CommunicationError(
-                f"stage {self.program.index} expects values {list(want)} from stage "
-                f"{self.program.index - 1}, which sends {list(names)}: the ranks were built from "
+                f"stage {s} expects values {list(want)} from stage "
+                f"{s - 1}, which sends {list(names)}: the ranks were built from "
                 "different plans or models. Give every rank the same plan and model.")
         return (tuple(names), template)
 
@@ -475,7 +544,7 @@ class StageExecutor:
 
     def _gather_result(self, step: _Step) -> StepOutput:
         """Mean loss and merged outputs, broadcast from the last stage to every rank."""
-        last = self.program.num_stages - 1
+        last = self.num_ranks - 1
         want_outputs = step.return_outputs
         loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
         merged = ((merge_outputs(step.outputs) if step.merge else list(step.outputs))
@@ -508,60 +577,90 @@ class StageExecutor:
     # -- tied parameters ---------------------------------------------------------------------------
 
     def _shared_groups(self) -> list[tuple[tuple[int, ...], list[str]]]:
-        """Collective: agree on every set of stages sharing parameters and create subgroups."""
+        """Collective: agree on every set of ranks sharing parameters and create subgroups.
+
+        A parameter held by several stages of this rank (virtual stages) is summed here first
+        when the stages hold separate copies of it."""
+        held: dict[str, set[int]] = {}
+        for prog in self.programs:
+            for name, stages in prog.shared_params.items():
+                held.setdefault(name, set()).update(stages)
         mine: dict[tuple[int, ...], list[str]] = {}
-        for name, stages in sorted(self.program.shared_params.items()):
-            key = tuple(sorted(set(stages)))
-            if len(key) > 1:
+        for name, holders in sorted(held.items()):
+            key = tuple(sorted({self._rank(st) for st in holders}))
+            if len(key) > 1 or len(self._shared_tensors(name)) > 1:
                 mine.setdefault(key, []).append(name)
         if self.comm is None:
-            return []
+            return sorted(mine.items())
         sets: set[tuple[int, ...]] = set()
-        for theirs in self.comm.all_gather_object(sorted(mine), "the tied-parameter stages"):
+        for theirs in self.comm.all_gather_object(sorted(k for k in mine if len(k) > 1),
+                                                  "the tied-parameter stages"):
             sets.update(tuple(x) for x in theirs)
         self.comm.make_subgroups(sorted(sets))
         return sorted(mine.items())
 
-    def _shared_tensor(self, name: str) -> torch.Tensor:
-        return self.program.tensor(name) if hasattr(self.program, "tensor") else \
-            self.program.module.get_parameter(name)
+    def _shared_tensors(self, name: str) -> list[torch.Tensor]:
+        """The distinct tensors this rank's stages hold for parameter ``name``."""
+        found: list[torch.Tensor] = []
+        for prog in self.programs:
+            if name in prog.shared_params:
+                t = prog.tensor(name)
+                if all(t is not other for other in found):
+                    found.append(t)
+        return found
 
-    def _stash_shared_grads(self) -> dict[str, torch.Tensor | None]:
-        stash: dict[str, torch.Tensor | None] = {}
+    def _stash_shared_grads(self) -> dict[str, list[torch.Tensor | None]]:
+        stash: dict[str, list[torch.Tensor | None]] = {}
         for _, names in self._shared:
             for name in names:
-                t = self._shared_tensor(name)
-                stash[name] = t.grad
-                t.grad = None
+                copies = self._shared_tensors(name)
+                stash[name] = [t.grad for t in copies]
+                for t in copies:
+                    t.grad = None
         return stash
 
-    def _reduce_shared_grads(self, stash: dict[str, torch.Tensor | None]) -> None:
-        if self.comm is None:
-            return
-        for stages, names in self._shared:
-            tensors = [self._shared_tensor(n) for n in names]
-            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
+    def _reduce_shared_grads(self, stash: dict[str, list[torch.Tensor | None]]) -> None:
+        for ranks, names in self._shared:
+            copies = [self._shared_tensors(n) for n in names]
+            grads = [torch.stack([t.grad if t.grad is not None else torch.zeros_like(t)
+                                  for t in cs]).sum(0) for cs in copies]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            self.comm.all_reduce_sum(flat, stages, f"the gradients of tied parameters {names}")
-            offset, totals = 0, []
-            for g in grads:
-                totals.append(flat[offset:offset + g.numel()].view_as(g))
+            if len(ranks) > 1 and self.comm is not None:
+                self.comm.all_reduce_sum(flat, ranks, f"the gradients of tied parameters {names}")
+            offset = 0
+            for name, cs, g in zip(names, copies, grads):
+                total = flat[offset:offset + g.numel()].view_as(g)
                 offset += g.numel()
-            add_step_grads(tensors, totals, [stash.get(n) for n in names])
+                add_step_grads(cs, [total] * len(cs), stash.get(name, [None] * len(cs)))
 
     # -- helpers ---------------------------------------------------------------------------------
 
     def _actions(self, train: bool) -> tuple[Action, ...]:
-        p, m = self.program.num_stages, self.split.num_microbatches
+        p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches
         key = (m, train)
         if key not in self._schedules:
-            if train:
-                sched = make_schedule(self.schedule_name, p, m)
-            else:
-                sched = Schedule("forward", p, m, tuple(
-                    tuple(Action(s, "F", i) for i in range(m)) for s in range(p)))
+            sched = make_schedule(self.schedule_name, p, m, v)
+            if not train:  # the training order's forwards: same link order, no deadlock
+                sched = Schedule("forward", p * v, m, tuple(
+                    tuple(a for a in lst if a.kind == "F") for lst in sched.actions), v)
             self._schedules[key] = sched
         return self._schedules[key].actions[self.program.index]
+
+
+def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, ...]:
+    """This rank's programs: stages ``r, r + p, ...`` of one pipeline (Note [virtual stages])."""
+    if not programs:
+        raise ConfigError("StageExecutor needs at least one stage program")
+    n, v = programs[0].num_stages, len(programs)
+    p = n // v if n % v == 0 else 0
+    want = list(range(programs[0].index, n, p)) if p else []
+    if [q.index for q in programs] != want or any(q.num_stages != n for q in programs) \
+            or programs[0].index >= p:
+        raise ConfigError(
+            f"a rank's stage programs must be stages r, r + p, ... of one pipeline (p ranks, "
+            f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
+            "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
+    return programs
 
 
 def _to(value: Any, device: torch.device) -> Any:

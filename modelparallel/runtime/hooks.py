@@ -9,7 +9,9 @@ Note [action hook]
 - ``"recv_wait"``: waiting for what an action receives (activations before a forward,
   gradients before a backward), on the stages that receive;
 - ``"forward"`` / ``"backward"``: an action's compute (for the last stage's forward, the loss
-  too);
+  too); ``"backward"`` is also the input-gradient half ``I`` of a split backward, and
+  ``"weight_backward"`` its weight-gradient half ``W`` (Note [split backward] in
+  ``modelparallel/schedule/__init__.py``);
 - ``"send"``: posting an action's sends (asynchronous: their completion is not waited for);
 - ``"grad_sync"``: the sum of tied parameters' gradients among their stages after the last
   backward (``microbatch`` is ``None``).
@@ -30,7 +32,7 @@ from typing import Literal, Protocol
 __all__ = ["EVENT_KINDS", "ActionHook", "Phase", "StageEvent"]
 
 #: The kinds of work a hook is told about (Note [action hook]).
-EVENT_KINDS = ("recv_wait", "forward", "backward", "send", "grad_sync")
+EVENT_KINDS = ("recv_wait", "forward", "backward", "weight_backward", "send", "grad_sync")
 
 #: ``"start"`` before a piece of work, ``"end"`` after it.
 Phase = Literal["start", "end"]
@@ -42,7 +44,7 @@ class StageEvent:
 
     Attributes:
         kind: One of :data:`EVENT_KINDS`.
-        stage: The stage (this rank's) doing it.
+        stage: The stage (this rank's; with virtual stages, the one of its stages) doing it.
         microbatch: The microbatch of the schedule action it belongs to; ``None`` for
             ``"grad_sync"``.
 

@@ -46,11 +46,13 @@ A causal mask becomes ``is_causal=True`` and ``attn_mask`` is dropped; a mask th
 is dropped; the mask's subgraph is then dead and erased. The cost model follows: a causal SDPA
 node counts only the FLOPs of the unmasked triangle (Note [causal attention FLOPs] in
 ``annotate.py``), and no mask is saved for backward any more.
+
+Step 1 (recognising SDPA calls, metadata reads and a mask's shape-only region) lives in
+:mod:`~modelparallel.tracer.mask_region`; evaluating, classifying and rewriting live here.
 """
 
 from __future__ import annotations
 
-import builtins
 import logging
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -62,35 +64,19 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from modelparallel.errors import ConfigError
-from modelparallel.tracer.normalize import input_device
+from modelparallel.tracer.mask_region import (
+    _bind,
+    _is_meta_read,
+    _is_sdpa,
+    _metadata_inputs,
+    _mutates,
+    _reads_device,
+    _region,
+)
 
 __all__ = ["MaskSimplification", "simplify_attention_masks"]
 
-_SDPA_TARGETS: tuple[Any, ...] = (
-    torch.nn.functional.scaled_dot_product_attention,
-    torch._C._nn.scaled_dot_product_attention,
-    torch.ops.aten.scaled_dot_product_attention.default,
-    torch.ops.aten.scaled_dot_product_attention,
-)
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-                "enable_gqa")
-_META_FUNCTIONS: tuple[Any, ...] = (
-    torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default,
-    torch.ops.aten.sym_numel.default, input_device)
-_META_METHODS = ("size", "dim", "ndimension", "numel")
-# Ops that read only the metadata of their first input (their other inputs are values).
-_FIRST_META_METHODS = ("new_ones", "new_zeros", "new_full", "new_empty", "new_tensor")
-_FIRST_META_FUNCTIONS: tuple[Any, ...] = (
-    torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like,
-    torch.ops.aten.new_ones.default, torch.ops.aten.new_zeros.default,
-    torch.ops.aten.new_full.default, torch.ops.aten.new_empty.default,
-    torch.ops.aten.ones_like.default, torch.ops.aten.zeros_like.default,
-    torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default)
-_META_ATTRS = ("shape", "dtype", "device", "ndim")
-_RANDOM_WORDS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform")
 _MAX_SINGLE_TRIES = 8
-_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                       operator.iand, operator.ior, operator.ixor, operator.setitem)
 
 
 @dataclass(frozen=True)
@@ -142,121 +128,6 @@ class MaskSimplification:
         for reason, n in sorted(self.kept.items()):
             out.append(f"attention: {n} mask(s) kept: {reason}")
         return out
-
-
-# -- recognising SDPA calls and shape-only masks -------------------------------------------------
-
-
-def _is_sdpa(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and any(node.target is t for t in _SDPA_TARGETS)
-
-
-def _bind(node: torch.fx.Node) -> dict[str, Any]:
-    bound = dict(zip(_SDPA_PARAMS, node.args))
-    bound.update(node.kwargs)
-    return bound
-
-
-def _is_meta_read(node: torch.fx.Node) -> bool:
-    """Whether ``node`` reads only metadata (shape, dtype, device) of its tensor input."""
-    if node.op == "call_function":
-        if any(node.target is f for f in _META_FUNCTIONS):
-            return True
-        return (node.target is builtins.getattr and len(node.args) == 2
-                and node.args[1] in _META_ATTRS)
-    return node.op == "call_method" and node.target in _META_METHODS
-
-
-def _metadata_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The inputs of ``node`` whose values it does not read, only their metadata."""
-    if _is_meta_read(node):
-        return node.all_input_nodes
-    first = node.args[0] if node.args else None
-    if not isinstance(first, torch.fx.Node) or any(
-            a is first for a in (*node.args[1:], *node.kwargs.values())):
-        return []
-    if (node.op == "call_method" and node.target in _FIRST_META_METHODS) or (
-            node.op == "call_function" and any(node.target is f for f in _FIRST_META_FUNCTIONS)):
-        return [first]
-    return []
-
-
-def _reads_device(node: torch.fx.Node) -> bool:
-    return node.target is input_device or (
-        node.target is builtins.getattr and node.args[1:] == ("device",))
-
-
-def _target_name(node: torch.fx.Node) -> str:
-    return str(getattr(node.target, "__name__", node.target))
-
-
-def _is_random(node: torch.fx.Node) -> bool:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return torch.Tag.nondeterministic_seeded in target.tags
-    name = _target_name(node).lower()
-    return any(w in name for w in _RANDOM_WORDS)
-
-
-def _mutates(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
-    """Whether ``node`` may write into one of its inputs."""
-    target = node.target
-    if node.op == "call_method":
-        name = str(target)
-        return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(str(target)), "inplace", False))
-    if node.op != "call_function":
-        return False
-    if isinstance(target, torch._ops.OpOverload):
-        return bool(target._schema.is_mutable)
-    if any(target is op for op in _IN_PLACE_OPERATORS):
-        return True
-    name = _target_name(node)
-    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True
-
-
-def _region(mask: torch.fx.Node, gm: torch.fx.GraphModule, params: frozenset[str]
-            ) -> tuple[set[torch.fx.Node], str | None]:
-    """The mask's subgraph up to metadata reads, and why it is not shape-only (or None)."""
-    region: set[torch.fx.Node] = set()
-    stack = [mask]
-    while stack:
-        node = stack.pop()
-        if node in region:
-            continue
-        region.add(node)
-        if _is_meta_read(node):
-            continue
-        reason = _refusal(node, gm, params)
-        if reason is not None:
-            return region, reason
-        skip = _metadata_inputs(node)
-        stack.extend(a for a in node.all_input_nodes if a not in skip)
-    for node in region:
-        for user in node.users:
-            if user not in region and not _is_sdpa(user) and _mutates(user, gm):
-                return region, f"node {user.name!r} modifies the mask in place"
-    return region, None
-
-
-def _refusal(node: torch.fx.Node, gm: torch.fx.GraphModule, params: frozenset[str]
-             ) -> str | None:
-    if node.op == "placeholder":
-        return f"it reads the values of input {node.target!r}"
-    if node.op == "call_module":
-        return f"it calls module {node.target!r}"
-    if node.op == "get_attr":
-        target = str(node.target)
-        if target in params:
-            return "it reads a parameter (a learned bias)"
-        value = operator.attrgetter(target)(gm)
-        if isinstance(value, torch.Tensor) and value.device.type == "meta":
-            return "it reads a buffer on the meta device (no values)"
-        return None
-    if _is_random(node):
-        return f"it is random ({_target_name(node)})"
-    return None
 
 
 # -- evaluating a mask ---------------------------------------------------------------------------

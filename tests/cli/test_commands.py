@@ -69,6 +69,21 @@ def test_compare_runs_every_method(tmp_path: Path, fast_link: Path, capsys) -> N
     for method in ("ilp", "dp", "uniform", "param_balanced"):
         assert method in text
     assert set(json.loads(out.read_text())) >= {"ilp", "dp", "uniform", "param_balanced"}
+    for label in ("gpipe", "1f1b v=2", "zb-h1"):
+        assert label in text, "compare shows every schedule's estimated step time"
+
+
+def test_build_with_new_schedules(tmp_path: Path, fast_link: Path) -> None:
+    out = tmp_path / "p.json"
+    assert main(["build", MODEL, "-p", "2", "-m", "4", "--schedule", "1f1b",
+                 "--virtual-stages", "2", "--device", str(fast_link), "-o", str(out)]) == 0
+    plan = load_plan(out)
+    assert (plan.partitions, plan.num_stages, plan.config.virtual_stages) == (2, 4, 2)
+    assert main(["build", MODEL, "-p", "2", "-m", "4", "--schedule", "zb-h1",
+                 "--device", str(fast_link), "-o", str(out)]) == 0
+    assert load_plan(out).config.schedule == "zb-h1"
+    assert main(["build", MODEL, "-p", "2", "--schedule", "interleaved",
+                 "--virtual-stages", "2", "-o", str(out)]) == 2
 
 
 def test_build_from_ir_json(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from modelparallel.partitioner import (
     lower_bound,
     partition,
 )
-from modelparallel.partitioner import solve as solve_mod
+from modelparallel.partitioner import methods as methods_mod
 from modelparallel.partitioner._synthetic import (
     chain_graph,
     random_graph,
@@ -100,7 +100,7 @@ def test_ilp_matches_brute_force_with_free_nodes(seed: int, p: int, w: float) ->
     assert plan.solver.status == "optimal"
 
 
-# -- exact reduction, windows and proofs (the flat ILP of Note [ILP pipeline]) -------------------
+# -- exact reduction, windows and proofs (the flat ILP of Note [ILP pipeline] in partitioner/methods.py) -------------------
 
 
 def test_attaching_free_nodes_never_worsens_an_assignment() -> None:
@@ -290,7 +290,7 @@ def test_ilp_is_never_worse_than_the_baselines() -> None:
 
 
 def test_coarse_and_refine_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(solve_mod, "_FLAT_COLUMNS", 0)  # force the coarse ILP + refinement
+    monkeypatch.setattr(methods_mod, "_FLAT_COLUMNS", 0)  # force the coarse ILP + refinement
     graph = transformer_graph(8, hidden=128, seq=64, vocab=2000)
     cfg = PlanConfig(partitions=4, microbatches=8, time_limit=4)
     plan = partition(graph, cfg, "h100")

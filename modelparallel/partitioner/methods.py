@@ -1,0 +1,486 @@
+"""How each partitioning method finds an assignment; :mod:`~modelparallel.partitioner.solve` runs them.
+
+Note [ILP pipeline]
+~~~~~~~~~~~~~~~~~~~
+``method="ilp"`` runs, within ``config.time_limit`` seconds in all:
+
+1. the exact contiguous DP at op level (:mod:`~modelparallel.partitioner.dp`) and the two
+   baselines: the first incumbents;
+2. one short op-level refinement of the best of them around its stage boundaries (Note
+   [refinement], ``_POLISH_SHARE`` of the time): it finds the branch orders a single
+   topological order misses (an Inception block cut between its branches), and a better
+   incumbent narrows everything after it;
+3. the exact reduction (Note [exact reduction]): free nodes (views, slices...) attached to a
+   neighbour, which loses no optimum; the incumbent moved accordingly (never worse);
+4. stage windows (Note [lower bound], part 2): the stages each node can take in any assignment
+   better than a given value. If some node has none, nothing is better;
+5. if the windows of the incumbent leave at most ``_FLAT_COLUMNS`` binaries over the reduced
+   groups (every reference model of the benchmark, GPT-2 XL and a 48-layer Llama included):
+   the op-level ILP itself (Note [ILP formulation]) over the groups, in proof phases of
+   decreasing gap ``g`` (``_PROOF_GAPS``: 1.97%, 0.9%, then exact), each in the time left:
+
+   - ``g > 0``: the windows of ``target = incumbent / (1 + g)`` and a search for an
+     assignment below ``target`` (a cutoff, no primal heuristics). Every assignment below
+     ``target`` lies in those windows, so ``min(target, dual bound)`` bounds every
+     assignment; a complete search (``"infeasible"``) proves ``target`` itself, i.e. the
+     incumbent within ``g``. Any better assignment found becomes the incumbent;
+   - ``g = 0``: the windows of the incumbent, warm-started from it, to optimality: the
+     bound is ``min(incumbent, dual bound)``, and ``"optimal"`` means proven optimal at op
+     level (up to the solver's relative gap of 1e-4).
+
+   A phase that runs out of time ends the sequence (a smaller gap would too), and so does
+   less time left than the previous phase took. Proving a small gap first is much cheaper
+   than proving optimality (the tighter windows and the cutoff prune most of the tree), so
+   the time goes first to a bound that certifies the plan (measured on the reference models
+   at p = 8 with one solver thread: 2 to 6 s for the 1.9% proof, where the single exact
+   solve this replaced took 11 to 28 s). The phases end at ``_ILP_SHARE_FLAT`` of the time
+   limit: HiGHS checks its time limit only between steps of its root node, and the interrupt
+   callback of :mod:`~modelparallel.partitioner.ilp` stops the tree search at the deadline
+   (measured on the benchmark's rows that ran out of time: the plan was ready at most 0.06 s
+   after it);
+6. otherwise (thousands of ops): the ILP over coarse units (Note [coarsening]), warm-started
+   from the DP over the units' order, then op-level refinement around the boundaries of the
+   best assignment so far (Note [refinement]), repeated while it improves; then the windowed
+   bound model of :mod:`~modelparallel.partitioner.bounds` in the remaining time;
+7. the best of every assignment seen (DP, baselines, refinement, ILPs), by the objective of
+   the single evaluation function, so the ILP is never worse than the DP or a baseline.
+
+With ``granularity="module"`` steps 2 to 5 are skipped and step 6 solves at module units only,
+with no refinement. The other methods report the analytic bound (Note [lower bound], part 1),
+or the ILP's bound when run through :func:`compare`.
+
+
+The exact DP (``"dp"``) and the baselines (``"uniform"``, ``"param_balanced"``, Note [layers])
+run once each; every runner returns the node-to-stage array and a
+:class:`~modelparallel.plan.SolverReport`, and raises
+:class:`~modelparallel.errors.InfeasiblePlanError` with the memory that would fit when nothing
+does.
+
+Example:
+    >>> from modelparallel.partitioner._synthetic import chain_graph
+    >>> from modelparallel.partitioner.problem import build_problem
+    >>> from modelparallel.plan import PlanConfig
+    >>> prob = build_problem(chain_graph(8), PlanConfig(partitions=2), "h100")
+    >>> stage, report = run_method(prob, "dp", _Clock(None))
+    >>> report.method, report.status, int(stage.max())
+    ('dp', 'optimal', 1)
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from modelparallel.errors import ConfigError, InfeasiblePlanError
+from modelparallel.partitioner.baselines import param_balanced_split, uniform_split
+from modelparallel.partitioner.bounds import lower_bound, window_for
+from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, unit_order
+from modelparallel.partitioner.dp import solve_dp, split_to_stages
+from modelparallel.partitioner.evaluate import check_assignment, evaluate
+from modelparallel.partitioner.ilp import IlpResult, solve_items
+from modelparallel.partitioner.problem import Problem
+from modelparallel.partitioner.progress import ProgressEvent
+from modelparallel.partitioner.reduce import Reduction, reduce_free_nodes
+from modelparallel.partitioner.refine import boundary_units, refine_once
+from modelparallel.plan import SolverReport
+
+__all__ = ["METHODS", "run_method"]
+
+#: The partitioning methods, ILP first.
+METHODS = ("ilp", "dp", "uniform", "param_balanced")
+
+_FLAT_COLUMNS = 4000  # windowed binaries up to which the op-level ILP is solved directly
+_ILP_SHARE = 0.55  # share of config.time_limit for the coarse and refinement ILPs
+_ILP_SHARE_FLAT = 0.9  # share for the flat op-level ILP (HiGHS may overrun it a little)
+_PROOF_GAPS = (0.0197, 0.009, 0.0)  # gaps the flat ILP proves in turn (the first under 2%)
+_MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
+_POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
+_POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
+
+Progress = Callable[[ProgressEvent], None]
+
+
+class _Clock:
+    def __init__(self, progress: Progress | None) -> None:
+        self.t0 = _time.perf_counter()
+        self.progress = progress
+
+    def elapsed(self) -> float:
+        return _time.perf_counter() - self.t0
+
+    def emit(self, phase: str, message: str, incumbent: float | None = None,
+             bound: float | None = None) -> None:
+        if self.progress is None:
+            return
+        gap = None
+        if incumbent is not None and bound is not None and incumbent > 0:
+            gap = max(0.0, (incumbent - bound) / incumbent)
+        self.progress(ProgressEvent(phase=phase, message=message, incumbent=incumbent,
+                                    bound=bound, gap=gap, elapsed=self.elapsed()))
+
+
+# -- infeasibility ---------------------------------------------------------------------------------
+
+
+def _min_memory(prob: Problem) -> int | None:
+    """Smallest memory per device for which a contiguous split exists (every device alike)."""
+    big = float(prob.caps.sum()) * 1e6 + 1.0
+    relaxed = replace(prob, caps=np.full(prob.p, big), config=prob.config)
+    relaxed_w = replace(relaxed, config=replace(prob.config, memory_weight=1.0))
+    res = solve_dp(relaxed_w)
+    if res is None:
+        return None
+    ev = evaluate(relaxed_w, res.stage)
+    return int(np.ceil(float(ev.memory.max()) * (1 + 1e-9))) + 1
+
+
+def _size(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps the value at least 1 (``"1.50 MiB"``,
+    ``"512 B"``), so small models do not read as ``"0.00 GiB"``."""
+    n = int(np.ceil(float(nbytes)))
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:
+    need = _min_memory(prob)
+    caps = sorted({int(c) for c in prob.caps})
+    have = ", ".join(_size(c) for c in caps)
+    lb = lower_bound(prob, incumbent=None)
+    if need is None or need <= prob.caps.min():
+        msg = (f"{what}: no assignment found that satisfies the pins and the pipeline order on "
+               f"{prob.p} stages (no contiguous split of the topological order does, and the "
+               f"ILP found none in {prob.config.time_limit:g} s); change or remove the pins, "
+               "or raise time_limit")
+        return InfeasiblePlanError(msg)
+    msg = (f"{what}: no assignment of {prob.graph.name!r} to {prob.p} stages fits in device "
+           f"memory ({have}). A plan exists with {_size(need)} on every device "
+           f"({need} bytes; the contiguous split minimising the largest stage), and none can "
+           f"fit below {_size(lb.min_memory_bytes)}. Use devices with at least "
+           f"{_size(need)}, more partitions, schedule='1f1b' (fewer microbatches "
+           "in flight than 'gpipe'), or a lighter optimizer.")
+    return InfeasiblePlanError(msg, min_memory_bytes=need)
+
+
+# -- methods ---------------------------------------------------------------------------------------
+
+
+def _baseline(prob: Problem, method: str) -> tuple[np.ndarray, str]:
+    cuts, note = uniform_split(prob) if method == "uniform" else param_balanced_split(prob)
+    return split_to_stages(np.arange(prob.n), cuts, prob.n), note
+
+
+def _run_baseline(prob: Problem, method: str, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
+    stage, note = _baseline(prob, method)
+    try:
+        check_assignment(prob, stage)
+    except ConfigError as e:
+        raise ConfigError(f"method {method!r} cannot honour the pins or tied='colocate' of "
+                          f"this config ({e}); use method='ilp' or 'dp'") from None
+    ev = evaluate(prob, stage)
+    over = np.nonzero(ev.memory > prob.caps)[0]
+    if len(over):
+        s = int(over[0])
+        need = int(np.ceil(float(ev.memory.max())))
+        raise InfeasiblePlanError(
+            f"method {method!r}: stage {s} needs {_size(ev.memory[s])} but its device has "
+            f"{_size(prob.caps[s])}; this split fits with {_size(need)} ({need} bytes) per "
+            "device. Use method='ilp' (which balances memory too) or larger devices.",
+            min_memory_bytes=need)
+    return stage, SolverReport(method=method, status="feasible", solve_time=clock.elapsed(),
+                               notes=(note,))
+
+
+def _run_dp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
+    clock.emit("dp", "contiguous split over the topological order")
+    res = solve_dp(prob)
+    if res is None:
+        raise _infeasible(prob, "method 'dp'")
+    clock.emit("dp", f"done in {res.passes} passes", incumbent=res.objective)
+    notes = (f"exact over contiguous splits of the topological order ({res.passes} passes)"
+             if res.exact else f"stopped after {res.passes} passes; may not be optimal",)
+    return res.stage, SolverReport(method="dp", status="optimal" if res.exact else "feasible",
+                                   solve_time=clock.elapsed(), notes=notes)
+
+
+def _expand(units: Units, item_stage: np.ndarray, n: int) -> np.ndarray:
+    stage = np.empty(n, dtype=np.int64)
+    for u, m in enumerate(units.members):
+        stage[m] = item_stage[u]
+    return stage
+
+
+class _Candidates:
+    """Every assignment seen, judged by the evaluation function (memory caps enforced)."""
+
+    def __init__(self, prob: Problem) -> None:
+        self.prob = prob
+        self.items: list[tuple[float, str, np.ndarray]] = []
+
+    def consider(self, stage: np.ndarray | None, label: str) -> None:
+        if stage is None:
+            return
+        ev = evaluate(self.prob, stage)
+        if np.all(ev.memory <= self.prob.caps):
+            self.items.append((ev.objective, label, stage))
+
+    def best(self) -> tuple[float, str, np.ndarray] | None:
+        return min(self.items, key=lambda c: c[0]) if self.items else None
+
+    def summary(self) -> str:
+        b = self.best()
+        assert b is not None
+        seen: dict[str, float] = {}
+        for o, lab, _ in self.items:
+            seen[lab] = min(o, seen.get(lab, np.inf))
+        return f"best assignment from {b[1]}; candidates: " + ", ".join(
+            f"{lab} {o:.4f}" for lab, o in sorted(seen.items(), key=lambda kv: kv[1]))
+
+
+def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
+    cfg = prob.config
+    cands = _Candidates(prob)
+    clock.emit("dp", "contiguous split over the topological order")
+    dp = solve_dp(prob)
+    if dp is not None:
+        cands.consider(dp.stage, "dp")
+        clock.emit("dp", f"done in {dp.passes} passes", incumbent=dp.objective)
+    for method in ("uniform", "param_balanced"):
+        try:
+            stage, _ = _baseline(prob, method)
+            check_assignment(prob, stage)
+            cands.consider(stage, method)
+        except ConfigError:
+            pass
+    if cfg.granularity == "module":
+        depth = cfg.module_depth or auto_depth(prob)
+        units = make_units(prob, depth, contract=False)
+        return _units_then_refine(prob, clock, cands, units, refine=False)
+    # Windows: where each node can be in any assignment better than the incumbent.
+    red = reduce_free_nodes(prob)
+    inc = cands.best()
+    lo, hi = red.units.lo.copy(), red.units.hi.copy()
+    if inc is not None:
+        _polish(prob, clock, cands, inc[2])
+        inc = cands.best()
+        assert inc is not None
+        cands.consider(red.follow(inc[2]), inc[1])  # no worse (Note [exact reduction])
+        inc = cands.best()
+        assert inc is not None
+        lo, hi = _unit_windows(prob, red, inc[0])
+        if np.any(lo > hi):
+            report = SolverReport(
+                method="ilp", solver="", status="optimal", lower_bound=inc[0],
+                solve_time=clock.elapsed(), notes=(
+                    cands.summary(), "no assignment can beat it: some node has no stage left "
+                    "in the windows of Note [lower bound]"))
+            return inc[2], report
+    size = int((hi - lo).sum())
+    if size <= _FLAT_COLUMNS:
+        return _flat(prob, clock, cands, red)
+    return _units_then_refine(prob, clock, cands, make_units(prob, auto_depth(prob)), refine=True)
+
+
+def _polish(prob: Problem, clock: _Clock, cands: _Candidates, stage: np.ndarray) -> None:
+    """One short op-level refinement of ``stage`` around its boundaries (Note [ILP pipeline],
+    step 2)."""
+    if prob.p < 2:
+        return
+    t0 = clock.elapsed()
+    units = make_units(prob, auto_depth(prob))
+    freed = sum(len(units.members[u]) for us in boundary_units(prob, units, stage, 0).values()
+                for u in us)
+    if freed > _POLISH_NODES:
+        return  # not a local search any more: the proof phases search it anyway
+    limit = _POLISH_SHARE * prob.config.time_limit - (clock.elapsed() - t0)
+    new, res = refine_once(prob, units, stage, window=0, time_limit=limit,
+                           solver=prob.config.solver, progress=clock.progress)
+    if res.item_stage is not None:
+        cands.consider(new, "refined")
+
+
+def _unit_windows(prob: Problem, red: Reduction, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stage ranges of the reduction's groups in assignments better than ``cutoff``."""
+    w_lo, w_hi = window_for(prob, cutoff)
+    members = red.units.members
+    lo = np.maximum(red.units.lo, [int(w_lo[m].max()) for m in members])
+    hi = np.minimum(red.units.hi, [int(w_hi[m].min()) for m in members])
+    return lo.astype(np.int64), hi.astype(np.int64)
+
+
+class _Proof:
+    """The best proven lower bound so far, and what the ILP solves said."""
+
+    def __init__(self) -> None:
+        self.bound: float | None = None
+        self.notes: list[str] = []
+        self.largest: IlpResult | None = None
+        self.optimal = False
+        self.solver = ""
+
+    def prove(self, value: float, note: str) -> None:
+        if self.bound is None or value > self.bound:
+            self.bound = value
+        self.notes.append(note)
+
+    def ran(self, res: IlpResult) -> None:
+        self.notes.extend(res.notes)
+        if self.largest is None or res.num_variables > self.largest.num_variables:
+            self.largest = res
+
+
+def _flat(prob: Problem, clock: _Clock, cands: _Candidates,
+          red: Reduction) -> tuple[np.ndarray, SolverReport]:
+    """The op-level ILP over the reduction's groups within stage windows (Note [ILP
+    pipeline]): proofs of ever smaller gaps, the last one exact."""
+    cfg = prob.config
+    units = red.units
+    end = _ILP_SHARE_FLAT * cfg.time_limit
+    proof = _Proof()
+    clock.emit("coarsen", f"op level: {prob.n} nodes in {len(units)} groups (Note [exact "
+               "reduction])")
+    took = 0.0  # seconds the last proof phase took: a smaller gap takes longer
+    for gap in _PROOF_GAPS if cands.best() is not None else (0.0,):
+        best = cands.best()
+        if best is not None and proof.bound is not None and proof.bound >= best[0] / (1 + gap):
+            continue  # already proven
+        if best is not None and _left(clock, end) < max(_MIN_PHASE, took):
+            break
+        start = clock.elapsed()
+        if not _prove(prob, clock, cands, red, proof, gap, end):
+            break  # that proof ran out of time: a stronger one would too
+        took = clock.elapsed() - start
+    best = cands.best()
+    if best is None:
+        raise _infeasible(prob, "method 'ilp'")
+    clock.emit("ilp", "done at op level", incumbent=best[0], bound=proof.bound)
+    largest = proof.largest
+    report = SolverReport(method="ilp", solver=proof.solver,
+                          status="optimal" if proof.optimal else "feasible",
+                          lower_bound=proof.bound, solve_time=clock.elapsed(), coarse_nodes=0,
+                          refined=False,
+                          num_variables=0 if largest is None else largest.num_variables,
+                          num_constraints=0 if largest is None else largest.num_constraints,
+                          notes=(cands.summary(), *proof.notes))
+    return best[2], report
+
+
+def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, proof: _Proof,
+           gap: float, end: float) -> bool:
+    """One proof phase: nothing better than ``best / (1 + gap)`` exists (``gap > 0``: a
+    search with that cutoff), or the exact optimum (``gap == 0``: warm-started from the best).
+    Returns whether the phase completed."""
+    cfg = prob.config
+    units = red.units
+    best = cands.best()
+    if best is None:  # no incumbent: the ILP over the whole ranges
+        lo, hi, target = units.lo, units.hi, np.inf
+    else:
+        target = best[0] / (1 + gap)
+        lo, hi = _unit_windows(prob, red, target)
+        if np.any(lo > hi):
+            proof.prove(target, f"no assignment beats {target:.4f}: a node has no stage left "
+                        "in its window")
+            proof.optimal = proof.optimal or gap == 0
+            return True
+    what = "exact" if gap == 0 else f"within {100 * gap:.3g}%"
+    clock.emit("ilp", f"proving {what}: {int((hi - lo).sum())} binaries within the stage "
+               "windows", incumbent=None if best is None else best[0], bound=proof.bound)
+    exact = gap == 0 or best is None
+    res = solve_items(prob, units.members, lo, hi,
+                      warm=red.unit_stage(best[2]) if exact and best is not None else None,
+                      time_limit=max(0.5, _left(clock, end)), solver=cfg.solver,
+                      progress=clock.progress, phase="ilp", gap_rel=max(gap, 1e-4),
+                      cutoff=None if exact else target)
+    proof.solver = res.solver
+    proof.ran(res)
+    if res.item_stage is not None:
+        cands.consider(_expand(units, res.item_stage, prob.n), "ilp-flat")
+    done = res.status in ("optimal", "infeasible")
+    if res.status == "infeasible" and np.isfinite(target):
+        proof.prove(target * (1 - 1e-6), f"op-level ILP ({what}): no assignment below "
+                    f"{target:.4f} (complete search of its windows)")
+    elif res.bound is not None:
+        proof.prove(min(target, float(res.bound) * (1 - 1e-6)), (
+            f"op-level ILP ({what}) over the windows of {target:.4f}: {res.status}, dual bound "
+            f"{res.bound:.4f} for every assignment below that"))
+    if exact and done:
+        proof.optimal = True
+    return done
+
+
+def _left(clock: _Clock, end: float) -> float:
+    return max(0.0, end - clock.elapsed())
+
+
+def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: Units, *,
+                       refine: bool) -> tuple[np.ndarray, SolverReport]:
+    """Coarse ILP over units, then op-level refinement near the boundaries."""
+    cfg = prob.config
+    budget = cfg.time_limit * _ILP_SHARE  # the rest is for the lower bound
+    notes: list[str] = []
+    clock.emit("coarsen", f"{len(units)} units (module depth {units.depth}) from {prob.n} nodes")
+    # Warm start: the DP over the units' order (cuts only between units).
+    order, allowed = unit_order(prob, units)
+    udp = solve_dp(prob, order=order, allowed_cuts=allowed)
+    warm = None
+    if udp is not None:
+        cands.consider(udp.stage, "dp-units")
+        warm = np.array([int(udp.stage[m[0]]) for m in units.members])
+    share = 1.0 if not refine else 0.45
+    limit = max(0.5, share * budget - clock.elapsed())
+    res = solve_items(prob, units.members, units.lo, units.hi, warm=warm, time_limit=limit,
+                      solver=cfg.solver, progress=clock.progress, phase="ilp")
+    notes.extend(res.notes)
+    largest = res
+    if res.item_stage is not None:
+        cands.consider(_expand(units, res.item_stage, prob.n), "ilp-units")
+    best = cands.best()
+    if best is None:
+        raise _infeasible(prob, "method 'ilp'")
+    clock.emit("ilp", f"{res.status} over {len(units)} units", incumbent=best[0])
+    refined = False
+    if refine:
+        window, rounds = 1, 0
+        while clock.elapsed() < 0.95 * budget and rounds < 4:
+            rounds += 1
+            current = cands.best()
+            assert current is not None
+            limit = max(0.5, budget - clock.elapsed())
+            new, rres = refine_once(prob, units, current[2], window=window, time_limit=limit,
+                                    solver=cfg.solver, progress=clock.progress)
+            refined = True
+            notes.extend(rres.notes)
+            if rres.num_variables > largest.num_variables:
+                largest = rres
+            cands.consider(new, "refined")
+            now = cands.best()
+            assert now is not None
+            clock.emit("refine", f"round {rounds}: {rres.status}, {rres.num_variables} "
+                       "variables", incumbent=now[0])
+            if now[0] >= current[0] * (1 - 1e-9):
+                if window >= 2:
+                    break
+                window += 1  # nothing moved: widen the window once
+    best = cands.best()
+    assert best is not None
+    report = SolverReport(method="ilp", solver=res.solver, status="feasible",
+                          solve_time=clock.elapsed(), coarse_nodes=len(units),
+                          refined=refined, num_variables=largest.num_variables,
+                          num_constraints=largest.num_constraints,
+                          notes=(cands.summary(), *notes))
+    return best[2], report
+
+
+def run_method(prob: Problem, method: str, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
+    """Run one of :data:`METHODS` on ``prob``: the node-to-stage array and the solver report."""
+    if method == "ilp":
+        return _run_ilp(prob, clock)
+    if method == "dp":
+        return _run_dp(prob, clock)
+    return _run_baseline(prob, method, clock)
