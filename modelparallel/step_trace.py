@@ -15,7 +15,8 @@ with ``ts`` and ``dur`` in microseconds, ``pid`` = the rank (one process lane pe
 the schedule action it runs (``"2F3"``: stage 2, forward, microbatch 3, as
 :class:`~modelparallel.schedule.Schedule` prints it) for compute, and the kind and microbatch
 otherwise (``"recv_wait 3"``, ``"send 3"``, ``"grad_sync"``); ``cat`` is
-``"modelparallel.<kind>"``; ``args`` carries ``kind``, ``stage``, ``microbatch`` and ``step``.
+``"modelparallel.<kind>"``; ``args`` carries ``kind``, ``stage``, ``microbatch``, ``step`` and,
+for a split backward's input half, ``letter`` (``"I"``).
 ``otherData`` holds ``format`` (``"modelparallel.step_trace"``), ``version``, the schedule, the
 microbatch count, the ranks and ``origin_unix_s``, the whole second (Unix time) that ``ts`` counts
 from (so microseconds keep their precision). Times are each rank's wall clock (``time.time`` at the start of
@@ -55,9 +56,9 @@ __all__ = [
 TRACE_FORMAT = "modelparallel.step_trace"
 TRACE_VERSION = 1
 #: Compute kinds (Note [action hook] in ``modelparallel/runtime/hooks.py``) and the schedule's
-#: letter for each (Note [split backward] in ``modelparallel/schedule/__init__.py``).
-ACTION_LETTERS: Mapping[str, str] = {"forward": "F", "backward": "B", "input_grad": "I",
-                                     "weight_grad": "W"}
+#: letter for each (Note [split backward] in ``modelparallel/schedule/__init__.py``); the
+#: ``"backward"`` of a schedule that splits backwards is its ``I`` (:attr:`TraceEvent.letter`).
+ACTION_LETTERS: Mapping[str, str] = {"forward": "F", "backward": "B", "weight_backward": "W"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class TraceEvent:
         step: The step it belongs to, counted from 0 on the pipeline.
         start: Seconds (wall clock, Note [step trace format]).
         end: Seconds, ``>= start``.
+        letter: The schedule's letter of the action it computes when it is not
+            :data:`ACTION_LETTERS`' (``"I"`` for the backward of a split schedule); ``""``:
+            that default.
     """
 
     rank: int
@@ -82,6 +86,7 @@ class TraceEvent:
     step: int
     start: float
     end: float
+    letter: str = ""
 
     def __post_init__(self) -> None:
         if self.end < self.start:
@@ -91,7 +96,7 @@ class TraceEvent:
     @property
     def action(self) -> str | None:
         """The schedule action it computes (``"2F3"``), ``None`` for other work."""
-        letter = ACTION_LETTERS.get(self.kind)
+        letter = self.letter or ACTION_LETTERS.get(self.kind)
         if letter is None or self.microbatch is None:
             return None
         return f"{self.stage}{letter}{self.microbatch}"
@@ -140,10 +145,15 @@ class StepTrace:
     def to_chrome(self) -> dict[str, Any]:
         """The Chrome trace JSON object (Note [step trace format])."""
         meta: list[dict[str, Any]] = []
-        stage_of = {e.rank: e.stage for e in self.events}
-        for rank in sorted(stage_of):
+        stages: dict[int, set[int]] = {}
+        for e in self.events:
+            stages.setdefault(e.rank, set()).add(e.stage)
+        for rank in sorted(stages):
+            held = sorted(stages[rank])
+            name = (f"rank {rank} (stage{'s' if len(held) > 1 else ''} "
+                    f"{', '.join(map(str, held))})")
             meta.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
-                         "args": {"name": f"rank {rank} (stage {stage_of[rank]})"}})
+                         "args": {"name": name}})
             meta.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
                          "args": {"sort_index": rank}})
             meta.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0,
@@ -154,7 +164,7 @@ class StepTrace:
             "ts": round((e.start - origin) * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3),
             "pid": e.rank, "tid": 0,
             "args": {"kind": e.kind, "stage": e.stage, "microbatch": e.microbatch,
-                     "step": e.step},
+                     "step": e.step, **({"letter": e.letter} if e.letter else {})},
         } for e in sorted(self.events, key=lambda e: (e.rank, e.start, e.end))]
         return {"traceEvents": meta + events, "displayTimeUnit": "ms",
                 "otherData": {"format": TRACE_FORMAT, "version": TRACE_VERSION,
@@ -191,7 +201,8 @@ class StepTrace:
             events.append(TraceEvent(
                 rank=int(ev["pid"]), stage=int(args["stage"]), kind=str(args["kind"]),
                 microbatch=None if args.get("microbatch") is None else int(args["microbatch"]),
-                step=int(args["step"]), start=start, end=start + float(ev["dur"]) / 1e6))
+                step=int(args["step"]), start=start, end=start + float(ev["dur"]) / 1e6,
+                letter=str(args.get("letter", ""))))
         known = ("format", "version", "schedule", "microbatches", "ranks", "origin_unix_s")
         return cls(tuple(sorted(events, key=lambda e: (e.rank, e.start, e.end))),
                    schedule=str(other.get("schedule", "")),

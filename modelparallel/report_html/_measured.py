@@ -10,7 +10,8 @@ communication each, as the estimated timeline plays them) beside the measured me
 ``forward`` and ``backward`` events, and the estimated busy time and idle fraction of the step
 (simulating the schedule that ran) beside the measured ones: a stage's measured busy time is the
 sum of its forward, backward, send and gradient-sync events, its bubble ``1 - busy / step``,
-where ``step`` is the recorded step's span over every rank. Waiting to receive counts as idle:
+where ``step`` is the recorded step's span over every rank (with virtual stages the bubble is
+that of the stage's rank, its stages' busy times together). Waiting to receive counts as idle:
 that is what a bubble is on a real pipeline.
 """
 
@@ -21,8 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelparallel.plan import Plan
-from modelparallel.report_html._model import TimelineBlock, simulate_plan
-from modelparallel.schedule import SCHEDULE_ALIASES
+from modelparallel.report_html._model import REPORT_SCHEDULES, TimelineBlock, simulate_plan
 from modelparallel.step_trace import StepTrace
 from modelparallel.units import format_seconds
 
@@ -48,14 +48,21 @@ def _mean(values: list[float]) -> float | None:
 def stage_rows(plan: Plan, trace: StepTrace, step: int) -> list[dict[str, Any]]:
     """Per stage, predicted and measured forward, backward, busy time and bubble of ``step``
     (Note [measured against predicted]); ``None`` where the trace has no such event."""
-    schedule = trace.schedule if trace.schedule in SCHEDULE_ALIASES else None
+    schedule = trace.schedule if trace.schedule in REPORT_SCHEDULES else None
     sim = simulate_plan(plan, schedule)
     blocks = measured_blocks(trace, step)
     span = max((b.end for b in blocks), default=0.0)
+    p = plan.partitions
+    predicted_busy = [0.0] * plan.num_stages
+    for entries in sim.entries:
+        for e in entries:
+            predicted_busy[e.action.stage] += e.end - e.start
     rows = []
     for s in plan.stages:
         mine = [b for b in blocks if b.stage == s.index]
+        rank = [b for b in blocks if b.rank == s.index % p]
         busy = sum(b.end - b.start for b in mine if b.kind in BUSY_KINDS)
+        rank_busy = sum(b.end - b.start for b in rank if b.kind in BUSY_KINDS)
         wait = sum(b.end - b.start for b in mine if b.kind == "recv_wait")
         rows.append({
             "stage": s.index,
@@ -64,11 +71,11 @@ def stage_rows(plan: Plan, trace: StepTrace, step: int) -> list[dict[str, Any]]:
             "backward_predicted": s.backward_time + s.comm_time / 2,
             "backward_measured": _mean([b.end - b.start for b in mine
                                         if b.kind == "backward"]),
-            "busy_predicted": sim.busy[s.index] if s.index < len(sim.busy) else None,
+            "busy_predicted": predicted_busy[s.index] if s.index < len(predicted_busy) else None,
             "busy_measured": busy if mine else None,
             "wait_measured": wait if mine else None,
-            "bubble_predicted": sim.stage_bubbles[s.index] if s.index < len(sim.busy) else None,
-            "bubble_measured": (1.0 - busy / span) if mine and span > 0 else None,
+            "bubble_predicted": sim.stage_bubbles[s.index % p],
+            "bubble_measured": (1.0 - rank_busy / span) if rank and span > 0 else None,
         })
     return rows
 
@@ -99,12 +106,16 @@ def measured_section(plan: Plan, trace: StepTrace,
     step = steps[-1]
     blocks = measured_blocks(trace, step)
     ranks = sorted({b.rank for b in blocks})
-    stage_of = {b.rank: b.stage for b in blocks}
-    lanes = [f"rank {r} (stage {stage_of[r]})" for r in range(max(ranks) + 1)] if ranks else []
+    stages_of: dict[int, set[int]] = {}
+    for b in blocks:
+        stages_of.setdefault(b.rank, set()).add(b.stage)
+    lanes = [f"rank {r} (stage{'s' if len(stages_of.get(r, ())) > 1 else ''} "
+             f"{', '.join(map(str, sorted(stages_of.get(r, ()))))})"
+             for r in range(max(ranks) + 1)] if ranks else []
     span = max((b.end for b in blocks), default=0.0)
     busy = sum(b.end - b.start for b in blocks if b.kind in BUSY_KINDS)
     bubble = 1.0 - busy / (len(ranks) * span) if ranks and span > 0 else 0.0
-    schedule = trace.schedule if trace.schedule in SCHEDULE_ALIASES else plan.config.schedule
+    schedule = trace.schedule if trace.schedule in REPORT_SCHEDULES else plan.config.schedule
     sim = simulate_plan(plan, schedule)
     spans = []
     for st in steps:
@@ -130,7 +141,7 @@ def measured_section(plan: Plan, trace: StepTrace,
         "html": figure_html(fig, "timeline-measured"), "blocks": len(blocks),
         "columns": ["stage", "forward est.", "forward meas.", "ratio", "backward est.",
                     "backward meas.", "ratio", "busy est.", "busy meas.", "waiting meas.",
-                    "bubble est.", "bubble meas."],
+                    "rank bubble est.", "rank bubble meas."],
         "rows": rows,
         "note": ("Per microbatch for forward and backward (means over the step), per step for "
                  "busy, waiting and bubble. Measured busy time counts forward, backward, "

@@ -32,7 +32,7 @@ import torch
 
 from modelparallel.errors import ConfigError
 from modelparallel.runtime.hooks import Phase, StageEvent
-from modelparallel.schedule import normalize_schedule
+from modelparallel.schedule import make_schedule, normalize_schedule
 from modelparallel.step_trace import StepTrace, TraceEvent
 
 __all__ = ["TRACE_ENV", "TRACE_FILE", "StepRecorder", "attach_recorder", "trace_directory"]
@@ -63,8 +63,9 @@ class StepRecorder:
     Args:
         directory: Where rank 0 writes ``trace.json`` (created); ``None``: keep in memory.
         rank: This rank.
-        stage: This rank's stage.
+        stage: This rank's (first) stage.
         ranks: Ranks of the pipeline.
+        virtual_stages: Stages per rank (Note [virtual stages]).
         schedule: The schedule's name.
         microbatches: Microbatches per step.
         metadata: Recorded in the trace's ``otherData`` (model name, plan fingerprint...).
@@ -72,7 +73,7 @@ class StepRecorder:
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None, *, rank: int, stage: int,
-                 ranks: int, schedule: str, microbatches: int,
+                 ranks: int, schedule: str, microbatches: int, virtual_stages: int = 1,
                  metadata: Mapping[str, Any] | None = None, profile_ranges: bool = True) -> None:
         if ranks < 1 or not 0 <= rank < ranks:
             raise ConfigError(f"rank {rank} is outside 0..{ranks - 1}")
@@ -81,6 +82,11 @@ class StepRecorder:
         self.schedule, self.microbatches = schedule, microbatches
         self.metadata = dict(metadata or {})
         self.profile_ranges = profile_ranges
+        # A schedule that splits backwards runs its "backward" events as I actions.
+        self._backward_letter = ("I" if any(a.kind == "I" for acts in
+                                            make_schedule(schedule, ranks, microbatches,
+                                                          virtual_stages).actions
+                                            for a in acts) else "")
         self.step = 0
         self._wall0 = time.time()
         self._perf0 = time.perf_counter()
@@ -96,7 +102,7 @@ class StepRecorder:
             scope = None
             if self.profile_ranges:
                 name = TraceEvent(self.rank, event.stage, event.kind, event.microbatch,
-                                  self.step, 0.0, 0.0).name
+                                  self.step, 0.0, 0.0, self._letter(event.kind)).name
                 scope = torch.profiler.record_function(f"modelparallel::{name}")
                 scope.__enter__()
             self._open.append((event, time.perf_counter(), scope))
@@ -108,7 +114,10 @@ class StepRecorder:
             scope.__exit__(None, None, None)
         self._pending.append(TraceEvent(
             self.rank, event.stage, event.kind, event.microbatch, self.step,
-            self._wall(t0), self._wall(t1)))
+            self._wall(t0), self._wall(t1), self._letter(event.kind)))
+
+    def _letter(self, kind: str) -> str:
+        return self._backward_letter if kind == "backward" else ""
 
     def _wall(self, perf: float) -> float:
         return self._wall0 + (perf - self._perf0)
@@ -126,7 +135,8 @@ class StepRecorder:
         rank's ``obj``, e.g. ``StageComm.all_gather_object``; ``None`` for one rank), and on
         rank 0 rewrite ``trace.json``. Returns the trace of every step so far (on rank 0; the
         others get their own events only)."""
-        mine = [(e.stage, e.kind, e.microbatch, e.step, e.start, e.end) for e in self._pending]
+        mine = [(e.stage, e.kind, e.microbatch, e.step, e.start, e.end, e.letter)
+                for e in self._pending]
         self._pending = []
         parts = gather(mine, "the step trace") if gather is not None else [mine]
         ranks = range(len(parts)) if gather is not None else [self.rank]
@@ -174,9 +184,10 @@ def attach_recorder(executor: Any, directory: str | os.PathLike[str] | None, *,
         metadata: Recorded in the trace.
     """
     program = executor.program
-    # A rank's lane is its place in the pipeline (the order ``gather`` returns), its stage.
+    # A rank's lane is its place in the pipeline (the order ``gather`` returns), which is its
+    # first stage (stage s runs on rank s % p, Note [virtual stages]).
     recorder = StepRecorder(directory, rank=program.index, stage=program.index,
-                            ranks=program.num_stages,
+                            ranks=executor.num_ranks, virtual_stages=executor.virtual_stages,
                             schedule=normalize_schedule(executor.schedule_name),
                             microbatches=executor.split.num_microbatches, metadata=metadata)
     previous = executor.on_action

@@ -116,4 +116,4 @@ def test_report_with_a_measured_trace_in_a_browser(tmp_path: Path) -> None:
     step_events = [e for e in trace.events if e.step == 1]
     assert seen["blocks"] == seen["said"] == len(step_events)
     assert seen["rows"] == _P
-    assert "bubble meas." in seen["head"]
+    assert "rank bubble meas." in seen["head"]
