@@ -49,8 +49,11 @@ from torch import nn
 
 from modelparallel.cost_model.device import DeviceSpec, stage_devices
 from modelparallel.errors import ConfigError, PlanMismatchError
+from modelparallel.parallel import ParallelOptions
+from modelparallel.placement import Placement
 from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
 from modelparallel.runtime.comm import StageComm
+from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.distributed import (
     SetupRound,
     default_device,
@@ -60,7 +63,7 @@ from modelparallel.runtime.distributed import (
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
 from modelparallel.runtime.trace import trace_directory
-from modelparallel.schedule import normalize_schedule
+from modelparallel.schedule import check_virtual_stages, normalize_schedule
 from modelparallel.units import parse_bytes
 
 __all__ = ["LoadResult", "Pipeline", "PlanningOptions", "StepResult", "pipeline"]
@@ -134,6 +137,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              partitions: int | None = None,
              microbatches: int | None = None,
              schedule: str | None = None,
+             virtual_stages: int | None = None,
              device: torch.device | str | None = None,
              planning: PlanningOptions | None = None,
              input_split_axes: Mapping[str | int, int] | None = None,
@@ -144,6 +148,8 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              trace_method: str = "auto",
              leaf_modules: Sequence[Any] = (),
              trace: str | os.PathLike[str] | None = None,
+             data_parallel: int | None = None,
+             parallel: ParallelOptions | None = None,
              **planning_kwargs: Any) -> Pipeline:
     """Split ``model`` into a pipeline over this job's ranks; return this rank's part.
 
@@ -157,11 +163,15 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
             its batch (then :meth:`Pipeline.parameters` is available after the first step only).
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``, mean over the batch.
         plan: A plan or plan file; ``None`` plans automatically on rank 0.
-        partitions: Pipeline stages; default: the plan's, else the world size. Must equal the
-            world size (data-parallel replicas are not supported).
+        partitions: Pipeline stages; default: the plan's, else the world size divided by
+            ``data_parallel``. Stages × ``data_parallel`` must equal the world size.
         microbatches: Microbatches per step; default: the plan's, else 1.
-        schedule: ``"1f1b"``/``"interleaved"`` or ``"gpipe"``/``"simple"``; default: the
-            plan's, else ``"1f1b"``.
+        schedule: ``"1f1b"``/``"interleaved"``, ``"gpipe"``/``"simple"`` or ``"zb-h1"``
+            (zero-bubble); default: the plan's, else ``"1f1b"`` (Note [schedule names] in
+            ``modelparallel/schedule/__init__.py``).
+        virtual_stages: Stages per rank ``v`` (``schedule="1f1b"`` only: interleaved 1F1B
+            over ``partitions * v`` stages, stage ``s`` on rank ``s % partitions``); default:
+            the plan's, else 1.
         device: This rank's device; default ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``.
         planning: Planning options (used when no plan is given); keyword arguments named like
             its fields (``optimize="memory"``, ``time_limit=30``...) are accepted too.
@@ -174,10 +184,18 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         timeout: Seconds any rank waits for another before raising.
         trace_method: ``"auto"``, ``"fx"`` or ``"export"``.
         leaf_modules: Module types or names the fx tracer keeps whole.
+        data_parallel: Replicas of the pipeline (data-parallel degree, default 1): the job runs
+            ``partitions × data_parallel`` processes, each replica on its own batches, each
+            stage's gradients averaged over its replicas (Note [data-parallel gradient sync] in
+            ``modelparallel/runtime/data_parallel.py``). The plan is made once, on rank 0, for
+            one replica.
+        parallel: :class:`~modelparallel.parallel.ParallelOptions` (placement strategy,
+            all-reduce buckets...); ``data_parallel`` overrides its degree.
         trace: A directory: record every step's actions on every rank and have rank 0 write
             them to ``DIR/trace.json`` (Chrome trace / Perfetto JSON; ``partition-plan report
-            plan.json --trace DIR/trace.json`` draws it). Default: ``$MODELPARALLEL_TRACE``, if
-            set (``modelparallel/runtime/trace.py``).
+            plan.json --trace DIR/trace.json`` draws it; data-parallel replica ``k > 0`` writes
+            ``DIR/replica{k}/trace.json``). Default: ``$MODELPARALLEL_TRACE``, if set
+            (``modelparallel/runtime/trace.py``).
         **planning_kwargs: Fields of :class:`PlanningOptions`.
 
     Returns:
@@ -217,25 +235,38 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         if partitions is not None and partitions != plan.partitions:
             raise ConfigError(f"partitions = {partitions} but the plan has {plan.partitions} "
                               "stages; leave partitions out to use the plan's")
-    p = plan.partitions if plan is not None else (partitions or world)
-    if p != world:
+    par = parallel if parallel is not None else ParallelOptions()
+    if data_parallel is not None:
+        par = dataclasses.replace(par, data_parallel=data_parallel)
+    dp = par.data_parallel
+    p = plan.partitions if plan is not None else (partitions or max(1, world // dp))
+    if p * dp != world:
+        hint = (f"; for {world // p} data-parallel replicas pass data_parallel={world // p}"
+                if world % p == 0 and world != p * dp else "")
         raise ConfigError(
-            f"the pipeline has {p} stages but {world} processes are running; start one process "
-            f"per stage (torchrun --nproc_per_node {p}). Data-parallel replicas of a pipeline "
-            "are not supported yet.")
+            f"the pipeline has {p} stages × {dp} data-parallel replicas = {p * dp} processes "
+            f"but {world} are running; start torchrun --nproc_per_node {p * dp}{hint}")
     m = microbatches if microbatches is not None else (
         plan.config.microbatches if plan is not None else 1)
-    sched = normalize_schedule(schedule if schedule is not None else (
-        plan.config.schedule if plan is not None else "1f1b"))
+    raw = schedule if schedule is not None else (
+        plan.config.schedule if plan is not None else "1f1b")
+    v = virtual_stages if virtual_stages is not None else (
+        plan.config.virtual_stages if plan is not None else 1)
+    if plan is not None and v != plan.config.virtual_stages:
+        raise ConfigError(f"virtual_stages = {v} but the plan has "
+                          f"{plan.config.virtual_stages} stages per rank; leave virtual_stages "
+                          "out to use the plan's")
+    check_virtual_stages(raw, v, ranks=p)
+    sched = normalize_schedule(raw)
     if m < 1:
         raise ConfigError(f"microbatches = {m} must be >= 1")
     pipe = Pipeline(model, loss_fn=loss_fn, plan=plan, partitions=p, microbatches=m,
-                    schedule=sched, device=dev, planning=planning,
+                    schedule=sched, virtual_stages=v, device=dev, planning=planning,
                     input_split_axes=dict(input_split_axes or {}),
                     non_split_inputs=tuple(non_split_inputs), average_grads=average_grads,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
                     distributed=running, trace_method=trace_method,
-                    leaf_modules=tuple(leaf_modules))
+                    leaf_modules=tuple(leaf_modules), parallel=par)
     pipe.trace_dir = trace_directory(trace)
     if example_inputs is not None:
         pipe._build(example_inputs)
@@ -247,23 +278,29 @@ class Pipeline:
 
     Attributes:
         plan: The plan (``None`` until partitioned).
-        stage: This rank's stage index.
+        stage: This rank's stage index (its ``pp_rank``).
+        placement: The rank grid (:class:`~modelparallel.placement.Placement`): stages ×
+            data-parallel replicas.
+        dp_rank: This rank's replica.
         program: This rank's :class:`~modelparallel.codegen.StageProgram` (after partitioning).
         device: Where the stage runs.
     """
 
     def __init__(self, model: nn.Module, *, loss_fn: Callable[[Any, Any], torch.Tensor],
                  plan: Plan | None, partitions: int, microbatches: int, schedule: str,
+                 virtual_stages: int,
                  device: torch.device, planning: PlanningOptions,
                  input_split_axes: dict[str | int, int], non_split_inputs: tuple[str | int, ...],
                  average_grads: bool, return_outputs: bool, timeout: float, rank: int,
-                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...]) -> None:
+                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...],
+                 parallel: ParallelOptions | None = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.plan = plan
         self.partitions = partitions
         self.microbatches = microbatches
         self.schedule = schedule
+        self.virtual_stages = virtual_stages
         self.device = device
         self.planning = planning
         self.input_split_axes = input_split_axes
@@ -272,11 +309,18 @@ class Pipeline:
         self.return_outputs = return_outputs
         self.timeout = timeout
         self.rank = rank
-        self.stage = rank
+        self.parallel = parallel if parallel is not None else ParallelOptions()
+        self.placement = Placement(pp=partitions, dp=self.parallel.data_parallel,
+                                   strategy=self.parallel.placement_strategy)
+        coords = self.placement.coords(rank)
+        self.stage = coords.pp_rank
+        self.dp_rank = coords.dp_rank
+        self.dp_group: Any = None  # the stage's data-parallel process group, once built
         self.distributed = distributed
         self.trace_method = trace_method
         self.leaf_modules = leaf_modules
         self.program: Any = None
+        self.programs: tuple[Any, ...] = ()
         self.traced: Any = None
         self._executor: StageExecutor | None = None
         #: Where step traces go (``pipeline(trace=...)``), and their recorder once built.
@@ -314,9 +358,10 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
         store = dist.distributed_c10d._get_default_store() if self.distributed else None
-        ranks = list(range(self.partitions))
+        ranks = list(self.placement.pipeline_of(self.rank))
         namespace = pipeline_namespace(store, self.rank) if store is not None else ""
-        round_ = (SetupRound(store, namespace, self.rank, ranks, self.timeout)
+        round_ = (SetupRound(store, namespace, self.rank, list(range(self.placement.world)),
+                             self.timeout)
                   if store is not None else None)
         try:
             mb_args, mb_kwargs = (args, kwargs) if presplit else first_microbatch(
@@ -328,10 +373,13 @@ class Pipeline:
                 self.plan.check_graph(traced.graph)
             plan = self._agree_on_plan(traced, round_, mb_args, mb_kwargs)
             plan.check_graph(traced.graph)
-            program = build_stage(traced, plan, self.stage)
-            if any(t.is_meta for t in _held(program.module)):
-                materialize(program, self.device)
-            program.module.to(self.device)
+            programs = tuple(build_stage(traced, plan, s)
+                             for s in range(self.stage, plan.num_stages, plan.partitions))
+            for program in programs:
+                if any(t.is_meta for t in _held(program.module)):
+                    materialize(program, self.device)
+                program.module.to(self.device)
+            program = programs[0]
         except BaseException as e:
             if round_ is not None:
                 round_.fail(e)
@@ -339,7 +387,8 @@ class Pipeline:
         if round_ is not None:
             round_.agree()
         self.traced, self.plan, self.program = traced, plan, program
-        if not any(p.requires_grad for p in program.module.parameters()):
+        self.programs = programs
+        if not any(p.requires_grad for q in programs for p in q.module.parameters()):
             warnings.warn(
                 f"stage {self.stage} of {self.partitions} holds no trainable parameters (the "
                 "plan gives it only parameter-free work, or none: the model may be too small "
@@ -347,19 +396,37 @@ class Pipeline:
                 RuntimeWarning, stacklevel=3)
         split = resolve_split(program.input_names, self.microbatches, self.input_split_axes,
                               self.non_split_inputs)
-        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace)
-                if self.partitions > 1 else None)
+        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace,
+                                 replicas=self.placement.pipelines())
+                if self.placement.world > 1 else None)
         self._comm = comm
-        self._executor = StageExecutor(program, comm, loss_fn=self.loss_fn,
+        self._executor = StageExecutor(programs, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
-                                       average_grads=self.average_grads, device=self.device)
+                                       average_grads=self.average_grads, device=self.device,
+                                       grad_sync=self._grad_sync(program, comm))
         if self.trace_dir is not None:
             from modelparallel.runtime.trace import attach_recorder
 
+            # Replica 0 writes DIR/trace.json; data-parallel replica k, DIR/replica{k}/.
+            where = self.trace_dir if self.dp_rank == 0 else (
+                self.trace_dir / f"replica{self.dp_rank}")
             self.recorder = attach_recorder(
-                self._executor, self.trace_dir,
+                self._executor, where,
                 gather=comm.all_gather_object if comm is not None else None,
                 metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
+
+    def _grad_sync(self, program: Any, comm: StageComm | None) -> GradientSync | None:
+        """The stage's data-parallel gradient averaging (collective: creates the groups)."""
+        dp = self.placement.dp
+        if dp == 1 or comm is None:
+            return None
+        self.dp_group = comm.own_group(self.placement.dp_groups())
+        tied = [program.tensor(name) for name, stages in program.shared_params.items()
+                if len(set(stages)) > 1]
+        return GradientSync(list(program.module.parameters()), comm, self.dp_group, dp,
+                            self.microbatches, bucket_cap_bytes=self.parallel.bucket_cap_bytes,
+                            overlap=self.parallel.overlap_allreduce, late=tied,
+                            check_uneven=self.parallel.check_uneven)
 
     def _agree_on_plan(self, traced: Any, round_: SetupRound | None, mb_args: tuple[Any, ...],
                        mb_kwargs: dict[str, Any]) -> Plan:
@@ -388,7 +455,7 @@ class Pipeline:
         if self.pins_for is not None:
             opts = dataclasses.replace(opts, pins={**opts.pins, **self.pins_for(traced.graph)})
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
-                               schedule=self.schedule)
+                               schedule=self.schedule, virtual_stages=self.virtual_stages)
         devices = self._device_specs()
         costs = None
         if opts.node_times is not None:
@@ -455,8 +522,8 @@ class Pipeline:
 
     def train(self, mode: bool = True) -> Pipeline:
         """Set this stage's modules to training (or evaluation) mode."""
-        if self.program is not None:
-            self.program.module.train(mode)
+        for program in self.programs:
+            program.module.train(mode)
         self.model.train(mode)
         return self
 
@@ -473,12 +540,16 @@ class Pipeline:
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (give them to the optimizer)."""
         self._require()
-        return self.program.module.parameters()
+        return (p for _, p in self.named_parameters())
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters with their qualified names in the original model."""
         self._require()
-        return self.program.module.named_parameters()
+        found: dict[int, tuple[str, nn.Parameter]] = {}
+        for program in self.programs:  # a rank's virtual stages: each tensor once
+            for name, p in program.module.named_parameters():
+                found.setdefault(id(p), (name, p))
+        return iter(list(found.values()))
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """This stage's parameters and buffers, keyed as in the original model's state dict
@@ -545,11 +616,12 @@ class Pipeline:
         return LoadResult(missing, loaded)
 
     def _held_canonical(self) -> dict[str, torch.Tensor]:
-        module = self.program.module
         out: dict[str, torch.Tensor] = {}
-        for name, t in [*module.named_parameters(remove_duplicate=False),
-                        *module.named_buffers(remove_duplicate=False)]:
-            out.setdefault(self._canonical(name), t)
+        for program in self.programs:
+            module = program.module
+            for name, t in [*module.named_parameters(remove_duplicate=False),
+                            *module.named_buffers(remove_duplicate=False)]:
+                out.setdefault(self._canonical(name), t)
         return out
 
     def _canonical(self, name: str) -> str:

@@ -67,6 +67,39 @@ def auto_plan_job(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+def new_schedules_job(rank: int, world: int) -> dict[str, Any]:
+    """``pipeline(schedule=..., virtual_stages=...)``: interleaved 1F1B and ZB-H1 planned on
+    rank 0 (DP) and trained 2 steps against one process; the state dict gathers every stage."""
+    from modelparallel import models
+
+    out: dict[str, Any] = {}
+    for schedule, v in (("1f1b", 2), ("zb-h1", 1)):
+        case = models.gpt2("tiny", batch_size=4, seq_len=16)
+        ref = copy.deepcopy(case.model)
+        pipe = pipeline(case.model, case.args, loss_fn=case.loss_fn, microbatches=2,
+                        schedule=schedule, virtual_stages=v, method="dp")
+        opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
+        ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        errs = []
+        for seed in (1, 2):
+            args, _kwargs, target = case.make_batch(4, seed)
+            opt.zero_grad()
+            ropt.zero_grad()
+            res = pipe.step(args, target)
+            ref_loss = case.loss_fn(ref(*args), target)
+            ref_loss.backward()
+            opt.step()
+            ropt.step()
+            errs.append(_rel(res.loss, ref_loss.detach()))
+        full, ref_sd = pipe.state_dict(), ref.state_dict()
+        errs.append(max(_rel(full[k].float(), ref_sd[k].float()) for k in ref_sd
+                        if ref_sd[k].is_floating_point()))
+        out[schedule] = {"err": max(errs), "stages": [p.index for p in pipe.programs],
+                         "num_stages": pipe.plan.num_stages}
+        pipe.close()
+    return out
+
+
 def bad_batch_job(rank: int, world: int) -> dict[str, Any]:
     from modelparallel import models
 
@@ -198,6 +231,9 @@ def test_options_are_checked() -> None:
         pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, partitions=2)
     with pytest.raises(ConfigError, match="schedule"):
         pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, schedule="zigzag")
+    with pytest.raises(ConfigError, match="SMP's 'interleaved'"):
+        pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, schedule="interleaved",
+                 virtual_stages=2)
     with pytest.raises(ConfigError, match="input_split_axes"):
         pipeline(model, x, loss_fn=torch.nn.functional.mse_loss, input_split_axes={"nope": 1})
     with pytest.raises(ConfigError):
@@ -218,6 +254,15 @@ def test_automatic_plan_training_and_state_dicts() -> None:
         assert r["missing"] == [] and r["eval_err"] <= RTOL
     assert set(results[0]["local"]) != set(results[1]["local"])
     assert all(r["num_params"] > 0 for r in results)
+
+
+@pytest.mark.multiprocess
+def test_interleaved_and_zero_bubble_through_the_api() -> None:
+    results = [r.unwrap() for r in run_ranks(new_schedules_job, 2, timeout=240)]
+    for rank, r in enumerate(results):
+        assert r["1f1b"]["err"] <= RTOL and r["zb-h1"]["err"] <= RTOL, (rank, r)
+        assert r["1f1b"]["stages"] == [rank, rank + 2] and r["1f1b"]["num_stages"] == 4
+        assert r["zb-h1"]["stages"] == [rank]
 
 
 @pytest.mark.multiprocess

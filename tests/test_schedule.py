@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modelparallel.cost_model import inflight_microbatches
 from modelparallel.errors import ConfigError
 from modelparallel.schedule import (
     Action,
@@ -198,3 +199,10 @@ def test_validate_checks_links_and_split_backward() -> None:
     t = simulate(make_schedule("zb-h1", 2, 2), 1.0, [2.0, 4.0], wgrad_fraction=[0.5, 0.25])
     took = {e.action: e.end - e.start for lst in t.entries for e in lst}
     assert took[Action(1, "I", 0)] == pytest.approx(3.0) and took[Action(0, "W", 0)] == 1.0
+
+
+def test_inflight() -> None:
+    assert [inflight_microbatches("interleaved", 2, 4, s) for s in range(4)] == [2, 2, 2, 1]
+    assert [inflight_microbatches("simple", 3, 4, s) for s in range(4)] == [3, 3, 3, 3]
+    with pytest.raises(ConfigError):
+        inflight_microbatches("1f1b", 2, 4, 4)

@@ -9,7 +9,7 @@ plan's per-microbatch forward and backward estimates (compute plus half the stag
 communication each, as the estimated timeline plays them) beside the measured means of the
 ``forward`` and ``backward`` events, and the estimated busy time and idle fraction of the step
 (simulating the schedule that ran) beside the measured ones: a stage's measured busy time is the
-sum of its forward, backward, send and gradient-sync events, its bubble ``1 - busy / step``,
+sum of its events other than waits (forward, backward, posting sends, gradient sync...), its bubble ``1 - busy / step``,
 where ``step`` is the recorded step's span over every rank (with virtual stages the bubble is
 that of the stage's rank, its stages' busy times together). Waiting to receive counts as idle:
 that is what a bubble is on a real pipeline.
@@ -26,10 +26,14 @@ from modelparallel.report_html._model import REPORT_SCHEDULES, TimelineBlock, si
 from modelparallel.step_trace import StepTrace
 from modelparallel.units import format_seconds
 
-__all__ = ["BUSY_KINDS", "measured_blocks", "measured_section", "stage_rows"]
+__all__ = ["WAIT_KINDS", "measured_blocks", "measured_section", "stage_rows"]
 
-#: Event kinds that count as a stage's work (Note [measured against predicted]).
-BUSY_KINDS = ("forward", "backward", "input_grad", "weight_grad", "send", "grad_sync")
+#: Event kinds that count as waiting, not work (Note [measured against predicted]).
+WAIT_KINDS = ("recv_wait",)
+
+
+def _busy(kind: str) -> bool:
+    return kind not in WAIT_KINDS and not kind.endswith("_wait")
 
 
 def measured_blocks(trace: StepTrace, step: int) -> tuple[TimelineBlock, ...]:
@@ -61,8 +65,8 @@ def stage_rows(plan: Plan, trace: StepTrace, step: int) -> list[dict[str, Any]]:
     for s in plan.stages:
         mine = [b for b in blocks if b.stage == s.index]
         rank = [b for b in blocks if b.rank == s.index % p]
-        busy = sum(b.end - b.start for b in mine if b.kind in BUSY_KINDS)
-        rank_busy = sum(b.end - b.start for b in rank if b.kind in BUSY_KINDS)
+        busy = sum(b.end - b.start for b in mine if _busy(b.kind))
+        rank_busy = sum(b.end - b.start for b in rank if _busy(b.kind))
         wait = sum(b.end - b.start for b in mine if b.kind == "recv_wait")
         rows.append({
             "stage": s.index,
@@ -113,7 +117,7 @@ def measured_section(plan: Plan, trace: StepTrace,
              f"{', '.join(map(str, sorted(stages_of.get(r, ()))))})"
              for r in range(max(ranks) + 1)] if ranks else []
     span = max((b.end for b in blocks), default=0.0)
-    busy = sum(b.end - b.start for b in blocks if b.kind in BUSY_KINDS)
+    busy = sum(b.end - b.start for b in blocks if _busy(b.kind))
     bubble = 1.0 - busy / (len(ranks) * span) if ranks and span > 0 else 0.0
     schedule = trace.schedule if trace.schedule in REPORT_SCHEDULES else plan.config.schedule
     sim = simulate_plan(plan, schedule)

@@ -53,6 +53,7 @@ from modelparallel.codegen.program import StageProgram, add_step_grads, check_lo
 from modelparallel.errors import CommunicationError, ConfigError
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
+from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.microbatch import (
     SplitSpec,
@@ -165,6 +166,9 @@ class StageExecutor:
         on_action: Called with ``(StageEvent, "start" | "end")`` around every receive wait,
             forward, backward, send and gradient sync of this rank (Note [action hook] in
             ``modelparallel/runtime/hooks.py``); ``None``: nothing is called.
+        grad_sync: Averages the gradients over the stage's data-parallel replicas after each
+            training step (Note [data-parallel gradient sync] in
+            ``modelparallel/runtime/data_parallel.py``); ``None``: no replicas.
 
     Example:
         >>> import torch
@@ -184,7 +188,8 @@ class StageExecutor:
     def __init__(self, program: StageProgram | Sequence[StageProgram], comm: StageComm | None,
                  *, loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
                  average_grads: bool = True, device: torch.device | str = "cpu",
-                 on_action: ActionHook | None = None) -> None:
+                 on_action: ActionHook | None = None,
+                 grad_sync: GradientSync | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = _check_programs(programs)
         self.program = programs[0]
@@ -206,6 +211,8 @@ class StageExecutor:
         #: that succeeded, on every rank, so it may run collectives over the pipeline (the step
         #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
         self.after_step: Callable[[StepOutput, bool], None] | None = None
+        self.grad_sync = grad_sync
+        self._train_steps = 0
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         make_schedule(schedule, self.num_ranks, split.num_microbatches,
@@ -308,6 +315,11 @@ class StageExecutor:
         self.stats = StepStats()
         try:
             with torch.enable_grad() if train else torch.no_grad():
+                sync = self.grad_sync if train else None
+                if sync is not None:
+                    self._train_steps += 1
+                    sync.check_batch(key, _samples(microbatches), self._train_steps)
+                    sync.begin_step()
                 stash = self._stash_shared_grads() if train else {}
                 self._run(step)
                 if self.comm is not None:
@@ -315,6 +327,8 @@ class StageExecutor:
                 if train:
                     self._hooked("grad_sync", self.program.index, None,
                                  self._reduce_shared_grads, stash)
+                if sync is not None:
+                    self._hooked("grad_sync", self.program.index, None, sync.finish)
                 result = self._gather_result(step)
         except BaseException as e:
             self._templates.pop(key, None)
@@ -661,6 +675,14 @@ def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, .
             f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
             "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
     return programs
+
+
+def _samples(microbatches: Sequence[Sequence[Any]]) -> int:
+    """Samples in the step: microbatches times the first batched input's leading size."""
+    for v in pytree.tree_leaves(list(microbatches[0])) if microbatches else []:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return len(microbatches) * int(v.shape[0])
+    return len(microbatches)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -34,3 +34,21 @@ def test_bad_entries_name_the_file(tmp_path: Path) -> None:
         NodeTimesFile.load(path)
     with pytest.raises(ConfigError, match="version"):
         NodeTimesFile(times={}, version=7)
+
+
+def test_call_overhead_in_node_times_files(tmp_path) -> None:
+    import json
+
+    from modelparallel.cost_model import CallOverhead
+    from modelparallel.cost_model.node_times import load_call_overhead, save_node_times
+
+    with_call = save_node_times(tmp_path / "a.json", {"fc": (1e-3, 2e-3)},
+                                call=CallOverhead(4e-5, 3e-4))
+    assert load_call_overhead(with_call) == CallOverhead(4e-5, 3e-4)
+    without = save_node_times(tmp_path / "b.json", {"fc": (1e-3, 2e-3)})
+    assert load_call_overhead(without) == CallOverhead()
+    data = json.loads(with_call.read_text())
+    data["call_overhead"] = {"forward": "soon"}
+    with_call.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"call_overhead .* is malformed"):
+        load_call_overhead(with_call)

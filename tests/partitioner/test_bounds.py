@@ -1,9 +1,8 @@
-"""Property tests of the partitioner on random DAGs (hypothesis).
+"""The lower bound and stage windows (Note [lower bound], modelparallel/partitioner/bounds.py).
 
-Whatever the graph, config and method: every node is placed once, values only flow forward,
-memory caps and pins hold, the reported objective is the evaluation function's, and the lower
-bound never exceeds it. The stage windows and the exact reduction behind the ILP's proofs keep
-every assignment they must keep (checked against every assignment of small graphs).
+The stage windows and the exact reduction behind the ILP's proofs keep every assignment they
+must keep (checked against every assignment of small graphs, and on random DAGs with
+hypothesis); boundary cuts are valid by brute force; no lower bound exceeds the optimum.
 """
 
 from __future__ import annotations
@@ -11,15 +10,14 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
+from _partition_cases import brute, valid_assignments
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelparallel.cost_model import estimate_costs, get_device_spec
-from modelparallel.errors import InfeasiblePlanError
-from modelparallel.ir import input_derived_nodes
-from modelparallel.partitioner import partition
+from modelparallel.partitioner import lower_bound
 from modelparallel.partitioner._synthetic import random_graph
-from modelparallel.partitioner.bounds import window_for
+from modelparallel.partitioner.bounds import _boundary_cuts, window_for
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
 from modelparallel.partitioner.problem import build_problem
 from modelparallel.partitioner.reduce import reduce_free_nodes
@@ -27,67 +25,6 @@ from modelparallel.plan import PlanConfig
 
 _SETTINGS = settings(max_examples=40, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def _cases(draw: st.DrawFn) -> tuple:
-    n = draw(st.integers(3, 14))
-    seed = draw(st.integers(0, 10_000))
-    graph = random_graph(n, seed=seed, edge_prob=draw(st.floats(0.0, 0.8)),
-                         tie_prob=draw(st.floats(0.0, 0.5)),
-                         view_prob=draw(st.sampled_from([0.0, 0.3])))
-    p = draw(st.integers(1, 4))
-    cfg = dict(partitions=p, microbatches=draw(st.integers(1, 6)),
-               schedule=draw(st.sampled_from(["gpipe", "1f1b"])),
-               memory_weight=draw(st.floats(0.0, 1.0)),
-               tied=draw(st.sampled_from(["replicate", "colocate"])), time_limit=3.0)
-    ops = [nd.name for nd in graph.nodes if nd.name not in input_derived_nodes(graph)][:-1]
-    if p > 1 and ops and draw(st.booleans()):
-        cfg["pins"] = {draw(st.sampled_from(ops)): draw(st.integers(0, p - 1))}
-    method = draw(st.sampled_from(["ilp", "dp", "uniform", "param_balanced"]))
-    cap_frac = draw(st.sampled_from([None, 0.6, 0.9]))
-    return graph, cfg, method, cap_frac
-
-
-@_SETTINGS
-@given(_cases())
-def test_plans_are_valid_and_consistent(case: tuple) -> None:
-    graph, cfg_kw, method, cap_frac = case
-    device = get_device_spec("h100")
-    if cap_frac is not None:  # a cap near the model's total memory makes balance matter
-        costs = estimate_costs(graph, device)
-        total = sum(costs.param_state_bytes.values()) + 6 * sum(
-            c.saved_bytes + c.workspace_bytes for c in costs.nodes.values())
-        device = device.with_memory(max(1, int(cap_frac * total)))
-    try:
-        cfg = PlanConfig(**cfg_kw)
-        plan = partition(graph, cfg, device, method=method)
-    except InfeasiblePlanError:
-        return  # tight caps or contradictory pins; the message is tested elsewhere
-    except Exception as e:  # baselines refuse pins/colocation they cannot honour
-        if method in ("uniform", "param_balanced") and "cannot honour" in str(e):
-            return
-        raise
-    prob = build_problem(graph, cfg, device)
-    derived = input_derived_nodes(graph)
-    assert [x.name for x in plan.nodes] == [nd.name for nd in graph.nodes]
-    for x in plan.nodes:
-        assert (x.stage == -1) == (x.name in derived)
-    stage = np.array([plan.assignment[x] for x in prob.names])
-    assert np.all(stage[prob.edge_src] <= stage[prob.edge_dst])
-    assert stage[prob.output] == cfg.partitions - 1
-    for key, s in cfg.pins.items():
-        assert plan.assignment[key] == s
-    for group in prob.colocate:
-        assert len(set(stage[list(group)].tolist())) == 1
-    ev = evaluate(prob, stage)
-    assert np.all(ev.memory <= prob.caps)
-    assert [s.memory.peak for s in plan.stages] == [round(float(m)) for m in ev.memory] or \
-        np.allclose([s.memory.peak for s in plan.stages], ev.memory, rtol=1e-9, atol=4)
-    assert plan.solver.objective == ev.objective
-    assert plan.solver.lower_bound is not None
-    assert plan.solver.lower_bound <= plan.solver.objective * (1 + 1e-12)
-    assert 0.0 <= plan.solver.gap <= 1.0
 
 
 @st.composite
@@ -126,3 +63,70 @@ def test_windows_and_reduction_keep_better_assignments(case: tuple) -> None:
         after = evaluate(prob, moved)
         assert after.objective <= obj * (1 + 1e-12)
         assert np.all(after.memory <= evaluate(prob, stage).memory * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_windows_contain_every_better_assignment(seed: int) -> None:
+    graph = random_graph(7, seed=200 + seed, tie_prob=0.3, view_prob=0.2)
+    for p, w, schedule in ((3, 0.2, "1f1b"), (3, 0.7, "gpipe"), (2, 0.5, "1f1b")):
+        cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule=schedule)
+        prob = build_problem(graph, cfg, "h100")
+        scored = [(evaluate(prob, st).objective, st) for st in valid_assignments(prob)]
+        values = sorted(o for o, _ in scored)
+        near = sorted(set(values))[:5]  # just above the best few: the tightest windows
+        for cutoff in [v * (1 + 1e-9) for v in near] + [values[len(values) // 2]]:
+            lo, hi = window_for(prob, cutoff)
+            for obj, st in scored:  # noqa: F402
+                if obj < cutoff:
+                    assert np.all(lo <= st) and np.all(st <= hi), (cutoff, obj, st)
+        # The best assignment is the only one below a hair above it: windows get narrow.
+        lo, hi = window_for(prob, values[0] * (1 + 1e-9))
+        assert int((hi - lo).sum()) < prob.n * (p - 1)
+
+
+@pytest.mark.parametrize("seed", [505, 507])  # graphs on which the cuts bind
+def test_boundary_cuts_and_cut_windows_are_valid_by_brute_force(seed: int) -> None:
+    # Note [lower bound], part 2: the least communication and received bytes of each boundary
+    # within the windows bound those of every assignment in the windows, and the windows they
+    # narrow still hold every better assignment; the bound stays below the optimum.
+    graph = random_graph(8, seed=seed, edge_prob=0.1, tie_prob=0.2, view_prob=0.2)
+    positive = 0
+    for p, w in ((4, 0.2), (3, 0.5)):
+        cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule="1f1b")
+        prob = build_problem(graph, cfg, "h100")
+        scored = [(evaluate(prob, st).objective, st) for st in valid_assignments(prob)]
+        best = min(o for o, _ in scored)
+        for cutoff in sorted({o for o, _ in scored})[:4]:
+            cutoff *= 1 + 1e-9
+            lo, hi = window_for(prob, cutoff)
+            cost = np.stack([prob.comm[:, : p - 1],
+                             np.broadcast_to(prob.out_bytes[:, None], (prob.n, p - 1))])
+            cuts = _boundary_cuts(prob, lo, hi, cost)
+            positive += int(np.count_nonzero(cuts[:, 0] > 0))
+            for obj, st in scored:  # noqa: F402
+                inside = np.all(lo <= st) and np.all(st <= hi)
+                if obj < cutoff:
+                    assert inside, (cutoff, obj, st)
+                if not inside:
+                    continue
+                last = st.copy()
+                np.maximum.at(last, prob.edge_src, st[prob.edge_dst])
+                for b in range(p - 1):
+                    crosses = (st <= b) & (b < last)
+                    assert cuts[b, 0] <= prob.comm[crosses, b].sum() * (1 + 1e-9) + 1e-15
+                    assert cuts[b, 1] <= prob.out_bytes[crosses].sum() * (1 + 1e-9)
+            assert lower_bound(prob, incumbent=cutoff, time_limit=5).value <= best * (1 + 1e-9)
+    assert positive > 0  # the cuts do bind on these graphs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lower_bound_never_exceeds_the_optimum(seed: int) -> None:
+    graph = random_graph(8, seed=100 + seed, tie_prob=0.3)
+    for p, w in ((2, 0.3), (3, 0.2), (3, 0.8)):
+        prob = build_problem(graph, PlanConfig(partitions=p, memory_weight=w, microbatches=4),
+                             "h100")
+        best, arg = brute(prob)
+        assert lower_bound(prob).value <= best * (1 + 1e-9)
+        for factor in (1.0, 1.02, 1.5):  # windows and the windowed MIP from an incumbent
+            lb = lower_bound(prob, incumbent=best * factor, incumbent_stage=arg, time_limit=5)
+            assert lb.value <= best * (1 + 1e-9), lb.describe()
