@@ -88,15 +88,16 @@ class StepResult:
 
 
 class LoadResult(NamedTuple):
-    """What :meth:`Pipeline.load_state_dict` did on this rank.
+    """What :meth:`Pipeline.load_state_dict` did on this rank (like torch's
+    ``_IncompatibleKeys``).
 
     Attributes:
         missing_keys: This stage's tensors the state dict had no value for.
-        loaded_keys: The state dict keys this stage loaded.
+        unexpected_keys: State dict keys that name no tensor of the model.
     """
 
     missing_keys: list[str]
-    loaded_keys: list[str]
+    unexpected_keys: list[str]
 
 
 @dataclass(frozen=True)
@@ -403,7 +404,8 @@ class Pipeline:
         self._executor = StageExecutor(programs, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
                                        average_grads=self.average_grads, device=self.device,
-                                       grad_sync=self._grad_sync(program, comm))
+                                       grad_sync=self._grad_sync(programs, comm),
+                                       check_inputs=traced.check_inputs)
         if self.trace_dir is not None:
             from modelparallel.runtime.trace import attach_recorder
 
@@ -415,15 +417,16 @@ class Pipeline:
                 gather=comm.all_gather_object if comm is not None else None,
                 metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
 
-    def _grad_sync(self, program: Any, comm: StageComm | None) -> GradientSync | None:
-        """The stage's data-parallel gradient averaging (collective: creates the groups)."""
+    def _grad_sync(self, programs: tuple[Any, ...], comm: StageComm | None
+                   ) -> GradientSync | None:
+        """The stages' data-parallel gradient averaging (collective: creates the groups)."""
         dp = self.placement.dp
         if dp == 1 or comm is None:
             return None
         self.dp_group = comm.own_group(self.placement.dp_groups())
-        tied = [program.tensor(name) for name, stages in program.shared_params.items()
-                if len(set(stages)) > 1]
-        return GradientSync(list(program.module.parameters()), comm, self.dp_group, dp,
+        tied = [q.tensor(name) for q in programs for name in q.shared_params]
+        params = [t for q in programs for t in q.module.parameters()]
+        return GradientSync(params, comm, self.dp_group, dp,
                             self.microbatches, bucket_cap_bytes=self.parallel.bucket_cap_bytes,
                             overlap=self.parallel.overlap_allreduce, late=tied,
                             check_uneven=self.parallel.check_uneven)
@@ -533,7 +536,8 @@ class Pipeline:
 
     def _flatten(self, inputs: Inputs) -> list[Any]:
         args, kwargs = _as_call(inputs)
-        return list(self.traced.flatten_inputs(args, kwargs))
+        # non-tensor values are checked on rank 0's batch (StageExecutor's check_inputs)
+        return list(self.traced.flatten_inputs(args, kwargs, check=False))
 
     # -- parameters and state ----------------------------------------------------------------------
 
@@ -583,23 +587,34 @@ class Pipeline:
                 full[key] = value.detach() if value.is_meta else value.detach().cpu()
         return full
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
                         ) -> LoadResult:
         """Load this stage's tensors from a full or partial state dict (keys of the original
-        model, any alias of a tied weight).
+        model, any alias of a tied weight). Local: each rank loads its own stage.
+
+        Args:
+            state_dict: The state dict (``torch.load`` of :meth:`state_dict`'s or of the
+                original model's).
+            strict: Like torch: refuse a state dict that lacks one of this stage's tensors or
+                has keys the model does not know. ``False``: load what matches, warn about
+                the rest and return it.
+
+        Returns:
+            The missing and unexpected keys (both empty when ``strict``).
 
         Raises:
-            ConfigError: with ``strict=True`` if a tensor of this stage has no value, or on a
-                shape mismatch.
+            ConfigError: with ``strict=True`` if a tensor of this stage has no value or a key
+                names no tensor of the model; on a shape mismatch.
         """
         self._require()
         aliases: dict[str, list[str]] = {}
-        for key in self.model.state_dict(keep_vars=True):
+        known = set(self.model.state_dict(keep_vars=True))
+        for key in known:
             aliases.setdefault(self._canonical(key), []).append(key)
-        missing, loaded = [], []
+        missing: list[str] = []
         with torch.no_grad():
             for canon, tensor in self._held_canonical().items():
-                keys = [k for k in [canon, *aliases.get(canon, [])] if k in state_dict]
+                keys = [k for k in [canon, *sorted(aliases.get(canon, []))] if k in state_dict]
                 if not keys:
                     missing.append(canon)
                     continue
@@ -609,11 +624,15 @@ class Pipeline:
                                       f"{tuple(value.shape)}; stage {self.stage} holds "
                                       f"{tuple(tensor.shape)}")
                 tensor.copy_(value)
-                loaded.append(keys[0])
-        if strict and missing:
-            raise ConfigError(f"strict=True but the state dict has no value for {missing[:8]} "
-                              f"({len(missing)} tensors of stage {self.stage})")
-        return LoadResult(missing, loaded)
+        unexpected = [k for k in state_dict if k not in known and k not in aliases]
+        if missing or unexpected:
+            text = _load_problem(missing, unexpected, self.stage)
+            if strict:
+                raise ConfigError(f"load_state_dict(strict=True): {text} Fix the keys, or "
+                                  "pass strict=False to load what matches.")
+            warnings.warn(f"load_state_dict(strict=False): {text}", RuntimeWarning,
+                          stacklevel=2)
+        return LoadResult(missing, unexpected)
 
     def _held_canonical(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -657,6 +676,24 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return 1
+
+
+def _load_problem(missing: list[str], unexpected: list[str], stage: int) -> str:
+    parts = []
+    if missing:
+        parts.append(f"the state dict has no value for {len(missing)} tensor(s) of stage "
+                     f"{stage}, e.g. {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) name no tensor of the model, e.g. "
+                     f"{unexpected[:5]}")
+    text = "; ".join(parts) + "."
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if unexpected and all(k.startswith(prefix) for k in unexpected):
+            text += (f" Every unexpected key starts with {prefix!r} (saved from a wrapped "
+                     f"model?): strip it, e.g. {{k.removeprefix({prefix!r}): v for k, v in "
+                     "sd.items()}.")
+            break
+    return text
 
 
 def _held(module: nn.Module) -> list[torch.Tensor]:

@@ -37,7 +37,8 @@ def _shard(value: Any, index: int, parts: int) -> Any:
 
 
 def dp_parity_job(rank: int, world: int, model: str, p: int, dp: int, schedule: str,
-                  m: int, steps: int, strategy: str = "cluster") -> dict[str, Any]:
+                  m: int, steps: int, strategy: str = "cluster", v: int = 1
+                  ) -> dict[str, Any]:
     """``steps`` SGD (momentum) steps through ``p × dp`` ranks and in one process on the global batch;
     this rank's largest relative errors."""
     import modelparallel
@@ -50,9 +51,9 @@ def dp_parity_job(rank: int, world: int, model: str, p: int, dp: int, schedule: 
     pipe = modelparallel.pipeline(
         case.model, _shard(case.args[0], 0, dp) if len(case.args) == 1 else None,
         loss_fn=case.loss_fn, partitions=p, microbatches=m, schedule=schedule,
-        parallel=ParallelOptions(data_parallel=dp, placement_strategy=strategy,
+        virtual_stages=v, parallel=ParallelOptions(data_parallel=dp, placement_strategy=strategy,
                                  bucket_cap_mb=0.01),
-        method="uniform", timeout=60)
+        method="dp" if v > 1 else "uniform", timeout=60)
     d = pipe.dp_rank
     opt = torch.optim.SGD(pipe.parameters(), lr=0.05, momentum=0.9)
     ropt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -104,6 +105,16 @@ def test_data_parallel_by_pipeline_on_four_ranks(model: str, schedule: str) -> N
 def test_data_parallel_by_pipeline_other_schedules(model: str, schedule: str) -> None:
     _check(run_ranks(dp_parity_job, 4, model, 2, 2, schedule, 2, 2, "spread", timeout=400),
            2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "schedule", "v"), [("gpt2", "1f1b", 2), ("mlp", "zb-h1", 1)])
+def test_data_parallel_with_virtual_stages_and_split_backward(model: str, schedule: str,
+                                                              v: int) -> None:
+    """Interleaved 1F1B (v = 2) and ZB-H1 (weight gradients written outside the hooks) on
+    2 × 2 ranks."""
+    _check(run_ranks(dp_parity_job, 4, model, 2, 2, schedule, 4, 2, "cluster", v,
+                     timeout=400), 2, 2)
 
 
 def uneven_job(rank: int, world: int, mode: str) -> str:
