@@ -23,10 +23,12 @@ from modelparallel.errors import (
     SolverError,
     StepTimeoutError,
     TracingError,
+    UnevenDataError,
     UnsupportedFeatureError,
     UsageError,
 )
 from modelparallel.ir import Graph
+from modelparallel.parallel import ParallelOptions
 from modelparallel.plan import Plan, PlanConfig, load_plan
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ __all__ = [
     "InfeasiblePlanError",
     "LoadResult",
     "ModelParallelError",
+    "ParallelOptions",
     "PeerFailedError",
     "Pipeline",
     "Plan",
@@ -67,6 +70,7 @@ __all__ = [
     "StepResult",
     "StepTimeoutError",
     "TracingError",
+    "UnevenDataError",
     "UnsupportedFeatureError",
     "UsageError",
     "__version__",

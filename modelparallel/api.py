@@ -36,6 +36,7 @@ How a pipeline is built, on every rank:
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +49,11 @@ from torch import nn
 
 from modelparallel.cost_model.device import DeviceSpec, stage_devices
 from modelparallel.errors import ConfigError, PlanMismatchError
+from modelparallel.parallel import ParallelOptions
+from modelparallel.placement import Placement
 from modelparallel.plan import PartitionOptions, Plan, PlanConfig, load_plan
 from modelparallel.runtime.comm import StageComm
+from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.distributed import (
     SetupRound,
     default_device,
@@ -58,6 +62,7 @@ from modelparallel.runtime.distributed import (
 )
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
+from modelparallel.runtime.trace import trace_directory
 from modelparallel.schedule import check_virtual_stages, normalize_schedule
 from modelparallel.units import parse_bytes
 
@@ -83,15 +88,16 @@ class StepResult:
 
 
 class LoadResult(NamedTuple):
-    """What :meth:`Pipeline.load_state_dict` did on this rank.
+    """What :meth:`Pipeline.load_state_dict` did on this rank (like torch's
+    ``_IncompatibleKeys``).
 
     Attributes:
         missing_keys: This stage's tensors the state dict had no value for.
-        loaded_keys: The state dict keys this stage loaded.
+        unexpected_keys: State dict keys that name no tensor of the model.
     """
 
     missing_keys: list[str]
-    loaded_keys: list[str]
+    unexpected_keys: list[str]
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,9 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              timeout: float = 300.0,
              trace_method: str = "auto",
              leaf_modules: Sequence[Any] = (),
+             trace: str | os.PathLike[str] | None = None,
+             data_parallel: int | None = None,
+             parallel: ParallelOptions | None = None,
              **planning_kwargs: Any) -> Pipeline:
     """Split ``model`` into a pipeline over this job's ranks; return this rank's part.
 
@@ -155,8 +164,8 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
             its batch (then :meth:`Pipeline.parameters` is available after the first step only).
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``, mean over the batch.
         plan: A plan or plan file; ``None`` plans automatically on rank 0.
-        partitions: Pipeline stages; default: the plan's, else the world size. Must equal the
-            world size (data-parallel replicas are not supported).
+        partitions: Pipeline stages; default: the plan's, else the world size divided by
+            ``data_parallel``. Stages × ``data_parallel`` must equal the world size.
         microbatches: Microbatches per step; default: the plan's, else 1.
         schedule: ``"1f1b"``/``"interleaved"``, ``"gpipe"``/``"simple"`` or ``"zb-h1"``
             (zero-bubble); default: the plan's, else ``"1f1b"`` (Note [schedule names] in
@@ -176,6 +185,18 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         timeout: Seconds any rank waits for another before raising.
         trace_method: ``"auto"``, ``"fx"`` or ``"export"``.
         leaf_modules: Module types or names the fx tracer keeps whole.
+        data_parallel: Replicas of the pipeline (data-parallel degree, default 1): the job runs
+            ``partitions × data_parallel`` processes, each replica on its own batches, each
+            stage's gradients averaged over its replicas (Note [data-parallel gradient sync] in
+            ``modelparallel/runtime/data_parallel.py``). The plan is made once, on rank 0, for
+            one replica.
+        parallel: :class:`~modelparallel.parallel.ParallelOptions` (placement strategy,
+            all-reduce buckets...); ``data_parallel`` overrides its degree.
+        trace: A directory: record every step's actions on every rank and have rank 0 write
+            them to ``DIR/trace.json`` (Chrome trace / Perfetto JSON; ``partition-plan report
+            plan.json --trace DIR/trace.json`` draws it; data-parallel replica ``k > 0`` writes
+            ``DIR/replica{k}/trace.json``). Default: ``$MODELPARALLEL_TRACE``, if set
+            (``modelparallel/runtime/trace.py``).
         **planning_kwargs: Fields of :class:`PlanningOptions`.
 
     Returns:
@@ -215,12 +236,17 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
         if partitions is not None and partitions != plan.partitions:
             raise ConfigError(f"partitions = {partitions} but the plan has {plan.partitions} "
                               "stages; leave partitions out to use the plan's")
-    p = plan.partitions if plan is not None else (partitions or world)
-    if p != world:
+    par = parallel if parallel is not None else ParallelOptions()
+    if data_parallel is not None:
+        par = dataclasses.replace(par, data_parallel=data_parallel)
+    dp = par.data_parallel
+    p = plan.partitions if plan is not None else (partitions or max(1, world // dp))
+    if p * dp != world:
+        hint = (f"; for {world // p} data-parallel replicas pass data_parallel={world // p}"
+                if world % p == 0 and world != p * dp else "")
         raise ConfigError(
-            f"the pipeline has {p} stages but {world} processes are running; start one process "
-            f"per stage (torchrun --nproc_per_node {p}). Data-parallel replicas of a pipeline "
-            "are not supported yet.")
+            f"the pipeline has {p} stages × {dp} data-parallel replicas = {p * dp} processes "
+            f"but {world} are running; start torchrun --nproc_per_node {p * dp}{hint}")
     m = microbatches if microbatches is not None else (
         plan.config.microbatches if plan is not None else 1)
     raw = schedule if schedule is not None else (
@@ -241,7 +267,8 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
                     non_split_inputs=tuple(non_split_inputs), average_grads=average_grads,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
                     distributed=running, trace_method=trace_method,
-                    leaf_modules=tuple(leaf_modules))
+                    leaf_modules=tuple(leaf_modules), parallel=par)
+    pipe.trace_dir = trace_directory(trace)
     if example_inputs is not None:
         pipe._build(example_inputs)
     return pipe
@@ -252,7 +279,10 @@ class Pipeline:
 
     Attributes:
         plan: The plan (``None`` until partitioned).
-        stage: This rank's stage index.
+        stage: This rank's stage index (its ``pp_rank``).
+        placement: The rank grid (:class:`~modelparallel.placement.Placement`): stages ×
+            data-parallel replicas.
+        dp_rank: This rank's replica.
         program: This rank's :class:`~modelparallel.codegen.StageProgram` (after partitioning).
         device: Where the stage runs.
     """
@@ -263,7 +293,8 @@ class Pipeline:
                  device: torch.device, planning: PlanningOptions,
                  input_split_axes: dict[str | int, int], non_split_inputs: tuple[str | int, ...],
                  average_grads: bool, return_outputs: bool, timeout: float, rank: int,
-                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...]) -> None:
+                 distributed: bool, trace_method: str, leaf_modules: tuple[Any, ...],
+                 parallel: ParallelOptions | None = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.plan = plan
@@ -279,7 +310,13 @@ class Pipeline:
         self.return_outputs = return_outputs
         self.timeout = timeout
         self.rank = rank
-        self.stage = rank
+        self.parallel = parallel if parallel is not None else ParallelOptions()
+        self.placement = Placement(pp=partitions, dp=self.parallel.data_parallel,
+                                   strategy=self.parallel.placement_strategy)
+        coords = self.placement.coords(rank)
+        self.stage = coords.pp_rank
+        self.dp_rank = coords.dp_rank
+        self.dp_group: Any = None  # the stage's data-parallel process group, once built
         self.distributed = distributed
         self.trace_method = trace_method
         self.leaf_modules = leaf_modules
@@ -287,6 +324,9 @@ class Pipeline:
         self.programs: tuple[Any, ...] = ()
         self.traced: Any = None
         self._executor: StageExecutor | None = None
+        #: Where step traces go (``pipeline(trace=...)``), and their recorder once built.
+        self.trace_dir: Path | None = None
+        self.recorder: Any = None
         self._comm: StageComm | None = None
         # Extra pins computed from the traced graph when planning (SMP's manual placement).
         self.pins_for: Callable[[Any], Mapping[str, int]] | None = None
@@ -319,9 +359,10 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
         store = dist.distributed_c10d._get_default_store() if self.distributed else None
-        ranks = list(range(self.partitions))
+        ranks = list(self.placement.pipeline_of(self.rank))
         namespace = pipeline_namespace(store, self.rank) if store is not None else ""
-        round_ = (SetupRound(store, namespace, self.rank, ranks, self.timeout)
+        round_ = (SetupRound(store, namespace, self.rank, list(range(self.placement.world)),
+                             self.timeout)
                   if store is not None else None)
         try:
             mb_args, mb_kwargs = (args, kwargs) if presplit else first_microbatch(
@@ -356,12 +397,39 @@ class Pipeline:
                 RuntimeWarning, stacklevel=3)
         split = resolve_split(program.input_names, self.microbatches, self.input_split_axes,
                               self.non_split_inputs)
-        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace)
-                if self.partitions > 1 else None)
+        comm = (StageComm.create(self.stage, ranks, self.device, self.timeout, namespace,
+                                 replicas=self.placement.pipelines())
+                if self.placement.world > 1 else None)
         self._comm = comm
         self._executor = StageExecutor(programs, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
-                                       average_grads=self.average_grads, device=self.device)
+                                       average_grads=self.average_grads, device=self.device,
+                                       grad_sync=self._grad_sync(programs, comm),
+                                       check_inputs=traced.check_inputs)
+        if self.trace_dir is not None:
+            from modelparallel.runtime.trace import attach_recorder
+
+            # Replica 0 writes DIR/trace.json; data-parallel replica k, DIR/replica{k}/.
+            where = self.trace_dir if self.dp_rank == 0 else (
+                self.trace_dir / f"replica{self.dp_rank}")
+            self.recorder = attach_recorder(
+                self._executor, where,
+                gather=comm.all_gather_object if comm is not None else None,
+                metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
+
+    def _grad_sync(self, programs: tuple[Any, ...], comm: StageComm | None
+                   ) -> GradientSync | None:
+        """The stages' data-parallel gradient averaging (collective: creates the groups)."""
+        dp = self.placement.dp
+        if dp == 1 or comm is None:
+            return None
+        self.dp_group = comm.own_group(self.placement.dp_groups())
+        tied = [q.tensor(name) for q in programs for name in q.shared_params]
+        params = [t for q in programs for t in q.module.parameters()]
+        return GradientSync(params, comm, self.dp_group, dp,
+                            self.microbatches, bucket_cap_bytes=self.parallel.bucket_cap_bytes,
+                            overlap=self.parallel.overlap_allreduce, late=tied,
+                            check_uneven=self.parallel.check_uneven)
 
     def _agree_on_plan(self, traced: Any, round_: SetupRound | None, mb_args: tuple[Any, ...],
                        mb_kwargs: dict[str, Any]) -> Plan:
@@ -468,7 +536,8 @@ class Pipeline:
 
     def _flatten(self, inputs: Inputs) -> list[Any]:
         args, kwargs = _as_call(inputs)
-        return list(self.traced.flatten_inputs(args, kwargs))
+        # non-tensor values are checked on rank 0's batch (StageExecutor's check_inputs)
+        return list(self.traced.flatten_inputs(args, kwargs, check=False))
 
     # -- parameters and state ----------------------------------------------------------------------
 
@@ -518,23 +587,34 @@ class Pipeline:
                 full[key] = value.detach() if value.is_meta else value.detach().cpu()
         return full
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
                         ) -> LoadResult:
         """Load this stage's tensors from a full or partial state dict (keys of the original
-        model, any alias of a tied weight).
+        model, any alias of a tied weight). Local: each rank loads its own stage.
+
+        Args:
+            state_dict: The state dict (``torch.load`` of :meth:`state_dict`'s or of the
+                original model's).
+            strict: Like torch: refuse a state dict that lacks one of this stage's tensors or
+                has keys the model does not know. ``False``: load what matches, warn about
+                the rest and return it.
+
+        Returns:
+            The missing and unexpected keys (both empty when ``strict``).
 
         Raises:
-            ConfigError: with ``strict=True`` if a tensor of this stage has no value, or on a
-                shape mismatch.
+            ConfigError: with ``strict=True`` if a tensor of this stage has no value or a key
+                names no tensor of the model; on a shape mismatch.
         """
         self._require()
         aliases: dict[str, list[str]] = {}
-        for key in self.model.state_dict(keep_vars=True):
+        known = set(self.model.state_dict(keep_vars=True))
+        for key in known:
             aliases.setdefault(self._canonical(key), []).append(key)
-        missing, loaded = [], []
+        missing: list[str] = []
         with torch.no_grad():
             for canon, tensor in self._held_canonical().items():
-                keys = [k for k in [canon, *aliases.get(canon, [])] if k in state_dict]
+                keys = [k for k in [canon, *sorted(aliases.get(canon, []))] if k in state_dict]
                 if not keys:
                     missing.append(canon)
                     continue
@@ -544,11 +624,15 @@ class Pipeline:
                                       f"{tuple(value.shape)}; stage {self.stage} holds "
                                       f"{tuple(tensor.shape)}")
                 tensor.copy_(value)
-                loaded.append(keys[0])
-        if strict and missing:
-            raise ConfigError(f"strict=True but the state dict has no value for {missing[:8]} "
-                              f"({len(missing)} tensors of stage {self.stage})")
-        return LoadResult(missing, loaded)
+        unexpected = [k for k in state_dict if k not in known and k not in aliases]
+        if missing or unexpected:
+            text = _load_problem(missing, unexpected, self.stage)
+            if strict:
+                raise ConfigError(f"load_state_dict(strict=True): {text} Fix the keys, or "
+                                  "pass strict=False to load what matches.")
+            warnings.warn(f"load_state_dict(strict=False): {text}", RuntimeWarning,
+                          stacklevel=2)
+        return LoadResult(missing, unexpected)
 
     def _held_canonical(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -592,6 +676,24 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return 1
+
+
+def _load_problem(missing: list[str], unexpected: list[str], stage: int) -> str:
+    parts = []
+    if missing:
+        parts.append(f"the state dict has no value for {len(missing)} tensor(s) of stage "
+                     f"{stage}, e.g. {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) name no tensor of the model, e.g. "
+                     f"{unexpected[:5]}")
+    text = "; ".join(parts) + "."
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if unexpected and all(k.startswith(prefix) for k in unexpected):
+            text += (f" Every unexpected key starts with {prefix!r} (saved from a wrapped "
+                     f"model?): strip it, e.g. {{k.removeprefix({prefix!r}): v for k, v in "
+                     "sd.items()}.")
+            break
+    return text
 
 
 def _held(module: nn.Module) -> list[torch.Tensor]:

@@ -116,3 +116,8 @@ class UsageError(ModelParallelError, RuntimeError):
 class UnsupportedFeatureError(ModelParallelError, NotImplementedError):
     """A feature of the reference API that modelparallel does not implement (yet); the message
     names it and what to do instead."""
+
+
+class UnevenDataError(CommunicationError):
+    """Data-parallel replicas of a pipeline got batches of different shapes, or one ran fewer
+    steps than the others (it ran out of data)."""

@@ -65,10 +65,15 @@ class StageComm:
         device: Device of the boundary tensors (CUDA: NCCL; otherwise gloo).
         timeout: Seconds any wait may take before :class:`StepTimeoutError`.
         board: Where failures are reported.
+        replicas: With data-parallel replicas of the pipeline, every replica's ranks in stage
+            order (``ranks`` among them): process groups are created for all of them, in the
+            same order on every rank, because ``torch.distributed.new_group`` is collective over
+            the whole job (Note [placement order] in ``modelparallel/placement.py``).
     """
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device, timeout: float,
-                 board: FailureBoard | None) -> None:
+                 board: FailureBoard | None,
+                 replicas: Sequence[Sequence[int]] | None = None) -> None:
         self.stage = stage
         self.ranks = tuple(ranks)
         self.num_stages = len(self.ranks)
@@ -81,13 +86,40 @@ class StageComm:
         self._subgroups: dict[tuple[int, ...], Any] = {}
         self._pending_sends: list[tuple[Any, list[torch.Tensor], str]] = []
         self._broken: str | None = None
+        self.replicas = (tuple(tuple(r) for r in replicas) if replicas is not None
+                         else (self.ranks,))
+        if self.ranks not in self.replicas or any(len(r) != self.num_stages
+                                                  for r in self.replicas):
+            raise CommunicationError(f"replicas {self.replicas} must hold this pipeline's "
+                                     f"ranks {self.ranks}, each with {self.num_stages} stages")
+        self._extra: list[Any] = []
         if self.num_stages > 1:
-            self._group = dist.new_group(list(self.ranks), timeout=timedelta(seconds=timeout),
-                                         backend=self.backend)
+            self._group = self._new_groups(self.replicas)
+
+    def own_group(self, rank_lists: Sequence[Sequence[int]]) -> Any:
+        """Create one process group per rank list, in order, on every rank (collective over
+        the job); return the one holding this rank (``None`` if none does). The comm tears it
+        down with its own groups (Note [failure propagation] in ``failure.py``), so a failure
+        reaches the ranks waiting on it too.
+        """
+        mine = self._new_groups(rank_lists)
+        if mine is not None:
+            self._extra.append(mine)
+        return mine
+
+    def _new_groups(self, rank_lists: Sequence[Sequence[int]]) -> Any:
+        mine = None
+        for ranks in rank_lists:
+            g = dist.new_group(list(ranks), timeout=timedelta(seconds=self.timeout),
+                               backend=self.backend)
+            if self.rank in ranks:
+                mine = g
+        return mine
 
     @classmethod
     def create(cls, stage: int, ranks: Sequence[int], device: torch.device | str,
-               timeout: float, namespace: str | None = None) -> StageComm:
+               timeout: float, namespace: str | None = None,
+               replicas: Sequence[Sequence[int]] | None = None) -> StageComm:
         """Create the comm of ``stage`` with a failure board in the job's default store.
 
         Collective over the whole job (it creates process groups).
@@ -99,8 +131,9 @@ class StageComm:
             timeout: Seconds any wait may take.
             namespace: The pipeline's store key prefix; by default the next one of this rank
                 (Note [setup agreement] in ``modelparallel/runtime/distributed.py``).
+            replicas: Every data-parallel replica's ranks (see the class).
         """
-        comm = cls(stage, ranks, torch.device(device), timeout, board=None)
+        comm = cls(stage, ranks, torch.device(device), timeout, board=None, replicas=replicas)
         store = dist.distributed_c10d._get_default_store()
         if namespace is None:
             namespace = pipeline_namespace(store, comm.rank)
@@ -257,6 +290,21 @@ class StageComm:
                                  timeout=self.timeout) from None
         return out
 
+    def all_gather_int(self, value: int, what: str) -> list[int]:
+        """Every stage's ``value`` (a signed 64-bit integer), in stage order (collective over
+        the pipeline; one small tensor collective, cheaper than :meth:`all_gather_object`)."""
+        if self._group is None:
+            return [value]
+        self.check_usable()
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.num_stages)]
+        try:
+            dist.all_gather(out, mine, group=self._group)
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
+                                 timeout=self.timeout) from None
+        return [int(t.item()) for t in out]
+
     def make_subgroups(self, stage_sets: Sequence[tuple[int, ...]]) -> None:
         """Create one subgroup per set of stages, in the given order, on every rank.
 
@@ -266,9 +314,13 @@ class StageComm:
             key = tuple(sorted(stages))
             if key in self._subgroups or len(key) < 2:
                 continue
-            self._subgroups[key] = dist.new_group(
-                [self.ranks[s] for s in key], timeout=timedelta(seconds=self.timeout),
-                backend=self.backend)
+            mine = None
+            for ranks in self.replicas:  # one subgroup per replica, on every rank
+                g = dist.new_group([ranks[s] for s in key],
+                                   timeout=timedelta(seconds=self.timeout), backend=self.backend)
+                if ranks == self.ranks:
+                    mine = g
+            self._subgroups[key] = mine
 
     def all_reduce_sum(self, tensor: torch.Tensor, stages: tuple[int, ...], what: str) -> None:
         """Sum ``tensor`` in place over the stages ``stages`` (their subgroup)."""
@@ -300,9 +352,11 @@ class StageComm:
         if self._broken is not None:
             return
         self._broken = reason
-        groups = [g for g in (self._group, *self._subgroups.values()) if g is not None]
+        groups = [g for g in (self._group, *self._subgroups.values(), *self._extra)
+                  if g is not None]
         self._group = None
         self._subgroups.clear()
+        self._extra.clear()
         self._pending_sends.clear()
         for g in groups:
             if self.backend == "nccl" and hasattr(g, "abort"):

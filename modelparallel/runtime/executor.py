@@ -51,8 +51,10 @@ import torch.utils._pytree as pytree
 
 from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
 from modelparallel.errors import CommunicationError, ConfigError
+from modelparallel.runtime.batch import share_batch
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
+from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.microbatch import (
     SplitSpec,
@@ -165,6 +167,15 @@ class StageExecutor:
         on_action: Called with ``(StageEvent, "start" | "end")`` around every receive wait,
             forward, backward, send and gradient sync of this rank (Note [action hook] in
             ``modelparallel/runtime/hooks.py``); ``None``: nothing is called.
+        grad_sync: Averages the gradients over the stage's data-parallel replicas after each
+            training step (Note [data-parallel gradient sync] in
+            ``modelparallel/runtime/data_parallel.py``); ``None``: no replicas.
+        check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
+            rank after the batch is shared (the front end refuses shapes the traced graph
+            cannot run, ``TracedModel.check_shapes``).
+
+    Every step trains on pipeline rank 0's inputs and targets (Note [batch from rank 0] in
+    ``modelparallel/runtime/batch.py``).
 
     Example:
         >>> import torch
@@ -184,7 +195,9 @@ class StageExecutor:
     def __init__(self, program: StageProgram | Sequence[StageProgram], comm: StageComm | None,
                  *, loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
                  average_grads: bool = True, device: torch.device | str = "cpu",
-                 on_action: ActionHook | None = None) -> None:
+                 on_action: ActionHook | None = None,
+                 grad_sync: GradientSync | None = None,
+                 check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = _check_programs(programs)
         self.program = programs[0]
@@ -202,6 +215,12 @@ class StageExecutor:
         self.device = torch.device(device)
         self.stats = StepStats()
         self.on_action = on_action
+        #: Called with the step's :class:`StepOutput` and whether it trained, after each step
+        #: that succeeded, on every rank, so it may run collectives over the pipeline (the step
+        #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
+        self.after_step: Callable[[StepOutput, bool], None] | None = None
+        self.grad_sync = grad_sync
+        self._train_steps = 0
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         make_schedule(schedule, self.num_ranks, split.num_microbatches,
@@ -209,6 +228,8 @@ class StageExecutor:
         self._params = {p.index: [t for t in p.module.parameters() if t.requires_grad]
                         for p in programs}
         self._shared = self._shared_groups()
+        self.check_inputs = check_inputs
+        self._batch_readers = self._readers()
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -266,6 +287,16 @@ class StageExecutor:
         m = self.split.num_microbatches
         if len(microbatches) != m or len(targets) != m:
             raise ConfigError(f"{len(microbatches)} microbatches given; this executor runs {m}")
+        n = len(microbatches[0]) if m else 0
+        if any(len(mb) != n for mb in microbatches):
+            raise ConfigError("every microbatch must have the same number of flat inputs "
+                              f"(got {[len(mb) for mb in microbatches]})")
+        flat, joined = self._share([v for mb in microbatches for v in mb], list(targets),
+                                   train=train, per=n, copies=m)
+        microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
+        targets = joined if train else targets
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
         return self._run_step(list(microbatches), list(targets) if train else [None] * m,
                               key, train=train, return_outputs=return_outputs, merge=merge,
@@ -276,13 +307,37 @@ class StageExecutor:
     def _step(self, flat_inputs: Sequence[Any], target: Any, *, train: bool,
               return_outputs: bool) -> StepOutput:
         m = self.split.num_microbatches
-        # Every rank splits the whole batch and the targets, so a batch that does not divide
-        # into the microbatches raises ConfigError on every rank, before any communication.
+        if self.comm is not None:
+            self.comm.check_usable()
+        # Rank 0's batch on every rank (Note [batch from rank 0]); then every rank splits the
+        # same batch, so a batch that does not divide into the microbatches raises
+        # ConfigError on every rank, before any point-to-point communication.
+        flat_inputs, target = self._share(list(flat_inputs), target, train=train,
+                                          per=len(flat_inputs), copies=1)
         microbatches = split_inputs(flat_inputs, self.split)
         targets = split_target(target, m) if train else [None] * m
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = shape_key(flat_inputs, "train" if train else "eval")
         return self._run_step(microbatches, targets, key, train=train,
                               return_outputs=return_outputs)
+
+    def _share(self, flat: list[Any], target: Any, *, train: bool, per: int, copies: int
+               ) -> tuple[list[Any], Any]:
+        """Rank 0's batch on every rank (Note [batch from rank 0]); ``flat`` is ``copies``
+        lists of ``per`` flat inputs, one after the other."""
+        shared, needed = self._batch_readers
+        names = [*self.split.names, *[""] * max(0, per - len(self.split.names))][:per]
+        try:
+            return share_batch(self.comm, flat, target, train=train, input_names=names * copies,
+                               shared_inputs=[j * per + i for j in range(copies) for i in shared],
+                               target_needed=needed)
+        except ConfigError:
+            raise
+        except BaseException as e:
+            if self.comm is not None:
+                self.comm.fail(e)
+            raise
 
     def _run_step(self, microbatches: Sequence[Sequence[Any]], targets: list[Any],
                   key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
@@ -304,6 +359,11 @@ class StageExecutor:
         self.stats = StepStats()
         try:
             with torch.enable_grad() if train else torch.no_grad():
+                sync = self.grad_sync if train else None
+                if sync is not None:
+                    self._train_steps += 1
+                    sync.check_batch(key, _samples(microbatches), self._train_steps)
+                    sync.begin_step()
                 stash = self._stash_shared_grads() if train else {}
                 self._run(step)
                 if self.comm is not None:
@@ -311,6 +371,8 @@ class StageExecutor:
                 if train:
                     self._hooked("grad_sync", self.program.index, None,
                                  self._reduce_shared_grads, stash)
+                if sync is not None:
+                    self._hooked("grad_sync", self.program.index, None, sync.finish)
                 result = self._gather_result(step)
         except BaseException as e:
             self._templates.pop(key, None)
@@ -318,6 +380,8 @@ class StageExecutor:
                 self.comm.fail(e)
             raise
         self.stats.step_seconds = time.perf_counter() - start
+        if self.after_step is not None:
+            self.after_step(result, train)
         return result
 
     def _run(self, step: _Step) -> None:
@@ -593,6 +657,16 @@ class StageExecutor:
         self.comm.make_subgroups(sorted(sets))
         return sorted(mine.items())
 
+    def _readers(self) -> tuple[tuple[int, ...], bool]:
+        """Collective: the flat inputs a rank other than 0 reads, and whether the loss is
+        computed off rank 0 (Note [batch from rank 0])."""
+        if self.comm is None or self.num_ranks < 2:
+            return (), False
+        mine = sorted({i for p in self.programs for i in p.model_inputs})
+        reads = self.comm.all_gather_object(mine, "the model inputs each stage reads")
+        shared = sorted({int(i) for theirs in reads[1:] for i in theirs})
+        return tuple(shared), True
+
     def _shared_tensors(self, name: str) -> list[torch.Tensor]:
         """The distinct tensors this rank's stages hold for parameter ``name``."""
         found: list[torch.Tensor] = []
@@ -655,6 +729,14 @@ def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, .
             f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
             "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
     return programs
+
+
+def _samples(microbatches: Sequence[Sequence[Any]]) -> int:
+    """Samples in the step: microbatches times the first batched input's leading size."""
+    for v in pytree.tree_leaves(list(microbatches[0])) if microbatches else []:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return len(microbatches) * int(v.shape[0])
+    return len(microbatches)
 
 
 def _to(value: Any, device: torch.device) -> Any:
