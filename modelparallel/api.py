@@ -328,8 +328,10 @@ class Pipeline:
         self.trace_dir: Path | None = None
         self.recorder: Any = None
         self._comm: StageComm | None = None
-        # Extra pins computed from the traced graph when planning (SMP's manual placement).
-        self.pins_for: Callable[[Any], Mapping[str, int]] | None = None
+        # Front ends may adjust the planning options from the trace when rank 0 plans
+        # (modelparallel.torch: SMP's manual placements as pins, measured node times):
+        # planning_for(traced, mb_args, mb_kwargs, options) -> options.
+        self.planning_for: Callable[..., PlanningOptions] | None = None
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -455,8 +457,8 @@ class Pipeline:
         from modelparallel.partitioner import partition
 
         opts = self.planning
-        if self.pins_for is not None:
-            opts = dataclasses.replace(opts, pins={**opts.pins, **self.pins_for(traced.graph)})
+        if self.planning_for is not None:
+            opts = self.planning_for(traced, mb_args, mb_kwargs, opts)
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
                                schedule=self.schedule, virtual_stages=self.virtual_stages)
         devices = self._device_specs()
