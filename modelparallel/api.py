@@ -36,6 +36,7 @@ How a pipeline is built, on every rank:
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from modelparallel.runtime.distributed import (
 )
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
+from modelparallel.runtime.trace import trace_directory
 from modelparallel.schedule import check_virtual_stages, normalize_schedule
 from modelparallel.units import parse_bytes
 
@@ -146,6 +148,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              timeout: float = 300.0,
              trace_method: str = "auto",
              leaf_modules: Sequence[Any] = (),
+             trace: str | os.PathLike[str] | None = None,
              data_parallel: int | None = None,
              parallel: ParallelOptions | None = None,
              **planning_kwargs: Any) -> Pipeline:
@@ -189,6 +192,11 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
             one replica.
         parallel: :class:`~modelparallel.parallel.ParallelOptions` (placement strategy,
             all-reduce buckets...); ``data_parallel`` overrides its degree.
+        trace: A directory: record every step's actions on every rank and have rank 0 write
+            them to ``DIR/trace.json`` (Chrome trace / Perfetto JSON; ``partition-plan report
+            plan.json --trace DIR/trace.json`` draws it; data-parallel replica ``k > 0`` writes
+            ``DIR/replica{k}/trace.json``). Default: ``$MODELPARALLEL_TRACE``, if set
+            (``modelparallel/runtime/trace.py``).
         **planning_kwargs: Fields of :class:`PlanningOptions`.
 
     Returns:
@@ -260,6 +268,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
                     distributed=running, trace_method=trace_method,
                     leaf_modules=tuple(leaf_modules), parallel=par)
+    pipe.trace_dir = trace_directory(trace)
     if example_inputs is not None:
         pipe._build(example_inputs)
     return pipe
@@ -315,9 +324,14 @@ class Pipeline:
         self.programs: tuple[Any, ...] = ()
         self.traced: Any = None
         self._executor: StageExecutor | None = None
+        #: Where step traces go (``pipeline(trace=...)``), and their recorder once built.
+        self.trace_dir: Path | None = None
+        self.recorder: Any = None
         self._comm: StageComm | None = None
-        # Extra pins computed from the traced graph when planning (SMP's manual placement).
-        self.pins_for: Callable[[Any], Mapping[str, int]] | None = None
+        # Front ends may adjust the planning options from the trace when rank 0 plans
+        # (modelparallel.torch: SMP's manual placements as pins, measured node times):
+        # planning_for(traced, mb_args, mb_kwargs, options) -> options.
+        self.planning_for: Callable[..., PlanningOptions] | None = None
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -394,6 +408,16 @@ class Pipeline:
                                        average_grads=self.average_grads, device=self.device,
                                        grad_sync=self._grad_sync(programs, comm),
                                        check_inputs=traced.check_inputs)
+        if self.trace_dir is not None:
+            from modelparallel.runtime.trace import attach_recorder
+
+            # Replica 0 writes DIR/trace.json; data-parallel replica k, DIR/replica{k}/.
+            where = self.trace_dir if self.dp_rank == 0 else (
+                self.trace_dir / f"replica{self.dp_rank}")
+            self.recorder = attach_recorder(
+                self._executor, where,
+                gather=comm.all_gather_object if comm is not None else None,
+                metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
 
     def _grad_sync(self, programs: tuple[Any, ...], comm: StageComm | None
                    ) -> GradientSync | None:
@@ -433,8 +457,8 @@ class Pipeline:
         from modelparallel.partitioner import partition
 
         opts = self.planning
-        if self.pins_for is not None:
-            opts = dataclasses.replace(opts, pins={**opts.pins, **self.pins_for(traced.graph)})
+        if self.planning_for is not None:
+            opts = self.planning_for(traced, mb_args, mb_kwargs, opts)
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
                                schedule=self.schedule, virtual_stages=self.virtual_stages)
         devices = self._device_specs()

@@ -215,6 +215,10 @@ class StageExecutor:
         self.device = torch.device(device)
         self.stats = StepStats()
         self.on_action = on_action
+        #: Called with the step's :class:`StepOutput` and whether it trained, after each step
+        #: that succeeded, on every rank, so it may run collectives over the pipeline (the step
+        #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
+        self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
         self._train_steps = 0
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
@@ -376,6 +380,8 @@ class StageExecutor:
                 self.comm.fail(e)
             raise
         self.stats.step_seconds = time.perf_counter() - start
+        if self.after_step is not None:
+            self.after_step(result, train)
         return result
 
     def _run(self, step: _Step) -> None:
