@@ -163,6 +163,7 @@ def _write_atomic(path: Path, trace: StepTrace) -> None:
     os.close(fd)
     try:
         trace.save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a trace is an ordinary output file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
