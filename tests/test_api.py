@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import torch
 import torch.distributed as dist
 from _dist import cut_plan, run_ranks
 
+from modelparallel import PlanningOptions
 from modelparallel.api import Pipeline, StepResult, pipeline
+from modelparallel.cost_model.node_times import save_node_times
 from modelparallel.errors import ConfigError, PlanMismatchError
 
 RTOL = 1e-5
@@ -308,3 +311,47 @@ def test_variable_sequence_length_across_steps() -> None:
     for errors in (r.unwrap() for r in run_ranks(variable_length_job, 2, timeout=240)):
         for loss_err, out_err in errors:
             assert loss_err <= RTOL and out_err <= RTOL, errors
+
+
+def test_pipeline_plans_with_measured_node_times(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(8, 4)
+    loss = torch.nn.functional.mse_loss
+    plain = pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu")
+    graph = plain.traced.graph
+    times = {n.name: (0.5, 1.0) for n in graph.nodes if n.name == "_0"}
+    path = save_node_times(tmp_path / "t.json", times, graph=graph)
+    measured = pipeline(model, x, loss_fn=loss, microbatches=2,
+                        planning=PlanningOptions(device_spec="cpu", node_times=path))
+    stage = measured.plan.stages[0]
+    assert stage.forward_time >= 0.5 and stage.backward_time >= 1.0
+    assert plain.plan.stages[0].forward_time < 0.5
+    data = json.loads(path.read_text())
+    data["graph"]["fingerprint"] = "0" * 64
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="not on this model's graph"):
+        pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu", node_times=other)
+
+
+def test_load_state_dict_is_strict_by_default() -> None:
+    """Issue 13 item 3: a checkpoint whose keys do not match loads nothing silently no more."""
+    from modelparallel.api import LoadResult
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    pipe = pipeline(model, torch.randn(4, 4), loss_fn=torch.nn.functional.mse_loss)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    prefixed = {f"module.{k}": v for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"no value for 4 tensor.*'module\.'"):
+        pipe.load_state_dict(prefixed)
+    with pytest.raises(ConfigError, match=r"1 key\(s\) name no tensor.*'extra'"):
+        pipe.load_state_dict({**other.state_dict(), "extra": torch.zeros(1)})
+    with pytest.warns(RuntimeWarning, match="no value for 4 tensor"):
+        result = pipe.load_state_dict(prefixed, strict=False)
+    assert isinstance(result, LoadResult)
+    assert sorted(result.missing_keys) == sorted(other.state_dict())
+    assert sorted(result.unexpected_keys) == sorted(prefixed)
+    assert pipe.load_state_dict(other.state_dict()) == LoadResult([], [])
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(pipe.eval_step(x), other(x))

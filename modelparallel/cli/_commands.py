@@ -22,7 +22,7 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
         raise ConfigError("give --measured FILE or --profile, not both")
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=err, dtype=a.dtype)
+                         console=err, dtype=a.dtype, framework=a.framework)
     costs = _measured_costs(a, loaded, devices, config, err)
     with err.status("partitioning") as status:
         plan = partition(loaded.graph, config, devices, costs=costs,
@@ -136,7 +136,7 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     devices = _devices_from_args(a)
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=err, dtype=a.dtype)
+                         console=err, dtype=a.dtype, framework=a.framework)
     with err.status("partitioning with every method") as status:
         plans = compare(loaded.graph, config, devices,
                         samples_per_microbatch=loaded.samples_per_microbatch,

@@ -116,21 +116,28 @@ def _unpack_factory_result(result: Any) -> tuple[Any, tuple[Any, ...] | None, di
 
 
 def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str],
-                microbatches: int, method: str, console: Any, dtype: str | None = None
-                ) -> _Loaded:
+                microbatches: int, method: str, console: Any, dtype: str | None = None,
+                framework: str = "auto") -> _Loaded:
     """Trace MODEL (or read its IR JSON) with one microbatch of the example batch, in ``dtype``
-    (floating weights and inputs cast) when given."""
+    (floating weights and inputs cast) when given; a Keras model (``framework`` "tensorflow" or
+    detected) is traced by ``_load_tf``."""
     path = Path(spec)
     if spec.endswith(".json") or (path.is_file() and ":" not in spec):
         if not path.is_file():
             raise ConfigError(f"IR file {spec!r} does not exist")
         graph = Graph.from_json(path)
         return _Loaded(graph, None, {}, 1)
-    import torch
-
     factory = _import_factory(spec)
     with console.status(f"building {spec}"):
-        model, args, kwargs = _unpack_factory_result(factory())
+        result = factory()
+    from modelparallel.cli._load_tf import is_keras_result, load_keras
+
+    if framework == "tensorflow" or (framework == "auto" and is_keras_result(result)):
+        return load_keras(spec, result, input_shapes=input_shapes, microbatches=microbatches,
+                          console=console, dtype=dtype)
+    import torch
+
+    model, args, kwargs = _unpack_factory_result(result)
     flags = _example_from_flags(input_shapes, inputs)
     if flags is not None:
         args, kwargs = flags

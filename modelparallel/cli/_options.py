@@ -32,11 +32,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a keyword example input, e.g. input_ids=8x512:int64 (repeatable)")
     p.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto",
                    help="tracer path (default: fx, falling back to torch.export)")
+    p.add_argument("--framework", choices=("auto", "torch", "tensorflow"), default="auto",
+                   help="what MODEL's factory builds (default: detected; a Keras model is "
+                        "traced with TensorFlow)")
     p.add_argument("--dtype", default=None, metavar="DTYPE",
                    help="cast the model's floating weights and inputs first (e.g. bfloat16)")
 
 
-#: PlanConfig fields whose flag is not ``--field-name`` (tests/test_plan_config.py checks
+#: PlanConfig fields whose flag is not ``--field-name`` (tests/cli/test_options.py checks
 #: that every field has its flag; Note [planning options] in ``modelparallel/plan_config.py``).
 FLAG_OF = {"pins": "--pin"}
 

@@ -290,6 +290,21 @@ class StageComm:
                                  timeout=self.timeout) from None
         return out
 
+    def all_gather_int(self, value: int, what: str) -> list[int]:
+        """Every stage's ``value`` (a signed 64-bit integer), in stage order (collective over
+        the pipeline; one small tensor collective, cheaper than :meth:`all_gather_object`)."""
+        if self._group is None:
+            return [value]
+        self.check_usable()
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.num_stages)]
+        try:
+            dist.all_gather(out, mine, group=self._group)
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
+                                 timeout=self.timeout) from None
+        return [int(t.item()) for t in out]
+
     def make_subgroups(self, stage_sets: Sequence[tuple[int, ...]]) -> None:
         """Create one subgroup per set of stages, in the given order, on every rank.
 

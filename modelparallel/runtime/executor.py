@@ -51,6 +51,7 @@ import torch.utils._pytree as pytree
 
 from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
 from modelparallel.errors import CommunicationError, ConfigError
+from modelparallel.runtime.batch import share_batch
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
 from modelparallel.runtime.data_parallel import GradientSync
@@ -172,6 +173,12 @@ class StageExecutor:
         active_microbatches: Most microbatches in flight per stage: the step runs its schedule
             in waves of at most this many microbatches (Note [active microbatches]);
             ``None``: one wave.
+        check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
+            rank after the batch is shared (the front end refuses shapes the traced graph
+            cannot run, ``TracedModel.check_shapes``).
+
+    Every step trains on pipeline rank 0's inputs and targets (Note [batch from rank 0] in
+    ``modelparallel/runtime/batch.py``).
 
     Example:
         >>> import torch
@@ -193,7 +200,8 @@ class StageExecutor:
                  average_grads: bool = True, device: torch.device | str = "cpu",
                  on_action: ActionHook | None = None,
                  grad_sync: GradientSync | None = None,
-                 active_microbatches: int | None = None) -> None:
+                 active_microbatches: int | None = None,
+                 check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = _check_programs(programs)
         self.program = programs[0]
@@ -211,6 +219,10 @@ class StageExecutor:
         self.device = torch.device(device)
         self.stats = StepStats()
         self.on_action = on_action
+        #: Called with the step's :class:`StepOutput` and whether it trained, after each step
+        #: that succeeded, on every rank, so it may run collectives over the pipeline (the step
+        #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
+        self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
         self.active_microbatches = active_microbatches
         self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
@@ -222,6 +234,8 @@ class StageExecutor:
         self._params = {p.index: [t for t in p.module.parameters() if t.requires_grad]
                         for p in programs}
         self._shared = self._shared_groups()
+        self.check_inputs = check_inputs
+        self._batch_readers = self._readers()
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -279,6 +293,16 @@ class StageExecutor:
         m = self.split.num_microbatches
         if len(microbatches) != m or len(targets) != m:
             raise ConfigError(f"{len(microbatches)} microbatches given; this executor runs {m}")
+        n = len(microbatches[0]) if m else 0
+        if any(len(mb) != n for mb in microbatches):
+            raise ConfigError("every microbatch must have the same number of flat inputs "
+                              f"(got {[len(mb) for mb in microbatches]})")
+        flat, joined = self._share([v for mb in microbatches for v in mb], list(targets),
+                                   train=train, per=n, copies=m)
+        microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
+        targets = joined if train else targets
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
         return self._run_step(list(microbatches), list(targets) if train else [None] * m,
                               key, train=train, return_outputs=return_outputs, merge=merge,
@@ -289,13 +313,37 @@ class StageExecutor:
     def _step(self, flat_inputs: Sequence[Any], target: Any, *, train: bool,
               return_outputs: bool) -> StepOutput:
         m = self.split.num_microbatches
-        # Every rank splits the whole batch and the targets, so a batch that does not divide
-        # into the microbatches raises ConfigError on every rank, before any communication.
+        if self.comm is not None:
+            self.comm.check_usable()
+        # Rank 0's batch on every rank (Note [batch from rank 0]); then every rank splits the
+        # same batch, so a batch that does not divide into the microbatches raises
+        # ConfigError on every rank, before any point-to-point communication.
+        flat_inputs, target = self._share(list(flat_inputs), target, train=train,
+                                          per=len(flat_inputs), copies=1)
         microbatches = split_inputs(flat_inputs, self.split)
         targets = split_target(target, m) if train else [None] * m
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = shape_key(flat_inputs, "train" if train else "eval")
         return self._run_step(microbatches, targets, key, train=train,
                               return_outputs=return_outputs)
+
+    def _share(self, flat: list[Any], target: Any, *, train: bool, per: int, copies: int
+               ) -> tuple[list[Any], Any]:
+        """Rank 0's batch on every rank (Note [batch from rank 0]); ``flat`` is ``copies``
+        lists of ``per`` flat inputs, one after the other."""
+        shared, needed = self._batch_readers
+        names = [*self.split.names, *[""] * max(0, per - len(self.split.names))][:per]
+        try:
+            return share_batch(self.comm, flat, target, train=train, input_names=names * copies,
+                               shared_inputs=[j * per + i for j in range(copies) for i in shared],
+                               target_needed=needed)
+        except ConfigError:
+            raise
+        except BaseException as e:
+            if self.comm is not None:
+                self.comm.fail(e)
+            raise
 
     def _run_step(self, microbatches: Sequence[Sequence[Any]], targets: list[Any],
                   key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
@@ -338,6 +386,8 @@ class StageExecutor:
                 self.comm.fail(e)
             raise
         self.stats.step_seconds = time.perf_counter() - start
+        if self.after_step is not None:
+            self.after_step(result, train)
         return result
 
     def _run(self, step: _Step) -> None:
@@ -613,6 +663,16 @@ class StageExecutor:
             sets.update(tuple(x) for x in theirs)
         self.comm.make_subgroups(sorted(sets))
         return sorted(mine.items())
+
+    def _readers(self) -> tuple[tuple[int, ...], bool]:
+        """Collective: the flat inputs a rank other than 0 reads, and whether the loss is
+        computed off rank 0 (Note [batch from rank 0])."""
+        if self.comm is None or self.num_ranks < 2:
+            return (), False
+        mine = sorted({i for p in self.programs for i in p.model_inputs})
+        reads = self.comm.all_gather_object(mine, "the model inputs each stage reads")
+        shared = sorted({int(i) for theirs in reads[1:] for i in theirs})
+        return tuple(shared), True
 
     def _shared_tensors(self, name: str) -> list[torch.Tensor]:
         """The distinct tensors this rank's stages hold for parameter ``name``."""

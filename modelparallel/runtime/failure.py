@@ -24,8 +24,8 @@ Ranks only wait on their neighbours, so a failure travels along the pipeline:
 Why not poll: gloo's send/receive works cannot be waited on with a short timeout (a timed-out
 wait closes the connection) and do not report completion without a wait, and a blocking wait
 cannot be interrupted from another thread. Blocking waits plus closing connections cost nothing
-on the fast path, which a polling or helper-thread wait does not (measured: a helper thread adds
-about 0.25 ms per wait on this machine).
+on the fast path, which a polling or helper-thread wait does not (what a helper thread costs per
+wait: ``docs/measurements.md``).
 
 After a failure the pipeline is unusable (its process groups are gone); build a new one.
 

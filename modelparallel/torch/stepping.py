@@ -388,9 +388,17 @@ def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
     where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
     meta = [(tuple(leaves[i].shape), leaves[i].dtype) for i in where]
     ranks = layout.pp_group(state.rank)
-    every: list[Any] = [None] * len(ranks)
-    dist.all_gather_object(every, (len(where), meta if state.rank == ranks[0] else None),
-                           group=group)
+    me = ranks.index(state.rank)
+    # After partitioning, the pipeline's own communication carries it: its errors name the rank
+    # that failed (PeerFailedError) instead of a raw gloo error.
+    model = state.model
+    comm = model._pipe._comm if model is not None and model.partitioned else None
+    mine = (len(where), meta if me == 0 else None)
+    if comm is not None:
+        every = comm.all_gather_object(mine, "the step function's arguments")
+    else:
+        every = [None] * len(ranks)
+        dist.all_gather_object(every, mine, group=group)
     counts = [c for c, _ in every]
     if len(set(counts)) != 1:
         raise ConfigError(
@@ -399,15 +407,24 @@ def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
             "structure (placeholder tensors on pipeline ranks > 0 are fine: their contents "
             "are replaced by pipeline rank 0's)")
     source_meta = every[0][1]
-    device = state.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if comm is not None:
+        device = comm.device
+    else:
+        device = state.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     leaves = list(leaves)
+    bufs = []
     for i, (shape, dtype) in zip(where, source_meta):
-        if state.rank == ranks[0]:
-            buf = leaves[i].detach().to(device).contiguous()
+        if me == 0:
+            bufs.append(leaves[i].detach().to(device).contiguous())
         else:
-            buf = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(buf, ranks[0], group=group)
-        if state.rank != ranks[0]:
+            bufs.append(torch.empty(shape, dtype=dtype, device=device))
+    if comm is not None:
+        comm.broadcast(bufs, 0, "the step function's arguments")
+    else:
+        for buf in bufs:
+            dist.broadcast(buf, ranks[0], group=group)
+    if me != 0:
+        for i, buf in zip(where, bufs):
             leaves[i] = buf
     new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
     return tuple(new_args), dict(new_kwargs)

@@ -89,11 +89,15 @@ def test_groups_partition_the_nodes_and_edges_say_when_they_cross(depth: int) ->
 def test_the_report_is_written_without_a_framework(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from test_planning_core import _run  # the same torch/tensorflow blocker
 
+    from modelparallel.step_trace import StepTrace, TraceEvent
+
     _plan().save(tmp_path / "plan.json")
+    StepTrace((TraceEvent(0, 0, "forward", 0, 0, 5.0, 5.5),), schedule="1f1b", microbatches=4,
+              ranks=3).save(tmp_path / "trace.json")
     out = _run(tmp_path, """
         import sys
         from modelparallel.cli import main
-        assert main(["report", "plan.json", "-o", "report.html"]) == 0
+        assert main(["report", "plan.json", "--trace", "trace.json", "-o", "report.html"]) == 0
         bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow")]
         assert not bad, bad
         print("report ok")

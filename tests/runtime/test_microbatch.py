@@ -21,6 +21,7 @@ from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.distributed import SetupRound
 from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_for
 from modelparallel.runtime.microbatch import (
+    first_microbatch,
     merge_outputs,
     resolve_split,
     shape_key,
@@ -204,3 +205,11 @@ def test_eval_step_and_outputs_structure() -> None:
     torch.testing.assert_close(out.logits, ref(*case.args).logits, rtol=RTOL, atol=1e-5)
 
 
+def test_first_microbatch_cuts_along_the_given_axis() -> None:
+    model = torch.nn.Linear(4, 2)
+    (x,), _ = first_microbatch(model, (torch.zeros(8, 4),), {}, 4)
+    assert tuple(x.shape) == (2, 4)
+    (x,), _ = first_microbatch(model, (torch.zeros(4, 8),), {}, 4, axes={0: 1})
+    assert tuple(x.shape) == (4, 2)
+    with pytest.raises(ConfigError, match="divide"):
+        first_microbatch(model, (torch.zeros(6, 4),), {}, 4)
