@@ -300,10 +300,11 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
 
 
 class _ContextRounds:
-    """The in-context host times (Notes [in-context forward host time] and [in-context
-    backward host time] in ``cost_model/measure/backward.py``), measured a few runs at a time in every
-    round of the stage measurement (Note [fidelity measurement]): each node gets the robust
-    mean of its rounds' figures (Note [host time statistic]). A failed measurement is not
+    """The in-context host times (Note [in-context forward host time] in
+    ``cost_model/measure/forward.py``, Note [in-context backward host time] in
+    ``cost_model/measure/backward.py``), measured a few runs at a time in every round of the
+    stage measurement (Note [fidelity measurement]): each node gets the robust mean of its
+    rounds' figures (Note [host time statistic]). A failed measurement is not
     retried; the predictions then use the forward host times measured alone, or the
     backward's device time, and the report says why.
     """

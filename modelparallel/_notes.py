@@ -5,7 +5,7 @@ Note [notes]
 A decision that spans files is explained once, in a comment or docstring block whose first line
 is ``Note [name]`` alone and whose second line is a row of tildes (this block is one). Every other
 place that depends on it says ``See Note [name]`` (or ``Note [name] in
-``path.py```` ; ``Notes [a] and [b]`` names several). ``tests/test_notes.py`` checks that every
+``path.py````; ``Notes [a] and [b]`` names several). ``tests/test_notes.py`` checks that every
 referenced name has exactly one definition, that a reference naming a file names the file that
 holds the note, and that ``docs/notes.md`` (written by ``python -m modelparallel._notes``) lists
 every note with its file. Notes explain decisions; measured figures belong in ``docs/`` (they go
@@ -117,7 +117,7 @@ def references_in(text: str, path: str) -> list[Reference]:
     for m in _REFERENCE.finditer(text):
         names = [m.group("first"), *_MORE.findall(m.group("more") or "")]
         w = _WHERE.match(text, m.end())
-        where = w.group("path") if w and len(names) == 1 else ""
+        where = w.group("path") if w else ""  # "Notes [a] and [b] in x.py": both in x.py
         line = text.count("\n", 0, m.start()) + 1
         out.extend(Reference(_clean(n), path, line, where) for n in names)
     return out

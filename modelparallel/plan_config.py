@@ -49,7 +49,7 @@ _CONFIG_ORDER = ("partitions", "microbatches", "schedule", "virtual_stages")
 # microbatches, schedule). The Python front end's ``PlanningOptions`` (api.py) derives from
 # PartitionOptions and adds only what is not part of a plan (device specs, a memory override,
 # the method, measured node times); the CLI builds PlanConfig from its flags field by field and
-# takes its choices from the tuples above (tests/test_plan_config.py checks that every
+# takes its choices from the tuples above (tests/cli/test_options.py checks that every
 # field has a flag). The devices are resolved by one function for all three,
 # :func:`modelparallel.cost_model.device.stage_devices`.
 

@@ -38,7 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cast the model's floating weights and inputs first (e.g. bfloat16)")
 
 
-#: PlanConfig fields whose flag is not ``--field-name`` (tests/test_plan_config.py checks
+#: PlanConfig fields whose flag is not ``--field-name`` (tests/cli/test_options.py checks
 #: that every field has its flag; Note [planning options] in ``modelparallel/plan_config.py``).
 FLAG_OF = {"pins": "--pin"}
 

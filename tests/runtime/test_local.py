@@ -74,3 +74,25 @@ def test_action_order_respects_dependencies() -> None:
                 assert ("F", s, i) in seen and (s == 2 or ("B", s + 1, i) in seen)
             seen.add((kind, s, i))
         assert len(seen) == 30
+
+
+@pytest.mark.parametrize("model", ["gpt2", "skip"])
+def test_new_schedules_in_one_process(model: str) -> None:
+    """ZB-H1 (split backward) and an interleaved 1F1B schedule (two virtual stages per rank,
+    four stages) in one process give the gradients of one backward."""
+    from modelparallel.schedule import make_schedule
+
+    c = Case(lambda: models.gpt2(size="tiny", batch_size=4) if model == "gpt2"
+             else models.skip_mlp(batch_size=4))
+    stages = build_stages(c.traced, make_plan(c.traced, 4, [0.25, 0.5, 0.75]))
+    ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
+    ref_loss.backward()
+    ref = dict(c.reference.named_parameters())
+    for schedule in ("zb-h1", make_schedule("1f1b", 2, 2, virtual_stages=2)):
+        pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn, schedule=schedule)
+        for p in pipe.parameters():
+            p.grad = None
+        loss, _ = pipe.train_step(c.flat, c.case.target)
+        assert rel_err(loss, ref_loss.detach()) <= 1e-5
+        for name, p in pipe.named_parameters():
+            assert rel_err(p.grad, ref[name].grad) <= 1e-5, (schedule, name)
