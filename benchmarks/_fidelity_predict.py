@@ -39,9 +39,10 @@ def _rel(pred: float, meas: float) -> float:
 
 def _with_context(profiles: dict[str, NodeProfile], context: Mapping[str, Any]
                   ) -> dict[str, NodeProfile]:
-    """``profiles`` with a raw record's in-context host times (:meth:`_ContextRounds.record`)
-    folded into them as the cost model does now (Notes [in-context forward host time] and
-    [in-context backward host time] in ``cost_model/measure/backward.py``)."""
+    """``profiles`` with a raw record's in-context host times (``_ContextRounds.record`` in
+    ``cost_model_fidelity.py``) folded into them as the cost model does now (Note [in-context
+    forward host time] in ``cost_model/measure/forward.py``, Note [in-context backward host time]
+    in ``cost_model/measure/backward.py``)."""
     order, flag = context["order"], context["host_is_device"]
     if "forward" in context:
         profiles = with_forward_context(profiles, order, context["forward"],

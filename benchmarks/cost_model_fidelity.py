@@ -44,9 +44,9 @@ the stages before it):
   ``--rounds`` interleaved rounds (default 8) of ``--repeat`` repetitions each (default 5),
   round-robin (stage 0, 1, 2, 3, then again), each round after a warm-up (``--warmup`` for the
   first, at most 2 after), and a stage's time is the median of all its repetitions. The GPU
-  machine's host is a virtual machine whose speed changes by up to 1.8x from one moment to the
-  next (a loop of tiny kernel launches: 7 or 11 us each, in stretches of 10 ms to seconds;
-  ``docs/gpu.md``), and a host-bound stage takes as long as its host:
+  machine's host is a virtual machine whose speed changes from one moment to the next (by how
+  much: ``docs/measurements.md``, from ``docs/gpu.md``), and a host-bound stage takes as long
+  as its host:
   so the in-context host times the predictions use are measured **in the same rounds**, before
   the stages (forward: 1 warm-up and 3 runs, backward: 1 and 2; each node gets the robust mean
   of its rounds' figures, Note [host time statistic] in ``cost_model/node_replay.py``; the raw
@@ -300,10 +300,11 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
 
 
 class _ContextRounds:
-    """The in-context host times (Notes [in-context forward host time] and [in-context
-    backward host time] in ``cost_model/measure/backward.py``), measured a few runs at a time in every
-    round of the stage measurement (Note [fidelity measurement]): each node gets the robust
-    mean of its rounds' figures (Note [host time statistic]). A failed measurement is not
+    """The in-context host times (Note [in-context forward host time] in
+    ``cost_model/measure/forward.py``, Note [in-context backward host time] in
+    ``cost_model/measure/backward.py``), measured a few runs at a time in every round of the
+    stage measurement (Note [fidelity measurement]): each node gets the robust mean of its
+    rounds' figures (Note [host time statistic]). A failed measurement is not
     retried; the predictions then use the forward host times measured alone, or the
     backward's device time, and the report says why.
     """

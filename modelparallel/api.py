@@ -36,6 +36,7 @@ How a pipeline is built, on every rank:
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from modelparallel.runtime.distributed import (
 )
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.microbatch import first_microbatch, resolve_split
+from modelparallel.runtime.trace import trace_directory
 from modelparallel.schedule import check_virtual_stages, normalize_schedule
 from modelparallel.units import parse_bytes
 
@@ -86,15 +88,16 @@ class StepResult:
 
 
 class LoadResult(NamedTuple):
-    """What :meth:`Pipeline.load_state_dict` did on this rank.
+    """What :meth:`Pipeline.load_state_dict` did on this rank (like torch's
+    ``_IncompatibleKeys``).
 
     Attributes:
         missing_keys: This stage's tensors the state dict had no value for.
-        loaded_keys: The state dict keys this stage loaded.
+        unexpected_keys: State dict keys that name no tensor of the model.
     """
 
     missing_keys: list[str]
-    loaded_keys: list[str]
+    unexpected_keys: list[str]
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
              timeout: float = 300.0,
              trace_method: str = "auto",
              leaf_modules: Sequence[Any] = (),
+             trace: str | os.PathLike[str] | None = None,
              data_parallel: int | None = None,
              parallel: ParallelOptions | None = None,
              **planning_kwargs: Any) -> Pipeline:
@@ -188,6 +192,11 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
             one replica.
         parallel: :class:`~modelparallel.parallel.ParallelOptions` (placement strategy,
             all-reduce buckets...); ``data_parallel`` overrides its degree.
+        trace: A directory: record every step's actions on every rank and have rank 0 write
+            them to ``DIR/trace.json`` (Chrome trace / Perfetto JSON; ``partition-plan report
+            plan.json --trace DIR/trace.json`` draws it; data-parallel replica ``k > 0`` writes
+            ``DIR/replica{k}/trace.json``). Default: ``$MODELPARALLEL_TRACE``, if set
+            (``modelparallel/runtime/trace.py``).
         **planning_kwargs: Fields of :class:`PlanningOptions`.
 
     Returns:
@@ -259,6 +268,7 @@ def pipeline(model: nn.Module, example_inputs: Inputs | None = None, *,
                     return_outputs=return_outputs, timeout=timeout, rank=rank,
                     distributed=running, trace_method=trace_method,
                     leaf_modules=tuple(leaf_modules), parallel=par)
+    pipe.trace_dir = trace_directory(trace)
     if example_inputs is not None:
         pipe._build(example_inputs)
     return pipe
@@ -307,6 +317,7 @@ class Pipeline:
         self.stage = coords.pp_rank
         self.dp_rank = coords.dp_rank
         self.dp_group: Any = None  # the stage's data-parallel process group, once built
+        self.scaler: Any = None  # fp16: the PipelineGradScaler (Note [fp16 loss scaling])
         self.distributed = distributed
         self.trace_method = trace_method
         self.leaf_modules = leaf_modules
@@ -314,9 +325,14 @@ class Pipeline:
         self.programs: tuple[Any, ...] = ()
         self.traced: Any = None
         self._executor: StageExecutor | None = None
+        #: Where step traces go (``pipeline(trace=...)``), and their recorder once built.
+        self.trace_dir: Path | None = None
+        self.recorder: Any = None
         self._comm: StageComm | None = None
-        # Extra pins computed from the traced graph when planning (SMP's manual placement).
-        self.pins_for: Callable[[Any], Mapping[str, int]] | None = None
+        # Front ends may adjust the planning options from the trace when rank 0 plans
+        # (modelparallel.torch: SMP's manual placements as pins, measured node times):
+        # planning_for(traced, mb_args, mb_kwargs, options) -> options.
+        self.planning_for: Callable[..., PlanningOptions] | None = None
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -368,6 +384,7 @@ class Pipeline:
                     materialize(program, self.device)
                 program.module.to(self.device)
             program = programs[0]
+            _apply_features(programs, traced.graph, plan.config)
         except BaseException as e:
             if round_ is not None:
                 round_.fail(e)
@@ -391,7 +408,23 @@ class Pipeline:
         self._executor = StageExecutor(programs, comm, loss_fn=self.loss_fn,
                                        schedule=self.schedule, split=split,
                                        average_grads=self.average_grads, device=self.device,
-                                       grad_sync=self._grad_sync(programs, comm))
+                                       grad_sync=self._grad_sync(programs, comm),
+                                       active_microbatches=plan.config.active_microbatches,
+                                       check_inputs=traced.check_inputs)
+        if self.trace_dir is not None:
+            from modelparallel.runtime.trace import attach_recorder
+
+            # Replica 0 writes DIR/trace.json; data-parallel replica k, DIR/replica{k}/.
+            where = self.trace_dir if self.dp_rank == 0 else (
+                self.trace_dir / f"replica{self.dp_rank}")
+            self.recorder = attach_recorder(
+                self._executor, where,
+                gather=comm.all_gather_object if comm is not None else None,
+                metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
+        if plan.config.precision == "fp16":
+            from modelparallel.runtime.precision import PipelineGradScaler
+
+            self.scaler = PipelineGradScaler()
 
     def _grad_sync(self, programs: tuple[Any, ...], comm: StageComm | None
                    ) -> GradientSync | None:
@@ -431,10 +464,12 @@ class Pipeline:
         from modelparallel.partitioner import partition
 
         opts = self.planning
-        if self.pins_for is not None:
-            opts = dataclasses.replace(opts, pins={**opts.pins, **self.pins_for(traced.graph)})
+        if self.planning_for is not None:
+            opts = self.planning_for(traced, mb_args, mb_kwargs, opts)
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
                                schedule=self.schedule, virtual_stages=self.virtual_stages)
+        if self.placement.dp > 1:  # the plan is for one replica of dp (Note [memory features])
+            config = dataclasses.replace(config, data_parallel=self.placement.dp)
         devices = self._device_specs()
         costs = None
         if opts.node_times is not None:
@@ -490,9 +525,38 @@ class Pipeline:
         """
         ex = self._ready(inputs)
         flat = self._flatten(inputs)
+        if self.scaler is not None:
+            ex.loss_scale = self.scaler.scale
         out = ex.train_step(flat, targets, return_outputs=self.return_outputs
                             if return_outputs is None else return_outputs)
+        if self.scaler is not None:
+            self.scaler.unscale(self.parameters())
         return StepResult(out.loss, out.outputs)
+
+    def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any
+                       ) -> torch.optim.Optimizer:
+        """An optimizer over this rank's parameters: ZeRO-1 over the stage's replicas when the
+        plan shards optimizer state (``shard_optimizer_state``), else a plain one.
+
+        Collective over the stage's data-parallel group when sharded.
+        """
+        params = list(self.parameters())
+        if self.plan is not None and self.plan.config.shard_optimizer_state \
+                and self.dp_group is not None:
+            from modelparallel.runtime.zero import shard_optimizer
+
+            return shard_optimizer(params, optimizer_class, self.dp_group, **kwargs)
+        return optimizer_class(params, **kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``optimizer.step()``, or with fp16 the scaler's step and update (skipped on every
+        rank when any rank's gradients overflowed); returns whether the step ran."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        ran = self.scaler.step(optimizer)
+        self.scaler.update()
+        return bool(ran)
 
     def eval_step(self, inputs: Inputs) -> Any:
         """Forward only, without gradients; returns the outputs on every rank."""
@@ -512,7 +576,8 @@ class Pipeline:
 
     def _flatten(self, inputs: Inputs) -> list[Any]:
         args, kwargs = _as_call(inputs)
-        return list(self.traced.flatten_inputs(args, kwargs))
+        # non-tensor values are checked on rank 0's batch (StageExecutor's check_inputs)
+        return list(self.traced.flatten_inputs(args, kwargs, check=False))
 
     # -- parameters and state ----------------------------------------------------------------------
 
@@ -543,13 +608,19 @@ class Pipeline:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model's state dict, gathered from every rank (collective; CPU tensors).
+        """The full model's state dict, gathered from every rank (CPU tensors).
+
+        Collective: every rank must call it (then save on one: ``sd = pipe.state_dict()``,
+        then ``if rank == 0: torch.save(sd, path)``); called on one rank only, it waits for
+        the others until the timeout.
 
         Tensors no stage holds (parameters no operation reads) come from the local model.
         """
         self._require()
         local = {k: v.cpu() for k, v in self.local_state_dict().items()}
-        parts = self._comm.all_gather_object(local, "the state dict") if self._comm else [local]
+        parts = self._comm.all_gather_object(
+            local, "the other ranks' parts of the state dict (state_dict() is collective: call "
+            "it on every rank, not under 'if rank == 0')") if self._comm else [local]
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             for k, v in part.items():
@@ -562,23 +633,34 @@ class Pipeline:
                 full[key] = value.detach() if value.is_meta else value.detach().cpu()
         return full
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
                         ) -> LoadResult:
         """Load this stage's tensors from a full or partial state dict (keys of the original
-        model, any alias of a tied weight).
+        model, any alias of a tied weight). Local: each rank loads its own stage.
+
+        Args:
+            state_dict: The state dict (``torch.load`` of :meth:`state_dict`'s or of the
+                original model's).
+            strict: Like torch: refuse a state dict that lacks one of this stage's tensors or
+                has keys the model does not know. ``False``: load what matches, warn about
+                the rest and return it.
+
+        Returns:
+            The missing and unexpected keys (both empty when ``strict``).
 
         Raises:
-            ConfigError: with ``strict=True`` if a tensor of this stage has no value, or on a
-                shape mismatch.
+            ConfigError: with ``strict=True`` if a tensor of this stage has no value or a key
+                names no tensor of the model; on a shape mismatch.
         """
         self._require()
         aliases: dict[str, list[str]] = {}
-        for key in self.model.state_dict(keep_vars=True):
+        known = set(self.model.state_dict(keep_vars=True))
+        for key in known:
             aliases.setdefault(self._canonical(key), []).append(key)
-        missing, loaded = [], []
+        missing: list[str] = []
         with torch.no_grad():
             for canon, tensor in self._held_canonical().items():
-                keys = [k for k in [canon, *aliases.get(canon, [])] if k in state_dict]
+                keys = [k for k in [canon, *sorted(aliases.get(canon, []))] if k in state_dict]
                 if not keys:
                     missing.append(canon)
                     continue
@@ -588,11 +670,15 @@ class Pipeline:
                                       f"{tuple(value.shape)}; stage {self.stage} holds "
                                       f"{tuple(tensor.shape)}")
                 tensor.copy_(value)
-                loaded.append(keys[0])
-        if strict and missing:
-            raise ConfigError(f"strict=True but the state dict has no value for {missing[:8]} "
-                              f"({len(missing)} tensors of stage {self.stage})")
-        return LoadResult(missing, loaded)
+        unexpected = [k for k in state_dict if k not in known and k not in aliases]
+        if missing or unexpected:
+            text = _load_problem(missing, unexpected, self.stage)
+            if strict:
+                raise ConfigError(f"load_state_dict(strict=True): {text} Fix the keys, or "
+                                  "pass strict=False to load what matches.")
+            warnings.warn(f"load_state_dict(strict=False): {text}", RuntimeWarning,
+                          stacklevel=2)
+        return LoadResult(missing, unexpected)
 
     def _held_canonical(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -610,7 +696,7 @@ class Pipeline:
     def close(self) -> None:
         """Release the pipeline's process groups (the pipeline is unusable afterwards)."""
         if self._comm is not None:
-            self._comm.teardown("closed by the user")
+            self._comm.close()
 
     def __repr__(self) -> str:
         state = "partitioned" if self.partitioned else "not partitioned yet"
@@ -636,6 +722,34 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return 1
+
+
+def _apply_features(programs: Sequence[Any], graph: Any, config: PlanConfig) -> None:
+    """Checkpointing, offload and autocast of the plan (Note [checkpoint regions])."""
+    from modelparallel.codegen.checkpointing import apply_memory_features
+
+    for q in programs:
+        apply_memory_features(q, graph, checkpointing=config.checkpointing,
+                              module_depth=config.module_depth,
+                              offload=config.offload_activations, precision=config.precision)
+
+
+def _load_problem(missing: list[str], unexpected: list[str], stage: int) -> str:
+    parts = []
+    if missing:
+        parts.append(f"the state dict has no value for {len(missing)} tensor(s) of stage "
+                     f"{stage}, e.g. {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) name no tensor of the model, e.g. "
+                     f"{unexpected[:5]}")
+    text = "; ".join(parts) + "."
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if unexpected and all(k.startswith(prefix) for k in unexpected):
+            text += (f" Every unexpected key starts with {prefix!r} (saved from a wrapped "
+                     f"model?): strip it, e.g. {{k.removeprefix({prefix!r}): v for k, v in "
+                     "sd.items()}.")
+            break
+    return text
 
 
 def _held(module: nn.Module) -> list[torch.Tensor]:

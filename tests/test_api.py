@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import cut_plan, run_ranks
+from torch import nn
 
+from modelparallel import PlanningOptions
 from modelparallel.api import Pipeline, StepResult, pipeline
-from modelparallel.errors import ConfigError, PlanMismatchError
+from modelparallel.cost_model.node_times import save_node_times
+from modelparallel.errors import (
+    ConfigError,
+    PlanMismatchError,
+)
 
 RTOL = 1e-5
 
@@ -308,3 +315,89 @@ def test_variable_sequence_length_across_steps() -> None:
     for errors in (r.unwrap() for r in run_ranks(variable_length_job, 2, timeout=240)):
         for loss_err, out_err in errors:
             assert loss_err <= RTOL and out_err <= RTOL, errors
+
+
+def test_pipeline_plans_with_measured_node_times(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(8, 4)
+    loss = torch.nn.functional.mse_loss
+    plain = pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu")
+    graph = plain.traced.graph
+    times = {n.name: (0.5, 1.0) for n in graph.nodes if n.name == "_0"}
+    path = save_node_times(tmp_path / "t.json", times, graph=graph)
+    measured = pipeline(model, x, loss_fn=loss, microbatches=2,
+                        planning=PlanningOptions(device_spec="cpu", node_times=path))
+    stage = measured.plan.stages[0]
+    assert stage.forward_time >= 0.5 and stage.backward_time >= 1.0
+    assert plain.plan.stages[0].forward_time < 0.5
+    data = json.loads(path.read_text())
+    data["graph"]["fingerprint"] = "0" * 64
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="not on this model's graph"):
+        pipeline(model, x, loss_fn=loss, microbatches=2, device_spec="cpu", node_times=other)
+
+
+def test_load_state_dict_is_strict_by_default() -> None:
+    """Issue 13 item 3: a checkpoint whose keys do not match loads nothing silently no more."""
+    from modelparallel.api import LoadResult
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    pipe = pipeline(model, torch.randn(4, 4), loss_fn=torch.nn.functional.mse_loss)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    prefixed = {f"module.{k}": v for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"no value for 4 tensor.*'module\.'"):
+        pipe.load_state_dict(prefixed)
+    with pytest.raises(ConfigError, match=r"1 key\(s\) name no tensor.*'extra'"):
+        pipe.load_state_dict({**other.state_dict(), "extra": torch.zeros(1)})
+    with pytest.warns(RuntimeWarning, match="no value for 4 tensor"):
+        result = pipe.load_state_dict(prefixed, strict=False)
+    assert isinstance(result, LoadResult)
+    assert sorted(result.missing_keys) == sorted(other.state_dict())
+    assert sorted(result.unexpected_keys) == sorted(prefixed)
+    assert pipe.load_state_dict(other.state_dict()) == LoadResult([], [])
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(pipe.eval_step(x), other(x))
+
+
+class SeqFirst(nn.Module):
+    """Takes (seq, batch, features) and a per-feature scale that is not split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.transpose(0, 1) * scale)
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_split_axes_non_split_inputs_and_summed_gradients() -> None:
+    torch.manual_seed(0)
+    model = SeqFirst()
+    ref = copy.deepcopy(model)
+    x, scale, y = torch.randn(3, 8, 4), torch.randn(4), torch.randn(8, 3, 2)
+    pipe = pipeline(model, (x, scale), loss_fn=nn.functional.mse_loss, microbatches=4,
+                    input_split_axes={"x": 1}, non_split_inputs=["scale"], average_grads=False)
+    res = pipe.step((x, scale), y)
+    ref_loss = nn.functional.mse_loss(ref(x, scale), y)
+    ref_loss.backward()
+    assert float(res.loss) == pytest.approx(ref_loss.item(), rel=RTOL)
+    got, want = _grads(model), _grads(ref)
+    for name in want:  # summed over 4 microbatches of a mean loss: 4x the full-batch gradient
+        torch.testing.assert_close(got[name], 4 * want[name], rtol=RTOL, atol=1e-6)
+
+
+def test_eval_step_and_outputs_structure() -> None:
+    from modelparallel import models
+
+    case = models.gpt2("tiny", batch_size=4, seq_len=8)
+    ref = copy.deepcopy(case.model)
+    pipe = pipeline(case.model, case.args, loss_fn=case.loss_fn, microbatches=2)
+    out = pipe.eval_step(case.args)
+    assert type(out).__name__ == type(ref(*case.args)).__name__
+    torch.testing.assert_close(out.logits, ref(*case.args).logits, rtol=RTOL, atol=1e-5)

@@ -12,21 +12,18 @@ where the device waited for it. The backward is replayed the same way, on the sa
 (the host goes on from where it finished queueing the forward), in reverse order, with each
 node's backward host time measured in context (Note [in-context backward host time]); profiles
 without those times count the backward's device time only. (The host time of each node's
-backward measured alone pays a whole ``autograd.grad`` call and overstated the engine's cost by
-20 to 100%: replaying with it made predictions worse; ``backward_host="isolated"`` keeps it
-for diagnosis.) The forward's host time per node is the one measured in context where the
+backward measured alone pays a whole ``autograd.grad`` call and overstated the engine's cost
+(``docs/measurements.md``): replaying with it made predictions worse;
+``backward_host="isolated"`` keeps it for diagnosis.) The forward's host time per node is the one measured in context where the
 profile has it (Note [in-context forward host time]), else the one measured alone. A node's
 forward is timed on leaves that require grad where training's inputs do, so its host time
 includes autograd's recording of the op, as in a training step (profiles recorded before this
 change timed parameter-free nodes without it). Host times on a shared machine are noisy (single
 calls of a view took milliseconds once in a while), so each node takes the typical host time of
 the nodes of its kind (the same op on the same shapes: one per layer; Note [host time
-statistic]). ``docs/gpu.md`` has the measurements: on an H100 whose host needs 10 us per op, the
-sum over a stage is within about 5% of its measured time for every stage of GPT-2 medium and a
-1.1B Llama and for half of those of BERT-large and ResNet-50; where the backward itself is
-host-bound (ResNet-50's last stages at 32 images per microbatch, BERT-large's first ones) the
-device-time backward is short by 12-43%, which the in-context backward host times close
-(measured on an H100: `docs/gpu.md`).
+statistic]). How close the replayed sum over a stage comes to the stage's measured time, and how
+much a device-time-only backward misses where the backward itself is host-bound, is measured in
+``docs/gpu.md`` (Cost-model fidelity on an H100) and summarised in ``docs/measurements.md``.
 
 The replay over the whole graph, before any partition is known, lets the host start a
 host-bound stretch ahead, on slack from a device-bound one before it, which a pipeline stage
@@ -41,10 +38,10 @@ Host times are pooled with :func:`robust_mean` (each value capped at ``HOST_OUTL
 times the median, then averaged), over a node's timed runs and over the nodes of one kind, not
 with the median. A stage's host time is a sum over its nodes, and the expected value of a sum is
 the sum of the expected values; the sum of medians is not the median of the sum. On a host whose
-speed changes in stretches (the H100 machine's virtual host: 7 or 11 us per launch, in stretches
-of 10 ms to seconds, ``docs/gpu.md``), each node's median picks the usual speed and drops the
-slow stretches that every run of a whole stage pays a share of, so the sum of medians
-under-counts the stage (2 to 6% on the H100 runs, pooling over kinds alone). The cap keeps what
+speed changes in stretches (the H100 machine's virtual host, ``docs/gpu.md``), each node's
+median picks the usual speed and drops the slow stretches that every run of a whole stage pays
+a share of, so the sum of medians under-counts the stage (by how much:
+``docs/measurements.md``). The cap keeps what
 the median was there for: one stall (a garbage collection, a full launch queue) in one run of
 one node does not become the node's time.
 """

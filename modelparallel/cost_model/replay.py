@@ -22,18 +22,15 @@ replayed ones. A contiguous stretch replayed from an empty queue takes at least 
 share of the whole-graph timeline (slack only ever hides host time), so the replay mostly adds
 to the sums and the ILP's bound stays below the plan's objective; a backward that starts with
 slack left by its own forward can come out slightly below its sum, and the reported gap is then
-approximate. On the H100 runs of ``benchmarks/cost_model_fidelity.py`` the replay took the
-worst stage error from 39% to 31% on run 3's measurements, 31.5% to 18.9% on run 5's
-(``docs/gpu.md``).
+approximate. What the replay changed in the fidelity benchmark's stage errors is in
+``docs/measurements.md`` (from ``docs/gpu.md``).
 
 Note [call overhead]
 ~~~~~~~~~~~~~~~~~~~~
 Per microbatch a stage also pays host time outside every node: calling its module (to the first
 op, and back from the last) and calling autograd's backward (the engine's start, before the
-first backward function, and its hand-back after the last). On the H100 machine's host this is
-about 0.05-0.09 ms for the forward and 0.4-0.6 ms for the backward of every stage of ResNet-50 and
-BERT-large, measured on the stage modules, 5-10% of a host-bound stage; the per-node in-context
-times cannot see it (it lies between their timestamps). ``profile.call_overhead`` measures it on
+first backward function, and its hand-back after the last): a noticeable share of a host-bound
+stage (``docs/measurements.md``). The per-node in-context times cannot see it (it lies between their timestamps). ``profile.call_overhead`` measures it on
 a small module (the fixed part: the engine's traversal of a large graph adds a little more) and
 :class:`HostReplay` carries it (:class:`CallOverhead`). In a pipeline's steady state the host
 queues the next microbatch while the device still runs this one, so the overhead costs time only

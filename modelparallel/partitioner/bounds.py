@@ -25,8 +25,8 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
    schedules; otherwise the smallest count is used), or times ``min_s inflight_s`` over ``p -
    s`` stages towards the end, over the largest capacity (and at least ``B_lb``); and, weighting
    each stage ``j`` of those sets ``J`` by ``(1 / k_j) / Z_J`` (``Z_J = sum_J 1 / k_j``) as in
-   part 1, at least ``(saved + state / max_J k) / Z_J`` (valid for any in-flight counts; 4 to
-   10% fewer window binaries on the reference models at p = 8). Node ``v`` can
+   part 1, at least ``(saved + state / max_J k) / Z_J`` (valid for any in-flight counts; it
+   narrows the windows: ``docs/measurements.md``, Note [lower bound]). Node ``v`` can
    take stage ``s`` only if ``(1 - w) a(v, s) + w b(v, s) < J*``: its window is the range of
    such stages. A node with an empty window proves the incumbent optimal. (Weighing both terms
    together gives much narrower windows than bounding ``A`` and ``B`` separately.)
@@ -40,9 +40,8 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
    c_s``, that of ``s..p-1`` by ``c_{s-1} + 2 sum_{b>=s} c_b``, that of all stages by ``2
    sum_b c_b`` (raising ``A_lb``), and their memory by the received bytes; the windows of
    these larger ``a`` and ``b`` are intersected with the previous ones (valid: every
-   assignment counted lies in both). On the reference models at p = 8 this removes 5 to 10%
-   of the window binaries (Llama 991 to 898, T5 1179 to 1119 at the 1.97% target) and
-   shortens the proof phases of Note [ILP pipeline] accordingly.
+   assignment counted lies in both). This removes window binaries and shortens the proof
+   phases of Note [ILP pipeline] accordingly (figures: ``docs/measurements.md``).
    :func:`stage_windows` gives the windows for separate limits on ``A`` and ``B``.
 3. *Windowed model*: the ILP of Note [ILP formulation] over single ops, restricted to the windows
    (``y`` fixed outside them), with the shared-parameter terms exact and the workspace term over
@@ -58,16 +57,14 @@ ILP pipeline reports instead the bounds its op-level proof phases establish when
 op-level problem directly (Note [ILP pipeline]): windows for a target below the incumbent,
 searched with that target as a cutoff.
 
-Measured on the reference models at p = 8 (Llama, T5, GPT-2 medium, Inception): the LP
-relaxation of the op-level model is 6 to 16% below the optimum, because fractional
+The LP relaxation of the op-level model is well below the optimum, because fractional
 assignments mix cut positions and so balance the stages without paying for the granularity of
 the cheap cut points. Two strengthenings tried did not pay: rows charging each node the time
 and memory its ancestors and descendants force at its stage (part 2 as ``t >= sum_s x[v, s]
-a(v, s)``) raised the root relaxation by 0.2% (Llama, Inception); a DP over boundary classes
-(the first node of a heaviest path outside the boundary's downset) with per-class min cuts
-came within 2.3% of the optimum on Llama for time alone, short of 2% before memory. What closes
-the gap is branching, which the windows, the reduction of Note [exact reduction] and a cutoff
-below the incumbent make cheap enough.
+a(v, s)``), and a DP over boundary classes (the first node of a heaviest path outside the
+boundary's downset) with per-class min cuts (``docs/measurements.md`` has the figures). What
+closes the gap is branching, which the windows, the reduction of Note [exact reduction] and a
+cutoff below the incumbent make cheap enough.
 
 Example:
     >>> from modelparallel.partitioner._synthetic import chain_graph

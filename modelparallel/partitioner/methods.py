@@ -31,13 +31,10 @@ Note [ILP pipeline]
    A phase that runs out of time ends the sequence (a smaller gap would too), and so does
    less time left than the previous phase took. Proving a small gap first is much cheaper
    than proving optimality (the tighter windows and the cutoff prune most of the tree), so
-   the time goes first to a bound that certifies the plan (measured on the reference models
-   at p = 8 with one solver thread: 2 to 6 s for the 1.9% proof, where the single exact
-   solve this replaced took 11 to 28 s). The phases end at ``_ILP_SHARE_FLAT`` of the time
-   limit: HiGHS checks its time limit only between steps of its root node, and the interrupt
-   callback of :mod:`~modelparallel.partitioner.ilp` stops the tree search at the deadline
-   (measured on the benchmark's rows that ran out of time: the plan was ready at most 0.06 s
-   after it);
+   the time goes first to a bound that certifies the plan. The phases end at
+   ``_ILP_SHARE_FLAT`` of the time limit: HiGHS checks its time limit only between steps of
+   its root node, and the interrupt callback of :mod:`~modelparallel.partitioner.ilp` stops
+   the tree search at the deadline (timings of both: ``docs/measurements.md``);
 6. otherwise (thousands of ops): the ILP over coarse units (Note [coarsening]), warm-started
    from the DP over the units' order, then op-level refinement around the boundaries of the
    best assignment so far (Note [refinement]), repeated while it improves; then the windowed
@@ -162,8 +159,10 @@ def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:
            f"memory ({have}). A plan exists with {_size(need)} on every device "
            f"({need} bytes; the contiguous split minimising the largest stage), and none can "
            f"fit below {_size(lb.min_memory_bytes)}. Use devices with at least "
-           f"{_size(need)}, more partitions, schedule='1f1b' (fewer microbatches "
-           "in flight than 'gpipe'), or a lighter optimizer.")
+           f"{_size(need)}, more partitions, "
+           + ("schedule='1f1b' (fewer microbatches in flight than 'gpipe'), "
+              if str(prob.config.schedule) in ("gpipe", "simple") else "fewer microbatches, ")
+           + "or a lighter optimizer.")
     return InfeasiblePlanError(msg, min_memory_bytes=need)
 
 

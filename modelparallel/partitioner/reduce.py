@@ -29,8 +29,8 @@ Attachments are made one at a time, each moving a node that nothing has been att
 so the argument applies to every assignment that honours the earlier ones: the best assignment
 of the reduced problem is a best assignment of the original one, and a lower bound proven on the
 reduced problem (Note [lower bound]) holds for the original. The op-level ILP (Note [ILP
-pipeline]) therefore assigns the groups of this reduction: on the traced transformers of the
-planner benchmark it removes 20 to 45% of the nodes, and about as many of the ILP's binaries.
+pipeline]) therefore assigns the groups of this reduction, which removes a large share of the
+nodes and about as many of the ILP's binaries (figures: ``docs/measurements.md``).
 
 Example:
     >>> from modelparallel.partitioner._synthetic import transformer_graph

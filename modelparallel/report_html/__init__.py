@@ -31,6 +31,7 @@ from modelparallel.plan import Plan
 from modelparallel.report import explain_node
 from modelparallel.report_html._model import (
     MEMORY_KINDS,
+    lane_labels,
     memory_rows,
     module_graph,
     other_schedules,
@@ -157,8 +158,7 @@ def render_report(plan: Plan, *, trace: Any = None, depth: int | None = None) ->
 
     p, m = plan.partitions, plan.config.microbatches
     pipe = plan.pipeline
-    lanes = [f"stage {i}" + (" ◀ bottleneck" if i == pipe.bottleneck_stage else "")
-             for i in range(p)]
+    lanes = lane_labels(plan)
     timelines = []
     for name in (plan.config.schedule, *other_schedules(plan.config.schedule)):
         sim = simulate_plan(plan, name)
@@ -166,7 +166,7 @@ def render_report(plan: Plan, *, trace: Any = None, depth: int | None = None) ->
         title = (f"Estimated step, {name}{' (the plan’s schedule)' if own else ''}: "
                  f"{format_seconds(sim.makespan)}, bubble {100 * sim.bubble_fraction:.1f}%")
         blocks = timeline_blocks(sim)
-        fig = timeline_figure(blocks, lanes, title, marked_lane=pipe.bottleneck_stage)
+        fig = timeline_figure(blocks, lanes, title, marked_lane=pipe.bottleneck_stage % p)
         timelines.append({"schedule": name, "own": own, "blocks": len(blocks),
                           "html": _figure_html(fig, f"timeline-{name}")})
     measured = None
@@ -181,7 +181,8 @@ def render_report(plan: Plan, *, trace: Any = None, depth: int | None = None) ->
     return str(env.get_template("report.html.j2").render(
         title=f"modelparallel plan report: {m_info.name}",
         plan=plan, model=m_info,
-        headline=(f"{p} stages · {m} microbatches · {plan.config.schedule} · step "
+        headline=(f"{p} ranks · {plan.num_stages} stages · {m} microbatches · "
+                  f"{plan.config.schedule} · step "
                   f"{format_seconds(pipe.step_time)} (the plan's closed-form estimate) · bubble "
                   f"{100 * pipe.bubble_fraction:.1f}% · throughput {pipe.throughput:.1f} "
                   f"samples/s · bottleneck stage {pipe.bottleneck_stage} at "

@@ -34,11 +34,13 @@ from modelparallel.schedule import Timeline, make_schedule, simulate
 
 __all__ = [
     "MEMORY_KINDS",
+    "REPORT_SCHEDULES",
     "GraphEdge",
     "ModuleGroup",
     "TimelineBlock",
     "choose_depth",
     "estimated_blocks",
+    "lane_labels",
     "memory_rows",
     "module_graph",
     "other_schedules",
@@ -152,11 +154,35 @@ def other_schedules(name: str) -> tuple[str, ...]:
 def simulate_plan(plan: Plan, schedule: str | None = None) -> Timeline:
     """The estimated timeline of one step of ``plan`` under ``schedule`` (default: its own),
     with its stages' forward and backward times, communication split between the two
-    directions (as ``partition-plan inspect`` draws it)."""
-    p, m = plan.partitions, plan.config.microbatches
+    directions (as ``partition-plan inspect`` draws it).
+
+    A plan with virtual stages runs them under its own schedule (interleaved 1F1B); under a
+    schedule without virtual stages each rank runs its stages as one (their times summed), so
+    the comparison keeps the ranks and the work.
+    """
+    p, m, v = plan.partitions, plan.config.microbatches, plan.config.virtual_stages
+    name = schedule or plan.config.schedule
     fwd = [s.forward_time + s.comm_time / 2 for s in plan.stages]
     bwd = [s.backward_time + s.comm_time / 2 for s in plan.stages]
-    return simulate(make_schedule(schedule or plan.config.schedule, p, m), fwd, bwd)
+    if v > 1 and name == plan.config.schedule:
+        return simulate(make_schedule(name, p, m, v), fwd, bwd)
+    if v > 1:
+        fwd = [sum(fwd[r::p]) for r in range(p)]
+        bwd = [sum(bwd[r::p]) for r in range(p)]
+    return simulate(make_schedule(name, p, m), fwd, bwd)
+
+
+def lane_labels(plan: Plan) -> list[str]:
+    """One label per rank: ``"stage 2"``, or with virtual stages ``"rank 2 (stages 2, 6)"``;
+    the bottleneck's lane is marked."""
+    p, v = plan.partitions, plan.config.virtual_stages
+    hot = plan.pipeline.bottleneck_stage
+    out = []
+    for r in range(p):
+        stages = list(range(r, p * v, p))
+        label = f"stage {r}" if v == 1 else f"rank {r} (stages {', '.join(map(str, stages))})"
+        out.append(label + (" ◀ bottleneck" if hot in stages else ""))
+    return out
 
 
 def estimated_blocks(plan: Plan, schedule: str | None = None) -> tuple[TimelineBlock, ...]:

@@ -51,6 +51,7 @@ import torch.utils._pytree as pytree
 
 from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
 from modelparallel.errors import CommunicationError, ConfigError
+from modelparallel.runtime.batch import share_batch
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
 from modelparallel.runtime.data_parallel import GradientSync
@@ -61,6 +62,8 @@ from modelparallel.runtime.microbatch import (
     shape_key,
     split_inputs,
     split_target,
+    stack_outputs,
+    unstack_outputs,
 )
 from modelparallel.runtime.split_backward import (
     PendingWeightGrad,
@@ -169,6 +172,15 @@ class StageExecutor:
         grad_sync: Averages the gradients over the stage's data-parallel replicas after each
             training step (Note [data-parallel gradient sync] in
             ``modelparallel/runtime/data_parallel.py``); ``None``: no replicas.
+        active_microbatches: Most microbatches in flight per stage: the step runs its schedule
+            in waves of at most this many microbatches (Note [active microbatches]);
+            ``None``: one wave.
+        check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
+            rank after the batch is shared (the front end refuses shapes the traced graph
+            cannot run, ``TracedModel.check_shapes``).
+
+    Every step trains on pipeline rank 0's inputs and targets (Note [batch from rank 0] in
+    ``modelparallel/runtime/batch.py``).
 
     Example:
         >>> import torch
@@ -189,7 +201,9 @@ class StageExecutor:
                  *, loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str, split: SplitSpec,
                  average_grads: bool = True, device: torch.device | str = "cpu",
                  on_action: ActionHook | None = None,
-                 grad_sync: GradientSync | None = None) -> None:
+                 grad_sync: GradientSync | None = None,
+                 active_microbatches: int | None = None,
+                 check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = _check_programs(programs)
         self.program = programs[0]
@@ -207,7 +221,13 @@ class StageExecutor:
         self.device = torch.device(device)
         self.stats = StepStats()
         self.on_action = on_action
+        #: Called with the step's :class:`StepOutput` and whether it trained, after each step
+        #: that succeeded, on every rank, so it may run collectives over the pipeline (the step
+        #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
+        self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
+        self.active_microbatches = active_microbatches
+        self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
@@ -216,6 +236,8 @@ class StageExecutor:
         self._params = {p.index: [t for t in p.module.parameters() if t.requires_grad]
                         for p in programs}
         self._shared = self._shared_groups()
+        self.check_inputs = check_inputs
+        self._batch_readers = self._readers()
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -263,7 +285,7 @@ class StageExecutor:
             train: Forward and backward (else forward only, no gradients).
             return_outputs: Broadcast the outputs from the last stage to every rank.
             merge: Merge the outputs over microbatches (else ``outputs`` is the list of the
-                per-microbatch outputs).
+                per-microbatch outputs, broadcast stacked: one tensor per output leaf).
             context: ``context(i)`` is entered around the forward of microbatch ``i`` on this
                 stage (an autocast context, say).
 
@@ -273,6 +295,16 @@ class StageExecutor:
         m = self.split.num_microbatches
         if len(microbatches) != m or len(targets) != m:
             raise ConfigError(f"{len(microbatches)} microbatches given; this executor runs {m}")
+        n = len(microbatches[0]) if m else 0
+        if any(len(mb) != n for mb in microbatches):
+            raise ConfigError("every microbatch must have the same number of flat inputs "
+                              f"(got {[len(mb) for mb in microbatches]})")
+        flat, joined = self._share([v for mb in microbatches for v in mb], list(targets),
+                                   train=train, per=n, copies=m)
+        microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
+        targets = joined if train else targets
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
         return self._run_step(list(microbatches), list(targets) if train else [None] * m,
                               key, train=train, return_outputs=return_outputs, merge=merge,
@@ -283,13 +315,37 @@ class StageExecutor:
     def _step(self, flat_inputs: Sequence[Any], target: Any, *, train: bool,
               return_outputs: bool) -> StepOutput:
         m = self.split.num_microbatches
-        # Every rank splits the whole batch and the targets, so a batch that does not divide
-        # into the microbatches raises ConfigError on every rank, before any communication.
+        if self.comm is not None:
+            self.comm.check_usable()
+        # Rank 0's batch on every rank (Note [batch from rank 0]); then every rank splits the
+        # same batch, so a batch that does not divide into the microbatches raises
+        # ConfigError on every rank, before any point-to-point communication.
+        flat_inputs, target = self._share(list(flat_inputs), target, train=train,
+                                          per=len(flat_inputs), copies=1)
         microbatches = split_inputs(flat_inputs, self.split)
         targets = split_target(target, m) if train else [None] * m
+        if self.check_inputs is not None:
+            self.check_inputs(microbatches[0])
         key = shape_key(flat_inputs, "train" if train else "eval")
         return self._run_step(microbatches, targets, key, train=train,
                               return_outputs=return_outputs)
+
+    def _share(self, flat: list[Any], target: Any, *, train: bool, per: int, copies: int
+               ) -> tuple[list[Any], Any]:
+        """Rank 0's batch on every rank (Note [batch from rank 0]); ``flat`` is ``copies``
+        lists of ``per`` flat inputs, one after the other."""
+        shared, needed = self._batch_readers
+        names = [*self.split.names, *[""] * max(0, per - len(self.split.names))][:per]
+        try:
+            return share_batch(self.comm, flat, target, train=train, input_names=names * copies,
+                               shared_inputs=[j * per + i for j in range(copies) for i in shared],
+                               target_needed=needed)
+        except ConfigError:
+            raise
+        except BaseException as e:
+            if self.comm is not None:
+                self.comm.fail(e)
+            raise
 
     def _run_step(self, microbatches: Sequence[Sequence[Any]], targets: list[Any],
                   key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
@@ -332,6 +388,8 @@ class StageExecutor:
                 self.comm.fail(e)
             raise
         self.stats.step_seconds = time.perf_counter() - start
+        if self.after_step is not None:
+            self.after_step(result, train)
         return result
 
     def _run(self, step: _Step) -> None:
@@ -456,6 +514,7 @@ class StageExecutor:
 
     def _scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / self.split.num_microbatches if self.average_grads else 1.0
+        scale *= self.loss_scale
         return loss * scale if scale != 1.0 else loss
 
     def _release(self, s: int, i: int) -> None:
@@ -555,11 +614,12 @@ class StageExecutor:
         last = self.num_ranks - 1
         want_outputs = step.return_outputs
         loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
-        merged = ((merge_outputs(step.outputs) if step.merge else list(step.outputs))
+        merged = ((merge_outputs(step.outputs) if step.merge else stack_outputs(step.outputs))
                   if self.is_last and want_outputs else None)
         nan = torch.tensor(math.nan)
         if self.comm is None:
-            return StepOutput(loss if loss is not None else nan, merged)
+            return StepOutput(loss if loss is not None else nan,
+                              merged if step.merge or not want_outputs else list(step.outputs))
         if want_outputs not in step.tpl.result:
             info = ((loss.dtype if loss is not None else None,
                      pack([merged])[0] if merged is not None else None)
@@ -580,6 +640,9 @@ class StageExecutor:
         self.comm.broadcast(tensors, last, "the step's outputs")
         if not self.is_last:
             merged = unpack(out_template, tensors)[0]
+        if not step.merge:  # per microbatch (stacked for one broadcast per leaf)
+            merged = (list(step.outputs) if self.is_last
+                      else unstack_outputs(merged, len(step.outputs)))
         return StepOutput(loss, merged)
 
     # -- tied parameters ---------------------------------------------------------------------------
@@ -606,6 +669,16 @@ class StageExecutor:
             sets.update(tuple(x) for x in theirs)
         self.comm.make_subgroups(sorted(sets))
         return sorted(mine.items())
+
+    def _readers(self) -> tuple[tuple[int, ...], bool]:
+        """Collective: the flat inputs a rank other than 0 reads, and whether the loss is
+        computed off rank 0 (Note [batch from rank 0])."""
+        if self.comm is None or self.num_ranks < 2:
+            return (), False
+        mine = sorted({i for p in self.programs for i in p.model_inputs})
+        reads = self.comm.all_gather_object(mine, "the model inputs each stage reads")
+        shared = sorted({int(i) for theirs in reads[1:] for i in theirs})
+        return tuple(shared), True
 
     def _shared_tensors(self, name: str) -> list[torch.Tensor]:
         """The distinct tensors this rank's stages hold for parameter ``name``."""
@@ -647,7 +720,7 @@ class StageExecutor:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches
         key = (m, train)
         if key not in self._schedules:
-            sched = make_schedule(self.schedule_name, p, m, v)
+            sched = _waves(self.schedule_name, p, m, v, self.active_microbatches)
             if not train:  # the training order's forwards: same link order, no deadlock
                 sched = Schedule("forward", p * v, m, tuple(
                     tuple(a for a in lst if a.kind == "F") for lst in sched.actions), v)
@@ -669,6 +742,39 @@ def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, .
             f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
             "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
     return programs
+
+
+# Note [active microbatches]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# SMP's ``active_microbatches`` caps the microbatches in flight (forward done, backward not yet)
+# per stage. The executor runs the step's schedule in waves: microbatches ``0..a-1`` through the
+# whole schedule of ``a`` microbatches, then the next ``a``, and so on (the last wave may be
+# smaller); gradients accumulate over the waves as over microbatches, so the step's result is
+# the same. A stage then holds at most ``min(a, what the schedule keeps)`` microbatches, which
+# is what the memory model charges (Note [memory features] in
+# ``modelparallel/partitioner/memory_features.py``); the bubble grows to one per wave.
+
+
+def _waves(name: str, p: int, m: int, v: int, active: int | None) -> Schedule:
+    """The schedule of ``m`` microbatches run in waves of ``active`` (Note [active
+    microbatches])."""
+    if active is None or active >= m:
+        return make_schedule(name, p, m, v)
+    if v > 1:
+        raise ConfigError(f"active_microbatches = {active} < microbatches = {m} is not "
+                          "supported with virtual stages; leave it out")
+    per_rank: list[list[Action]] = [[] for _ in range(p)]
+    start = 0
+    while start < m:
+        size = min(active, m - start)
+        wave = make_schedule(name, p, size, v)
+        for r, lst in enumerate(wave.actions):
+            per_rank[r].extend(Action(a.stage, a.kind, a.microbatch + start) for a in lst)
+        start += size
+    sched = Schedule(f"{name} in waves of {active}", p * v, m,
+                     tuple(tuple(x) for x in per_rank), v)
+    sched.validate()
+    return sched
 
 
 def _samples(microbatches: Sequence[Sequence[Any]]) -> int:

@@ -45,7 +45,13 @@ from modelparallel.runtime.microbatch import (
     split_inputs,
     split_target,
 )
+from modelparallel.runtime.split_backward import (
+    PendingWeightGrad,
+    backward_input,
+    backward_weight,
+)
 from modelparallel.schedule import Action, Schedule, make_schedule
+from modelparallel.schedule._types import play_order
 
 __all__ = ["LocalPipeline", "action_order"]
 
@@ -74,31 +80,8 @@ def action_order(schedule: str | Schedule, num_stages: int,
         raise ConfigError(
             f"schedule {sched.name!r} is for {sched.num_stages} stages and "
             f"{sched.num_microbatches} microbatches; the pipeline has {p} and {m}")
-    done: set[Action] = set()
-    order: list[Action] = []
-    pos = [0] * p
-    total = sum(len(acts) for acts in sched.actions)
-    while len(order) < total:
-        progressed = False
-        for s in range(p):
-            while pos[s] < len(sched.actions[s]):
-                a = sched.actions[s][pos[s]]
-                i = a.microbatch
-                ready = (s == 0 or Action(s - 1, "F", i) in done) if a.kind == "F" else (
-                    Action(s, "F", i) in done and (s == p - 1 or Action(s + 1, "B", i) in done))
-                if not ready:
-                    break
-                done.add(a)
-                order.append(a)
-                pos[s] += 1
-                progressed = True
-        if not progressed:
-            raise ConfigError(f"schedule {sched.name!r} deadlocks: stage actions wait on each "
-                              "other; validate it with Schedule.validate()")
-    if len(done) != 2 * p * m:
-        raise ConfigError(f"schedule {sched.name!r} does not run every forward and backward "
-                          "exactly once")
-    return order
+    sched.validate()
+    return play_order(sched)
 
 
 @dataclass
@@ -115,6 +98,7 @@ class _Slot:
     outputs: list[Any] = field(default_factory=list)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     loss: torch.Tensor | None = None
+    pending: PendingWeightGrad | None = None
 
 
 class LocalPipeline:
@@ -125,9 +109,10 @@ class LocalPipeline:
         microbatches: Microbatches per step; the batch must divide by it.
         loss_fn: ``loss_fn(model_output, target) -> scalar``, mean-reduced over the batch; called
             per microbatch on the last stage with the rebuilt model output.
-        schedule: ``"gpipe"`` (SMP ``"simple"``), ``"1f1b"`` (SMP ``"interleaved"``), or a
-            :class:`~modelparallel.schedule.Schedule` of ``p`` stages and
-            ``microbatches`` microbatches.
+        schedule: ``"gpipe"`` (SMP ``"simple"``), ``"1f1b"`` (SMP ``"interleaved"``),
+            ``"zb-h1"`` (backwards split into ``I`` and ``W``, Note [split backward]), or a
+            :class:`~modelparallel.schedule.Schedule` of ``p`` stages and ``microbatches``
+            microbatches (one of interleaved 1F1B's, say: its ranks' lists are merged).
         devices: One device per stage; the stage modules are moved there (tied weights shared
             between stages on different devices become copies, Note [local tied parameters]).
             ``None`` leaves each stage where its parameters are.
@@ -241,8 +226,14 @@ class LocalPipeline:
                     slot.loss = check_loss(self.loss_fn(out, pytree.tree_map(
                         lambda v: _move(v, self.devices[-1]), mb_targets[i])))
                     losses[i] = slot.loss.detach()
-            else:
+            elif a.kind == "B":
                 self._backward(slots, s, i)
+            elif a.kind == "I":
+                self._backward_input(slots, s, i)
+            else:
+                slot = slots.pop((s, i))
+                if slot.pending is not None:
+                    backward_weight(slot.pending)
         self._sum_tied_grads(tied, before)
         loss = torch.stack([x.to(losses[-1].device) for x in losses]).mean()
         return loss, merge_outputs(outputs)
@@ -308,6 +299,30 @@ class LocalPipeline:
                     grads.append(leaf.grad.to(out.device))
             if tensors:
                 torch.autograd.backward(tensors, grads)
+
+    def _backward_input(self, slots: dict[tuple[int, int], _Slot], s: int, i: int) -> None:
+        """``I`` of a split backward (Note [split backward] in
+        ``modelparallel/schedule/__init__.py``): the gradients of stage ``s``'s input leaves,
+        left on them for stage ``s - 1``; the weight part waits in the slot for ``W``."""
+        slot = slots[(s, i)]
+        roots: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        if slot.loss is not None:
+            if slot.loss.requires_grad:
+                scale = 1.0 / self.microbatches if self.average_grads else 1.0
+                roots, grads = [slot.loss * scale], [None]
+        else:
+            for out, leaf in slot.pairs:
+                if leaf.grad is not None:
+                    roots.append(out)
+                    grads.append(leaf.grad.to(out.device))
+        prev = slots.get((s - 1, i))
+        leaves = [leaf for _, leaf in prev.pairs] if prev is not None else []
+        params = [t for t in self.stages[s].module.parameters() if t.requires_grad]
+        got, slot.pending = backward_input(roots, grads, leaves, params)
+        for leaf, g in zip(leaves, got):
+            if g is not None:
+                leaf.grad = g if leaf.grad is None else leaf.grad + g
 
     # -- tied parameters -------------------------------------------------------------------------
 

@@ -39,19 +39,30 @@ __all__ = ["PendingWeightGrad", "backward_input", "backward_weight"]
 
 
 @dataclass
+class _Group:
+    """Parameters whose gradient paths meet the input path at the same nodes."""
+
+    meet: set[Node] = field(default_factory=set)
+    params: list[tuple[torch.Tensor, Node]] = field(default_factory=list)
+    edges: list[tuple[GradientEdge, torch.Tensor]] = field(default_factory=list)
+    clamps: list[tuple[Node, tuple[Any, ...]]] = field(default_factory=list)
+
+
+@dataclass
 class PendingWeightGrad:
-    """What :func:`backward_weight` needs: saved gradients and the parameters they reach.
+    """What :func:`backward_weight` needs: per group of parameters, the saved gradients to
+    start from and the parameters they reach.
+
+    One autograd call per group (the parameters of one layer, typically) reaches only that
+    group's parameters, so no input-path gradient is computed twice; within a group, a node
+    whose gradient was saved gets exactly the saved one (so a gradient saved at a node and one
+    saved at its descendant are not counted twice).
 
     Attributes:
-        edges: Autograd edges to start from, with their gradients.
-        params: Parameters to compute gradients for, with their accumulator nodes.
-        clamps: Nodes whose incoming gradient is fixed to the saved one (so a gradient saved at
-            a node and one saved at its descendant are not counted twice).
+        groups: The groups.
     """
 
-    edges: list[tuple[GradientEdge, torch.Tensor]] = field(default_factory=list)
-    params: list[tuple[torch.Tensor, Node]] = field(default_factory=list)
-    clamps: list[tuple[Node, tuple[Any, ...]]] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
 
 
 def backward_input(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
@@ -76,11 +87,9 @@ def backward_input(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor |
     param_nodes = {id(p): _node(p) for p in params if p.requires_grad}
     reverse = _reverse_edges(root_nodes)
     on_input_path = _upward(input_nodes, reverse, stop=set())
-    targets = on_input_path | set(root_nodes)
-    meet: set[Node] = set()
-    for node in param_nodes.values():
-        if node is not None:
-            meet |= _meeting(node, reverse, targets)
+    groups = _groups([(p, param_nodes.get(id(p))) for p in params], reverse, on_input_path,
+                     set(root_nodes))
+    meet: set[Node] = set().union(*(g.meet for g in groups)) if groups else set()
     saved: dict[Node, tuple[Any, ...]] = {}
     handles = []
     for node in meet & on_input_path:
@@ -98,46 +107,40 @@ def backward_input(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor |
     finally:
         for h in handles:
             h.remove()
-    pending = PendingWeightGrad()
-    for node, outs in saved.items():
-        pending.clamps.append((node, outs))
-        for k, g in enumerate(outs):
-            if g is not None:
-                pending.edges.append((GradientEdge(node, k), g))
-    for r, g in live:  # roots the input path did not run through
-        node = _node(r)
-        if node is not None and node in meet and node not in saved:
-            pending.edges.append((torch.autograd.graph.get_gradient_edge(r), g))
-    for p in params:
-        node = param_nodes.get(id(p))
-        if node is not None and node in reverse:
-            pending.params.append((p, node))
-    return list(got), pending
+    root_edges = [(r, g) for r, g in live if _node(r) not in saved]  # not run through by I
+    for group in groups:
+        for node in group.meet:
+            if node in saved:
+                group.clamps.append((node, saved[node]))
+                group.edges += [(GradientEdge(node, k), g) for k, g in enumerate(saved[node])
+                                if g is not None]
+        group.edges += [(torch.autograd.graph.get_gradient_edge(r), g) for r, g in root_edges
+                        if _node(r) in group.meet]
+    return list(got), PendingWeightGrad([g for g in groups if g.edges])
 
 
 def backward_weight(pending: PendingWeightGrad) -> None:
     """Add the parameters' gradients that :func:`backward_input` deferred to their ``.grad``."""
-    if not pending.edges or not pending.params:
-        return
-    handles = [node.register_prehook(lambda _g, outs=outs: outs)
-               for node, outs in pending.clamps] if len(pending.clamps) > 1 else []
-    try:
-        dws = torch.autograd.grad([e for e, _ in pending.edges],
-                                  [GradientEdge(n, 0) for _, n in pending.params],
-                                  [g for _, g in pending.edges], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    with torch.no_grad():
-        for (p, _), dw in zip(pending.params, dws):
-            if dw is None:
-                continue
-            if p.grad is None:
-                p.grad = dw
-            else:
-                p.grad += dw
-    pending.edges.clear()
-    pending.clamps.clear()
+    for k, group in enumerate(pending.groups):
+        handles = [node.register_prehook(lambda _g, outs=outs: outs)
+                   for node, outs in group.clamps] if len(group.clamps) > 1 else []
+        try:  # groups may share nodes below their meeting points: keep the graph until the last
+            dws = torch.autograd.grad([e for e, _ in group.edges],
+                                      [GradientEdge(n, 0) for _, n in group.params],
+                                      [g for _, g in group.edges], allow_unused=True,
+                                      retain_graph=k < len(pending.groups) - 1)
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad():
+            for (p, _), dw in zip(group.params, dws):
+                if dw is None:
+                    continue
+                if p.grad is None:
+                    p.grad = dw
+                else:
+                    p.grad += dw
+    pending.groups.clear()
 
 
 def _node(t: torch.Tensor) -> Node | None:
@@ -182,8 +185,35 @@ def _upward(starts: list[Node], reverse: dict[Node, list[Node]], stop: set[Node]
     return found
 
 
-def _meeting(start: Node, reverse: dict[Node, list[Node]], targets: set[Node]) -> set[Node]:
-    """The first nodes of ``targets`` met walking up from ``start`` toward the roots."""
+def _groups(params: list[tuple[torch.Tensor, Node | None]], reverse: dict[Node, list[Node]],
+            stops: set[Node], roots: set[Node]) -> list[_Group]:
+    """The parameters reached from the graph, grouped by shared meeting nodes."""
+    groups: list[_Group] = []
+    owner: dict[Node, _Group] = {}
+    for p, node in params:
+        if node is None or node not in reverse:
+            continue  # not used by this microbatch's graph
+        meet = _meeting(node, reverse, stops, roots)
+        found = list({id(owner[n]): owner[n] for n in meet if n in owner}.values())
+        group = found[0] if found else _Group()
+        if not found:
+            groups.append(group)
+        for other in found[1:]:  # merge groups that share a meeting node
+            group.meet |= other.meet
+            group.params += other.params
+            groups.remove(other)
+        group.meet |= meet
+        group.params.append((p, node))
+        for n in group.meet:
+            owner[n] = group
+    return groups
+
+
+def _meeting(start: Node, reverse: dict[Node, list[Node]], stops: set[Node],
+             roots: set[Node]) -> set[Node]:
+    """Walking up from ``start`` toward the roots: the first nodes of ``stops`` met (nodes on
+    the input path, whose whole gradient ``I`` saves), and every root passed on the way (whose
+    own gradient is known, but which may also get gradients from other roots above it)."""
     met: set[Node] = set()
     seen = {start}
     queue = collections.deque([start])
@@ -192,8 +222,10 @@ def _meeting(start: Node, reverse: dict[Node, list[Node]], targets: set[Node]) -
             if up in seen:
                 continue
             seen.add(up)
-            if up in targets:
+            if up in stops:
                 met.add(up)
-            else:
-                queue.append(up)
+                continue
+            if up in roots:
+                met.add(up)
+            queue.append(up)
     return met

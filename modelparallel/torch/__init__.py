@@ -18,7 +18,8 @@ Example:
 from __future__ import annotations
 
 from modelparallel._version import __version__
-from modelparallel.torch import state_mod
+from modelparallel.torch import amp, nn, patches, state_mod
+from modelparallel.torch.checkpoint import load, resume_from_checkpoint, save, save_checkpoint
 from modelparallel.torch.comm import (
     DP_GROUP,
     MP_GROUP,
@@ -40,6 +41,15 @@ from modelparallel.torch.comm import (
     tp_barrier,
 )
 from modelparallel.torch.config import SMPConfig
+from modelparallel.torch.creation import (
+    delay_param_initialization,
+    model_creation,
+    set_activation_checkpointing,
+    set_tensor_parallelism,
+    tensor_parallelism,
+    tp_register,
+    tp_register_with_module,
+)
 from modelparallel.torch.model import DistributedModel
 from modelparallel.torch.optimizer import DistributedOptimizer
 from modelparallel.torch.placement import partition, set_partition
@@ -92,8 +102,10 @@ __all__ = [
     "StepOutput",
     "__version__",
     "allgather",
+    "amp",
     "barrier",
     "broadcast",
+    "delay_param_initialization",
     "dp_barrier",
     "dp_rank",
     "dp_size",
@@ -111,12 +123,16 @@ __all__ = [
     "init",
     "is_initialized",
     "is_tracing",
+    "load",
     "local_rank",
     "local_size",
+    "model_creation",
     "mp_barrier",
     "mp_rank",
     "mp_size",
+    "nn",
     "partition",
+    "patches",
     "pp_barrier",
     "pp_rank",
     "pp_size",
@@ -126,13 +142,21 @@ __all__ = [
     "rdp_size",
     "recv_from",
     "reset",
+    "resume_from_checkpoint",
+    "save",
+    "save_checkpoint",
     "send",
+    "set_activation_checkpointing",
     "set_partition",
+    "set_tensor_parallelism",
     "size",
     "state",
     "state_mod",
     "step",
+    "tensor_parallelism",
     "tp_barrier",
     "tp_rank",
+    "tp_register",
+    "tp_register_with_module",
     "tp_size",
 ]

@@ -14,7 +14,6 @@ ranks that did not call it and fails the pipeline's communication, so the other 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -27,7 +26,6 @@ from modelparallel.torch.state_mod import state
 __all__ = ["collective"]
 
 _T = TypeVar("_T")
-_counts: dict[str, itertools.count[int]] = {}
 
 
 def collective(what: str, pipe: Any, fn: Callable[[], _T]) -> _T:
@@ -36,9 +34,12 @@ def collective(what: str, pipe: Any, fn: Callable[[], _T]) -> _T:
     if not state.distributed or layout.pp == 1:
         return fn()
     ranks = layout.pp_group(state.rank)
-    n = next(_counts.setdefault(what, itertools.count()))
+    # Calls are counted per pipeline (a new model starts again) and keyed by the model's
+    # number in this job, so a call left unmatched never pairs with a later model's.
+    counts = pipe.__dict__.setdefault("_smp_collectives", {})
+    n = counts[what] = counts.get(what, -1) + 1
     store = dist.distributed_c10d._get_default_store()
-    prefix = f"modelparallel/smp/{what}/{min(ranks)}/{n}"
+    prefix = f"modelparallel/smp/{state.models}/{what}/{min(ranks)}/{n}"
     store.set(f"{prefix}/{state.rank}", "1")
     try:
         store.wait([f"{prefix}/{r}" for r in ranks], timedelta(seconds=state.timeout))

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -115,7 +116,9 @@ class DistributedModel(nn.Module):
         self._post_step_hooks: list[Callable[..., Any]] = []
         self._deferred: list[tuple[dict[str, Any], bool]] = []
         self._wave = 0
+        self._resume_plan: Any = None
         state.model = self
+        state.models += 1
 
     # -- SMP's properties ---------------------------------------------------------------------------
 
@@ -223,26 +226,38 @@ class DistributedModel(nn.Module):
 
     def _partition(self, first: _Body) -> None:
         import modelparallel
-        from modelparallel.torch.placement import placement_pins
 
         cfg = state.cfg
         assert cfg is not None and first.model_inputs is not None
         self._wave = _wave_size(cfg.pipeline, cfg.partitions, cfg.microbatches,
                                 int(cfg.active_microbatches or 1))
-        plan = None
-        if cfg.load_partition and cfg.partition_file:
+        plan = self._resume_plan
+        if plan is None and cfg.load_partition and cfg.partition_file:
             plan = cfg.partition_file
+        from modelparallel.parallel import ParallelOptions
+
+        layout = state.require()
+        # ddp: replicas of the pipeline, gradients averaged over each stage's replicas
+        # (modelparallel.runtime.data_parallel) with DistributedModel's DDP options.
+        parallel = ParallelOptions(
+            data_parallel=layout.dp, placement_strategy=cfg.placement_strategy,
+            bucket_cap_mb=float(self.ddp_options["bucket_cap_mb"]),
+            overlap_allreduce=bool(self.ddp_options["overlapping_allreduce"]))
         pipe = modelparallel.pipeline(
             self.module, None, loss_fn=self._loss, plan=plan, partitions=cfg.partitions,
             microbatches=self._wave, schedule=cfg.schedule, device=state.device,
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
-            memory_weight=cfg.memory_weight)
-        pipe.pins_for = lambda graph: placement_pins(self.module, graph, cfg)
+            memory_weight=cfg.memory_weight, parallel=parallel)
+        pipe.planning_for = self._planning_for
+        before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
         try:
             pipe._build(first.model_inputs, presplit=True)
         finally:
             state.tracing = False
+        now = dict(self.module.named_parameters(remove_duplicate=False))
+        # Materialised (meta) parameters are new objects (Note [delayed parameters]).
+        renamed = {i: now[n] for i, n in before.items() if n in now and id(now[n]) != i}
         self._pipe = pipe
         if cfg.partition_file and not cfg.load_partition and state.rank == 0 and pipe.plan:
             pipe.plan.save(cfg.partition_file)
@@ -252,9 +267,36 @@ class DistributedModel(nn.Module):
             self._load_now(sd, strict)
         self._deferred.clear()
         if state.optimizer is not None and hasattr(state.optimizer, "_after_partition"):
-            state.optimizer._after_partition()
+            state.optimizer._after_partition(renamed)
         for hook in list(self._post_partition_hooks):
             hook(self, state.optimizer)
+
+    def _planning_for(self, traced: Any, mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any],
+                      options: Any) -> Any:
+        """Rank 0's planning options from the trace: placements as pins (Note [smp
+        placement]) and, with ``trace_execution_times``, measured node times."""
+        import dataclasses
+
+        from modelparallel.torch.placement import placement_pins
+
+        assert state.cfg is not None
+        pins = placement_pins(self.module, traced.graph, state.cfg)
+        options = dataclasses.replace(options, pins={**options.pins, **pins})
+        if self.trace_execution_times:
+            options = dataclasses.replace(options, node_times=_measure(traced, mb_args,
+                                                                       mb_kwargs))
+        return options
+
+    def _use_plan(self, plan: Any) -> None:
+        """Partition with ``plan`` (a resumed partial checkpoint's, Note [smp checkpoints])."""
+        if self.partitioned:
+            if dict(plan.assignment) != dict(self._pipe.plan.assignment):
+                raise UsageError(
+                    "the partial checkpoint was saved with another partition than this "
+                    "model's, which is already partitioned; resume before the first step, or "
+                    "resume from a full checkpoint (partial=False)")
+            return
+        self._resume_plan = plan
 
     # -- local objects ------------------------------------------------------------------------------
 
@@ -379,6 +421,29 @@ class DistributedModel(nn.Module):
             self._pipe.close()
 
 
+def _measure(traced: Any, mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any]) -> str:
+    """Time every node on this rank's device (the existing profiling mode); a node-times file."""
+    import tempfile
+
+    import torch.utils._pytree as pytree
+
+    from modelparallel.cost_model.measure import call_overhead, profile_node_times
+    from modelparallel.cost_model.node_times import NodeTimesFile
+
+    dev = state.device
+    gm = traced.gm.to(dev)
+    flat = pytree.tree_map_only(torch.Tensor, lambda t: t.to(dev),
+                                list(traced.flatten_inputs(mb_args, mb_kwargs)))
+    profiles: dict[str, Any] = {}
+    times = profile_node_times(gm, flat, profiles_out=profiles)
+    call = call_overhead(dev)
+    gm.to("cpu")  # each stage moves its own part at build
+    fd, path = tempfile.mkstemp(prefix="smp-node-times-", suffix=".json")
+    os.close(fd)
+    NodeTimesFile(times=times, profiles=profiles or None, call=call, device=str(dev)).save(path)
+    return path
+
+
 def _inputs(body: _Body) -> tuple[tuple[Any, ...], dict[str, Any]]:
     assert body.model_inputs is not None
     return body.model_inputs
@@ -405,7 +470,7 @@ def _assignments(plan: Any) -> str:
     """SMP's ``Partition assignments:`` block: top-level modules and their stages."""
     stages: dict[str, set[int]] = {}
     for node in plan.nodes:
-        if node.stage < 0:
+        if node.stage < 0 or node.op == "output":
             continue
         top = node.module_path.split(".")[0] if node.module_path else "(root)"
         stages.setdefault(top, set()).add(node.stage)

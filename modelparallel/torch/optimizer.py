@@ -129,7 +129,12 @@ class _Mixin(DistributedOptimizer):
             sd = dict(sd, state={k: v for k, v in sd["state"].items() if k in keep})
         super().load_state_dict(sd)  # type: ignore[misc]
 
-    def _after_partition(self) -> None:
+    def _after_partition(self, renamed: dict[int, Any]) -> None:
+        """Swap in parameters materialised at partitioning (Note [delayed parameters] in
+        ``modelparallel/torch/creation.py``), then apply the deferred loads."""
+        if renamed and hasattr(self, "param_groups"):
+            for group in self.param_groups:
+                group["params"] = [renamed.get(id(p), p) for p in group["params"]]
         for sd in self._smp_deferred:
             self._load_local(sd)
         self._smp_deferred.clear()

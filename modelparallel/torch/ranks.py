@@ -1,10 +1,6 @@
-"""Where a rank sits: its (data, pipeline, tensor) coordinates under SMP's placement strategy.
-
-Pure arithmetic (no torch.distributed): :class:`Layout` maps global ranks to coordinates and back,
-and lists the groups. SMP's rules (reference §3): ``placement_strategy`` is ``"cluster"``
-(≡ ``"DPT"``), ``"spread"`` (≡ ``"TPD"``) or a permutation of ``"DPT"``, read right to left: the
-right-most letter's coordinate varies fastest over consecutive global ranks. Then
-``mp_rank = pp_rank + pp_size * tp_rank`` and ``dp_rank = tp_rank + tp_size * rdp_rank``.
+"""Where a rank sits, in SMP's terms: a thin view of :class:`modelparallel.placement.Placement`
+(Note [placement order] there: SMP's ``cluster``/``spread``/``"DPT"`` strategies) with the rank
+lists ``smp.get_*_group()`` return.
 
 Example:
     >>> lay = Layout(world=8, pp=2, tp=1, placement="cluster")
@@ -16,13 +12,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from modelparallel.errors import ConfigError
+from modelparallel.placement import Placement
 
 __all__ = ["Coords", "Layout"]
-
-_NAMED = {"cluster": "DPT", "spread": "TPD"}
 
 
 @dataclass(frozen=True)
@@ -49,93 +43,65 @@ class Layout:
         pp: Pipeline degree (``partitions``).
         tp: Tensor-parallel degree.
         placement: ``placement_strategy``.
+        grid: The :class:`~modelparallel.placement.Placement` it reads.
     """
 
     world: int
     pp: int
     tp: int = 1
     placement: str = "cluster"
+    grid: Placement = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.pp < 1 or self.tp < 1 or self.world % (self.pp * self.tp):
-            raise ConfigError(
-                f"{self.world} processes do not divide into partitions = {self.pp} x "
-                f"tensor_parallel_degree = {self.tp}; start a multiple of {self.pp * self.tp} "
-                "processes")
-        order = _NAMED.get(self.placement, self.placement)
-        if sorted(order) != ["D", "P", "T"]:
-            raise ConfigError(f"placement_strategy = {self.placement!r}; use 'cluster', "
-                              "'spread' or a permutation of 'DPT'")
-        object.__setattr__(self, "_order", order)
+        object.__setattr__(self, "grid", Placement.for_world(self.world, self.pp,
+                                                             self.placement, self.tp))
 
     @property
     def rdp(self) -> int:
         """Reduced data-parallel degree."""
-        return self.world // (self.pp * self.tp)
+        return self.grid.rdp
 
     @property
     def dp(self) -> int:
         """Data-parallel degree (``tp * rdp``)."""
-        return self.tp * self.rdp
-
-    def _sizes(self) -> dict[str, int]:
-        return {"D": self.rdp, "P": self.pp, "T": self.tp}
+        return self.grid.dp
 
     def coords(self, rank: int) -> Coords:
         """The coordinates of global ``rank``."""
-        if not 0 <= rank < self.world:
-            raise ConfigError(f"rank {rank} is out of range for {self.world} processes")
-        sizes, values = self._sizes(), {}
-        rest = rank
-        for letter in reversed(self._order):  # type: ignore[attr-defined]
-            values[letter] = rest % sizes[letter]
-            rest //= sizes[letter]
-        return Coords(values["D"], values["P"], values["T"])
+        c = self.grid.coords(rank)
+        return Coords(c.rdp_rank, c.pp_rank, c.tp_rank)
 
     def rank_of(self, c: Coords) -> int:
         """The global rank at coordinates ``c``."""
-        sizes, values = self._sizes(), {"D": c.rdp, "P": c.pp, "T": c.tp}
-        rank = 0
-        for letter in self._order:  # type: ignore[attr-defined]
-            rank = rank * sizes[letter] + values[letter]
-        return rank
+        return self.grid.rank(c.pp, c.rdp, c.tp)
 
     def mp_rank(self, rank: int) -> int:
         """Rank within the model-parallel group (``pp + pp_size * tp``)."""
-        c = self.coords(rank)
-        return c.pp + self.pp * c.tp
+        return self.grid.mp_rank(rank)
 
     def dp_rank(self, rank: int) -> int:
         """Rank within the data-parallel group (``tp + tp_size * rdp``)."""
-        c = self.coords(rank)
-        return c.tp + self.tp * c.rdp
+        return self.grid.coords(rank).dp_rank
 
     def pp_group(self, rank: int) -> list[int]:
         """Ranks of ``rank``'s pipeline, by pipeline rank."""
-        c = self.coords(rank)
-        return [self.rank_of(Coords(c.rdp, p, c.tp)) for p in range(self.pp)]
+        return list(self.grid.pipeline_of(rank))
 
     def tp_group(self, rank: int) -> list[int]:
         """Ranks splitting the same tensor-parallel modules, by tp rank."""
-        c = self.coords(rank)
-        return [self.rank_of(Coords(c.rdp, c.pp, t)) for t in range(self.tp)]
+        return list(self.grid.tp_group_of(rank))
 
     def rdp_group(self, rank: int) -> list[int]:
         """Ranks holding the same pipeline stage and tensor shard, by rdp rank."""
-        c = self.coords(rank)
-        return [self.rank_of(Coords(d, c.pp, c.tp)) for d in range(self.rdp)]
+        return list(self.grid.rdp_group_of(rank))
 
     def dp_group(self, rank: int) -> list[int]:
         """Ranks holding the same pipeline stage, by dp rank."""
-        c = self.coords(rank)
-        out = [self.rank_of(Coords(d, c.pp, t)) for d in range(self.rdp) for t in range(self.tp)]
-        return sorted(out, key=self.dp_rank)
+        return list(self.grid.dp_group_of(rank))
 
     def mp_group(self, rank: int) -> list[int]:
         """Ranks holding one full model replica, by mp rank."""
-        c = self.coords(rank)
-        out = [self.rank_of(Coords(c.rdp, p, t)) for t in range(self.tp) for p in range(self.pp)]
-        return sorted(out, key=self.mp_rank)
+        return list(self.grid.mp_group_of(rank))
 
     def groups(self, kind: str) -> list[list[int]]:
         """Every group of ``kind`` (``"pp"``, ``"dp"``, ``"tp"``, ``"rdp"``, ``"mp"``), each

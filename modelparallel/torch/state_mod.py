@@ -88,6 +88,7 @@ class State:
         optimizer: The :class:`~modelparallel.torch.optimizer.DistributedOptimizer`, if any.
         tracing: True while the model is traced (``smp.is_tracing()``).
         timeout: Seconds any wait on another rank may take.
+        models: DistributedModels created so far in this process (the same on every rank).
     """
 
     cfg: SMPConfig | None = None
@@ -103,6 +104,7 @@ class State:
     optimizer: Any = None
     tracing: bool = False
     timeout: float = DEFAULT_TIMEOUT
+    models: int = 0
 
     def require(self) -> Layout:
         """The layout; raises :class:`UsageError` before ``init``."""
@@ -190,6 +192,10 @@ def shutdown() -> None:
     reset()
     _destroy_groups()
     state.cfg, state.layout, state.initialized = None, None, False
+    state.timeout, state.models = DEFAULT_TIMEOUT, 0
+    from modelparallel.torch.stepping import _META_CACHE
+
+    _META_CACHE.clear()
 
 
 def is_initialized() -> bool:

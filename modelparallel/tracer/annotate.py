@@ -30,7 +30,7 @@ Note [fused attention on meta]
 (flash or memory-efficient attention) saves the query, key, value, mask, output and one float32
 log-sum-exp per query row; on the meta device it falls back to the math path, which saves the
 whole attention matrix (``batch * heads * L * L``), several times what training on any real
-device keeps (14 GiB instead of 1.5 GiB for GPT-2 medium at 8 x 1024 tokens). Models traced on
+device keeps (an example: ``docs/measurements.md``). Models traced on
 meta, as large models are, are planned for real devices, so there the node's saved bytes are
 the fused kernels' instead; FLOPs are the same either way.
 
@@ -39,8 +39,7 @@ Note [causal attention FLOPs]
 torch's FLOP formulas for SDPA (``sdpa_flop_count``) ignore ``is_causal``: they count the whole
 ``Lq x Lk`` score matrix. The fused kernels that run causal attention on GPUs and CPUs (flash,
 memory-efficient, CPU flash) skip the blocks above the diagonal, so they do about half that work
-(measured on an H100: GPT-2 medium's step is 7% faster with causal SDPA than with the same
-attention given an explicit causal mask; ``docs/gpu.md``). A node with ``is_causal=True``
+(what that saves a GPT-2 step: ``docs/measurements.md``). A node with ``is_causal=True``
 therefore counts its forward and backward FLOPs times the fraction of the score matrix the causal
 mask keeps, ``sum_i min(i + 1, Lk) / (Lq * Lk)`` (``(L + 1) / 2L`` when ``Lq == Lk == L``;
 ``is_causal`` aligns the triangle to the top left). Block granularity (a diagonal block is
@@ -59,8 +58,7 @@ are on it. When a later saver sits on a later stage, the value reaches that stag
 boundary, where the cost model counts it as a received value (Note [stage time and memory] in
 ``modelparallel/partitioner/problem.py``), so nothing is lost. Counted storages stay referenced
 until the propagation ends, so a freed one cannot be mistaken for a new one at the same address.
-(Measured on GPT-2, Llama, BERT and ResNet stages: counting per node overestimated activations by
-up to 15% for Llama and 50% for ResNet; see ``docs/gpu.md``.)
+(Counting per node overestimated the activations of measured stages: ``docs/measurements.md``.)
 
 Example:
     >>> import torch

@@ -12,7 +12,12 @@ With ``dynamic=True`` every dimension of every tensor input is exported as
 runs on microbatches and on other sequence lengths than the example. Export specialises
 dimensions of size 0 or 1, and any dimension the model fixes (a reshape to a constant, a
 comparison with a configuration value); those stay static. If a dynamic export fails, the model
-is exported again with static shapes and a note says so.
+is exported again with static shapes and a note says so. A batch of one would specialise the
+batch dimension (a microbatch of size 1 is the common case), so tensor inputs whose dimension 0
+has size 1 are exported on the example repeated twice along it; the graph's batch dimension
+then stays symbolic and still runs on the size-1 example (the tracer annotates it with the
+original example). If that export fails, the size-1 example is exported as is and
+``TracedModel.static_dims`` records the dimensions it fixed.
 
 Example:
     >>> import torch
@@ -83,6 +88,17 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dyn
             ) -> tuple[torch.export.ExportedProgram, list[str]]:
     notes: list[str] = []
     if dynamic:
+        wide = _widen_batch((args, kwargs))
+        if wide is not None:
+            try:
+                shapes = _dynamic_shapes(model, *wide)
+                with _quiet():
+                    return torch.export.export(model, *wide, strict=False,
+                                               dynamic_shapes=shapes), notes
+            except Exception as e:
+                notes.append(f"torch.export on the batch-1 example repeated to batch 2 failed "
+                             f"({_short(e)}); exported the batch-1 example, whose batch "
+                             "dimension export fixes to 1")
         try:
             shapes = _dynamic_shapes(model, args, kwargs)
             with _quiet():
@@ -94,6 +110,21 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dyn
                          "match the example")
     with _quiet():
         return torch.export.export(model, args, kwargs, strict=False), notes
+
+
+def _widen_batch(example: tuple[tuple[Any, ...], dict[str, Any]]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The example with every tensor whose dimension 0 has size 1 repeated twice along it, or
+    ``None`` if there is none (Note [dynamic export])."""
+    leaves = pytree.tree_leaves(example)
+    if not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1 for v in leaves):
+        return None
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t], 0) if t.dim() > 0 and t.shape[0] == 1 else t
+
+    args, kwargs = pytree.tree_map_only(torch.Tensor, widen, example)
+    return tuple(args), dict(kwargs)
 
 
 def _path_keys(spec: pytree.TreeSpec) -> list[str]:

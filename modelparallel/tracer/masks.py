@@ -9,7 +9,7 @@ decoding with a KV cache (``q_len == 1``, ``kv_len > 1``), where ``is_causal`` w
 (pytorch#108108). So the traced graph materialises the causal mask as an explicit bool tensor
 (``arange``, ``diff``, ``cumsum``, ``index``, ``le``, ``and``, ``expand``), and SDPA then runs a
 masked kernel over the whole ``L x L`` square instead of the causal flash kernel, which skips the
-upper half (on an H100, GPT-2 medium trained 7% slower; ``docs/gpu.md``).
+upper half (slower training: ``docs/measurements.md``).
 
 Our graphs are training graphs: the tracer sets ``use_cache=False`` (Note [tracer paths] in
 ``tracing.py``; the pass is skipped when the caller asks for a cache), so a self-attention's

@@ -182,7 +182,8 @@ def remove_export_checks(graph: torch.fx.Graph) -> list[str]:
                 raise AssertionError(f"{node.name} has a live user {user.name}")
         graph.erase_node(node)
         removed[kind] = removed.get(kind, 0) + 1
-    return [f"removed {n} {k} node(s) so the graph runs on any device and batch shape"
+    return [f"removed {n} {k} node(s) so the graph runs on any device; which input "
+            "dimensions may vary is in the 'dynamic dimensions' note"
             for k, n in removed.items()]
 
 

@@ -209,11 +209,54 @@ def _trace_with(path: str, model: nn.Module, args: tuple[Any, ...], kwargs: dict
     t3 = time.perf_counter()
     n_out = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
     assert n_out == raw.out_spec.num_leaves, (n_out, raw.out_spec)
+    input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    constants = tuple((i, leaf) for i, leaf in enumerate(leaves)
+                      if not isinstance(leaf, torch.Tensor) and not hasattr(leaf, "smp_slice"))
+    if constants:
+        notes.append("non-tensor inputs built into the graph (later steps must pass the same "
+                     "values, Note [guarded inputs]): " + ", ".join(
+                         f"{input_names[i]}={v!r}" for i, v in constants))
+    static = _static_dims(raw, gm, leaves) if path == "export" else {}
+    fixed = [f"{name}[{d}]={size}" for name, dims in static.items()
+             for d, size in enumerate(dims) if size is not None]
+    if fixed and raw.dynamic:
+        notes.append("static dimensions (other sizes are refused): " + ", ".join(fixed))
     return TracedModel(
         graph=graph, gm=gm, method=path, in_spec=in_spec, out_spec=raw.out_spec,
-        input_names=tuple(n.name for n in gm.graph.nodes if n.op == "placeholder"),
-        param_names=param_names, notes=tuple([*notes, *prop_notes]), dynamic=raw.dynamic,
-        timings={"trace": t1 - t0, "annotate": t2 - t1, "ir": t3 - t2, "total": t3 - t0})
+        input_names=input_names, param_names=param_names, notes=tuple([*notes, *prop_notes]),
+        dynamic=raw.dynamic,
+        timings={"trace": t1 - t0, "annotate": t2 - t1, "ir": t3 - t2, "total": t3 - t0},
+        constants=constants, static_dims=static)
+
+
+def _static_dims(raw: RawTrace, gm: torch.fx.GraphModule, leaves: Sequence[Any]
+                 ) -> dict[str, tuple[int | None, ...]]:
+    """Per tensor placeholder of an exported graph, its size in every dimension export
+    specialised (``None`` where it stayed symbolic; every one is static without dynamic
+    shapes)."""
+    out: dict[str, tuple[int | None, ...]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, leaf in zip(placeholders, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        val = raw.graph.find_nodes(op="placeholder", target=node.target)
+        meta = val[0].meta.get("val") if val else None
+        dims: list[int | None] = []
+        for d, size in enumerate(leaf.shape):
+            sym = meta.shape[d] if isinstance(meta, torch.Tensor) and d < meta.dim() else size
+            dims.append(None if raw.dynamic and _symbolic(sym) else int(size))
+        out[node.name] = tuple(dims)
+    return out
+
+
+def _symbolic(size: Any) -> bool:
+    if not isinstance(size, torch.SymInt):
+        return False
+    try:
+        int(str(size))
+    except ValueError:
+        return True
+    return False
 
 
 def _short(e: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Codegen (one graph module per stage) and the single-process pipeline.
+"""Building one graph module per stage (modelparallel/codegen/build.py), checked through the
+single-process pipeline.
 
 The strongest check of codegen is numerical: running the generated stages as a pipeline
 (``LocalPipeline``) must give the loss and every parameter gradient of single-module training on
@@ -7,88 +8,25 @@ the same batch, for several models, stage counts, placements and microbatch coun
 
 from __future__ import annotations
 
-import ast
 import copy
 import itertools
-import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import torch
+from _stage_cases import RTOL, Case, assignable, make_plan, rel_err
 from torch import nn
 
 from modelparallel import models
-from modelparallel.codegen import (
-    StageProgram,
-    build_stage,
-    build_stages,
-    materialize,
-    program_source,
-    stage_source,
-)
+from modelparallel.codegen import StageProgram, build_stage, build_stages, stage_source
 from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
 from modelparallel.ir import OpKind, input_derived_nodes
-from modelparallel.partitioner import evaluate_assignment, partition
+from modelparallel.partitioner import evaluate_assignment
 from modelparallel.plan import Plan, PlanConfig
-from modelparallel.runtime.local import LocalPipeline, action_order
+from modelparallel.runtime.local import LocalPipeline
 from modelparallel.tracer import TracedModel, trace
 
-RTOL = 1e-5
-
-
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-class Case:
-    """A reference model case, traced once; ``fresh()`` gives an untouched model copy."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self.case = make()
-        self.reference = copy.deepcopy(self.case.model)
-        self.traced = trace(self.case.model, self.case.args, self.case.kwargs)
-        self.flat = self.traced.flatten_inputs(self.case.args, self.case.kwargs)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.case.model
-
-    def reset(self) -> None:
-        """Give the traced model the reference's values again and clear every gradient."""
-        with torch.no_grad():
-            ref = dict(self.reference.named_parameters())
-            for name, p in self.model.named_parameters():
-                p.copy_(ref[name])
-                p.grad = None
-        for p in self.reference.parameters():
-            p.grad = None
-
-
-def assignable(graph: Any) -> list[str]:
-    derived = input_derived_nodes(graph)
-    return [n.name for n in graph.nodes if n.name not in derived]
-
-
-def cut_assignment(graph: Any, fractions: list[float]) -> dict[str, int]:
-    """Contiguous split of the assignable nodes in topological order at the given fractions
-    (cuts land on arbitrary ops, usually inside blocks)."""
-    names = assignable(graph)
-    cuts = [int(f * len(names)) for f in fractions]
-    out = {name: sum(i >= c for c in cuts) for i, name in enumerate(names)}
-    out[graph.output.name] = len(fractions)
-    return out
-
-
-def make_plan(traced: TracedModel, p: int, how: str | list[float]) -> Plan:
-    config = PlanConfig(partitions=p, microbatches=4, time_limit=2.0)
-    if how == "ilp":
-        return partition(traced.graph, config, "cpu")
-    assert isinstance(how, list) and len(how) == p - 1
-    return evaluate_assignment(traced.graph, config, "cpu", cut_assignment(traced.graph, how))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def check_parity(c: Case, stages: tuple[StageProgram, ...], microbatches: int,
@@ -409,163 +347,3 @@ def test_invalid_placements_are_refused(skip: Case) -> None:
         build_stage(skip.traced, bad, 0)
     with pytest.raises(ConfigError):
         build_stage(skip.traced, plan, 2)
-
-
-def test_batch_must_divide_into_microbatches(skip: Case) -> None:
-    stages = build_stages(skip.traced, make_plan(skip.traced, 2, [0.5]))
-    pipe = LocalPipeline(stages, microbatches=3, loss_fn=skip.case.loss_fn)
-    with pytest.raises(ConfigError, match="microbatches"):
-        pipe.train_step(skip.flat, skip.case.target)
-
-
-# -- source -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["gpt2", "skip"])
-def test_stage_source_is_python_naming_boundary_values(name: str,
-                                                       request: pytest.FixtureRequest) -> None:
-    c: Case = request.getfixturevalue(name)
-    plan = make_plan(c.traced, 3, [0.3, 0.6])
-    for k in range(3):
-        src = stage_source(c.traced, plan, k)
-        tree = ast.parse(src)
-        assert src.startswith(f"# Stage {k} of 3")
-        program = build_stage(c.traced, plan, k)
-        forward = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
-        args = [a.arg for a in forward.args.args]
-        assert args == ["self"] + [program.input_names[i] for i in program.model_inputs] + [
-            v.name for v in program.recv]
-        for v in program.send:
-            assert v.name in src
-        assert program_source(program) .count("def forward") == 1
-
-
-# -- meta models and materialize ----------------------------------------------------------------------
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class Wide(nn.Module):
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
-
-
-def test_materialize_one_stage_of_a_meta_model() -> None:
-    width, depth, p = 2048, 8, 4  # 8 x 16 MiB of weights in all
-    with torch.device("meta"):
-        model = Wide(width, depth)
-    traced = trace(model, (torch.randn(4, width, device="meta"),))
-    plan = make_plan(traced, p, [0.25, 0.5, 0.75])
-    program = build_stage(traced, plan, 1)
-    assert all(t.is_meta for t in program.module.parameters())
-    before = _rss()
-    materialize(program, "cpu")
-    grown = _rss() - before
-    local = {program.param_names[n] for n, _ in program.module.named_parameters()}
-    stage_bytes = sum(t.nbytes for t in program.module.parameters())
-    total_bytes = sum(p.nbytes for p in traced.graph.params)
-    assert 0 < stage_bytes < total_bytes / 2
-    assert grown < stage_bytes + (total_bytes - stage_bytes) / 2, (grown, stage_bytes)
-    for name, t in model.named_parameters():
-        assert t.is_meta != (name in local), name
-    assert all(not t.is_meta for t in program.module.parameters())
-    assert program.module.get_parameter(sorted(local)[0]).detach().abs().sum().item() > 0
-
-
-def test_materialize_from_checkpoint_with_alias_names(tmp_path: Any) -> None:
-    torch.manual_seed(0)
-    real = models.gpt2(size="tiny", batch_size=4)
-    state = real.model.state_dict()
-    tied = next(n for n in ("transformer.wte.weight", "lm_head.weight") if n in state)
-    alias = "lm_head.weight" if tied == "transformer.wte.weight" else "transformer.wte.weight"
-    state = {k: v for k, v in state.items() if k != tied}
-    state[alias] = real.model.state_dict()[tied]
-    torch.save(state, tmp_path / "ckpt.pt")
-    meta = models.gpt2(size="tiny", batch_size=4, device="meta")
-    traced = trace(meta.model, meta.args, meta.kwargs)
-    plan = make_plan(traced, 3, [0.3, 0.7])
-    stages = [materialize(build_stage(traced, plan, k), "cpu", state_dict=tmp_path / "ckpt.pt")
-              for k in range(3)]
-    ref = dict(real.model.named_parameters())
-    for s in stages:
-        for local, canonical in s.param_names.items():
-            t = s.tensor(local)
-            assert not t.is_meta
-            if canonical in ref:
-                assert torch.equal(t, ref[canonical]), local
-    # each stage materialised its own copy of the tied weight: the pipeline sums their gradients
-    name = next(p.name for p in traced.graph.params if p.aliases)
-    assert stages[0].tensor(name) is not stages[2].tensor(name)
-    c = Case(lambda: models.gpt2(size="tiny", batch_size=4))
-    ref_model = c.reference
-    ref_model.load_state_dict(real.model.state_dict())
-    flat = traced.flatten_inputs(c.case.args, c.case.kwargs)
-    pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn)
-    loss, _ = pipe.train_step(flat, c.case.target)
-    ref_loss = c.case.loss_fn(ref_model(*c.case.args, **c.case.kwargs), c.case.target)
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
-    ref_grads = dict(ref_model.named_parameters())
-    assert rel_err(stages[0].tensor(name).grad, ref_grads[name].grad) <= RTOL
-    assert torch.equal(stages[0].tensor(name).grad, stages[2].tensor(name).grad)
-
-
-def test_materialize_refuses_bad_shapes(tmp_path: Any) -> None:
-    with torch.device("meta"):
-        model = Wide(8, 2)
-    traced = trace(model, (torch.randn(2, 8, device="meta"),))
-    program = build_stage(traced, make_plan(traced, 2, [0.5]), 0)
-    name = next(iter(program.param_names))
-    with pytest.raises(ConfigError, match="shape"):
-        materialize(program, "cpu", state_dict={name: torch.zeros(3)})
-    with pytest.raises(ConfigError, match="strict"):
-        materialize(program, "cpu", state_dict={}, strict=True)
-
-
-def _devices(p: int) -> list[str]:
-    if torch.cuda.is_available():
-        return ["cpu" if k % 2 else "cuda:0" for k in range(p)]
-    return ["cpu"] * p
-
-
-def test_stages_on_their_own_devices() -> None:
-    """Stage k on devices[k]; a tied weight on two devices becomes two copies whose gradients
-    are summed. Without CUDA every stage is on the CPU (the placement code still runs)."""
-    c = Case(lambda: models.gpt2(size="tiny", batch_size=4))
-    stages = build_stages(c.traced, make_plan(c.traced, 3, [0.3, 0.7]))
-    devices = _devices(3)
-    pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn, devices=devices)
-    for s, dev in zip(stages, devices):
-        assert {t.device for t in s.module.parameters()} == {torch.device(dev)}
-    loss, _ = pipe.train_step(c.flat, c.case.target)
-    ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
-    ref = dict(c.reference.named_parameters())
-    for name, p in pipe.named_parameters():
-        assert rel_err(p.grad.cpu(), ref[name].grad) <= 1e-4, name
-    name = next(q.name for q in c.traced.graph.params if q.aliases)
-    assert torch.equal(stages[0].tensor(name).grad.cpu(), stages[2].tensor(name).grad.cpu())
-
-
-def test_action_order_respects_dependencies() -> None:
-    for schedule in ("gpipe", "1f1b"):
-        order = action_order(schedule, 3, 5)
-        seen: set[tuple[str, int, int]] = set()
-        for a in order:
-            kind, s, i = a.kind, a.stage, a.microbatch
-            if kind == "F" and s > 0:
-                assert ("F", s - 1, i) in seen
-            if kind == "B":
-                assert ("F", s, i) in seen and (s == 2 or ("B", s + 1, i) in seen)
-            seen.add((kind, s, i))
-        assert len(seen) == 30

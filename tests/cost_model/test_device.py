@@ -13,6 +13,7 @@ from modelparallel.cost_model import (
     load_device_spec,
     parse_bytes,
 )
+from modelparallel.cost_model.device import stage_devices
 from modelparallel.errors import ConfigError
 
 
@@ -59,3 +60,12 @@ def test_spec_strings_and_errors(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("[1]")
     with pytest.raises(ConfigError, match="object"):
         load_device_spec(tmp_path / "bad.json")
+
+
+def test_stage_devices_one_or_one_per_stage_with_memory() -> None:
+    assert [d.name for d in stage_devices(["a100"], 3)] == ["a100"] * 3
+    mixed = stage_devices(["cpu", "h100"], 2, memory="2GiB")
+    assert [d.name for d in mixed] == ["cpu", "h100"]
+    assert {d.memory_bytes for d in mixed} == {2 * 2**30}
+    with pytest.raises(ConfigError, match="--device"):
+        stage_devices(["cpu", "cpu"], 3, what="--device")

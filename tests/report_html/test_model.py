@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from functools import cache
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -86,14 +87,18 @@ def test_groups_partition_the_nodes_and_edges_say_when_they_cross(depth: int) ->
     assert carried <= crossing  # a boundary edge only carries what the plan says crosses
 
 
-def test_the_report_is_written_without_a_framework(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_report_is_written_without_a_framework(tmp_path: Path) -> None:
     from test_planning_core import _run  # the same torch/tensorflow blocker
 
+    from modelparallel.step_trace import StepTrace, TraceEvent
+
     _plan().save(tmp_path / "plan.json")
+    StepTrace((TraceEvent(0, 0, "forward", 0, 0, 5.0, 5.5),), schedule="1f1b", microbatches=4,
+              ranks=3).save(tmp_path / "trace.json")
     out = _run(tmp_path, """
         import sys
         from modelparallel.cli import main
-        assert main(["report", "plan.json", "-o", "report.html"]) == 0
+        assert main(["report", "plan.json", "--trace", "trace.json", "-o", "report.html"]) == 0
         bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow")]
         assert not bad, bad
         print("report ok")

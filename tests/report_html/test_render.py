@@ -16,7 +16,8 @@ from modelparallel.partitioner import partition
 from modelparallel.partitioner._synthetic import transformer_graph
 from modelparallel.plan import Plan
 from modelparallel.report_html import render_report
-from modelparallel.report_html._model import MEMORY_KINDS, module_graph
+from modelparallel.report_html._model import MEMORY_KINDS, estimated_blocks, module_graph
+from modelparallel.step_trace import StepTrace, TraceEvent
 
 _P, _M = 3, 4
 
@@ -52,7 +53,8 @@ def test_report_in_a_browser(tmp_path: Path) -> None:
         page.wait_for_function("window.mpReport !== undefined", timeout=60_000)
         seen = page.evaluate(_PROBE)
         page.hover("#graph")  # hover shows a group's inspect --node text
-        cy_node = page.evaluate("""() => { const n = window.mpReport.cy.nodes().filter(x => x.data('stage') >= 0)[0];
+        cy_node = page.evaluate("""() => {
+            const n = window.mpReport.cy.nodes().filter(x => x.data('stage') >= 0)[0];
             n.emit('tap'); return document.getElementById('details').textContent; }""")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
@@ -76,3 +78,43 @@ def test_report_escapes_names_and_needs_no_framework() -> None:
     html = render_report(_plan())
     assert "<script>alert" not in html
     assert "cytoscape" in html and "Plotly" in html
+
+
+def _fake_trace(plan: Plan) -> StepTrace:
+    """Two steps "measured" as the estimate plays them, 20% slower, with a wait before each
+    forward but the first stage's."""
+    events = []
+    for step in range(2):
+        t0 = 1000.0 + step
+        for b in estimated_blocks(plan):
+            kind = "forward" if b.kind == "F" else "backward"
+            start, end = t0 + b.start * 1.2, t0 + b.end * 1.2
+            if kind == "forward" and b.stage > 0:
+                events.append(TraceEvent(b.rank, b.stage, "recv_wait", b.microbatch, step,
+                                         start - 1e-5, start))
+            events.append(TraceEvent(b.rank, b.stage, kind, b.microbatch, step, start, end))
+    return StepTrace(tuple(events), schedule=plan.config.schedule,
+                     microbatches=plan.config.microbatches, ranks=plan.partitions)
+
+
+def test_report_with_a_measured_trace_in_a_browser(tmp_path: Path) -> None:
+    plan = _plan()
+    trace = _fake_trace(plan)
+    trace_file = trace.save(tmp_path / "trace.json")
+    plan_file = plan.save(tmp_path / "plan.json")
+    out = tmp_path / "measured.html"
+    assert main(["report", str(plan_file), "--trace", str(trace_file), "-o", str(out)]) == 0
+    with open_page(out.as_uri()) as (page, errors):
+        page.wait_for_function("window.mpReport !== undefined", timeout=60_000)
+        seen = page.evaluate("""() => ({
+            blocks: document.querySelectorAll('.measured .barlayer .point').length,
+            said: +document.querySelector('.measured').dataset.blocks,
+            rows: document.querySelectorAll('#measured-table tr').length - 1,
+            head: [...document.querySelectorAll('#measured-table th')].map(t => t.textContent)})""")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report-measured.png"), full_page=True)
+    assert errors == []
+    step_events = [e for e in trace.events if e.step == 1]
+    assert seen["blocks"] == seen["said"] == len(step_events)
+    assert seen["rows"] == _P
+    assert "rank bubble meas." in seen["head"]

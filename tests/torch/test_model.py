@@ -127,3 +127,92 @@ def test_two_ranks_train_like_one_device(pipeline: str, kind: str, opt: str) -> 
     assert results[0]["losses"] == results[1]["losses"]  # every rank returns the same values
     assert results[0]["local"] and results[1]["local"]  # each stage holds parameters
     assert not set(results[0]["local"]) & set(results[1]["local"])
+
+
+def _delayed_job(rank: int, world: int) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
+                  "default_partition": 0, "delayed_parameter_initialization": True})
+        with smp.model_creation():
+            model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        smp.set_partition(model[2], 1)
+        dm = smp.DistributedModel(model)
+        opt = smp.DistributedOptimizer(torch.optim.SGD(dm.parameters(), lr=0.1))
+
+        @smp.step
+        def train_step(model: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+            loss = F.mse_loss(model(x), y)
+            model.backward(loss)
+            return loss
+
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            losses.append(float(train_step(dm, x, y).reduce_mean()))
+            opt.step()
+        return {"losses": losses,
+                "meta": sorted(n for n, p in dm.module.named_parameters() if p.is_meta),
+                "local": sorted(n for n, _ in dm.local_named_parameters())}
+    finally:
+        shutdown()
+
+
+def test_delayed_initialisation_materialises_only_the_stage() -> None:
+    results = [r.unwrap() for r in run_ranks(_delayed_job, 2)]
+    assert results[0]["local"] == ["0.bias", "0.weight"] == results[1]["meta"]
+    assert results[1]["local"] == ["2.bias", "2.weight"] == results[0]["meta"]
+    losses = results[0]["losses"]
+    assert losses == results[1]["losses"] and losses[-1] < losses[0]  # it trains
+
+
+def _ddp_job(rank: int, world: int) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": 1, "microbatches": 2, "ddp": True})
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        ref = copy.deepcopy(model)
+        dm = smp.DistributedModel(model)
+        opt = smp.DistributedOptimizer(torch.optim.SGD(dm.parameters(), lr=0.1))
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+
+        @smp.step
+        def train_step(model: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+            loss = F.mse_loss(model(x), y)
+            model.backward(loss)
+            return loss
+
+        for step in range(3):
+            batches = [(torch.randn(4, 4, generator=torch.Generator().manual_seed(10 * step + r)),
+                        torch.randn(4, 2, generator=torch.Generator().manual_seed(99 + r)))
+                       for r in range(world)]
+            x, y = batches[smp.dp_rank()]  # each replica its own shard
+            opt.zero_grad()
+            train_step(dm, x, y)
+            opt.step()
+            ref_opt.zero_grad()
+            F.mse_loss(ref(torch.cat([b[0] for b in batches])),
+                       torch.cat([b[1] for b in batches])).backward()
+            ref_opt.step()
+        diff = max(float((a - b).abs().max()) for a, b in zip(dm.parameters(),
+                                                                 ref.parameters()))
+        return {"diff": diff, "dp": (smp.dp_rank(), smp.dp_size(), smp.pp_size())}
+    finally:
+        shutdown()
+
+
+def test_ddp_replicas_train_like_one_device_on_the_whole_batch() -> None:
+    results = [r.unwrap() for r in run_ranks(_ddp_job, 2)]
+    assert [r["dp"] for r in results] == [(0, 2, 1), (1, 2, 1)]
+    assert all(r["diff"] < 1e-6 for r in results), results

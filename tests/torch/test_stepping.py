@@ -124,3 +124,25 @@ def test_one_process_step_matches_plain_training() -> None:
             smp.DistributedModel(torch.nn.Linear(1, 1))
     finally:
         shutdown()
+
+
+def test_trace_execution_times_plans_with_measured_times() -> None:
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    smp.init({"partitions": 1, "microbatches": 2})
+    try:
+        dm = smp.DistributedModel(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()),
+                                  trace_execution_times=True)
+
+        @smp.step
+        def train_step(model: Any, x: torch.Tensor) -> Any:
+            loss = model(x).sum()
+            model.backward(loss)
+            return loss
+
+        train_step(dm, torch.randn(4, 4))
+        assert dm.pipeline.planning.node_times is None  # the options given stay as given
+        assert dm.partitioned
+    finally:
+        shutdown()

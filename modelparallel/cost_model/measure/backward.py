@@ -3,9 +3,9 @@ running a whole backward (:func:`backward_host_times`).
 
 Note [in-context backward host time]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Where a stage's backward is host-bound (ResNet-50 at 32 images per microbatch on an H100 whose
-host needs ~10 us per op: ~65 us of host per node in the backward, against 2-3 us of kernels
-for a BatchNorm), the device time of the nodes' backwards is not the stage's backward time.
+Where a stage's backward is host-bound (small kernels, such as a BatchNorm's, queued by a slow
+host; figures in ``docs/measurements.md``), the device time of the nodes' backwards is not the
+stage's backward time.
 The host's cost per node is measured where it arises, inside the autograd engine running a
 whole backward (:func:`backward_host_times`):
 

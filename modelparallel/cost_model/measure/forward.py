@@ -8,9 +8,8 @@ The forward's host time of a node measured alone (:class:`_Profiler`: a Python c
 on detached leaves, repeated) misses what the host spends around the op when a stage's
 generated code runs it: the generated code's own statements (fetching attributes, dropping dead
 values), the caching allocator's work on a heap shaped by a whole forward, autograd's
-bookkeeping for the graph being built. On the H100 run of the fidelity benchmark the isolated
-figures summed over ResNet-50's last stage (86 nodes) gave 3.50 ms of host against a measured
-forward of 4.31 ms (the device alone: 1.83 ms), about 9 us per node short. So, as for the
+bookkeeping for the graph being built: summed over a host-bound stage, the isolated figures
+fall well short of its measured forward (``docs/measurements.md``). So, as for the
 backward (Note [in-context backward host time]), the host time is measured where it arises
 (:func:`forward_host_times`):
 
@@ -19,7 +18,7 @@ backward (Note [in-context backward host time]), the host time is measured where
    recompile: the code that runs is the generated code, not an Interpreter, whose own cost per
    node would dominate). Node ``k``'s host time is the interval from its stamp to the next,
    less the recorder's own cost (the median interval of a generated function of 200 stamps
-   back to back, about 0.1 us).
+   back to back).
 2. *Training's forward.* It runs with autograd recording, on the graph's real inputs and
    parameters, one or two warm-up runs, then 3-5 timed runs per node, and in
    :func:`node_times` the nodes of one kind pooled (both with the robust mean of Note [host
@@ -32,10 +31,9 @@ backward (Note [in-context backward host time]), the host time is measured where
 A node without a profile (``getitem``, ``sym_size``, a parameter's ``get_attr``) gives its time
 to the first profiled node that reads it, directly or through other unprofiled nodes
 (:func:`with_forward_context` with ``users``), else to the next profiled node. The reader is
-what decides: an exported graph fetches all parameters at its top (one ``getattr`` chain each,
-about 5-6 us on the H100's host: 1.4 ms for GPT-2 medium, 2.4 ms for BERT-large), but each
-stage's generated code fetches only its own, so charging the next node in order put the whole
-model's fetches on stage 0 (+12 to +17% on its predicted time). :func:`node_times` uses these
+what decides: an exported graph fetches all parameters at its top (one ``getattr`` chain each),
+but each stage's generated code fetches only its own, so charging the next node in order put
+the whole model's fetches on stage 0 (by how much: ``docs/measurements.md``). :func:`node_times` uses these
 figures by default where the profiles carry them (``forward_host="auto"``), else the isolated
 ones; if the stamped run fails, :func:`profile_nodes` warns and the field stays None. Known
 limits: a stage's call overhead is outside every node (Note [call overhead] in

@@ -1,0 +1,114 @@
+"""Model creation contexts: ``smp.delay_param_initialization``, ``smp.model_creation``, and
+SMP's tensor-parallel and activation-checkpointing entry points, which are not implemented and
+say so (``UnsupportedFeatureError``) instead of being ignored.
+
+Note [delayed parameters]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+``with smp.delay_param_initialization():`` builds the model on the meta device, so no parameter
+memory is allocated. The trace runs on fake tensors; at partitioning each rank materialises only
+its own stage (``modelparallel.codegen.materialize``: ``reset_parameters`` of its modules), so
+every rank holds only its stage's parameters. Materialising makes new parameter objects, so the
+DistributedOptimizer (built from the meta parameters) swaps them in, by name, after partitioning.
+Parameters of other stages stay on the meta device on this rank. Load weights after wrapping
+(``model.load_state_dict`` is deferred until partitioning and applied to the real stage).
+
+Example:
+    >>> with delay_param_initialization():
+    ...     layer = torch.nn.Linear(4, 4)
+    >>> layer.weight.is_meta
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelparallel.errors import UnsupportedFeatureError
+
+__all__ = [
+    "delay_param_initialization",
+    "model_creation",
+    "set_activation_checkpointing",
+    "set_tensor_parallelism",
+    "tensor_parallelism",
+    "tp_register",
+    "tp_register_with_module",
+]
+
+_TP = ("tensor parallelism is not implemented in modelparallel.torch; run the model unchanged "
+       "(pipeline parallelism splits it across ranks) and remove the tensor-parallel call")
+_CKPT = ("activation checkpointing through SMP's API is not available in modelparallel.torch "
+         "yet; remove the call (the model then keeps its activations, using more memory), or "
+         "lower active_microbatches to cap activation memory")
+
+
+@contextlib.contextmanager
+def delay_param_initialization(enabled: bool = True) -> Iterator[None]:
+    """Build the model's parameters on the meta device (Note [delayed parameters])."""
+    if not enabled:
+        yield
+        return
+    with torch.device("meta"):
+        yield
+
+
+@contextlib.contextmanager
+def model_creation(tensor_parallelism: bool = False, dtype: torch.dtype | None = None,
+                   **tensor_parallel_config: Any) -> Iterator[None]:
+    """SMP's creation context: ``dtype`` as the default dtype while the model is built, and
+    delayed initialisation when the config's ``delayed_parameter_initialization`` is on.
+
+    Raises:
+        UnsupportedFeatureError: with ``tensor_parallelism=True``.
+    """
+    from modelparallel.torch.state_mod import state
+
+    if tensor_parallelism:
+        raise UnsupportedFeatureError(f"model_creation(tensor_parallelism=True): {_TP}")
+    delay = bool(state.cfg is not None and state.cfg.delayed_parameter_initialization)
+    old = torch.get_default_dtype()
+    try:
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)
+        with delay_param_initialization(delay):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@contextlib.contextmanager
+def tensor_parallelism(enabled: bool = True, **kwargs: Any) -> Iterator[None]:
+    """SMP's tensor-parallel context: refused when enabled (not implemented)."""
+    if enabled:
+        raise UnsupportedFeatureError(f"smp.tensor_parallelism(): {_TP}")
+    yield
+
+
+def set_tensor_parallelism(module: nn.Module, enabled: bool = True, **kwargs: Any) -> None:
+    """Refused when enabled (tensor parallelism is not implemented)."""
+    if enabled:
+        raise UnsupportedFeatureError(f"smp.set_tensor_parallelism(): {_TP}")
+
+
+def tp_register(dist_module: Any, init_hook: Any = None, forward_hook: Any = None,
+                return_hook: Any = None) -> Any:
+    """Refused (tensor parallelism is not implemented)."""
+    raise UnsupportedFeatureError(f"smp.tp_register(): {_TP}")
+
+
+def tp_register_with_module(module_cls: Any, dist_module: Any, init_hook: Any = None,
+                            forward_hook: Any = None, return_hook: Any = None) -> None:
+    """Refused (tensor parallelism is not implemented)."""
+    raise UnsupportedFeatureError(f"smp.tp_register_with_module(): {_TP}")
+
+
+def set_activation_checkpointing(module: nn.Module, preserve_rng_state: bool = True,
+                                 pack_args_as_tuple: bool = False, strategy: str = "each"
+                                 ) -> None:
+    """SMP's activation checkpointing of a module: refused until the runtime has it."""
+    raise UnsupportedFeatureError(f"smp.set_activation_checkpointing(): {_CKPT}")

@@ -1,0 +1,10 @@
+"""SMP's ``smp.nn.huggingface.gptneo`` translators: identities here (see the package docstring)."""
+
+from __future__ import annotations
+
+from modelparallel.torch.nn.huggingface import identity_translation
+
+__all__ = ["translate_hf_state_dict_to_smdistributed_gptneo", "translate_state_dict_to_hf_gptneo"]
+
+translate_state_dict_to_hf_gptneo = identity_translation
+translate_hf_state_dict_to_smdistributed_gptneo = identity_translation

@@ -1,0 +1,1 @@
+"""SMP's ``smdistributed.modelparallel.torch.patches`` namespace (``patches.checkpoint``)."""

@@ -1,0 +1,98 @@
+"""The single-process pipeline (modelparallel/runtime/local.py): stages on their own devices,
+microbatch checks, the action order of the schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from _stage_cases import Case, make_plan, rel_err
+
+from modelparallel import models
+from modelparallel.codegen import build_stages
+from modelparallel.errors import ConfigError
+from modelparallel.runtime.local import LocalPipeline, action_order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The models are tiny: one intra-op thread is faster and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def skip() -> Case:
+    return Case(lambda: models.skip_mlp(batch_size=8))
+
+
+def test_batch_must_divide_into_microbatches(skip: Case) -> None:
+    stages = build_stages(skip.traced, make_plan(skip.traced, 2, [0.5]))
+    pipe = LocalPipeline(stages, microbatches=3, loss_fn=skip.case.loss_fn)
+    with pytest.raises(ConfigError, match="microbatches"):
+        pipe.train_step(skip.flat, skip.case.target)
+
+
+def _devices(p: int) -> list[str]:
+    if torch.cuda.is_available():
+        return ["cpu" if k % 2 else "cuda:0" for k in range(p)]
+    return ["cpu"] * p
+
+
+def test_stages_on_their_own_devices() -> None:
+    """Stage k on devices[k]; a tied weight on two devices becomes two copies whose gradients
+    are summed. Without CUDA every stage is on the CPU (the placement code still runs)."""
+    c = Case(lambda: models.gpt2(size="tiny", batch_size=4))
+    stages = build_stages(c.traced, make_plan(c.traced, 3, [0.3, 0.7]))
+    devices = _devices(3)
+    pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn, devices=devices)
+    for s, dev in zip(stages, devices):
+        assert {t.device for t in s.module.parameters()} == {torch.device(dev)}
+    loss, _ = pipe.train_step(c.flat, c.case.target)
+    ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+    ref = dict(c.reference.named_parameters())
+    for name, p in pipe.named_parameters():
+        assert rel_err(p.grad.cpu(), ref[name].grad) <= 1e-4, name
+    name = next(q.name for q in c.traced.graph.params if q.aliases)
+    assert torch.equal(stages[0].tensor(name).grad.cpu(), stages[2].tensor(name).grad.cpu())
+
+
+def test_action_order_respects_dependencies() -> None:
+    for schedule in ("gpipe", "1f1b"):
+        order = action_order(schedule, 3, 5)
+        seen: set[tuple[str, int, int]] = set()
+        for a in order:
+            kind, s, i = a.kind, a.stage, a.microbatch
+            if kind == "F" and s > 0:
+                assert ("F", s - 1, i) in seen
+            if kind == "B":
+                assert ("F", s, i) in seen and (s == 2 or ("B", s + 1, i) in seen)
+            seen.add((kind, s, i))
+        assert len(seen) == 30
+
+
+@pytest.mark.parametrize("model", ["gpt2", "skip"])
+def test_new_schedules_in_one_process(model: str) -> None:
+    """ZB-H1 (split backward) and an interleaved 1F1B schedule (two virtual stages per rank,
+    four stages) in one process give the gradients of one backward."""
+    from modelparallel.schedule import make_schedule
+
+    c = Case(lambda: models.gpt2(size="tiny", batch_size=4) if model == "gpt2"
+             else models.skip_mlp(batch_size=4))
+    stages = build_stages(c.traced, make_plan(c.traced, 4, [0.25, 0.5, 0.75]))
+    ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
+    ref_loss.backward()
+    ref = dict(c.reference.named_parameters())
+    for schedule in ("zb-h1", make_schedule("1f1b", 2, 2, virtual_stages=2)):
+        pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn, schedule=schedule)
+        for p in pipe.parameters():
+            p.grad = None
+        loss, _ = pipe.train_step(c.flat, c.case.target)
+        assert rel_err(loss, ref_loss.detach()) <= 1e-5
+        for name, p in pipe.named_parameters():
+            assert rel_err(p.grad, ref[name].grad) <= 1e-5, (schedule, name)
