@@ -170,6 +170,9 @@ class StageExecutor:
         grad_sync: Averages the gradients over the stage's data-parallel replicas after each
             training step (Note [data-parallel gradient sync] in
             ``modelparallel/runtime/data_parallel.py``); ``None``: no replicas.
+        active_microbatches: Most microbatches in flight per stage: the step runs its schedule
+            in waves of at most this many microbatches (Note [active microbatches]);
+            ``None``: one wave.
         check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
             rank after the batch is shared (the front end refuses shapes the traced graph
             cannot run, ``TracedModel.check_shapes``).
@@ -197,6 +200,7 @@ class StageExecutor:
                  average_grads: bool = True, device: torch.device | str = "cpu",
                  on_action: ActionHook | None = None,
                  grad_sync: GradientSync | None = None,
+                 active_microbatches: int | None = None,
                  check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = _check_programs(programs)
@@ -220,6 +224,8 @@ class StageExecutor:
         #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
         self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
+        self.active_microbatches = active_microbatches
+        self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
@@ -506,6 +512,7 @@ class StageExecutor:
 
     def _scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / self.split.num_microbatches if self.average_grads else 1.0
+        scale *= self.loss_scale
         return loss * scale if scale != 1.0 else loss
 
     def _release(self, s: int, i: int) -> None:
@@ -707,7 +714,7 @@ class StageExecutor:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches
         key = (m, train)
         if key not in self._schedules:
-            sched = make_schedule(self.schedule_name, p, m, v)
+            sched = _waves(self.schedule_name, p, m, v, self.active_microbatches)
             if not train:  # the training order's forwards: same link order, no deadlock
                 sched = Schedule("forward", p * v, m, tuple(
                     tuple(a for a in lst if a.kind == "F") for lst in sched.actions), v)
@@ -729,6 +736,39 @@ def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, .
             f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
             "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
     return programs
+
+
+# Note [active microbatches]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# SMP's ``active_microbatches`` caps the microbatches in flight (forward done, backward not yet)
+# per stage. The executor runs the step's schedule in waves: microbatches ``0..a-1`` through the
+# whole schedule of ``a`` microbatches, then the next ``a``, and so on (the last wave may be
+# smaller); gradients accumulate over the waves as over microbatches, so the step's result is
+# the same. A stage then holds at most ``min(a, what the schedule keeps)`` microbatches, which
+# is what the memory model charges (Note [memory features] in
+# ``modelparallel/partitioner/memory_features.py``); the bubble grows to one per wave.
+
+
+def _waves(name: str, p: int, m: int, v: int, active: int | None) -> Schedule:
+    """The schedule of ``m`` microbatches run in waves of ``active`` (Note [active
+    microbatches])."""
+    if active is None or active >= m:
+        return make_schedule(name, p, m, v)
+    if v > 1:
+        raise ConfigError(f"active_microbatches = {active} < microbatches = {m} is not "
+                          "supported with virtual stages; leave it out")
+    per_rank: list[list[Action]] = [[] for _ in range(p)]
+    start = 0
+    while start < m:
+        size = min(active, m - start)
+        wave = make_schedule(name, p, size, v)
+        for r, lst in enumerate(wave.actions):
+            per_rank[r].extend(Action(a.stage, a.kind, a.microbatch + start) for a in lst)
+        start += size
+    sched = Schedule(f"{name} in waves of {active}", p * v, m,
+                     tuple(tuple(x) for x in per_rank), v)
+    sched.validate()
+    return sched
 
 
 def _samples(microbatches: Sequence[Sequence[Any]]) -> int:

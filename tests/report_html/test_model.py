@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from functools import cache
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -86,7 +87,7 @@ def test_groups_partition_the_nodes_and_edges_say_when_they_cross(depth: int) ->
     assert carried <= crossing  # a boundary edge only carries what the plan says crosses
 
 
-def test_the_report_is_written_without_a_framework(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_report_is_written_without_a_framework(tmp_path: Path) -> None:
     from test_planning_core import _run  # the same torch/tensorflow blocker
 
     from modelparallel.step_trace import StepTrace, TraceEvent

@@ -53,7 +53,8 @@ def test_report_in_a_browser(tmp_path: Path) -> None:
         page.wait_for_function("window.mpReport !== undefined", timeout=60_000)
         seen = page.evaluate(_PROBE)
         page.hover("#graph")  # hover shows a group's inspect --node text
-        cy_node = page.evaluate("""() => { const n = window.mpReport.cy.nodes().filter(x => x.data('stage') >= 0)[0];
+        cy_node = page.evaluate("""() => {
+            const n = window.mpReport.cy.nodes().filter(x => x.data('stage') >= 0)[0];
             n.emit('tap'); return document.getElementById('details').textContent; }""")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
