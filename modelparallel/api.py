@@ -608,13 +608,19 @@ class Pipeline:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model's state dict, gathered from every rank (collective; CPU tensors).
+        """The full model's state dict, gathered from every rank (CPU tensors).
+
+        Collective: every rank must call it (then save on one: ``sd = pipe.state_dict()``,
+        then ``if rank == 0: torch.save(sd, path)``); called on one rank only, it waits for
+        the others until the timeout.
 
         Tensors no stage holds (parameters no operation reads) come from the local model.
         """
         self._require()
         local = {k: v.cpu() for k, v in self.local_state_dict().items()}
-        parts = self._comm.all_gather_object(local, "the state dict") if self._comm else [local]
+        parts = self._comm.all_gather_object(
+            local, "the other ranks' parts of the state dict (state_dict() is collective: call "
+            "it on every rank, not under 'if rank == 0')") if self._comm else [local]
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             for k, v in part.items():
@@ -690,7 +696,7 @@ class Pipeline:
     def close(self) -> None:
         """Release the pipeline's process groups (the pipeline is unusable afterwards)."""
         if self._comm is not None:
-            self._comm.teardown("closed by the user")
+            self._comm.close()
 
     def __repr__(self) -> str:
         state = "partitioned" if self.partitioned else "not partitioned yet"
