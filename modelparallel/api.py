@@ -317,6 +317,7 @@ class Pipeline:
         self.stage = coords.pp_rank
         self.dp_rank = coords.dp_rank
         self.dp_group: Any = None  # the stage's data-parallel process group, once built
+        self.scaler: Any = None  # fp16: the PipelineGradScaler (Note [fp16 loss scaling])
         self.distributed = distributed
         self.trace_method = trace_method
         self.leaf_modules = leaf_modules
@@ -383,6 +384,7 @@ class Pipeline:
                     materialize(program, self.device)
                 program.module.to(self.device)
             program = programs[0]
+            _apply_features(programs, traced.graph, plan.config)
         except BaseException as e:
             if round_ is not None:
                 round_.fail(e)
@@ -407,6 +409,7 @@ class Pipeline:
                                        schedule=self.schedule, split=split,
                                        average_grads=self.average_grads, device=self.device,
                                        grad_sync=self._grad_sync(programs, comm),
+                                       active_microbatches=plan.config.active_microbatches,
                                        check_inputs=traced.check_inputs)
         if self.trace_dir is not None:
             from modelparallel.runtime.trace import attach_recorder
@@ -418,6 +421,10 @@ class Pipeline:
                 self._executor, where,
                 gather=comm.all_gather_object if comm is not None else None,
                 metadata={"model": plan.model.name, "fingerprint": plan.model.fingerprint})
+        if plan.config.precision == "fp16":
+            from modelparallel.runtime.precision import PipelineGradScaler
+
+            self.scaler = PipelineGradScaler()
 
     def _grad_sync(self, programs: tuple[Any, ...], comm: StageComm | None
                    ) -> GradientSync | None:
@@ -461,6 +468,8 @@ class Pipeline:
             opts = self.planning_for(traced, mb_args, mb_kwargs, opts)
         config = PlanConfig.of(opts, partitions=self.partitions, microbatches=self.microbatches,
                                schedule=self.schedule, virtual_stages=self.virtual_stages)
+        if self.placement.dp > 1:  # the plan is for one replica of dp (Note [memory features])
+            config = dataclasses.replace(config, data_parallel=self.placement.dp)
         devices = self._device_specs()
         costs = None
         if opts.node_times is not None:
@@ -516,9 +525,38 @@ class Pipeline:
         """
         ex = self._ready(inputs)
         flat = self._flatten(inputs)
+        if self.scaler is not None:
+            ex.loss_scale = self.scaler.scale
         out = ex.train_step(flat, targets, return_outputs=self.return_outputs
                             if return_outputs is None else return_outputs)
+        if self.scaler is not None:
+            self.scaler.unscale(self.parameters())
         return StepResult(out.loss, out.outputs)
+
+    def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any
+                       ) -> torch.optim.Optimizer:
+        """An optimizer over this rank's parameters: ZeRO-1 over the stage's replicas when the
+        plan shards optimizer state (``shard_optimizer_state``), else a plain one.
+
+        Collective over the stage's data-parallel group when sharded.
+        """
+        params = list(self.parameters())
+        if self.plan is not None and self.plan.config.shard_optimizer_state \
+                and self.dp_group is not None:
+            from modelparallel.runtime.zero import shard_optimizer
+
+            return shard_optimizer(params, optimizer_class, self.dp_group, **kwargs)
+        return optimizer_class(params, **kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``optimizer.step()``, or with fp16 the scaler's step and update (skipped on every
+        rank when any rank's gradients overflowed); returns whether the step ran."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        ran = self.scaler.step(optimizer)
+        self.scaler.update()
+        return bool(ran)
 
     def eval_step(self, inputs: Inputs) -> Any:
         """Forward only, without gradients; returns the outputs on every rank."""
@@ -570,13 +608,19 @@ class Pipeline:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model's state dict, gathered from every rank (collective; CPU tensors).
+        """The full model's state dict, gathered from every rank (CPU tensors).
+
+        Collective: every rank must call it (then save on one: ``sd = pipe.state_dict()``,
+        then ``if rank == 0: torch.save(sd, path)``); called on one rank only, it waits for
+        the others until the timeout.
 
         Tensors no stage holds (parameters no operation reads) come from the local model.
         """
         self._require()
         local = {k: v.cpu() for k, v in self.local_state_dict().items()}
-        parts = self._comm.all_gather_object(local, "the state dict") if self._comm else [local]
+        parts = self._comm.all_gather_object(
+            local, "the other ranks' parts of the state dict (state_dict() is collective: call "
+            "it on every rank, not under 'if rank == 0')") if self._comm else [local]
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             for k, v in part.items():
@@ -652,7 +696,7 @@ class Pipeline:
     def close(self) -> None:
         """Release the pipeline's process groups (the pipeline is unusable afterwards)."""
         if self._comm is not None:
-            self._comm.teardown("closed by the user")
+            self._comm.close()
 
     def __repr__(self) -> str:
         state = "partitioned" if self.partitioned else "not partitioned yet"
@@ -678,6 +722,16 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return 1
+
+
+def _apply_features(programs: Sequence[Any], graph: Any, config: PlanConfig) -> None:
+    """Checkpointing, offload and autocast of the plan (Note [checkpoint regions])."""
+    from modelparallel.codegen.checkpointing import apply_memory_features
+
+    for q in programs:
+        apply_memory_features(q, graph, checkpointing=config.checkpointing,
+                              module_depth=config.module_depth,
+                              offload=config.offload_activations, precision=config.precision)
 
 
 def _load_problem(missing: list[str], unexpected: list[str], stage: int) -> str:

@@ -509,7 +509,10 @@ def load_plan(path: str | Path, graph: Graph | None = None) -> Plan:
         text = Path(path).read_text()
     except OSError as e:
         raise PlanFormatError(f"cannot read plan file {str(path)!r}: {e.strerror}") from None
-    plan = Plan.from_json(text)
+    try:
+        plan = Plan.from_json(text)
+    except PlanFormatError as e:
+        raise PlanFormatError(f"plan file {str(path)!r}: {e}") from None
     if graph is not None:
         plan.check_graph(graph)
     return plan

@@ -20,7 +20,9 @@ from modelparallel.schedule import (  # re-exported (moved)
 )
 
 __all__ = [
+    "CHECKPOINTING_CHOICES",
     "GRANULARITIES",
+    "PRECISIONS",
     "OPTIMIZE_CHOICES",
     "SCHEDULE_ALIASES",
     "SOLVERS",
@@ -38,6 +40,8 @@ OPTIMIZE_CHOICES = ("speed", "memory")
 GRANULARITIES = ("op", "module")
 TIED_CHOICES = ("replicate", "colocate")
 SOLVERS = ("highs", "cbc")
+CHECKPOINTING_CHOICES = ("none", "all", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
 #: The order of :class:`PlanConfig`'s fields in plan files (the pipeline's shape first).
 _CONFIG_ORDER = ("partitions", "microbatches", "schedule", "virtual_stages")
 
@@ -75,6 +79,21 @@ class PartitionOptions:
         pins: Node name or module path to stage index; pinned nodes go to that stage.
         solver: ``"highs"`` (default) or ``"cbc"``.
         time_limit: Seconds the ILP solver may take in all.
+        checkpointing: Activation checkpointing (Note [memory features] in
+            ``modelparallel/partitioner/memory_features.py``): ``"none"``; ``"all"`` (every
+            region: each transformer block, or each module at ``module_depth``); ``"auto"``
+            (the planner checkpoints the fewest regions that make the plan fit, and the plan
+            records them); or the module paths to checkpoint.
+        offload_activations: Move saved activations to host memory between forward and
+            backward.
+        precision: ``"fp32"``, ``"bf16"`` (autocast, fp32 master weights) or ``"fp16"``
+            (autocast with dynamic loss scaling).
+        active_microbatches: Most microbatches in flight per stage (SMP's
+            ``active_microbatches``); ``None``: as many as the schedule keeps.
+        data_parallel: Replicas of the pipeline the plan is made for (one replica's plan; the
+            optimizer state divides by it with ``shard_optimizer_state``).
+        shard_optimizer_state: ZeRO-1: each replica keeps ``1 / data_parallel`` of the
+            optimizer state.
     """
 
     optimize: str = "speed"
@@ -86,6 +105,12 @@ class PartitionOptions:
     pins: Mapping[str, int] = field(default_factory=dict)
     solver: str = "highs"
     time_limit: float = 10.0
+    checkpointing: str | tuple[str, ...] = "none"
+    offload_activations: bool = False
+    precision: str = "fp32"
+    active_microbatches: int | None = None
+    data_parallel: int = 1
+    shard_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         if self.optimize not in _OPTIMIZE_DEFAULT_WEIGHT:
@@ -106,6 +131,25 @@ class PartitionOptions:
         if self.time_limit <= 0:
             raise ConfigError(f"time_limit = {self.time_limit} must be > 0 seconds")
         object.__setattr__(self, "pins", dict(self.pins))
+        ck = self.checkpointing
+        if not isinstance(ck, str):
+            ck = tuple(str(x) for x in ck)
+            object.__setattr__(self, "checkpointing", ck)
+            if not ck:
+                object.__setattr__(self, "checkpointing", "none")
+        elif ck not in CHECKPOINTING_CHOICES:
+            raise ConfigError(f"checkpointing = {ck!r}; use one of {list(CHECKPOINTING_CHOICES)} "
+                              "or a list of module paths")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision = {self.precision!r}; use one of {list(PRECISIONS)}")
+        if self.active_microbatches is not None and (
+                isinstance(self.active_microbatches, bool)
+                or not isinstance(self.active_microbatches, int) or self.active_microbatches < 1):
+            raise ConfigError(f"active_microbatches = {self.active_microbatches!r} must be an "
+                              "int >= 1 or None")
+        if isinstance(self.data_parallel, bool) or not isinstance(self.data_parallel, int) \
+                or self.data_parallel < 1:
+            raise ConfigError(f"data_parallel = {self.data_parallel!r} must be an int >= 1")
 
     def partition_options(self) -> dict[str, Any]:
         """This value's :class:`PartitionOptions` fields, by name (for :meth:`PlanConfig.of`)."""

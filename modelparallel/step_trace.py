@@ -16,12 +16,12 @@ the schedule action it runs (``"2F3"``: stage 2, forward, microbatch 3, as
 :class:`~modelparallel.schedule.Schedule` prints it) for compute, and the kind and microbatch
 otherwise (``"recv_wait 3"``, ``"send 3"``, ``"grad_sync"``); ``cat`` is
 ``"modelparallel.<kind>"``; ``args`` carries ``kind``, ``stage``, ``microbatch``, ``step`` and,
-for a split backward's input half, ``letter`` (``"I"``).
-``otherData`` holds ``format`` (``"modelparallel.step_trace"``), ``version``, the schedule, the
-microbatch count, the ranks and ``origin_unix_s``, the whole second (Unix time) that ``ts`` counts
-from (so microseconds keep their precision). Times are each rank's wall clock (``time.time`` at the start of
-recording plus ``time.perf_counter`` since), so ranks on one host line up to microseconds and
-ranks on several hosts only as well as their clocks agree.
+for a split backward's input half, ``letter`` (``"I"``). ``otherData`` holds ``format``
+(``"modelparallel.step_trace"``), ``version``, the schedule, the microbatch count, the ranks and
+``origin_unix_s``, the whole second (Unix time) that ``ts`` counts from (so microseconds keep
+their precision). Times are each rank's wall clock (``time.time`` at the start of recording plus
+``time.perf_counter`` since), so ranks on one host line up to microseconds and ranks on several
+hosts only as well as their clocks agree.
 
 Example:
     >>> t = StepTrace((TraceEvent(0, 0, "forward", 0, 0, 1.0, 1.5),

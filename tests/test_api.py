@@ -14,11 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import cut_plan, run_ranks
+from torch import nn
 
 from modelparallel import PlanningOptions
 from modelparallel.api import Pipeline, StepResult, pipeline
 from modelparallel.cost_model.node_times import save_node_times
-from modelparallel.errors import ConfigError, PlanMismatchError
+from modelparallel.errors import (
+    ConfigError,
+    PlanMismatchError,
+)
 
 RTOL = 1e-5
 
@@ -355,3 +359,45 @@ def test_load_state_dict_is_strict_by_default() -> None:
     assert pipe.load_state_dict(other.state_dict()) == LoadResult([], [])
     x = torch.randn(4, 4)
     torch.testing.assert_close(pipe.eval_step(x), other(x))
+
+
+class SeqFirst(nn.Module):
+    """Takes (seq, batch, features) and a per-feature scale that is not split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.transpose(0, 1) * scale)
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_split_axes_non_split_inputs_and_summed_gradients() -> None:
+    torch.manual_seed(0)
+    model = SeqFirst()
+    ref = copy.deepcopy(model)
+    x, scale, y = torch.randn(3, 8, 4), torch.randn(4), torch.randn(8, 3, 2)
+    pipe = pipeline(model, (x, scale), loss_fn=nn.functional.mse_loss, microbatches=4,
+                    input_split_axes={"x": 1}, non_split_inputs=["scale"], average_grads=False)
+    res = pipe.step((x, scale), y)
+    ref_loss = nn.functional.mse_loss(ref(x, scale), y)
+    ref_loss.backward()
+    assert float(res.loss) == pytest.approx(ref_loss.item(), rel=RTOL)
+    got, want = _grads(model), _grads(ref)
+    for name in want:  # summed over 4 microbatches of a mean loss: 4x the full-batch gradient
+        torch.testing.assert_close(got[name], 4 * want[name], rtol=RTOL, atol=1e-6)
+
+
+def test_eval_step_and_outputs_structure() -> None:
+    from modelparallel import models
+
+    case = models.gpt2("tiny", batch_size=4, seq_len=8)
+    ref = copy.deepcopy(case.model)
+    pipe = pipeline(case.model, case.args, loss_fn=case.loss_fn, microbatches=2)
+    out = pipe.eval_step(case.args)
+    assert type(out).__name__ == type(ref(*case.args)).__name__
+    torch.testing.assert_close(out.logits, ref(*case.args).logits, rtol=RTOL, atol=1e-5)

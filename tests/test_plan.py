@@ -100,5 +100,6 @@ def test_unreadable_plan(tmp_path) -> None:
     with pytest.raises(PlanFormatError, match="cannot read"):
         load_plan(tmp_path / "none.json")
     (tmp_path / "x.json").write_text("{")
-    with pytest.raises(PlanFormatError, match="not valid JSON"):
+    with pytest.raises(PlanFormatError, match="not valid JSON") as info:
         load_plan(tmp_path / "x.json")
+    assert "x.json" in str(info.value)  # the file is named (issue 13 item 6)

@@ -19,6 +19,7 @@ from modelparallel.plan import (
     TIED_CHOICES,
     PlanConfig,
 )
+from modelparallel.plan_config import CHECKPOINTING_CHOICES, PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +79,19 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=SOLVERS, default=d["solver"])
     p.add_argument("--time-limit", type=float, default=d["time_limit"], metavar="S",
                    help=f"seconds the ILP may take (default {d['time_limit']:g})")
+    p.add_argument("--checkpointing", default=d["checkpointing"], metavar="MODE|PATHS",
+                   help=f"activation checkpointing: {', '.join(CHECKPOINTING_CHOICES)}, or "
+                        "comma-separated module paths")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="saved activations in host memory between forward and backward")
+    p.add_argument("--precision", choices=PRECISIONS, default=d["precision"])
+    p.add_argument("--active-microbatches", type=int, default=d["active_microbatches"],
+                   metavar="N", help="most microbatches in flight per stage")
+    p.add_argument("--data-parallel", type=int, default=d["data_parallel"], metavar="DP",
+                   help="replicas of the pipeline (divides optimizer state with "
+                        "--shard-optimizer-state)")
+    p.add_argument("--shard-optimizer-state", action="store_true",
+                   help="ZeRO-1 over the data-parallel replicas")
 
 
 def _config_from_args(a: argparse.Namespace) -> PlanConfig:
@@ -93,7 +107,10 @@ def _config_from_args(a: argparse.Namespace) -> PlanConfig:
     with contextlib.suppress(ValueError):
         optimizer = float(a.optimizer)
     values = {f.name: getattr(a, f.name) for f in fields(PlanConfig)}
-    return PlanConfig(**{**values, "pins": pins, "optimizer": optimizer})
+    ck = a.checkpointing
+    if isinstance(ck, str) and ck not in CHECKPOINTING_CHOICES:
+        ck = tuple(x.strip() for x in ck.split(",") if x.strip())
+    return PlanConfig(**{**values, "pins": pins, "optimizer": optimizer, "checkpointing": ck})
 
 
 def _devices_from_args(a: argparse.Namespace) -> list[DeviceSpec]:

@@ -159,8 +159,10 @@ def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:
            f"memory ({have}). A plan exists with {_size(need)} on every device "
            f"({need} bytes; the contiguous split minimising the largest stage), and none can "
            f"fit below {_size(lb.min_memory_bytes)}. Use devices with at least "
-           f"{_size(need)}, more partitions, schedule='1f1b' (fewer microbatches "
-           "in flight than 'gpipe'), or a lighter optimizer.")
+           f"{_size(need)}, more partitions, "
+           + ("schedule='1f1b' (fewer microbatches in flight than 'gpipe'), "
+              if str(prob.config.schedule) in ("gpipe", "simple") else "fewer microbatches, ")
+           + "or a lighter optimizer.")
     return InfeasiblePlanError(msg, min_memory_bytes=need)
 
 

@@ -111,6 +111,7 @@ from modelparallel.cost_model import (
 from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
+from modelparallel.partitioner.memory_features import FeatureArrays, apply_features
 from modelparallel.plan import PlanConfig
 from modelparallel.schedule import inflight_microbatches
 
@@ -419,6 +420,14 @@ def _domains(n: int, p: int, src: np.ndarray, dst: np.ndarray, pinned: Mapping[i
     return lo, hi
 
 
+def _sharded(state: int, nbytes: int, trainable: bool, shard: int) -> int:
+    """A parameter's state bytes with its optimizer state divided by ``shard`` (ZeRO-1)."""
+    if shard == 1 or not trainable:
+        return state
+    keep = min(state, 2 * nbytes)  # the value and its gradient
+    return keep + (state - keep) // shard
+
+
 def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
                   costs: Sequence[GraphCosts] | None = None) -> Problem:
     """Build the :class:`Problem` for ``graph`` under ``config`` on ``devices``.
@@ -457,11 +466,6 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     out_b = np.array([c0.nodes[x].output_bytes for x in names], dtype=float)
     sent = np.minimum(out_b, np.array([c0.nodes[x].sent_held for x in names], dtype=float))
     grad_b = np.array([c0.nodes[x].grad_bytes for x in names], dtype=float)
-    nb = max(p - 1, 1)
-    comm = np.zeros((n, nb))
-    for b in range(nb):
-        dev = stage_costs[b].device
-        comm[:, b] = [dev.transfer_time(o) + dev.transfer_time(g) for o, g in zip(out_b, grad_b)]
     src: list[int] = []
     dst: list[int] = []
     for nd in graph.nodes:
@@ -472,14 +476,25 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
                     dst.append(index[nd.name])
     edge_src = np.array(src, dtype=np.int64)
     edge_dst = np.array(dst, dtype=np.int64)
+    # Note [memory features]: checkpointing, offload and precision rewrite the node costs.
+    feature_notes = apply_features(config, graph, names, edge_src, edge_dst, FeatureArrays(
+        fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
+        grad_bytes=grad_b), [c.device for c in stage_costs])
+    nb = max(p - 1, 1)
+    comm = np.zeros((n, nb))
+    for b in range(nb):
+        dev = stage_costs[b].device
+        comm[:, b] = [dev.transfer_time(o) + dev.transfer_time(g) for o, g in zip(out_b, grad_b)]
     readers: dict[str, list[int]] = {}
     for nd in graph.nodes:
         if nd.name in index:
             for q in dict.fromkeys(nd.params):
                 readers.setdefault(q, []).append(index[nd.name])
+    shard = config.data_parallel if config.shard_optimizer_state else 1
     params = tuple(
         ParamInfo(name=q, readers=tuple(rs),
-                  state=tuple(int(c.param_state_bytes[q]) for c in stage_costs),
+                  state=tuple(_sharded(int(c.param_state_bytes[q]), graph.param(q).nbytes,
+                                       graph.param(q).trainable, shard) for c in stage_costs),
                   nbytes=graph.param(q).nbytes, numel=graph.param(q).numel,
                   trainable=graph.param(q).trainable)
         for q, rs in readers.items())
@@ -487,6 +502,8 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     inflight = np.array([inflight_microbatches(config.schedule, config.microbatches,
                                                config.partitions, s, v)
                          for s in range(p)], dtype=float)
+    if config.active_microbatches is not None:  # Note [memory features]
+        inflight = np.minimum(inflight, float(config.active_microbatches))
     # Note [virtual stages in the plan]: each of a rank's v stages gets 1/v of its memory.
     caps = np.array([d.memory_bytes / v for d in specs], dtype=float)
     pinned = _resolve_pins(graph, config, index, derived)
@@ -507,7 +524,9 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     m_bal = state_mean + float(np.mean(inflight)) * float(saved.sum()) + float(
         workspace.max(initial=0.0))
     u_ref = m_bal / float(caps.sum()) if m_bal > 0 else 1.0
-    notes: list[str] = []
+    notes: list[str] = list(feature_notes)
+    if shard > 1:
+        notes.append(f"optimizer state sharded over {shard} data-parallel replicas (ZeRO-1)")
     if derived:
         notes.append(f"{len(graph) - n} input-derived nodes are recomputed on every stage "
                      "that needs them (Note [inputs on every rank])")

@@ -30,6 +30,7 @@ from modelparallel.partitioner.evaluate import (
     evaluate,
     make_plan,
 )
+from modelparallel.partitioner.memory_features import FeatureArrays, auto_checkpoint
 from modelparallel.partitioner.methods import METHODS, Progress, _Clock, _size, run_method
 from modelparallel.partitioner.problem import DevicesArg, Problem, build_problem
 from modelparallel.plan import Plan, PlanConfig, SolverReport
@@ -100,8 +101,29 @@ def partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method: 
         >>> [len(plan.stage_nodes(s)) for s in range(2)]
         [4, 5]
     """
-    return _partition(graph, config, devices, method=method, costs=costs,
-                      samples_per_microbatch=samples_per_microbatch, progress=progress)
+    def solve(cfg: PlanConfig) -> Plan:
+        return _partition(graph, cfg, devices, method=method, costs=costs,
+                          samples_per_microbatch=samples_per_microbatch, progress=progress)
+
+    if config.checkpointing == "auto":  # Note [memory features]
+        prob = build_problem(graph, replace(config, checkpointing="none"), devices, costs=costs)
+        arrays = FeatureArrays(prob.fwd, prob.bwd, prob.saved, prob.workspace, prob.out_bytes,
+                               prob.sent, prob.grad_bytes)
+        return auto_checkpoint(graph, config, solve, prob.names, arrays, prob.edge_src,
+                               prob.edge_dst)
+    try:
+        return solve(config)
+    except InfeasiblePlanError as e:
+        if config.checkpointing != "none" or config.offload_activations:
+            raise
+        try:
+            solve(replace(config, checkpointing="all"))
+        except InfeasiblePlanError:
+            raise e from None
+        raise InfeasiblePlanError(
+            f"{e} Activation checkpointing would make it fit: pass checkpointing='auto' (the "
+            "planner then checkpoints the fewest regions that fit)",
+            min_memory_bytes=e.min_memory_bytes) from None
 
 
 def _partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method: str,

@@ -9,9 +9,9 @@ plan's per-microbatch forward and backward estimates (compute plus half the stag
 communication each, as the estimated timeline plays them) beside the measured means of the
 ``forward`` and ``backward`` events, and the estimated busy time and idle fraction of the step
 (simulating the schedule that ran) beside the measured ones: a stage's measured busy time is the
-sum of its events other than waits (forward, backward, posting sends, gradient sync...), its bubble ``1 - busy / step``,
-where ``step`` is the recorded step's span over every rank (with virtual stages the bubble is
-that of the stage's rank, its stages' busy times together). Waiting to receive counts as idle:
+sum of its events other than waits (forward, backward, posting sends, gradient sync...), its
+bubble ``1 - busy / step``, where ``step`` is the recorded step's span over every rank (with
+virtual stages the bubble is that of the stage's rank, its stages' busy times together). Waiting to receive counts as idle:
 that is what a bubble is on a real pipeline.
 """
 

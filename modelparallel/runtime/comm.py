@@ -16,11 +16,13 @@ sides would wait on each other. Gloo needs no grouping.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import pickle
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from modelparallel.errors import CommunicationError
 from modelparallel.runtime.distributed import pipeline_namespace
-from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_for
+from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_for, summarize
 
 __all__ = ["PendingRecv", "StageComm"]
 
@@ -138,6 +140,8 @@ class StageComm:
         if namespace is None:
             namespace = pipeline_namespace(store, comm.rank)
         comm.board = FailureBoard(store, namespace, comm.rank)
+        ref = weakref.ref(comm)
+        atexit.register(_close_at_exit, ref)
         return comm
 
     # -- state -----------------------------------------------------------------------------------
@@ -187,7 +191,8 @@ class StageComm:
             if not _is_link_failure(e):
                 raise
             raise map_comm_error(e, self.board, rank=self.rank, peer=ops[0][2],
-                                 what="posting sends/receives", timeout=self.timeout) from None
+                                 what="the sends and receives it posted",
+                                 timeout=self.timeout) from None
         works = [w for w in issued if w is not None]
         # A coalesced group may come back as one work for all its operations.
         per_op = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
@@ -260,7 +265,7 @@ class StageComm:
             for t in tensors:
                 dist.broadcast(t, self.ranks[src_stage], group=self._group)
         except RuntimeError as e:
-            raise map_comm_error(e, self.board, rank=self.rank, peer=self.ranks[src_stage],
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
                                  what=what, timeout=self.timeout) from None
 
     def broadcast_object(self, obj: Any, src_stage: int, what: str) -> Any:
@@ -273,7 +278,7 @@ class StageComm:
             dist.broadcast_object_list(box, self.ranks[src_stage], group=self._group,
                                        device=self.device)
         except RuntimeError as e:
-            raise map_comm_error(e, self.board, rank=self.rank, peer=self.ranks[src_stage],
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
                                  what=what, timeout=self.timeout) from None
         return box[0]
 
@@ -339,12 +344,24 @@ class StageComm:
     def fail(self, error: BaseException) -> None:
         """Report ``error`` (raised on this rank during a step) and tear down, so every other
         rank learns of it (Note [failure propagation]). Idempotent."""
+        report = report_for(error, self.rank)
         if self.board is not None:
-            report = report_for(error, self.rank)
             self.board.post(origin=report.origin, kind=report.kind, message=report.message)
+        if self._broken is None:
+            summarize(error, self.rank, self.stage)
         if error.__traceback__ is not None:
             traceback.clear_frames(error.__traceback__)
         self.teardown(f"{type(error).__name__}: {_first_line(error)}")
+
+    def close(self, reason: str = "closed with Pipeline.close()") -> None:
+        """Leave the pipeline: post a ``"closed"`` report, so a rank still running a step
+        learns that this one left rather than crashed (Note [failure propagation]), and tear
+        down. Idempotent."""
+        if self._broken is not None:
+            return
+        if self.board is not None:
+            self.board.post(origin=self.rank, kind="closed", message=reason)
+        self.teardown(reason)
 
     def teardown(self, reason: str = "closed") -> None:
         """Destroy the pipeline's process groups, closing connections (Note [failure
@@ -366,6 +383,13 @@ class StageComm:
                 dist.destroy_process_group(g)
         groups.clear()
         gc.collect()
+
+
+def _close_at_exit(ref: weakref.ref[StageComm]) -> None:
+    comm = ref()
+    if comm is not None:
+        with contextlib.suppress(Exception):
+            comm.close("its process ended")
 
 
 def _first_line(error: BaseException) -> str:

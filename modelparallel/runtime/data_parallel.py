@@ -140,7 +140,8 @@ class GradientSync:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         except RuntimeError as e:
             mapped = self._map(e, f"the start of step {step}")
-            if isinstance(mapped, PeerFailedError) and "exited" not in str(mapped):
+            left = ("exited", "left the pipeline")  # killed, or closed / ended a step early
+            if isinstance(mapped, PeerFailedError) and not any(w in str(mapped) for w in left):
                 raise mapped from None
             raise UnevenDataError(
                 f"rank {dist.get_rank()} waited for its data-parallel peers to start training "

@@ -22,6 +22,7 @@ pipelines in the same order, which collective setup requires anyway.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -71,6 +72,10 @@ def init_distributed(device: torch.device, timeout: float) -> bool:
         torch.cuda.set_device(device)
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        # We started it, so we stop it: a process group left to the interpreter's teardown
+        # can abort the process at exit after an error ("terminate called without an active
+        # exception"); the pipelines' own groups close first (registered later, run first).
+        atexit.register(_destroy_default_group)
     except (RuntimeError, ValueError) as e:
         if "timed out" in str(e).lower() or "timeout" in str(e).lower():
             raise StepTimeoutError(
@@ -78,6 +83,12 @@ def init_distributed(device: torch.device, timeout: float) -> bool:
                 f"s ({e}); check that all were started with the same MASTER_ADDR/PORT") from None
         raise
     return True
+
+
+def _destroy_default_group() -> None:
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pipeline_namespace(store: dist.Store, rank: int) -> str:

@@ -62,6 +62,8 @@ from modelparallel.runtime.microbatch import (
     shape_key,
     split_inputs,
     split_target,
+    stack_outputs,
+    unstack_outputs,
 )
 from modelparallel.runtime.split_backward import (
     PendingWeightGrad,
@@ -170,6 +172,9 @@ class StageExecutor:
         grad_sync: Averages the gradients over the stage's data-parallel replicas after each
             training step (Note [data-parallel gradient sync] in
             ``modelparallel/runtime/data_parallel.py``); ``None``: no replicas.
+        active_microbatches: Most microbatches in flight per stage: the step runs its schedule
+            in waves of at most this many microbatches (Note [active microbatches]);
+            ``None``: one wave.
         check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
             rank after the batch is shared (the front end refuses shapes the traced graph
             cannot run, ``TracedModel.check_shapes``).
@@ -197,6 +202,7 @@ class StageExecutor:
                  average_grads: bool = True, device: torch.device | str = "cpu",
                  on_action: ActionHook | None = None,
                  grad_sync: GradientSync | None = None,
+                 active_microbatches: int | None = None,
                  check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = _check_programs(programs)
@@ -220,6 +226,8 @@ class StageExecutor:
         #: trace's gathering, ``modelparallel/runtime/trace.py``); ``None``: nothing.
         self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
+        self.active_microbatches = active_microbatches
+        self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
@@ -277,7 +285,7 @@ class StageExecutor:
             train: Forward and backward (else forward only, no gradients).
             return_outputs: Broadcast the outputs from the last stage to every rank.
             merge: Merge the outputs over microbatches (else ``outputs`` is the list of the
-                per-microbatch outputs).
+                per-microbatch outputs, broadcast stacked: one tensor per output leaf).
             context: ``context(i)`` is entered around the forward of microbatch ``i`` on this
                 stage (an autocast context, say).
 
@@ -506,6 +514,7 @@ class StageExecutor:
 
     def _scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / self.split.num_microbatches if self.average_grads else 1.0
+        scale *= self.loss_scale
         return loss * scale if scale != 1.0 else loss
 
     def _release(self, s: int, i: int) -> None:
@@ -605,11 +614,12 @@ class StageExecutor:
         last = self.num_ranks - 1
         want_outputs = step.return_outputs
         loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
-        merged = ((merge_outputs(step.outputs) if step.merge else list(step.outputs))
+        merged = ((merge_outputs(step.outputs) if step.merge else stack_outputs(step.outputs))
                   if self.is_last and want_outputs else None)
         nan = torch.tensor(math.nan)
         if self.comm is None:
-            return StepOutput(loss if loss is not None else nan, merged)
+            return StepOutput(loss if loss is not None else nan,
+                              merged if step.merge or not want_outputs else list(step.outputs))
         if want_outputs not in step.tpl.result:
             info = ((loss.dtype if loss is not None else None,
                      pack([merged])[0] if merged is not None else None)
@@ -630,6 +640,9 @@ class StageExecutor:
         self.comm.broadcast(tensors, last, "the step's outputs")
         if not self.is_last:
             merged = unpack(out_template, tensors)[0]
+        if not step.merge:  # per microbatch (stacked for one broadcast per leaf)
+            merged = (list(step.outputs) if self.is_last
+                      else unstack_outputs(merged, len(step.outputs)))
         return StepOutput(loss, merged)
 
     # -- tied parameters ---------------------------------------------------------------------------
@@ -707,7 +720,7 @@ class StageExecutor:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches
         key = (m, train)
         if key not in self._schedules:
-            sched = make_schedule(self.schedule_name, p, m, v)
+            sched = _waves(self.schedule_name, p, m, v, self.active_microbatches)
             if not train:  # the training order's forwards: same link order, no deadlock
                 sched = Schedule("forward", p * v, m, tuple(
                     tuple(a for a in lst if a.kind == "F") for lst in sched.actions), v)
@@ -729,6 +742,39 @@ def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, .
             f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
             "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
     return programs
+
+
+# Note [active microbatches]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# SMP's ``active_microbatches`` caps the microbatches in flight (forward done, backward not yet)
+# per stage. The executor runs the step's schedule in waves: microbatches ``0..a-1`` through the
+# whole schedule of ``a`` microbatches, then the next ``a``, and so on (the last wave may be
+# smaller); gradients accumulate over the waves as over microbatches, so the step's result is
+# the same. A stage then holds at most ``min(a, what the schedule keeps)`` microbatches, which
+# is what the memory model charges (Note [memory features] in
+# ``modelparallel/partitioner/memory_features.py``); the bubble grows to one per wave.
+
+
+def _waves(name: str, p: int, m: int, v: int, active: int | None) -> Schedule:
+    """The schedule of ``m`` microbatches run in waves of ``active`` (Note [active
+    microbatches])."""
+    if active is None or active >= m:
+        return make_schedule(name, p, m, v)
+    if v > 1:
+        raise ConfigError(f"active_microbatches = {active} < microbatches = {m} is not "
+                          "supported with virtual stages; leave it out")
+    per_rank: list[list[Action]] = [[] for _ in range(p)]
+    start = 0
+    while start < m:
+        size = min(active, m - start)
+        wave = make_schedule(name, p, size, v)
+        for r, lst in enumerate(wave.actions):
+            per_rank[r].extend(Action(a.stage, a.kind, a.microbatch + start) for a in lst)
+        start += size
+    sched = Schedule(f"{name}-waves{active}", p * v, m,
+                     tuple(tuple(x) for x in per_rank), v)
+    sched.validate()
+    return sched
 
 
 def _samples(microbatches: Sequence[Sequence[Any]]) -> int:

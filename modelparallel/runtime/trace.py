@@ -6,10 +6,10 @@ puts a :class:`StepRecorder` on every rank's executor as its ``on_action`` hook 
 hook] in ``hooks.py``). It times every piece of each training step's work, opens a
 ``torch.profiler.record_function`` range named ``modelparallel::<event>`` around it (so the
 actions show up in a user's own ``torch.profiler`` traces), and after the step gathers every
-rank's events on rank 0, which rewrites ``dir/trace.json`` with all the steps so far (Note [step
-trace format] in ``modelparallel/step_trace.py``). Gathering is one collective per step: tracing
-costs a little step time, untraced pipelines pay nothing (the executor tests ``on_action is
-None``).
+rank's events on rank 0, which rewrites ``dir/trace.json`` with the steps so far, the most
+recent :data:`KEEP_STEPS` of them (Note [step trace format] in ``modelparallel/step_trace.py``).
+Gathering is one collective per step: tracing costs a little step time, untraced pipelines pay
+nothing (the executor tests ``on_action is None``).
 
 Example:
     >>> rec = StepRecorder(None, rank=0, stage=0, ranks=1, schedule="1f1b", microbatches=1)
@@ -35,12 +35,15 @@ from modelparallel.runtime.hooks import Phase, StageEvent
 from modelparallel.schedule import make_schedule, normalize_schedule
 from modelparallel.step_trace import StepTrace, TraceEvent
 
-__all__ = ["TRACE_ENV", "TRACE_FILE", "StepRecorder", "attach_recorder", "trace_directory"]
+__all__ = ["KEEP_STEPS", "TRACE_ENV", "TRACE_FILE", "StepRecorder", "attach_recorder",
+           "trace_directory"]
 
 #: The environment variable naming a trace directory when ``pipeline(trace=...)`` is not given.
 TRACE_ENV = "MODELPARALLEL_TRACE"
 #: The merged trace's file name in the trace directory.
 TRACE_FILE = "trace.json"
+#: How many of the most recent steps the trace file keeps.
+KEEP_STEPS = 50
 
 
 def trace_directory(trace: str | os.PathLike[str] | None) -> Path | None:
@@ -70,11 +73,14 @@ class StepRecorder:
         microbatches: Microbatches per step.
         metadata: Recorded in the trace's ``otherData`` (model name, plan fingerprint...).
         profile_ranges: Open a ``torch.profiler.record_function`` range per event.
+        keep_steps: The file holds the most recent this many steps (a long run keeps a
+            trace of bounded size, rewritten in bounded time); ``None``: every step.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None, *, rank: int, stage: int,
                  ranks: int, schedule: str, microbatches: int, virtual_stages: int = 1,
-                 metadata: Mapping[str, Any] | None = None, profile_ranges: bool = True) -> None:
+                 metadata: Mapping[str, Any] | None = None, profile_ranges: bool = True,
+                 keep_steps: int | None = KEEP_STEPS) -> None:
         if ranks < 1 or not 0 <= rank < ranks:
             raise ConfigError(f"rank {rank} is outside 0..{ranks - 1}")
         self.directory = Path(directory) if directory is not None else None
@@ -82,6 +88,9 @@ class StepRecorder:
         self.schedule, self.microbatches = schedule, microbatches
         self.metadata = dict(metadata or {})
         self.profile_ranges = profile_ranges
+        if keep_steps is not None and keep_steps < 1:
+            raise ConfigError(f"keep_steps = {keep_steps} must be >= 1 (or None: every step)")
+        self.keep_steps = keep_steps
         # A schedule that splits backwards runs its "backward" events as I actions.
         self._backward_letter = ("I" if any(a.kind == "I" for acts in
                                             make_schedule(schedule, ranks, microbatches,
@@ -145,6 +154,9 @@ class StepRecorder:
                 self._merged.extend(TraceEvent(rank, *row) for row in part)
         else:
             self._merged.extend(TraceEvent(self.rank, *row) for row in mine)
+        if self.keep_steps is not None:
+            first = self.step + 1 - self.keep_steps
+            self._merged = [e for e in self._merged if e.step >= first]
         self.step += 1
         trace = self.trace()
         if self.rank == 0 and self.directory is not None:

@@ -114,6 +114,10 @@ def test_infeasible_memory_reports_the_memory_that_works() -> None:
     msg = str(info.value)
     assert "MiB on every device" in msg and str(need) in msg  # adaptive units, exact bytes
     assert "0.00" not in msg and "1.00 MiB" in msg  # the 1 MiB device, not "0.00 GiB"
+    assert "schedule='1f1b'" not in msg  # it already is 1f1b (issue 13 item 6)
+    with pytest.raises(InfeasiblePlanError, match="schedule='1f1b'"):
+        partition(graph, PlanConfig(partitions=2, microbatches=4, schedule="gpipe",
+                                    time_limit=3), tiny)
     plan = partition(graph, cfg, tiny.with_memory(need))  # that memory does work
     assert max(s.memory.peak for s in plan.stages) <= need
     with pytest.raises(InfeasiblePlanError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from functools import cache
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -51,6 +52,7 @@ def test_memory_rows_add_up_to_the_stage_peaks() -> None:
     for row, stage in zip(rows, plan.stages):
         assert sum(row[k] for k, _ in MEMORY_KINDS) == stage.memory.peak
         assert row["capacity"] == stage.capacity_bytes
+        assert row["sent"] == stage.comm_out_bytes * stage.inflight_microbatches
 
 
 def test_a_transformer_collapses_to_its_blocks_at_depth_three() -> None:
@@ -86,7 +88,7 @@ def test_groups_partition_the_nodes_and_edges_say_when_they_cross(depth: int) ->
     assert carried <= crossing  # a boundary edge only carries what the plan says crosses
 
 
-def test_the_report_is_written_without_a_framework(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_report_is_written_without_a_framework(tmp_path: Path) -> None:
     from test_planning_core import _run  # the same torch/tensorflow blocker
 
     from modelparallel.step_trace import StepTrace, TraceEvent

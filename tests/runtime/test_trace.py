@@ -102,6 +102,13 @@ def test_recorder_in_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert trace.steps == (0, 1)
     for s in trace.steps:
         assert trace.action_order(0, s) == ["0F0", "0F1", "0B0", "0B1"]
+    short = StepRecorder(None, rank=0, stage=0, ranks=1, schedule="gpipe", microbatches=2,
+                         keep_steps=2)
+    for _ in range(5):
+        short(StageEvent("forward", 0, 0), "start")
+        short(StageEvent("forward", 0, 0), "end")
+        kept = short.end_step(None)
+    assert kept.steps == (3, 4)  # the most recent keep_steps
 
 
 def env_trace_job(rank: int, world: int) -> str:
@@ -118,3 +125,48 @@ def test_environment_variable_turns_tracing_on(tmp_path: Path,
     assert env_trace_job(0, 1) == str(tmp_path)
     order = load_trace(tmp_path / "trace.json").action_order(0, 0)
     assert "0: " + " ".join(order) == str(make_schedule("1f1b", 1, 2)).splitlines()[1]
+
+
+def smp_trace_job(rank: int, world: int, directory: str) -> None:
+    """An SMP v1 script, traced by the environment variable alone."""
+    import os
+
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    os.environ["MODELPARALLEL_TRACE"] = directory
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "pipeline": "interleaved",
+                  "auto_partition": False, "default_partition": 0})
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 4))
+        smp.set_partition(model[2], world - 1)
+        dm = smp.DistributedModel(model)
+        opt = smp.DistributedOptimizer(torch.optim.SGD(dm.parameters(), lr=0.1))
+
+        @smp.step
+        def train_step(model: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            model.backward(loss)
+            return loss
+
+        for _ in range(2):
+            opt.zero_grad()
+            train_step(dm, torch.randn(4, 8), torch.randint(0, 4, (4,)))
+            opt.step()
+    finally:
+        del os.environ["MODELPARALLEL_TRACE"]
+        shutdown()
+
+
+@pytest.mark.multiprocess
+def test_smp_script_traced_by_the_environment_variable(tmp_path: Path) -> None:
+    for r in run_ranks(smp_trace_job, 2, str(tmp_path), timeout=240):
+        r.unwrap()
+    trace = load_trace(tmp_path / "trace.json")
+    printed = str(make_schedule("1f1b", 2, 2)).splitlines()[1:]
+    assert trace.steps == (0, 1)
+    for step in trace.steps:
+        for rank in range(2):
+            assert f"{rank}: " + " ".join(trace.action_order(rank, step)) == printed[rank]

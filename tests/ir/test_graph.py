@@ -1,13 +1,11 @@
-"""The IR: validation, JSON round trip, fingerprint, analyses."""
+"""The IR graph (modelparallel/ir/graph.py, ir/nodes.py): validation, JSON round trip, fingerprint,
+tied parameters."""
 
 from __future__ import annotations
 
 import json
 
-import networkx as nx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from modelparallel.ir import (
     Graph,
@@ -17,8 +15,6 @@ from modelparallel.ir import (
     OpKind,
     Param,
     TensorMeta,
-    input_derived_nodes,
-    module_groups,
 )
 
 
@@ -104,57 +100,3 @@ def test_not_json() -> None:
         Graph.from_json("{nope")
 
 
-def test_input_derived_nodes() -> None:
-    g = Graph("m", (
-        Node("ids", OpKind.PLACEHOLDER, "ids"),
-        Node("n", OpKind.CALL_METHOD, "size", ("ids",), value_kind="scalar"),
-        Node("mask", OpKind.CALL_FUNCTION, "ne", ("ids",)),
-        Node("emb", OpKind.CALL_FUNCTION, "embedding", ("ids",), params=("w",)),
-        Node("drop", OpKind.CALL_FUNCTION, "dropout", ("mask",), is_random=True),
-        Node("add", OpKind.CALL_FUNCTION, "add", ("emb", "mask")),
-        Node("output", OpKind.OUTPUT, "output", ("add", "drop")),
-    ), params=(Param("w", (10, 4), "float32"),))
-    assert input_derived_nodes(g) == {"ids", "n", "mask"}
-
-
-@st.composite
-def _random_dag(draw):
-    n = draw(st.integers(3, 25))
-    modules = [f"m.{i}" for i in range(draw(st.integers(1, 5)))] + [""]
-    nodes = [Node("in", OpKind.PLACEHOLDER, "in")]
-    for i in range(n):
-        preds = draw(st.sets(st.sampled_from([x.name for x in nodes]), min_size=1, max_size=3))
-        path = draw(st.sampled_from(modules))
-        sub = draw(st.integers(0, 2))
-        nodes.append(Node(f"v{i}", OpKind.CALL_FUNCTION, "f", tuple(sorted(preds)),
-                          module_path=f"{path}.s{sub}" if path else ""))
-    nodes.append(Node("output", OpKind.OUTPUT, "output", (nodes[-1].name,)))
-    return Graph("rand", tuple(nodes))
-
-
-@settings(max_examples=60, deadline=None)
-@given(_random_dag(), st.integers(0, 3))
-def test_module_groups_quotient_is_acyclic(g: Graph, depth: int) -> None:
-    groups = module_groups(g, depth)
-    assert set(groups) == {n.name for n in g.nodes}
-    q = nx.DiGraph()
-    q.add_nodes_from(set(groups.values()))
-    for n in g.nodes:
-        for s in n.inputs:
-            if groups[s] != groups[n.name]:
-                q.add_edge(groups[s], groups[n.name])
-    assert nx.is_directed_acyclic_graph(q)
-
-
-def test_module_groups_keep_a_module_together() -> None:
-    g = Graph("m", (
-        Node("x", OpKind.PLACEHOLDER, "x"),
-        Node("a", OpKind.CALL_FUNCTION, "f", ("x",), module_path="blk.0.fc"),
-        Node("b", OpKind.CALL_FUNCTION, "g", ("a",), module_path="blk.0.act"),
-        Node("c", OpKind.CALL_FUNCTION, "h", ("b",), module_path="blk.1.fc"),
-        Node("output", OpKind.OUTPUT, "output", ("c",)),
-    ))
-    groups = module_groups(g, 2)
-    assert groups["a"] == groups["b"] == "blk.0"
-    assert groups["c"] == "blk.1"
-    assert groups["x"] != groups["a"]
