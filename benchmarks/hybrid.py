@@ -139,8 +139,11 @@ def _measure(case: Any, features: dict[str, Any], m: int, device: torch.device, 
     predicted = pipe.plan.stages[0].memory
     opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
     kept = [0, 0]
+    held = {t.untyped_storage().data_ptr() for t in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() in held:  # a parameter: no new memory
+            return t
         kept[0] += t.numel() * t.element_size()
         kept[1] = max(kept[1], kept[0])
         return t
