@@ -20,6 +20,9 @@ overhead of a one-stage pipeline against plain PyTorch.
     ratio = median ours / median theirs (goal <= 1.0).
 (c) A one-stage pipeline (``partitions=1``, one microbatch) against a plain PyTorch training step
     of the same model (forward, loss, backward, optimizer step); ratio goal <= 1.03.
+(d) An SMP training loop (``modelparallel.torch``'s ``@smp.step``) against
+    ``modelparallel.pipeline`` on the same plan (``_smp_bench.py``): step-time ratio goal <= 1.05,
+    bubbles within 0.05 of each other.
 
 The model is a stack of identical residual MLP blocks, so stages of a uniform split are equal
 (``partition(..., method="uniform")``); (c) also runs GPT-2 tiny. Every process uses one
@@ -45,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import versions
+from _smp_bench import run_smp
 from _timing import link_latency
 from _torch_pp import TorchStage, schedule_step
 from torch import nn
@@ -274,17 +278,25 @@ def main(argv: list[str] | None = None) -> int:
                         choices=list(SCHEDULES), help="schedules to run (default: all)")
     parser.add_argument("--no-overhead", action="store_true",
                         help="skip (c), the one-stage overhead")
+    parser.add_argument("--no-smp", action="store_true",
+                        help="skip (d), the SMP loop against modelparallel.pipeline")
+    parser.add_argument("--smp-schedules", nargs="+", default=["1f1b", "gpipe"],
+                        choices=["1f1b", "gpipe"], help="schedules of (d)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per row")
     parser.add_argument("--quick", action="store_true", help="3 measured steps, 1 warm-up")
     parser.add_argument("--output", type=Path, default=RESULTS)
     a = parser.parse_args(argv)
     cfg = {"microbatches": a.microbatches, "microbatch_size": a.microbatch_size,
-           "schedules": a.schedules,
+           "schedules": a.schedules, "smp_schedules": a.smp_schedules,
            "steps": 3 if a.quick else a.steps, "warmup": 1 if a.quick else 2}
     rows: list[dict[str, Any]] = []
     for p in a.partitions:
         print(f"running p={p} ...", file=sys.stderr, flush=True)
         rows += _run_pipeline(p, cfg)
+    smp_rows: list[dict[str, Any]] = []
+    for p in ([] if a.no_smp else a.partitions):
+        print(f"running smp p={p} ...", file=sys.stderr, flush=True)
+        smp_rows += run_smp(p, cfg)
     print("running one-stage overhead ...", file=sys.stderr, flush=True)
     overhead = ([] if a.no_overhead
                 else [_overhead(n, 10 if a.quick else 40) for n in ("mlp", "gpt2-tiny")])
@@ -311,8 +323,21 @@ def main(argv: list[str] | None = None) -> int:
         t2.add_row(r["model"], f"{r['ours_step_ms']:.2f}", f"{r['plain_step_ms']:.2f}",
                    f"{r['ratio']:.3f}")
     console.print(t2)
+    t3 = Table(title="(d) SMP loop (@smp.step) vs modelparallel.pipeline, same plan")
+    for col in ("p", "m", "schedule", "smp ms", "pipeline ms", "smp/pipeline", "smp bubble",
+                "pipeline bubble", "difference"):
+        t3.add_column(col, justify="right")
+    for r in smp_rows:
+        t3.add_row(str(r["p"]), str(r["m"]), r["schedule"], f"{r['smp_step_ms']:.1f}",
+                   f"{r['pipeline_step_ms']:.1f}", f"{r['ratio']:.3f}",
+                   f"{r['smp_bubble']:.3f}", f"{r['pipeline_bubble']:.3f}",
+                   f"{r['bubble_difference']:+.3f}")
+    if smp_rows:
+        console.print(t3)
     result = {"versions": versions(), "config": cfg, "pipeline": rows, "one_stage": overhead,
-              "goals": {"ours_over_torch": 1.0, "one_stage_over_plain": 1.03}}
+              "smp": smp_rows,
+              "goals": {"ours_over_torch": 1.0, "one_stage_over_plain": 1.03,
+                        "smp_over_pipeline": 1.05, "smp_bubble_difference": 0.05}}
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(result, indent=1))
     print(f"wrote {a.output}", file=sys.stderr)

@@ -62,6 +62,8 @@ from modelparallel.runtime.microbatch import (
     shape_key,
     split_inputs,
     split_target,
+    stack_outputs,
+    unstack_outputs,
 )
 from modelparallel.runtime.split_backward import (
     PendingWeightGrad,
@@ -283,7 +285,7 @@ class StageExecutor:
             train: Forward and backward (else forward only, no gradients).
             return_outputs: Broadcast the outputs from the last stage to every rank.
             merge: Merge the outputs over microbatches (else ``outputs`` is the list of the
-                per-microbatch outputs).
+                per-microbatch outputs, broadcast stacked: one tensor per output leaf).
             context: ``context(i)`` is entered around the forward of microbatch ``i`` on this
                 stage (an autocast context, say).
 
@@ -612,11 +614,12 @@ class StageExecutor:
         last = self.num_ranks - 1
         want_outputs = step.return_outputs
         loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
-        merged = ((merge_outputs(step.outputs) if step.merge else list(step.outputs))
+        merged = ((merge_outputs(step.outputs) if step.merge else stack_outputs(step.outputs))
                   if self.is_last and want_outputs else None)
         nan = torch.tensor(math.nan)
         if self.comm is None:
-            return StepOutput(loss if loss is not None else nan, merged)
+            return StepOutput(loss if loss is not None else nan,
+                              merged if step.merge or not want_outputs else list(step.outputs))
         if want_outputs not in step.tpl.result:
             info = ((loss.dtype if loss is not None else None,
                      pack([merged])[0] if merged is not None else None)
@@ -637,6 +640,9 @@ class StageExecutor:
         self.comm.broadcast(tensors, last, "the step's outputs")
         if not self.is_last:
             merged = unpack(out_template, tensors)[0]
+        if not step.merge:  # per microbatch (stacked for one broadcast per leaf)
+            merged = (list(step.outputs) if self.is_last
+                      else unstack_outputs(merged, len(step.outputs)))
         return StepOutput(loss, merged)
 
     # -- tied parameters ---------------------------------------------------------------------------
@@ -765,7 +771,7 @@ def _waves(name: str, p: int, m: int, v: int, active: int | None) -> Schedule:
         for r, lst in enumerate(wave.actions):
             per_rank[r].extend(Action(a.stage, a.kind, a.microbatch + start) for a in lst)
         start += size
-    sched = Schedule(f"{name} in waves of {active}", p * v, m,
+    sched = Schedule(f"{name}-waves{active}", p * v, m,
                      tuple(tuple(x) for x in per_rank), v)
     sched.validate()
     return sched

@@ -44,6 +44,8 @@ __all__ = [
     "shape_key",
     "split_inputs",
     "split_target",
+    "stack_outputs",
+    "unstack_outputs",
 ]
 
 
@@ -174,6 +176,32 @@ def merge_outputs(outputs: Sequence[Any]) -> Any:
         else:
             merged.append(first)
     return pytree.tree_unflatten(merged, spec)
+
+
+def stack_outputs(outputs: Sequence[Any]) -> Any:
+    """Per-microbatch outputs as one structure whose tensors are stacked on a new axis 0 (one
+    tensor per leaf to broadcast instead of one per leaf and microbatch); other leaves are taken
+    from the first microbatch. :func:`unstack_outputs` inverts it exactly.
+
+    Example:
+        >>> s = stack_outputs([(torch.tensor(1.0), 3), (torch.tensor(2.0), 3)])
+        >>> s[0].tolist(), [o[0].dim() for o in unstack_outputs(s, 2)]
+        ([1.0, 2.0], [0, 0])
+    """
+    if not outputs:
+        raise ConfigError("no microbatch outputs to stack")
+    flats = [pytree.tree_flatten(o) for o in outputs]
+    spec = flats[0][1]
+    stacked = [torch.stack([f[0][i] for f in flats]) if isinstance(first, torch.Tensor)
+               else first for i, first in enumerate(flats[0][0])]
+    return pytree.tree_unflatten(stacked, spec)
+
+
+def unstack_outputs(stacked: Any, num_microbatches: int) -> list[Any]:
+    """The per-microbatch outputs of :func:`stack_outputs`."""
+    leaves, spec = pytree.tree_flatten(stacked)
+    return [pytree.tree_unflatten([v[j] if isinstance(v, torch.Tensor) else v for v in leaves],
+                                  spec) for j in range(num_microbatches)]
 
 
 def shape_key(flat: Sequence[Any], mode: str) -> tuple[Any, ...]:

@@ -193,6 +193,9 @@ def shutdown() -> None:
     _destroy_groups()
     state.cfg, state.layout, state.initialized = None, None, False
     state.timeout, state.models = DEFAULT_TIMEOUT, 0
+    from modelparallel.torch.stepping import _META_CACHE
+
+    _META_CACHE.clear()
 
 
 def is_initialized() -> bool:

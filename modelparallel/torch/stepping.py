@@ -379,55 +379,81 @@ def _split(value: Any, m: int, axis: int, name: str) -> list[Any]:
 
 def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
                          ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Replace the tensors among the arguments by pipeline rank 0's (Note [smp step], 1)."""
+    """Replace the tensors among the arguments by pipeline rank 0's (Note [smp step], 1).
+
+    Per step: every rank all-gathers ``[its tensor count, whether rank 0's shapes changed]``
+    (one small tensor collective: a rank with another structure fails every rank alike), rank 0
+    broadcasts its shapes only when they changed since the last step, then all of its tensors
+    travel as one flat byte buffer (one broadcast).
+    """
     layout = state.require()
     group = state.groups.get("pp")
     if layout.pp == 1 or group is None:
         return args, kwargs
     leaves, spec = pytree.tree_flatten((args, kwargs))
     where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-    meta = [(tuple(leaves[i].shape), leaves[i].dtype) for i in where]
     ranks = layout.pp_group(state.rank)
     me = ranks.index(state.rank)
-    # After partitioning, the pipeline's own communication carries it: its errors name the rank
-    # that failed (PeerFailedError) instead of a raw gloo error.
+    meta = tuple((tuple(leaves[i].shape), leaves[i].dtype) for i in where)
     model = state.model
     comm = model._pipe._comm if model is not None and model.partitioned else None
-    mine = (len(where), meta if me == 0 else None)
-    if comm is not None:
-        every = comm.all_gather_object(mine, "the step function's arguments")
-    else:
-        every = [None] * len(ranks)
-        dist.all_gather_object(every, mine, group=group)
-    counts = [c for c, _ in every]
-    if len(set(counts)) != 1:
-        raise ConfigError(
-            f"the ranks of the pipeline pass different numbers of tensors to the step function "
-            f"(by pipeline rank: {counts}); every rank must call it with the same argument "
-            "structure (placeholder tensors on pipeline ranks > 0 are fine: their contents "
-            "are replaced by pipeline rank 0's)")
-    source_meta = every[0][1]
-    if comm is not None:
-        device = comm.device
-    else:
-        device = state.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    leaves = list(leaves)
-    bufs = []
-    for i, (shape, dtype) in zip(where, source_meta):
+    nccl = dist.get_backend(group) == "nccl"
+    device = state.device if nccl else torch.device("cpu")
+    cache = _META_CACHE.get(tuple(ranks))
+    try:
+        mine = torch.tensor([len(where), int(me == 0 and meta != cache)], device=device)
+        every = [torch.empty_like(mine) for _ in ranks]
+        dist.all_gather(every, mine, group=group)
+        counts = [int(t[0]) for t in every]
+        if len(set(counts)) != 1:
+            raise ConfigError(
+                f"the ranks of the pipeline pass different numbers of tensors to the step "
+                f"function (by pipeline rank: {counts}); every rank must call it with the same "
+                "argument structure (placeholder tensors on pipeline ranks > 0 are fine: their "
+                "contents are replaced by pipeline rank 0's)")
+        if int(every[0][1]):
+            box = [meta if me == 0 else None]
+            dist.broadcast_object_list(box, ranks[0], group=group, device=device)
+            cache = _META_CACHE[tuple(ranks)] = box[0]
+        assert cache is not None
+        sizes = [_nbytes(shape, dtype) for shape, dtype in cache]
         if me == 0:
-            bufs.append(leaves[i].detach().to(device).contiguous())
+            parts = [leaves[i].detach().contiguous().reshape(-1).view(torch.uint8).to(device)
+                     for i in where]
+            flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8,
+                                                              device=device)
         else:
-            bufs.append(torch.empty(shape, dtype=dtype, device=device))
-    if comm is not None:
-        comm.broadcast(bufs, 0, "the step function's arguments")
-    else:
-        for buf in bufs:
-            dist.broadcast(buf, ranks[0], group=group)
+            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        if flat.numel():
+            dist.broadcast(flat, ranks[0], group=group)
+    except RuntimeError as e:
+        if comm is None:
+            raise
+        from modelparallel.runtime.failure import map_comm_error
+
+        err = map_comm_error(e, comm.board, rank=state.rank, peer=ranks[0],
+                             what="the step function's arguments", timeout=state.timeout)
+        comm.fail(err)
+        raise err from None
     if me != 0:
-        for i, buf in zip(where, bufs):
-            leaves[i] = buf
+        leaves = list(leaves)
+        offset = 0
+        for i, (shape, dtype), n in zip(where, cache, sizes):
+            leaves[i] = flat[offset:offset + n].view(dtype).reshape(shape)
+            offset += n
     new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
     return tuple(new_args), dict(new_kwargs)
+
+
+#: Rank 0's argument shapes last sent, per pipeline (the rank lists).
+_META_CACHE: dict[tuple[int, ...], Any] = {}
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 # -- results ------------------------------------------------------------------------------------------
