@@ -44,8 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modelparallel.codegen.program import StageProgram
 from modelparallel.errors import ConfigError
-from modelparallel.ir import Graph
-from modelparallel.partitioner.memory_features import region_of
+from modelparallel.ir import Graph, region_of
 
 __all__ = ["apply_memory_features"]
 

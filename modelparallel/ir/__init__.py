@@ -36,7 +36,12 @@ Example:
 """
 
 from modelparallel.errors import IRFormatError, ModelParallelError
-from modelparallel.ir.analysis import input_derived_nodes, module_groups, recomputed_nodes
+from modelparallel.ir.analysis import (
+    input_derived_nodes,
+    module_groups,
+    recomputed_nodes,
+    region_of,
+)
 from modelparallel.ir.graph import FORMAT_NAME, FORMAT_VERSION, Graph
 from modelparallel.ir.nodes import DTYPE_BYTES, Node, OpKind, Param, TensorMeta, dtype_bytes
 
@@ -55,4 +60,5 @@ __all__ = [
     "input_derived_nodes",
     "recomputed_nodes",
     "module_groups",
+    "region_of",
 ]

@@ -18,7 +18,7 @@ import networkx as nx
 from modelparallel.ir.graph import Graph
 from modelparallel.ir.nodes import Node, OpKind, Param  # noqa: F401  (Param: doctests)
 
-__all__ = ["input_derived_nodes", "module_groups", "recomputed_nodes"]
+__all__ = ["input_derived_nodes", "module_groups", "recomputed_nodes", "region_of"]
 
 
 def input_derived_nodes(graph: Graph) -> frozenset[str]:
@@ -175,3 +175,35 @@ def _merge_split_runs(graph: Graph, groups: dict[str, str], selected: list[Node]
         if nx.is_directed_acyclic_graph(q):
             groups = trial
     return groups
+
+
+def region_of(module_path: str, mode: str | tuple[str, ...], depth: int | None) -> str | None:
+    """The checkpoint region of a node of ``module_path`` (Note [memory features] in
+    ``modelparallel/partitioner/memory_features.py``): the planner prices it and codegen
+    checkpoints it (Note [checkpoint regions]), so both read this one function.
+
+    Args:
+        module_path: The node's module path (``""`` for the root's own ops).
+        mode: ``"all"``/``"auto"`` (blocks, else modules at ``depth``) or module paths.
+        depth: Module depth of the regions when the model has no numbered blocks.
+
+    Example:
+        >>> region_of("transformer.h.3.attn.c_attn", "all", None)
+        'transformer.h.3'
+    """
+    if not module_path:
+        return None
+    if isinstance(mode, tuple):
+        best = None
+        for path in mode:
+            if (module_path == path or module_path.startswith(path + ".")) and (
+                    best is None or len(path) > len(best)):
+                best = path
+        return best
+    parts = module_path.split(".")
+    numbered = [i for i, c in enumerate(parts) if c.isdigit()]
+    if numbered:
+        return ".".join(parts[:numbered[-1] + 1])
+    if depth is not None and len(parts) >= depth:
+        return ".".join(parts[:depth])
+    return None

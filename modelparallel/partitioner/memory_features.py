@@ -48,39 +48,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from modelparallel.errors import InfeasiblePlanError
-from modelparallel.ir import Graph
+from modelparallel.ir import Graph, region_of
 from modelparallel.plan import Plan, PlanConfig
 
 __all__ = ["FeatureArrays", "apply_features", "auto_checkpoint", "candidate_regions",
            "checkpoint_region", "region_of"]
 
 _HOST_BANDWIDTH = 25e9
-
-
-def region_of(module_path: str, mode: str | tuple[str, ...], depth: int | None) -> str | None:
-    """The checkpoint region of a node of ``module_path`` (Note [memory features]).
-
-    Args:
-        module_path: The node's module path (``""`` for the root's own ops).
-        mode: ``"all"``/``"auto"`` (blocks, else modules at ``depth``) or module paths.
-        depth: Module depth of the regions when the model has no numbered blocks.
-    """
-    if not module_path:
-        return None
-    if isinstance(mode, tuple):
-        best = None
-        for path in mode:
-            if (module_path == path or module_path.startswith(path + ".")) and (
-                    best is None or len(path) > len(best)):
-                best = path
-        return best
-    parts = module_path.split(".")
-    numbered = [i for i, c in enumerate(parts) if c.isdigit()]
-    if numbered:
-        return ".".join(parts[:numbered[-1] + 1])
-    if depth is not None and len(parts) >= depth:
-        return ".".join(parts[:depth])
-    return None
 
 
 def candidate_regions(graph: Graph, names: Sequence[str], mode: str | tuple[str, ...],

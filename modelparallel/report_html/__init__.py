@@ -31,6 +31,7 @@ from modelparallel.plan import Plan
 from modelparallel.report import explain_node
 from modelparallel.report_html._model import (
     MEMORY_KINDS,
+    SENT_KIND,
     lane_labels,
     memory_rows,
     module_graph,
@@ -190,7 +191,7 @@ def render_report(plan: Plan, *, trace: Any = None, depth: int | None = None) ->
         params=format_count(m_info.num_parameters),
         timelines=timelines, measured=measured,
         memory_html=_figure_html(memory_figure(memory_rows(plan)), "memory"),
-        memory_kinds=[label for _, label in MEMORY_KINDS],
+        memory_kinds=[label for _, label in (*MEMORY_KINDS, SENT_KIND)],
         graph_json=_json_script(_graph_data(plan, depth)),
         tables=_tables(plan),
         plotly_js=offline.get_plotlyjs(), vendor_js=vendor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from modelparallel.report_html._model import MEMORY_KINDS, TimelineBlock
+from modelparallel.report_html._model import MEMORY_KINDS, SENT_KIND, TimelineBlock
 from modelparallel.units import format_bytes, format_seconds
 
 __all__ = ["KIND_COLOURS", "KIND_LABELS", "memory_figure", "timeline_figure"]
@@ -28,7 +28,7 @@ KIND_LABELS = {
     "W": "backward: weight gradients", "forward": "forward", "backward": "backward",
     "recv_wait": "waiting to receive", "send": "posting sends", "grad_sync": "gradient sync",
 }
-_MEMORY_COLOURS = ("#4c78a8", "#72b7b2", "#eeca3b", "#f58518", "#bab0ac")
+_MEMORY_COLOURS = ("#4c78a8", "#72b7b2", "#eeca3b", "#f58518", "#bab0ac", "#ff9da6")
 
 
 def _go() -> Any:
@@ -93,7 +93,7 @@ def memory_figure(rows: Sequence[dict[str, int]]) -> Any:
     mib = 2**20
     stages = [f"stage {i}" for i in range(len(rows))]
     fig = go.Figure()
-    for (kind, label), colour in zip(MEMORY_KINDS, _MEMORY_COLOURS):
+    for (kind, label), colour in zip((*MEMORY_KINDS, SENT_KIND), _MEMORY_COLOURS):
         fig.add_trace(go.Bar(
             name=label, x=stages, y=[r[kind] / mib for r in rows], marker_color=colour,
             customdata=[format_bytes(r[kind]) for r in rows],
@@ -104,7 +104,8 @@ def memory_figure(rows: Sequence[dict[str, int]]) -> Any:
         marker={"symbol": "line-ew-open", "size": 40, "line": {"width": 3}, "color": "#e45756"},
         customdata=[format_bytes(r["capacity"]) for r in rows],
         hovertemplate="%{x}<br>capacity %{customdata}<extra></extra>"))
-    peak = max((sum(r[k] for k, _ in MEMORY_KINDS) / mib for r in rows), default=1.0) or 1.0
+    peak = max((sum(r[k] for k, _ in (*MEMORY_KINDS, SENT_KIND)) / mib for r in rows),
+               default=1.0) or 1.0
     top = max(caps, default=peak)
     fit, full = [0, peak * 1.15], [0, max(top, peak) * 1.05]
     start = full if peak > 0.2 * top else fit

@@ -35,6 +35,7 @@ from modelparallel.schedule import Timeline, make_schedule, simulate
 __all__ = [
     "MEMORY_KINDS",
     "REPORT_SCHEDULES",
+    "SENT_KIND",
     "GraphEdge",
     "ModuleGroup",
     "TimelineBlock",
@@ -61,6 +62,11 @@ MEMORY_KINDS: tuple[tuple[str, str], ...] = (
     ("activations", "activations held for the schedule"),
     ("workspace", "workspace (largest op)"),
 )
+
+#: The stacked segment drawn above the plan's peak: values the stage sends, held until the
+#: receiver has them. The report's estimate (not part of the plan's peak): the bytes the stage
+#: sends per microbatch times its microbatches in flight.
+SENT_KIND: tuple[str, str] = ("sent", "sent values (report's estimate, beyond the plan's peak)")
 
 #: Above this many groups a depth is too deep to read (Note [module groups]).
 MAX_GROUPS = 32
@@ -205,10 +211,12 @@ def timeline_blocks(timeline: Timeline) -> tuple[TimelineBlock, ...]:
 
 
 def memory_rows(plan: Plan) -> list[dict[str, int]]:
-    """Per stage, its peak memory by kind (:data:`MEMORY_KINDS`) and ``"capacity"``."""
+    """Per stage, its peak memory by kind (:data:`MEMORY_KINDS`), the values it sends
+    (:data:`SENT_KIND`) and ``"capacity"``."""
     rows = []
     for s in plan.stages:
         row = {kind: int(getattr(s.memory, kind)) for kind, _ in MEMORY_KINDS}
+        row[SENT_KIND[0]] = int(s.comm_out_bytes * s.inflight_microbatches)
         row["capacity"] = int(s.capacity_bytes)
         rows.append(row)
     return rows

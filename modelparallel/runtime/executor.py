@@ -771,7 +771,7 @@ def _waves(name: str, p: int, m: int, v: int, active: int | None) -> Schedule:
         for r, lst in enumerate(wave.actions):
             per_rank[r].extend(Action(a.stage, a.kind, a.microbatch + start) for a in lst)
         start += size
-    sched = Schedule(f"{name} in waves of {active}", p * v, m,
+    sched = Schedule(f"{name}-waves{active}", p * v, m,
                      tuple(tuple(x) for x in per_rank), v)
     sched.validate()
     return sched

@@ -52,6 +52,7 @@ def test_memory_rows_add_up_to_the_stage_peaks() -> None:
     for row, stage in zip(rows, plan.stages):
         assert sum(row[k] for k, _ in MEMORY_KINDS) == stage.memory.peak
         assert row["capacity"] == stage.capacity_bytes
+        assert row["sent"] == stage.comm_out_bytes * stage.inflight_microbatches
 
 
 def test_a_transformer_collapses_to_its_blocks_at_depth_three() -> None:

@@ -66,7 +66,8 @@ def test_report_in_a_browser(tmp_path: Path) -> None:
     assert seen["timelines"][0]["schedule"] == "1f1b"
     # a forward and a backward per stage and microbatch (zero-bubble splits the backward in two)
     assert blocks == {"1f1b": _P * _M * 2, "gpipe": _P * _M * 2, "zb-h1": _P * _M * 3}
-    assert seen["memory"] == [_P] * len(MEMORY_KINDS)  # every stage has a bar of every kind
+    # every stage has a bar of every kind, sent values included
+    assert seen["memory"] == [_P] * (len(MEMORY_KINDS) + 1)
     assert seen["memoryX"] == [f"stage {i}" for i in range(_P)]
     _, groups, _ = module_graph(plan)
     assert seen["groups"] == seen["cyNodes"] == len(groups)
