@@ -221,6 +221,7 @@ class DistributedModel(nn.Module):
 
     def _partition(self, first: _Body) -> None:
         import modelparallel
+        from modelparallel.torch.creation import checkpoint_paths
 
         cfg = state.cfg
         assert cfg is not None and first.model_inputs is not None
@@ -242,7 +243,9 @@ class DistributedModel(nn.Module):
             self.module, None, loss_fn=self._loss, plan=plan, partitions=cfg.partitions,
             microbatches=cfg.microbatches, schedule=cfg.schedule, device=state.device,
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
-            memory_weight=cfg.memory_weight, parallel=parallel, active_microbatches=active)
+            memory_weight=cfg.memory_weight, parallel=parallel, active_microbatches=active,
+            checkpointing=checkpoint_paths(self.module) or "none",
+            offload_activations=cfg.offload_activations)
         pipe.planning_for = self._planning_for
         before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
