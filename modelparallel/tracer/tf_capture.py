@@ -178,7 +178,7 @@ def _flat_specs(inputs: Any) -> tuple[list[Any], list[str]]:
 
 
 def trace_keras(model: Any, inputs: Any, *, training: bool = True,
-                name: str | None = None) -> TFTraced:
+                name: str | None = None, call_kwargs: Mapping[str, Any] | None = None) -> TFTraced:
     """Trace ``model`` called on ``inputs`` (one microbatch) into the IR (Note [keras capture]).
 
     Args:
@@ -186,6 +186,8 @@ def trace_keras(model: Any, inputs: Any, *, training: bool = True,
         inputs: A tensor, a tuple/list of tensors (positional inputs) or a dict (one input
             structure, passed as the model's single argument).
         training: The ``training`` flag of the traced call (dropout on or off).
+        call_kwargs: Other (non-tensor) keyword arguments of the call; they replace
+            ``training`` when given.
         name: The graph's name (default: the model's class name).
 
     Returns:
@@ -203,9 +205,11 @@ def trace_keras(model: Any, inputs: Any, *, training: bool = True,
         ['arg0', 'MatMul']
     """
     values, names = _flat_specs(inputs)
-    values = [tf.convert_to_tensor(v) for v in values]
+    specs = [v if isinstance(v, tf.TensorSpec) else tf.TensorSpec(v.shape, v.dtype)
+             for v in values]
     mapping = isinstance(inputs, Mapping)
     keys = list(inputs) if mapping else []
+    kwargs = dict(call_kwargs) if call_kwargs is not None else {"training": training}
 
     span: list[int] = []
 
@@ -213,17 +217,17 @@ def trace_keras(model: Any, inputs: Any, *, training: bool = True,
         graph = tf.compat.v1.get_default_graph()
         span[:] = [len(graph.get_operations())]
         if mapping:
-            out = model(dict(zip(keys, flat, strict=True)), training=training)
+            out = model(dict(zip(keys, flat, strict=True)), **kwargs)
         else:
-            out = model(*flat, training=training)
+            out = model(*flat, **kwargs)
         span.append(len(graph.get_operations()))
         return out
 
     if not getattr(model, "built", True) or not model.variables:
-        call(*values)  # build eagerly, so variables exist outside the traced graph
+        with tf.init_scope():  # build eagerly, so variables exist outside the traced graph
+            call(*[tf.zeros([d or 1 for d in s.shape.as_list()], s.dtype) for s in specs])
     claims: dict[str, tuple[str, str]] = {}
     fn = tf.function(call, autograph=False)
-    specs = [tf.TensorSpec(v.shape, v.dtype) for v in values]
     try:
         with _attributing(model, claims):
             concrete = fn.get_concrete_function(*specs)

@@ -1,0 +1,136 @@
+"""``smp.init``: the configuration (a dict, ``SM_HP_MP_PARAMETERS`` merged over it), the process's
+ranks, and the state a step and the model share while a step is traced.
+
+Note [tf process model]
+~~~~~~~~~~~~~~~~~~~~~~~
+One process drives every local device: stage ``k`` runs on the ``k``-th GPU (logical CPU devices
+where there are none), and the pipeline is one TensorFlow graph (Note [op placement] in
+``runtime/tf_pipeline.py``). That process is the whole model-parallel group, so ``size()``,
+``mp_size()``, ``pp_size()`` and ``dp_size()`` are 1 and every rank is 0, and the step's outputs
+are in that process. Several processes (TensorFlow's cluster runtime) are not supported yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelparallel.errors import ConfigError
+
+__all__ = ["TFConfig", "config", "init", "is_initialized"]
+
+_KEYS = {"partitions", "pipeline_parallel_degree", "microbatches", "pipeline", "optimize",
+         "auto_partition", "default_partition", "contiguous", "horovod", "memory_weight",
+         "placement_strategy", "xla", "load_partition", "partition_file", "ddp"}
+
+
+@dataclass(frozen=True)
+class TFConfig:
+    """The SMP v1 TensorFlow configuration.
+
+    Attributes:
+        partitions: Pipeline stages.
+        microbatches: Microbatches per step.
+        pipeline: ``"interleaved"`` (1F1B) or ``"simple"`` (GPipe).
+        optimize: ``"speed"`` or ``"memory"`` (selects ``memory_weight``'s default).
+        memory_weight: The planner's weight of memory balance, in [0, 1].
+        auto_partition: Plan with the ILP; if False, ops go to ``default_partition`` unless an
+            ``smp.partition`` context places them.
+        default_partition: Stage of ops outside any ``smp.partition`` context (manual mode).
+        contiguous: Each stage a connected run of the graph (SMP's TF option).
+    """
+
+    partitions: int = 1
+    microbatches: int = 1
+    pipeline: str = "interleaved"
+    optimize: str = "memory"
+    memory_weight: float | None = None
+    auto_partition: bool = True
+    default_partition: int = 0
+    contiguous: bool = True
+
+    def __post_init__(self) -> None:
+        if self.partitions < 1 or self.microbatches < 1:
+            raise ConfigError(f"partitions ({self.partitions}) and microbatches "
+                              f"({self.microbatches}) must be >= 1")
+        if self.pipeline not in ("interleaved", "simple"):
+            raise ConfigError(f"pipeline {self.pipeline!r} must be 'interleaved' or 'simple'")
+        if self.optimize not in ("speed", "memory"):
+            raise ConfigError(f"optimize {self.optimize!r} must be 'speed' or 'memory'")
+        if self.memory_weight is not None and not 0 <= self.memory_weight <= 1:
+            raise ConfigError(f"memory_weight {self.memory_weight} must be in [0, 1]")
+        if not 0 <= self.default_partition < self.partitions:
+            raise ConfigError(f"default_partition {self.default_partition} must be in "
+                              f"0..{self.partitions - 1}")
+
+
+_LOCK = threading.Lock()
+_CONFIG: TFConfig | None = None
+
+
+def init(config: Mapping[str, Any] | str | None = None) -> TFConfig:
+    """Read the configuration: ``config`` (a dict or a JSON file path), with the estimator's
+    ``SM_HP_MP_PARAMETERS`` merged over it.
+
+    Raises:
+        ConfigError: for an unknown key, a bad value, or ``horovod: true`` (not supported yet).
+
+    Example:
+        >>> init({"partitions": 2, "microbatches": 4}).microbatches
+        4
+    """
+    global _CONFIG
+    cfg: dict[str, Any] = {}
+    if isinstance(config, str):
+        with open(config) as f:
+            cfg.update(json.load(f))
+    elif config is not None:
+        cfg.update(config)
+    env = os.environ.get("SM_HP_MP_PARAMETERS")
+    if env:
+        cfg.update(json.loads(env))
+    unknown = set(cfg) - _KEYS
+    if unknown:
+        raise ConfigError(f"unknown SMP configuration keys {sorted(unknown)}; known: "
+                          f"{sorted(_KEYS)}")
+    if cfg.get("horovod") or cfg.get("ddp"):
+        raise ConfigError("horovod/ddp (data parallelism) is not supported yet by "
+                          "modelparallel.tensorflow; run one model replica")
+    if "pipeline_parallel_degree" in cfg:
+        cfg.setdefault("partitions", cfg["pipeline_parallel_degree"])
+    fields = {k: cfg[k] for k in ("partitions", "microbatches", "pipeline", "optimize",
+                                  "memory_weight", "auto_partition", "default_partition",
+                                  "contiguous") if k in cfg}
+    with _LOCK:
+        _CONFIG = TFConfig(**fields)
+    return _CONFIG
+
+
+def is_initialized() -> bool:
+    """Whether :func:`init` ran.
+
+    Example:
+        >>> isinstance(is_initialized(), bool)
+        True
+    """
+    return _CONFIG is not None
+
+
+def config() -> TFConfig:
+    """The configuration of :func:`init`.
+
+    Raises:
+        ConfigError: if :func:`init` has not run.
+
+    Example:
+        >>> init({"partitions": 1}).partitions == config().partitions
+        True
+    """
+    if _CONFIG is None:
+        raise ConfigError("call smp.init() (with a config dict or SM_HP_MP_PARAMETERS) before "
+                          "using modelparallel.tensorflow")
+    return _CONFIG

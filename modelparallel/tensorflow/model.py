@@ -1,0 +1,185 @@
+"""``smp.DistributedModel``: a Keras model whose ``call`` is traced, planned by the ILP on its first
+call inside a step, and run with its ops placed on the stages (Note [op placement] in
+``runtime/tf_pipeline.py``); plus ``smp.partition`` and post-partition hooks.
+
+Subclass it and write ``call`` (SMP's way), or wrap any built Keras model:
+``smp.DistributedModel(keras_model)``. It subclasses ``tf.keras.Model``, which is Keras 3, or
+tf-keras when ``TF_USE_LEGACY_KERAS=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import tensorflow as tf
+
+from modelparallel.errors import ConfigError, ModelParallelError
+
+__all__ = ["DistributedModel", "StepRequiredError", "partition",
+           "register_post_partition_hook"]
+
+
+class StepRequiredError(ModelParallelError, RuntimeError):
+    """An ``smp.DistributedModel`` was called outside an ``smp.step`` function."""
+
+
+_HOOKS: list[Callable[[], Any]] = []
+_LOCAL = threading.local()
+
+
+def register_post_partition_hook(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` eagerly once, after the model is partitioned and before its first forward
+    (e.g. to restore a checkpoint).
+
+    Example:
+        >>> @register_post_partition_hook
+        ... def restore(): pass
+        >>> _HOOKS.remove(restore)
+    """
+    _HOOKS.append(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def partition(index: int) -> Iterator[None]:
+    """Place the ops created inside on stage ``index`` (manual partitioning; a pin for the ILP
+    under auto-partitioning). The innermost context wins.
+
+    Example:
+        >>> with partition(0):
+        ...     pass
+    """
+    record = getattr(_LOCAL, "record", None)
+    if record is None:
+        yield
+        return
+    graph = tf.compat.v1.get_default_graph()
+    before = len(graph.get_operations())
+    try:
+        yield
+    finally:
+        for op in graph.get_operations()[before:]:
+            record.setdefault(op.name, int(index))
+
+
+def _device_spec(device: str) -> Any:
+    """The cost model's device for the stages: an H100 for GPUs; for logical CPU devices, the
+    CPU with a memcpy-fast link (they share one memory, so a boundary costs a copy)."""
+    import dataclasses
+
+    from modelparallel.cost_model import get_device_spec
+
+    if "GPU" in device:
+        return get_device_spec("h100")
+    return dataclasses.replace(get_device_spec("cpu"), name="cpu-logical",
+                               link_bandwidth=1e11, link_latency=1e-6)
+
+
+class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
+    """A Keras model partitioned into pipeline stages (SMP ``smp.DistributedModel``).
+
+    Args:
+        model: Optional: a built Keras model to wrap (its call becomes this model's call).
+
+    Example:
+        >>> import keras  # doctest: +SKIP
+        >>> dm = DistributedModel(keras.Sequential([keras.layers.Dense(2)]))  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        inner = None
+        if len(args) == 1 and isinstance(args[0], tf.keras.layers.Layer):
+            inner, args = args[0], ()
+        super().__init__(*args, **kwargs)
+        self._mp_inner = inner
+        object.__setattr__(self, "_mp_state", {})  # not tracked by Keras
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mp_inner is None:
+            raise NotImplementedError("subclass smp.DistributedModel and implement call(), "
+                                      "or wrap a model: smp.DistributedModel(keras_model)")
+        return self._mp_inner(*args, **kwargs)
+
+    # -- partitioning --------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Any:
+        """The plan, once the first step call partitioned the model (else None)."""
+        return self._mp_state.get("plan")
+
+    def _partition(self, args: tuple[Any, ...], kwargs: dict[str, Any], m: int) -> None:
+        from modelparallel.partitioner import partition as plan_graph
+        from modelparallel.plan import PlanConfig
+        from modelparallel.runtime.tf_pipeline import stage_devices
+        from modelparallel.tensorflow._state import config
+        from modelparallel.tracer.tf_capture import trace_keras
+
+        cfg = config()
+        specs = tuple(tf.TensorSpec(a.shape, a.dtype) for a in args)
+        manual: dict[str, int] = {}
+        with tf.init_scope():
+            _LOCAL.capturing, _LOCAL.record = True, manual
+            try:
+                traced = trace_keras(self, specs, call_kwargs=kwargs,
+                                     name=type(self).__name__)
+            finally:
+                _LOCAL.capturing, _LOCAL.record = False, None
+            graph = traced.graph
+            p = cfg.partitions
+            names = {n.name for n in graph}
+            pins = {k: v for k, v in manual.items() if k in names}
+            if not cfg.auto_partition:
+                pins = {n.name: pins.get(n.name, cfg.default_partition) for n in graph
+                        if n.op.value == "call_function"}
+            for stage in pins.values():
+                if not 0 <= stage < p:
+                    raise ConfigError(f"smp.partition({stage}) is outside 0..{p - 1}")
+            devices = stage_devices(p)
+            kind = _device_spec(devices[0])
+            options: dict[str, Any] = {"memory_weight": cfg.memory_weight}
+            if cfg.memory_weight is None:
+                options = {}
+            plan_cfg = PlanConfig(
+                partitions=p, microbatches=m, granularity="module", pins=pins,
+                schedule="simple" if cfg.pipeline == "simple" else "interleaved", **options)
+            samples = int(specs[0].shape[0] or 1) if specs and specs[0].shape.rank else 1
+            plan = plan_graph(graph, plan_cfg, kind, samples_per_microbatch=samples)
+            self._mp_state.update(traced=traced, plan=plan, devices=devices)
+            for hook in list(_HOOKS):
+                hook()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_LOCAL, "capturing", False):
+            return super().__call__(*args, **kwargs)
+        from modelparallel.runtime.tf_pipeline import OpPlacer, plan_stages, run_placed
+        from modelparallel.tensorflow.step import current_step
+
+        ctx = current_step()
+        if ctx is None:
+            raise StepRequiredError(
+                f"{type(self).__name__} is an smp.DistributedModel: call it inside an "
+                "@smp.step function (its body runs once per microbatch), not directly")
+        args = tuple(tf.convert_to_tensor(a) if not isinstance(a, tf.Tensor) else a
+                     for a in args)
+        if "traced" not in self._mp_state:
+            self._partition(args, kwargs, ctx.microbatches)
+        traced, plan = self._mp_state["traced"], self._mp_state["plan"]
+        ctx.devices = self._mp_state["devices"]
+        placer = OpPlacer(traced, plan_stages(plan), ctx.devices)
+        graph = tf.compat.v1.get_default_graph()
+        start = len(graph.get_operations())
+        out = run_placed(placer, lambda: super(DistributedModel, self).__call__(*args, **kwargs))
+        ctx.recorder.model_call(start, len(graph.get_operations()))
+        ctx.calls.append(placer)
+        return out
+
+    def save_model(self, save_path: str = "/opt/ml/model") -> str:
+        """Write the whole, unpartitioned model as a SavedModel at ``save_path``."""
+        if hasattr(self, "export"):
+            self.export(save_path)
+        else:
+            tf.saved_model.save(self, save_path)
+        return save_path

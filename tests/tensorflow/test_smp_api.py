@@ -1,0 +1,148 @@
+"""SMP v1's TensorFlow API: init, ranks and helpers, StepOutput, manual placement, post-partition
+hooks, checkpoints, and the named errors of bad use (no hang)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import modelparallel.tensorflow as smp  # noqa: E402
+from modelparallel.errors import ConfigError  # noqa: E402
+from modelparallel.tensorflow.models import keras_mlp, keras_skip  # noqa: E402
+
+
+def test_init_merges_sm_hp_mp_parameters_and_validates(monkeypatch) -> None:
+    monkeypatch.setenv("SM_HP_MP_PARAMETERS", json.dumps({"microbatches": 4}))
+    cfg = smp.init({"partitions": 2, "microbatches": 2, "pipeline": "simple"})
+    assert (cfg.partitions, cfg.microbatches, cfg.pipeline) == (2, 4, "simple")
+    monkeypatch.delenv("SM_HP_MP_PARAMETERS")
+    with pytest.raises(ConfigError, match="not supported yet"):
+        smp.init({"partitions": 2, "horovod": True})
+    with pytest.raises(ConfigError, match="unknown"):
+        smp.init({"partitions": 2, "partitons": 3})
+    with pytest.raises(ConfigError, match="pipeline"):
+        smp.init({"partitions": 2, "pipeline": "zigzag"})
+
+
+def test_ranks_and_one_process_helpers() -> None:
+    assert (smp.rank(), smp.size(), smp.mp_rank(), smp.pp_size(), smp.dp_size()) == (0, 1, 0, 1, 1)
+    smp.send({"a": 1}, 0)
+    assert smp.recv_from(0) == {"a": 1}
+    with pytest.raises(ConfigError, match="nothing was sent"):
+        smp.recv_from(0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        smp.send(1, 1)
+    assert smp.allgather(5) == [5]
+    smp.barrier()
+    smp.broadcast("x", smp.MP_GROUP)
+
+
+def test_step_output_reductions() -> None:
+    out = smp.StepOutput([tf.constant([[1.0], [2.0]]), tf.constant([[3.0], [4.0]])])
+    assert out.merge().shape == (4, 1) and out.stack().shape == (2, 2, 1)
+    assert float(tf.reduce_sum(out.reduce_sum())) == 10.0
+    assert float(tf.reduce_sum(out.accumulate())) == 5.0
+    sparse = smp.StepOutput([tf.IndexedSlices(tf.ones((1, 2)), tf.constant([0]), [3, 2])] * 2)
+    acc = sparse.accumulate()
+    assert isinstance(acc, tf.IndexedSlices) and acc.indices.shape == (2,)
+
+
+def _model_and_step(partitions: int = 2, microbatches: int = 2, **cfg):
+    smp.init({"partitions": partitions, "microbatches": microbatches, **cfg})
+    case = keras_skip(batch_size=8)
+    model = smp.DistributedModel(case.model)
+    opt = keras.optimizers.SGD(0.1)
+
+    @smp.step
+    def get_grads(x, y):
+        pred = model(x, training=True)
+        loss = case.loss_fn(y, pred)
+        return tf.gradients(loss, model.trainable_variables), loss
+
+    @tf.function
+    def train(x, y):
+        grads, loss = get_grads(x, y)
+        opt.apply_gradients(zip([g.accumulate() for g in grads], model.trainable_variables))
+        return loss.reduce_mean()
+
+    return case, model, get_grads, train
+
+
+def test_model_outside_a_step_is_a_named_error() -> None:
+    case, model, _, _ = _model_and_step()
+    with pytest.raises(smp.StepRequiredError, match=r"inside an @smp\.step"):
+        model(case.args[0])
+
+
+def test_batch_not_divisible_by_microbatches() -> None:
+    case, _, get_grads, _ = _model_and_step(microbatches=3)
+    with pytest.raises(ConfigError, match="does not split into 3"):
+        get_grads(case.args[0], case.target)
+
+
+def test_manual_partition_pins_and_post_partition_hook(tmp_path: Path) -> None:
+    class Manual(smp.DistributedModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = keras.layers.Dense(8, name="a")
+            self.b = keras.layers.Dense(8, name="b")
+            self.c = keras.layers.Dense(1, name="c")
+
+        def call(self, x, training=False):
+            h = self.a(x)  # the default partition
+            with smp.partition(0), smp.partition(1):  # the innermost context wins
+                h = self.b(h)
+            with smp.partition(1):
+                return self.c(h)
+
+    smp.init({"partitions": 2, "microbatches": 2, "auto_partition": False,
+              "default_partition": 0})
+    model = Manual()
+    seen = []
+
+    @smp.register_post_partition_hook
+    def hook() -> None:
+        seen.append(model.plan is not None)
+
+    @smp.step
+    def get_loss(x):
+        return tf.reduce_mean(model(x))
+
+    try:
+        loss = get_loss(tf.ones((4, 3)))
+    finally:
+        from modelparallel.tensorflow.model import _HOOKS
+        _HOOKS.remove(hook)
+    assert seen == [True] and len(loss.outputs) == 2
+    g = model._mp_state["traced"].graph
+    stage = {n.name: n.stage for n in model.plan.nodes}
+    by_layer = {n.module_path: stage[n.name] for n in g if n.module_path in ("a", "b", "c")}
+    assert by_layer == {"a": 0, "b": 1, "c": 1}
+    ckpt = tf.train.Checkpoint(model=model)
+    manager = smp.CheckpointManager(ckpt, str(tmp_path), max_to_keep=2)
+    before = [w.copy() for w in model.get_weights()]
+    manager.save()
+    for v in model.trainable_variables:
+        v.assign(tf.zeros_like(v))
+    manager.restore()
+    assert all((a == b).all() for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_optimizer_get_gradients_style_and_outputs() -> None:
+    smp.init({"partitions": 2, "microbatches": 4, "pipeline": "interleaved"})
+    case = keras_mlp(batch_size=8)
+    model = smp.DistributedModel(case.model)
+
+    @smp.step
+    def evaluate(x, y):
+        pred = model(x, training=False)
+        return pred, case.loss_fn(y, pred), 1.5
+
+    pred, loss, const = evaluate(case.args[0], case.target)
+    assert pred.merge().shape == (8, 10) and len(loss.outputs) == 4
+    assert const == [1.5] * 4
