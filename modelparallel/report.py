@@ -29,6 +29,7 @@ __all__ = [
     "format_seconds",
     "print_comparison",
     "print_schedule_comparison",
+    "print_headline",
     "print_node",
     "print_stage",
     "print_summary",
@@ -200,6 +201,21 @@ def print_summary(plan: Plan, console: Console | None = None) -> None:
         f"step {format_seconds(pipe.step_time)}  ·  bubble {100 * pipe.bubble_fraction:.1f}%  ·  "
         f"throughput {pipe.throughput:.1f} samples/s  ·  bottleneck: stage "
         f"{pipe.bottleneck_stage} at {format_seconds(pipe.bottleneck_time)} per microbatch")
+
+
+def print_headline(plan: Plan, console: Console | None = None) -> None:
+    """Print the plan's one-line result (step time, bubble, throughput, bottleneck) and the
+    empty-stages warning, without the tables (:func:`print_summary` prints those)."""
+    console = console or Console()
+    pipe = plan.pipeline
+    console.print(
+        f"{plan.num_stages} stages, {plan.config.microbatches} microbatches, "
+        f"{plan.config.schedule}: step {format_seconds(pipe.step_time)}  ·  bubble "
+        f"{100 * pipe.bubble_fraction:.1f}%  ·  throughput {pipe.throughput:.1f} samples/s  ·  "
+        f"bottleneck: stage {pipe.bottleneck_stage}")
+    note = empty_stages_note(plan)
+    if note is not None:
+        console.print(f"[yellow]warning: {note}[/yellow]")
 
 
 def print_stage(plan: Plan, stage: int, console: Console | None = None) -> None:

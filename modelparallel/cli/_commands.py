@@ -25,16 +25,18 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
                          console=err, dtype=a.dtype, framework=a.framework)
     _check_partitions(config.partitions, loaded)
     costs = _measured_costs(a, loaded, devices, config, err)
+    if not err.is_terminal:
+        err.print("partitioning", markup=False, highlight=False, soft_wrap=True)
     with err.status("partitioning") as status:
         plan = partition(loaded.graph, config, devices, costs=costs,
                          samples_per_microbatch=loaded.samples_per_microbatch,
-                         progress=_progress_printer(status))
+                         progress=_progress_printer(status, err))
     plan = _with_source(plan, a, loaded)
     out = plan.save(a.output)
     from modelparallel import report
 
-    report.print_summary(plan, console)
-    err.print(f"wrote {out}")
+    report.print_headline(plan, console)  # the tables once: 'partition-plan inspect PLAN'
+    err.print(f"wrote {out} (the stage tables and timeline: partition-plan inspect {out})")
     return 0
 
 
@@ -152,7 +154,7 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     with err.status("partitioning with every method") as status:
         plans = compare(loaded.graph, config, devices,
                         samples_per_microbatch=loaded.samples_per_microbatch,
-                        progress=_progress_printer(status))
+                        progress=_progress_printer(status, err))
     report.print_comparison(plans, console)
     with err.status("planning every schedule"):
         schedules = compare_schedules(loaded.graph, config, devices,

@@ -131,6 +131,8 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
         graph = Graph.from_json(path)
         return _Loaded(graph, None, {}, 1)
     factory = _import_factory(spec)
+    if not console.is_terminal:  # a status line shows nothing in a pipe or a CI log
+        console.print(f"building {spec}", markup=False, highlight=False, soft_wrap=True)
     with console.status(f"building {spec}"):
         try:
             result = factory()
@@ -169,6 +171,9 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     from modelparallel.tracer import trace
 
     start = time.perf_counter()
+    if not console.is_terminal:
+        console.print(f"tracing {type(model).__name__} ({method})", markup=False, soft_wrap=True,
+                      highlight=False)
     with console.status(f"tracing {type(model).__name__} ({method})"):
         traced = trace(model, args, kwargs, method=method)
     console.print(f"[dim]traced {type(model).__name__} with {traced.method}: "

@@ -168,9 +168,9 @@ def test_user_mistakes_are_one_line_exit_2(tmp_path: Path, capsys) -> None:
     for argv, *words in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(
-            ("traced ", "  note:", "wrote "))]
+        lines = [ln for ln in err.splitlines() if ln.startswith("partition-plan:")]
         assert len(lines) == 1 and lines[0].startswith("partition-plan: error:"), err
+        assert "Traceback" not in err and len(err.splitlines()) < 12, err  # progress only
         for w in words:
             assert w in lines[0], (w, err)
         assert "what to try: - mark that module a leaf" not in lines[0].lower()
@@ -186,3 +186,16 @@ def test_plan_files_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_build_shows_the_summary_once_and_plain_progress_off_a_terminal(tmp_path: Path,
+                                                                         capsys) -> None:
+    """Issue 13 item 12: build prints a headline (the tables are inspect's), and off a
+    terminal (capsys is a pipe) its progress as plain lines."""
+    out = tmp_path / "plan.json"
+    assert main(["build", MODEL, "-p", "2", "--time-limit", "5", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Stage" not in captured.out and "bubble" in captured.out, captured.out
+    assert "tracing SkipMLP" in captured.err and "partitioning" in captured.err, captured.err
+    assert main(["inspect", str(out)]) == 0
+    assert "bubble" in capsys.readouterr().out
