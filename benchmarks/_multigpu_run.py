@@ -54,7 +54,7 @@ class Config:
 
     Attributes:
         method: Plan method.
-        schedule: ``"gpipe"`` or ``"1f1b"``.
+        schedule: ``"gpipe"``, ``"1f1b"`` or ``"zb-h1"``.
         m: Microbatches per step.
     """
 
@@ -255,13 +255,19 @@ class Run:
 
     def torch_schedule(self) -> tuple[Any, Any]:
         """A fresh ``PipelineStage`` and schedule on this rank's stage module."""
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleavedZeroBubble,
+        )
 
         assert self.program is not None
         env = self.env
         stage = timed_stage_class()(TorchStageModule(self.program), env.rank, env.world,
                                      env.device, group=env.torch_group)
         stage.busy = Busy(env.device)
+        if self.cfg.schedule == "zb-h1":  # torch's zero bubble, one stage per rank
+            return stage, ScheduleInterleavedZeroBubble([stage], self.cfg.m, loss_fn=env.loss_fn)
         cls = ScheduleGPipe if self.cfg.schedule == "gpipe" else Schedule1F1B
         return stage, cls(stage, self.cfg.m, loss_fn=env.loss_fn)
 
@@ -329,9 +335,10 @@ class Run:
             spans = busy.take()
             if k >= env.args.warmup:
                 rows.append({"pipeline_s": t1 - t0, "optimizer_s": t2 - t1,
-                             "busy_s": sum(spans["F"]) + sum(spans["B"]),
+                             "busy_s": sum(spans["F"]) + sum(spans["B"]) + sum(spans["W"]),
                              "fwd_s": statistics.median(spans["F"]) if spans["F"] else 0.0,
-                             "bwd_s": statistics.median(spans["B"]) if spans["B"] else 0.0})
+                             "bwd_s": statistics.median(spans["B"]) if spans["B"] else 0.0,
+                             "wgt_s": statistics.median(spans["W"]) if spans["W"] else 0.0})
         peak = int(torch.cuda.max_memory_allocated(env.device)) if env.cuda else None
         return {"steps": rows, "peak_bytes": peak}
 
@@ -431,7 +438,7 @@ def run_config(env: Env, cfg: Config, plan: Plan, capacity: int | None,
     tokens = m * env.args.microbatch_size * env.case.args[0].shape[1]
     record: dict[str, Any] = {
         "method": cfg.method, "schedule": cfg.schedule, "m": m, "tokens_per_step": tokens,
-        "plan": plan_summary(plan), "bubble_theory": theoretical_bubble(p, m)}
+        "plan": plan_summary(plan), "bubble_theory": theoretical_bubble(p, m, cfg.schedule)}
     peak = max(s.memory.peak for s in plan.stages)
     if capacity and env.args.memory_guard > 0 and peak > env.args.memory_guard * capacity:
         record.update(status="skipped", reason=(
@@ -507,8 +514,11 @@ def summarize(per_rank: list[dict[str, Any]], plan: Plan, cfg: Config, tokens: i
     bubbles = [1.0 - statistics.mean(r["steps"][k]["busy_s"] / pipe[k] for r in per_rank)
                for k in range(n)]
     fwd = [statistics.median(s["fwd_s"] for s in r["steps"]) for r in per_rank]
-    bwd = [statistics.median(s["bwd_s"] for s in r["steps"]) for r in per_rank]
-    sim = simulate(make_schedule(cfg.schedule, p, cfg.m), fwd, bwd)
+    bwd_i = [statistics.median(s["bwd_s"] for s in r["steps"]) for r in per_rank]
+    wgt = [statistics.median(s.get("wgt_s", 0.0) for s in r["steps"]) for r in per_rank]
+    bwd = [b + w for b, w in zip(bwd_i, wgt)]  # a split backward: I then W
+    sim = simulate(make_schedule(cfg.schedule, p, cfg.m), fwd, bwd,
+                   wgrad_fraction=[w / b if b > 0 else 0.0 for w, b in zip(wgt, bwd)])
     step = statistics.median(pipe)
     train = statistics.median(a + b for a, b in zip(pipe, opt))
     measured = [r["peak_bytes"] for r in per_rank]

@@ -94,7 +94,7 @@ class Busy:
 
     def take(self) -> dict[str, list[float]]:
         """Seconds of every span since the last call, by kind (after a synchronisation)."""
-        out: dict[str, list[float]] = {"F": [], "B": []}
+        out: dict[str, list[float]] = {"F": [], "B": [], "W": []}
         for kind, a, b in self.spans:
             out[kind].append(a.elapsed_time(b) / 1e3 if self.cuda else b - a)
         self.spans = []
@@ -113,7 +113,7 @@ class TimedExecutor(StageExecutor):
         super().__init__(*args, on_action=self._bracket, **kwargs)
 
     def _bracket(self, event: StageEvent, phase: str) -> None:
-        if event.kind not in ("forward", "backward"):
+        if event.kind not in ("forward", "backward", "weight_backward"):
             return
         if phase == "start":
             self._token = self.busy.start()
@@ -122,4 +122,5 @@ class TimedExecutor(StageExecutor):
                 raise RuntimeError(
                     f"injected failure (--inject-failure) in forward {event.microbatch}")
         else:
-            self.busy.stop("F" if event.kind == "forward" else "B", self._token)
+            kind = {"forward": "F", "backward": "B"}.get(event.kind, "W")
+            self.busy.stop(kind, self._token)

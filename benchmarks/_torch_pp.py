@@ -107,4 +107,11 @@ def timed_stage_class() -> type:
             finally:
                 self.busy.stop("B", token)
 
+        def backward_weight_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+            token = self.busy.start()  # the weight-gradient half of a zero-bubble backward
+            try:
+                return super().backward_weight_one_chunk(*args, **kwargs)
+            finally:
+                self.busy.stop("W", token)
+
     return TimedStage

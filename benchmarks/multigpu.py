@@ -114,6 +114,9 @@ from modelparallel.tracer import trace  # noqa: E402
 
 METHODS = ("ilp", "param_balanced", "uniform")
 SCHEDULES = ("gpipe", "1f1b")
+#: Every schedule ``--schedules`` accepts (zb-h1 against torch's ScheduleInterleavedZeroBubble
+#: with one stage per rank); interleaved virtual stages are measured by benchmarks/runtime.py.
+ALL_SCHEDULES = (*SCHEDULES, "zb-h1")
 
 
 # -- sizes -------------------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--schedules", default=",".join(SCHEDULES),
-                        help="comma-separated subset of gpipe,1f1b")
+                        help="comma-separated subset of gpipe,1f1b,zb-h1")
     parser.add_argument("--m-factors", default="1,2,4", help="m = factor * p, comma-separated")
     parser.add_argument("--torch-methods", default=",".join(METHODS),
                         help="plan methods also run under torch.distributed.pipelining")
@@ -231,7 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.torch_methods = [x for x in a.torch_methods.split(",") if x]
     a.m_factors = [int(x) for x in a.m_factors.split(",") if x]
     for name, got, allowed in (("--methods", a.methods, METHODS),
-                               ("--schedules", a.schedules, SCHEDULES),
+                               ("--schedules", a.schedules, ALL_SCHEDULES),
                                ("--torch-methods", a.torch_methods, METHODS)):
         bad = [x for x in got if x not in allowed]
         if bad:

@@ -13,10 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Notes referred to by code whose note is still being written elsewhere (name -> why). An entry
 # must go as soon as its note is defined (the test below fails then); keep this empty otherwise.
-_PENDING = {
-    "op placement": "cited by tracer/tf_capture.py; written with runtime/tf_pipeline.py (TF runtime)",
-    "tied parameters across stages": "cited by runtime/data_parallel.py (hybrid parallelism)",
-}
+_PENDING: dict[str, str] = {}
 
 
 def test_every_reference_has_exactly_one_definition() -> None:

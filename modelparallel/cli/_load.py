@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelparallel.errors import ConfigError
+from modelparallel.errors import ConfigError, ModelParallelError
 from modelparallel.ir import Graph
 
 
@@ -122,6 +122,9 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     (floating weights and inputs cast) when given; a Keras model (``framework`` "tensorflow" or
     detected) is traced by ``_load_tf``."""
     path = Path(spec)
+    if spec.endswith(".py"):
+        raise ConfigError(f"MODEL {spec!r} is a Python file without a factory: write "
+                          f"'{spec}:FACTORY', FACTORY being the function that builds the model")
     if spec.endswith(".json") or (path.is_file() and ":" not in spec):
         if not path.is_file():
             raise ConfigError(f"IR file {spec!r} does not exist")
@@ -129,7 +132,13 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
         return _Loaded(graph, None, {}, 1)
     factory = _import_factory(spec)
     with console.status(f"building {spec}"):
-        result = factory()
+        try:
+            result = factory()
+        except ModelParallelError:
+            raise
+        except Exception as e:  # the user's code: a user error (exit 2), not ours
+            raise ConfigError(f"the MODEL factory {spec!r} raised {type(e).__name__}: "
+                              f"{e}") from e
     from modelparallel.cli._load_tf import is_keras_result, load_keras
 
     if framework == "tensorflow" or (framework == "auto" and is_keras_result(result)):

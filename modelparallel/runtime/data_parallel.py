@@ -21,8 +21,8 @@ Note [data-parallel gradient sync]
 - *End of step.* :meth:`GradientSync.finish` issues the buckets still waiting (parameters whose
   gradient was written without the hook, such as the deferred weight gradients of a split
   backward, Note [split backward], or tied parameters, which are summed over their stages first,
-  Note [tied parameters across stages]), waits for every bucket, divides by the group size and
-  writes the average back into ``.grad``. The executor calls it after the tied-parameter sum, so
+  Note [tied parameters] in ``modelparallel/partitioner/problem.py``), waits for every
+  bucket, divides by the group size and writes the average back into ``.grad``. The executor calls it after the tied-parameter sum, so
   a tied weight's gradient is summed over stages and averaged over replicas (the order does not
   matter: both are linear). A parameter whose ``.grad`` is ``None`` (read by no operation) stays
   ``None``; the traced graph is the same on every replica, so it is ``None`` on all of them.

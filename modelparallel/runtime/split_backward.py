@@ -5,7 +5,7 @@ Note [split backward] in ``modelparallel/schedule/__init__.py`` says what the ha
 received tensors only, so autograd skips every weight-gradient product; on the way it saves,
 with node pre-hooks, the gradients arriving at the autograd nodes where a parameter's gradient
 path leaves the input-gradient path. :func:`backward_weight` later runs autograd from those
-saved gradients to the parameters and adds the results to ``.grad``. Each node's backward thus
+saved gradients to the parameters, accumulating into ``.grad`` as a backward does. Each node's backward thus
 runs once in total (the nodes on the input path in ``I``, the rest in ``W``), as in
 ``torch.distributed.pipelining``'s zero-bubble stages; a parameter whose gradient path never
 meets the input path (stage 0, which receives nothing; a branch of the stage that does not
@@ -125,21 +125,12 @@ def backward_weight(pending: PendingWeightGrad) -> None:
         handles = [node.register_prehook(lambda _g, outs=outs: outs)
                    for node, outs in group.clamps] if len(group.clamps) > 1 else []
         try:  # groups may share nodes below their meeting points: keep the graph until the last
-            dws = torch.autograd.grad([e for e, _ in group.edges],
-                                      [GradientEdge(n, 0) for _, n in group.params],
-                                      [g for _, g in group.edges], allow_unused=True,
-                                      retain_graph=k < len(pending.groups) - 1)
+            torch.autograd.backward([e for e, _ in group.edges], [g for _, g in group.edges],
+                                    retain_graph=k < len(pending.groups) - 1,
+                                    inputs=[p for p, _ in group.params])
         finally:
             for h in handles:
                 h.remove()
-        with torch.no_grad():
-            for (p, _), dw in zip(group.params, dws):
-                if dw is None:
-                    continue
-                if p.grad is None:
-                    p.grad = dw
-                else:
-                    p.grad += dw
     pending.groups.clear()
 
 
