@@ -274,3 +274,51 @@ def _memory_job(rank: int, world: int) -> dict[str, Any]:
 def test_activation_checkpointing_and_offload_reach_the_plan_and_train_the_same() -> None:
     for r in [r.unwrap() for r in run_ranks(_memory_job, 2)]:
         assert r["diff"] < 1e-5 and r["checkpointing"] == ("2",) and r["offload"]
+
+
+def _gpt2_job(rank: int, world: int, pipeline: str) -> dict[str, Any]:
+    import modelparallel.torch as smp
+    from modelparallel import models
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "pipeline": pipeline})
+        case = models.gpt2("tiny", batch_size=4, seq_len=16)
+        ref = copy.deepcopy(case.model)
+        dm = smp.DistributedModel(case.model)
+        opt = smp.DistributedOptimizer(torch.optim.AdamW(dm.parameters(), lr=1e-3))
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+
+        @smp.step
+        def train_step(model: Any, ids: torch.Tensor, target: Any) -> Any:
+            out = model(ids)  # a Hugging Face ModelOutput on every rank
+            loss = case.loss_fn(out, target)
+            model.backward(loss)
+            return out, loss
+
+        losses, ref_losses = [], []
+        for step in range(2):
+            args, _, target = case.make_batch(4, step)
+            opt.zero_grad()
+            out, loss = train_step(dm, args[0], target)
+            opt.step()
+            losses.append(float(loss.reduce_mean()))
+            ref_opt.zero_grad()
+            ref_loss = case.loss_fn(ref(*args), target)
+            ref_loss.backward()
+            ref_opt.step()
+            ref_losses.append(float(ref_loss))
+        full = dm.state_dict()
+        diff = max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items())
+        return {"losses": losses, "ref": ref_losses, "diff": diff,
+                "logits": tuple(out["logits"].concat().shape)}
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
+def test_gpt2_tiny_on_two_ranks_trains_like_one_device(pipeline: str) -> None:
+    for r in [r.unwrap() for r in run_ranks(_gpt2_job, 2, pipeline, timeout=300)]:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
+        assert r["logits"][0] == 4
