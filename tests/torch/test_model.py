@@ -322,3 +322,13 @@ def test_gpt2_tiny_on_two_ranks_trains_like_one_device(pipeline: str) -> None:
     for r in [r.unwrap() for r in run_ranks(_gpt2_job, 2, pipeline, timeout=300)]:
         assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
         assert r["logits"][0] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
+def test_four_ranks_train_like_one_device(pipeline: str) -> None:
+    results = [r.unwrap() for r in run_ranks(_parity_job, 4, "mlp", pipeline, "adamw", 2,
+                                             timeout=300)]
+    for r in results:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
+    assert all(r["local"] for r in results)
