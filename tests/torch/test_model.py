@@ -334,3 +334,36 @@ def test_four_ranks_train_like_one_device(pipeline: str) -> None:
     for r in results:
         assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
     assert all(r["local"] for r in results)
+
+
+def _autocast_job(rank: int, world: int) -> dict[str, Any]:
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
+                  "default_partition": 0})
+        model = _model("mlp", world)
+        ref = copy.deepcopy(model)
+        dm = smp.DistributedModel(model)
+
+        @smp.step
+        def forward(model: Any, x: torch.Tensor) -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+
+        x, _ = _batch("mlp", torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            out = forward(dm, x).concat()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = ref(x)
+            plain = ref(x)
+        return {"dtype": str(out.dtype), "diff": float((out.float() - expected.float()).abs().max()),
+                "vs_fp32": float((out.float() - plain).abs().max())}
+    finally:
+        shutdown()
+
+
+def test_autocast_in_the_step_applies_on_every_stage() -> None:
+    for r in [r.unwrap() for r in run_ranks(_autocast_job, 2)]:
+        assert r["dtype"] == "torch.bfloat16" and r["diff"] == 0.0 and r["vs_fp32"] > 0
