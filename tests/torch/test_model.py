@@ -276,35 +276,36 @@ def test_activation_checkpointing_and_offload_reach_the_plan_and_train_the_same(
         assert r["diff"] < 1e-5 and r["checkpointing"] == ("2",) and r["offload"]
 
 
-def _gpt2_job(rank: int, world: int, pipeline: str) -> dict[str, Any]:
+def _hf_job(rank: int, world: int, pipeline: str, name: str = "gpt2") -> dict[str, Any]:
     import modelparallel.torch as smp
     from modelparallel import models
     from modelparallel.torch.state_mod import shutdown
 
     try:
         smp.init({"partitions": world, "microbatches": 2, "pipeline": pipeline})
-        case = models.gpt2("tiny", batch_size=4, seq_len=16)
+        case = (models.gpt2("tiny", batch_size=4, seq_len=16) if name == "gpt2"
+                else models.encoder_decoder(batch_size=4, seq_len=8))
         ref = copy.deepcopy(case.model)
         dm = smp.DistributedModel(case.model)
         opt = smp.DistributedOptimizer(torch.optim.AdamW(dm.parameters(), lr=1e-3))
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
 
         @smp.step
-        def train_step(model: Any, ids: torch.Tensor, target: Any) -> Any:
-            out = model(ids)  # a Hugging Face ModelOutput on every rank
+        def train_step(model: Any, args: Any, kwargs: Any, target: Any) -> Any:
+            out = model(*args, **kwargs)  # a Hugging Face ModelOutput on every rank
             loss = case.loss_fn(out, target)
             model.backward(loss)
             return out, loss
 
         losses, ref_losses = [], []
         for step in range(2):
-            args, _, target = case.make_batch(4, step)
+            args, kwargs, target = case.make_batch(4, step)
             opt.zero_grad()
-            out, loss = train_step(dm, args[0], target)
+            out, loss = train_step(dm, args, kwargs, target)
             opt.step()
             losses.append(float(loss.reduce_mean()))
             ref_opt.zero_grad()
-            ref_loss = case.loss_fn(ref(*args), target)
+            ref_loss = case.loss_fn(ref(*args, **kwargs), target)
             ref_loss.backward()
             ref_opt.step()
             ref_losses.append(float(ref_loss))
@@ -318,7 +319,51 @@ def _gpt2_job(rank: int, world: int, pipeline: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
-def test_gpt2_tiny_on_two_ranks_trains_like_one_device(pipeline: str) -> None:
-    for r in [r.unwrap() for r in run_ranks(_gpt2_job, 2, pipeline, timeout=300)]:
+@pytest.mark.parametrize("name", ["gpt2", "encoder-decoder"])
+def test_hf_models_on_two_ranks_train_like_one_device(pipeline: str, name: str) -> None:
+    for r in [r.unwrap() for r in run_ranks(_hf_job, 2, pipeline, name, timeout=300)]:
         assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
         assert r["logits"][0] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
+def test_four_ranks_train_like_one_device(pipeline: str) -> None:
+    results = [r.unwrap() for r in run_ranks(_parity_job, 4, "mlp", pipeline, "adamw", 2,
+                                             timeout=300)]
+    for r in results:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
+    assert all(r["local"] for r in results)
+
+
+def _autocast_job(rank: int, world: int) -> dict[str, Any]:
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
+                  "default_partition": 0})
+        model = _model("mlp", world)
+        ref = copy.deepcopy(model)
+        dm = smp.DistributedModel(model)
+
+        @smp.step
+        def forward(model: Any, x: torch.Tensor) -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+
+        x, _ = _batch("mlp", torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            out = forward(dm, x).concat()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = ref(x)
+            plain = ref(x)
+        return {"dtype": str(out.dtype), "diff": float((out.float() - expected.float()).abs().max()),
+                "vs_fp32": float((out.float() - plain).abs().max())}
+    finally:
+        shutdown()
+
+
+def test_autocast_in_the_step_applies_on_every_stage() -> None:
+    for r in [r.unwrap() for r in run_ranks(_autocast_job, 2)]:
+        assert r["dtype"] == "torch.bfloat16" and r["diff"] == 0.0 and r["vs_fp32"] > 0
