@@ -71,9 +71,10 @@ def main() -> int:
     if rank == 0:
         from rich.console import Console
 
-        from modelparallel.report import print_summary
+        from modelparallel.report import print_headline, print_summary
 
-        print_summary(pipe.plan, Console(width=120))
+        # The summary once: a plan file was shown by 'partition-plan build/inspect' already.
+        (print_headline if args.plan else print_summary)(pipe.plan, Console(width=120))
     print(f"rank {rank}: stage {pipe.stage} holds "
           f"{sum(p.numel() for p in pipe.parameters()):,} parameters", flush=True)
 

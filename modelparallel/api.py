@@ -393,6 +393,12 @@ class Pipeline:
             round_.agree()
         self.traced, self.plan, self.program = traced, plan, program
         self.programs = programs
+        from modelparallel.report import empty_stages_note
+
+        note = empty_stages_note(plan)
+        if note is not None and self.rank == 0:
+            warnings.warn(f"{note}.",
+                          RuntimeWarning, stacklevel=3)
         if not any(p.requires_grad for q in programs for p in q.module.parameters()):
             warnings.warn(
                 f"stage {self.stage} of {self.partitions} holds no trainable parameters (the "

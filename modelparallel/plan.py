@@ -423,11 +423,20 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan to ``path`` atomically (a temporary file, then a rename)."""
+        """Write the plan to ``path`` atomically (a temporary file, then a rename), with the
+        permissions of a newly created file (``0o666`` less the user's umask).
+
+        Raises:
+            ConfigError: if ``path`` is a directory.
+        """
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"cannot write the plan to {str(path)!r}: it is a directory; give "
+                              f"a file name, e.g. {str(path / 'plan.json')!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.to_json())
             os.replace(tmp, path)
@@ -490,6 +499,12 @@ class Plan:
     def replace(self, **changes: Any) -> Plan:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_plan(path: str | Path, graph: Graph | None = None) -> Plan:

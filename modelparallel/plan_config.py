@@ -130,6 +130,11 @@ class PartitionOptions:
             raise ConfigError(f"solver = {self.solver!r}; use 'highs' or 'cbc'")
         if self.time_limit <= 0:
             raise ConfigError(f"time_limit = {self.time_limit} must be > 0 seconds")
+        if not isinstance(self.optimizer, str) and (
+                isinstance(self.optimizer, bool) or not float(self.optimizer) >= 0):
+            raise ConfigError(f"optimizer = {self.optimizer!r}: bytes of optimizer state per "
+                              "parameter element must be >= 0 (or give a name: sgd, momentum, "
+                              "adam, adamw)")
         object.__setattr__(self, "pins", dict(self.pins))
         ck = self.checkpointing
         if not isinstance(ck, str):

@@ -23,11 +23,13 @@ from modelparallel.schedule import Timeline, make_schedule, simulate
 from modelparallel.units import format_bytes, format_count, format_seconds
 
 __all__ = [
+    "empty_stages_note",
     "explain_node",
     "format_bytes",
     "format_seconds",
     "print_comparison",
     "print_schedule_comparison",
+    "print_headline",
     "print_node",
     "print_stage",
     "print_summary",
@@ -137,6 +139,42 @@ def _timeline(plan: Plan, width: int = 72) -> list[str]:
     return rows
 
 
+def empty_stages_note(plan: Plan) -> str | None:
+    """A sentence about the plan's stages that hold no operation, or ``None`` if every stage
+    has work (the partitioner found fewer stages faster under the cost model: a model too small
+    for its stages, where communication costs more than the compute it would spread).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> plan = NS(num_stages=4, stages=[NS(index=i, num_nodes=n)
+        ...                                 for i, n in enumerate([0, 0, 0, 11])])
+        >>> empty_stages_note(plan)[:21]
+        'stages 0-2 are empty:'
+    """
+    empty = [s.index for s in plan.stages if s.num_nodes == 0]
+    if not empty:
+        return None
+    used = plan.num_stages - len(empty)
+    return (f"stage{'s' if len(empty) > 1 else ''} {_ranges(empty)} "
+            f"{'are' if len(empty) > 1 else 'is'} empty: the model is too small for "
+            f"{plan.num_stages} stages on this device (under the cost model, sending activations "
+            f"between stages costs more than the compute they would take over), so the fastest "
+            f"plan uses {used}; use fewer partitions ({used}), or a larger model or batch")
+
+
+def _ranges(indices: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
+
+
 def print_summary(plan: Plan, console: Console | None = None) -> None:
     """Print the plan header, the stage and boundary tables, the estimated timeline and the
     bottleneck."""
@@ -144,6 +182,9 @@ def print_summary(plan: Plan, console: Console | None = None) -> None:
     for line in _header(plan):
         console.print(line)
     console.print(_stage_table(plan))
+    note = empty_stages_note(plan)
+    if note is not None:
+        console.print(f"[yellow]warning: {note}[/yellow]")
     if plan.boundaries:
         console.print(_boundary_table(plan))
     if plan.shared_params:
@@ -160,6 +201,21 @@ def print_summary(plan: Plan, console: Console | None = None) -> None:
         f"step {format_seconds(pipe.step_time)}  ·  bubble {100 * pipe.bubble_fraction:.1f}%  ·  "
         f"throughput {pipe.throughput:.1f} samples/s  ·  bottleneck: stage "
         f"{pipe.bottleneck_stage} at {format_seconds(pipe.bottleneck_time)} per microbatch")
+
+
+def print_headline(plan: Plan, console: Console | None = None) -> None:
+    """Print the plan's one-line result (step time, bubble, throughput, bottleneck) and the
+    empty-stages warning, without the tables (:func:`print_summary` prints those)."""
+    console = console or Console()
+    pipe = plan.pipeline
+    console.print(
+        f"{plan.num_stages} stages, {plan.config.microbatches} microbatches, "
+        f"{plan.config.schedule}: step {format_seconds(pipe.step_time)}  ·  bubble "
+        f"{100 * pipe.bubble_fraction:.1f}%  ·  throughput {pipe.throughput:.1f} samples/s  ·  "
+        f"bottleneck: stage {pipe.bottleneck_stage}")
+    note = empty_stages_note(plan)
+    if note is not None:
+        console.print(f"[yellow]warning: {note}[/yellow]")
 
 
 def print_stage(plan: Plan, stage: int, console: Console | None = None) -> None:

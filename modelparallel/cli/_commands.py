@@ -23,18 +23,31 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
                          console=err, dtype=a.dtype, framework=a.framework)
+    _check_partitions(config.partitions, loaded)
     costs = _measured_costs(a, loaded, devices, config, err)
+    if not err.is_terminal:
+        err.print("partitioning", markup=False, highlight=False, soft_wrap=True)
     with err.status("partitioning") as status:
         plan = partition(loaded.graph, config, devices, costs=costs,
                          samples_per_microbatch=loaded.samples_per_microbatch,
-                         progress=_progress_printer(status))
+                         progress=_progress_printer(status, err))
     plan = _with_source(plan, a, loaded)
     out = plan.save(a.output)
     from modelparallel import report
 
-    report.print_summary(plan, console)
-    err.print(f"wrote {out}")
+    report.print_headline(plan, console)  # the tables once: 'partition-plan inspect PLAN'
+    err.print(f"wrote {out} (the stage tables and timeline: partition-plan inspect {out})")
     return 0
+
+
+def _check_partitions(partitions: int, loaded: _Loaded) -> None:
+    """Refuse more stages than the model has operations: the rest could only be empty."""
+    work = sum(1 for n in loaded.graph.nodes if n.op.value not in ("placeholder", "output"))
+    if partitions > work:
+        raise ConfigError(
+            f"--partitions {partitions} but the model has only {work} operations to place, so "
+            f"at least {partitions - work} stages would be empty; use --partitions {work} or "
+            "fewer")
 
 
 def _measured_costs(a: argparse.Namespace, loaded: _Loaded, devices: list[Any], config: Any,
@@ -137,10 +150,11 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
                          console=err, dtype=a.dtype, framework=a.framework)
+    _check_partitions(config.partitions, loaded)
     with err.status("partitioning with every method") as status:
         plans = compare(loaded.graph, config, devices,
                         samples_per_microbatch=loaded.samples_per_microbatch,
-                        progress=_progress_printer(status))
+                        progress=_progress_printer(status, err))
     report.print_comparison(plans, console)
     with err.status("planning every schedule"):
         schedules = compare_schedules(loaded.graph, config, devices,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelparallel.errors import ConfigError
+from modelparallel.errors import ConfigError, ModelParallelError
 from modelparallel.ir import Graph
 
 
@@ -122,14 +122,25 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     (floating weights and inputs cast) when given; a Keras model (``framework`` "tensorflow" or
     detected) is traced by ``_load_tf``."""
     path = Path(spec)
+    if spec.endswith(".py"):
+        raise ConfigError(f"MODEL {spec!r} is a Python file without a factory: write "
+                          f"'{spec}:FACTORY', FACTORY being the function that builds the model")
     if spec.endswith(".json") or (path.is_file() and ":" not in spec):
         if not path.is_file():
             raise ConfigError(f"IR file {spec!r} does not exist")
         graph = Graph.from_json(path)
         return _Loaded(graph, None, {}, 1)
     factory = _import_factory(spec)
+    if not console.is_terminal:  # a status line shows nothing in a pipe or a CI log
+        console.print(f"building {spec}", markup=False, highlight=False, soft_wrap=True)
     with console.status(f"building {spec}"):
-        result = factory()
+        try:
+            result = factory()
+        except ModelParallelError:
+            raise
+        except Exception as e:  # the user's code: a user error (exit 2), not ours
+            raise ConfigError(f"the MODEL factory {spec!r} raised {type(e).__name__}: "
+                              f"{e}") from e
     from modelparallel.cli._load_tf import is_keras_result, load_keras
 
     if framework == "tensorflow" or (framework == "auto" and is_keras_result(result)):
@@ -160,6 +171,9 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     from modelparallel.tracer import trace
 
     start = time.perf_counter()
+    if not console.is_terminal:
+        console.print(f"tracing {type(model).__name__} ({method})", markup=False, soft_wrap=True,
+                      highlight=False)
     with console.status(f"tracing {type(model).__name__} ({method})"):
         traced = trace(model, args, kwargs, method=method)
     console.print(f"[dim]traced {type(model).__name__} with {traced.method}: "

@@ -118,7 +118,14 @@ def _devices_from_args(a: argparse.Namespace) -> list[DeviceSpec]:
                               what="--device (give it once for every stage or once per stage)"))
 
 
-def _progress_printer(status: Any) -> Callable[[Any], None]:
+def _progress_printer(status: Any, console: Any = None) -> Callable[[Any], None]:
+    """Solver progress: the status line on a terminal; off one (a pipe, a CI log), where a
+    status line shows nothing, a plain line at most every 2 seconds."""
+    import time
+
+    plain = console is not None and not console.is_terminal
+    last = [0.0]
+
     def show(event: Any) -> None:
         parts = [f"{getattr(event, 'phase', '')}: {getattr(event, 'message', '')}"]
         inc, bound, gap = (getattr(event, k, None) for k in ("incumbent", "bound", "gap"))
@@ -128,5 +135,9 @@ def _progress_printer(status: Any) -> Callable[[Any], None]:
             parts.append(f"bound {bound:.4f}")
         if gap is not None:
             parts.append(f"gap {100 * gap:.2f}%")
-        status.update(" | ".join(parts))
+        if not plain:
+            status.update(" | ".join(parts))
+        elif time.monotonic() - last[0] >= 2.0:
+            last[0] = time.monotonic()
+            console.print(" | ".join(parts), markup=False, highlight=False, soft_wrap=True)
     return show

@@ -23,7 +23,7 @@ import pickle
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -250,8 +250,7 @@ class StageComm:
         data = PendingRecv(src_stage, [torch.empty(n, dtype=torch.uint8, device=self.device)],
                            what)
         self.issue([], [data])
-        with warnings.catch_warnings():  # unpickling a TreeSpec warns about LeafSpec in torch 2.13
-            warnings.simplefilter("ignore", FutureWarning)
+        with _no_treespec_warning():
             return pickle.loads(self.wait(data)[0].cpu().numpy().tobytes())
 
     # -- collectives -----------------------------------------------------------------------------
@@ -275,8 +274,9 @@ class StageComm:
         self.check_usable()
         box = [obj if self.stage == src_stage else None]
         try:
-            dist.broadcast_object_list(box, self.ranks[src_stage], group=self._group,
-                                       device=self.device)
+            with _no_treespec_warning():
+                dist.broadcast_object_list(box, self.ranks[src_stage], group=self._group,
+                                           device=self.device)
         except RuntimeError as e:
             raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
                                  what=what, timeout=self.timeout) from None
@@ -289,7 +289,8 @@ class StageComm:
         self.check_usable()
         out: list[Any] = [None] * self.num_stages
         try:
-            dist.all_gather_object(out, obj, group=self._group)
+            with _no_treespec_warning():
+                dist.all_gather_object(out, obj, group=self._group)
         except RuntimeError as e:
             raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
                                  timeout=self.timeout) from None
@@ -383,6 +384,16 @@ class StageComm:
                 dist.destroy_process_group(g)
         groups.clear()
         gc.collect()
+
+
+@contextlib.contextmanager
+def _no_treespec_warning() -> Iterator[None]:
+    """Unpickling a pytree TreeSpec (boundary and output templates) warns, on every rank and
+    every metadata exchange, that ``LeafSpec`` is deprecated (torch 2.13): the warning is about
+    torch's own pickled classes, not something the user can change."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _close_at_exit(ref: weakref.ref[StageComm]) -> None:

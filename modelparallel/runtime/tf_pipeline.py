@@ -239,6 +239,8 @@ def split_batch(value: Any, microbatches: int, axis: int, name: str) -> list[Any
             f"input {name!r} has {size} samples along axis {axis}, which does not split into "
             f"{microbatches} equal microbatches; make the batch a multiple of {microbatches} "
             "(drop_remainder=True) or name it in non_split_inputs")
+    if microbatches == 1:
+        return [tf.identity(value, name="mp_split")]
     return list(tf.split(value, microbatches, axis=axis, name="mp_split"))
 
 

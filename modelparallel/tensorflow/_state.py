@@ -107,7 +107,44 @@ def init(config: Mapping[str, Any] | str | None = None) -> TFConfig:
                                   "contiguous") if k in cfg}
     with _LOCK:
         _CONFIG = TFConfig(**fields)
+    _add_get_gradients()
     return _CONFIG
+
+
+def _add_get_gradients() -> None:
+    """Give Keras 3 (and tf-keras) optimizers the legacy ``get_gradients(loss, params)`` SMP
+    scripts call inside ``smp.step`` (``tf.gradients``, colocated with the forward ops: Note [op
+    placement]); tf-keras is patched only when the script imported it."""
+    import sys
+
+    import tensorflow as tf
+
+    def get_gradients(self: Any, loss: Any, params: Any) -> list[Any]:
+        """The gradients of ``loss`` for ``params`` (the legacy Keras optimizer method)."""
+        tf_params = [getattr(p, "value", p) if not isinstance(p, tf.Variable) else p
+                     for p in params]
+        return list(tf.gradients(loss, tf_params))
+
+    bases = []
+    for name, path in (("keras", "optimizers.Optimizer"), ("tf_keras", "optimizers.Optimizer")):
+        module: Any = sys.modules.get(name)
+        if module is None and name == "keras":
+            try:
+                import keras
+
+                module = keras
+            except ImportError:  # pragma: no cover - tf-keras only
+                continue
+        if module is None:
+            continue
+        base: Any = module
+        for part in path.split("."):
+            base = getattr(base, part, None)
+        if base is not None:
+            bases.append(base)
+    for base in bases:
+        if not hasattr(base, "get_gradients"):
+            base.get_gradients = get_gradients
 
 
 def is_initialized() -> bool:

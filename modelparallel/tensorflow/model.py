@@ -178,8 +178,19 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
 
     def save_model(self, save_path: str = "/opt/ml/model") -> str:
         """Write the whole, unpartitioned model as a SavedModel at ``save_path``."""
-        if hasattr(self, "export"):
-            self.export(save_path)
-        else:
-            tf.saved_model.save(self, save_path)
+        _LOCAL.capturing = True  # the export traces the plain, unplaced call
+        try:
+            traced = self._mp_state.get("traced")
+            if traced is None:
+                raise ConfigError("save_model needs the model's input shapes: call it after "
+                                  "the first smp.step")
+            specs = [tf.TensorSpec((None, *n.outputs[0].shape[1:]), n.outputs[0].dtype)
+                     for n in traced.graph.placeholders]
+            serve = tf.function(lambda *xs: self(*xs, training=False), input_signature=specs,
+                                autograph=False)
+            module = tf.Module()
+            module.model, module.serve = self, serve
+            tf.saved_model.save(module, save_path, signatures=serve.get_concrete_function())
+        finally:
+            _LOCAL.capturing = False
         return save_path

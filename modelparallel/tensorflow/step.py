@@ -64,10 +64,14 @@ class StepOutput:
 
     def reduce_sum(self) -> Any:
         """The sum over microbatches."""
+        if len(self.outputs) == 1:
+            return self._dense(self.outputs[0])
         return tf.add_n([self._dense(v) for v in self.outputs])
 
     def reduce_mean(self) -> Any:
         """The mean over microbatches (the usual loss reduction)."""
+        if len(self.outputs) == 1:
+            return self._dense(self.outputs[0])
         return self.reduce_sum() / len(self.outputs)
 
     def accumulate(self, method: str = "variable", var: Any = None) -> Any:
@@ -77,6 +81,8 @@ class StepOutput:
         sparse updates (Adam's lazy rows) sees what single-device training gives it."""
         if any(v is None for v in self.outputs):
             return None
+        if var is None and len(self.outputs) == 1:
+            return self.outputs[0]
         if var is None and all(isinstance(v, tf.IndexedSlices) for v in self.outputs):
             return self._sparse_sum(1.0 / len(self.outputs))
         total = self.reduce_mean()
@@ -164,7 +170,7 @@ def _depends_on_split(t: Any) -> bool:
         if op.name in seen:
             continue
         seen.add(op.name)
-        if op.type in ("Split", "SplitV") and "mp_split" in op.name:
+        if op.type in ("Split", "SplitV", "Identity") and "mp_split" in op.name:
             return True
         stack.extend(i.op for i in op.inputs)
     return False

@@ -2,7 +2,7 @@
 
 Every key of SMP v1's table (``shared/reference/smp-v1-reference.md`` §2) is accepted. Keys whose
 feature modelparallel implements reach the planner and runtime; keys whose feature it does not
-implement (tensor parallelism, sharded data parallelism, fp16, activation offloading...) are
+implement (tensor parallelism, sharded data parallelism, SMP's fp16 wrappers...) are
 accepted at their default and refused with a :class:`ConfigError` naming the key when set to
 anything else, so a script never runs without a feature it asked for. Undocumented keys that
 AWS's example scripts pass (``static_mode``, ``fast_mode``...) are accepted and ignored; any other
@@ -59,7 +59,6 @@ UNSUPPORTED_KEYS = {
     "sdp_max_live_parameters": "sharded data parallelism is not implemented",
     "sdp_hierarchical_allgather": "sharded data parallelism is not implemented",
     "sdp_gradient_clipping": "sharded data parallelism is not implemented",
-    "offload_activations": "activation offloading is not implemented",
     "horovod": "horovod is SMP's TensorFlow option; PyTorch scripts use ddp",
     "contiguous": "stages are always contiguous in modelparallel (SMP's TensorFlow option)",
 }
@@ -94,10 +93,12 @@ class SMPConfig:
         deterministic_server: Accepted; our schedules are always deterministic.
         activation_loading_horizon: Accepted (only meaningful with offloading).
         skip_tracing: Accepted: our trace runs on fake tensors and never needs device memory.
+        offload_activations: Keep saved activations in host memory between forward and
+            backward (the planner prices it, the runtime does it).
         delayed_parameter_initialization: Build the model's parameters lazily (see
             :func:`modelparallel.torch.delay_param_initialization`).
         tensor_parallel_degree, fp16, fp16_params, bf16, shard_optimizer_state, prescaled_batch,
-        sharded_data_parallel_degree, sdp_*, offload_activations, horovod, contiguous:
+        sharded_data_parallel_degree, sdp_*, horovod, contiguous:
             Accepted at their defaults only (:data:`UNSUPPORTED_KEYS`).
         ignored: The undocumented keys given (:data:`IGNORED_KEYS`), kept for introspection.
     """
@@ -150,7 +151,7 @@ class SMPConfig:
             raise ConfigError(f"placement_strategy = {ps!r}; use 'cluster', 'spread' or a "
                               "permutation of 'DPT' such as 'DPT' or 'PDT'")
         for key in ("auto_partition", "load_partition", "ddp", "deterministic_server",
-                    "skip_tracing", "delayed_parameter_initialization"):
+                    "skip_tracing", "delayed_parameter_initialization", "offload_activations"):
             _bool(key, getattr(self, key))
         if self.default_partition is not None:
             _int(self.default_partition, "default_partition")

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from modelparallel.errors import UnsupportedFeatureError
 __all__ = [
     "delay_param_initialization",
     "model_creation",
+    "checkpoint_paths",
     "set_activation_checkpointing",
     "set_tensor_parallelism",
     "tensor_parallelism",
@@ -42,9 +44,12 @@ __all__ = [
 
 _TP = ("tensor parallelism is not implemented in modelparallel.torch; run the model unchanged "
        "(pipeline parallelism splits it across ranks) and remove the tensor-parallel call")
-_CKPT = ("activation checkpointing through SMP's API is not available in modelparallel.torch "
-         "yet; remove the call (the model then keeps its activations, using more memory), or "
-         "lower active_microbatches to cap activation memory")
+_CKPT = ("SMP's functional activation checkpointing (called inside forward) is not supported; "
+         "mark the module instead with smp.set_activation_checkpointing(module) after building "
+         "the model (the planner and runtime then recompute it in backward)")
+
+#: Modules marked by set_activation_checkpointing (weak: a dropped model forgets them).
+_checkpointed: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -110,5 +115,37 @@ def tp_register_with_module(module_cls: Any, dist_module: Any, init_hook: Any = 
 def set_activation_checkpointing(module: nn.Module, preserve_rng_state: bool = True,
                                  pack_args_as_tuple: bool = False, strategy: str = "each"
                                  ) -> None:
-    """SMP's activation checkpointing of a module: refused until the runtime has it."""
-    raise UnsupportedFeatureError(f"smp.set_activation_checkpointing(): {_CKPT}")
+    """Recompute ``module``'s forward in backward instead of keeping its activations (SMP's
+    ``smp.set_activation_checkpointing``); for an ``nn.Sequential``, ``strategy="each"``
+    checkpoints each child. At partitioning the marked modules become the planner's
+    checkpointing regions (Note [memory features] in
+    ``modelparallel/partitioner/memory_features.py``), which the runtime recomputes.
+
+    Raises:
+        UnsupportedFeatureError: for ``strategy`` ``"contiguous"`` or ``"group_N"``, or
+            ``preserve_rng_state=False``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"set_activation_checkpointing takes an nn.Module, not "
+                        f"{type(module).__name__}")
+    if strategy != "each":
+        raise UnsupportedFeatureError(
+            f"set_activation_checkpointing(strategy={strategy!r}) is not supported; use "
+            "strategy='each' (each child of the Sequential is recomputed on its own)")
+    if not preserve_rng_state:
+        raise UnsupportedFeatureError("set_activation_checkpointing(preserve_rng_state=False) "
+                                      "is not supported; leave it True")
+    _checkpointed[module] = strategy
+
+
+def checkpoint_paths(root: nn.Module) -> tuple[str, ...]:
+    """The module paths under ``root`` marked by :func:`set_activation_checkpointing` (the
+    children of a marked ``nn.Sequential``)."""
+    out: list[str] = []
+    for name, m in root.named_modules():
+        if m in _checkpointed:
+            if isinstance(m, nn.Sequential):
+                out += [f"{name}.{c}" if name else c for c, _ in m.named_children()]
+            else:
+                out.append(name)
+    return tuple(out)

@@ -115,7 +115,6 @@ class DistributedModel(nn.Module):
         self._post_partition_hooks: list[Callable[..., Any]] = []
         self._post_step_hooks: list[Callable[..., Any]] = []
         self._deferred: list[tuple[dict[str, Any], bool]] = []
-        self._wave = 0
         self._resume_plan: Any = None
         state.model = self
         state.models += 1
@@ -170,22 +169,18 @@ class DistributedModel(nn.Module):
             self._partition(bodies[0])
         pipe = self._pipe
         self._bodies = bodies
-        m = len(bodies)
-        wave = self._wave
-        for start in range(0, m, wave):
-            chunk = bodies[start:start + wave]
-            flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in chunk]
-            result = pipe.executor.run_microbatches(
-                flat, [b.index for b in chunk], train=train, return_outputs=True, merge=False,
-                context=lambda i, c=chunk: _autocast(c[i].autocast, pipe.device))
-            for b, out in zip(chunk, result.outputs):
-                if b.where == "model":
-                    b.resume(out)
-                if b.where == "backward":
-                    b.resume(None)
-                if b.where != "done":
-                    raise UsageError(f"microbatch {b.index} of the smp.step called the model "
-                                     "again after backward; call it once per step function")
+        flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in bodies]
+        result = pipe.executor.run_microbatches(
+            flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
+            context=lambda i: _autocast(bodies[i].autocast, pipe.device))
+        for b, out in zip(bodies, result.outputs):
+            if b.where == "model":
+                b.resume(out)
+            if b.where == "backward":
+                b.resume(None)
+            if b.where != "done":
+                raise UsageError(f"microbatch {b.index} of the smp.step called the model "
+                                 "again after backward; call it once per step function")
         self._bodies = []
         for hook in list(self._post_step_hooks):
             hook(self, state.optimizer)
@@ -226,11 +221,12 @@ class DistributedModel(nn.Module):
 
     def _partition(self, first: _Body) -> None:
         import modelparallel
+        from modelparallel.torch.creation import checkpoint_paths
 
         cfg = state.cfg
         assert cfg is not None and first.model_inputs is not None
-        self._wave = _wave_size(cfg.pipeline, cfg.partitions, cfg.microbatches,
-                                int(cfg.active_microbatches or 1))
+        active = _active(cfg.pipeline, cfg.partitions, cfg.microbatches,
+                         int(cfg.active_microbatches or 1))
         plan = self._resume_plan
         if plan is None and cfg.load_partition and cfg.partition_file:
             plan = cfg.partition_file
@@ -245,9 +241,11 @@ class DistributedModel(nn.Module):
             overlap_allreduce=bool(self.ddp_options["overlapping_allreduce"]))
         pipe = modelparallel.pipeline(
             self.module, None, loss_fn=self._loss, plan=plan, partitions=cfg.partitions,
-            microbatches=self._wave, schedule=cfg.schedule, device=state.device,
+            microbatches=cfg.microbatches, schedule=cfg.schedule, device=state.device,
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
-            memory_weight=cfg.memory_weight, parallel=parallel)
+            memory_weight=cfg.memory_weight, parallel=parallel, active_microbatches=active,
+            checkpointing=checkpoint_paths(self.module) or "none",
+            offload_activations=cfg.offload_activations)
         pipe.planning_for = self._planning_for
         before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
@@ -449,13 +447,13 @@ def _inputs(body: _Body) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return body.model_inputs
 
 
-def _wave_size(pipeline: str, p: int, m: int, active: int) -> int:
-    """Microbatches per schedule so that no stage holds more than ``active`` in flight (Note
-    [smp step]): all of them when the schedule allows, else the largest divisor that fits."""
+def _active(pipeline: str, p: int, m: int, active: int) -> int | None:
+    """The runtime's ``active_microbatches`` for SMP's (Note [active microbatches] in
+    ``modelparallel/runtime/executor.py``): ``None`` when the schedule never holds more than
+    ``active`` microbatches in flight (GPipe holds all ``m``, 1F1B at most ``p``), else
+    ``active`` (the step then runs in waves of that many)."""
     inflight = m if pipeline == "simple" else min(m, p)
-    if inflight <= active:
-        return m
-    return max(d for d in range(1, m + 1) if m % d == 0 and d <= active)
+    return None if inflight <= active else active
 
 
 def _autocast(dtypes: dict[str, torch.dtype], device: torch.device

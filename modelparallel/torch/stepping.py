@@ -41,8 +41,9 @@ of the pipeline:
    per-microbatch lists; containers (tuples, dicts, Hugging Face ``ModelOutput``) are kept.
 
 ``active_microbatches`` caps the microbatches in flight: when the schedule would hold more (GPipe
-holds all of them; 1F1B at most ``partitions``), the step runs in waves of the largest divisor of
-``microbatches`` that fits, one schedule per wave, gradients accumulating.
+holds all of them; 1F1B at most ``partitions``), the runtime runs the step in waves of that many
+(Note [active microbatches] in ``modelparallel/runtime/executor.py``); otherwise it changes
+nothing.
 
 Under ``torch.no_grad()`` the step is forward-only on every stage. A grad-enabled step must
 call ``model.backward`` (else a :class:`UsageError` on the last stage, which reaches every rank

@@ -108,7 +108,7 @@ def trace(model: nn.Module, args: Any = (), kwargs: Mapping[str, Any] | None = N
         simplify_masks = False
         notes.append("attention: masks left as traced because use_cache=True was passed (a "
                       "KV-cache graph may run with fewer queries than keys)")
-    with _no_kv_cache(model, tkwargs, notes):
+    with _no_kv_cache(model, tkwargs, notes), _quiet_torch_logs():
         for path in paths:
             try:
                 traced = _trace_with(path, model, targs, tkwargs, leaves, in_spec, device,
@@ -141,6 +141,50 @@ def _check(model: nn.Module, method: str, leaf_modules: Sequence[LeafSpec]) -> N
             raise ConfigError(
                 f"leaf_modules entry {leaf!r} is neither an nn.Module subclass nor a "
                 "qualified module name")
+
+
+#: torch loggers that print a failing fake-tensor or export run at length (the tracer reports
+#: failures itself, as one TracingError, or falls back to the other path).
+_NOISY_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
+                  "torch._export", "torch.export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+#: Words of torch errors that mean the example inputs do not fit the model's shapes.
+_SHAPE_WORDS = ("shapes cannot be multiplied", "same reduction dim", "size mismatch",
+                "must match the size of tensor", "the size of tensor a", "expected input",
+                "is invalid for input of size", "mat1 and mat2")
+
+
+def _shape_mismatch(failures: Mapping[str, BaseException]) -> bool:
+    def text(e: BaseException) -> str:
+        parts: list[str] = []
+        seen: set[int] = set()
+        chain: BaseException | None = e
+        while chain is not None and id(chain) not in seen:
+            seen.add(id(chain))
+            parts.append(str(chain))
+            cause = getattr(chain, "cause", None)
+            if isinstance(cause, BaseException):
+                parts.append(str(cause))
+            chain = chain.__cause__ or chain.__context__
+        return " ".join(parts).lower()
+    return bool(failures) and all(any(w in text(e) for w in _SHAPE_WORDS)
+                                  for e in failures.values())
 
 
 @contextlib.contextmanager
@@ -312,6 +356,12 @@ def _tracing_error(model: nn.Module, failures: Mapping[str, BaseException], meth
             site += f" at {where}"
         lines.append(f"- torch.{path} failed{site}:\n    {_short(err)}")
     lines.append("What to try:")
+    if _shape_mismatch(failures):
+        lines.append("- the example inputs do not fit the model: a shape mismatch"
+                     + (f" in module {leaf_hint!r}" if leaf_hint else "") + ". Check the "
+                     "example batch (for partition-plan: --input-shape / --input) against the "
+                     "sizes the model expects, e.g. the input width of its first layer.")
+        return TracingError("\n".join(lines))
     if leaf_hint:
         lines.append(f"- mark that module a leaf: trace(..., leaf_modules=[{leaf_hint!r}]) "
                      "(or its class); torch.fx then records it as one call_module node without "

@@ -144,3 +144,58 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
                              str(tmp_path / "none.json")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# -- issue 13 item 8: user errors are exit 2 and one line; item 10: plan files follow the umask
+
+
+def test_user_mistakes_are_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def boom():\n    raise ValueError('factory exploded')\n")
+    cases = [
+        (["build", f"{bad}:boom", "-p", "2", "-o", str(tmp_path / "x.json")],
+         "the MODEL factory", "ValueError: factory exploded"),
+        (["build", str(bad), "-p", "2", "-o", str(tmp_path / "x.json")],
+         "Python file without a factory", f"{bad}:FACTORY"),
+        (["build", MODEL, "-p", "2", "-o", str(tmp_path)], "is a directory", "plan.json"),
+        (["build", MODEL, "-p", "1000", "-o", str(tmp_path / "x.json")],
+         "--partitions 1000 but the model has only", "stages would be empty"),
+        (["build", MODEL, "-p", "2", "--optimizer", "-4", "-o", str(tmp_path / "x.json")],
+         "optimizer = -4.0", ">= 0"),
+        (["build", MODEL, "--input-shape", "8,5", "-p", "2", "-o", str(tmp_path / "x.json")],
+         "shape mismatch", "--input-shape"),
+    ]
+    for argv, *words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("partition-plan:")]
+        assert len(lines) == 1 and lines[0].startswith("partition-plan: error:"), err
+        assert "Traceback" not in err and len(err.splitlines()) < 12, err  # progress only
+        for w in words:
+            assert w in lines[0], (w, err)
+        assert "what to try: - mark that module a leaf" not in lines[0].lower()
+
+
+def test_plan_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "plan.json"
+        assert main(["build", MODEL, "-p", "2", "--time-limit", "5", "-o", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_build_shows_the_summary_once_and_plain_progress_off_a_terminal(tmp_path: Path,
+                                                                         capsys) -> None:
+    """Issue 13 item 12: build prints a headline (the tables are inspect's), and off a
+    terminal (capsys is a pipe) its progress as plain lines."""
+    out = tmp_path / "plan.json"
+    assert main(["build", MODEL, "-p", "2", "--time-limit", "5", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Stage" not in captured.out and "bubble" in captured.out, captured.out
+    assert "tracing SkipMLP" in captured.err and "partitioning" in captured.err, captured.err
+    assert main(["inspect", str(out)]) == 0
+    assert "bubble" in capsys.readouterr().out

@@ -134,3 +134,24 @@ def test_flag_differing_on_one_rank_is_named_on_every_rank_promptly() -> None:
         text = r.unwrap()
         assert "pipeline rank(s) [1]" in text and "'double'" in text, text
         assert r.seconds < 50, r.seconds
+
+
+def warnings_job(rank: int, world: int) -> list[str]:
+    import warnings
+
+    from modelparallel.api import pipeline
+
+    case = _case()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = pipeline(case.model, case.args, loss_fn=case.loss_fn, microbatches=2)
+        for _ in range(2):
+            pipe.step(torch.randn(8, 16), torch.randn(8, 8))
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+@pytest.mark.multiprocess
+def test_steps_raise_no_future_warning_on_any_rank() -> None:
+    """Issue 13 item 12: torch's LeafSpec FutureWarning from unpickling templates is gone."""
+    for r in run_ranks(warnings_job, 2, timeout=120):
+        assert r.unwrap() == [], r.value

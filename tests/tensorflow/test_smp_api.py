@@ -133,7 +133,7 @@ def test_manual_partition_pins_and_post_partition_hook(tmp_path: Path) -> None:
     assert all((a == b).all() for a, b in zip(before, model.get_weights(), strict=True))
 
 
-def test_optimizer_get_gradients_style_and_outputs() -> None:
+def test_outputs_and_python_values() -> None:
     smp.init({"partitions": 2, "microbatches": 4, "pipeline": "interleaved"})
     case = keras_mlp(batch_size=8)
     model = smp.DistributedModel(case.model)
@@ -146,3 +146,4 @@ def test_optimizer_get_gradients_style_and_outputs() -> None:
     pred, loss, const = evaluate(case.args[0], case.target)
     assert pred.merge().shape == (8, 10) and len(loss.outputs) == 4
     assert const == [1.5] * 4
+

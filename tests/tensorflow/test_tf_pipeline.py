@@ -21,17 +21,21 @@ def test_skip_model_parity(partitions: int, pipeline: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("pipeline", "optimizer"), [("interleaved", "adam"), ("simple", "sgd")])
-def test_transformer_parity(pipeline: str, optimizer: str) -> None:
-    r = run_parity(keras_gpt, partitions=2, microbatches=2, pipeline=pipeline,
+@pytest.mark.parametrize(("partitions", "pipeline", "optimizer"),
+                         [(2, "interleaved", "adam"), (2, "simple", "sgd"),
+                          (4, "interleaved", "sgd")])
+def test_transformer_parity(partitions: int, pipeline: str, optimizer: str) -> None:
+    r = run_parity(keras_gpt, partitions=partitions, microbatches=4, pipeline=pipeline,
                    optimizer=optimizer)
     assert r["diff"] < 1e-5, r
-    assert len(r["stages"]) == 2
+    assert len(r["stages"]) == partitions
 
 
 @pytest.mark.slow
-def test_cnn_parity_adam_4_stages() -> None:
-    r = run_parity(keras_cnn, partitions=4, microbatches=2, pipeline="interleaved",
-                   optimizer="adam")
+@pytest.mark.parametrize(("partitions", "pipeline", "optimizer"),
+                         [(4, "interleaved", "adam"), (2, "simple", "sgd")])
+def test_cnn_parity(partitions: int, pipeline: str, optimizer: str) -> None:
+    r = run_parity(keras_cnn, partitions=partitions, microbatches=2, pipeline=pipeline,
+                   optimizer=optimizer)
     assert r["diff"] < 1e-5, r
     assert len(r["stages"]) >= 2

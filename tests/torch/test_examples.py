@@ -28,3 +28,16 @@ def test_smp_mnist_trains_and_resumes(tmp_path: Path) -> None:
     assert "resumed after epoch 1" in again.stdout and "Train Epoch: 2" in again.stdout
     assert (tmp_path / "newest").read_text() == "epoch2"
     assert (tmp_path / "pt_mnist_checkpoint.pt_0").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_smp_gpt2_runs(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "examples" / "smp_gpt2.py"), "--max-steps", "5", "--logits-output", "1",
+           "--checkpoint-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 5 loss" in out.stdout and "validation loss" in out.stdout
+    assert (tmp_path / "newest").read_text() == "total_steps5"

@@ -53,7 +53,7 @@ def _batch(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _parity_job(rank: int, world: int, kind: str, pipeline: str, opt_name: str,
-                steps: int) -> dict[str, Any]:
+                steps: int, active: int | None = None) -> dict[str, Any]:
     import torch.nn.functional as F
 
     import modelparallel.torch as smp
@@ -61,7 +61,8 @@ def _parity_job(rank: int, world: int, kind: str, pipeline: str, opt_name: str,
 
     try:
         smp.init({"partitions": world, "microbatches": 4, "pipeline": pipeline,
-                  "auto_partition": False, "default_partition": 0})
+                  "auto_partition": False, "default_partition": 0,
+                  "active_microbatches": active})
         model = _model(kind, world)
         ref = copy.deepcopy(model)
         dm = smp.DistributedModel(model)
@@ -111,9 +112,15 @@ def _parity_job(rank: int, world: int, kind: str, pipeline: str, opt_name: str,
         diff = max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items())
         return {"losses": losses, "ref": ref_losses, "diff": diff,
                 "eval_diff": float((evaluated - expected).abs().max()),
-                "local": sorted(n for n, _ in dm.local_named_parameters())}
+                "local": sorted(n for n, _ in dm.local_named_parameters()),
+                "waves": _sched_name(dm)}
     finally:
         shutdown()
+
+
+def _sched_name(dm: Any) -> str:
+    ex = dm.pipeline.executor
+    return next(iter(ex._schedules.values())).name if ex._schedules else ""
 
 
 @pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
@@ -127,6 +134,13 @@ def test_two_ranks_train_like_one_device(pipeline: str, kind: str, opt: str) -> 
     assert results[0]["losses"] == results[1]["losses"]  # every rank returns the same values
     assert results[0]["local"] and results[1]["local"]  # each stage holds parameters
     assert not set(results[0]["local"]) & set(results[1]["local"])
+
+
+def test_active_microbatches_run_in_waves_with_the_same_result() -> None:
+    results = [r.unwrap() for r in run_ranks(_parity_job, 2, "mlp", "simple", "sgd", 2, 2)]
+    for r in results:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
+        assert r["waves"] == "gpipe-waves2"
 
 
 def _delayed_job(rank: int, world: int) -> dict[str, Any]:
@@ -216,3 +230,140 @@ def test_ddp_replicas_train_like_one_device_on_the_whole_batch() -> None:
     results = [r.unwrap() for r in run_ranks(_ddp_job, 2)]
     assert [r["dp"] for r in results] == [(0, 2, 1), (1, 2, 1)]
     assert all(r["diff"] < 1e-6 for r in results), results
+
+
+def _memory_job(rank: int, world: int) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
+                  "default_partition": 0, "offload_activations": True})
+        model = _model("mlp", world)
+        ref = copy.deepcopy(model)
+        smp.set_activation_checkpointing(model[2])
+        dm = smp.DistributedModel(model)
+        opt = smp.DistributedOptimizer(torch.optim.SGD(dm.parameters(), lr=0.1))
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+
+        @smp.step
+        def train_step(model: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+            loss = F.cross_entropy(model(x), y)
+            model.backward(loss)
+            return loss
+
+        g = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            x, y = _batch("mlp", g)
+            opt.zero_grad()
+            train_step(dm, x, y)
+            opt.step()
+            ref_opt.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            ref_opt.step()
+        full = dm.state_dict()
+        cfg = dm.pipeline.plan.config
+        return {"diff": max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items()),
+                "checkpointing": cfg.checkpointing, "offload": cfg.offload_activations}
+    finally:
+        shutdown()
+
+
+def test_activation_checkpointing_and_offload_reach_the_plan_and_train_the_same() -> None:
+    for r in [r.unwrap() for r in run_ranks(_memory_job, 2)]:
+        assert r["diff"] < 1e-5 and r["checkpointing"] == ("2",) and r["offload"]
+
+
+def _hf_job(rank: int, world: int, pipeline: str, name: str = "gpt2") -> dict[str, Any]:
+    import modelparallel.torch as smp
+    from modelparallel import models
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "pipeline": pipeline})
+        case = (models.gpt2("tiny", batch_size=4, seq_len=16) if name == "gpt2"
+                else models.encoder_decoder(batch_size=4, seq_len=8))
+        ref = copy.deepcopy(case.model)
+        dm = smp.DistributedModel(case.model)
+        opt = smp.DistributedOptimizer(torch.optim.AdamW(dm.parameters(), lr=1e-3))
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+
+        @smp.step
+        def train_step(model: Any, args: Any, kwargs: Any, target: Any) -> Any:
+            out = model(*args, **kwargs)  # a Hugging Face ModelOutput on every rank
+            loss = case.loss_fn(out, target)
+            model.backward(loss)
+            return out, loss
+
+        losses, ref_losses = [], []
+        for step in range(2):
+            args, kwargs, target = case.make_batch(4, step)
+            opt.zero_grad()
+            out, loss = train_step(dm, args, kwargs, target)
+            opt.step()
+            losses.append(float(loss.reduce_mean()))
+            ref_opt.zero_grad()
+            ref_loss = case.loss_fn(ref(*args, **kwargs), target)
+            ref_loss.backward()
+            ref_opt.step()
+            ref_losses.append(float(ref_loss))
+        full = dm.state_dict()
+        diff = max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items())
+        return {"losses": losses, "ref": ref_losses, "diff": diff,
+                "logits": tuple(out["logits"].concat().shape)}
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
+@pytest.mark.parametrize("name", ["gpt2", "encoder-decoder"])
+def test_hf_models_on_two_ranks_train_like_one_device(pipeline: str, name: str) -> None:
+    for r in [r.unwrap() for r in run_ranks(_hf_job, 2, pipeline, name, timeout=300)]:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
+        assert r["logits"][0] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
+def test_four_ranks_train_like_one_device(pipeline: str) -> None:
+    results = [r.unwrap() for r in run_ranks(_parity_job, 4, "mlp", pipeline, "adamw", 2,
+                                             timeout=300)]
+    for r in results:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
+    assert all(r["local"] for r in results)
+
+
+def _autocast_job(rank: int, world: int) -> dict[str, Any]:
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
+                  "default_partition": 0})
+        model = _model("mlp", world)
+        ref = copy.deepcopy(model)
+        dm = smp.DistributedModel(model)
+
+        @smp.step
+        def forward(model: Any, x: torch.Tensor) -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+
+        x, _ = _batch("mlp", torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            out = forward(dm, x).concat()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = ref(x)
+            plain = ref(x)
+        return {"dtype": str(out.dtype), "diff": float((out.float() - expected.float()).abs().max()),
+                "vs_fp32": float((out.float() - plain).abs().max())}
+    finally:
+        shutdown()
+
+
+def test_autocast_in_the_step_applies_on_every_stage() -> None:
+    for r in [r.unwrap() for r in run_ranks(_autocast_job, 2)]:
+        assert r["dtype"] == "torch.bfloat16" and r["diff"] == 0.0 and r["vs_fp32"] > 0
