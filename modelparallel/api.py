@@ -302,6 +302,9 @@ class Pipeline:
         self.microbatches = microbatches
         self.schedule = schedule
         self.virtual_stages = virtual_stages
+        # "cuda" without an index means the current device, as in torch; set_device needs one.
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.planning = planning
         self.input_split_axes = input_split_axes
