@@ -29,7 +29,7 @@ and memory] in ``problem.py``):
   peak ratio, but by no less than 1/2 (memory-bound ops only halve their bytes).
 - ``active_microbatches``: in-flight microbatches per stage are capped at it (the runtime runs
   the schedule in waves of that many, Note [active microbatches] in
-  ``modelparallel/runtime/executor.py``).
+  ``modelparallel/runtime/waves.py``).
 - ``shard_optimizer_state`` with ``data_parallel = d``: a trainable parameter's optimizer state
   divides by ``d`` (value and gradient stay whole: ZeRO-1).
 

@@ -1,5 +1,5 @@
 """Boundary values as tensors plus a picklable template (Note [boundary metadata] in
-``modelparallel/runtime/executor.py``).
+``modelparallel/runtime/templates.py``).
 
 A stage sends a tuple of values: tensors, tuples/lists of them, and non-tensors (ints, shapes,
 ``None``); the last stage broadcasts the model output (any pytree). :func:`pack` flattens them

@@ -17,23 +17,9 @@ the parameters' gradients at the later ``W`` (``modelparallel/runtime/split_back
 gradients accumulate over the microbatches; afterwards the gradients of tied parameters held by
 several stages are summed among those stages. The mean loss (and, unless turned off, the merged
 outputs) are broadcast from the last stage, so every rank returns them.
-
-Note [boundary metadata]
-~~~~~~~~~~~~~~~~~~~~~~~~
-A receiver must know the shapes and dtypes of what it receives before posting the receive. Every
-rank holds the whole batch, so every rank computes the same *shape key* of the batch
-(:func:`~modelparallel.runtime.microbatch.shape_key`: input shapes, dtypes, hashable non-tensor
-values, train or eval). The first step with a key unseen so far is a *metadata step*: before the
-tensors of its first forward message, each sender sends a template (:mod:`modelparallel.runtime.
-boundary`: the value names, the structure, every tensor's shape, dtype and whether a gradient
-comes back, and the non-tensor values themselves). Both sides cache the template under the key
-and later steps with that key send tensors only. All microbatches of a step have the same shapes
-(the batch splits evenly), so one template serves them all; the sender checks each microbatch
-against it and raises :class:`CommunicationError` if a boundary value's shape or a non-tensor
-value depends on the data rather than on the input shapes (not supported). The receiver checks
-the value names against its own program, which catches ranks built from different plans.
-Gradients have the shapes of the tensors they belong to and flow back only for floating tensors
-that required grad when sent (zeros when the receiver's gradient is ``None``).
+The boundary templates sent on a new batch shape live in ``templates.py`` (Note [boundary
+metadata]), the tied-parameter gradient sum in ``tied_params.py`` and the waves of
+``active_microbatches`` in ``waves.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -49,8 +34,8 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 import torch.utils._pytree as pytree
 
-from modelparallel.codegen.program import StageProgram, add_step_grads, check_loss
-from modelparallel.errors import CommunicationError, ConfigError
+from modelparallel.codegen.program import StageProgram, check_loss
+from modelparallel.errors import ConfigError
 from modelparallel.runtime.batch import share_batch
 from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
@@ -70,13 +55,14 @@ from modelparallel.runtime.split_backward import (
     backward_input,
     backward_weight,
 )
+from modelparallel.runtime.templates import TemplateCache, Templates, recv_template, send_template
+from modelparallel.runtime.tied_params import TiedParameters
+from modelparallel.runtime.waves import check_programs, waves
 from modelparallel.schedule import Action, Schedule, make_schedule
 
 __all__ = ["StageExecutor", "StepOutput", "StepStats"]
 
 _T = TypeVar("_T")
-
-_MAX_KEYS = 64
 
 
 class StepOutput(NamedTuple):
@@ -118,26 +104,13 @@ class _Microbatch:
 
 
 @dataclass
-class _Templates:
-    """Boundary templates of one shape key (Note [boundary metadata]).
-
-    ``send``/``recv`` map each of this rank's stages to ``(value names, template)``; ``result``
-    maps ``return_outputs`` to ``(loss dtype, output template)``.
-    """
-
-    send: dict[int, tuple[Any, ...]] = field(default_factory=dict)
-    recv: dict[int, tuple[Any, ...]] = field(default_factory=dict)
-    result: dict[bool, tuple[Any, Any]] = field(default_factory=dict)
-
-
-@dataclass
 class _Step:
     """The state of one step in flight on this rank."""
 
     actions: tuple[Action, ...]
     local: dict[int, list[list[Any]]]
     targets: list[Any]
-    tpl: _Templates
+    tpl: Templates
     train: bool
     return_outputs: bool
     merge: bool = True
@@ -205,7 +178,7 @@ class StageExecutor:
                  active_microbatches: int | None = None,
                  check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
-        self.programs = _check_programs(programs)
+        self.programs = check_programs(programs)
         self.program = programs[0]
         self.virtual_stages = len(programs)
         self.num_ranks = self.program.num_stages // self.virtual_stages
@@ -229,13 +202,13 @@ class StageExecutor:
         self.active_microbatches = active_microbatches
         self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
-        self._templates: OrderedDict[tuple[Any, ...], _Templates] = OrderedDict()
+        self._templates = TemplateCache()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         make_schedule(schedule, self.num_ranks, split.num_microbatches,
                       self.virtual_stages).validate()
         self._params = {p.index: [t for t in p.module.parameters() if t.requires_grad]
                         for p in programs}
-        self._shared = self._shared_groups()
+        self._tied = TiedParameters(self.programs, self.comm, self._rank)
         self.check_inputs = check_inputs
         self._batch_readers = self._readers()
 
@@ -360,7 +333,7 @@ class StageExecutor:
                      local={p.index: [[_to(mb[i], self.device) for i in p.model_inputs]
                                       for mb in microbatches] for p in self.programs},
                      targets=[_to(t, self.device) for t in targets],
-                     tpl=self._templates_for(key), train=train,
+                     tpl=self._templates.get(key), train=train,
                      return_outputs=return_outputs, merge=merge, context=context,
                      outputs=[None] * m)
         start = time.perf_counter()
@@ -372,18 +345,18 @@ class StageExecutor:
                     self._train_steps += 1
                     sync.check_batch(key, _samples(microbatches), self._train_steps)
                     sync.begin_step()
-                stash = self._stash_shared_grads() if train else {}
+                stash = self._tied.stash_grads() if train else {}
                 self._run(step)
                 if self.comm is not None:
                     self.comm.drain_sends()
                 if train:
                     self._hooked("grad_sync", self.program.index, None,
-                                 self._reduce_shared_grads, stash)
+                                 self._tied.reduce_grads, stash)
                 if sync is not None:
                     self._hooked("grad_sync", self.program.index, None, sync.finish)
                 result = self._gather_result(step)
         except BaseException as e:
-            self._templates.pop(key, None)
+            self._templates.drop(key)
             if self.comm is not None:
                 self.comm.fail(e)
             raise
@@ -468,7 +441,8 @@ class StageExecutor:
             if tpl is None:
                 if not allow_meta:
                     return False
-                tpl = step.tpl.recv[s] = self._recv_template(s, a.microbatch)
+                tpl = step.tpl.recv[s] = recv_template(self.comm, self._by_stage[s], self._rank(s - 1), s,
+                                                   a.microbatch)
             step.posted[k] = PendingRecv(self._rank(s - 1), allocate(tpl[1], self.device),
                                          f"the activations{of} of microbatch {a.microbatch}")
             return True
@@ -498,7 +472,8 @@ class StageExecutor:
             out = p.run(step.local[s][i], values, grad_leaves=bool(leaves))
         if not p.is_last:
             template, tensors = pack(out.sends)
-            self._check_send_template(step.tpl, template, s, i)
+            send_template(step.tpl, self.comm, self._by_stage[s], self._rank(s + 1), template,
+                          s, i)
             roots = [t for t, sl in zip(tensors, slots(template)) if sl.requires_grad]
             step.microbatches[(s, i)] = _Microbatch(roots, leaves, None)
             return [(self._rank(s + 1), tensors)]
@@ -564,49 +539,6 @@ class StageExecutor:
             backward_weight(mb.pending)
         return []
 
-    # -- metadata ----------------------------------------------------------------------------------
-
-    def _templates_for(self, key: tuple[Any, ...]) -> _Templates:
-        found = self._templates.get(key)
-        if found is not None:
-            self._templates.move_to_end(key)
-            return found
-        tpl = _Templates()
-        self._templates[key] = tpl
-        while len(self._templates) > _MAX_KEYS:
-            self._templates.popitem(last=False)
-        return tpl
-
-    def _check_send_template(self, tpl: _Templates, template: tuple[Any, ...], s: int,
-                             i: int) -> None:
-        """Send the template on the first forward of a new shape key; afterwards check that
-        every microbatch matches it (Note [boundary metadata])."""
-        names = tuple(v.name for v in self._by_stage[s].send)
-        sent = tpl.send.get(s)
-        if sent is None:
-            assert self.comm is not None
-            self.comm.send_object(self._rank(s + 1), (names, template))
-            tpl.send[s] = (names, template)
-        elif sent[1] != template:
-            raise CommunicationError(
-                f"stage {s} sends values whose shapes or non-tensor contents "
-                f"differ between microbatches of one step (microbatch {i}: {template!r}; "
-                f"earlier: {sent[1]!r}). Boundary values must depend on the input shapes "
-                "only; keep the data-dependent computation inside one stage (pins) or use one "
-                "microbatch.")
-
-    def _recv_template(self, s: int, microbatch: int) -> tuple[Any, ...]:
-        assert self.comm is not None
-        names, template = self.comm.recv_object(
-            self._rank(s - 1), f"the boundary metadata of microbatch {microbatch}")
-        want = tuple(v.name for v in self._by_stage[s].recv)
-        if tuple(names) != want:
-            raise CommunicationError(
-                f"stage {s} expects values {list(want)} from stage "
-                f"{s - 1}, which sends {list(names)}: the ranks were built from "
-                "different plans or models. Give every rank the same plan and model.")
-        return (tuple(names), template)
-
     # -- results -----------------------------------------------------------------------------------
 
     def _gather_result(self, step: _Step) -> StepOutput:
@@ -645,31 +577,6 @@ class StageExecutor:
                       else unstack_outputs(merged, len(step.outputs)))
         return StepOutput(loss, merged)
 
-    # -- tied parameters ---------------------------------------------------------------------------
-
-    def _shared_groups(self) -> list[tuple[tuple[int, ...], list[str]]]:
-        """Collective: agree on every set of ranks sharing parameters and create subgroups.
-
-        A parameter held by several stages of this rank (virtual stages) is summed here first
-        when the stages hold separate copies of it."""
-        held: dict[str, set[int]] = {}
-        for prog in self.programs:
-            for name, stages in prog.shared_params.items():
-                held.setdefault(name, set()).update(stages)
-        mine: dict[tuple[int, ...], list[str]] = {}
-        for name, holders in sorted(held.items()):
-            key = tuple(sorted({self._rank(st) for st in holders}))
-            if len(key) > 1 or len(self._shared_tensors(name)) > 1:
-                mine.setdefault(key, []).append(name)
-        if self.comm is None:
-            return sorted(mine.items())
-        sets: set[tuple[int, ...]] = set()
-        for theirs in self.comm.all_gather_object(sorted(k for k in mine if len(k) > 1),
-                                                  "the tied-parameter stages"):
-            sets.update(tuple(x) for x in theirs)
-        self.comm.make_subgroups(sorted(sets))
-        return sorted(mine.items())
-
     def _readers(self) -> tuple[tuple[int, ...], bool]:
         """Collective: the flat inputs a rank other than 0 reads, and whether the loss is
         computed off rank 0 (Note [batch from rank 0])."""
@@ -680,101 +587,18 @@ class StageExecutor:
         shared = sorted({int(i) for theirs in reads[1:] for i in theirs})
         return tuple(shared), True
 
-    def _shared_tensors(self, name: str) -> list[torch.Tensor]:
-        """The distinct tensors this rank's stages hold for parameter ``name``."""
-        found: list[torch.Tensor] = []
-        for prog in self.programs:
-            if name in prog.shared_params:
-                t = prog.tensor(name)
-                if all(t is not other for other in found):
-                    found.append(t)
-        return found
-
-    def _stash_shared_grads(self) -> dict[str, list[torch.Tensor | None]]:
-        stash: dict[str, list[torch.Tensor | None]] = {}
-        for _, names in self._shared:
-            for name in names:
-                copies = self._shared_tensors(name)
-                stash[name] = [t.grad for t in copies]
-                for t in copies:
-                    t.grad = None
-        return stash
-
-    def _reduce_shared_grads(self, stash: dict[str, list[torch.Tensor | None]]) -> None:
-        for ranks, names in self._shared:
-            copies = [self._shared_tensors(n) for n in names]
-            grads = [torch.stack([t.grad if t.grad is not None else torch.zeros_like(t)
-                                  for t in cs]).sum(0) for cs in copies]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if len(ranks) > 1 and self.comm is not None:
-                self.comm.all_reduce_sum(flat, ranks, f"the gradients of tied parameters {names}")
-            offset = 0
-            for name, cs, g in zip(names, copies, grads):
-                total = flat[offset:offset + g.numel()].view_as(g)
-                offset += g.numel()
-                add_step_grads(cs, [total] * len(cs), stash.get(name, [None] * len(cs)))
-
     # -- helpers ---------------------------------------------------------------------------------
 
     def _actions(self, train: bool) -> tuple[Action, ...]:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches
         key = (m, train)
         if key not in self._schedules:
-            sched = _waves(self.schedule_name, p, m, v, self.active_microbatches)
+            sched = waves(self.schedule_name, p, m, v, self.active_microbatches)
             if not train:  # the training order's forwards: same link order, no deadlock
                 sched = Schedule("forward", p * v, m, tuple(
                     tuple(a for a in lst if a.kind == "F") for lst in sched.actions), v)
             self._schedules[key] = sched
         return self._schedules[key].actions[self.program.index]
-
-
-def _check_programs(programs: tuple[StageProgram, ...]) -> tuple[StageProgram, ...]:
-    """This rank's programs: stages ``r, r + p, ...`` of one pipeline (Note [virtual stages])."""
-    if not programs:
-        raise ConfigError("StageExecutor needs at least one stage program")
-    n, v = programs[0].num_stages, len(programs)
-    p = n // v if n % v == 0 else 0
-    want = list(range(programs[0].index, n, p)) if p else []
-    if [q.index for q in programs] != want or any(q.num_stages != n for q in programs) \
-            or programs[0].index >= p:
-        raise ConfigError(
-            f"a rank's stage programs must be stages r, r + p, ... of one pipeline (p ranks, "
-            f"{v} virtual stages each); got stages {[q.index for q in programs]} of {n}. Build "
-            "them with build_stage(traced, plan, s) for s in range(rank, stages, ranks)")
-    return programs
-
-
-# Note [active microbatches]
-# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# SMP's ``active_microbatches`` caps the microbatches in flight (forward done, backward not yet)
-# per stage. The executor runs the step's schedule in waves: microbatches ``0..a-1`` through the
-# whole schedule of ``a`` microbatches, then the next ``a``, and so on (the last wave may be
-# smaller); gradients accumulate over the waves as over microbatches, so the step's result is
-# the same. A stage then holds at most ``min(a, what the schedule keeps)`` microbatches, which
-# is what the memory model charges (Note [memory features] in
-# ``modelparallel/partitioner/memory_features.py``); the bubble grows to one per wave.
-
-
-def _waves(name: str, p: int, m: int, v: int, active: int | None) -> Schedule:
-    """The schedule of ``m`` microbatches run in waves of ``active`` (Note [active
-    microbatches])."""
-    if active is None or active >= m:
-        return make_schedule(name, p, m, v)
-    if v > 1:
-        raise ConfigError(f"active_microbatches = {active} < microbatches = {m} is not "
-                          "supported with virtual stages; leave it out")
-    per_rank: list[list[Action]] = [[] for _ in range(p)]
-    start = 0
-    while start < m:
-        size = min(active, m - start)
-        wave = make_schedule(name, p, size, v)
-        for r, lst in enumerate(wave.actions):
-            per_rank[r].extend(Action(a.stage, a.kind, a.microbatch + start) for a in lst)
-        start += size
-    sched = Schedule(f"{name}-waves{active}", p * v, m,
-                     tuple(tuple(x) for x in per_rank), v)
-    sched.validate()
-    return sched
 
 
 def _samples(microbatches: Sequence[Sequence[Any]]) -> int:

@@ -207,7 +207,7 @@ def unstack_outputs(stacked: Any, num_microbatches: int) -> list[Any]:
 def shape_key(flat: Sequence[Any], mode: str) -> tuple[Any, ...]:
     """What every rank can tell locally about a batch: its leaves' shapes and dtypes, and the
     values of its hashable non-tensor leaves. Boundary metadata is exchanged when it changes
-    (Note [boundary metadata] in ``modelparallel/runtime/executor.py``).
+    (Note [boundary metadata] in ``modelparallel/runtime/templates.py``).
 
     Example:
         >>> shape_key([torch.zeros(2, 3), 5], "train")

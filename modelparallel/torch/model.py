@@ -449,7 +449,7 @@ def _inputs(body: _Body) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 def _active(pipeline: str, p: int, m: int, active: int) -> int | None:
     """The runtime's ``active_microbatches`` for SMP's (Note [active microbatches] in
-    ``modelparallel/runtime/executor.py``): ``None`` when the schedule never holds more than
+    ``modelparallel/runtime/waves.py``): ``None`` when the schedule never holds more than
     ``active`` microbatches in flight (GPipe holds all ``m``, 1F1B at most ``p``), else
     ``active`` (the step then runs in waves of that many)."""
     inflight = m if pipeline == "simple" else min(m, p)

@@ -42,7 +42,7 @@ of the pipeline:
 
 ``active_microbatches`` caps the microbatches in flight: when the schedule would hold more (GPipe
 holds all of them; 1F1B at most ``partitions``), the runtime runs the step in waves of that many
-(Note [active microbatches] in ``modelparallel/runtime/executor.py``); otherwise it changes
+(Note [active microbatches] in ``modelparallel/runtime/waves.py``); otherwise it changes
 nothing.
 
 Under ``torch.no_grad()`` the step is forward-only on every stage. A grad-enabled step must
