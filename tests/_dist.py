@@ -72,9 +72,11 @@ def _worker(conn: Any, threads: int) -> None:
         if job is None:
             return
         fn, rank, world, init_file, args, timeout = job
+        joined = False
         try:
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                     world_size=world, timeout=timedelta(seconds=timeout))
+            joined = True
             try:
                 answer: tuple[Any, ...] = ("ok", fn(rank, world, *args))
             finally:
@@ -86,6 +88,8 @@ def _worker(conn: Any, threads: int) -> None:
             conn.send(answer)
         except Exception as e:  # an unpicklable result
             conn.send(("err", "PicklingError", str(e), None, ""))
+        if not joined:  # a failed rendezvous can leave gloo state behind: the pool starts afresh
+            return
 
 
 class _Pool:
