@@ -12,7 +12,13 @@ Values are grouped by (producer item, set of consumer items); a group crosses bo
 iff ``y[a, s] = 1`` and ``y[c, s] = 0`` for a consumer ``c``: ``z[g, s] >= y[a, s] - y[c, s]``
 (continuous in [0, 1]; minimisation keeps it at the crossing indicator on binding stages, and
 the final objective is recomputed from the assignment anyway). This is exactly the relay rule
-of Note [pipeline order]. With normalised units (times over ``T_ref``, bytes over
+of Note [pipeline order] (``communication="relay"``). Under direct sends (the default) a group
+instead has receive indicators ``r[g, d] >= x[c, d] - x[a, d]`` per consumer item ``c`` (its
+receiver ``d`` pays ``link_g[d]`` and holds its bytes), send indicators ``f[g, s] >= x[a, s] -
+x[c, s]`` (the sender holds its sent bytes once) and, when several stages may receive it, a
+send count ``e[g, s] >= sum_{d > s} r[g, d] - M (1 - x[a, s])``, ``e >= f`` (``M`` the number
+of those stages), the sender paying ``link_g[s]`` per send; the terms below then use ``r``,
+``f`` and ``e`` for ``z`` and ``w``. With normalised units (times over ``T_ref``, bytes over
 ``cap_s * U_ref``):
 
 - ``t >= sum_a work[a, s] x[a, s] + sum_g comm_g[s-1] z[g, s-1] + comm_g[s] z[g, s]``;
