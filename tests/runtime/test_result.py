@@ -5,7 +5,6 @@ the early exchange and the receives ahead off (Note [receives ahead]) changes no
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
