@@ -210,6 +210,14 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
             if name == "highs":
                 res = _solve_highs(model, warm_vals, remaining, progress, phase, gap_rel, t0,
                                    cutoff)
+                if warm_vals is not None and _inconsistent(model, res):
+                    # HiGHS 1.16 with a start solution and presolve can report an objective
+                    # (and dual bound) its own solution does not have: solve again cold.
+                    notes.append("HiGHS's objective disagreed with its solution after a warm "
+                                 "start; solved again without it")
+                    remaining = max(0.05, time_limit - (_time.perf_counter() - t0))
+                    res = _solve_highs(model, None, remaining, progress, phase, gap_rel, t0,
+                                       cutoff)
             else:
                 res = _solve_cbc(model, warm_vals, remaining, gap_rel, cutoff)
         except Exception as e:
@@ -227,6 +235,17 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
     raise SolverError(
         "every ILP solver failed: " + "; ".join(notes) + ". Check that highspy and PuLP's "
         "bundled CBC are installed ('pip install highspy pulp'), or use method='dp'.")
+
+
+def _inconsistent(model: _Model, res: tuple[np.ndarray | None, str, float | None,
+                                             float | None]) -> bool:
+    """Whether the solver's objective differs from its solution's (the objective expression
+    at the variables' values)."""
+    stage, _, obj, _ = res
+    if stage is None or obj is None:
+        return False
+    value = pulp.value(model.lp.objective)
+    return value is not None and abs(float(value) - obj) > 1e-7 * max(1.0, abs(obj))
 
 
 def _extract(model: _Model) -> np.ndarray | None:
