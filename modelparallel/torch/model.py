@@ -172,9 +172,10 @@ class DistributedModel(nn.Module):
         flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in bodies]
         result = pipe.executor.run_microbatches(
             flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
-            context=lambda i: _autocast(bodies[i].autocast, pipe.device))
+            context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True)
         for b, out in zip(bodies, result.outputs):
             if b.where == "model":
+                b.after_schedule = True  # its backward ran in the schedule: no yield there
                 b.resume(out)
             if b.where == "backward":
                 b.resume(None)
