@@ -157,7 +157,7 @@ def test_save_model_writes_the_whole_model_and_it_predicts_the_same(factory: str
     smp.init({"partitions": 2, "microbatches": 2})
     case = (keras_skip if factory == "skip" else keras_gpt)(batch_size=8)
     model = smp.DistributedModel(case.model)
-    with pytest.raises(ConfigError, match="after the first smp.step"):
+    with pytest.raises(ConfigError, match=r"after the first smp\.step"):
         model.save_model(str(tmp_path / "early"))
 
     @smp.step
