@@ -112,6 +112,7 @@ from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
 from modelparallel.partitioner.memory_features import FeatureArrays, apply_features
+from modelparallel.partitioner.order import canonical_order
 from modelparallel.plan import PlanConfig
 from modelparallel.schedule import inflight_microbatches
 
@@ -152,7 +153,8 @@ class Problem:
         config: The plan options.
         devices: One device per stage.
         costs: One :class:`GraphCosts` per stage (entries may be the same object).
-        names: Assigned node names, in topological order (index = position).
+        names: Assigned node names, in the canonical topological order of Note [canonical
+            order] in ``modelparallel/partitioner/order.py`` (index = position).
         fwd: Forward seconds, shape ``(n, p)`` (node, stage device).
         bwd: Backward seconds, ``(n, p)``.
         saved: Saved activation bytes, ``(n,)``.
@@ -420,6 +422,25 @@ def _domains(n: int, p: int, src: np.ndarray, dst: np.ndarray, pinned: Mapping[i
     return lo, hi
 
 
+def _canonical_names(graph: Graph, config: PlanConfig, derived: frozenset[str],
+                     costs: GraphCosts) -> tuple[str, ...]:
+    """The assigned nodes in the canonical order of Note [canonical order] (which does not
+    depend on the order the graph lists them in)."""
+    listed = [nd.name for nd in graph.nodes if nd.name not in derived]
+    at = {name: i for i, name in enumerate(listed)}
+    preds = [tuple(dict.fromkeys(at[s] for s in graph.node(x).inputs if s in at)) for x in listed]
+    weight = [costs.nodes[x].forward_time + costs.nodes[x].backward_time for x in listed]
+    groups: list[list[int]] = []
+    if config.tied == "colocate":
+        readers: dict[str, list[int]] = {}
+        for i, x in enumerate(listed):
+            for q in dict.fromkeys(graph.node(x).params):
+                readers.setdefault(q, []).append(i)
+        groups = [rs for rs in readers.values() if len(rs) > 1]
+    order = canonical_order(preds, weight, names=listed, colocate=groups)
+    return tuple(listed[i] for i in order)
+
+
 def _sharded(state: int, nbytes: int, trainable: bool, shard: int) -> int:
     """A parameter's state bytes with its optimizer state divided by ``shard`` (ZeRO-1)."""
     if shard == 1 or not trainable:
@@ -453,7 +474,7 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     specs = _stage_specs(devices, config)
     stage_costs = _stage_costs(graph, config, specs, costs)
     derived = input_derived_nodes(graph)
-    names = tuple(nd.name for nd in graph.nodes if nd.name not in derived)
+    names = _canonical_names(graph, config, derived, stage_costs[0])
     index = {name: i for i, name in enumerate(names)}
     n = len(names)
     fwd = np.array([[c.nodes[name].forward_time for c in stage_costs] for name in names],
