@@ -37,7 +37,7 @@ from torch import nn
 
 from modelparallel.errors import ConfigError, UsageError
 from modelparallel.torch.state_mod import state
-from modelparallel.torch.stepping import _Body, current_body
+from modelparallel.torch.stepping import _Body, current_body, resume_all
 
 __all__ = ["DistributedModel", "PARTIAL_MARKER"]
 
@@ -180,15 +180,10 @@ class DistributedModel(nn.Module):
         result = pipe.executor.run_microbatches(
             flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
             context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True)
-        for b, out in zip(bodies, result.outputs):
-            if b.where == "model":
-                b.after_schedule = True  # its backward ran in the schedule: no yield there
-                b.resume(out)
-            if b.where == "backward":
-                b.resume(None)
-            if b.where != "done":
-                raise UsageError(f"microbatch {b.index} of the smp.step called the model "
-                                 "again after backward; call it once per step function")
+        waiting = [(b, out) for b, out in zip(bodies, result.outputs) if b.where == "model"]
+        resume_all([b for b, _ in waiting], [out for _, out in waiting])
+        for b in bodies:
+            assert b.where == "done", b.where  # a second model call raised in the body
         self._bodies = []
         for hook in list(self._post_step_hooks):
             hook(self, state.optimizer)
@@ -197,8 +192,8 @@ class DistributedModel(nn.Module):
         """The executor's loss on the last stage: resume the body with the real output and take
         what it gives ``model.backward`` (Note [smp step], 4)."""
         body = next(b for b in self._bodies if b.index == index)
-        where = body.resume(output)
-        if where != "backward":
+        body.resume(output)
+        if body.backward_call is None:
             raise UsageError(
                 f"microbatch {index} of the smp.step returned without calling "
                 "model.backward(...) while gradients are enabled; call model.backward(loss) in "
