@@ -169,12 +169,20 @@ class DistributedModel(nn.Module):
             self._partition(bodies[0])
         pipe = self._pipe
         self._bodies = bodies
+        if train and state.cfg is not None and state.cfg.fp16:  # Note [smp fp16]
+            scaler = getattr(state.optimizer, "loss_scaler", None)
+            if scaler is None:
+                raise UsageError("fp16 = True needs smp.DistributedOptimizer(optimizer): it "
+                                 "unscales the gradients and skips steps that overflowed; "
+                                 "wrap the optimizer before the first step")
+            pipe.executor.loss_scale = scaler.loss_scale
         flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in bodies]
         result = pipe.executor.run_microbatches(
             flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
-            context=lambda i: _autocast(bodies[i].autocast, pipe.device))
+            context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True)
         for b, out in zip(bodies, result.outputs):
             if b.where == "model":
+                b.after_schedule = True  # its backward ran in the schedule: no yield there
                 b.resume(out)
             if b.where == "backward":
                 b.resume(None)
@@ -229,7 +237,15 @@ class DistributedModel(nn.Module):
                          int(cfg.active_microbatches or 1))
         plan = self._resume_plan
         if plan is None and cfg.load_partition and cfg.partition_file:
-            plan = cfg.partition_file
+            from modelparallel.plan import load_plan
+
+            plan = load_plan(cfg.partition_file)
+        if plan is not None:  # the config's memory features, on a given partition
+            import dataclasses
+
+            plan = dataclasses.replace(plan, config=dataclasses.replace(
+                plan.config, precision=cfg.precision,
+                shard_optimizer_state=cfg.shard_optimizer_state))
         from modelparallel.parallel import ParallelOptions
 
         layout = state.require()
@@ -245,7 +261,8 @@ class DistributedModel(nn.Module):
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
             memory_weight=cfg.memory_weight, parallel=parallel, active_microbatches=active,
             checkpointing=checkpoint_paths(self.module) or "none",
-            offload_activations=cfg.offload_activations)
+            offload_activations=cfg.offload_activations, precision=cfg.precision,
+            shard_optimizer_state=cfg.shard_optimizer_state)
         pipe.planning_for = self._planning_for
         before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True

@@ -17,7 +17,8 @@ of the pipeline:
    traversed, ``smp_slice`` objects slice themselves, ``non_split_inputs`` and non-tensors are
    passed whole). A batch that does not divide raises on every rank (same data everywhere).
 3. **One body per microbatch, as a coroutine.** Each microbatch's call of the step function runs
-   on its own thread, but only one thread runs at any time: the driver hands control to a body
+   on its own thread (worker threads are kept from step to step, :class:`_Worker`), but only
+   one thread runs at any time: the driver hands control to a body
    and waits until the body yields it back (:class:`_Body`), so user code never runs
    concurrently and its order is deterministic. The thread starts with the step's grad mode and
    device. Every body first runs up to its ``model(...)`` call, which records the model's
@@ -33,8 +34,8 @@ of the pipeline:
    ``average_grads_across_microbatches``. So the loss computation is interleaved with the
    schedule, as in SMP, and gradients end as the sum (or mean) over microbatches.
 5. **Outputs everywhere.** The executor broadcasts the per-microbatch outputs from the last stage;
-   every other rank resumes its bodies with them (its ``model.backward`` is then a no-op: its
-   stage's backward ran inside the schedule), so ``model(...)`` returns the real outputs on every
+   every other rank resumes its bodies with them (its ``model.backward`` is then a no-op that
+   does not even yield: its stage's backward ran inside the schedule), so ``model(...)`` returns the real outputs on every
    rank and every rank computes the same return values.
 6. **Results.** Every tensor in the bodies' return values becomes a :class:`StepOutput` of its
    per-microbatch values (detached unless ``detach_outputs=False``); other leaves come back as
@@ -59,10 +60,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -133,16 +135,17 @@ class _Body:
         self.backward_call: tuple[list[torch.Tensor], list[Any]] | None = None
         self.result: Any = None
         self.where = "new"  # new, model, backward, done
+        self.after_schedule = False  # resumed after the schedule: backward does not yield
         self._to_body: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._to_driver: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, daemon=True,
-                                        name=f"smp-step-microbatch-{index}")
+        self._worker: _Worker | None = None
 
     # -- driver side --------------------------------------------------------------------------------
 
     def start(self) -> str:
         """Run the body until it yields; return where it stopped."""
-        self._thread.start()
+        self._worker = _Worker.take()
+        self._worker.run(self._main)
         return self._wait()
 
     def resume(self, value: Any = None) -> str:
@@ -157,16 +160,24 @@ class _Body:
             self._to_body.put(_ABORT)
             self._to_driver.get()
             self.where = "done"
+            self._release()
 
     def _wait(self) -> str:
         kind, value = self._to_driver.get()
         if kind == "error":
             self.where = "done"
+            self._release()
             raise value
         self.where = kind
         if kind == "done":
             self.result = value
+            self._release()
         return kind
+
+    def _release(self) -> None:
+        if self._worker is not None:
+            self._worker.give_back()
+            self._worker = None
 
     def _main(self) -> None:
         _local.body = self
@@ -176,11 +187,14 @@ class _Body:
         try:
             value = self.fn(*self.args, **self.kwargs)
         except _Abort:
-            self._to_driver.put(("aborted", None))
+            message: tuple[str, Any] = ("aborted", None)
         except BaseException as e:  # handed to the driver, which raises it
-            self._to_driver.put(("error", e))
+            message = ("error", e)
         else:
-            self._to_driver.put(("done", value))
+            message = ("done", value)
+        _local.body = None
+        self.args, self.kwargs = (), {}
+        self._to_driver.put(message)
 
     # -- body side ----------------------------------------------------------------------------------
 
@@ -219,7 +233,46 @@ class _Body:
             raise ConfigError(f"model.backward got {len(ts)} tensors and {len(gs)} "
                               "grad_tensors; give one gradient per tensor")
         self.backward_call = (ts, gs)
-        self._yield("backward")
+        if not self.after_schedule:
+            self._yield("backward")
+
+
+class _Worker:
+    """A thread that runs microbatch bodies, kept between steps (Note [smp step], 3): starting
+    a thread per microbatch per step, and each new thread's first torch call, cost more than the
+    hand-overs themselves. Only the driver thread takes and gives back workers."""
+
+    _idle: ClassVar[list[_Worker]] = []
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # torch.set_num_threads is per thread for OpenMP: the worker uses the driver's count.
+        self._threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="smp-step-microbatch")
+        self._thread.start()
+
+    @classmethod
+    def take(cls) -> _Worker:
+        """An idle worker, or a new one."""
+        return cls._idle.pop() if cls._idle else cls()
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on this worker's thread."""
+        self._jobs.put(job)
+
+    def give_back(self) -> None:
+        """Return this worker to the idle ones (its job has handed over its last message)."""
+        _Worker._idle.append(self)
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
+        while True:
+            self._jobs.get()()
+
+
+# A forked child has none of its parent's threads.
+os.register_at_fork(after_in_child=_Worker._idle.clear)
 
 
 def current_body() -> _Body | None:
