@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelparallel.errors import ConfigError, UsageError
+from modelparallel.errors import ConfigError, UnsupportedFeatureError, UsageError
 from modelparallel.torch.state_mod import state
 from modelparallel.torch.stepping import _Body, current_body, resume_all
 
@@ -400,6 +400,42 @@ class DistributedModel(nn.Module):
         """Run ``hook(model, optimizer)`` after every step."""
         self._post_step_hooks.append(hook)
         return _Handle(self._post_step_hooks, hook)
+
+    def join(self, divide_by_initial_world_size: bool = True, enable: bool = True,
+             throw_on_early_termination: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """DDP's uneven-inputs context. Replicas must run the same number of steps: a replica
+        whose batches differ or run out raises
+        :class:`~modelparallel.errors.UnevenDataError` on every replica (the runtime checks
+        each step), which is DDP's ``throw_on_early_termination=True``; so that, or
+        ``enable=False``, or one replica, gives a context that changes nothing.
+
+        Raises:
+            UnsupportedFeatureError: for DDP's default of shadowing the finished replicas'
+                steps (``throw_on_early_termination=False`` with several replicas).
+        """
+        if not enable or throw_on_early_termination or state.require().dp == 1:
+            return contextlib.nullcontext()
+        raise UnsupportedFeatureError(
+            "model.join() with uneven inputs (DDP shadowing the steps of replicas that ran out "
+            "of data) is not supported yet by modelparallel.torch; give every replica the same "
+            "number of batches (DistributedSampler with drop_last=True) and use "
+            "model.join(throw_on_early_termination=True), or no join: uneven data then raises "
+            "UnevenDataError on every replica")
+
+    def register_comm_hook(self, state: Any, hook: Callable[..., Any]) -> None:
+        """DDP communication hooks: not supported yet.
+
+        Raises:
+            UnsupportedFeatureError: always (the runtime all-reduces gradient buckets itself,
+                ``modelparallel/runtime/data_parallel.py``).
+        """
+        raise UnsupportedFeatureError(
+            "model.register_comm_hook is not supported yet by modelparallel.torch: gradients "
+            "are averaged over the data-parallel replicas by the runtime's own bucketed "
+            "all-reduce (DistributedModel's bucket_cap_mb and overlapping_allreduce tune it); "
+            "remove the hook, or average or compress gradients after the step yourself")
+
+    _register_comm_hook = register_comm_hook
 
     def train(self, mode: bool = True) -> DistributedModel:
         super().train(mode)

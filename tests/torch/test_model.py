@@ -428,7 +428,16 @@ def _hybrid_job(rank: int, world: int) -> dict[str, Any]:
         smp.barrier()
         smp.dp_barrier()
         smp.pp_barrier()
-        return {"diff": diff, "losses": losses, "ranks": ranks, "got": got, "heard": heard,
+        from modelparallel.errors import UnsupportedFeatureError
+
+        with dm.join(throw_on_early_termination=True):  # the runtime's uneven check
+            pass
+        try:
+            dm.join()
+            join_refused = False
+        except UnsupportedFeatureError:
+            join_refused = True
+        return {"diff": diff, "join_refused": join_refused, "losses": losses, "ranks": ranks, "got": got, "heard": heard,
                 "gathered": gathered, "tensors": [int(t) for t in tensors],
                 "local": sorted(n for n, _ in dm.local_named_parameters())}
     finally:
@@ -441,6 +450,7 @@ def test_pipeline_times_data_parallel_trains_like_one_device_on_the_whole_batch(
     concatenated batch; rank queries, groups and object communication on that layout."""
     r = [x.unwrap() for x in run_ranks(_hybrid_job, 4, timeout=300)]
     assert all(x["diff"] < 1e-5 for x in r), [x["diff"] for x in r]
+    assert all(x["join_refused"] for x in r)  # DDP's shadowed uneven steps: named
     assert r[0]["losses"] == r[1]["losses"] and r[2]["losses"] == r[3]["losses"]
     assert r[0]["losses"] != r[2]["losses"]  # each replica trains on its own shard
     assert r[0]["local"] == r[2]["local"] and r[1]["local"] == r[3]["local"]
