@@ -82,6 +82,7 @@ Example:
 from __future__ import annotations
 
 import time as _time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,33 +158,50 @@ def _analytic(prob: Problem) -> tuple[float, float, float]:
     return a, b / prob.u_ref, max(total / prob.p, largest_param, ws_max)
 
 
-def _closure_weights(prob: Problem, omega: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weights (columns of ``omega``) of each node's ancestors and descendants (node
-    excluded)."""
+_CLOSURES: weakref.WeakKeyDictionary[Problem, tuple[np.ndarray, np.ndarray]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _closure_weights(prob: Problem, omega: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of each node's ancestors and descendants (node excluded): the columns of
+    ``omega``, by default ``(fastest time, own parameter state, saved bytes)``, the ones every
+    window reads (then cached per problem). Closures are bit rows of an ``(n, n / 8)`` array,
+    built in topological order and weighed in blocks."""
+    default = omega is None
+    if default and prob in _CLOSURES:
+        return _CLOSURES[prob]
+    if omega is None:
+        omega = np.stack([prob.time.min(axis=1), prob.single_param_state.min(axis=1),
+                          prob.saved], axis=1)
     n = prob.n
     nbytes = (n + 7) // 8
+    own = np.zeros((n, nbytes), dtype=np.uint8)
+    own[np.arange(n), np.arange(n) // 8] = (1 << (np.arange(n) % 8)).astype(np.uint8)
 
-    def weigh(bits: list[int]) -> np.ndarray:
+    def weigh(bits: np.ndarray) -> np.ndarray:
         out = np.empty((n, omega.shape[1]))
-        for v, b in enumerate(bits):
-            mask = np.unpackbits(np.frombuffer(b.to_bytes(nbytes, "little"), dtype=np.uint8),
-                                 bitorder="little")[:n].astype(bool)
-            out[v] = omega[mask].sum(axis=0)
+        for a in range(0, n, 512):
+            mask = np.unpackbits(bits[a: a + 512], axis=1, bitorder="little")[:, :n]
+            out[a: a + 512] = mask @ omega
         return out
 
-    anc = [0] * n
+    anc = np.zeros((n, nbytes), dtype=np.uint8)
     for v in range(n):
-        a = 0
         for u in prob.producers[v]:
-            a |= anc[u] | (1 << u)
-        anc[v] = a
-    desc = [0] * n
+            np.bitwise_or(anc[v], anc[u], out=anc[v])
+            np.bitwise_or(anc[v], own[u], out=anc[v])
+    wa = weigh(anc)
+    del anc
+    desc = np.zeros((n, nbytes), dtype=np.uint8)
     for v in range(n - 1, -1, -1):
-        d = 0
         for c in prob.consumers[v]:
-            d |= desc[c] | (1 << c)
-        desc[v] = d
-    return weigh(anc), weigh(desc)
+            np.bitwise_or(desc[v], desc[c], out=desc[v])
+            np.bitwise_or(desc[v], own[c], out=desc[v])
+    out = (wa, weigh(desc))
+    if default:
+        _CLOSURES[prob] = out
+    return out
 
 
 def _stages_needed(amount: np.ndarray, cap: float) -> np.ndarray:
@@ -208,7 +226,7 @@ def stage_windows(prob: Problem, a_max: float, b_max: float = np.inf
     params = prob.single_param_state.min(axis=1)
     share = min(1.0, b_max * prob.u_ref) if np.isfinite(b_max) else 1.0
     mem_cap = float(prob.caps.max()) * share * (1 + 1e-9)
-    anc, desc = _closure_weights(prob, np.stack([omega, params, prob.saved], axis=1))
+    anc, desc = _closure_weights(prob)
     lo = _stages_needed(anc[:, 0] + omega, cap) - 1
     hi = p - _stages_needed(desc[:, 0] + omega, cap)
     k = prob.inflight
@@ -256,7 +274,7 @@ def _windows_with_cuts(prob: Problem, incumbent: float, cuts: np.ndarray
     a_lb, b_lb, _ = _analytic(prob)
     omega = prob.time.min(axis=1)
     params = prob.single_param_state.min(axis=1)
-    anc, desc = _closure_weights(prob, np.stack([omega, params, prob.saved], axis=1))
+    anc, desc = _closure_weights(prob)
     stages = np.arange(p)
     before, after = (stages + 1)[None, :], (p - stages)[None, :]
     # A value crossing boundary b costs its time on stages b and b + 1: stages 0..s carry
@@ -334,6 +352,7 @@ def _boundary_cuts(prob: Problem, lo: np.ndarray, hi: np.ndarray, cost: np.ndarr
     Forced nodes are contracted into the source and the sink, so each graph holds only the
     nodes free at that boundary."""
     import networkx as nx
+    from networkx.algorithms.flow import dinitz
 
     nb = prob.p - 1
     out = np.zeros((nb, cost.shape[0]))
@@ -362,7 +381,7 @@ def _boundary_cuts(prob: Problem, lo: np.ndarray, hi: np.ndarray, cost: np.ndarr
                     if sc not in ("t", su) and su != "s":
                         g.add_edge(sc, su)  # c before the cut: so is its producer u
         for k, g in enumerate(graphs):
-            out[b, k] = nx.minimum_cut_value(g, "s", "t")
+            out[b, k] = nx.minimum_cut_value(g, "s", "t", flow_func=dinitz)
     return out
 
 
