@@ -30,9 +30,10 @@ from modelparallel.errors import (
 from modelparallel.ir import Graph
 from modelparallel.parallel import ParallelOptions
 from modelparallel.plan import Plan, PlanConfig, load_plan
+from modelparallel.planning_options import PlanningOptions
 
 if TYPE_CHECKING:
-    from modelparallel.api import LoadResult, Pipeline, PlanningOptions, StepResult, pipeline
+    from modelparallel.api import LoadResult, Pipeline, StepResult, pipeline
 
 # Note [planning core]
 # ~~~~~~~~~~~~~~~~~~~~
@@ -43,9 +44,8 @@ if TYPE_CHECKING:
 # runtime/ are loaded lazily the same way. tests/test_planning_core.py checks it in a process
 # where importing torch or tensorflow fails.
 _LAZY = {
-    "LoadResult": "modelparallel.api",
+    "LoadResult": "modelparallel.pipeline_state",
     "Pipeline": "modelparallel.api",
-    "PlanningOptions": "modelparallel.api",
     "StepResult": "modelparallel.api",
     "pipeline": "modelparallel.api",
 }

@@ -40,19 +40,20 @@ _LAYERS: dict[str, int] = {
     "ir": 2,
     "tracer": 3, "cost_model": 3, "plan_config": 3,
     "plan": 4, "cost_model.measure": 4,
-    "partitioner": 5, "report": 5, "parallel": 5,
+    "partitioner": 5, "report": 5, "parallel": 5, "planning_options": 5,
     "codegen": 6, "report_html": 6, "models": 6,
     "runtime": 7,
-    "api": 8,
-    "__init__": 9,  # the package root: planning names eagerly, the API lazily (by name)
-    "torch": 10, "tensorflow": 10, "cli": 10,
+    "pipeline_state": 8,
+    "api": 9,
+    "__init__": 10,  # the package root: planning names eagerly, the API lazily (by name)
+    "torch": 11, "tensorflow": 11, "cli": 11,
 }
 #: Modules of cost_model that measure on a device (torch code), whatever their folder.
 _MEASURE = ("modelparallel.cost_model.measure", "modelparallel.cost_model.profile",
             "modelparallel.cost_model.calibrate")
 #: The planning core: plans and reports from an IR file without a framework.
 _CORE = ("errors", "_version", "_jsonfile", "units", "schedule", "ir", "plan_config", "plan",
-         "cost_model", "partitioner", "report", "_notes")
+         "cost_model", "partitioner", "report", "_notes", "planning_options")
 #: Units that never import the partitioner.
 _NO_PARTITIONER = ("codegen", "runtime")
 

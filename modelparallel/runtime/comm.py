@@ -267,6 +267,33 @@ class StageComm:
             raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
                                  what=what, timeout=self.timeout) from None
 
+    def broadcast_async(self, tensors: Sequence[torch.Tensor], src_stage: int
+                        ) -> list[Any]:
+        """Start broadcasting ``tensors`` in place from ``src_stage`` (gloo only: a gloo
+        collective runs on the process group's own thread, independent of its point-to-point
+        operations, so it may be issued mid-step; Note [early result] in
+        ``modelparallel/runtime/result.py``); finish with :meth:`wait_works`."""
+        assert not self.grouped, "NCCL orders collectives with the sends and receives"
+        if self._group is None:
+            return []
+        self.check_usable()
+        try:
+            return [dist.broadcast(t, self.ranks[src_stage], group=self._group, async_op=True)
+                    for t in tensors]
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
+                                 what="a broadcast", timeout=self.timeout) from None
+
+    def wait_works(self, works: Sequence[Any], what: str) -> None:
+        """Wait for operations started by :meth:`broadcast_async`."""
+        self.check_usable()
+        try:
+            for w in works:
+                w.wait()
+        except RuntimeError as e:
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
+                                 timeout=self.timeout) from None
+
     def broadcast_object(self, obj: Any, src_stage: int, what: str) -> Any:
         """Broadcast a picklable object from ``src_stage``; every stage returns it."""
         if self._group is None:

@@ -25,11 +25,10 @@ metadata]), the tied-parameter gradient sum in ``tied_params.py`` and the waves 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -41,15 +40,8 @@ from modelparallel.runtime.boundary import allocate, pack, slots, unpack
 from modelparallel.runtime.comm import PendingRecv, StageComm
 from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.hooks import ActionHook, StageEvent
-from modelparallel.runtime.microbatch import (
-    SplitSpec,
-    merge_outputs,
-    shape_key,
-    split_inputs,
-    split_target,
-    stack_outputs,
-    unstack_outputs,
-)
+from modelparallel.runtime.microbatch import SplitSpec, shape_key, split_inputs, split_target
+from modelparallel.runtime.result import StepOutput, StepResult
 from modelparallel.runtime.split_backward import (
     PendingWeightGrad,
     backward_input,
@@ -60,22 +52,27 @@ from modelparallel.runtime.tied_params import TiedParameters
 from modelparallel.runtime.waves import check_programs, waves
 from modelparallel.schedule import Action, Schedule, make_schedule
 
-__all__ = ["StageExecutor", "StepOutput", "StepStats"]
+__all__ = ["LOOKAHEAD", "StageExecutor", "StepOutput", "StepStats"]
+
+# Note [receives ahead]
+# ~~~~~~~~~~~~~~~~~~~~~
+# Gloo's point-to-point messages are a rendezvous (``gloo/transport/tcp/pair.cc``): a send whose
+# receive is already posted on the peer goes out at once from the sending thread; otherwise the
+# sender only announces it, and the data leaves when the receiver's "ready" notice reaches the
+# sender's I/O thread, a round trip after the receive is posted. So on gloo a rank posts the
+# receives of its next ``LOOKAHEAD`` actions (not only the next one) before each action
+# computes: a message sent while the receiver is still busy two actions earlier then travels
+# at send time. Receives are posted strictly in action order, stopping at the first one that
+# cannot be created yet (a backward's, before its forward ran; a forward's on a metadata step,
+# Note [boundary metadata]), because gloo matches the messages between two ranks in posting
+# order and with virtual stages activations and gradients share a link. A posted receive holds
+# a buffer of its message's size: at most ``LOOKAHEAD`` of them, beyond what the schedule holds.
+# NCCL posts each action's receive with the previous action's sends (``comm.py``).
+
+#: Actions ahead whose receives a gloo rank posts (Note [receives ahead]).
+LOOKAHEAD = 4
 
 _T = TypeVar("_T")
-
-
-class StepOutput(NamedTuple):
-    """What a training step returns on every rank.
-
-    Attributes:
-        loss: Mean of the microbatch losses (a 0-d tensor, detached; NaN for an eval step).
-        outputs: The model output, microbatches merged (tensors concatenated on axis 0), detached;
-            ``None`` when output broadcasting was turned off.
-    """
-
-    loss: torch.Tensor
-    outputs: Any
 
 
 @dataclass
@@ -112,13 +109,11 @@ class _Step:
     targets: list[Any]
     tpl: Templates
     train: bool
-    return_outputs: bool
-    merge: bool = True
+    result: StepResult
     context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
     microbatches: dict[tuple[int, int], _Microbatch] = field(default_factory=dict)
     posted: dict[int, PendingRecv | None] = field(default_factory=dict)
-    losses: list[torch.Tensor] = field(default_factory=list)
-    outputs: list[Any] = field(default_factory=list)
+    next_recv: int = 0  # the first action whose receive is not created yet (Note [receives ahead])
 
 
 class StageExecutor:
@@ -200,6 +195,10 @@ class StageExecutor:
         self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
         self.active_microbatches = active_microbatches
+        # Note [receives ahead] and Note [early result]; benchmarks/bubble.py turns them off
+        # (lookahead 1, result after the last action) to measure what they save.
+        self._lookahead = LOOKAHEAD
+        self._early_result = True
         self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates = TemplateCache()
@@ -247,7 +246,7 @@ class StageExecutor:
     def run_microbatches(self, microbatches: Sequence[Sequence[Any]], targets: Sequence[Any],
                          *, train: bool, return_outputs: bool = True, merge: bool = True,
                          context: Callable[[int], contextlib.AbstractContextManager[Any]]
-                         | None = None) -> StepOutput:
+                         | None = None, shared: bool = False) -> StepOutput:
         """Run one step on inputs already cut into microbatches (SMP's ``smp.step`` cuts the
         step function's arguments itself, Note [smp step] in ``modelparallel/torch/stepping.py``).
 
@@ -261,6 +260,8 @@ class StageExecutor:
                 per-microbatch outputs, broadcast stacked: one tensor per output leaf).
             context: ``context(i)`` is entered around the forward of microbatch ``i`` on this
                 stage (an autocast context, say).
+            shared: The caller already gave every rank pipeline rank 0's inputs (SMP does), so
+                they are not shared again (Note [batch from rank 0]).
 
         Raises:
             ConfigError: if the number of microbatches is not the executor's.
@@ -272,10 +273,12 @@ class StageExecutor:
         if any(len(mb) != n for mb in microbatches):
             raise ConfigError("every microbatch must have the same number of flat inputs "
                               f"(got {[len(mb) for mb in microbatches]})")
-        flat, joined = self._share([v for mb in microbatches for v in mb], list(targets),
-                                   train=train, per=n, copies=m)
-        microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
-        targets = joined if train else targets
+        if not shared:
+            flat, joined = self._hooked("batch_wait", self.program.index, None, self._share,
+                                        [v for mb in microbatches for v in mb], list(targets),
+                                        train=train, per=n, copies=m)
+            microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
+            targets = joined if train else targets
         if self.check_inputs is not None:
             self.check_inputs(microbatches[0])
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
@@ -293,8 +296,9 @@ class StageExecutor:
         # Rank 0's batch on every rank (Note [batch from rank 0]); then every rank splits the
         # same batch, so a batch that does not divide into the microbatches raises
         # ConfigError on every rank, before any point-to-point communication.
-        flat_inputs, target = self._share(list(flat_inputs), target, train=train,
-                                          per=len(flat_inputs), copies=1)
+        flat_inputs, target = self._hooked("batch_wait", self.program.index, None, self._share,
+                                           list(flat_inputs), target, train=train,
+                                           per=len(flat_inputs), copies=1)
         microbatches = split_inputs(flat_inputs, self.split)
         targets = split_target(target, m) if train else [None] * m
         if self.check_inputs is not None:
@@ -329,13 +333,16 @@ class StageExecutor:
             targets = [None] * m
         if self.comm is not None:
             self.comm.check_usable()
+        tpl = self._templates.get(key)
         step = _Step(actions=self._actions(train),
                      local={p.index: [[_to(mb[i], self.device) for i in p.model_inputs]
                                       for mb in microbatches] for p in self.programs},
                      targets=[_to(t, self.device) for t in targets],
-                     tpl=self._templates.get(key), train=train,
-                     return_outputs=return_outputs, merge=merge, context=context,
-                     outputs=[None] * m)
+                     tpl=tpl, train=train, context=context,
+                     result=StepResult(self.comm, is_last=self.is_last, microbatches=m,
+                                       train=train, return_outputs=return_outputs,
+                                       merge=merge, templates=tpl.result,
+                                       device=self.device))
         start = time.perf_counter()
         self.stats = StepStats()
         try:
@@ -354,7 +361,8 @@ class StageExecutor:
                                  self._tied.reduce_grads, stash)
                 if sync is not None:
                     self._hooked("grad_sync", self.program.index, None, sync.finish)
-                result = self._gather_result(step)
+                result = self._hooked("result_wait", self.program.index, None,
+                                      step.result.finish)
         except BaseException as e:
             self._templates.drop(key)
             if self.comm is not None:
@@ -368,16 +376,21 @@ class StageExecutor:
     def _run(self, step: _Step) -> None:
         """Run this stage's actions (Note [schedule communication model] in ``modelparallel/schedule/__init__.py``).
 
-        Each action's receive is posted before the previous action computes (gloo: it lands
-        during that compute), or together with the previous action's sends (NCCL, see
-        ``comm.py``); an action's sends are posted right after its compute.
+        The receives of the next actions are posted before an action computes (gloo: up to
+        ``_lookahead`` actions ahead, Note [receives ahead]), or action k + 1's together with
+        action k's sends (NCCL, see ``comm.py``); an action's sends are posted right after its
+        compute. After its last forward the rank starts the exchange of the step's result
+        (Note [early result] in ``result.py``).
         """
         grouped = self.comm is not None and self.comm.grouped
+        ahead = 1 if grouped else max(1, self._lookahead)
+        last_forward = max((k for k, a in enumerate(step.actions) if a.kind == "F"),
+                           default=-1)
         for k, a in enumerate(step.actions):
-            if k not in step.posted:
+            if step.next_recv <= k:
                 self._post(step, k, allow_meta=True)  # reads new boundary metadata first
             if not grouped:
-                self._post(step, k + 1, allow_meta=False)
+                self._post(step, k + ahead, allow_meta=False)
             recv = step.posted.pop(k)
             i, s = a.microbatch, a.stage
             received = (self._hooked("recv_wait", s, i, self.comm.wait, recv)
@@ -402,6 +415,8 @@ class StageExecutor:
                              sends=sends, label=str(a))
             else:
                 self._post(step, nxt, allow_meta=False, sends=sends, label=str(a))
+            if k == last_forward and self._early_result:
+                step.result.start()
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
 
     def _hooked(self, kind: str, stage: int, microbatch: int | None, fn: Callable[..., _T],
@@ -419,13 +434,18 @@ class StageExecutor:
 
     def _post(self, step: _Step, k: int, *, allow_meta: bool,
               sends: Sequence[tuple[int, list[torch.Tensor]]] = (), label: str = "") -> None:
-        """Issue ``sends`` plus action k's receive, if that can be created now."""
-        recv = None
-        if 0 <= k < len(step.actions) and k not in step.posted and self._make_recv(
-                step, k, allow_meta):
-            recv = step.posted[k]
-        if self.comm is not None and (sends or recv is not None):
-            self.comm.issue(sends, [recv] if recv is not None else [], label=label)
+        """Issue ``sends`` plus the receives of the actions up to k not posted yet, in action
+        order, as far as they can be created now (Note [receives ahead])."""
+        recvs: list[PendingRecv] = []
+        last = min(k, len(step.actions) - 1)
+        while step.next_recv <= last and self._make_recv(
+                step, step.next_recv, allow_meta and step.next_recv == k):
+            recv = step.posted[step.next_recv]
+            if recv is not None:
+                recvs.append(recv)
+            step.next_recv += 1
+        if self.comm is not None and (sends or recvs):
+            self.comm.issue(sends, recvs, label=label)
 
     def _make_recv(self, step: _Step, k: int, allow_meta: bool) -> bool:
         """Create action k's receive in ``step.posted`` (``None``: it receives nothing). False
@@ -478,12 +498,12 @@ class StageExecutor:
             step.microbatches[(s, i)] = _Microbatch(roots, leaves, None)
             return [(self._rank(s + 1), tensors)]
         output = out.model_output
-        if step.return_outputs:
-            step.outputs[i] = pytree.tree_map(
-                lambda v: v.detach() if isinstance(v, torch.Tensor) else v, output)
-        if step.train:
-            loss = check_loss(self.loss_fn(output, step.targets[i]))
-            step.losses.append(loss.detach())
+        loss = check_loss(self.loss_fn(output, step.targets[i])) if step.train else None
+        step.result.record(i, pytree.tree_map(
+            lambda v: v.detach() if isinstance(v, torch.Tensor) else v, output)
+            if step.result.return_outputs else None,
+            loss.detach() if loss is not None else None)
+        if loss is not None:
             step.microbatches[(s, i)] = _Microbatch([], leaves, loss)
         return []
 
@@ -538,44 +558,6 @@ class StageExecutor:
         if mb.pending is not None:
             backward_weight(mb.pending)
         return []
-
-    # -- results -----------------------------------------------------------------------------------
-
-    def _gather_result(self, step: _Step) -> StepOutput:
-        """Mean loss and merged outputs, broadcast from the last stage to every rank."""
-        last = self.num_ranks - 1
-        want_outputs = step.return_outputs
-        loss = torch.stack(step.losses).mean() if self.is_last and step.losses else None
-        merged = ((merge_outputs(step.outputs) if step.merge else stack_outputs(step.outputs))
-                  if self.is_last and want_outputs else None)
-        nan = torch.tensor(math.nan)
-        if self.comm is None:
-            return StepOutput(loss if loss is not None else nan,
-                              merged if step.merge or not want_outputs else list(step.outputs))
-        if want_outputs not in step.tpl.result:
-            info = ((loss.dtype if loss is not None else None,
-                     pack([merged])[0] if merged is not None else None)
-                    if self.is_last else None)
-            step.tpl.result[want_outputs] = self.comm.broadcast_object(
-                info, last, "the step's result metadata")
-        loss_dtype, out_template = step.tpl.result[want_outputs]
-        if step.train:
-            buf = (loss.reshape(1) if loss is not None
-                   else torch.empty(1, dtype=loss_dtype, device=self.device))
-            self.comm.broadcast([buf], last, "the step's loss")
-            loss = buf.reshape(())
-        else:
-            loss = nan
-        if not want_outputs:
-            return StepOutput(loss, None)
-        tensors = pack([merged])[1] if self.is_last else allocate(out_template, self.device)
-        self.comm.broadcast(tensors, last, "the step's outputs")
-        if not self.is_last:
-            merged = unpack(out_template, tensors)[0]
-        if not step.merge:  # per microbatch (stacked for one broadcast per leaf)
-            merged = (list(step.outputs) if self.is_last
-                      else unstack_outputs(merged, len(step.outputs)))
-        return StepOutput(loss, merged)
 
     def _readers(self) -> tuple[tuple[int, ...], bool]:
         """Collective: the flat inputs a rank other than 0 reads, and whether the loss is

@@ -14,7 +14,12 @@ Note [action hook]
   ``modelparallel/schedule/__init__.py``);
 - ``"send"``: posting an action's sends (asynchronous: their completion is not waited for);
 - ``"grad_sync"``: the sum of tied parameters' gradients among their stages after the last
-  backward (``microbatch`` is ``None``).
+  backward (``microbatch`` is ``None``);
+- ``"batch_wait"``: sharing pipeline rank 0's batch at the start of the step (Note [batch from
+  rank 0] in ``batch.py``; a collective: it waits for every rank), ``"result_wait"``: the
+  exchange of the step's loss and outputs at its end (Note [early result] in ``result.py``);
+  both with ``microbatch`` ``None``, on the rank's first stage, and both idle time in a
+  bubble, like ``"recv_wait"``.
 
 Starts and ends nest properly and come in the order the work runs; the ``"end"`` of a piece of
 work that raised is still reported (from a ``finally``), a ``"start"`` that raised has none.
@@ -32,7 +37,8 @@ from typing import Literal, Protocol
 __all__ = ["EVENT_KINDS", "ActionHook", "Phase", "StageEvent"]
 
 #: The kinds of work a hook is told about (Note [action hook]).
-EVENT_KINDS = ("recv_wait", "forward", "backward", "weight_backward", "send", "grad_sync")
+EVENT_KINDS = ("recv_wait", "forward", "backward", "weight_backward", "send", "grad_sync",
+               "batch_wait", "result_wait")
 
 #: ``"start"`` before a piece of work, ``"end"`` after it.
 Phase = Literal["start", "end"]
@@ -46,7 +52,7 @@ class StageEvent:
         kind: One of :data:`EVENT_KINDS`.
         stage: The stage (this rank's; with virtual stages, the one of its stages) doing it.
         microbatch: The microbatch of the schedule action it belongs to; ``None`` for
-            ``"grad_sync"``.
+            ``"grad_sync"``, ``"batch_wait"`` and ``"result_wait"``.
 
     Example:
         >>> StageEvent("forward", 1, 0)
