@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelparallel.errors import ConfigError, UsageError
+from modelparallel.errors import ConfigError, UnsupportedFeatureError, UsageError
 from modelparallel.torch.state_mod import state
-from modelparallel.torch.stepping import _Body, current_body
+from modelparallel.torch.stepping import _Body, current_body, resume_all
 
 __all__ = ["DistributedModel", "PARTIAL_MARKER"]
 
@@ -180,15 +180,10 @@ class DistributedModel(nn.Module):
         result = pipe.executor.run_microbatches(
             flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
             context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True)
-        for b, out in zip(bodies, result.outputs):
-            if b.where == "model":
-                b.after_schedule = True  # its backward ran in the schedule: no yield there
-                b.resume(out)
-            if b.where == "backward":
-                b.resume(None)
-            if b.where != "done":
-                raise UsageError(f"microbatch {b.index} of the smp.step called the model "
-                                 "again after backward; call it once per step function")
+        waiting = [(b, out) for b, out in zip(bodies, result.outputs) if b.where == "model"]
+        resume_all([b for b, _ in waiting], [out for _, out in waiting])
+        for b in bodies:
+            assert b.where == "done", b.where  # a second model call raised in the body
         self._bodies = []
         for hook in list(self._post_step_hooks):
             hook(self, state.optimizer)
@@ -197,8 +192,8 @@ class DistributedModel(nn.Module):
         """The executor's loss on the last stage: resume the body with the real output and take
         what it gives ``model.backward`` (Note [smp step], 4)."""
         body = next(b for b in self._bodies if b.index == index)
-        where = body.resume(output)
-        if where != "backward":
+        body.resume(output)
+        if body.backward_call is None:
             raise UsageError(
                 f"microbatch {index} of the smp.step returned without calling "
                 "model.backward(...) while gradients are enabled; call model.backward(loss) in "
@@ -405,6 +400,42 @@ class DistributedModel(nn.Module):
         """Run ``hook(model, optimizer)`` after every step."""
         self._post_step_hooks.append(hook)
         return _Handle(self._post_step_hooks, hook)
+
+    def join(self, divide_by_initial_world_size: bool = True, enable: bool = True,
+             throw_on_early_termination: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """DDP's uneven-inputs context. Replicas must run the same number of steps: a replica
+        whose batches differ or run out raises
+        :class:`~modelparallel.errors.UnevenDataError` on every replica (the runtime checks
+        each step), which is DDP's ``throw_on_early_termination=True``; so that, or
+        ``enable=False``, or one replica, gives a context that changes nothing.
+
+        Raises:
+            UnsupportedFeatureError: for DDP's default of shadowing the finished replicas'
+                steps (``throw_on_early_termination=False`` with several replicas).
+        """
+        if not enable or throw_on_early_termination or state.require().dp == 1:
+            return contextlib.nullcontext()
+        raise UnsupportedFeatureError(
+            "model.join() with uneven inputs (DDP shadowing the steps of replicas that ran out "
+            "of data) is not supported yet by modelparallel.torch; give every replica the same "
+            "number of batches (DistributedSampler with drop_last=True) and use "
+            "model.join(throw_on_early_termination=True), or no join: uneven data then raises "
+            "UnevenDataError on every replica")
+
+    def register_comm_hook(self, state: Any, hook: Callable[..., Any]) -> None:
+        """DDP communication hooks: not supported yet.
+
+        Raises:
+            UnsupportedFeatureError: always (the runtime all-reduces gradient buckets itself,
+                ``modelparallel/runtime/data_parallel.py``).
+        """
+        raise UnsupportedFeatureError(
+            "model.register_comm_hook is not supported yet by modelparallel.torch: gradients "
+            "are averaged over the data-parallel replicas by the runtime's own bucketed "
+            "all-reduce (DistributedModel's bucket_cap_mb and overlapping_allreduce tune it); "
+            "remove the hook, or average or compress gradients after the step yourself")
+
+    _register_comm_hook = register_comm_hook
 
     def train(self, mode: bool = True) -> DistributedModel:
         super().train(mode)

@@ -155,8 +155,7 @@ class _Mixin(DistributedOptimizer):
     def _smp_zero_step(self, *args: Any, **kwargs: Any) -> Any:
         zero, index = self._smp_zero
         for zg, i in zip(zero.param_groups, index):  # LR schedulers change our groups
-            zg.update({k: v for k, v in self.param_groups[i].items()  # type: ignore[attr-defined]
-                       if k != "params"})
+            zg.update(_hyper(self.param_groups[i]))  # type: ignore[attr-defined]
         return zero.step(*args, **kwargs)
 
     # -- state ----------------------------------------------------------------------------------
@@ -165,7 +164,11 @@ class _Mixin(DistributedOptimizer):
         """The wrapped optimizer's own ``state_dict()`` (with sharded state: this rank's
         shard's)."""
         if self._smp_zero is not None:
-            return self._smp_zero[0].optim.state_dict()
+            zero, index = self._smp_zero
+            sd = zero.optim.state_dict()
+            for g, i in zip(sd["param_groups"], index):  # our groups' current hyperparameters
+                g.update(_hyper(self.param_groups[i]))  # type: ignore[attr-defined]
+            return sd
         return super().state_dict()  # type: ignore[misc]
 
     def local_state_dict(self, gather_if_shard: bool = False) -> dict[str, Any]:
@@ -216,7 +219,11 @@ class _Mixin(DistributedOptimizer):
 
     def _load_local(self, sd: dict[str, Any]) -> None:
         if self._smp_zero is not None:  # this rank's shard, as local_state_dict saved it
-            self._smp_zero[0].optim.load_state_dict(sd)
+            zero, index = self._smp_zero
+            zero.optim.load_state_dict(sd)
+            for local, shown, i in zip(zero.optim.param_groups, zero.param_groups, index):
+                shown.update(_hyper(local))  # the saved hyperparameters (lr...) everywhere
+                self.param_groups[i].update(_hyper(local))  # type: ignore[attr-defined]
             return
         model = state.model
         if model is not None and model.partitioned and "state" in sd:
@@ -247,6 +254,10 @@ class _Mixin(DistributedOptimizer):
         self._smp_deferred.clear()
 
 
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
 def _partitioned() -> bool:
     return state.model is not None and state.model.partitioned
 
@@ -268,9 +279,13 @@ def _shard(opt: Any) -> tuple[Any, list[int]]:
             f"shard_optimizer_state: pipeline rank {state.model.pipeline.stage} holds no "
             "parameter of the optimizer, so there is no state to shard; give every stage "
             "parameters (fewer partitions) or turn shard_optimizer_state off")
+    import inspect
+
+    # defaults the class's constructor takes (AdamW's include Adam's decoupled_weight_decay)
+    accepted = inspect.signature(opt._smp_base.__init__).parameters
+    defaults = {k: v for k, v in opt.defaults.items() if k in accepted}
     return shard_optimizer(groups, opt._smp_base,  # type: ignore[arg-type]
-                           state.model.pipeline.dp_group,
-                           **opt.defaults), index
+                           state.model.pipeline.dp_group, **defaults), index
 
 
 def _cpu(obj: Any) -> Any:
