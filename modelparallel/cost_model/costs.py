@@ -318,13 +318,14 @@ def _sent_held_bytes(graph: Graph) -> dict[str, int]:
 def held_output_bytes(graph: Graph) -> dict[str, tuple[int, int]]:
     """Per node whose value is a model output: the bytes of that value, held until the loss's
     backward, and what the loss saves for it (one float32 tensor of each grad-requiring
-    output's size; Note [activation memory]).
+    output's size; Note [activation memory]). The loss's part is 0 for now: the ILP does not
+    count it like the evaluation yet (see the comment in the body).
 
     Example:
         >>> from modelparallel.partitioner._synthetic import chain_graph
         >>> g = chain_graph(2)
-        >>> [(k, loss > 0) for k, (_, loss) in held_output_bytes(g).items()]
-        [('fc1', True)]
+        >>> [(k, value > 0, loss) for k, (value, loss) in held_output_bytes(g).items()]
+        [('fc1', True, 0)]
     """
     out: dict[str, tuple[int, int]] = {}
     for node in graph.nodes:
