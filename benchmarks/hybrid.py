@@ -68,7 +68,7 @@ def _pipe_step(pipe: Any, opt: Any, xs: Any, ys: Any) -> None:
 def _job(rank: int, world: int, init: str, cfg: dict[str, Any], queue: Any) -> None:
     import modelparallel
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.get("threads", 1))
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=1800))
     try:
@@ -88,7 +88,7 @@ def _job(rank: int, world: int, init: str, cfg: dict[str, Any], queue: Any) -> N
                 pipe = modelparallel.pipeline(model, x[: gbatch // dp], loss_fn=case.loss_fn,
                                               partitions=p, data_parallel=dp,
                                               microbatches=cfg["microbatches"], method="dp",
-                                              timeout=1800)
+                                              device="cpu", timeout=1800)
                 opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
                 share = gbatch // dp
                 d = pipe.dp_rank
@@ -199,11 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="2 timed steps")
     ap.add_argument("--skip-ranks", action="store_true", help="only the memory table")
+    ap.add_argument("--skip-memory", action="store_true", help="only the step times")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank in (a)")
     ap.add_argument("--out", default=str(RESULTS / "hybrid.json"))
     a = ap.parse_args(argv)
     steps = 2 if a.quick else a.steps
     cfg = {"model": a.model, "global_batch": a.global_batch, "microbatches": a.microbatches,
-           "steps": steps}
+           "steps": steps, "threads": a.threads}
     result: dict[str, Any] = {"config": cfg, "versions": versions()}
     if not a.skip_ranks:
         st = step_times(cfg)
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'layout':<10} {'step ms':>10} {'vs DDP':>8}")
         for k, v in result["step_time_4_ranks"].items():
             print(f"{k:<10} {1e3 * v['median_s']:>10.1f} {v['ratio_to_ddp']:>8.2f}")
+    if a.skip_memory:
+        return _write(a.out, result)
     mem = memory_table(a.model, a.global_batch // 2, a.microbatches, steps)
     result["memory_one_stage"] = mem
     dev = "cuda" if torch.cuda.is_available() else "cpu (saved-tensor bytes)"
@@ -223,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<14} {r['predicted_bytes'] / 2**20:>9.2f} {r['measured_bytes'] / 2**20:>9.2f} "
               f"{r['predicted_ratio']:>7.2f} {r['memory_ratio']:>7.2f} {1e3 * r['step_s']:>9.1f} "
               f"{r['time_ratio']:>7.2f}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    return _write(a.out, result)
+
+
+def _write(out: str, result: dict[str, Any]) -> int:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

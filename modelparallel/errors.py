@@ -28,6 +28,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelParallelError",
     "PeerFailedError",
+    "PlanGapWarning",
     "PlanFormatError",
     "PlanMismatchError",
     "SolverError",
@@ -121,3 +122,9 @@ class UnsupportedFeatureError(ModelParallelError, NotImplementedError):
 class UnevenDataError(CommunicationError):
     """Data-parallel replicas of a pipeline got batches of different shapes, or one ran fewer
     steps than the others (it ran out of data)."""
+
+
+class PlanGapWarning(UserWarning):
+    """A plan was returned whose objective is far (more than 10%) above its proven lower bound:
+    it may be poor, or the bound weak. The message gives the gap and what to try (a longer
+    ``time_limit``, ``tied='replicate'``, fewer pins...)."""

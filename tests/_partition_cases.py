@@ -54,3 +54,49 @@ def sender_graph(act: str) -> Graph:
         Node("output", OpKind.OUTPUT, "output", inputs=("fc3",)))
     params = tuple(Param(w, (256, 256), "float32") for w in ("w1", "w2", "w3"))
     return Graph(f"sender_{act}", nodes, params=params)
+
+
+def shuffled(graph: Graph, seed: int) -> Graph:
+    """The same graph listed in another valid topological order (random Kahn; output last)."""
+    import random
+
+    rng = random.Random(seed)
+    out_name = graph.output.name
+    left = {nd.name: len(set(nd.inputs)) for nd in graph.nodes}
+    ready = [nd.name for nd in graph.nodes if not nd.inputs and nd.name != out_name]
+    order: list[str] = []
+    while ready:
+        name = ready.pop(rng.randrange(len(ready)))
+        order.append(name)
+        for user in dict.fromkeys(graph.users(name)):
+            left[user] -= 1
+            if left[user] == 0 and user != out_name:
+                ready.append(user)
+    order.append(out_name)
+    assert len(order) == len(graph)
+    return graph.replace(nodes=tuple(graph.node(x) for x in order))
+
+
+def spread_tied_graph(layers: int = 8, *, spread: bool = True) -> Graph:
+    """A decoder (``transformer_graph`` untied) with a second reader of ``transformer.wte.weight``:
+    a type embedding of the input ids added before the final norm. With ``spread`` it is listed
+    right before that add (a valid order that keeps the tied readers first and last), else right
+    after the token embedding."""
+    import dataclasses
+
+    from modelparallel.partitioner._synthetic import transformer_graph
+
+    g = transformer_graph(layers, tied=False)
+    nodes = list(g.nodes)
+    h = TensorMeta((4, 128, 256), "float32", True)
+    extra = Node("type_emb", OpKind.CALL_FUNCTION, "aten.embedding.default",
+                 inputs=("input_ids",), outputs=(h,), params=("transformer.wte.weight",),
+                 module_path="transformer.wte", module_type="Embedding")
+    at = [nd.name for nd in nodes].index("ln_f")
+    ln = nodes[at]
+    nodes[at] = Node("ln_f_in", OpKind.CALL_FUNCTION, "aten.add.Tensor",
+                     inputs=(ln.inputs[0], "type_emb"), outputs=(h,), module_path="transformer",
+                     module_type="GPT2")
+    nodes.insert(at + 1, dataclasses.replace(ln, inputs=("ln_f_in",)))
+    nodes.insert(at if spread else [nd.name for nd in nodes].index("wte") + 1, extra)
+    return Graph("spread_tied", tuple(nodes), g.params, g.metadata)

@@ -169,7 +169,8 @@ class GraphCosts:
         param_state_bytes: Canonical parameter name to the bytes its stage holds for it:
             the parameter, its gradient and its optimizer state (buffers: the buffer only).
         param_bytes: Canonical parameter name to the bytes of the parameter alone.
-        source: ``"roofline"``, ``"profiled"`` or ``"mixed"`` (some nodes measured).
+        source: ``"roofline"``, ``"profiled"``, ``"mixed"`` (some nodes measured) or
+            ``"analytic"`` (from the device's op table).
         optimizer: The optimizer whose state is counted.
         notes: Free-form remarks on how the costs were made.
         replay: Measured host and device times per node, with which the partitioner's
@@ -321,8 +322,11 @@ def _held_outputs(graph: Graph) -> dict[str, int]:
 def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
                    optimizer: str | float = "adam",
                    measured: Mapping[str, tuple[float, float]] | None = None,
-                   replay: HostReplay | None = None) -> GraphCosts:
-    """Roofline costs of every node of ``graph`` on ``device`` (Note [roofline]).
+                   replay: HostReplay | None = None,
+                   analytic: bool | None = None) -> GraphCosts:
+    """Costs of every node of ``graph`` on ``device``: from the device's op table where it
+    has one (Note [analytic cost model] in ``analytic.py``), else the roofline (Note
+    [roofline]).
 
     Args:
         graph: The graph; its FLOPs and tensor metadata are per microbatch.
@@ -332,11 +336,20 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
             roofline (profiling mode).
         replay: Optional host and device times per node (``profile.host_replay``), to replay
             each stage alone in the partitioner's evaluation (Note [stage replay]).
+        analytic: Use the device's op table (:func:`~modelparallel.cost_model.analytic_costs`);
+            default: when the device has one and neither ``measured`` nor ``replay`` is given.
+            ``False``: the roofline.
 
     Returns:
         The costs, for every node and parameter of the graph.
     """
     spec = get_device_spec(device)
+    if analytic is None:
+        analytic = bool(spec.op_table) and not measured and replay is None
+    if analytic:
+        from modelparallel.cost_model.analytic import analytic_costs
+
+        return analytic_costs(graph, spec, optimizer=optimizer)
     flops_rate: dict[str, float] = {}
     nodes: dict[str, NodeCost] = {}
     held = _held_outputs(graph)

@@ -110,7 +110,8 @@ def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) 
     Args:
         graph: The op-level graph.
         depth: How many leading module-path components to keep; 0 makes every node its own group.
-        nodes: Restrict grouping to these nodes (others are left out of the result).
+        nodes: Restrict grouping to these nodes (others are left out of the result), listed
+            in a topological order: the runs follow that order (default: the graph's).
 
     Returns:
         Node name to group name. Group names are stable: the module path, with ``#k`` appended to
@@ -125,7 +126,7 @@ def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) 
         >>> module_groups(g, 2)["a"] == module_groups(g, 2)["b"]
         True
     """
-    selected = [n for n in graph.nodes if nodes is None or n.name in set(nodes)]
+    selected = list(graph.nodes) if nodes is None else [graph.node(x) for x in nodes]
     keys: dict[str, str] = {}
     for n in selected:
         parts = n.module_path.split(".") if n.module_path else []

@@ -4,7 +4,9 @@ Note [ILP pipeline]
 ~~~~~~~~~~~~~~~~~~~
 ``method="ilp"`` runs, within ``config.time_limit`` seconds in all:
 
-1. the exact contiguous DP at op level (:mod:`~modelparallel.partitioner.dp`) and the two
+1. the exact contiguous DP at op level (:mod:`~modelparallel.partitioner.dp`) over the
+   canonical order and, within ``_ORDERS_SHARE`` of the time, over a few other topological
+   orders (Note [canonical order] in :mod:`~modelparallel.partitioner.order`), and the two
    baselines: the first incumbents;
 2. one short op-level refinement of the best of them around its stage boundaries (Note
    [refinement], ``_POLISH_SHARE`` of the time): it finds the branch orders a single
@@ -78,6 +80,7 @@ from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, uni
 from modelparallel.partitioner.dp import solve_dp, split_to_stages
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
 from modelparallel.partitioner.ilp import IlpResult, solve_items
+from modelparallel.partitioner.order import warm_orders
 from modelparallel.partitioner.problem import Problem
 from modelparallel.partitioner.progress import ProgressEvent
 from modelparallel.partitioner.reduce import Reduction, reduce_free_nodes
@@ -96,6 +99,7 @@ _PROOF_GAPS = (0.0197, 0.009, 0.0)  # gaps the flat ILP proves in turn (the firs
 _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
 _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
 _POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
+_ORDERS_SHARE = 0.1  # share of config.time_limit after which no other DP order is tried
 
 Progress = Callable[[ProgressEvent], None]
 
@@ -249,6 +253,12 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
     if dp is not None:
         cands.consider(dp.stage, "dp")
         clock.emit("dp", f"done in {dp.passes} passes", incumbent=dp.objective)
+    for label, order in _warm_orders(prob).items():  # Note [canonical order]
+        if clock.elapsed() > _ORDERS_SHARE * cfg.time_limit:
+            break
+        other = solve_dp(prob, order=order)
+        if other is not None:
+            cands.consider(other.stage, f"dp-{label}")
     for method in ("uniform", "param_balanced"):
         try:
             stage, _ = _baseline(prob, method)
@@ -283,6 +293,23 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
     if size <= _FLAT_COLUMNS:
         return _flat(prob, clock, cands, red)
     return _units_then_refine(prob, clock, cands, make_units(prob, auto_depth(prob)), refine=True)
+
+
+def _warm_orders(prob: Problem) -> dict[str, np.ndarray]:
+    """Other topological orders for the DP's first incumbents (Note [canonical order]): the
+    graph's own listing (when it differs from the canonical order) and the light-branch-first
+    search."""
+    out: dict[str, np.ndarray] = {}
+    listed = np.array([prob.index[nd.name] for nd in prob.graph.nodes if nd.name in prob.index],
+                      dtype=np.int64)
+    if np.any(listed != np.arange(prob.n)):
+        out["listed"] = listed
+    for label, order in warm_orders(prob.producers, prob.time.min(axis=1), names=prob.names,
+                                    colocate=prob.colocate).items():
+        if np.any(order != np.arange(prob.n)) and not any(
+                np.array_equal(order, o) for o in out.values()):
+            out[label] = order
+    return out
 
 
 def _polish(prob: Problem, clock: _Clock, cands: _Candidates, stage: np.ndarray) -> None:

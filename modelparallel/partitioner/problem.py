@@ -32,12 +32,21 @@ Note [pipeline order]
 ~~~~~~~~~~~~~~~~~~~~~
 Every assigned node goes to one of ``p`` stages, and for every edge ``u -> v`` between assigned
 nodes ``stage(u) <= stage(v)``: values only flow forward through the pipeline. The output node
-is on the last stage (the loss is computed there). A value may skip stages; it is then relayed
-(Note [relay communication] in ``modelparallel/plan.py``): it crosses every boundary ``b``
-(between stages ``b`` and ``b + 1``) with ``stage(u) <= b < max(stage(consumers))``. Crossing
-boundary ``b`` costs ``transfer_time(output_bytes) + transfer_time(grad_bytes)`` (forward value,
-backward gradient) on *both* stage ``b`` and stage ``b + 1``, computed with the link of the
-sending stage ``b``'s device. Stages may be empty (they still relay what crosses them).
+is on the last stage (the loss is computed there). How a value that skips stages travels is
+``config.communication``:
+
+- ``"direct"`` (the default, Note [direct communication] in ``modelparallel/plan.py``): the
+  producing stage sends the value once to each distinct later stage that reads it, and each of
+  those stages receives it once. A value of node ``u`` on stage ``a`` read on the stages ``D(u)``
+  (``a`` excluded) costs stage ``a`` ``|D(u)| * link[u, a]`` and every ``d`` in ``D(u)``
+  ``link[u, d]``, where ``link[u, s] = transfer_time(output_bytes) + transfer_time(grad_bytes)``
+  (forward value, backward gradient) on stage ``s``'s device: each stage pays for its own
+  traffic on its own link.
+- ``"relay"`` (Note [relay communication] in ``modelparallel/plan.py``): it crosses every
+  boundary ``b`` (between stages ``b`` and ``b + 1``) with ``stage(u) <= b <
+  max(stage(consumers))``, and crossing boundary ``b`` costs ``comm[u, b] = link[u, b]`` (the
+  sending stage's link) on *both* stage ``b`` and stage ``b + 1``. Stages may be empty (they
+  still relay what crosses them).
 
 Pins (``config.pins``) fix nodes to stages: a key is a node name, or a module path that matches
 every node whose ``module_path`` equals it or starts with it followed by ``"."``. An exact node
@@ -47,15 +56,15 @@ nodes are refused (those nodes run on every stage that needs them).
 Note [stage time and memory]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Per microbatch, stage ``s`` takes ``T_s = sum(forward_time + backward_time of its nodes on device
-s) + its communication time`` (both boundaries it touches). At its peak it holds ``M_s =
+s) + its communication time`` (Note [pipeline order]). At its peak it holds ``M_s =
 sum(param_state_bytes of the parameters it holds) + inflight_s * (sum(saved_bytes of its nodes) +
 bytes of the values it receives + sent_held_bytes of the values it computes and sends) +
 max(workspace_bytes of its nodes)``, with ``inflight_s = inflight_microbatches(schedule, m, p,
-s)``. A stage keeps what it sends until the gradient returns, and a value relayed through it is
-the received tensor passed on, so a value occupies every stage that receives it or computes and
-sends it, once (Note [sent values held] in ``modelparallel/cost_model/costs.py``: the sender's
-bytes are 0 when the producing op saves its own output). ``M_s <= memory_bytes`` of the
-stage's device is a hard constraint.
+s)``. A stage keeps what it sends until the gradient returns (once, however many stages it
+sends a value to), and a value relayed through it is the received tensor passed on, so a value
+occupies every stage that receives it or computes and sends it, once (Note [sent values held]
+in ``modelparallel/cost_model/costs.py``: the sender's bytes are 0 when the producing op saves
+its own output). ``M_s <= memory_bytes`` of the stage's device is a hard constraint.
 
 Note [objective]
 ~~~~~~~~~~~~~~~~
@@ -112,6 +121,7 @@ from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
 from modelparallel.partitioner.memory_features import FeatureArrays, apply_features
+from modelparallel.partitioner.order import canonical_order
 from modelparallel.plan import PlanConfig
 from modelparallel.schedule import inflight_microbatches
 
@@ -152,7 +162,8 @@ class Problem:
         config: The plan options.
         devices: One device per stage.
         costs: One :class:`GraphCosts` per stage (entries may be the same object).
-        names: Assigned node names, in topological order (index = position).
+        names: Assigned node names, in the canonical topological order of Note [canonical
+            order] in ``modelparallel/partitioner/order.py`` (index = position).
         fwd: Forward seconds, shape ``(n, p)`` (node, stage device).
         bwd: Backward seconds, ``(n, p)``.
         saved: Saved activation bytes, ``(n,)``.
@@ -162,7 +173,9 @@ class Problem:
             [sent values held]), ``(n,)``.
         grad_bytes: Bytes of its gradient, ``(n,)``.
         comm: Seconds to move each value across boundary ``b`` (forward + backward, device of
-            stage ``b``), shape ``(n, max(p - 1, 1))``.
+            stage ``b``), shape ``(n, max(p - 1, 1))``: ``link[:, :p - 1]`` (relay).
+        link: Seconds to move each value and its gradient over stage ``s``'s link, ``(n, p)``
+            (Note [pipeline order]).
         edge_src: Producer index of every edge between assigned nodes.
         edge_dst: Consumer index of every edge.
         params: Parameters read by assigned nodes.
@@ -190,6 +203,7 @@ class Problem:
     sent: np.ndarray
     grad_bytes: np.ndarray
     comm: np.ndarray
+    link: np.ndarray
     edge_src: np.ndarray
     edge_dst: np.ndarray
     params: tuple[ParamInfo, ...]
@@ -209,6 +223,7 @@ class Problem:
         assert self.saved.shape == self.workspace.shape == self.out_bytes.shape == (n,)
         assert self.sent.shape == (n,) and np.all(self.sent <= self.out_bytes)
         assert len(self.devices) == len(self.costs) == p == len(self.caps) == len(self.inflight)
+        assert self.link.shape == (n, p)
         assert np.all(self.edge_src < self.edge_dst), "edges must follow the topological order"
         assert self.t_ref > 0 and self.u_ref > 0
 
@@ -224,6 +239,12 @@ class Problem:
         """Number of stages (``partitions * virtual_stages``, Note [virtual stages] in
         ``modelparallel/schedule/__init__.py``)."""
         return self.config.num_stages
+
+    @property
+    def direct(self) -> bool:
+        """Whether values go straight to the stages that read them (``communication="direct"``,
+        Note [pipeline order]); else they are relayed."""
+        return self.config.communication == "direct"
 
     @property
     def w(self) -> float:
@@ -248,7 +269,7 @@ class Problem:
     @cached_property
     def homogeneous(self) -> bool:
         """Whether every stage has the same node times and link (one device class)."""
-        return bool(np.all(self.time == self.time[:, :1]) and np.all(self.comm == self.comm[:, :1]))
+        return bool(np.all(self.time == self.time[:, :1]) and np.all(self.link == self.link[:, :1]))
 
     @cached_property
     def last_use(self) -> np.ndarray:
@@ -420,6 +441,25 @@ def _domains(n: int, p: int, src: np.ndarray, dst: np.ndarray, pinned: Mapping[i
     return lo, hi
 
 
+def _canonical_names(graph: Graph, config: PlanConfig, derived: frozenset[str],
+                     costs: GraphCosts) -> tuple[str, ...]:
+    """The assigned nodes in the canonical order of Note [canonical order] (which does not
+    depend on the order the graph lists them in)."""
+    listed = [nd.name for nd in graph.nodes if nd.name not in derived]
+    at = {name: i for i, name in enumerate(listed)}
+    preds = [tuple(dict.fromkeys(at[s] for s in graph.node(x).inputs if s in at)) for x in listed]
+    weight = [costs.nodes[x].forward_time + costs.nodes[x].backward_time for x in listed]
+    groups: list[list[int]] = []
+    if config.tied == "colocate":
+        readers: dict[str, list[int]] = {}
+        for i, x in enumerate(listed):
+            for q in dict.fromkeys(graph.node(x).params):
+                readers.setdefault(q, []).append(i)
+        groups = [rs for rs in readers.values() if len(rs) > 1]
+    order = canonical_order(preds, weight, names=listed, colocate=groups)
+    return tuple(listed[i] for i in order)
+
+
 def _sharded(state: int, nbytes: int, trainable: bool, shard: int) -> int:
     """A parameter's state bytes with its optimizer state divided by ``shard`` (ZeRO-1)."""
     if shard == 1 or not trainable:
@@ -453,7 +493,7 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     specs = _stage_specs(devices, config)
     stage_costs = _stage_costs(graph, config, specs, costs)
     derived = input_derived_nodes(graph)
-    names = tuple(nd.name for nd in graph.nodes if nd.name not in derived)
+    names = _canonical_names(graph, config, derived, stage_costs[0])
     index = {name: i for i, name in enumerate(names)}
     n = len(names)
     fwd = np.array([[c.nodes[name].forward_time for c in stage_costs] for name in names],
@@ -480,11 +520,11 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     feature_notes = apply_features(config, graph, names, edge_src, edge_dst, FeatureArrays(
         fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
         grad_bytes=grad_b), [c.device for c in stage_costs])
-    nb = max(p - 1, 1)
-    comm = np.zeros((n, nb))
-    for b in range(nb):
-        dev = stage_costs[b].device
-        comm[:, b] = [dev.transfer_time(o) + dev.transfer_time(g) for o, g in zip(out_b, grad_b)]
+    link = np.zeros((n, p))
+    for st in range(p):
+        dev = stage_costs[st].device
+        link[:, st] = [dev.transfer_time(o) + dev.transfer_time(g) for o, g in zip(out_b, grad_b)]
+    comm = link[:, :max(p - 1, 1)].copy()
     readers: dict[str, list[int]] = {}
     for nd in graph.nodes:
         if nd.name in index:
@@ -533,7 +573,7 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     return Problem(
         graph=graph, config=config, devices=specs, costs=stage_costs, names=names,
         fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
-        grad_bytes=grad_b, comm=comm, edge_src=edge_src, edge_dst=edge_dst, params=params,
+        grad_bytes=grad_b, comm=comm, link=link, edge_src=edge_src, edge_dst=edge_dst, params=params,
         inflight=inflight, caps=caps, lo=lo, hi=hi, pinned=pinned, colocate=colocate,
         t_ref=t_ref, u_ref=u_ref, notes=tuple(notes))
 

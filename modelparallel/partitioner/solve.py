@@ -5,6 +5,16 @@ Each builds the :class:`~modelparallel.partitioner.problem.Problem`, runs a meth
 baselines), then evaluates the assignment with the single evaluation function, attaches the
 proven lower bound (Note [lower bound]) and makes the :class:`~modelparallel.plan.Plan`.
 
+Note [status and gap]
+~~~~~~~~~~~~~~~~~~~~~
+A plan's status and its bound always agree: ``"optimal"`` exactly when the objective is within
+:data:`OPTIMAL_GAP` of the proven lower bound (the solver's relative MIP gap plus the bounds'
+safety margins), ``"feasible"`` otherwise, whatever the method's own search said (the DP is exact
+over contiguous splits of one order, which the op-level optimum may beat). A plan more than
+:data:`WARN_GAP` above its bound is never returned silently: :func:`partition` (and
+:func:`compare` for its ILP plan) warns with :class:`~modelparallel.errors.PlanGapWarning`,
+saying what to try.
+
 Example:
     >>> from modelparallel.partitioner._synthetic import transformer_graph
     >>> from modelparallel.plan import PlanConfig
@@ -15,13 +25,16 @@ Example:
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 
 from modelparallel.cost_model import GraphCosts
-from modelparallel.errors import ConfigError, InfeasiblePlanError
+from modelparallel.errors import ConfigError, InfeasiblePlanError, PlanGapWarning
 from modelparallel.ir import Graph
 from modelparallel.partitioner.bounds import lower_bound
 from modelparallel.partitioner.evaluate import (
@@ -35,17 +48,25 @@ from modelparallel.partitioner.methods import METHODS, Progress, _Clock, _size, 
 from modelparallel.partitioner.problem import DevicesArg, Problem, build_problem
 from modelparallel.plan import Plan, PlanConfig, SolverReport
 
-__all__ = ["METHODS", "compare", "evaluate_assignment", "partition"]
+__all__ = ["METHODS", "OPTIMAL_GAP", "WARN_GAP", "compare", "evaluate_assignment", "partition"]
+
+#: Largest gap to the proven bound at which a plan's status is ``"optimal"`` (the ILP solver's
+#: relative MIP gap, 1e-4, plus the bounds' safety margins; Note [status and gap]).
+OPTIMAL_GAP = 2e-4
+#: Gap above which a plan comes with a :class:`~modelparallel.errors.PlanGapWarning`.
+WARN_GAP = 0.10
 
 
 def _finish(prob: Problem, stage: np.ndarray, report: SolverReport, clock: _Clock,
             samples_per_microbatch: int, *, search: bool,
-            known_bound: float | None = None) -> Plan:
+            known_bound: float | None = None, warn: bool = True) -> Plan:
     """Evaluate, attach the lower bound and make the plan.
 
     ``search``: also run the windowed bound model of Note [lower bound] (the ILP method, when
-    its own op-level ILP gave no dual bound); otherwise the analytic bound, the report's bound
+    its own op-level ILP gave no dual bound, and the DP); otherwise the analytic bound, the report's bound
     and ``known_bound`` (another method's proven bound for the same problem) are used.
+    ``warn``: warn (:class:`~modelparallel.errors.PlanGapWarning`) when the gap is above
+    :data:`WARN_GAP`.
     """
     check_assignment(prob, stage)
     ev = evaluate(prob, stage)
@@ -62,9 +83,47 @@ def _finish(prob: Problem, stage: np.ndarray, report: SolverReport, clock: _Cloc
         value = known_bound
         notes.append(f"the ILP method's proven bound {value:.4f} is the bound reported")
     value = min(value, ev.objective)
-    report = replace(report, lower_bound=value, solve_time=clock.elapsed(), notes=tuple(notes))
+    gap = (ev.objective - value) / ev.objective if ev.objective > 0 else 0.0
+    status = report.status
+    if status in ("optimal", "feasible"):  # Note [status and gap]
+        status = "optimal" if gap <= OPTIMAL_GAP else "feasible"
+        if report.status == "optimal" and status == "feasible":
+            notes.append(f"{report.method}'s own search was exact, but {100 * gap:.2f}% above "
+                         "the proven bound: feasible")
+    report = replace(report, status=status, lower_bound=value, solve_time=clock.elapsed(),
+                     notes=tuple(notes))
     clock.emit("bound", "done", incumbent=ev.objective, bound=value)
+    if warn and gap > WARN_GAP:
+        _warn_gap(prob, report, ev.objective, value, gap)
     return make_plan(prob, ev, report, samples_per_microbatch=samples_per_microbatch)
+
+
+def _warn_gap(prob: Problem, report: SolverReport, objective: float, bound: float,
+              gap: float) -> None:
+    """Warn that a plan is more than :data:`WARN_GAP` above its bound, with what to try."""
+    cfg = prob.config
+    tips = [f"a longer time_limit (now {cfg.time_limit:g} s)"] if report.method == "ilp" else [
+        "method='ilp'"]
+    if prob.colocate:
+        tips.append("tied='replicate' (tied='colocate' keeps every reader of a tied parameter "
+                    "on one stage, which the bound ignores)")
+    if cfg.pins:
+        tips.append("fewer pins (the bound ignores them)")
+    tips.append("fewer partitions")
+    warnings.warn(PlanGapWarning(
+        f"plan of {prob.graph.name!r} by method {report.method!r} on {prob.p} stages: objective "
+        f"{objective:.4f} is {100 * gap:.1f}% above the proven lower bound {bound:.4f} (status "
+        f"{report.status}); the plan may be far from optimal or the bound weak. Try "
+        + ", ".join(tips) + "."), stacklevel=_outside_level())
+
+
+def _outside_level() -> int:
+    """``stacklevel`` of the first caller outside the modelparallel package (for warnings)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
 
 
 def partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method: str = "ilp",
@@ -128,7 +187,8 @@ def partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method: 
 
 def _partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method: str,
                costs: Sequence[GraphCosts] | None, samples_per_microbatch: int,
-               progress: Progress | None, known_bound: float | None = None) -> Plan:
+               progress: Progress | None, known_bound: float | None = None,
+               warn: bool = True) -> Plan:
     if method not in METHODS:
         raise ConfigError(f"method = {method!r}; use one of {list(METHODS)}")
     if samples_per_microbatch < 1:
@@ -138,8 +198,9 @@ def _partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method:
     stage, report = run_method(prob, method, clock)
     report = replace(report, notes=(*prob.notes, *report.notes))
     return _finish(prob, stage, report, clock, samples_per_microbatch,
-                   search=method == "ilp" and report.lower_bound is None,
-                   known_bound=known_bound)
+                   search=method in ("ilp", "dp") and report.lower_bound is None
+                   and known_bound is None,
+                   known_bound=known_bound, warn=warn)
 
 
 def compare(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
@@ -168,7 +229,7 @@ def compare(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
         try:
             out[m] = _partition(graph, config, devices, method=m, costs=costs,
                                 samples_per_microbatch=samples_per_microbatch,
-                                progress=progress, known_bound=bound)
+                                progress=progress, known_bound=bound, warn=m == "ilp")
         except (InfeasiblePlanError, ConfigError) as e:
             if m in ("ilp", "dp") or ("cannot honour" not in str(e) and not isinstance(
                     e, InfeasiblePlanError)):
@@ -209,4 +270,4 @@ def evaluate_assignment(graph: Graph, config: PlanConfig, devices: DevicesArg,
         notes.append(f"stage {int(s)} needs {_size(ev.memory[s])}, over its device's "
                      f"{_size(prob.caps[s])}")
     report = SolverReport(method="manual", status="feasible", notes=tuple(notes))
-    return _finish(prob, stage, report, clock, samples_per_microbatch, search=False)
+    return _finish(prob, stage, report, clock, samples_per_microbatch, search=False, warn=False)

@@ -246,7 +246,7 @@ class StageExecutor:
     def run_microbatches(self, microbatches: Sequence[Sequence[Any]], targets: Sequence[Any],
                          *, train: bool, return_outputs: bool = True, merge: bool = True,
                          context: Callable[[int], contextlib.AbstractContextManager[Any]]
-                         | None = None) -> StepOutput:
+                         | None = None, shared: bool = False) -> StepOutput:
         """Run one step on inputs already cut into microbatches (SMP's ``smp.step`` cuts the
         step function's arguments itself, Note [smp step] in ``modelparallel/torch/stepping.py``).
 
@@ -260,6 +260,8 @@ class StageExecutor:
                 per-microbatch outputs, broadcast stacked: one tensor per output leaf).
             context: ``context(i)`` is entered around the forward of microbatch ``i`` on this
                 stage (an autocast context, say).
+            shared: The caller already gave every rank pipeline rank 0's inputs (SMP does), so
+                they are not shared again (Note [batch from rank 0]).
 
         Raises:
             ConfigError: if the number of microbatches is not the executor's.
@@ -271,11 +273,12 @@ class StageExecutor:
         if any(len(mb) != n for mb in microbatches):
             raise ConfigError("every microbatch must have the same number of flat inputs "
                               f"(got {[len(mb) for mb in microbatches]})")
-        flat, joined = self._hooked("batch_wait", self.program.index, None, self._share,
-                                    [v for mb in microbatches for v in mb], list(targets),
-                                    train=train, per=n, copies=m)
-        microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
-        targets = joined if train else targets
+        if not shared:
+            flat, joined = self._hooked("batch_wait", self.program.index, None, self._share,
+                                        [v for mb in microbatches for v in mb], list(targets),
+                                        train=train, per=n, copies=m)
+            microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
+            targets = joined if train else targets
         if self.check_inputs is not None:
             self.check_inputs(microbatches[0])
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))

@@ -176,21 +176,75 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
         ctx.calls.append(placer)
         return out
 
+    def _serve_specs(self) -> list[Any] | None:
+        """The traced inputs' specs with any batch size (None before the first step)."""
+        traced = self._mp_state.get("traced")
+        if traced is None:
+            return None
+        return [tf.TensorSpec((None, *n.outputs[0].shape[1:]), n.outputs[0].dtype)
+                for n in traced.graph.placeholders]
+
+    def _serve_unplaced(self, *xs: Any) -> Any:
+        """The whole model's inference call, unplaced (what a SavedModel serves)."""
+        capturing = getattr(_LOCAL, "capturing", False)
+        _LOCAL.capturing = True
+        try:
+            return self(*xs, training=False)
+        finally:
+            _LOCAL.capturing = capturing
+
+    @property
+    def _default_save_signature(self) -> Any:
+        """Keras 3's SavedModel walk traces this signature; Keras's own one is specced from
+        ``self.inputs``, which a subclass model lacks: give it the traced inputs'."""
+        specs = self._serve_specs()
+        if specs is None or not _is_keras3(self):
+            return None
+        return tf.function(self._serve_unplaced, input_signature=specs, autograph=False)
+
     def save_model(self, save_path: str = "/opt/ml/model") -> str:
-        """Write the whole, unpartitioned model as a SavedModel at ``save_path``."""
+        """Write the whole, unpartitioned model as a SavedModel at ``save_path`` (SMP's
+        ``save_model``): the variables and a ``serve`` signature (also ``serving_default``)
+        taking the traced inputs with any batch size, loadable without modelparallel by
+        ``tf.saved_model.load(path).serve(x)``. Keras 3 models are written with Keras's
+        ``ExportArchive`` (``tf.saved_model.save`` of a Keras 3 model traces Keras's own
+        signature with unknown input shapes and fails); tf-keras models with
+        ``tf.saved_model.save``.
+
+        Raises:
+            ConfigError: before the first ``smp.step`` call (the input shapes are unknown).
+
+        Example:
+            >>> model.save_model("/tmp/model")  # doctest: +SKIP
+        """
+        specs = self._serve_specs()
+        if specs is None:
+            raise ConfigError("save_model needs the model's input shapes: call it after "
+                              "the first smp.step")
+        serve = self._serve_unplaced
         _LOCAL.capturing = True  # the export traces the plain, unplaced call
         try:
-            traced = self._mp_state.get("traced")
-            if traced is None:
-                raise ConfigError("save_model needs the model's input shapes: call it after "
-                                  "the first smp.step")
-            specs = [tf.TensorSpec((None, *n.outputs[0].shape[1:]), n.outputs[0].dtype)
-                     for n in traced.graph.placeholders]
-            serve = tf.function(lambda *xs: self(*xs, training=False), input_signature=specs,
-                                autograph=False)
-            module = tf.Module()
-            module.model, module.serve = self, serve
-            tf.saved_model.save(module, save_path, signatures=serve.get_concrete_function())
+            if _is_keras3(self):
+                from keras.export import ExportArchive
+
+                archive = ExportArchive()
+                archive.track(self)
+                archive.add_endpoint("serve", serve, input_signature=specs)
+                archive.write_out(save_path, verbose=False)
+            else:
+                fn = tf.function(serve, input_signature=specs, autograph=False)
+                module = tf.Module()
+                module.model, module.serve = self, fn
+                tf.saved_model.save(module, save_path, signatures=fn.get_concrete_function())
         finally:
             _LOCAL.capturing = False
         return save_path
+
+
+def _is_keras3(model: Any) -> bool:
+    """Whether ``model`` is a Keras 3 model (not tf-keras)."""
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - tf-keras only
+        return False
+    return int(keras.__version__.split(".")[0]) >= 3 and isinstance(model, keras.Model)

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from modelparallel._version import __version__
-from modelparallel.torch import amp, nn, patches, state_mod
+from modelparallel.torch import amp, nn, optimizers, patches, state_mod
 from modelparallel.torch.checkpoint import load, resume_from_checkpoint, save, save_checkpoint
 from modelparallel.torch.comm import (
     DP_GROUP,
@@ -131,6 +131,7 @@ __all__ = [
     "mp_rank",
     "mp_size",
     "nn",
+    "optimizers",
     "partition",
     "patches",
     "pp_barrier",

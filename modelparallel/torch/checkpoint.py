@@ -4,10 +4,14 @@
 Note [smp checkpoints]
 ~~~~~~~~~~~~~~~~~~~~~~
 - ``smp.save(obj, f, partial=True)`` writes ``f"{f}_{pp_rank}"`` (SMP's ``mp_rank`` suffix
-  without tensor parallelism); ``partial=False`` writes ``f``. ``smp.load`` reads the same names.
+  without tensor parallelism), or ``f"{f}_{pp}_{tp}_{rdp}"`` with ``shard_optimizer_state``
+  (SMP's names; every replica then saves its own optimizer shard); ``partial=False`` writes
+  ``f``. ``smp.load`` reads the same names.
 - ``smp.save_checkpoint(path, tag, partial=True, ...)`` writes
   ``path/{tag}_partial/model_{pp}_{tp}_{rdp}.pt`` and ``optimizer_{pp}_{tp}_{rdp}.pt`` (each
-  pipeline rank of replica 0; replicas hold identical copies), ``user_content.pt`` and
+  pipeline rank of replica 0; replicas hold identical copies; with sharded optimizer state every
+  rank writes its ``optimizer_`` shard), ``fp16_states_{pp}_{tp}_{rdp}.pt`` (the fp16 loss
+  scaler, Note [smp fp16] in ``modelparallel/torch/fp16.py``), ``user_content.pt`` and
   ``partition.json`` (the plan, SMP's saved partition decision) from rank 0; with
   ``partial=False`` the gathered model ``path/{tag}`` and ``path/user_content_{tag}`` (no
   optimizer state, as in SMP). Afterwards rank 0 writes ``path/newest`` holding the tag.
@@ -80,7 +84,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _suffix() -> str:
-    return f"_{state.require().coords(state.rank).pp}"
+    lay = state.require()
+    if state.cfg is not None and state.cfg.shard_optimizer_state:
+        return f"_{_rankinfo()}"  # SMP's name with sharded optimizer state
+    return f"_{lay.coords(state.rank).pp}"
+
+
+def _sharded(optimizer: Any) -> bool:
+    return getattr(optimizer, "_smp_zero", None) is not None
 
 
 def _rankinfo() -> str:
@@ -151,9 +162,14 @@ def save_checkpoint(path: str, tag: str, partial: bool = True, model: Any = None
             if model is not None:
                 with atomic_write(folder / f"model_{_rankinfo()}.pt") as f:
                     torch.save(model.local_state_dict(), f)
-            if optimizer is not None:
-                with atomic_write(folder / f"optimizer_{_rankinfo()}.pt") as f:
-                    torch.save(optimizer.local_state_dict(), f)
+            scaler = getattr(optimizer, "loss_scaler", None)
+            if scaler is not None and hasattr(scaler, "state_dict"):
+                with atomic_write(folder / f"fp16_states_{_rankinfo()}.pt") as f:
+                    torch.save(scaler.state_dict(), f)
+        if optimizer is not None and (c.rdp == 0 or _sharded(optimizer)):
+            # sharded: every replica writes its own shard (Note [smp sharded optimizer])
+            with atomic_write(folder / f"optimizer_{_rankinfo()}.pt") as f:
+                torch.save(optimizer.local_state_dict(), f)
         if state.rank == 0:
             with atomic_write(folder / "user_content.pt") as f:
                 torch.save(user_content, f)
@@ -228,8 +244,18 @@ def resume_from_checkpoint(path: str, tag: str | None = None, partial: bool = Tr
     model.load_state_dict(torch.load(folder / f"model_{info}.pt", map_location="cpu",
                                      weights_only=False), strict=strict)
     if load_optimizer and optimizer is not None:
-        opt_file = folder / f"optimizer_{info}.pt"
+        sharded = state.cfg is not None and state.cfg.shard_optimizer_state \
+            and state.require().dp > 1
+        opt_file = folder / f"optimizer_{_rankinfo() if sharded else info}.pt"
+        if sharded and not opt_file.exists():
+            raise ConfigError(f"{str(opt_file)!r} is missing: with shard_optimizer_state every "
+                              "rank resumes its own optimizer shard; the checkpoint was saved "
+                              "without them (or with another data-parallel degree)")
         if opt_file.exists():
             optimizer.load_state_dict(torch.load(opt_file, map_location="cpu",
                                                  weights_only=False))
+        scaler = getattr(optimizer, "loss_scaler", None)
+        fp16_file = folder / f"fp16_states_{info}.pt"
+        if scaler is not None and fp16_file.exists():
+            scaler.load_state_dict(torch.load(fp16_file, weights_only=False))
     return torch.load(folder / "user_content.pt", weights_only=False)

@@ -2,7 +2,7 @@
 
 Every key of SMP v1's table (``shared/reference/smp-v1-reference.md`` §2) is accepted. Keys whose
 feature modelparallel implements reach the planner and runtime; keys whose feature it does not
-implement (tensor parallelism, sharded data parallelism, SMP's fp16 wrappers...) are
+implement (tensor parallelism, sharded data parallelism...) are
 accepted at their default and refused with a :class:`ConfigError` naming the key when set to
 anything else, so a script never runs without a feature it asked for. Undocumented keys that
 AWS's example scripts pass (``static_mode``, ``fast_mode``...) are accepted and ignored; any other
@@ -44,13 +44,7 @@ IGNORED_KEYS = ("static_mode", "fast_mode", "_match_weights", "_fp32_grad_accumu
 #: Keys accepted only at their default value, with why.
 UNSUPPORTED_KEYS = {
     "tensor_parallel_degree": "tensor parallelism is not implemented",
-    "fp16": "SMP's FP16_Module/FP16_Optimizer are not implemented; use torch.autocast inside "
-            "the step function (it applies to every stage) and modelparallel.torch.amp."
-            "GradScaler",
     "fp16_params": "tensor-parallel fp16 parameters are not implemented",
-    "bf16": "bf16 sharded data parallelism is not implemented; use torch.autocast(dtype="
-            "torch.bfloat16) inside the step function",
-    "shard_optimizer_state": "optimizer state sharding is not implemented",
     "prescaled_batch": "prescaled batches only apply to tensor parallelism, which is not "
                        "implemented",
     "sharded_data_parallel_degree": "sharded data parallelism is not implemented",
@@ -97,7 +91,14 @@ class SMPConfig:
             backward (the planner prices it, the runtime does it).
         delayed_parameter_initialization: Build the model's parameters lazily (see
             :func:`modelparallel.torch.delay_param_initialization`).
-        tensor_parallel_degree, fp16, fp16_params, bf16, shard_optimizer_state, prescaled_batch,
+        fp16: Every stage's forward under fp16 autocast, fp32 parameters and gradients (the
+            master weights), dynamic loss scaling agreed over the job (Note [smp fp16] in
+            ``modelparallel/torch/optimizer.py``); needs ``smp.DistributedOptimizer``.
+        bf16: Every stage's forward under bf16 autocast, fp32 parameters and gradients.
+        shard_optimizer_state: ZeRO-1: each stage's data-parallel replicas split its optimizer
+            state (``torch.distributed.optim.ZeroRedundancyOptimizer``); partial optimizer
+            checkpoints are then one file per rank, ``_{pp}_{tp}_{rdp}``.
+        tensor_parallel_degree, fp16_params, prescaled_batch,
         sharded_data_parallel_degree, sdp_*, horovod, contiguous:
             Accepted at their defaults only (:data:`UNSUPPORTED_KEYS`).
         ignored: The undocumented keys given (:data:`IGNORED_KEYS`), kept for introspection.
@@ -151,7 +152,8 @@ class SMPConfig:
             raise ConfigError(f"placement_strategy = {ps!r}; use 'cluster', 'spread' or a "
                               "permutation of 'DPT' such as 'DPT' or 'PDT'")
         for key in ("auto_partition", "load_partition", "ddp", "deterministic_server",
-                    "skip_tracing", "delayed_parameter_initialization", "offload_activations"):
+                    "skip_tracing", "delayed_parameter_initialization", "offload_activations",
+                    "fp16", "bf16", "shard_optimizer_state"):
             _bool(key, getattr(self, key))
         if self.default_partition is not None:
             _int(self.default_partition, "default_partition")
@@ -200,6 +202,11 @@ class SMPConfig:
     def pipeline_parallel_degree(self) -> int:
         """SMP's other name of ``partitions``."""
         return self.partitions
+
+    @property
+    def precision(self) -> str:
+        """The runtime's precision: ``"fp16"``, ``"bf16"`` or ``"fp32"``."""
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
 
     @property
     def schedule(self) -> str:

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelparallel.errors import ConfigError, UsageError
+from modelparallel.errors import ConfigError, UnsupportedFeatureError, UsageError
 from modelparallel.torch.state_mod import state
-from modelparallel.torch.stepping import _Body, current_body
+from modelparallel.torch.stepping import _Body, current_body, resume_all
 
 __all__ = ["DistributedModel", "PARTIAL_MARKER"]
 
@@ -169,18 +169,21 @@ class DistributedModel(nn.Module):
             self._partition(bodies[0])
         pipe = self._pipe
         self._bodies = bodies
+        if train and state.cfg is not None and state.cfg.fp16:  # Note [smp fp16]
+            scaler = getattr(state.optimizer, "loss_scaler", None)
+            if scaler is None:
+                raise UsageError("fp16 = True needs smp.DistributedOptimizer(optimizer): it "
+                                 "unscales the gradients and skips steps that overflowed; "
+                                 "wrap the optimizer before the first step")
+            pipe.executor.loss_scale = scaler.loss_scale
         flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in bodies]
         result = pipe.executor.run_microbatches(
             flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
-            context=lambda i: _autocast(bodies[i].autocast, pipe.device))
-        for b, out in zip(bodies, result.outputs):
-            if b.where == "model":
-                b.resume(out)
-            if b.where == "backward":
-                b.resume(None)
-            if b.where != "done":
-                raise UsageError(f"microbatch {b.index} of the smp.step called the model "
-                                 "again after backward; call it once per step function")
+            context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True)
+        waiting = [(b, out) for b, out in zip(bodies, result.outputs) if b.where == "model"]
+        resume_all([b for b, _ in waiting], [out for _, out in waiting])
+        for b in bodies:
+            assert b.where == "done", b.where  # a second model call raised in the body
         self._bodies = []
         for hook in list(self._post_step_hooks):
             hook(self, state.optimizer)
@@ -189,8 +192,8 @@ class DistributedModel(nn.Module):
         """The executor's loss on the last stage: resume the body with the real output and take
         what it gives ``model.backward`` (Note [smp step], 4)."""
         body = next(b for b in self._bodies if b.index == index)
-        where = body.resume(output)
-        if where != "backward":
+        body.resume(output)
+        if body.backward_call is None:
             raise UsageError(
                 f"microbatch {index} of the smp.step returned without calling "
                 "model.backward(...) while gradients are enabled; call model.backward(loss) in "
@@ -229,7 +232,15 @@ class DistributedModel(nn.Module):
                          int(cfg.active_microbatches or 1))
         plan = self._resume_plan
         if plan is None and cfg.load_partition and cfg.partition_file:
-            plan = cfg.partition_file
+            from modelparallel.plan import load_plan
+
+            plan = load_plan(cfg.partition_file)
+        if plan is not None:  # the config's memory features, on a given partition
+            import dataclasses
+
+            plan = dataclasses.replace(plan, config=dataclasses.replace(
+                plan.config, precision=cfg.precision,
+                shard_optimizer_state=cfg.shard_optimizer_state))
         from modelparallel.parallel import ParallelOptions
 
         layout = state.require()
@@ -245,7 +256,8 @@ class DistributedModel(nn.Module):
             average_grads=False, timeout=state.timeout, optimize=cfg.optimize,
             memory_weight=cfg.memory_weight, parallel=parallel, active_microbatches=active,
             checkpointing=checkpoint_paths(self.module) or "none",
-            offload_activations=cfg.offload_activations)
+            offload_activations=cfg.offload_activations, precision=cfg.precision,
+            shard_optimizer_state=cfg.shard_optimizer_state)
         pipe.planning_for = self._planning_for
         before = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         state.tracing = True
@@ -388,6 +400,42 @@ class DistributedModel(nn.Module):
         """Run ``hook(model, optimizer)`` after every step."""
         self._post_step_hooks.append(hook)
         return _Handle(self._post_step_hooks, hook)
+
+    def join(self, divide_by_initial_world_size: bool = True, enable: bool = True,
+             throw_on_early_termination: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """DDP's uneven-inputs context. Replicas must run the same number of steps: a replica
+        whose batches differ or run out raises
+        :class:`~modelparallel.errors.UnevenDataError` on every replica (the runtime checks
+        each step), which is DDP's ``throw_on_early_termination=True``; so that, or
+        ``enable=False``, or one replica, gives a context that changes nothing.
+
+        Raises:
+            UnsupportedFeatureError: for DDP's default of shadowing the finished replicas'
+                steps (``throw_on_early_termination=False`` with several replicas).
+        """
+        if not enable or throw_on_early_termination or state.require().dp == 1:
+            return contextlib.nullcontext()
+        raise UnsupportedFeatureError(
+            "model.join() with uneven inputs (DDP shadowing the steps of replicas that ran out "
+            "of data) is not supported yet by modelparallel.torch; give every replica the same "
+            "number of batches (DistributedSampler with drop_last=True) and use "
+            "model.join(throw_on_early_termination=True), or no join: uneven data then raises "
+            "UnevenDataError on every replica")
+
+    def register_comm_hook(self, state: Any, hook: Callable[..., Any]) -> None:
+        """DDP communication hooks: not supported yet.
+
+        Raises:
+            UnsupportedFeatureError: always (the runtime all-reduces gradient buckets itself,
+                ``modelparallel/runtime/data_parallel.py``).
+        """
+        raise UnsupportedFeatureError(
+            "model.register_comm_hook is not supported yet by modelparallel.torch: gradients "
+            "are averaged over the data-parallel replicas by the runtime's own bucketed "
+            "all-reduce (DistributedModel's bucket_cap_mb and overlapping_allreduce tune it); "
+            "remove the hook, or average or compress gradients after the step yourself")
+
+    _register_comm_hook = register_comm_hook
 
     def train(self, mode: bool = True) -> DistributedModel:
         super().train(mode)

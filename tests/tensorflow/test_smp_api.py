@@ -147,3 +147,29 @@ def test_outputs_and_python_values() -> None:
     assert pred.merge().shape == (8, 10) and len(loss.outputs) == 4
     assert const == [1.5] * 4
 
+
+
+@pytest.mark.parametrize("factory", ["skip", "gpt"])
+def test_save_model_writes_the_whole_model_and_it_predicts_the_same(factory: str,
+                                                                   tmp_path: Path) -> None:
+    from modelparallel.tensorflow.models import keras_gpt
+
+    smp.init({"partitions": 2, "microbatches": 2})
+    case = (keras_skip if factory == "skip" else keras_gpt)(batch_size=8)
+    model = smp.DistributedModel(case.model)
+    with pytest.raises(ConfigError, match=r"after the first smp\.step"):
+        model.save_model(str(tmp_path / "early"))
+
+    @smp.step
+    def predict(x):
+        return model(x, training=False)
+
+    x = case.args[0]
+    pred = predict(x).merge().numpy()
+    path = model.save_model(str(tmp_path / "model"))
+    loaded = tf.saved_model.load(path)
+    for batch in (x, x[:3]):  # any batch size
+        got = loaded.serve(batch).numpy()
+        want = pred[: batch.shape[0]]
+        assert got.shape == want.shape and abs(got - want).max() < 1e-5
+    assert "serving_default" in loaded.signatures

@@ -66,6 +66,12 @@ SCRIPT = textwrap.dedent("""
     stages = sorted({n.stage for n in model.plan.nodes if n.stage >= 0})
     print("DIFF", diff, "STAGES", stages)
     assert diff < 1e-5 and stages == [0, 1], (diff, stages)
+    import tempfile
+    path = model.save_model(tempfile.mkdtemp() + "/model")
+    loaded = tf.saved_model.load(path)  # keep the root alive while serving
+    got = loaded.serve(x).numpy()
+    assert abs(got - ref(x).numpy()).max() < 1e-5, "save_model"
+    print("SAVED", path)
 """)
 
 
@@ -76,4 +82,4 @@ def test_tf_keras_functional_model_pipeline_parity() -> None:
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "DIFF" in proc.stdout
+    assert "DIFF" in proc.stdout and "SAVED" in proc.stdout

@@ -79,6 +79,14 @@ def test_bad_values_are_named(cfg: dict[str, object], words: str) -> None:
         parse_config(cfg, env={})
 
 
+def test_runtime_features_are_accepted() -> None:
+    for key in ("fp16", "bf16", "shard_optimizer_state"):
+        assert getattr(parse_config({"partitions": 2, key: True}, env={}), key) is True
+    assert parse_config({"partitions": 2, "bf16": True}, env={}).precision == "bf16"
+    with pytest.raises(ConfigError, match="fp16 = 'yes' must be a bool"):
+        parse_config({"partitions": 2, "fp16": "yes"}, env={})
+
+
 @pytest.mark.parametrize("key", sorted(UNSUPPORTED_KEYS))
 def test_unsupported_features_refused_by_name(key: str) -> None:
     default = SMPConfig.__dataclass_fields__[key].default

@@ -73,3 +73,34 @@ def test_state_dict_on_one_rank_is_named_not_hung() -> None:
     assert kind0 == "UsageError" and "state_dict() is collective" in msg0 and "[1]" in msg0
     kind1, msg1 = results[1]
     assert kind1 in ("PeerFailedError", "StepTimeoutError"), (kind1, msg1)
+
+
+def test_features_not_supported_yet_are_named() -> None:
+    """Tensor parallelism, smp.nn.Distributed*, the fused optimizers and DDP's comm hooks raise
+    a clear UnsupportedFeatureError (or ConfigError for config keys) naming the call."""
+    import modelparallel.torch as smp
+    from modelparallel.errors import ConfigError, UnsupportedFeatureError
+    from modelparallel.torch.state_mod import shutdown
+
+    with pytest.raises(ConfigError, match="tensor_parallel_degree = 2 is not supported"):
+        smp.init({"partitions": 1, "tensor_parallel_degree": 2})
+    try:
+        smp.init({"partitions": 1})
+        cases = [(lambda: smp.nn.DistributedLinear(4, 4), "smp.nn.DistributedLinear"),
+                 (lambda: smp.nn.DistributedTransformerLMHead(), "DistributedTransformerLMHead"),
+                 (lambda: smp.optimizers.FusedLamb([]), "smp.optimizers.FusedLamb"),
+                 (lambda: smp.optimizers.FusedLAMB([]), "smp.optimizers.FusedLAMB"),
+                 (lambda: smp.optimizers.FusedNovoGrad([]), "FusedNovoGrad"),
+                 (lambda: smp.tensor_parallelism().__enter__(), "smp.tensor_parallelism"),
+                 (lambda: smp.set_tensor_parallelism(nn.Linear(2, 2)),
+                  "smp.set_tensor_parallelism")]
+        for make, name in cases:
+            with pytest.raises(UnsupportedFeatureError, match=name):
+                make()
+        dm = smp.DistributedModel(nn.Linear(2, 2))
+        with pytest.raises(UnsupportedFeatureError, match="register_comm_hook"):
+            dm.register_comm_hook(None, lambda state, bucket: None)
+        with dm.join():  # one replica: nothing to join
+            pass
+    finally:
+        shutdown()

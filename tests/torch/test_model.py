@@ -367,3 +367,102 @@ def _autocast_job(rank: int, world: int) -> dict[str, Any]:
 def test_autocast_in_the_step_applies_on_every_stage() -> None:
     for r in [r.unwrap() for r in run_ranks(_autocast_job, 2)]:
         assert r["dtype"] == "torch.bfloat16" and r["diff"] == 0.0 and r["vs_fp32"] > 0
+
+
+def _hybrid_job(rank: int, world: int) -> dict[str, Any]:
+    """pp 2 × dp 2 (cluster placement: replica 0 = ranks 0, 1; replica 1 = ranks 2, 3)."""
+    import torch.nn.functional as F
+
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp.init({"pipeline_parallel_degree": 2, "microbatches": 2, "ddp": True,
+                  "auto_partition": False, "default_partition": 0})
+        model = _model("mlp", 2)
+        ref = copy.deepcopy(model)
+        dm = smp.DistributedModel(model)
+        opt = smp.DistributedOptimizer(torch.optim.AdamW(dm.parameters(), lr=1e-2))
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+
+        @smp.step
+        def train_step(model: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+            loss = F.cross_entropy(model(x), y)
+            model.backward(loss)
+            return loss
+
+        losses = []
+        for step in range(2):
+            shards = [_batch("mlp", torch.Generator().manual_seed(10 * step + d))
+                      for d in range(smp.dp_size())]
+            x, y = shards[smp.dp_rank()]
+            if smp.pp_rank() != 0:
+                x, y = torch.zeros(x.shape[0], 0), torch.zeros_like(y)
+            opt.zero_grad()
+            losses.append(float(train_step(dm, x, y).reduce_mean()))
+            opt.step()
+            ref_opt.zero_grad()  # one device, the replicas' batches concatenated
+            F.cross_entropy(ref(torch.cat([s[0] for s in shards])),
+                            torch.cat([s[1] for s in shards])).backward()
+            ref_opt.step()
+        full = dm.state_dict()
+        diff = max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items())
+        ranks = {"pp": (smp.pp_rank(), smp.pp_size()), "dp": (smp.dp_rank(), smp.dp_size()),
+                 "mp": (smp.mp_rank(), smp.mp_size()), "rdp": (smp.rdp_rank(), smp.rdp_size()),
+                 "tp": (smp.tp_rank(), smp.tp_size()), "groups": (
+                     smp.get_pp_group(), smp.get_dp_group(), smp.get_mp_group(),
+                     smp.get_rdp_group(), smp.get_tp_group())}
+        # object communication across ranks and groups
+        if smp.pp_rank() == 0:
+            smp.send({"from": rank}, 1, smp.RankType.PP_RANK)
+            got = None
+        else:
+            got = smp.recv_from(0, smp.RankType.PP_RANK)
+        if smp.dp_rank() == 0:
+            smp.broadcast(f"dp{rank}", smp.DP_GROUP)
+            heard = None
+        else:
+            heard = smp.recv_from(0, smp.RankType.DP_RANK)
+        gathered = smp.allgather(rank * 10, smp.WORLD)
+        tensors = smp.allgather(torch.tensor([rank]), smp.PP_GROUP)
+        smp.barrier()
+        smp.dp_barrier()
+        smp.pp_barrier()
+        from modelparallel.errors import UnsupportedFeatureError
+
+        with dm.join(throw_on_early_termination=True):  # the runtime's uneven check
+            pass
+        try:
+            dm.join()
+            join_refused = False
+        except UnsupportedFeatureError:
+            join_refused = True
+        return {"diff": diff, "join_refused": join_refused, "losses": losses, "ranks": ranks, "got": got, "heard": heard,
+                "gathered": gathered, "tensors": [int(t) for t in tensors],
+                "local": sorted(n for n, _ in dm.local_named_parameters())}
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+def test_pipeline_times_data_parallel_trains_like_one_device_on_the_whole_batch() -> None:
+    """pp 2 × dp 2 through the SMP API on 4 gloo ranks: training equals one device on the
+    concatenated batch; rank queries, groups and object communication on that layout."""
+    r = [x.unwrap() for x in run_ranks(_hybrid_job, 4, timeout=300)]
+    assert all(x["diff"] < 1e-5 for x in r), [x["diff"] for x in r]
+    assert all(x["join_refused"] for x in r)  # DDP's shadowed uneven steps: named
+    assert r[0]["losses"] == r[1]["losses"] and r[2]["losses"] == r[3]["losses"]
+    assert r[0]["losses"] != r[2]["losses"]  # each replica trains on its own shard
+    assert r[0]["local"] == r[2]["local"] and r[1]["local"] == r[3]["local"]
+    assert [x["ranks"]["pp"] for x in r] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    assert [x["ranks"]["dp"] for x in r] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert [x["ranks"]["mp"] for x in r] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    assert [x["ranks"]["rdp"] for x in r] == [x["ranks"]["dp"] for x in r]
+    assert all(x["ranks"]["tp"] == (0, 1) for x in r)
+    assert [x["ranks"]["groups"] for x in r] == [
+        ([0, 1], [0, 2], [0, 1], [0, 2], [0]), ([0, 1], [1, 3], [0, 1], [1, 3], [1]),
+        ([2, 3], [0, 2], [2, 3], [0, 2], [2]), ([2, 3], [1, 3], [2, 3], [1, 3], [3])]
+    assert [x["got"] for x in r] == [None, {"from": 0}, None, {"from": 2}]
+    assert [x["heard"] for x in r] == [None, None, "dp0", "dp1"]
+    assert all(x["gathered"] == [0, 10, 20, 30] for x in r)
+    assert [x["tensors"] for x in r] == [[0, 1], [0, 1], [2, 3], [2, 3]]
