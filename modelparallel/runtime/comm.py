@@ -206,6 +206,8 @@ class StageComm:
         for r in recvs:
             for b in r.buffers:
                 ops.append(("recv", b, self.ranks[r.src_stage], r, r.buffers))
+            if not r.buffers:  # nothing to receive (an empty boundary): posted at once
+                r.posted.set()
         if not ops:
             return
         if self._poster is not None:
