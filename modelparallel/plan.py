@@ -12,20 +12,36 @@ Contents:
 - the devices, one :class:`~modelparallel.cost_model.DeviceSpec` per stage;
 - :class:`ModelInfo`: the model's name and graph fingerprint, checked when the plan is applied;
 - :class:`NodePlacement` for every node: its stage and its costs;
-- :class:`StageEstimate` per stage and :class:`BoundaryEstimate` per stage boundary;
+- :class:`StageEstimate` per stage and :class:`BoundaryEstimate` per (sending stage, receiving
+  stage) pair that exchanges values;
 - :class:`PipelineEstimate`: step time, bubble fraction, throughput;
 - :class:`SolverReport`: how the assignment was found and how far from optimal it may be.
 
+Note [direct communication]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+With ``communication="direct"`` (the default) a value produced on stage ``i`` goes straight to
+every later stage that reads it: stage ``i`` sends it once to each distinct stage ``j > i``
+holding one of its consumers, each such ``j`` receives it once from ``i`` (torch.distributed's
+point-to-point operations and NCCL connect any two ranks), and in backward each ``j`` sends
+its gradient back to ``i``, which sums them. Stages in between neither receive nor hold it. The
+cost model charges the sender one transfer per receiving stage and each receiver one transfer
+(Note [pipeline order] in ``modelparallel/partitioner/problem.py``), and the plan lists the
+values per pair ``(src, dst)`` (:class:`BoundaryEstimate`); codegen gives every stage its
+inputs grouped by the stage they come from and its outputs with the stages they go to (Note
+[stage contents] in ``modelparallel/codegen/split.py``).
+
 Note [relay communication]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
-Stages talk only to their neighbours. A value produced on stage ``i`` and read on stage ``j > i``
-crosses every boundary between them: stages ``i+1 .. j-1`` receive it and pass it on unchanged
-(it is an explicit input and output of each of them), and its gradient travels back the same
-way, summed with the gradients of any uses on the way. The cost model charges a value once per
-boundary it crosses, on both the sending and the receiving stage, forward (its bytes) and
-backward (its gradient's bytes). Model inputs are not relayed: every rank holds the whole batch
-(Note [inputs on every rank] in ``modelparallel/partitioner/problem.py``). The model's output
-node is on the last stage, where the loss is computed.
+With ``communication="relay"`` stages talk only to their neighbours. A value produced on stage
+``i`` and read on stage ``j > i`` crosses every boundary between them: stages ``i+1 .. j-1``
+receive it and pass it on unchanged (it is an explicit input and output of each of them), and
+its gradient travels back the same way, summed with the gradients of any uses on the way. The
+cost model charges a value once per boundary it crosses, on both the sending and the receiving
+stage, forward (its bytes) and backward (its gradient's bytes). Plans of format version 1
+predate direct sends: they load as relay plans. Under either rule model inputs are not sent:
+every rank holds the whole batch (Note [inputs on every rank] in
+``modelparallel/partitioner/problem.py``). The model's output node is on the last stage, where
+the loss is computed.
 
 Example:
     >>> cfg = PlanConfig(partitions=4, microbatches=8, schedule="interleaved")
@@ -83,7 +99,9 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "modelparallel.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: Plan format versions :meth:`Plan.from_dict` reads (1: relay only, Note [relay communication]).
+_READ_VERSIONS = (1, 2)
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -217,21 +235,29 @@ class StageEstimate:
 
 @dataclass(frozen=True)
 class BoundaryEstimate:
-    """The values that cross from stage ``index`` to ``index + 1``.
+    """The values stage ``src`` sends to stage ``dst`` (Note [direct communication]; with
+    relaying, ``dst = src + 1`` and relayed values are included).
 
     Attributes:
-        index: The boundary after stage ``index``.
-        values: Names of the nodes whose values cross (relayed through this boundary).
+        src: The sending stage.
+        dst: The receiving stage, ``> src``.
+        values: Names of the nodes whose values it sends there.
         forward_bytes: Activation bytes per microbatch.
         backward_bytes: Gradient bytes per microbatch.
-        time: Seconds per microbatch, both directions.
+        time: Seconds per microbatch, both directions, on the sending stage's link.
     """
 
-    index: int
+    src: int
+    dst: int
     values: tuple[str, ...]
     forward_bytes: int
     backward_bytes: int
     time: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.src < self.dst:
+            raise PlanFormatError(f"a boundary goes from a stage to a later one; got "
+                                  f"{self.src} -> {self.dst}")
 
 
 @dataclass(frozen=True)
@@ -299,7 +325,7 @@ class Plan:
         model: Which model it is for.
         nodes: Every node's placement and costs, in the graph's topological order.
         stages: Per-stage estimates.
-        boundaries: Per-boundary communication.
+        boundaries: Communication per (sending, receiving) stage pair, ordered by pair.
         pipeline: Whole-step estimates.
         solver: The solver report.
         shared_params: Parameters held by several stages (tied and replicated) with the stages
@@ -326,8 +352,13 @@ class Plan:
             raise PlanFormatError(f"plan has {len(self.devices)} devices for {p} stages")
         if len(self.stages) != p or [s.index for s in self.stages] != list(range(p)):
             raise PlanFormatError(f"plan must have stages 0..{p - 1}, in order")
-        if len(self.boundaries) != p - 1:
-            raise PlanFormatError(f"plan has {len(self.boundaries)} boundaries; expected {p - 1}")
+        pairs = [(b.src, b.dst) for b in self.boundaries]
+        if pairs != sorted(set(pairs)) or any(d >= p for _, d in pairs):
+            raise PlanFormatError(f"plan boundaries {pairs} must be distinct (src, dst) stage "
+                                  f"pairs of stages 0..{p - 1}, in order")
+        if self.config.communication == "relay" and any(d != s + 1 for s, d in pairs):
+            raise PlanFormatError(f"a relay plan (Note [relay communication]) sends to the next "
+                                  f"stage only; its boundaries are {pairs}")
         for n in self.nodes:
             if not -1 <= n.stage < p:
                 raise PlanFormatError(
@@ -452,10 +483,12 @@ class Plan:
         Raises:
             PlanFormatError: on a wrong format, unsupported version, or missing/invalid fields.
         """
-        check_envelope(data, fmt=PLAN_FORMAT, versions=(PLAN_VERSION,), what="plan",
+        check_envelope(data, fmt=PLAN_FORMAT, versions=_READ_VERSIONS, what="plan",
                        error=PlanFormatError, hint="(not a modelparallel plan)",
                        version_hint="Rebuild the plan with 'partition-plan build'.")
         try:
+            if int(data["version"]) == 1:
+                data = _upgrade_v1(data)
             stages = []
             for s in data["stages"]:
                 s = dict(s)
@@ -478,7 +511,7 @@ class Plan:
                 pipeline=_from_dict(PipelineEstimate, data["pipeline"], "pipeline"),
                 solver=_from_dict(SolverReport, solver, "solver"),
                 shared_params={k: tuple(v) for k, v in data.get("shared_params", {}).items()},
-                version=int(data["version"]),
+                version=PLAN_VERSION,
                 created_by=str(data.get("created_by", "")),
             )
         except (PlanFormatError, ConfigError):
@@ -499,6 +532,18 @@ class Plan:
     def replace(self, **changes: Any) -> Plan:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+def _upgrade_v1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Version-1 plan data as version 2: relay plans (Note [relay communication]), their
+    boundaries ``index -> index + 1``."""
+    config = {**data["config"], "communication": "relay"}
+    boundaries = []
+    for b in data["boundaries"]:
+        b = dict(b)
+        i = int(b.pop("index"))
+        boundaries.append({"src": i, "dst": i + 1, **b})
+    return {**data, "config": config, "boundaries": boundaries}
 
 
 def _umask() -> int:

@@ -21,6 +21,7 @@ from modelparallel.schedule import (  # re-exported (moved)
 
 __all__ = [
     "CHECKPOINTING_CHOICES",
+    "COMMUNICATION_CHOICES",
     "GRANULARITIES",
     "PRECISIONS",
     "OPTIMIZE_CHOICES",
@@ -42,6 +43,7 @@ TIED_CHOICES = ("replicate", "colocate")
 SOLVERS = ("highs", "cbc")
 CHECKPOINTING_CHOICES = ("none", "all", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMMUNICATION_CHOICES = ("direct", "relay")
 #: The order of :class:`PlanConfig`'s fields in plan files (the pipeline's shape first).
 _CONFIG_ORDER = ("partitions", "microbatches", "schedule", "virtual_stages")
 
@@ -94,6 +96,9 @@ class PartitionOptions:
             optimizer state divides by it with ``shard_optimizer_state``).
         shard_optimizer_state: ZeRO-1: each replica keeps ``1 / data_parallel`` of the
             optimizer state.
+        communication: How a value read several stages later travels: ``"direct"`` (its
+            stage sends it once to each stage that reads it) or ``"relay"`` (through every
+            stage in between); Note [direct communication] in ``modelparallel/plan.py``.
     """
 
     optimize: str = "speed"
@@ -111,6 +116,7 @@ class PartitionOptions:
     active_microbatches: int | None = None
     data_parallel: int = 1
     shard_optimizer_state: bool = False
+    communication: str = "direct"
 
     def __post_init__(self) -> None:
         if self.optimize not in _OPTIMIZE_DEFAULT_WEIGHT:
@@ -145,6 +151,9 @@ class PartitionOptions:
         elif ck not in CHECKPOINTING_CHOICES:
             raise ConfigError(f"checkpointing = {ck!r}; use one of {list(CHECKPOINTING_CHOICES)} "
                               "or a list of module paths")
+        if self.communication not in COMMUNICATION_CHOICES:
+            raise ConfigError(f"communication = {self.communication!r}; use one of "
+                              f"{list(COMMUNICATION_CHOICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision = {self.precision!r}; use one of {list(PRECISIONS)}")
         if self.active_microbatches is not None and (

@@ -103,7 +103,7 @@ def _boundary_table(plan: Plan) -> Table:
     for b in plan.boundaries:
         shown = ", ".join(b.values[:4]) + (f", … (+{len(b.values) - 4})"
                                            if len(b.values) > 4 else "")
-        table.add_row(f"{b.index}→{b.index + 1}", str(len(b.values)),
+        table.add_row(f"{b.src}→{b.dst}", str(len(b.values)),
                       format_bytes(b.forward_bytes), format_bytes(b.backward_bytes),
                       format_seconds(b.time), shown)
     return table

@@ -44,7 +44,7 @@ def _plan(graph: Graph) -> Plan:
         nodes=(NodePlacement("x", -1), NodePlacement("a", 0, pinned=True, inputs=("x",)),
                NodePlacement("b", 1, inputs=("a",)), NodePlacement("output", 1, inputs=("b",))),
         stages=stages,
-        boundaries=(BoundaryEstimate(0, ("a",), 100, 100, 1e-5),),
+        boundaries=(BoundaryEstimate(0, 1, ("a",), 100, 100, 1e-5),),
         pipeline=PipelineEstimate(0.02, 0.2, 400.0, 0, 3e-3, 2),
         solver=SolverReport("ilp", "highs", "optimal", 1.01, 1.0, 0.0099, 0.5, notes=("n",)),
         shared_params={"w": (0, 1)},
@@ -86,6 +86,9 @@ def test_world_size_check() -> None:
     (lambda d: d["config"].update(partitions=-1), "partitions"),
     (lambda d: d["model"].update(colour="red"), "unknown keys"),
     (lambda d: d.pop("solver"), "solver"),
+    (lambda d: d["boundaries"][0].update(dst=0), "later one"),
+    (lambda d: d["boundaries"].append(dict(d["boundaries"][0])), "distinct"),
+    (lambda d: d["boundaries"][0].update(dst=5), "stages 0..1"),
 ])
 def test_bad_plan_files(tmp_path, mutate, message) -> None:
     data = _plan(_graph()).to_dict()
@@ -94,6 +97,25 @@ def test_bad_plan_files(tmp_path, mutate, message) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises((PlanFormatError, ConfigError), match=message):
         load_plan(path)
+
+
+def test_version_1_plans_load_as_relay_plans(tmp_path) -> None:
+    """Plans written before direct sends (format 1: boundaries ``index -> index + 1``) load as
+    relay plans (Note [relay communication]), which the runtime executes as they were made."""
+    g = _graph()
+    plan = _plan(g)
+    data = plan.to_dict()
+    data["version"] = 1
+    del data["config"]["communication"]
+    data["boundaries"] = [{"index": 0, **{k: v for k, v in b.items() if k not in ("src", "dst")}}
+                          for b in data["boundaries"]]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    old = load_plan(path, g)
+    assert old.config.communication == "relay"
+    assert old.boundaries == plan.boundaries
+    assert old.version == 2 and old.to_dict()["version"] == 2
+    assert plan.config.communication == "direct"
 
 
 def test_unreadable_plan(tmp_path) -> None:

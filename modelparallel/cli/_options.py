@@ -19,7 +19,7 @@ from modelparallel.plan import (
     TIED_CHOICES,
     PlanConfig,
 )
-from modelparallel.plan_config import CHECKPOINTING_CHOICES, PRECISIONS
+from modelparallel.plan_config import CHECKPOINTING_CHOICES, COMMUNICATION_CHOICES, PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +92,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                         "--shard-optimizer-state)")
     p.add_argument("--shard-optimizer-state", action="store_true",
                    help="ZeRO-1 over the data-parallel replicas")
+    p.add_argument("--communication", choices=COMMUNICATION_CHOICES,
+                   default=d["communication"],
+                   help="a value read several stages later: sent straight to each stage that "
+                        "reads it (direct) or passed on by every stage in between (relay)")
 
 
 def _config_from_args(a: argparse.Namespace) -> PlanConfig:

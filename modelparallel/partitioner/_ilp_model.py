@@ -55,10 +55,16 @@ class _Model:
         self.w: dict[tuple[int, int], pulp.LpVariable] = {}
         self.h: dict[tuple[int, int], pulp.LpVariable] = {}
         self.ws: dict[int, pulp.LpVariable] = {}
+        self.r: dict[tuple[int, int], pulp.LpVariable | float] = {}
+        self.f: dict[tuple[int, int], pulp.LpVariable | float] = {}
+        self.e: dict[tuple[int, int], pulp.LpVariable] = {}
         self._item_costs()
         self._assignment()
         self._order()
-        self._boundaries()
+        if prob.direct:
+            self._direct_sends()
+        else:
+            self._boundaries()
         self._shared_parameters()
         self._workspace()
         self._bottleneck()
@@ -161,6 +167,85 @@ class _Model:
                 if sbytes > 0:
                     self._add_sent(gi, a, s, zval, float(prob.inflight[s]) * sbytes * inv_m[s],
                                    self.mem_terms[s], self.const_m, self.rows)
+
+    def _direct_sends(self) -> None:
+        """Communication under direct sends (Note [ILP formulation]): per value group, the
+        receive indicators ``r[g, d] >= x[c, d] - x[a, d]`` (a consumer item on ``d``, the
+        producer item elsewhere), the send indicators ``f[g, s] >= x[a, s] - x[c, s]`` and, for
+        several consumer items, the send count ``e[g, s] >= sum_{d > s} r[g, d] - M (1 - x[a,
+        s])``, ``e >= f``; their time on their own stages, the received bytes on ``d`` and the
+        sent bytes held on ``s`` (Note [sent values held])."""
+        prob, p = self.prob, self.prob.p
+        inv_m, k = self.inv_m, prob.inflight
+        for gi, (a, cs, vals) in enumerate(self.groups):
+            link = prob.link[vals].sum(axis=0) * self.inv_t
+            cbytes = float(prob.out_bytes[vals].sum())
+            sbytes = float(prob.sent[vals].sum())
+            lo_a, hi_a = int(self.lo[a]), int(self.hi[a])
+            recv: dict[int, pulp.LpVariable | float] = {}
+            for d in range(min(int(self.lo[c]) for c in cs), max(int(self.hi[c]) for c in cs) + 1):
+                if lo_a == hi_a == d:
+                    continue
+                r = self._indicator(f"r_{gi}_{d}", [
+                    self._x(c, d) + self._x(a, d, -1.0) for c in cs
+                    if self.lo[c] <= d <= self.hi[c]])
+                if r is None:
+                    continue
+                recv[d] = self.r[gi, d] = r
+                self._charge(self.time_terms[d], self.const_t, d, r, float(link[d]))
+                self._charge(self.mem_terms[d], self.const_m, d, r,
+                             float(k[d]) * cbytes * inv_m[d])
+            for s in range(lo_a, min(hi_a, p - 2) + 1):
+                f = self._indicator(f"f_{gi}_{s}", [self._x(a, s) + self._x(c, s, -1.0)
+                                                    for c in cs])
+                if f is None:
+                    continue
+                self.f[gi, s] = f
+                if sbytes > 0:
+                    self._charge(self.mem_terms[s], self.const_m, s, f,
+                                 float(k[s]) * sbytes * inv_m[s])
+                beyond = [r for d, r in recv.items() if d > s]
+                if len(beyond) <= 1:  # at most one receiving stage: one send
+                    self._charge(self.time_terms[s], self.const_t, s, f, float(link[s]))
+                    continue
+                e = pulp.LpVariable(f"e_{gi}_{s}", lowBound=0)
+                self.e[gi, s] = e
+                self.rows.append(_affine([(e, 1.0), (f, -1.0)]) >= 0)
+                big = float(len(beyond))
+                self.rows.append(_affine([(e, 1.0), *[(r, -1.0) for r in beyond], (1.0, big),
+                                          *self._x(a, s, -big)]) >= 0)
+                self.time_terms[s].append((e, float(link[s])))
+
+    def _x(self, a: int, s: int, coef: float = 1.0) -> list[tuple[Any, float]]:
+        """``coef * x[a, s]`` as terms (``x = Y(a, s) - Y(a, s - 1)``; constants as floats)."""
+        return [(self.Y(a, s), coef), (self.Y(a, s - 1), -coef)]
+
+    def _indicator(self, name: str, diffs: list[list[tuple[Any, float]]]
+                   ) -> pulp.LpVariable | float | None:
+        """A variable in [0, 1] at least every expression of ``diffs`` (rows added): 1.0 if
+        one of them is the constant 1, ``None`` if none can be positive."""
+        live = []
+        for terms in diffs:
+            if all(isinstance(v, float) for v, _ in terms):
+                if sum(v * c for v, c in terms) >= 1.0:
+                    return 1.0
+                continue
+            live.append(terms)
+        if not live:
+            return None
+        var = pulp.LpVariable(name, lowBound=0, upBound=1)
+        for terms in live:
+            self.rows.append(_affine([(var, 1.0), *[(v, -c) for v, c in terms]]) >= 0)
+        return var
+
+    @staticmethod
+    def _charge(terms: list[tuple[Any, float]], const: np.ndarray, s: int,
+                v: pulp.LpVariable | float, coef: float) -> None:
+        """Add ``coef * v`` to stage ``s``'s row (its constant when ``v`` is one)."""
+        if isinstance(v, float):
+            const[s] += coef * v
+        else:
+            terms.append((v, coef))
 
     def _shared_parameters(self) -> None:
         """Parameters read by several items: colocation (``tied="colocate"``: equal ``y``, the
@@ -307,6 +392,20 @@ class _Model:
         for (gi, s), wv in self.w.items():
             a, cs, _ = self.groups[gi]
             vals[wv.name] = 1.0 if item_stage[a] == s < max(item_stage[c] for c in cs) else 0.0
+        for (gi, d), rv in self.r.items():
+            if isinstance(rv, pulp.LpVariable):
+                a, cs, _ = self.groups[gi]
+                vals[rv.name] = 1.0 if item_stage[a] != d and any(
+                    item_stage[c] == d for c in cs) else 0.0
+        for (gi, s), fv in self.f.items():
+            if isinstance(fv, pulp.LpVariable):
+                a, cs, _ = self.groups[gi]
+                vals[fv.name] = 1.0 if item_stage[a] == s and any(
+                    item_stage[c] != s for c in cs) else 0.0
+        for (gi, s), ev in self.e.items():
+            a, cs, _ = self.groups[gi]
+            vals[ev.name] = float(len({int(item_stage[c]) for c in cs} - {s})) \
+                if item_stage[a] == s else 0.0
         for (qi, s), hv in self.h.items():
             vals[hv.name] = 1.0 if any(item_stage[a] == s for a in self.shared[qi][1]) else 0.0
         inv_m = 1.0 / (prob.caps * prob.u_ref)

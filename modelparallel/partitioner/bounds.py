@@ -40,7 +40,11 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
    c_s``, that of ``s..p-1`` by ``c_{s-1} + 2 sum_{b>=s} c_b``, that of all stages by ``2
    sum_b c_b`` (raising ``A_lb``), and their memory by the received bytes; the windows of
    these larger ``a`` and ``b`` are intersected with the previous ones (valid: every
-   assignment counted lies in both). This removes window binaries and shortens the proof
+   assignment counted lies in both). Under direct sends (Note [pipeline order]) a value crossing
+   ``b`` is sent by some stage ``<= b`` and received by some stage ``> b``, once whatever it
+   crosses besides, so the cuts give less: stages ``0..s`` carry at least ``max_{b<=s} c_b``,
+   stages ``s..p-1`` at least ``max_{b>=s-1} c_b`` and hold ``max_{b>=s-1} r_b`` at least
+   ``min_{j>=s} inflight_j`` times, all stages ``2 max_b c_b``. This removes window binaries and shortens the proof
    phases of Note [ILP pipeline] accordingly (figures: ``docs/measurements.md``).
    :func:`stage_windows` gives the windows for separate limits on ``A`` and ``B``.
 3. *Windowed model*: the ILP of Note [ILP formulation] over single ops, restricted to the windows
@@ -278,13 +282,32 @@ def _windows_with_cuts(prob: Problem, incumbent: float, cuts: np.ndarray
     # s..p-2 twice. Stage j >= 1 holds what crosses boundary j - 1, inflight_j times.
     c = cuts[:, 0] / prob.t_ref
     k = prob.inflight
-    c_before = np.concatenate([[0.0], np.cumsum(2 * c)])[:p] + np.append(c, 0.0)
-    c_after = np.concatenate([[0.0], c]) + np.append(np.cumsum((2 * c)[::-1])[::-1], 0.0)
-    recv = np.concatenate([[0.0], k[1:] * cuts[:, 1]])  # per stage
-    r_before, r_after = np.cumsum(recv), np.cumsum(recv[::-1])[::-1]
+    if prob.direct:
+        # Direct sends (Note [pipeline order]): a value crossing boundary b is sent by a stage
+        # <= b and received by one > b, so stages 0..s carry at least max_{b <= s} c_b,
+        # stages s..p-1 at least max_{b >= s-1} c_b, all together 2 max_b c_b; stages s..p-1
+        # hold what crosses b >= s - 1 at least min_{j >= s} k_j times.
+        c_before = np.append(np.maximum.accumulate(c), c.max(initial=0.0))[:p] if p > 1 \
+            else np.zeros(p)
+        c_after = np.concatenate([[0.0], np.maximum.accumulate(c[::-1])[::-1]]) if p > 1 \
+            else np.zeros(p)
+        c_after[0] = c.max(initial=0.0)
+        c_total = 2 * float(c.max(initial=0.0))
+        r_max = np.concatenate([[0.0], np.maximum.accumulate(cuts[::-1, 1])[::-1]])
+        r_before = np.zeros(p)
+        r_after = np.minimum.accumulate(k[::-1])[::-1] * r_max
+        rb_before, rb_after = np.zeros(p), r_max
+    else:
+        c_before = np.concatenate([[0.0], np.cumsum(2 * c)])[:p] + np.append(c, 0.0)
+        c_after = np.concatenate([[0.0], c]) + np.append(np.cumsum((2 * c)[::-1])[::-1], 0.0)
+        c_total = 2 * float(c.sum())
+        recv = np.concatenate([[0.0], k[1:] * cuts[:, 1]])  # per stage
+        r_before, r_after = np.cumsum(recv), np.cumsum(recv[::-1])[::-1]
+        rb = np.concatenate([[0.0], cuts[:, 1]])  # per stage
+        rb_before, rb_after = np.cumsum(rb), np.cumsum(rb[::-1])[::-1]
     a = np.maximum(((anc[:, 0] + omega)[:, None] / prob.t_ref + c_before[None, :]) / before,
                    ((desc[:, 0] + omega)[:, None] / prob.t_ref + c_after[None, :]) / after)
-    a_all = (float(omega.sum()) / prob.t_ref + 2 * float(c.sum())) / p  # every stage
+    a_all = (float(omega.sum()) / prob.t_ref + c_total) / p  # every stage
     a = np.maximum(a, max(a_lb, a_all))
     k_before = k[None, :] if np.all(np.diff(k) <= 0) else np.full((1, p), float(k.min()))
     own_b = anc[:, 1:2] + params[:, None] + (anc[:, 2:3] + prob.saved[:, None]) * k_before
@@ -299,11 +322,10 @@ def _windows_with_cuts(prob: Problem, incumbent: float, cuts: np.ndarray
     kmax_before = np.maximum.accumulate(k)
     kmax_after = np.maximum.accumulate(k[::-1])[::-1]
     # (received bytes weigh 1 / k_j: their own count cancels).
-    rb = np.concatenate([[0.0], cuts[:, 1]])  # per stage
     wb = ((anc[:, 2] + prob.saved)[:, None] + (anc[:, 1] + params)[:, None]
-          / kmax_before[None, :] + np.cumsum(rb)[None, :]) / z_before[None, :]
+          / kmax_before[None, :] + rb_before[None, :]) / z_before[None, :]
     wa = ((desc[:, 2] + prob.saved)[:, None] + (desc[:, 1] + params)[:, None]
-          / kmax_after[None, :] + np.cumsum(rb[::-1])[::-1][None, :]) / z_after[None, :]
+          / kmax_after[None, :] + rb_after[None, :]) / z_after[None, :]
     b = np.maximum(b, np.maximum(wb, wa)) / (float(prob.caps.max()) * prob.u_ref)
     b = np.maximum(b, b_lb)
     return _window_range(prob, (1 - w) * a + w * b, incumbent)
@@ -325,7 +347,8 @@ def _boundary_cuts(prob: Problem, lo: np.ndarray, hi: np.ndarray, cost: np.ndarr
     """For each boundary ``b`` and each ``k``: the least ``cost[k, u, b]`` summed over the values crossing each boundary ``b`` in any
     assignment within the windows ``lo``/``hi``: a minimum cut between the nodes forced before
     it (``hi <= b``) and after it (``lo > b``), over sets closed under ancestors, where a value
-    counts once whatever number of its consumers lie beyond (Note [relay communication]).
+    counts once whatever number of its consumers lie beyond (under either communication rule
+    it is sent at least once from a stage <= b to one > b).
     Forced nodes are contracted into the source and the sink, so each graph holds only the
     nodes free at that boundary."""
     import networkx as nx

@@ -21,6 +21,18 @@ makes ``(1 - w) * work / T_ref`` exceed the best objective known cannot be in a 
 which bounds segment lengths. The first and last stages are vectors (they start at 0 / end at
 ``n``); only the middle stages need the ``(n + 1) x band`` matrices.
 
+Note [DP under direct sends]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Under relaying a segment's communication depends on its two cut positions only. Under direct
+sends (Note [pipeline order] in ``modelparallel/partitioner/problem.py``) what a segment
+``[i, j)`` receives still does: the values produced before ``i`` with a consumer in ``[i, j)``,
+a union of rectangles in ``(i, j)`` (:class:`_Receives`). What it sends depends on how many
+later segments read each value; the DP charges one send per value read after ``j``, which is
+exact when the later readers of every value share a stage, and low otherwise. So under direct
+sends the DP is exact over contiguous splits for graphs whose values are read on at most one
+later stage, and otherwise a heuristic whose splits are evaluated exactly (every result's
+objective is :func:`~modelparallel.partitioner.evaluate.evaluate`'s).
+
 Example:
     >>> from modelparallel.partitioner._synthetic import chain_graph
     >>> from modelparallel.partitioner.problem import build_problem
@@ -65,6 +77,53 @@ class DPResult:
     seconds: float
 
 
+class _Receives:
+    """Where a segment ``[i, j)`` of positions receives a value produced at position ``a`` with
+    consumers at ``c_1 < ... < c_k`` (Note [DP under direct sends]): on the disjoint rectangles
+    ``c_{m-1} < i <= c_m < j`` (``c_0 = a``)."""
+
+    def __init__(self, n: int, src: np.ndarray, dst: np.ndarray) -> None:
+        self.n = n
+        keys = np.unique(src.astype(np.int64) * (n + 1) + dst)
+        a, c = keys // (n + 1), keys % (n + 1)
+        first = np.ones(len(a), dtype=bool)
+        first[1:] = a[1:] != a[:-1]
+        prev = np.where(first, a, np.roll(c, 1))
+        self.value = a  # position of the value
+        self.lo = prev + 1  # i in [lo, hi]
+        self.hi = c  # and j > hi
+
+    def fixed_start(self, i0: int, j: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Received weight of ``[i0, j)`` for each ``j``."""
+        on = (self.lo <= i0) & (i0 <= self.hi)
+        curve = np.zeros(self.n + 2)
+        np.add.at(curve, self.hi[on] + 1, w[self.value[on]])
+        return np.cumsum(curve)[np.asarray(j)]
+
+    def to_end(self, i: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Received weight of ``[i, n)`` for each ``i``."""
+        diff = np.zeros(self.n + 2)
+        np.add.at(diff, self.lo, w[self.value])
+        np.add.at(diff, self.hi + 1, -w[self.value])
+        return np.cumsum(diff)[np.asarray(i)]
+
+    def band(self, k: int, w: np.ndarray) -> np.ndarray:
+        """``M[j, d]``: received weight of ``[j - d, j)``, ``(n + 1, k + 1)``."""
+        n = self.n
+        out = np.zeros((n + 1, k + 1))
+        f = np.zeros(n + 1)
+        order = np.argsort(self.hi, kind="stable")
+        starts = np.searchsorted(self.hi[order], np.arange(n + 1))
+        d = np.arange(k + 1)
+        for j in range(1, n + 1):  # rectangles with hi == j - 1 open at row j
+            for r in order[starts[j - 1]:starts[j]].tolist():
+                f[self.lo[r]:self.hi[r] + 1] += w[self.value[r]]
+            i = j - d
+            ok = i >= 0
+            out[j, ok] = f[i[ok]]
+        return out
+
+
 def split_to_stages(order: np.ndarray, cuts: list[int], n: int) -> np.ndarray:
     """Stage per node index from cut positions in ``order`` (``cuts[s]`` ends stage ``s``)."""
     stage = np.empty(n, dtype=np.int64)
@@ -106,8 +165,14 @@ class _Arrays:
             np.add.at(diff, last_pos[has] + 1, -weight[has])
             return np.cumsum(diff)[: n + 1]
 
+        self.direct = prob.direct
         self.cut = [cut_curve(prob.comm[order, b]) for b in range(max(p - 1, 1))]
         self.recv = cut_curve(prob.out_bytes[order])
+        # Direct sends (Note [DP under direct sends]): per stage link weights, what a segment
+        # receives, and what it sends as in seg_sent.
+        self.link = prob.link[order]
+        self.out_w = prob.out_bytes[order]
+        self.receives = _Receives(n, pos[prob.edge_src], pos[prob.edge_dst])
         # Values computed in a segment and sent past its end (Note [sent values held]).
         self.sent_w = prob.sent[order]
         self.sent_curve = cut_curve(self.sent_w)
@@ -134,19 +199,45 @@ class _Arrays:
             held += state[s] * (nxt[i] < j)
         return held
 
-    def seg_sent(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """Sent-value bytes of positions ``[i, j)`` crossing cut ``j`` (Note [sent values
-        held]), for one start ``i`` (a scalar or an array of equal values) or ``j == n``."""
+    def seg_sent(self, i: np.ndarray, j: np.ndarray, weight: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """Sent-value bytes (or ``weight``) of positions ``[i, j)`` crossing cut ``j`` (Note
+        [sent values held]), for one start ``i`` (a scalar or an array of equal values) or
+        ``j == n``."""
         i_arr, j_arr = np.broadcast_arrays(np.asarray(i), np.asarray(j))
         if i_arr.size == 0 or np.all(j_arr == self.n):
             return np.zeros(i_arr.shape)
         i0 = int(i_arr.flat[0])
         assert np.all(i_arr == i0), "seg_sent takes one start position"
-        # sent_curve[j] counts producers a < j with last >= j; drop those before i0.
+        w = self.sent_w if weight is None else weight
+        curve = self.sent_curve if weight is None else self._leaving(weight)
+        # curve[j] counts producers a < j with last >= j; drop those before i0.
         before = np.zeros(self.n + 2)
-        np.add.at(before, self.last_pos[:i0], self.sent_w[:i0])
+        np.add.at(before, self.last_pos[:i0], w[:i0])
         t = np.cumsum(before[::-1])[::-1]  # t[j] = sum over a < i0 with last_a >= j
-        return self.sent_curve[j_arr] - t[j_arr]
+        return curve[j_arr] - t[j_arr]
+
+    def _leaving(self, weight: np.ndarray) -> np.ndarray:
+        """Per cut ``j``, the weight of the values produced before ``j`` and read after."""
+        n = self.n
+        a_pos = np.arange(n)
+        has = self.last_pos > a_pos
+        diff = np.zeros(n + 2)
+        np.add.at(diff, a_pos[has] + 1, weight[has])
+        np.add.at(diff, self.last_pos[has] + 1, -weight[has])
+        return np.cumsum(diff)[: n + 1]
+
+    def seg_recv(self, i: np.ndarray, j: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Under direct sends, the ``weight`` of what positions ``[i, j)`` receive, for one
+        start ``i`` or ``j == n`` (Note [DP under direct sends])."""
+        i_arr, j_arr = np.broadcast_arrays(np.asarray(i), np.asarray(j))
+        if i_arr.size == 0:
+            return np.zeros(i_arr.shape)
+        if np.all(j_arr == self.n):
+            return self.receives.to_end(i_arr, weight)
+        i0 = int(i_arr.flat[0])
+        assert np.all(i_arr == i0), "seg_recv takes one start position"
+        return self.receives.fixed_start(i0, j_arr, weight)
 
     def seg_mem(self, i: np.ndarray, j: np.ndarray, s: int, k: float, ws: np.ndarray) -> np.ndarray:
         """Memory of stage ``s`` holding positions ``[i, j)`` (broadcasting arrays; one start
@@ -154,12 +245,18 @@ class _Arrays:
         held = self.seg_held(i, j, s)
         act = self.saved[j] - self.saved[i] + self.seg_sent(i, j)
         if s > 0:
-            act = act + self.recv[i]
+            act = act + (self.seg_recv(i, j, self.out_w) if self.direct else self.recv[i])
         return held + k * act + ws
 
     def seg_time(self, i: np.ndarray, j: np.ndarray, s: int) -> np.ndarray:
         """Time of stage ``s`` running positions ``[i, j)``."""
         t = self.work[s][j] - self.work[s][i]
+        if self.direct:
+            if s > 0:
+                t = t + self.seg_recv(i, j, self.link[:, s])
+            if s < self.p - 1:
+                t = t + self.seg_sent(i, j, self.link[:, s])
+            return t
         if s > 0:
             t = t + self.cut[s - 1][i]
         if s < self.p - 1:
@@ -215,14 +312,12 @@ class _Pass:
         self.rows = np.arange(n + 1)
         # Stage-independent pieces of a middle stage's memory: held parameters plus workspace,
         # and activations (saved plus received) per microbatch in flight.
-        act = arr.saved[self.j] - arr.saved[self.i] + arr.recv[self.i]
+        act = arr.saved[self.j] - arr.saved[self.i]
+        act += arr.receives.band(K, arr.out_w) if arr.direct else arr.recv[self.i]
         # Sent bytes of [j - d, j): producers there whose last consumer is at or after j.
-        src = np.clip(self.i, 0, max(n - 1, 0))
-        sent = np.where(valid & (d > 0) & (arr.last_pos[src] >= self.j), arr.sent_w[src], 0.0) \
-            if n else np.zeros((n + 1, K + 1))
-        np.cumsum(sent, axis=1, out=sent)
-        act += sent
-        del sent
+        self._src = np.clip(self.i, 0, max(n - 1, 0))
+        self._leaves = valid & (d > 0) & (arr.last_pos[self._src] >= self.j)
+        act += self._leaving_band(arr.sent_w)
         base: dict[tuple[int, ...], np.ndarray] = {}
         # Per middle stage: time and utilisation matrices and the static feasibility mask,
         # shared between stages whose inputs are equal (identical devices, equal in-flight).
@@ -235,7 +330,9 @@ class _Pass:
             kb = ("b", self._key_mem(s))
             ko = ("ok", kb, self._key_dom(s))
             if ka not in self._a:
-                self._a[ka] = arr.seg_time(self.i, self.j, s)
+                self._a[ka] = arr.seg_time(self.i, self.j, s) if not arr.direct else (
+                    arr.work[s][self.j] - arr.work[s][self.i]
+                    + arr.receives.band(K, arr.link[:, s]) + self._leaving_band(arr.link[:, s]))
             if kb not in self._b:
                 states = kb[1][0]
                 assert isinstance(states, tuple)
@@ -252,8 +349,19 @@ class _Pass:
             self.stage_keys.append((ka, kb, ko))
         del ws, act, base
 
+    def _leaving_band(self, weight: np.ndarray) -> np.ndarray:
+        """``M[j, d]``: the ``weight`` of the values of ``[j - d, j)`` read at or after ``j``."""
+        n = self.arr.n
+        if not n:
+            return np.zeros(self.i.shape)
+        out = np.where(self._leaves, weight[self._src], 0.0)
+        np.cumsum(out, axis=1, out=out)
+        return out
+
     def _key_time(self, s: int) -> tuple[object, ...]:
         prob = self.prob
+        if prob.direct:
+            return (prob.time[:, s].tobytes(), prob.link[:, s].tobytes())
         return (prob.time[:, s].tobytes(), prob.comm[:, s - 1].tobytes(),
                 prob.comm[:, s].tobytes())
 

@@ -11,8 +11,8 @@ Example:
     >>> from modelparallel.plan import PlanConfig
     >>> prob = build_problem(chain_graph(4), PlanConfig(partitions=2), "h100")
     >>> ev = evaluate(prob, np.array([0, 0, 1, 1, 1]))
-    >>> ev.crossing[0]
-    (1,)
+    >>> ev.pairs, ev.crossing
+    (((0, 1),), ((1,),))
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ class Evaluation:
         forward: Forward compute seconds, ``(p,)``.
         backward: Backward compute seconds, ``(p,)``.
         comm: Communication seconds, ``(p,)``.
-        boundary_time: Seconds per boundary (charged to both of its stages), ``(p - 1,)``.
-        boundary_fwd_bytes: Activation bytes crossing each boundary, ``(p - 1,)``.
-        boundary_bwd_bytes: Gradient bytes crossing each boundary, ``(p - 1,)``.
-        crossing: Node indices of the values crossing each boundary.
+        pairs: The ``(src, dst)`` stage pairs that exchange values, in order (Note [pipeline
+            order]: with relaying every ``(b, b + 1)``).
+        boundary_time: Seconds per pair on the sending stage's link, ``(len(pairs),)``.
+        boundary_fwd_bytes: Activation bytes sent per pair, ``(len(pairs),)``.
+        boundary_bwd_bytes: Gradient bytes sent back per pair, ``(len(pairs),)``.
+        crossing: Node indices of the values sent per pair.
         held: Per stage, indices into ``problem.params`` of the parameters it holds.
         param_mem: Parameter state bytes per stage, ``(p,)``.
         act_mem: Activation bytes per stage (times microbatches in flight): saved, received,
@@ -69,6 +71,7 @@ class Evaluation:
     forward: np.ndarray
     backward: np.ndarray
     comm: np.ndarray
+    pairs: tuple[tuple[int, int], ...]
     boundary_time: np.ndarray
     boundary_fwd_bytes: np.ndarray
     boundary_bwd_bytes: np.ndarray
@@ -153,7 +156,41 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     bwd = np.bincount(stage, weights=problem.bwd[idx, stage], minlength=p)
     _replay_stages(problem, stage, fwd, bwd)
     compute = fwd + bwd
-    # Values cross every boundary from their stage to their last consumer's (relay).
+    comm, pairs, b_time, b_fwd, b_bwd, crossing, recv, sends = (
+        _direct(problem, stage) if problem.direct else _relay(problem, stage))
+    # Memory (Note [stage time and memory]).
+    held_sets: list[set[int]] = [set() for _ in range(p)]
+    param_mem = np.zeros(p)
+    for qi, q in enumerate(problem.params):
+        for s in {int(stage[r]) for r in q.readers}:
+            held_sets[s].add(qi)
+            param_mem[s] += q.state[s]
+    saved = np.bincount(stage, weights=problem.saved, minlength=p)
+    act = problem.inflight * (saved + recv + sends)
+    ws = np.zeros(p)
+    np.maximum.at(ws, stage, problem.workspace)
+    time = compute + comm
+    mem = param_mem + act + ws
+    w = problem.w
+    objective = (1 - w) * float(time.max()) / problem.t_ref + w * float(
+        (mem / problem.caps).max()) / problem.u_ref
+    return Evaluation(stage=stage, compute=compute, forward=fwd, backward=bwd, comm=comm,
+                      pairs=pairs, boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
+                      crossing=crossing, held=tuple(tuple(sorted(h)) for h in held_sets),
+                      param_mem=param_mem, act_mem=act, workspace=ws, objective=objective)
+
+
+_Comm = tuple[np.ndarray, tuple[tuple[int, int], ...], np.ndarray, np.ndarray, np.ndarray,
+              tuple[tuple[int, ...], ...], np.ndarray, np.ndarray]
+
+
+def _relay(problem: Problem, stage: np.ndarray) -> _Comm:
+    """Communication under relaying (Note [relay communication]): per stage its seconds, the
+    pairs ``(b, b + 1)`` with their seconds, bytes and values, and per stage the bytes it
+    receives and the sent bytes it holds (Note [sent values held])."""
+    p, n = problem.p, problem.n
+    idx = np.arange(n)
+    # Values cross every boundary from their stage to their last consumer's.
     last = stage.copy()
     if len(problem.edge_src):
         np.maximum.at(last, problem.edge_src, stage[problem.edge_dst])
@@ -167,14 +204,6 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     comm[:nb] += b_time
     comm[1:] += b_time
     crossing = tuple(tuple(int(v) for v in np.nonzero(cross[:, b])[0]) for b in range(nb))
-    # Memory (Note [stage time and memory]).
-    held_sets: list[set[int]] = [set() for _ in range(p)]
-    param_mem = np.zeros(p)
-    for qi, q in enumerate(problem.params):
-        for s in {int(stage[r]) for r in q.readers}:
-            held_sets[s].add(qi)
-            param_mem[s] += q.state[s]
-    saved = np.bincount(stage, weights=problem.saved, minlength=p)
     recv = np.zeros(p)
     recv[1:] = b_fwd
     # Values computed on a stage and sent on stay held there (Note [sent values held]).
@@ -182,18 +211,36 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     if nb:
         starts = cross[idx, np.minimum(stage, nb - 1)] & (stage < nb)
         np.add.at(sends, stage[starts], problem.sent[starts])
-    act = problem.inflight * (saved + recv + sends)
-    ws = np.zeros(p)
-    np.maximum.at(ws, stage, problem.workspace)
-    time = compute + comm
-    mem = param_mem + act + ws
-    w = problem.w
-    objective = (1 - w) * float(time.max()) / problem.t_ref + w * float(
-        (mem / problem.caps).max()) / problem.u_ref
-    return Evaluation(stage=stage, compute=compute, forward=fwd, backward=bwd, comm=comm,
-                      boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
-                      crossing=crossing, held=tuple(tuple(sorted(h)) for h in held_sets),
-                      param_mem=param_mem, act_mem=act, workspace=ws, objective=objective)
+    pairs = tuple((b, b + 1) for b in range(nb))
+    return comm, pairs, b_time, b_fwd, b_bwd, crossing, recv, sends
+
+
+def _direct(problem: Problem, stage: np.ndarray) -> _Comm:
+    """Communication under direct sends (Note [direct communication] in ``plan.py``): each
+    value once from its stage to every other stage that reads it, on each side's own link;
+    the same results as :func:`_relay`, with the pairs that exchange values."""
+    p = problem.p
+    su = stage[problem.edge_src]
+    sd = stage[problem.edge_dst]
+    keep = su != sd
+    # Distinct (value, receiving stage) transfers.
+    key = np.unique(problem.edge_src[keep].astype(np.int64) * p + sd[keep])
+    u, d = key // p, key % p
+    a = stage[u]
+    comm = np.bincount(d, weights=problem.link[u, d], minlength=p) + np.bincount(
+        a, weights=problem.link[u, a], minlength=p)
+    recv = np.bincount(d, weights=problem.out_bytes[u], minlength=p)
+    senders = np.unique(u)
+    sends = np.bincount(stage[senders], weights=problem.sent[senders], minlength=p)
+    pk = a * p + d
+    pair_keys, inv = np.unique(pk, return_inverse=True)
+    k = len(pair_keys)
+    b_time = np.bincount(inv, weights=problem.link[u, a], minlength=k)
+    b_fwd = np.bincount(inv, weights=problem.out_bytes[u], minlength=k)
+    b_bwd = np.bincount(inv, weights=problem.grad_bytes[u], minlength=k)
+    pairs = tuple((int(x // p), int(x % p)) for x in pair_keys)
+    crossing = tuple(tuple(int(v) for v in u[inv == j]) for j in range(k))
+    return comm, pairs, b_time, b_fwd, b_bwd, crossing, recv, sends
 
 
 def step_time(problem: Problem, ev: Evaluation) -> float:
@@ -285,12 +332,15 @@ def make_plan(problem: Problem, ev: Evaluation, report: SolverReport, *,
             param_bytes=int(sum(graph.param(q).nbytes for q in dict.fromkeys(nd.params))),
             pinned=problem.index.get(nd.name, -1) in problem.pinned
             and nd.op is not OpKind.OUTPUT, inputs=tuple(nd.inputs)))
+    recv_b = np.zeros(p)
+    sent_b = np.zeros(p)
+    for (a, d), f, g in zip(ev.pairs, ev.boundary_fwd_bytes, ev.boundary_bwd_bytes):
+        sent_b[a] += f
+        recv_b[a] += g
+        recv_b[d] += f
+        sent_b[d] += g
     stages = []
     for s in range(p):
-        recv_b = (ev.boundary_fwd_bytes[s - 1] if s > 0 else 0) + (
-            ev.boundary_bwd_bytes[s] if s < p - 1 else 0)
-        sent_b = (ev.boundary_fwd_bytes[s] if s < p - 1 else 0) + (
-            ev.boundary_bwd_bytes[s - 1] if s > 0 else 0)
         stages.append(StageEstimate(
             index=s, device=problem.devices[s].name,
             num_nodes=int(np.count_nonzero(ev.stage == s)),
@@ -299,14 +349,14 @@ def make_plan(problem: Problem, ev: Evaluation, report: SolverReport, *,
             memory=_memory_breakdown(problem, ev, s),
             inflight_microbatches=int(problem.inflight[s]),
             forward_time=float(ev.forward[s]), backward_time=float(ev.backward[s]),
-            comm_in_bytes=int(recv_b), comm_out_bytes=int(sent_b),
+            comm_in_bytes=int(recv_b[s]), comm_out_bytes=int(sent_b[s]),
             comm_time=float(ev.comm[s]), capacity_bytes=int(problem.caps[s])))
     boundaries = tuple(
-        BoundaryEstimate(index=b, values=tuple(problem.names[v] for v in ev.crossing[b]),
-                         forward_bytes=int(ev.boundary_fwd_bytes[b]),
-                         backward_bytes=int(ev.boundary_bwd_bytes[b]),
-                         time=float(ev.boundary_time[b]))
-        for b in range(p - 1))
+        BoundaryEstimate(src=a, dst=d, values=tuple(problem.names[v] for v in ev.crossing[j]),
+                         forward_bytes=int(ev.boundary_fwd_bytes[j]),
+                         backward_bytes=int(ev.boundary_bwd_bytes[j]),
+                         time=float(ev.boundary_time[j]))
+        for j, (a, d) in enumerate(ev.pairs))
     m = problem.config.microbatches
     t = ev.time
     t_max = float(t.max())

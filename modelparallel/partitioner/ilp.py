@@ -12,7 +12,13 @@ Values are grouped by (producer item, set of consumer items); a group crosses bo
 iff ``y[a, s] = 1`` and ``y[c, s] = 0`` for a consumer ``c``: ``z[g, s] >= y[a, s] - y[c, s]``
 (continuous in [0, 1]; minimisation keeps it at the crossing indicator on binding stages, and
 the final objective is recomputed from the assignment anyway). This is exactly the relay rule
-of Note [pipeline order]. With normalised units (times over ``T_ref``, bytes over
+of Note [pipeline order] (``communication="relay"``). Under direct sends (the default) a group
+instead has receive indicators ``r[g, d] >= x[c, d] - x[a, d]`` per consumer item ``c`` (its
+receiver ``d`` pays ``link_g[d]`` and holds its bytes), send indicators ``f[g, s] >= x[a, s] -
+x[c, s]`` (the sender holds its sent bytes once) and, when several stages may receive it, a
+send count ``e[g, s] >= sum_{d > s} r[g, d] - M (1 - x[a, s])``, ``e >= f`` (``M`` the number
+of those stages), the sender paying ``link_g[s]`` per send; the terms below then use ``r``,
+``f`` and ``e`` for ``z`` and ``w``. With normalised units (times over ``T_ref``, bytes over
 ``cap_s * U_ref``):
 
 - ``t >= sum_a work[a, s] x[a, s] + sum_g comm_g[s-1] z[g, s-1] + comm_g[s] z[g, s]``;
@@ -204,6 +210,14 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
             if name == "highs":
                 res = _solve_highs(model, warm_vals, remaining, progress, phase, gap_rel, t0,
                                    cutoff)
+                if warm_vals is not None and _inconsistent(model, res):
+                    # HiGHS 1.16 with a start solution and presolve can report an objective
+                    # (and dual bound) its own solution does not have: solve again cold.
+                    notes.append("HiGHS's objective disagreed with its solution after a warm "
+                                 "start; solved again without it")
+                    remaining = max(0.05, time_limit - (_time.perf_counter() - t0))
+                    res = _solve_highs(model, None, remaining, progress, phase, gap_rel, t0,
+                                       cutoff)
             else:
                 res = _solve_cbc(model, warm_vals, remaining, gap_rel, cutoff)
         except Exception as e:
@@ -221,6 +235,17 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
     raise SolverError(
         "every ILP solver failed: " + "; ".join(notes) + ". Check that highspy and PuLP's "
         "bundled CBC are installed ('pip install highspy pulp'), or use method='dp'.")
+
+
+def _inconsistent(model: _Model, res: tuple[np.ndarray | None, str, float | None,
+                                             float | None]) -> bool:
+    """Whether the solver's objective differs from its solution's (the objective expression
+    at the variables' values)."""
+    stage, _, obj, _ = res
+    if stage is None or obj is None:
+        return False
+    value = pulp.value(model.lp.objective)
+    return value is not None and abs(float(value) - obj) > 1e-7 * max(1.0, abs(obj))
 
 
 def _extract(model: _Model) -> np.ndarray | None:

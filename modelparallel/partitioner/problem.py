@@ -32,12 +32,21 @@ Note [pipeline order]
 ~~~~~~~~~~~~~~~~~~~~~
 Every assigned node goes to one of ``p`` stages, and for every edge ``u -> v`` between assigned
 nodes ``stage(u) <= stage(v)``: values only flow forward through the pipeline. The output node
-is on the last stage (the loss is computed there). A value may skip stages; it is then relayed
-(Note [relay communication] in ``modelparallel/plan.py``): it crosses every boundary ``b``
-(between stages ``b`` and ``b + 1``) with ``stage(u) <= b < max(stage(consumers))``. Crossing
-boundary ``b`` costs ``transfer_time(output_bytes) + transfer_time(grad_bytes)`` (forward value,
-backward gradient) on *both* stage ``b`` and stage ``b + 1``, computed with the link of the
-sending stage ``b``'s device. Stages may be empty (they still relay what crosses them).
+is on the last stage (the loss is computed there). How a value that skips stages travels is
+``config.communication``:
+
+- ``"direct"`` (the default, Note [direct communication] in ``modelparallel/plan.py``): the
+  producing stage sends the value once to each distinct later stage that reads it, and each of
+  those stages receives it once. A value of node ``u`` on stage ``a`` read on the stages ``D(u)``
+  (``a`` excluded) costs stage ``a`` ``|D(u)| * link[u, a]`` and every ``d`` in ``D(u)``
+  ``link[u, d]``, where ``link[u, s] = transfer_time(output_bytes) + transfer_time(grad_bytes)``
+  (forward value, backward gradient) on stage ``s``'s device: each stage pays for its own
+  traffic on its own link.
+- ``"relay"`` (Note [relay communication] in ``modelparallel/plan.py``): it crosses every
+  boundary ``b`` (between stages ``b`` and ``b + 1``) with ``stage(u) <= b <
+  max(stage(consumers))``, and crossing boundary ``b`` costs ``comm[u, b] = link[u, b]`` (the
+  sending stage's link) on *both* stage ``b`` and stage ``b + 1``. Stages may be empty (they
+  still relay what crosses them).
 
 Pins (``config.pins``) fix nodes to stages: a key is a node name, or a module path that matches
 every node whose ``module_path`` equals it or starts with it followed by ``"."``. An exact node
@@ -47,15 +56,15 @@ nodes are refused (those nodes run on every stage that needs them).
 Note [stage time and memory]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Per microbatch, stage ``s`` takes ``T_s = sum(forward_time + backward_time of its nodes on device
-s) + its communication time`` (both boundaries it touches). At its peak it holds ``M_s =
+s) + its communication time`` (Note [pipeline order]). At its peak it holds ``M_s =
 sum(param_state_bytes of the parameters it holds) + inflight_s * (sum(saved_bytes of its nodes) +
 bytes of the values it receives + sent_held_bytes of the values it computes and sends) +
 max(workspace_bytes of its nodes)``, with ``inflight_s = inflight_microbatches(schedule, m, p,
-s)``. A stage keeps what it sends until the gradient returns, and a value relayed through it is
-the received tensor passed on, so a value occupies every stage that receives it or computes and
-sends it, once (Note [sent values held] in ``modelparallel/cost_model/costs.py``: the sender's
-bytes are 0 when the producing op saves its own output). ``M_s <= memory_bytes`` of the
-stage's device is a hard constraint.
+s)``. A stage keeps what it sends until the gradient returns (once, however many stages it
+sends a value to), and a value relayed through it is the received tensor passed on, so a value
+occupies every stage that receives it or computes and sends it, once (Note [sent values held]
+in ``modelparallel/cost_model/costs.py``: the sender's bytes are 0 when the producing op saves
+its own output). ``M_s <= memory_bytes`` of the stage's device is a hard constraint.
 
 Note [objective]
 ~~~~~~~~~~~~~~~~
@@ -111,6 +120,7 @@ from modelparallel.cost_model import (
 from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
+from modelparallel.partitioner.gradient_sync import node_allreduce
 from modelparallel.partitioner.memory_features import FeatureArrays, apply_features
 from modelparallel.partitioner.order import canonical_order
 from modelparallel.plan import PlanConfig
@@ -164,7 +174,9 @@ class Problem:
             [sent values held]), ``(n,)``.
         grad_bytes: Bytes of its gradient, ``(n,)``.
         comm: Seconds to move each value across boundary ``b`` (forward + backward, device of
-            stage ``b``), shape ``(n, max(p - 1, 1))``.
+            stage ``b``), shape ``(n, max(p - 1, 1))``: ``link[:, :p - 1]`` (relay).
+        link: Seconds to move each value and its gradient over stage ``s``'s link, ``(n, p)``
+            (Note [pipeline order]).
         edge_src: Producer index of every edge between assigned nodes.
         edge_dst: Consumer index of every edge.
         params: Parameters read by assigned nodes.
@@ -192,6 +204,7 @@ class Problem:
     sent: np.ndarray
     grad_bytes: np.ndarray
     comm: np.ndarray
+    link: np.ndarray
     edge_src: np.ndarray
     edge_dst: np.ndarray
     params: tuple[ParamInfo, ...]
@@ -211,6 +224,7 @@ class Problem:
         assert self.saved.shape == self.workspace.shape == self.out_bytes.shape == (n,)
         assert self.sent.shape == (n,) and np.all(self.sent <= self.out_bytes)
         assert len(self.devices) == len(self.costs) == p == len(self.caps) == len(self.inflight)
+        assert self.link.shape == (n, p)
         assert np.all(self.edge_src < self.edge_dst), "edges must follow the topological order"
         assert self.t_ref > 0 and self.u_ref > 0
 
@@ -226,6 +240,12 @@ class Problem:
         """Number of stages (``partitions * virtual_stages``, Note [virtual stages] in
         ``modelparallel/schedule/__init__.py``)."""
         return self.config.num_stages
+
+    @property
+    def direct(self) -> bool:
+        """Whether values go straight to the stages that read them (``communication="direct"``,
+        Note [pipeline order]); else they are relayed."""
+        return self.config.communication == "direct"
 
     @property
     def w(self) -> float:
@@ -250,7 +270,7 @@ class Problem:
     @cached_property
     def homogeneous(self) -> bool:
         """Whether every stage has the same node times and link (one device class)."""
-        return bool(np.all(self.time == self.time[:, :1]) and np.all(self.comm == self.comm[:, :1]))
+        return bool(np.all(self.time == self.time[:, :1]) and np.all(self.link == self.link[:, :1]))
 
     @cached_property
     def last_use(self) -> np.ndarray:
@@ -449,6 +469,25 @@ def _sharded(state: int, nbytes: int, trainable: bool, shard: int) -> int:
     return keep + (state - keep) // shard
 
 
+def _charge_gradient_sync(graph: Graph, config: PlanConfig, names: Sequence[str],
+                          bwd: np.ndarray, stage_costs: Sequence[GraphCosts]) -> str:
+    """Add to ``bwd`` (in place) each node's all-reduce seconds not hidden behind its backward,
+    spread over the microbatches (Note [data-parallel gradient time])."""
+    grads = np.zeros(len(names))
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        for q in dict.fromkeys(graph.node(name).params):
+            if q not in seen and graph.param(q).trainable:
+                seen.add(q)
+                grads[i] += graph.param(q).nbytes
+    ar = node_allreduce(grads, config.data_parallel, [c.device for c in stage_costs])
+    exposed = np.maximum(ar - bwd, 0.0)
+    bwd += exposed / config.microbatches
+    return (f"gradient all-reduce over {config.data_parallel} replicas: "
+            f"{float(ar[:, 0].sum()) * 1e3:.2f} ms per step, {float(exposed[:, 0].sum()) * 1e3:.2f}"
+            " ms not hidden behind backward (stage 0's device)")
+
+
 def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
                   costs: Sequence[GraphCosts] | None = None) -> Problem:
     """Build the :class:`Problem` for ``graph`` under ``config`` on ``devices``.
@@ -501,11 +540,13 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     feature_notes = apply_features(config, graph, names, edge_src, edge_dst, FeatureArrays(
         fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
         grad_bytes=grad_b), [c.device for c in stage_costs])
-    nb = max(p - 1, 1)
-    comm = np.zeros((n, nb))
-    for b in range(nb):
-        dev = stage_costs[b].device
-        comm[:, b] = [dev.transfer_time(o) + dev.transfer_time(g) for o, g in zip(out_b, grad_b)]
+    if config.data_parallel > 1:  # Note [data-parallel gradient time]
+        feature_notes.append(_charge_gradient_sync(graph, config, names, bwd, stage_costs))
+    link = np.zeros((n, p))
+    for st in range(p):
+        dev = stage_costs[st].device
+        link[:, st] = [dev.transfer_time(o) + dev.transfer_time(g) for o, g in zip(out_b, grad_b)]
+    comm = link[:, :max(p - 1, 1)].copy()
     readers: dict[str, list[int]] = {}
     for nd in graph.nodes:
         if nd.name in index:
@@ -554,7 +595,7 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     return Problem(
         graph=graph, config=config, devices=specs, costs=stage_costs, names=names,
         fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
-        grad_bytes=grad_b, comm=comm, edge_src=edge_src, edge_dst=edge_dst, params=params,
+        grad_bytes=grad_b, comm=comm, link=link, edge_src=edge_src, edge_dst=edge_dst, params=params,
         inflight=inflight, caps=caps, lo=lo, hi=hi, pinned=pinned, colocate=colocate,
         t_ref=t_ref, u_ref=u_ref, notes=tuple(notes))
 

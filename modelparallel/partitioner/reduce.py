@@ -24,7 +24,10 @@ boundary it can only replace values that crossed by values that are no larger: i
 producer, ``v`` now crosses exactly where ``u`` crossed because of ``v``; into the consumer,
 ``v`` no longer crosses the boundaries between it and ``c``, and its producers cross at most
 those. The bytes a sending stage holds (``sent``, Note [sent values held] in
-``modelparallel/cost_model/costs.py``) are replaced the same way, by no larger ones. So every stage's time and memory, hence the objective (Note [objective]), do not grow.
+``modelparallel/cost_model/costs.py``) are replaced the same way, by no larger ones. Under
+direct sends (Note [pipeline order]) the comparisons are of ``link`` on every stage, and
+attaching into the producer needs ``v`` to have one consumer, or nothing to send: otherwise
+``u``'s stage, which sent ``u`` once, would send ``v`` to each stage that reads it. So every stage's time and memory, hence the objective (Note [objective]), do not grow.
 Attachments are made one at a time, each moving a node that nothing has been attached to yet,
 so the argument applies to every assignment that honours the earlier ones: the best assignment
 of the reduced problem is a best assignment of the original one, and a lower bound proven on the
@@ -86,10 +89,11 @@ def _free_nodes(prob: Problem) -> np.ndarray:
 
 
 def _try_attach(prob: Problem, groups: _Groups, v: int) -> bool:
-    comm, out, sent = prob.comm, prob.out_bytes, prob.sent
+    comm, out, sent = (prob.link if prob.direct else prob.comm), prob.out_bytes, prob.sent
     producers, consumers = prob.producers[v], set(prob.consumers[v])
     ws_v = float(prob.workspace[v])
-    if len(set(producers)) == 1:
+    fans_out = prob.direct and len(consumers) > 1 and bool(np.any(comm[v] > 0))
+    if len(set(producers)) == 1 and not fans_out:
         u = producers[0]
         if (set(prob.consumers[u]) == {v} and np.all(comm[v] <= comm[u])
                 and out[v] <= out[u] and sent[v] <= sent[u]

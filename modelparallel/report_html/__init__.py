@@ -122,7 +122,7 @@ def _tables(plan: Plan) -> dict[str, Any]:
         "colour": stage_colour(st.index),
     } for st in plan.stages]
     boundaries = [{
-        "boundary": f"{b.index}→{b.index + 1}", "count": len(b.values),
+        "boundary": f"{b.src}→{b.dst}", "count": len(b.values),
         "forward": format_bytes(b.forward_bytes), "backward": format_bytes(b.backward_bytes),
         "time": format_seconds(b.time), "crossing": ", ".join(b.values),
     } for b in plan.boundaries]

@@ -1,4 +1,7 @@
-"""The exact contiguous DP (modelparallel/partitioner/dp.py) against every contiguous split."""
+"""The exact contiguous DP (modelparallel/partitioner/dp.py) against every contiguous split.
+
+Under relaying it is exact; under direct sends exact when every value is read on at most one
+later stage (chains), otherwise a heuristic (Note [DP under direct sends])."""
 
 from __future__ import annotations
 
@@ -14,12 +17,16 @@ from modelparallel.partitioner.problem import build_problem
 from modelparallel.plan import PlanConfig
 
 
+@pytest.mark.parametrize("communication", ["relay", "direct"])
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("p", [2, 3, 4])
-def test_dp_is_optimal_among_contiguous_splits(seed: int, p: int) -> None:
-    graph = chain_graph(7, seed=seed) if seed % 2 else random_graph(7, seed=seed)
+def test_dp_is_optimal_among_contiguous_splits(seed: int, p: int, communication: str) -> None:
+    chain = bool(seed % 2)
+    graph = chain_graph(7, seed=seed) if chain else random_graph(7, seed=seed)
+    exact = communication == "relay" or chain or p == 2
     for w in (0.0, 0.2, 0.7, 1.0):
-        cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule="1f1b")
+        cfg = PlanConfig(partitions=p, memory_weight=w, microbatches=4, schedule="1f1b",
+                         communication=communication)
         prob = build_problem(graph, cfg, "h100")
         n = prob.n
         best = np.inf
@@ -32,7 +39,10 @@ def test_dp_is_optimal_among_contiguous_splits(seed: int, p: int) -> None:
                 best = min(best, ev.objective)
         res = solve_dp(prob)
         assert res is not None and res.exact
-        assert res.objective == pytest.approx(best, rel=1e-9)
+        if exact:
+            assert res.objective == pytest.approx(best, rel=1e-9)
+        else:
+            assert res.objective >= best * (1 - 1e-9)
         assert evaluate(prob, res.stage).objective == pytest.approx(res.objective)
 
 

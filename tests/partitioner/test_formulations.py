@@ -1,7 +1,8 @@
 """The three cost models of an assignment agree: the ILP (``partitioner/ilp.py``), the bound
 model (``partitioner/_bound_model.py``) and :func:`~modelparallel.partitioner.evaluate.evaluate`.
 
-For a fixed valid assignment:
+Both communication rules are checked (Note [pipeline order]: direct sends, the default, and
+relaying). For a fixed valid assignment:
 
 - *ILP, fixed and solved*: every item's range is the assigned stage (``lo = hi``), so every
   constraint family turns into constants; HiGHS then solves for ``t`` and ``u`` alone and its
@@ -122,15 +123,17 @@ _GRAPHS = {
 }
 
 
+@pytest.mark.parametrize("communication", ["direct", "relay"])
 @pytest.mark.parametrize("tied", ["replicate", "colocate"])
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("name", sorted(_GRAPHS))
-def test_formulations_match_evaluate(name: str, schedule: str, tied: str) -> None:
+def test_formulations_match_evaluate(name: str, schedule: str, tied: str,
+                                     communication: str) -> None:
     graph = _GRAPHS[name]()
     rng = np.random.default_rng(0)
     for p, w in ((2, 0.0), (3, 0.5), (4, 1.0)):
         cfg = PlanConfig(partitions=p, microbatches=4, schedule=schedule, memory_weight=w,
-                         tied=tied)
+                         tied=tied, communication=communication)
         prob = build_problem(graph, cfg, "h100")
         for _ in range(3):
             stage = _random_assignment(prob, rng)
@@ -138,18 +141,20 @@ def test_formulations_match_evaluate(name: str, schedule: str, tied: str) -> Non
                 _check(prob, stage)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(3, 12), seed=st.integers(0, 10_000), p=st.integers(1, 4),
        edge_prob=st.floats(0.0, 0.8), tie_prob=st.floats(0.0, 0.5),
        w=st.floats(0.0, 1.0), m=st.integers(1, 6), schedule=st.sampled_from(["gpipe", "1f1b"]),
-       tied=st.sampled_from(["replicate", "colocate"]), draw=st.integers(0, 2**31 - 1))
+       tied=st.sampled_from(["replicate", "colocate"]), draw=st.integers(0, 2**31 - 1),
+       communication=st.sampled_from(["direct", "relay"]))
 def test_formulations_match_evaluate_on_random_dags(n: int, seed: int, p: int,
                                                     edge_prob: float, tie_prob: float,
                                                     w: float, m: int, schedule: str,
-                                                    tied: str, draw: int) -> None:
+                                                    tied: str, draw: int,
+                                                    communication: str) -> None:
     graph = random_graph(n, seed=seed, edge_prob=edge_prob, tie_prob=tie_prob)
     cfg = PlanConfig(partitions=p, microbatches=m, schedule=schedule, memory_weight=w,
-                     tied=tied)
+                     tied=tied, communication=communication)
     prob = build_problem(graph, cfg, "h100")
     stage = _random_assignment(prob, np.random.default_rng(draw))
     if stage is not None:

@@ -87,17 +87,46 @@ def test_ilp_is_never_worse_than_the_baselines() -> None:
 
 def test_skip_connections_are_relayed() -> None:
     graph = unet_graph(3)
-    cfg = PlanConfig(partitions=4, microbatches=4)
+    cfg = PlanConfig(partitions=4, microbatches=4, communication="relay")
     prob = build_problem(graph, cfg, "h100")
     stage = split_to_stages(np.arange(prob.n), [4, 10, 20], prob.n)
     plan = evaluate_assignment(graph, cfg, "h100", dict(zip(prob.names, stage.tolist())))
     skip = "enc0_b_relu"  # produced on stage 0, consumed by the last decoder level
-    crossed = [b.index for b in plan.boundaries if skip in b.values]
+    crossed = [b.src for b in plan.boundaries if skip in b.values]
+    assert [(b.src, b.dst) for b in plan.boundaries] == [(0, 1), (1, 2), (2, 3)]
     assert crossed == list(range(plan.placement(skip).stage, 3))
     ev = evaluate(prob, stage)
     for s in range(4):  # both sides of each boundary pay for it
         expect = (ev.boundary_time[s - 1] if s > 0 else 0) + (ev.boundary_time[s] if s < 3 else 0)
         assert plan.stages[s].comm_time == pytest.approx(expect)
+
+
+def test_skip_connections_go_straight_to_their_readers() -> None:
+    """Direct sends (Note [direct communication]): the skip value goes from its stage to the
+    stage that reads it, and only those two pay for it."""
+    graph = unet_graph(3)
+    cfg = PlanConfig(partitions=4, microbatches=4)
+    prob = build_problem(graph, cfg, "h100")
+    stage = split_to_stages(np.arange(prob.n), [4, 10, 20], prob.n)
+    plan = evaluate_assignment(graph, cfg, "h100", dict(zip(prob.names, stage.tolist())))
+    skip = "enc0_b_relu"
+    readers = {plan.placement(c).stage for c in (n.name for n in plan.nodes)
+               if skip in plan.placement(c).inputs} - {plan.placement(skip).stage}
+    pairs = [(b.src, b.dst) for b in plan.boundaries if skip in b.values]
+    assert pairs == [(plan.placement(skip).stage, d) for d in sorted(readers)]
+    assert max(readers) - plan.placement(skip).stage > 1, "the skip value skips a stage"
+    ev = evaluate(prob, stage)
+    u = prob.index[skip]
+    for s in range(4):  # the sender pays once per reader stage, each reader once
+        sent = sum(prob.link[v, s] for b in plan.boundaries if b.src == s
+                   for v in (prob.index[x] for x in b.values))
+        got = sum(prob.link[v, s] for b in plan.boundaries if b.dst == s
+                  for v in (prob.index[x] for x in b.values))
+        assert plan.stages[s].comm_time == pytest.approx(sent + got)
+        assert ev.comm[s] == pytest.approx(sent + got)
+    relay = build_problem(graph, PlanConfig(partitions=4, microbatches=4,
+                                            communication="relay"), "h100")
+    assert evaluate(relay, stage).comm[1:3].sum() > ev.comm[1:3].sum() + prob.link[u, 1]
 
 
 # -- memory ---------------------------------------------------------------------------------------
