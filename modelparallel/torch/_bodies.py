@@ -12,15 +12,22 @@ own stack. Two ways, one interface (:class:`_Body`, :func:`start_all`, :func:`re
   share, so each switch saves the side it leaves and restores the side it enters
   (:func:`_tls_get`/:func:`_tls_set`): a body's ``torch.autocast`` or ``torch.no_grad`` never
   leaks into the schedule, nor the schedule's into a body.
-- **threads** (``MODELPARALLEL_SMP_BODIES=threads``, or without greenlet): every body runs on a
+- **threads** (``MODELPARALLEL_SMP_BODIES=threads``, :func:`set_backend`, or without
+  greenlet): every body runs on a
   worker thread kept between steps (:class:`_Worker`), control passing through queues, so only
   one thread runs at any time; the bodies start and resume as chains (each hands control to the
   next, the driver wakes once). A hand-over costs an OS thread wake-up (tens to hundreds of
   microseconds), which is most of what an SMP step adds to a plain pipeline step on CPU.
 
+Both give the same results (tests/torch/test_model.py trains with each); a body keeps the
+backend it started with, so :func:`set_backend` between steps is safe.
+
 Example:
-    >>> BACKEND in ("greenlet", "threads")
+    >>> backend() in ("greenlet", "threads")
     True
+    >>> previous = set_backend("threads"); backend()
+    'threads'
+    >>> _ = set_backend(previous)
 """
 
 from __future__ import annotations
@@ -37,19 +44,54 @@ import torch
 
 from modelparallel.errors import ConfigError, UsageError
 
-__all__ = ["BACKEND", "current_body", "resume_all", "start_all"]
+__all__ = ["backend", "current_body", "resume_all", "set_backend", "start_all"]
 
 try:  # Note [smp step coroutines]
     import greenlet as _greenlet
 except ImportError:  # pragma: no cover - depends on the environment
     _greenlet = None
 
-#: How bodies run: ``"greenlet"`` or ``"threads"`` (Note [smp step coroutines]).
-BACKEND = os.environ.get("MODELPARALLEL_SMP_BODIES",
-                         "greenlet" if _greenlet is not None else "threads")
-if BACKEND not in ("greenlet", "threads") or (BACKEND == "greenlet" and _greenlet is None):
-    raise ConfigError(f"MODELPARALLEL_SMP_BODIES = {BACKEND!r}; use 'threads', or 'greenlet' "
-                      "with the greenlet package installed")
+_BACKENDS = ("greenlet", "threads")
+
+
+def _checked(name: str, where: str) -> str:
+    if name not in _BACKENDS or (name == "greenlet" and _greenlet is None):
+        installed = "installed" if _greenlet is not None else "NOT installed"
+        raise ConfigError(f"{where} = {name!r}: smp.step bodies run as 'greenlet' or "
+                          f"'threads' (greenlet is {installed}); use 'threads', or install "
+                          "greenlet (pip install greenlet) for 'greenlet'")
+    return name
+
+
+_backend = _checked(os.environ.get("MODELPARALLEL_SMP_BODIES",
+                                   "greenlet" if _greenlet is not None else "threads"),
+                    "MODELPARALLEL_SMP_BODIES")
+
+
+def backend() -> str:
+    """How the next ``smp.step``'s bodies run: ``"greenlet"`` or ``"threads"`` (Note [smp
+    step coroutines]); the default is greenlets when the package is installed.
+
+    Example:
+        >>> backend() in ("greenlet", "threads")
+        True
+    """
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Run the bodies of the next steps as ``name`` (``"greenlet"`` or ``"threads"``);
+    returns the previous backend. Raises :class:`ConfigError` for another name, or
+    ``"greenlet"`` without the package.
+
+    Example:
+        >>> previous = set_backend("threads"); _ = set_backend(previous)
+        >>> previous == backend()
+        True
+    """
+    global _backend
+    previous, _backend = _backend, _checked(name, "set_backend(name)")
+    return previous
 
 _local = threading.local()
 _DEVICES = ("cpu", "cuda")
@@ -93,7 +135,8 @@ class _Body:
         self.backward_call: tuple[list[torch.Tensor], list[Any]] | None = None
         self.result: Any = None
         self.where = "new"  # new, model, done
-        if BACKEND == "greenlet":
+        self.green = _backend == "greenlet"
+        if self.green:
             self._green: Any = None
             base = _tls_get()
             self._tls = (grad, True, tuple((False, dtype) for _, dtype in base[2]))
@@ -110,7 +153,7 @@ class _Body:
     def resume(self, value: Any = None) -> str:
         """Hand ``value`` to the stopped body and run it until it stops again."""
         assert self.where == "model", self.where
-        if BACKEND == "greenlet":
+        if self.green:
             return self._take(self._enter(value))
         self._to_body.put(value)
         return self._take(self._to_driver.get())
@@ -119,7 +162,7 @@ class _Body:
         """Unwind a body that is waiting (after a failure)."""
         if self.where != "model":
             return
-        if BACKEND == "greenlet":
+        if self.green:
             self._enter(_ABORT)
         else:
             self._to_body.put(_ABORT)
@@ -152,7 +195,7 @@ class _Body:
         return kind
 
     def _release(self) -> None:
-        if BACKEND == "threads" and self._worker is not None:
+        if not self.green and self._worker is not None:
             self._worker.give_back()
             self._worker = None
 
@@ -194,7 +237,7 @@ class _Body:
         self.model_inputs = (args, kwargs)
         self.autocast = {dev: torch.get_autocast_dtype(dev) for dev in _DEVICES
                          if torch.is_autocast_enabled(dev)}
-        if BACKEND == "greenlet":
+        if self.green:
             reply = self._green.parent.switch(("model", None))
         else:
             self._send(("model", None))
@@ -228,7 +271,10 @@ def start_all(bodies: Sequence[_Body]) -> list[str]:
     """Run every body up to its first stop, one after the other (with threads, as a chain:
     each body starts the next itself and the driver wakes once). Returns where each stopped;
     raises the first body's error after all have stopped."""
-    if BACKEND == "greenlet":
+    if not bodies:
+        return []
+    assert len({b.green for b in bodies}) == 1, "one step's bodies share one backend"
+    if bodies[0].green:
         assert _greenlet is not None
         here = _greenlet.getcurrent()
         for b in bodies:
@@ -251,7 +297,7 @@ def resume_all(bodies: Sequence[_Body], values: Sequence[Any]) -> list[str]:
         return []
     for b in bodies:
         assert b.where == "model", b.where
-    if BACKEND == "greenlet":
+    if bodies[0].green:
         return _each(bodies, list(values))
     for b, nxt, v in zip(bodies, bodies[1:], values[1:]):
         b._then = functools.partial(nxt._to_body.put, v)
