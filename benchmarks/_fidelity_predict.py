@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from modelparallel.cost_model import CallOverhead, estimate_costs
+from modelparallel.cost_model import CallOverhead, DeviceSpec, estimate_costs, get_device_spec
+from modelparallel.cost_model.analytic import analytic_costs
 from modelparallel.cost_model.node_replay import (
     BackwardMode,
     ForwardMode,
@@ -21,11 +23,12 @@ from modelparallel.cost_model.node_replay import (
     with_backward_context,
     with_forward_context,
 )
+from modelparallel.cost_model.op_table import OpTable
 from modelparallel.ir import Graph
 from modelparallel.partitioner import evaluate_assignment
 from modelparallel.plan import Plan, PlanConfig
 
-__all__ = ["OPTIMIZER", "PARTITIONS", "SCHEDULE", "_config", "_rel", "_with_context",
+__all__ = ["OPTIMIZER", "PARTITIONS", "SCHEDULE", "_config", "_rel", "_roofline", "_with_context",
            "predict_model"]
 
 PARTITIONS = 4
@@ -53,6 +56,12 @@ def _with_context(profiles: dict[str, NodeProfile], context: Mapping[str, Any]
     return profiles
 
 
+def _roofline(plan_device: str) -> DeviceSpec:
+    """The built-in spec without its op table: the roofline column, and what plans the
+    assignment (as in records made before op tables)."""
+    return replace(get_device_spec(plan_device), op_table="")
+
+
 def _config(microbatches: int, time_limit: float) -> PlanConfig:
     return PlanConfig(partitions=PARTITIONS, microbatches=microbatches, schedule=SCHEDULE,
                       optimizer=OPTIMIZER, time_limit=time_limit)
@@ -73,22 +82,30 @@ def _node_profile(values: list[Any], graph: Graph, name: str) -> NodeProfile:
     return NodeProfile(*values[:4], kind=kind)
 
 
-def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[str, Any]:
+def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any,
+                  ops: OpTable | None = None) -> dict[str, Any]:
     """Predictions of the cost model for every stage of a raw record, beside its measurements.
 
     The assignment is the recorded one (planned on ``plan_device``'s roofline); the modes are
     that roofline, the roofline on the calibrated ``spec`` (if any) and profiling mode
-    (``node_times`` of the recorded node profiles). Memory is the plan's.
+    (``node_times`` of the recorded node profiles), and, with ``ops``, the analytic model
+    on that op table (Note [analytic cost model]: no profile of the model used). Memory is
+    the plan's.
     """
     graph = Graph.from_dict(raw["graph"])
     config = _config(raw["microbatches"], raw.get("time_limit", 10.0))
     assignment = raw["assignment"]
     mb = raw["microbatch_size"]
-    plan = evaluate_assignment(graph, config, plan_device, assignment, samples_per_microbatch=mb)
+    roof = _roofline(plan_device)
+    plan = evaluate_assignment(graph, config, roof, assignment, samples_per_microbatch=mb)
     predictions: dict[str, Plan] = {"roofline": plan}
     if spec is not None:
         predictions["roofline_calibrated"] = evaluate_assignment(
             graph, config, spec, assignment, samples_per_microbatch=mb)
+    if ops is not None:
+        predictions["analytic"] = evaluate_assignment(
+            graph, config, roof, assignment, samples_per_microbatch=mb,
+            costs=[analytic_costs(graph, roof, ops, optimizer=OPTIMIZER)])
     profiles = {k: _node_profile(v, graph, k) for k, v in raw["profiles"].items()}
     if "context" in raw:  # re-fold the in-context times as measured (older records: as folded)
         profiles = _with_context(profiles, raw["context"])
@@ -132,9 +149,9 @@ def predict_model(raw: dict[str, Any], *, plan_device: str, spec: Any) -> dict[s
         replay = None if mode == "profiled_additive" else host_replay(
             order, profiles, backward_host=bh, forward_host=fh,
             call=call if mode == "profiled" else None)
-        costs = estimate_costs(graph, plan_device, optimizer=OPTIMIZER, measured=mode_times,
+        costs = estimate_costs(graph, roof, optimizer=OPTIMIZER, measured=mode_times,
                                replay=replay)
-        predictions[mode] = evaluate_assignment(graph, config, plan_device, assignment,
+        predictions[mode] = evaluate_assignment(graph, config, roof, assignment,
                                                 costs=[costs], samples_per_microbatch=mb)
     rows = []
     for measured in raw["stages"]:

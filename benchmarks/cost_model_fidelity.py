@@ -89,7 +89,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ from _fidelity_predict import (
     PARTITIONS,
     SCHEDULE,
     _config,
+    _roofline,
     _with_context,
     predict_model,
 )
@@ -131,6 +132,7 @@ from modelparallel.cost_model.node_replay import (
     NodeProfile,
     robust_mean,
 )
+from modelparallel.cost_model.op_table import builtin_op_table, load_op_table
 from modelparallel.partitioner import partition
 from modelparallel.tracer import trace
 
@@ -233,7 +235,7 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
 
     config = _config(m, time_limit)
     t0 = time.perf_counter()
-    plan = partition(graph, config, plan_device, samples_per_microbatch=mb_size)
+    plan = partition(graph, config, _roofline(plan_device), samples_per_microbatch=mb_size)
     plan_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     profiles = profile_nodes(traced.gm, flat, warmup=profile_warmup, repeat=profile_repeat,
@@ -399,6 +401,9 @@ def _table(results: list[dict[str, Any]], modes: list[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = model_benchmark_parser(__doc__)
     parser.add_argument("--spec", default=None, help="calibrated device spec JSON")
+    parser.add_argument("--ops", default=None, metavar="TABLE",
+                        help="op table ('partition-plan calibrate --ops') for the analytic "
+                             "column: a JSON file or a built-in name (h200)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed repetitions per stage per round")
@@ -434,10 +439,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = get_device_spec(a.spec) if a.spec else None
         header, records, failed = _measure_all(a, device, spec, log)
     plan_device = header["plan_device"]
-    modes = ["roofline"] + (["roofline_calibrated"] if spec is not None else []) + [
+    if spec is not None:  # the calibrated roofline column: without the spec's op table
+        spec = replace(spec, op_table="")
+    ops = None if not a.ops else (load_op_table(a.ops) if a.ops.endswith(".json")
+                                  else builtin_op_table(a.ops))
+    if a.ops and ops is None:
+        print(f"--ops {a.ops}: no such built-in op table", file=sys.stderr)
+        return 2
+    modes = ["roofline"] + (["roofline_calibrated"] if spec is not None else []) + (
+        ["analytic"] if ops is not None else []) + [
         "profiled", "profiled_additive", "profiled_device_bwd", "profiled_context_bwd",
         "profiled_isolated_fwd", "profiled_context_fwd"]
-    results = [predict_model(r, plan_device=plan_device, spec=spec) for r in records.values()]
+    results = [predict_model(r, plan_device=plan_device, spec=spec, ops=ops)
+               for r in records.values()]
     # and the forward alone against the stage's measured forward (measured_fwd_ms), the two
     # forward host models (Note [in-context forward host time]):
     summary = _summary(results, [*modes, "profiled_backward_host",
@@ -449,10 +463,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profiled_time_worst": summary["profiled"]["worst"] <= bar["profiled_time_worst"],
         "memory_worst": summary["memory"]["worst"] <= bar["memory_worst"],
     }
+    if ops is not None and results:  # issue 17 section 3: no profiling of the model at hand
+        bar.update({"analytic_time_median": 0.15, "analytic_time_worst": 0.30})
+        met["analytic_time_median"] = summary["analytic"]["median"] <= 0.15
+        met["analytic_time_worst"] = summary["analytic"]["worst"] <= 0.30
     out = {
         "benchmark": "cost_model_fidelity",
         **{k: v for k, v in header.items() if k != "failed"},
         "calibrated_spec": None if spec is None else spec.to_dict(),
+        "op_table": None if ops is None else {"source": a.ops, "device": ops.device,
+                                              **ops.metadata},
         "predicted_with": versions("transformers"),
         "predicted_from": (f"--recompute {a.recompute}: measurements of the run above, "
                            "predictions by the cost model of 'predicted_with'"
@@ -499,7 +519,7 @@ def _measure_all(a: argparse.Namespace, device: torch.device, spec: Any,
     header: dict[str, Any] = {
         "device": name, "versions": versions("transformers"), "dtype": a.dtype,
         "partitions": PARTITIONS, "schedule": SCHEDULE, "optimizer": OPTIMIZER,
-        "plan_device": "h100" if device.type == "cuda" else "cpu",
+        "plan_device": ("h200" if "H200" in name else "h100") if device.type == "cuda" else "cpu",
         "calibrated_spec": None if spec is None else spec.to_dict(),
         "timing": {"warmup": a.warmup, "repeat": a.repeat, "rounds": a.rounds,
                    "statistic": "median of all rounds' repetitions, stages interleaved "

@@ -3,6 +3,7 @@
     python benchmarks/partition_quality.py                 # every model, p in {2, 4, 8}
     python benchmarks/partition_quality.py --quick         # GPT-2 small and ResNet-50, p in {2, 4}
     python benchmarks/partition_quality.py --models gpt2_small,unet_base --partitions 4,8
+    python benchmarks/partition_quality.py --scale         # the scale rows only (below)
     python benchmarks/partition_quality.py --compare-communication   # direct vs relay per row
 
 For each reference model (``modelparallel.models``: GPT-2 small and medium, BERT-base, a
@@ -22,6 +23,14 @@ largest stage's peak memory, and the solve time. The bar, checked per row:
 - the ILP is never worse than any baseline (uniform, param_balanced, dp);
 - the ILP's objective is within 2% of the proven lower bound;
 - the ILP's solve time is at most 10 s (``config.time_limit`` = 10 s) on this machine.
+
+The scale rows (``--scale``; ``SCALE_ROWS``) plan graphs of 5,000 to 10,400 ops built by
+``benchmarks/_scale_graphs.py`` (traced on the meta device once, then read from
+``benchmarks/.cache``): a 96-layer and a 192-layer Llama-style decoder and ResNets of 200 and
+1,000 bottleneck blocks at p = 16 (``time_limit`` 60 s; bar: within 2% of the bound in at most
+60 s), and the 96-layer decoder at p = 32 on 16 H100 + 16 A100 (bar: a plan). Each runs in its
+own process, so the row's ``peak_rss_mib`` (``resource.getrusage``) is the planner's own peak
+memory (the graph read from the cache included).
 
 Writes a rich table to stdout and ``benchmarks/results/partition_quality.json`` (versions,
 device, machine, date, every row with its pass/fail per bar). With ``--compare-communication``
@@ -62,6 +71,14 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_deep": ("llama", {"size": "deep", "device": "meta"}),
 }
 QUICK_MODELS = ("gpt2_small", "resnet50")
+#: (graph of _scale_graphs.load, partitions, devices, time limit s, bar on gap or None)
+SCALE_ROWS: tuple[tuple[str, int, str, float, float | None], ...] = (
+    ("decoder96", 16, "h100", 60.0, 0.02),
+    ("decoder192", 16, "h100", 60.0, 0.02),
+    ("resnet200", 16, "h100", 60.0, 0.02),
+    ("resnet1000", 16, "h100", 60.0, 0.02),
+    ("decoder96", 32, "16xh100,16xa100", 60.0, None),
+)
 METHODS = ("ilp", "dp", "uniform", "param_balanced")
 DEVICE = "h100"
 MICROBATCHES = 8
@@ -87,13 +104,21 @@ def _trace(name: str) -> tuple[Any, int, dict[str, Any]]:
                           "trace_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _relay(graph: Any, config: Any, batch: int, direct: Any) -> dict[str, Any]:
+def _devices(spec: str) -> Any:
+    """``"h100"`` or ``"16xh100,16xa100"`` (one device name per stage)."""
+    if "," not in spec and "x" not in spec:
+        return spec
+    return [name for part in spec.split(",") for k, name in [part.split("x", 1)]
+            for _ in range(int(k))]
+
+
+def _relay(graph: Any, config: Any, devices: Any, batch: int, direct: Any) -> dict[str, Any]:
     """The relay ILP plan of the same row, against the direct one."""
     import dataclasses
 
     from modelparallel.partitioner import partition
 
-    plan = partition(graph, dataclasses.replace(config, communication="relay"), DEVICE,
+    plan = partition(graph, dataclasses.replace(config, communication="relay"), devices,
                      samples_per_microbatch=batch)
     d, r = direct.solver.objective, plan.solver.objective
     return {"objective": r, "lower_bound": plan.solver.lower_bound, "status": plan.solver.status,
@@ -104,13 +129,14 @@ def _relay(graph: Any, config: Any, batch: int, direct: Any) -> dict[str, Any]:
 
 
 def _row(name: str, graph: Any, batch: int, p: int, time_limit: float,
+         devices: str = DEVICE, seconds_bar: float = BAR_SECONDS,
          relay: bool = False) -> dict[str, Any]:
     from modelparallel.partitioner import compare
     from modelparallel.plan import PlanConfig
 
     config = PlanConfig(partitions=p, microbatches=MICROBATCHES, schedule="1f1b",
                         optimize="speed", time_limit=time_limit)
-    plans = compare(graph, config, DEVICE, samples_per_microbatch=batch)
+    plans = compare(graph, config, _devices(devices), samples_per_microbatch=batch)
     ilp = plans["ilp"]
     bound = ilp.solver.lower_bound
     methods = {}
@@ -131,15 +157,16 @@ def _row(name: str, graph: Any, batch: int, p: int, time_limit: float,
     bar = {
         "never_worse_than_baselines": all(ilp_obj <= o * (1 + 1e-9) for o in baselines.values()),
         "within_2pct_of_bound": bound is not None and ilp_obj <= bound * (1 + BAR_GAP),
-        "solve_time_le_10s": ilp.solver.solve_time <= BAR_SECONDS,
+        "solve_time_le_10s": ilp.solver.solve_time <= seconds_bar,
     }
-    row = {"model": name, "partitions": p, "nodes": len(graph), "lower_bound": bound,
+    row = {"model": name, "partitions": p, "devices": devices, "nodes": len(graph),
+           "lower_bound": bound,
            "gap": ilp.solver.gap, "ilp_status": ilp.solver.status,
            "ilp_coarse_units": ilp.solver.coarse_nodes, "ilp_notes": list(ilp.solver.notes),
            "methods": methods, "infeasible_methods": missing, "bar": bar,
            "passes": all(bar.values())}
     if relay:
-        row["relay"] = _relay(graph, config, batch, ilp)
+        row["relay"] = _relay(graph, config, _devices(devices), batch, ilp)
     return row
 
 
@@ -188,6 +215,48 @@ def _print(rows: list[dict[str, Any]]) -> None:
         Console(width=180).print(comm)
 
 
+def _scale_row(graph_name: str, p: int, devices: str, time_limit: float,
+               bar: float | None) -> dict[str, Any]:
+    """One scale row in this process (``--one``): the graph from the cache, every method."""
+    import resource
+
+    from _scale_graphs import load
+
+    graph, load_s, cached = load(graph_name)
+    row = _row(graph_name, graph, 8, p, time_limit, devices, seconds_bar=time_limit)
+    bars = {"solve_time_le_60s": row["bar"].pop("solve_time_le_10s"),
+            "never_worse_than_baselines": row["bar"]["never_worse_than_baselines"]}
+    within = row["gap"] is not None and (bar is None or row["gap"] <= bar)
+    bars["within_2pct_of_bound" if bar is not None else "planned"] = within or bar is None
+    row["bar"] = bars
+    row["passes"] = all(bars.values())
+    row["graph_load_seconds"] = round(load_s, 2)
+    row["graph_from_cache"] = cached
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _scale(rows: list[dict[str, Any]]) -> None:
+    """Every scale row, each in its own process (its peak memory is the planner's)."""
+    import subprocess
+
+    for graph_name, p, devices, limit, bar in SCALE_ROWS:
+        cmd = [sys.executable, __file__, "--one",
+               json.dumps([graph_name, p, devices, limit, bar])]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
+        if out.returncode != 0 or not lines:
+            print(f"  {graph_name} p={p}: failed\n{out.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(lines[-1][4:])
+        rows.append(row)
+        ilp = row["methods"]["ilp"]
+        print(f"  {graph_name} ({row['nodes']} nodes) p={p} on {devices}: ilp "
+              f"{ilp['objective']:.4f}, gap {100 * row['gap']:.2f}% in "
+              f"{ilp['solve_seconds']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB: "
+              f"{'pass' if row['passes'] else 'MISS'}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=None,
@@ -202,9 +271,16 @@ def main(argv: list[str] | None = None) -> int:
                          "--compare-communication)")
     ap.add_argument("--compare-communication", action="store_true",
                     help="also plan every row with communication='relay' and report the ratio")
+    ap.add_argument("--scale", action="store_true",
+                    help="only the scale rows (graphs of 5,000-10,400 ops, p = 16 and 32), "
+                         "merged into the output's rows")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.output is None:
         a.output = COMM_RESULTS if a.compare_communication else RESULTS
+    if a.one is not None:  # one scale row, in a process of its own
+        print("ROW " + json.dumps(_scale_row(*json.loads(a.one))), flush=True)
+        return 0
     names = a.models.split(",") if a.models else list(QUICK_MODELS if a.quick else MODELS)
     unknown = [x for x in names if x not in MODELS]
     if unknown:
@@ -213,6 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         [2, 4] if a.quick else [2, 4, 8])
     rows: list[dict[str, Any]] = []
     traced: dict[str, Any] = {}
+    previous = json.loads(a.output.read_text()) if a.output.exists() else {}
+    if a.scale:
+        _scale(rows)
+        _print(rows)
+        out = dict(previous, scale_rows=rows, scale_setup={
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rows": [dict(zip(("graph", "partitions", "devices", "time_limit_s", "gap_bar"), r))
+                     for r in SCALE_ROWS], "versions": versions("transformers", "highspy")})
+        a.output.parent.mkdir(parents=True, exist_ok=True)
+        a.output.write_text(json.dumps(out, indent=1))
+        print(f"{sum(r['passes'] for r in rows)} of {len(SCALE_ROWS)} scale rows meet the bar; "
+              f"wrote {a.output}")
+        return 0
     for name in names:
         graph, batch, facts = _trace(name)
         traced[name] = facts
@@ -251,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "misses": misses,
     }
+    for key in ("scale_rows", "scale_setup"):  # kept from the last --scale run
+        if key in previous:
+            out[key] = previous[key]
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(out, indent=1))
     print(f"wrote {a.output}")

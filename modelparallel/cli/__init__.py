@@ -11,6 +11,7 @@ Commands:
   with a measured trace (``pipeline(..., trace=DIR)``) the measured timeline under the estimate.
 - ``codegen plan.json --stage K``: the generated code of one stage.
 - ``calibrate -o spec.json``: measure this machine's device into a spec ``build --device`` reads;
+  with ``--ops ops.json`` also the op table of the analytic cost model, which the spec names;
   with ``--model MODEL --ops-out ops.json`` also the time of every node of that model on it.
 - ``build MODEL --measured ops.json`` (or ``--profile``): plan with measured node times instead of
   the roofline (profiling mode; Note [profiling isolated nodes] in ``cost_model/measure/isolated.py``).
@@ -110,6 +111,10 @@ def _build_parser() -> _Parser:
     cal.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     cal.add_argument("--name", default=None, help="name to record in the spec")
     cal.add_argument("--quick", action="store_true", help="fewer, smaller measurements")
+    cal.add_argument("--ops", default=None, metavar="FILE",
+                     help="also measure the op table of the analytic cost model (per-op-kind "
+                          "device and host times) into FILE; the spec names it, so 'build "
+                          "--device SPEC' plans with it")
     cal.add_argument("--model", default=None, metavar="MODEL",
                      help="also time every node of this model on the device (with --ops-out)")
     cal.add_argument("--ops-out", default=None, metavar="FILE",

@@ -198,11 +198,27 @@ def _cmd_calibrate(a: argparse.Namespace, console: Any, err: Any) -> int:
         raise ConfigError("--model and --ops-out go together: --model names what to profile, "
                           "--ops-out where its node times go")
     spec = calibrate(device=a.device, name=a.name, quick=a.quick, console=err)
+    if a.ops:
+        from modelparallel.cost_model.measure.ops import calibrate_ops
+
+        table = calibrate_ops(device=a.device, quick=a.quick, console=err)
+        ops = table.save(a.ops)
+        err.print(f"wrote {ops} ({len(table.ops)} op families measured on {table.device})")
+        spec = replace(spec, op_table=_relative_to(ops, Path(a.output).parent))
     Path(a.output).write_text(json.dumps(spec.to_dict(), indent=1))
     err.print(f"wrote {a.output}")
     if a.model:
         _calibrate_ops(a, spec, err)
     return 0
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` where it lies inside it, else absolute (a spec names
+    its op table relative to its own folder: ``load_device_spec``)."""
+    try:
+        return str(path.resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(path.resolve())
 
 
 def _calibrate_ops(a: argparse.Namespace, spec: Any, err: Any) -> None:

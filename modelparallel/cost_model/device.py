@@ -21,12 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from modelparallel._jsonfile import read_json_file
+from modelparallel.cost_model.op_table import OpTable, builtin_op_table, load_op_table
 from modelparallel.errors import ConfigError
 from modelparallel.units import GIB as _GIB
 from modelparallel.units import parse_bytes
@@ -59,6 +61,11 @@ class DeviceSpec:
         matmul_efficiency: Fraction of ``peak_flops`` dense ops reach (Note [achievable fractions]).
         memory_efficiency: Fraction of ``memory_bandwidth`` bandwidth-bound ops reach.
         kernel_overhead: Fixed time per op launch, seconds (CPU dispatch or GPU launch latency).
+        extra: Free-form facts about the spec (what was measured, versions).
+        op_table: The device kind's op table, which makes the analytic cost model the default
+            (Note [analytic cost model] in ``analytic.py``): a built-in table's name
+            (``"h200"``) or an op-table JSON path (relative paths are read from the spec
+            file's folder); ``""``: none, the roofline.
     """
 
     name: str
@@ -71,6 +78,7 @@ class DeviceSpec:
     memory_efficiency: float = 1.0
     kernel_overhead: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    op_table: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", {str(k): float(v) for k, v in self.peak_flops.items()})
@@ -93,6 +101,20 @@ class DeviceSpec:
             if not 0 < v <= 1:
                 raise ConfigError(f"device {self.name!r}: {attr} = {v} must be in (0, 1]")
         object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
+
+    def ops(self) -> OpTable | None:
+        """The op table :attr:`op_table` names (read once per path), or None.
+
+        Raises:
+            ConfigError: if it names no built-in table and no readable table file.
+
+        Example:
+            >>> get_device_spec("h200").ops() is not None, get_device_spec("v100").ops()
+            (True, None)
+        """
+        if not self.op_table:
+            return None
+        return _op_table(self.op_table)
 
     def flops_per_second(self, dtype: str) -> float:
         """Achievable dense FLOP/s for ``dtype``; unknown dtypes fall back to float32."""
@@ -125,6 +147,8 @@ class DeviceSpec:
         d["peak_flops"] = dict(self.peak_flops)
         if not d["extra"]:
             del d["extra"]
+        if not d["op_table"]:
+            del d["op_table"]
         return d
 
     @classmethod
@@ -175,8 +199,20 @@ BUILTIN_DEVICES: Mapping[str, DeviceSpec] = {
     "v100": _spec("v100", 15.7e12, 125e12, 900e9, 32, 150e9, 10e-6, 0.7, 0.8, 5e-6),
     "a100": _spec("a100", 156e12, 312e12, 2.0e12, 80, 300e9, 8e-6, 0.75, 0.8, 5e-6),
     "h100": _spec("h100", 494.7e12, 989.4e12, 3.35e12, 80, 450e9, 8e-6, 0.7, 0.8, 4e-6),
-    "h200": _spec("h200", 494.7e12, 989.4e12, 4.8e12, 141, 450e9, 8e-6, 0.7, 0.8, 4e-6),
+    "h200": replace(_spec("h200", 494.7e12, 989.4e12, 4.8e12, 141, 450e9, 8e-6, 0.7, 0.8, 4e-6),
+                    op_table="h200"),
 }
+
+
+@functools.cache
+def _op_table(name: str) -> OpTable:
+    if "/" not in name and not name.endswith(".json"):
+        table = builtin_op_table(name)
+        if table is None:
+            raise ConfigError(f"no built-in op table {name!r}; give an op-table JSON path "
+                              "(write one with 'partition-plan calibrate --ops FILE')")
+        return table
+    return load_op_table(name)
 
 
 def get_device_spec(name_or_path: str | Path | DeviceSpec) -> DeviceSpec:
@@ -254,4 +290,9 @@ def load_device_spec(path: str | Path) -> DeviceSpec:
         data = data["device"]
     if not isinstance(data, dict):
         raise ConfigError(f"device spec {str(path)!r} must hold a JSON object")
+    table = data.get("op_table")
+    if isinstance(table, str) and (table.endswith(".json") or "/" in table):
+        relative = Path(path).parent / table
+        if not Path(table).is_absolute() and relative.is_file():
+            data = {**data, "op_table": str(relative)}
     return DeviceSpec.from_dict(data)
