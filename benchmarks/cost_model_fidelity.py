@@ -3,6 +3,7 @@
     python benchmarks/cost_model_fidelity.py --device cuda --spec h100-calibrated.json \\
         --out benchmarks/results/cost_model_fidelity-h100.json
     python benchmarks/cost_model_fidelity.py --device cpu --quick      # tiny models, minutes
+    python benchmarks/cost_model_fidelity.py --recompute RAW --ops h200   # + the analytic column
 
 For each model (GPT-2 medium, a 1.1B Llama decoder, ResNet-50, BERT-large; tiny versions with
 ``--quick``), in ``--dtype`` (default bfloat16), on one device:
@@ -10,7 +11,9 @@ For each model (GPT-2 medium, a 1.1B Llama decoder, ResNet-50, BERT-large; tiny 
 1. trace one microbatch of the batch on the device, and plan 4 stages with the ILP on the built-in
    spec (``h100``, or ``cpu`` for ``--device cpu``), schedule 1F1B, Adam;
 2. predict each stage's forward+backward time per microbatch three ways, on the same assignment:
-   the roofline with the built-in spec, the roofline with the calibrated spec (``--spec``), and
+   the roofline with the built-in spec, the roofline with the calibrated spec (``--spec``), the
+   analytic model on an op table (``--ops``: a built-in name or a ``calibrate --ops`` file; no
+   measurement of the model: Note [analytic cost model] in ``cost_model/analytic.py``), and
    profiling mode (``cost_model.measure.profile_nodes`` of every node, with the in-context host
    times, each stage replayed alone with the input-derived nodes it recomputes, as the
    partitioner's evaluation does: Note [stage replay] in ``cost_model/replay.py``);

@@ -8,12 +8,13 @@
     ``torch.nn.parallel.DistributedDataParallel`` over 4 ranks (each a whole model); ratios
     against DDP side by side. Median of the timed steps after one warm-up step.
 (b) Memory of one stage (a one-stage pipeline of the whole model, GPipe, all microbatches in
-    flight) with none / checkpointing="all" / offload_activations / bf16: the planner's
-    predicted activation bytes (``plan.stages[0].memory.activations + workspace``, Note [memory
-    features]) against the measured ones. On CUDA: ``torch.cuda.max_memory_allocated`` during the
-    step minus the memory before it. On CPU: the bytes autograd keeps for backward (a
-    ``saved_tensors_hooks`` meter around the step; offload then keeps nothing on the "device").
-    Step time of each, and the ratios to "none".
+    flight) with none / checkpointing="all" / offload_activations / bf16, MiB, predicted by the
+    planner (``plan.stages[0].memory``, Note [memory features]) against measured: the stage's
+    peak (``memory.peak`` against ``torch.cuda.max_memory_allocated``: parameters, optimizer
+    state and the step), and the step's part (``gradients + activations + workspace`` against
+    the peak above what was allocated before the step, gradients set to None). On CPU the
+    measurement is the profiler's allocation timeline of the step (offload is left out: host
+    memory is the CPU's). Step time of each, and the ratios to "none".
 
 Writes a table to stdout and ``benchmarks/results/hybrid.json`` (with versions and date).
 """
@@ -128,6 +129,25 @@ def step_times(cfg: dict[str, Any]) -> dict[str, float]:
 # -- (b) memory of one stage -------------------------------------------------------------------------
 
 
+def _allocated_peak_cpu(step: Any) -> float:
+    """Peak bytes allocated on the CPU while ``step()`` runs, above what was allocated before
+    (the profiler's memory timeline: every tensor allocation and free)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    cur = best = 0
+    for _, action, _, nbytes in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action.name == "CREATE":
+            cur += nbytes
+        elif action.name == "DESTROY":
+            cur -= nbytes
+        best = max(best, cur)
+    return float(best)
+
+
 def _measure(case: Any, features: dict[str, Any], m: int, device: torch.device, steps: int
              ) -> dict[str, float]:
     import modelparallel
@@ -136,55 +156,55 @@ def _measure(case: Any, features: dict[str, Any], m: int, device: torch.device, 
     x, y = case.args[0].to(device), case.target.to(device)
     pipe = modelparallel.pipeline(model, x, loss_fn=case.loss_fn, microbatches=m,
                                   schedule="gpipe", method="uniform", device=device, **features)
-    predicted = pipe.plan.stages[0].memory
+    mem = pipe.plan.stages[0].memory
     opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
-    kept = [0, 0]
-    held = {t.untyped_storage().data_ptr() for t in model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() in held:  # a parameter: no new memory
-            return t
-        kept[0] += t.numel() * t.element_size()
-        kept[1] = max(kept[1], kept[0])
-        return t
-
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    times, measured = [], 0.0
+    times, transient, held = [], 0.0, 0.0
     for i in range(steps + 1):
-        opt.zero_grad()
+        opt.zero_grad()  # gradients freed: they are part of the step's transient memory
+        last = i == steps
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        kept[0] = kept[1] = 0
         t0 = time.perf_counter()
         if device.type == "cuda":
             pipe.step(x, y, return_outputs=False)
             torch.cuda.synchronize()
-            measured = float(torch.cuda.max_memory_allocated() - base)
+            transient, held = float(torch.cuda.max_memory_allocated() - base), float(base)
+        elif last and i:  # CPU: the profiler's allocation timeline (slow: the last step only)
+            transient = _allocated_peak_cpu(lambda: pipe.step(x, y, return_outputs=False))
+            held = float(sum(t.numel() * t.element_size() for t in model.parameters())
+                         + sum(t.numel() * t.element_size() for st in opt.state.values()
+                               for t in st.values() if isinstance(t, torch.Tensor)))
         else:
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                pipe.step(x, y, return_outputs=False)
-            measured = float(kept[1])
-        if i:
+            pipe.step(x, y, return_outputs=False)
+        if i and not (last and device.type != "cuda"):
             times.append(time.perf_counter() - t0)
         opt.step()
-    return {"predicted_bytes": float(predicted.activations + predicted.workspace),
-            "measured_bytes": measured, "step_s": statistics.median(times)}
+    pipe.close()
+    return {"predicted_peak_bytes": float(mem.peak),
+            "measured_peak_bytes": held + transient,
+            "predicted_bytes": float(mem.gradients + mem.activations + mem.workspace),
+            "measured_bytes": transient,
+            "predicted_activations_bytes": float(mem.activations),
+            "step_s": statistics.median(times) if times else float("nan")}
 
 
 def memory_table(model: str, batch: int, m: int, steps: int) -> dict[str, dict[str, float]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = _case(model, batch)
     rows: dict[str, dict[str, float]] = {}
-    for label, feats in (("none", {}), ("checkpointing", {"checkpointing": "all"}),
-                         ("offload", {"offload_activations": True}),
-                         ("bf16", {"precision": "bf16"})):
-        rows[label] = _measure(case, feats, m, device, steps)
+    feats: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("none", {}), ("checkpointing", {"checkpointing": "all"}),
+        ("offload", {"offload_activations": True}), ("bf16", {"precision": "bf16"}))
+    for label, kw in feats:
+        if label == "offload" and device.type == "cpu":
+            continue  # host memory is the CPU's memory: nothing to offload to
+        rows[label] = _measure(case, kw, m, device, max(steps, 2))
     base = rows["none"]
     for r in rows.values():
+        r["peak_error"] = r["predicted_peak_bytes"] / max(r["measured_peak_bytes"], 1.0) - 1
+        r["transient_error"] = r["predicted_bytes"] / max(r["measured_bytes"], 1.0) - 1
         r["memory_ratio"] = r["measured_bytes"] / max(base["measured_bytes"], 1.0)
         r["predicted_ratio"] = r["predicted_bytes"] / max(base["predicted_bytes"], 1.0)
         r["time_ratio"] = r["step_s"] / base["step_s"]
@@ -219,14 +239,19 @@ def main(argv: list[str] | None = None) -> int:
         return _write(a.out, result)
     mem = memory_table(a.model, a.global_batch // 2, a.microbatches, steps)
     result["memory_one_stage"] = mem
-    dev = "cuda" if torch.cuda.is_available() else "cpu (saved-tensor bytes)"
+    dev = "cuda" if torch.cuda.is_available() else "cpu (profiler allocation timeline)"
     print(f"(b) one stage, {a.model}, batch {a.global_batch // 2}, m = {a.microbatches}, {dev}")
-    print(f"{'feature':<14} {'pred MiB':>9} {'meas MiB':>9} {'pred x':>7} {'meas x':>7} "
-          f"{'step ms':>9} {'time x':>7}")
+    print("    peak: whole stage (parameters, optimizer state, step); step: above what the step "
+          "starts with (gradients, activations, workspace)")
+    print(f"{'feature':<14} {'pred peak':>10} {'meas peak':>10} {'err':>6} {'pred step':>10} "
+          f"{'meas step':>10} {'err':>6} {'pred x':>7} {'meas x':>7} {'step ms':>9} "
+          f"{'time x':>7}")
     for k, r in mem.items():
-        print(f"{k:<14} {r['predicted_bytes'] / 2**20:>9.2f} {r['measured_bytes'] / 2**20:>9.2f} "
-              f"{r['predicted_ratio']:>7.2f} {r['memory_ratio']:>7.2f} {1e3 * r['step_s']:>9.1f} "
-              f"{r['time_ratio']:>7.2f}")
+        print(f"{k:<14} {r['predicted_peak_bytes'] / 2**20:>10.0f} "
+              f"{r['measured_peak_bytes'] / 2**20:>10.0f} {100 * r['peak_error']:>5.0f}% "
+              f"{r['predicted_bytes'] / 2**20:>10.0f} {r['measured_bytes'] / 2**20:>10.0f} "
+              f"{100 * r['transient_error']:>5.0f}% {r['predicted_ratio']:>7.2f} "
+              f"{r['memory_ratio']:>7.2f} {1e3 * r['step_s']:>9.1f} {r['time_ratio']:>7.2f}")
     return _write(a.out, result)
 
 

@@ -42,7 +42,10 @@ backward FLOPs over twice the forward's; a binary op with one such input: half);
 forward), as autograd sums them. Host times are the family's (plus ``module_call`` for an
 ``nn.Module`` node). A node whose family the table lacks keeps the roofline, with the spec's
 per-op overhead as its host time. What this gets right and wrong is measured in
-``docs/measurements.md`` (from ``benchmarks/cost_model_fidelity.py``'s ``analytic`` column).
+``docs/measurements.md`` (from ``benchmarks/cost_model_fidelity.py``'s ``analytic`` column):
+device times per family come within a few percent of profiling on an H200; host times are the
+weaker half (the backward host time of families the calibration cannot chain over-counts,
+Note [op calibration] in ``measure/ops.py``).
 
 Example:
     >>> from modelparallel.cost_model.op_table import Curve, Grid, OpEntry, OpTable

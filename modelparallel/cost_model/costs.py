@@ -19,7 +19,11 @@ Note [activation memory]
 A node's ``saved_bytes`` is what the tracer measured autograd saving (each storage counted once,
 at its first saver: Note [saved storages counted once] in ``modelparallel/tracer/annotate.py``),
 plus, for the nodes whose values are model outputs, those values: the runtime holds the model
-output of every microbatch in flight until the loss's backward has run. Its ``workspace_bytes``
+output of every microbatch in flight until the loss's backward has run; and what the loss saves
+for its backward, counted as one float32 tensor of each grad-requiring output's size
+(cross-entropy keeps its log-softmax, in float32 for half-precision logits too; a squared error
+its difference). Measured on GPT-2 medium, that is the 4 x 49 MiB the model missed before
+(``benchmarks/results/hybrid-h200-gpt2-medium-memory.json``). Its ``workspace_bytes``
 is the transient memory while it runs: forward, its outputs; backward, the gradient arriving for
 its outputs plus the gradients it produces for its inputs (none for the inputs of an addition
 of the output's shape, which receive the incoming gradient itself) and, before they are added
@@ -60,6 +64,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -79,6 +84,7 @@ __all__ = [
     "estimate_costs",
     "inflight_microbatches",
     "is_view_like",
+    "held_output_bytes",
     "param_state_bytes",
 ]
 
@@ -309,14 +315,31 @@ def _sent_held_bytes(graph: Graph) -> dict[str, int]:
     return out
 
 
-def _held_outputs(graph: Graph) -> dict[str, int]:
-    """Bytes of the model outputs by producing node, held until the loss's backward."""
-    out: dict[str, int] = {}
+def held_output_bytes(graph: Graph) -> dict[str, tuple[int, int]]:
+    """Per node whose value is a model output: the bytes of that value, held until the loss's
+    backward, and what the loss saves for it (one float32 tensor of each grad-requiring
+    output's size; Note [activation memory]).
+
+    Example:
+        >>> from modelparallel.partitioner._synthetic import chain_graph
+        >>> g = chain_graph(2)
+        >>> [(k, value > 0, loss > 0) for k, (value, loss) in held_output_bytes(g).items()]
+        [('fc1', True, True)]
+    """
+    out: dict[str, tuple[int, int]] = {}
     for node in graph.nodes:
         if node.op is OpKind.OUTPUT:
             for name in node.inputs:
-                out[name] = graph.node(name).output_bytes
+                src = graph.node(name)
+                loss = sum(4 * math.prod(t.shape) for t in src.outputs
+                           if t.requires_grad and t.dtype.startswith(("float", "bfloat")))
+                out[name] = (src.output_bytes, loss)
     return out
+
+
+def _held_outputs(graph: Graph) -> dict[str, int]:
+    """Bytes of the model outputs by producing node and the loss's saved bytes for them."""
+    return {k: v + loss for k, (v, loss) in held_output_bytes(graph).items()}
 
 
 def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,

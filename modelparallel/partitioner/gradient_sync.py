@@ -19,13 +19,14 @@ all-reduce starts as soon as the step's *last* microbatch backward has produced 
   over the ``m`` microbatches it is added to the node's time per microbatch
   (``Problem.time``, hence every method's stage time ``T_s`` and the objective). The sum of
   these positive parts is at least the positive part of the stage's sum: conservative.
-- *Step time* (:func:`sync_finish`, used by
-  :func:`~modelparallel.partitioner.evaluate.step_time`): stage ``s``'s last backward ``B_s``
-  starts at ``t_s``; its ``k`` buckets (``A_s`` seconds in all) become ready evenly during it
-  and run one after another, so its all-reduce ends at ``t_s + max(B_s + A_s / k, B_s / k +
-  A_s)``. The step ends when the pipeline's makespan and every stage's all-reduce have. In
-  GPipe and 1F1B stage ``s``'s last backward ends ``sum_{r < s} (b_r + c_r / 2)`` before the
-  makespan (the stages before it still run theirs); the other schedules are simulated.
+- *Step time*: a stage's time per microbatch grows by its nodes' exposure divided by ``m``,
+  so a step (``m`` of the bottleneck's microbatches plus the fill) pays about one exposed
+  all-reduce, the same in every method, the bounds and
+  :func:`~modelparallel.partitioner.evaluate.step_time`; ``build_problem`` does this
+  (``_charge_gradient_sync``) and notes the total in the solver report. :func:`sync_finish`
+  is the closed form for one stage whose ``k`` buckets (``A`` seconds in all) become ready
+  evenly during its last backward ``B`` (starting at ``t``): ``t + max(B + A / k, B / k + A)``,
+  for reports and benchmarks.
 
 Tied parameters replicated on several stages are charged to their first reader's node only
 (each holding stage all-reduces them: an under-count of one embedding-sized bucket).

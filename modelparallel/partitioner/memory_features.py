@@ -22,16 +22,41 @@ and memory] in ``problem.py``):
 - *Activation offload*: saved bytes live in host memory between forward and backward: a node's
   saved bytes become a workspace (its microbatch on the device while it is copied out and back,
   twice its saved bytes), and its forward and backward each pay the copy at the device's
-  ``extra["host_bandwidth"]`` (default 25 GB/s, PCIe 4 x16; none on a CPU device).
-- *Mixed precision* (``bf16``/``fp16``): activation, communication and gradient-of-activation
-  bytes halve (autocast computes in half precision; parameters, their gradients and the
-  optimizer state stay fp32: master weights); compute time scales by the device's fp32 / half
-  peak ratio, but by no less than 1/2 (memory-bound ops only halve their bytes).
+  ``extra["host_bandwidth"]`` (default 25 GB/s, PCIe 4 x16; on CPU devices nothing changes,
+  as the runtime leaves host tensors where they are). What the
+  runtime's hooks do not see stays: the model outputs held for the loss and what the loss saves
+  (Note [activation memory] in ``modelparallel/cost_model/costs.py``); parameters stay on the
+  device too (their bytes are already counted as parameters).
+- *Mixed precision* (``bf16``/``fp16``, Note [autocast bytes]): parameters, their gradients and
+  the optimizer state stay fp32 (master weights); activation, communication and
+  gradient-of-activation bytes follow the dtype autocast gives each node; every microbatch in
+  flight keeps a half-precision copy of each weight a matmul-class op reads (autocast casts it
+  once per forward and the op saves the copy for backward); compute time scales by the
+  device's fp32 / half peak ratio, but by no less than 1/2 (memory-bound ops only halve their
+  bytes).
 - ``active_microbatches``: in-flight microbatches per stage are capped at it (the runtime runs
   the schedule in waves of that many, Note [active microbatches] in
   ``modelparallel/runtime/waves.py``).
 - ``shard_optimizer_state`` with ``data_parallel = d``: a trainable parameter's optimizer state
   divides by ``d`` (value and gradient stay whole: ZeRO-1).
+
+Note [autocast bytes]
+~~~~~~~~~~~~~~~~~~~~~
+Under ``torch.autocast`` a node's output is half precision when it is a matmul-class op
+(:data:`LOWER_OPS`: linear, addmm, bmm, convolutions, attention), float32 when it is on the
+device's float32 list (:func:`fp32_ops`: softmax, layer norm, ``pow``, losses... on CUDA; only
+losses and a few reductions on the CPU), and otherwise the widest of its floating inputs
+(parameters aside), so a residual stream that starts from an fp32 embedding stays fp32 and a
+GELU written with ``pow`` runs in fp32 on CUDA. A node's saved bytes scale by 1/2 when it is a
+matmul-class op (it saves the half-precision casts of its inputs), stay when it is on the
+float32 list (it saves float32 casts) or a dropout (a boolean mask), and otherwise scale by the
+mean of its floating inputs' factors (1/2 for a half one: an elementwise op saves its inputs);
+output, sent, gradient and workspace bytes follow the output's dtype. Each trainable parameter a
+matmul-class op reads adds half its bytes to the saved bytes of its first such reader (the cast
+copy, one per microbatch in flight). The values the loss reads and the loss's float32 copy are
+left as they are. On one stage of GPT-2 medium on the H200 the copies alone are 4 x 677 MiB: the
+model that only halved activations predicted 0.50 of fp32's transient memory where 1.32 was
+measured (``benchmarks/results/hybrid-h200-gpt2-medium-memory.json``).
 
 Example:
     >>> region_of("transformer.h.3.attn.c_attn", "all", None)
@@ -47,14 +72,87 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from modelparallel.cost_model.costs import held_output_bytes
 from modelparallel.errors import InfeasiblePlanError
-from modelparallel.ir import Graph, region_of
+from modelparallel.ir import Graph, Node, OpKind, region_of
 from modelparallel.plan import Plan, PlanConfig
 
-__all__ = ["FeatureArrays", "apply_features", "auto_checkpoint", "candidate_regions",
-           "checkpoint_region", "region_of"]
+__all__ = ["LOWER_OPS", "FeatureArrays", "apply_features", "auto_checkpoint", "autocast_half",
+           "candidate_regions", "checkpoint_region", "fp32_ops", "region_of"]
 
 _HOST_BANDWIDTH = 25e9
+
+#: Ops autocast runs in half precision (Note [autocast bytes]); module types lower-cased.
+LOWER_OPS = frozenset({
+    "addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "addbmm", "einsum", "prelu",
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "conv_tbc", "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "conv1d_module", "multiheadattention"})
+
+_FP32_LOSSES = frozenset({
+    "mse_loss", "nll_loss", "nll_loss2d", "cross_entropy", "cross_entropy_loss",
+    "binary_cross_entropy", "binary_cross_entropy_with_logits", "l1_loss", "smooth_l1_loss",
+    "huber_loss", "kl_div", "poisson_nll_loss", "cosine_embedding_loss", "margin_ranking_loss",
+    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "multilabel_margin_loss",
+    "hinge_embedding_loss", "ctc_loss", "prod", "cdist"})
+
+_FP32_CUDA = _FP32_LOSSES | frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
+    "reciprocal", "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm",
+    "layernorm", "group_norm", "native_group_norm", "groupnorm", "frobenius_norm",
+    "nuclear_norm", "cosine_similarity", "dist", "pdist", "renorm", "logsumexp", "softmax",
+    "_softmax", "log_softmax", "_log_softmax", "sum", "cumsum", "cumprod", "norm",
+    "linalg_vector_norm", "rms_norm", "_fused_rms_norm"})
+
+_DROPOUT = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout"})
+
+
+def fp32_ops(device_name: str) -> frozenset[str]:
+    """The ops autocast runs in float32 on a device (Note [autocast bytes]).
+
+    Example:
+        >>> "layer_norm" in fp32_ops("h100"), "layer_norm" in fp32_ops("cpu")
+        (True, False)
+    """
+    return _FP32_LOSSES if device_name == "cpu" else _FP32_CUDA
+
+
+def _op(node: Node) -> str:
+    if node.op is OpKind.CALL_MODULE:
+        return (node.module_type or "").lower()
+    parts = [x for x in node.target.replace(":", ".").split(".") if x]
+    if len(parts) >= 2 and parts[0] in ("aten", "prims"):
+        return parts[1].lower()  # aten.<op>.<overload>
+    return parts[-1].lower() if parts else ""
+
+
+def autocast_half(graph: Graph, device_name: str) -> dict[str, bool]:
+    """Per node, whether its output is half precision under autocast (Note [autocast bytes]).
+
+    Example:
+        >>> from modelparallel.partitioner._synthetic import chain_graph
+        >>> autocast_half(chain_graph(2), "h100")["fc0"]
+        True
+    """
+    fp32 = fp32_ops(device_name)
+    half: dict[str, bool] = {}
+    for nd in graph.nodes:
+        op = _op(nd)
+        if not _floating(nd) or nd.op in (OpKind.PLACEHOLDER, OpKind.OUTPUT):
+            half[nd.name] = False
+        elif op in LOWER_OPS or (nd.op is OpKind.CALL_MODULE and op.startswith("conv")):
+            half[nd.name] = True
+        elif op in fp32:
+            half[nd.name] = False
+        else:
+            ins = [half[i] for i in nd.inputs if i in half and _floating(graph.node(i))]
+            half[nd.name] = bool(ins) and all(ins)
+    return half
+
+
+def _floating(nd: Node) -> bool:
+    return bool(nd.outputs) and nd.outputs[0].dtype.startswith(("float", "bfloat"))
 
 
 def candidate_regions(graph: Graph, names: Sequence[str], mode: str | tuple[str, ...],
@@ -80,6 +178,9 @@ class FeatureArrays:
     out_bytes: np.ndarray
     sent: np.ndarray
     grad_bytes: np.ndarray
+    held: np.ndarray | None = None
+    """Bytes of ``saved`` referenced outside autograd's saved tensors (model outputs held for
+    the loss, the loss's own): kept by checkpointing and offload; ``None``: none known."""
 
 
 def apply_features(config: PlanConfig, graph: Graph, names: Sequence[str],
@@ -89,10 +190,16 @@ def apply_features(config: PlanConfig, graph: Graph, names: Sequence[str],
     features]); return notes for the solver report."""
     notes: list[str] = []
     a = arrays
+    index = {name: i for i, name in enumerate(names)}
+    held = np.zeros(len(names))
+    loss = np.zeros(len(names))
+    for name, (value, saved_by_loss) in held_output_bytes(graph).items():
+        if name in index:
+            held[index[name]] = value
+            loss[index[name]] = saved_by_loss
     if config.precision != "fp32":
         half = "bfloat16" if config.precision == "bf16" else "float16"
-        for arr in (a.saved, a.workspace, a.out_bytes, a.sent, a.grad_bytes):
-            arr *= 0.5
+        _autocast_bytes(graph, names, index, a, held, loss, getattr(devices[0], "name", ""))
         for s, d in enumerate(devices):
             peaks = getattr(d, "peak_flops", {})
             ratio = float(peaks.get("float32", 1.0)) / float(peaks.get(half, peaks.get(
@@ -100,7 +207,9 @@ def apply_features(config: PlanConfig, graph: Graph, names: Sequence[str],
             factor = min(1.0, max(0.5, ratio))
             a.fwd[:, s] *= factor
             a.bwd[:, s] *= factor
-        notes.append(f"{config.precision}: activation and communication bytes halved")
+        notes.append(f"{config.precision}: activation and communication bytes in autocast's "
+                     "dtypes, a half-precision weight copy per microbatch in flight")
+    a.held = held + loss
     ck = config.checkpointing
     if ck != "none" and ck != "auto":
         regions = candidate_regions(graph, names, ck, config.module_depth)
@@ -110,7 +219,9 @@ def apply_features(config: PlanConfig, graph: Graph, names: Sequence[str],
             checkpoint_region(members, edge_src, edge_dst, a)
         if regions:
             notes.append(f"activation checkpointing of {len(regions)} regions")
-    if config.offload_activations:
+    if config.offload_activations and all(getattr(d, "name", "") == "cpu" for d in devices):
+        notes.append("activation offload: no effect on a CPU device (host memory is its memory)")
+    elif config.offload_activations:
         for s, d in enumerate(devices):
             if getattr(d, "name", "") == "cpu":
                 continue
@@ -118,9 +229,41 @@ def apply_features(config: PlanConfig, graph: Graph, names: Sequence[str],
             a.fwd[:, s] += a.saved / bw
             a.bwd[:, s] += a.saved / bw
         np.maximum(a.workspace, 2 * a.saved, out=a.workspace)
-        a.saved[:] = 0
+        a.saved[:] = a.held
         notes.append("activation offload: saved activations in host memory")
     return notes
+
+
+def _autocast_bytes(graph: Graph, names: Sequence[str], index: dict[str, int],
+                    a: FeatureArrays, held: np.ndarray, loss: np.ndarray, device: str) -> None:
+    """Rewrite the byte arrays for autocast (Note [autocast bytes]); ``held`` is rescaled."""
+    half = autocast_half(graph, device)
+    fp32 = fp32_ops(device)
+    cast: set[str] = set()
+    for i, name in enumerate(names):
+        nd = graph.node(name)
+        op = _op(nd)
+        out_scale = 0.5 if half[name] else 1.0
+        lower = op in LOWER_OPS or (nd.op is OpKind.CALL_MODULE and op.startswith("conv"))
+        own = a.saved[i] - held[i] - loss[i]
+        if op in fp32 or op in _DROPOUT:
+            save_scale = 1.0
+        elif lower:
+            save_scale = 0.5
+        else:  # elementwise and the like save their inputs, each in its own dtype
+            ins = [0.5 if half[x] else 1.0 for x in nd.inputs if _floating(graph.node(x))]
+            save_scale = sum(ins) / len(ins) if ins else out_scale
+        copies = 0.0
+        if lower:
+            for q in dict.fromkeys(nd.params):
+                p = graph.param(q)
+                if p.trainable and q not in cast:
+                    cast.add(q)
+                    copies += p.nbytes / 2
+        held[i] *= out_scale
+        a.saved[i] = max(own, 0.0) * save_scale + copies + held[i] + loss[i]
+        for arr in (a.workspace, a.out_bytes, a.sent, a.grad_bytes):
+            arr[i] *= out_scale
 
 
 def checkpoint_region(members: Sequence[int], edge_src: np.ndarray, edge_dst: np.ndarray,
@@ -132,8 +275,8 @@ def checkpoint_region(members: Sequence[int], edge_src: np.ndarray, edge_dst: np
     input_bytes = float(a.out_bytes[np.unique(edge_src[reads])].sum()) if reads.any() else 0.0
     total = float(a.saved[inside].sum())
     a.bwd[inside] += a.fwd[inside]
-    a.saved[inside] = 0.0
-    a.saved[members[0]] = input_bytes
+    a.saved[inside] = 0.0 if a.held is None else a.held[inside]
+    a.saved[members[0]] += input_bytes
     a.workspace[inside] = np.maximum(a.workspace[inside], total)
 
 
@@ -178,8 +321,9 @@ def auto_checkpoint(graph: Graph, config: PlanConfig, solve: Callable[[PlanConfi
 
 def _freed_per_second(members: Sequence[int], a: FeatureArrays, edge_src: np.ndarray,
                       edge_dst: np.ndarray) -> float:
-    trial = FeatureArrays(*(x.copy() for x in (a.fwd, a.bwd, a.saved, a.workspace, a.out_bytes,
-                                                a.sent, a.grad_bytes)))
+    trial = FeatureArrays(a.fwd.copy(), a.bwd.copy(), a.saved.copy(), a.workspace.copy(),
+                          a.out_bytes.copy(), a.sent.copy(), a.grad_bytes.copy(),
+                          None if a.held is None else a.held.copy())
     checkpoint_region(members, edge_src, edge_dst, trial)
     freed = float(a.saved.sum() - trial.saved.sum())
     return freed / max(float(a.fwd[list(members)].sum()), 1e-12)

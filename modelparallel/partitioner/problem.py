@@ -120,6 +120,7 @@ from modelparallel.cost_model import (
 from modelparallel.cost_model.device import DevicesArg, stage_devices
 from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.ir import Graph, input_derived_nodes
+from modelparallel.partitioner.gradient_sync import node_allreduce
 from modelparallel.partitioner.memory_features import FeatureArrays, apply_features
 from modelparallel.partitioner.order import canonical_order
 from modelparallel.plan import PlanConfig
@@ -468,6 +469,25 @@ def _sharded(state: int, nbytes: int, trainable: bool, shard: int) -> int:
     return keep + (state - keep) // shard
 
 
+def _charge_gradient_sync(graph: Graph, config: PlanConfig, names: Sequence[str],
+                          bwd: np.ndarray, stage_costs: Sequence[GraphCosts]) -> str:
+    """Add to ``bwd`` (in place) each node's all-reduce seconds not hidden behind its backward,
+    spread over the microbatches (Note [data-parallel gradient time])."""
+    grads = np.zeros(len(names))
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        for q in dict.fromkeys(graph.node(name).params):
+            if q not in seen and graph.param(q).trainable:
+                seen.add(q)
+                grads[i] += graph.param(q).nbytes
+    ar = node_allreduce(grads, config.data_parallel, [c.device for c in stage_costs])
+    exposed = np.maximum(ar - bwd, 0.0)
+    bwd += exposed / config.microbatches
+    return (f"gradient all-reduce over {config.data_parallel} replicas: "
+            f"{float(ar[:, 0].sum()) * 1e3:.2f} ms per step, {float(exposed[:, 0].sum()) * 1e3:.2f}"
+            " ms not hidden behind backward (stage 0's device)")
+
+
 def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
                   costs: Sequence[GraphCosts] | None = None) -> Problem:
     """Build the :class:`Problem` for ``graph`` under ``config`` on ``devices``.
@@ -520,6 +540,8 @@ def build_problem(graph: Graph, config: PlanConfig, devices: DevicesArg, *,
     feature_notes = apply_features(config, graph, names, edge_src, edge_dst, FeatureArrays(
         fwd=fwd, bwd=bwd, saved=saved, workspace=workspace, out_bytes=out_b, sent=sent,
         grad_bytes=grad_b), [c.device for c in stage_costs])
+    if config.data_parallel > 1:  # Note [data-parallel gradient time]
+        feature_notes.append(_charge_gradient_sync(graph, config, names, bwd, stage_costs))
     link = np.zeros((n, p))
     for st in range(p):
         dev = stage_costs[st].device

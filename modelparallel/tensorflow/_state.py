@@ -7,7 +7,9 @@ One process drives every local device: stage ``k`` runs on the ``k``-th GPU (log
 where there are none), and the pipeline is one TensorFlow graph (Note [op placement] in
 ``runtime/tf_pipeline.py``). That process is the whole model-parallel group, so ``size()``,
 ``mp_size()``, ``pp_size()`` and ``dp_size()`` are 1 and every rank is 0, and the step's outputs
-are in that process. Several processes (TensorFlow's cluster runtime) are not supported yet.
+are in that process. Across processes (``TF_CONFIG``, or the launcher's ``RANK``/``WORLD_SIZE``),
+:func:`init` starts this process's TensorFlow server and rank 0 drives the cluster (Note [tf
+cluster process model] in ``runtime/tf_cluster.py``).
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def init(config: Mapping[str, Any] | str | None = None) -> TFConfig:
     with _LOCK:
         _CONFIG = TFConfig(**fields)
     _add_get_gradients()
+    from modelparallel.runtime.tf_cluster import cluster_from_env, start_cluster
+
+    cluster = cluster_from_env()
+    if cluster is not None:
+        start_cluster(cluster)
     return _CONFIG
 
 

@@ -1,8 +1,11 @@
 """Ranks, groups, the communication helpers and ``smp.CheckpointManager`` of the TensorFlow API.
 
-One process is the whole model-parallel group (Note [tf process model] in ``_state.py``): every
-rank is 0 and every size 1; ``send``/``broadcast`` to this process are delivered to its own
-``recv_from``, so SMP code that exchanges objects between ranks runs unchanged in one process.
+In one process (Note [tf process model] in ``_state.py``) every rank is 0 and every size 1;
+``send``/``broadcast`` to this process are delivered to its own ``recv_from``, so SMP code that
+exchanges objects between ranks runs unchanged. Across processes (Note [tf cluster process model]
+in ``runtime/tf_cluster.py``) each process is one pipeline rank (``mp_rank() == pp_rank() ==
+rank()``, one model replica: ``dp_size() == 1``) and objects travel through the processes'
+mailboxes on TensorFlow's runtime.
 """
 
 from __future__ import annotations
@@ -43,29 +46,59 @@ WORLD, MP_GROUP, DP_GROUP, PP_GROUP = (CommGroup.WORLD, CommGroup.MP_GROUP, Comm
                                        CommGroup.PP_GROUP)
 
 
+def _cluster() -> Any:
+    from modelparallel.runtime.tf_cluster import current_cluster
+
+    return current_cluster()
+
+
 def rank() -> int:
-    """This process's global rank (always 0: Note [tf process model]).
+    """This process's global rank (0 in one process: Note [tf process model]).
 
     Example:
         >>> rank(), size()
         (0, 1)
     """
-    return 0
+    cl = _cluster()
+    return 0 if cl is None else int(cl.rank)
 
 
 def size() -> int:
-    """The number of processes (1)."""
+    """The number of processes."""
+    cl = _cluster()
+    return 1 if cl is None else int(cl.size)
+
+
+def local_rank() -> int:
+    """This process's index on its host."""
+    cl = _cluster()
+    return 0 if cl is None else int(cl.config.local_rank)
+
+
+def local_size() -> int:
+    """The processes on this host."""
+    cl = _cluster()
+    return 1 if cl is None else int(cl.config.local_size)
+
+
+def dp_rank() -> int:
+    """The data-parallel rank (0: one model replica)."""
+    return 0
+
+
+def dp_size() -> int:
+    """The data-parallel degree (1: one model replica)."""
     return 1
 
 
-local_rank = mp_rank = dp_rank = pp_rank = rank
-local_size = mp_size = dp_size = pp_size = size
+mp_rank = pp_rank = rank
+mp_size = pp_size = size
 
 _MAILBOX: dict[int, deque[Any]] = defaultdict(deque)
 
 
 def _check_rank(r: int) -> None:
-    if r != 0:
+    if r != 0 and _cluster() is None:
         raise ConfigError(f"rank {r} does not exist: this TensorFlow job is one process (rank 0)"
                           " driving every stage")
 
@@ -78,6 +111,10 @@ def send(obj: Any, dest_rank: int, rank_type: RankType = RankType.WORLD_RANK) ->
         {'a': 1}
     """
     _check_rank(dest_rank)
+    cl = _cluster()
+    if cl is not None:
+        cl.send(dest_rank, "user", obj)
+        return
     _MAILBOX[0].append(obj)
 
 
@@ -88,6 +125,9 @@ def recv_from(src_rank: int, rank_type: RankType = RankType.WORLD_RANK) -> Any:
         ConfigError: if nothing was sent (it would block forever).
     """
     _check_rank(src_rank)
+    cl = _cluster()
+    if cl is not None:
+        return cl.recv(src_rank, "user")
     if not _MAILBOX[0]:
         raise ConfigError("recv_from(0): nothing was sent to this process; a one-process job "
                           "receives only what it sent or broadcast")
@@ -100,6 +140,11 @@ def broadcast(obj: Any, group: CommGroup = CommGroup.WORLD) -> None:
     Example:
         >>> broadcast(1)
     """
+    cl = _cluster()
+    if cl is not None:
+        for k in range(cl.size):
+            if k != cl.rank:
+                cl.send(k, "user", obj)
 
 
 def allgather(obj: Any, group: CommGroup = CommGroup.WORLD) -> list[Any]:
@@ -109,7 +154,13 @@ def allgather(obj: Any, group: CommGroup = CommGroup.WORLD) -> list[Any]:
         >>> allgather(3)
         [3]
     """
-    return [obj]
+    cl = _cluster()
+    if cl is None:
+        return [obj]
+    for k in range(cl.size):
+        if k != cl.rank:
+            cl.send(k, "allgather", obj)
+    return [obj if k == cl.rank else cl.recv(k, "allgather") for k in range(cl.size)]
 
 
 def barrier(group: CommGroup = CommGroup.WORLD) -> None:
@@ -118,10 +169,12 @@ def barrier(group: CommGroup = CommGroup.WORLD) -> None:
     Example:
         >>> barrier()
     """
+    allgather(None, group)
 
 
 def mp_barrier() -> None:
     """:func:`barrier` on the model-parallel group."""
+    barrier()
 
 
 def dp_barrier() -> None:
@@ -145,6 +198,13 @@ class CheckpointManager(tf.train.CheckpointManager):  # type: ignore[misc]
         super().__init__(checkpoint, directory, max_to_keep=max_to_keep,
                          checkpoint_name=checkpoint_name)
         self._checkpoint_ref = checkpoint
+
+    def save(self, *args: Any, **kwargs: Any) -> Any:
+        """Write a checkpoint; across processes only rank 0 writes (the other ranks' models are
+        replicas of its: Note [tf cluster process model]) and the others return None."""
+        if rank() != 0:
+            return None
+        return super().save(*args, **kwargs)
 
     def restore(self) -> Any:
         """Restore the latest checkpoint (None when there is none)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class StepContext:
 
 
 _LOCAL = threading.local()
+_STEPS = itertools.count()  # steps decorated in this process, in order (their message tags)
 
 
 def current_step() -> StepContext | None:
@@ -238,10 +240,19 @@ def step(fn: Callable[..., Any] | None = None, *, non_split_inputs: Sequence[str
         return [tuple(leaf) if python[i] is None else None for i, leaf in enumerate(leaves)]
 
     traced_fn = tf.function(run, autograph=False, **tf_function_kwargs)
+    tag = f"step/{next(_STEPS)}/{getattr(fn, '__qualname__', 'step')}"
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        leaves = traced_fn(*args, **kwargs)
+        from modelparallel.runtime.tf_cluster import current_cluster
+
+        cluster = current_cluster()
+        if cluster is not None and cluster.rank != 0:
+            leaves = _follower_outputs(cluster, tag, traced_fn, args, kwargs)
+        else:
+            leaves = traced_fn(*args, **kwargs)
+            if cluster is not None:
+                _send_outputs(cluster, tag, leaves)
         packed: list[Any] = []
         for i, per_mb in enumerate(leaves):
             if python[i] is not None:
@@ -257,3 +268,57 @@ def step(fn: Callable[..., Any] | None = None, *, non_split_inputs: Sequence[str
         return tf.nest.pack_sequence_as(structure[0], packed)
 
     return call
+
+
+# -- across processes (Note [tf cluster process model] in runtime/tf_cluster.py) ----------------
+
+
+def _send_outputs(cluster: Any, tag: str, leaves: Any) -> None:
+    """The driver's send of one step's outputs to every follower: now when the step ran eagerly,
+    else as a ``py_function`` of the enclosing graph (run, like every stateful op of a
+    ``tf.function``, in program order)."""
+    flat = [t for t in tf.nest.flatten(leaves, expand_composites=True) if t is not None]
+    if not flat:
+        return
+    if all(hasattr(t, "numpy") for t in flat) and tf.executing_eagerly():
+        cluster.send_to_followers(tag, [t.numpy() for t in flat])
+        return
+
+    def send(*tensors: Any) -> Any:
+        cluster.send_to_followers(tag, [t.numpy() for t in tensors])
+        return tf.constant(0)
+
+    tf.py_function(send, flat, Tout=tf.int32, name="mp_send_step_outputs")
+
+
+def _follower_outputs(cluster: Any, tag: str, traced_fn: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+    """A follower's step: the body traced (never run) for the outputs' structure, the values
+    the driver sent."""
+    from modelparallel.errors import CommunicationError
+
+    struct = traced_fn.get_concrete_function(*args, **kwargs).structured_outputs
+    flat = tf.nest.flatten(struct, expand_composites=True)
+    where = [i for i, t in enumerate(flat) if t is not None]
+    if not where:
+        return struct
+
+    def receive() -> list[Any]:
+        arrays = cluster.recv(0, tag)
+        if len(arrays) != len(where):
+            raise CommunicationError(
+                f"rank {cluster.rank} expected {len(where)} tensors of {tag!r} from rank 0 and "
+                f"got {len(arrays)}; every rank must run the same script")
+        return [tf.constant(a) for a in arrays]
+
+    if tf.executing_eagerly():
+        values = receive()
+    else:
+        values = tf.py_function(receive, [], Tout=[flat[i].dtype for i in where],
+                                name="mp_recv_step_outputs")
+        for v, i in zip(values, where, strict=True):
+            v.set_shape(flat[i].shape)
+    out = list(flat)
+    for v, i in zip(values, where, strict=True):
+        out[i] = v
+    return tf.nest.pack_sequence_as(struct, out, expand_composites=True)

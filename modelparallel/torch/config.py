@@ -93,7 +93,7 @@ class SMPConfig:
             :func:`modelparallel.torch.delay_param_initialization`).
         fp16: Every stage's forward under fp16 autocast, fp32 parameters and gradients (the
             master weights), dynamic loss scaling agreed over the job (Note [smp fp16] in
-            ``modelparallel/torch/optimizer.py``); needs ``smp.DistributedOptimizer``.
+            ``modelparallel/torch/fp16.py``); needs ``smp.DistributedOptimizer``.
         bf16: Every stage's forward under bf16 autocast, fp32 parameters and gradients.
         shard_optimizer_state: ZeRO-1: each stage's data-parallel replicas split its optimizer
             state (``torch.distributed.optim.ZeroRedundancyOptimizer``); partial optimizer
