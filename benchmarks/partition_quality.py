@@ -4,6 +4,7 @@
     python benchmarks/partition_quality.py --quick         # GPT-2 small and ResNet-50, p in {2, 4}
     python benchmarks/partition_quality.py --models gpt2_small,unet_base --partitions 4,8
     python benchmarks/partition_quality.py --scale         # the scale rows only (below)
+    python benchmarks/partition_quality.py --compare-communication   # direct vs relay per row
 
 For each reference model (``modelparallel.models``: GPT-2 small and medium, BERT-base, a
 Llama-style decoder, T5-small, ResNet-50, a UNet with long skips, an Inception-like CNN, and
@@ -32,7 +33,11 @@ own process, so the row's ``peak_rss_mib`` (``resource.getrusage``) is the plann
 memory (the graph read from the cache included).
 
 Writes a rich table to stdout and ``benchmarks/results/partition_quality.json`` (versions,
-device, machine, date, every row with its pass/fail per bar).
+device, machine, date, every row with its pass/fail per bar). With ``--compare-communication``
+each row also plans with ``communication="relay"`` (Note [relay communication] in
+``modelparallel/plan.py``; the default is direct sends, Note [direct communication]) and reports
+the relay ILP's objective over the direct one (the same ``T_ref``, so also the ratio of their
+bottleneck times), into ``benchmarks/results/partition_quality_communication.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import Any
 from _common import versions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "partition_quality.json"
+COMM_RESULTS = RESULTS.with_name("partition_quality_communication.json")
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2_small": ("gpt2", {"size": "small"}),
@@ -106,8 +112,25 @@ def _devices(spec: str) -> Any:
             for _ in range(int(k))]
 
 
+def _relay(graph: Any, config: Any, devices: Any, batch: int, direct: Any) -> dict[str, Any]:
+    """The relay ILP plan of the same row, against the direct one."""
+    import dataclasses
+
+    from modelparallel.partitioner import partition
+
+    plan = partition(graph, dataclasses.replace(config, communication="relay"), devices,
+                     samples_per_microbatch=batch)
+    d, r = direct.solver.objective, plan.solver.objective
+    return {"objective": r, "lower_bound": plan.solver.lower_bound, "status": plan.solver.status,
+            "bottleneck_ms": 1e3 * plan.pipeline.bottleneck_time,
+            "solve_seconds": plan.solver.solve_time, "relay_over_direct": r / d,
+            "direct_pairs": len(direct.boundaries),
+            "direct_skip_pairs": sum(1 for b in direct.boundaries if b.dst > b.src + 1)}
+
+
 def _row(name: str, graph: Any, batch: int, p: int, time_limit: float,
-         devices: str = DEVICE, seconds_bar: float = BAR_SECONDS) -> dict[str, Any]:
+         devices: str = DEVICE, seconds_bar: float = BAR_SECONDS,
+         relay: bool = False) -> dict[str, Any]:
     from modelparallel.partitioner import compare
     from modelparallel.plan import PlanConfig
 
@@ -136,12 +159,15 @@ def _row(name: str, graph: Any, batch: int, p: int, time_limit: float,
         "within_2pct_of_bound": bound is not None and ilp_obj <= bound * (1 + BAR_GAP),
         "solve_time_le_10s": ilp.solver.solve_time <= seconds_bar,
     }
-    return {"model": name, "partitions": p, "devices": devices, "nodes": len(graph),
-            "lower_bound": bound,
-            "gap": ilp.solver.gap, "ilp_status": ilp.solver.status,
-            "ilp_coarse_units": ilp.solver.coarse_nodes, "ilp_notes": list(ilp.solver.notes),
-            "methods": methods, "infeasible_methods": missing, "bar": bar,
-            "passes": all(bar.values())}
+    row = {"model": name, "partitions": p, "devices": devices, "nodes": len(graph),
+           "lower_bound": bound,
+           "gap": ilp.solver.gap, "ilp_status": ilp.solver.status,
+           "ilp_coarse_units": ilp.solver.coarse_nodes, "ilp_notes": list(ilp.solver.notes),
+           "methods": methods, "infeasible_methods": missing, "bar": bar,
+           "passes": all(bar.values())}
+    if relay:
+        row["relay"] = _relay(graph, config, _devices(devices), batch, ilp)
+    return row
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
@@ -175,6 +201,18 @@ def _print(rows: list[dict[str, Any]]) -> None:
             table.add_row("", "", "", "", m, "no plan (over memory or pins)", "", "", "", "", "")
         table.add_section()
     Console(width=180).print(table)
+    if any("relay" in r for r in rows):
+        comm = Table(title="Direct sends (default) vs relaying: ILP objective per row")
+        for col in ("model", "p", "direct", "relay", "relay / direct", "skip pairs", "status"):
+            comm.add_column(col, justify="left" if col in ("model", "status") else "right")
+        for r in rows:
+            if "relay" in r:
+                rl = r["relay"]
+                comm.add_row(r["model"], str(r["partitions"]),
+                             f"{r['methods']['ilp']['objective']:.4f}", f"{rl['objective']:.4f}",
+                             f"{rl['relay_over_direct']:.4f}", str(rl["direct_skip_pairs"]),
+                             f"{r['ilp_status']} / {rl['status']}")
+        Console(width=180).print(comm)
 
 
 def _scale_row(graph_name: str, p: int, devices: str, time_limit: float,
@@ -228,12 +266,18 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"only {', '.join(QUICK_MODELS)} with p in 2,4 (unless given)")
     ap.add_argument("--time-limit", type=float, default=BAR_SECONDS,
                     help="PlanConfig.time_limit in seconds (default 10)")
-    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--output", type=Path, default=None,
+                    help=f"JSON path (default {RESULTS.name}, or {COMM_RESULTS.name} with "
+                         "--compare-communication)")
+    ap.add_argument("--compare-communication", action="store_true",
+                    help="also plan every row with communication='relay' and report the ratio")
     ap.add_argument("--scale", action="store_true",
                     help="only the scale rows (graphs of 5,000-10,400 ops, p = 16 and 32), "
                          "merged into the output's rows")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.output is None:
+        a.output = COMM_RESULTS if a.compare_communication else RESULTS
     if a.one is not None:  # one scale row, in a process of its own
         print("ROW " + json.dumps(_scale_row(*json.loads(a.one))), flush=True)
         return 0
@@ -264,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {facts['nodes']} nodes, {facts['parameters'] / 1e6:.1f} M parameters, "
               f"traced by {facts['tracer']} in {facts['trace_seconds']} s", flush=True)
         for p in parts:
-            row = _row(name, graph, batch, p, a.time_limit)
+            row = _row(name, graph, batch, p, a.time_limit, relay=a.compare_communication)
             rows.append(row)
             ilp = row["methods"]["ilp"]
+            extra = (f"; relay x{row['relay']['relay_over_direct']:.4f}" if "relay" in row
+                     else "")
             print(f"  p={p}: ilp {ilp['objective']:.4f} (x{ilp['ratio_to_bound']:.4f} bound) in "
-                  f"{ilp['solve_seconds']:.1f} s: {'pass' if row['passes'] else 'MISS'}",
+                  f"{ilp['solve_seconds']:.1f} s: {'pass' if row['passes'] else 'MISS'}{extra}",
                   flush=True)
     _print(rows)
     misses = [f"{r['model']} p={r['partitions']}: " + ", ".join(
@@ -284,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions("transformers", "PuLP", "highspy", "numpy"),
         "device": DEVICE,
         "setup": {"microbatches": MICROBATCHES, "schedule": "1f1b", "optimize": "speed",
+                  "communication": "direct" + (" (and relay per row)"
+                                               if a.compare_communication else ""),
                   "memory_weight": 0.2, "optimizer": "adam", "time_limit_s": a.time_limit,
                   "microbatch": "the model factory's example batch (8 samples)"},
         "bar": {"ilp_never_worse_than_baselines": True, "gap_to_bound": BAR_GAP,

@@ -50,6 +50,19 @@ def partition_quality(data: dict[str, Any]) -> str:
     return _table(head, rows) + tail
 
 
+def communication(data: dict[str, Any]) -> str:
+    """The ILP's objective under direct sends against relaying, one row per model and p."""
+    rows = []
+    for r in data["rows"]:
+        ilp, rel = r["methods"]["ilp"], r["relay"]
+        rows.append([r["model"], str(r["partitions"]), f"{ilp['bottleneck_ms']:.2f}",
+                     f"{rel['bottleneck_ms']:.2f}", f"{rel['relay_over_direct']:.3f}",
+                     str(rel["direct_pairs"]), str(rel["direct_skip_pairs"])])
+    head = ["model", "p", "direct ILP bottleneck ms", "relay ILP bottleneck ms",
+            "relay / direct objective", "(producer, consumer) pairs", "pairs that skip a stage"]
+    return _table(head, rows)
+
+
 def runtime(data: dict[str, Any]) -> str:
     """Bubble and step time against torch.distributed.pipelining; one stage against plain."""
     rows = [[str(r["p"]), str(r["m"]), r["schedule"], f"{r['bubble_theory']:.3f}",
@@ -60,8 +73,23 @@ def runtime(data: dict[str, Any]) -> str:
             "torch.distributed.pipelining ms", "ratio"]
     one = [[r["model"], f"{r['plain_step_ms']:.2f}", f"{r['ours_step_ms']:.2f}",
             f"{r['ratio']:.3f}"] for r in data["one_stage"]]
-    return (_table(head, rows) + "\n\npartitions=1 against plain PyTorch:\n\n"
-            + _table(["model", "plain ms", "ours ms", "ratio"], one))
+    # (d): bodies "threads" in files from before the greenlet bodies (Note [smp step coroutines]).
+    smp = [[str(r["p"]), str(r["m"]), r["schedule"], r.get("bodies", "threads"),
+            f"{r['smp_step_ms']:.1f}", f"{r['pipeline_step_ms']:.1f}", f"{r['ratio']:.3f}",
+            f"{r['smp_bubble']:.3f}", f"{r['pipeline_bubble']:.3f}",
+            f"{r['bubble_difference']:+.3f}"] for r in data.get("smp", [])]
+    parts = []
+    if rows:
+        parts.append(_table(head, rows))
+    if one:
+        parts.append("partitions=1 against plain PyTorch:\n\n"
+                     + _table(["model", "plain ms", "ours ms", "ratio"], one))
+    if smp:
+        parts.append("(d) an `@smp.step` loop against `modelparallel.pipeline` on the same plan "
+                     "(goals: ratio <= 1.05, bubble difference within 0.05):\n\n"
+                     + _table(["p", "m", "schedule", "bodies", "smp ms", "pipeline ms", "ratio",
+                               "smp bubble", "pipeline bubble", "difference"], smp))
+    return "\n\n".join(parts)
 
 
 def fidelity(data: dict[str, Any]) -> str:
@@ -124,6 +152,7 @@ def multigpu(data: dict[str, Any]) -> str:
 
 _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality": partition_quality, "runtime": runtime,
+    "partition_quality_communication": communication,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
@@ -136,12 +165,20 @@ built-in `h100` spec (m = 8, 1F1B, optimize=speed). Each method's objective is d
 lower bound of that row (1.000 = provably optimal). The bar: the ILP is never worse than a
 baseline, within 2% of the bound, and solves in at most 10 s on a 2-core machine.
 `python benchmarks/partition_quality.py` (about 4 minutes; `--quick` for 4 rows)."""),
+    ("partition_quality_communication",
+     "Direct sends against relaying (`partition_quality.py --compare-communication`)", """\
+The same rows planned twice, with `communication="direct"` (each value sent once from its stage
+to every stage that reads it) and `"relay"` (through every stage in between): the ILP's objective
+under relaying divided by the one under direct sends (above 1.000: direct sends plan better).
+`python benchmarks/partition_quality.py --compare-communication`."""),
     ("runtime", "Pipeline runtime on CPU (`runtime.py`)", """\
 A stack of equal residual MLP blocks (so the stages are equal), gloo, one thread per rank.
 (a) measured bubble against `(p - 1) / (m + p - 1)` and against the schedule simulated with the
 measured stage times and link latency; (b) step time against `torch.distributed.pipelining`
 (`ScheduleGPipe` / `Schedule1F1B`) on the same split, goal ratio <= 1.0; (c) `partitions=1`
-against plain PyTorch, goal <= 1.03. `python benchmarks/runtime.py` (about 2 minutes)."""),
+against plain PyTorch, goal <= 1.03; (d) an SMP loop (`@smp.step`) against
+`modelparallel.pipeline` on the same plan, goal ratio <= 1.05 and bubble within 0.05.
+`python benchmarks/runtime.py` (about 2 minutes)."""),
     ("cost_model_fidelity", "Cost model against an H100 (`cost_model_fidelity.py`)", """\
 A 4-stage ILP plan of GPT-2 medium, a 1.1B Llama, ResNet-50 and BERT-large (bf16, 1F1B, m = 4);
 each stage runs alone on the GPU on the values it really receives: forward+backward time (CUDA

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "RelayedSendWarning",
     "CommunicationError",
     "ConfigError",
     "IRFormatError",
@@ -122,6 +123,14 @@ class UnsupportedFeatureError(ModelParallelError, NotImplementedError):
 class UnevenDataError(CommunicationError):
     """Data-parallel replicas of a pipeline got batches of different shapes, or one ran fewer
     steps than the others (it ran out of data)."""
+
+
+class RelayedSendWarning(UserWarning):
+    """A plan made for direct sends (``communication="direct"``) has values read two or more
+    stages after their own, but codegen and the runtimes still relay them through the stages in
+    between (Note [relay communication]): training is unchanged, but those stages' time and
+    memory exceed the plan's estimates. Plan with ``communication="relay"`` for estimates that
+    match."""
 
 
 class PlanGapWarning(UserWarning):

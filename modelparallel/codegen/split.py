@@ -22,17 +22,21 @@ A value produced on stage ``i`` whose last consumer is on stage ``j > i`` is sen
 ``modelparallel/plan.py``): a stage in between receives it and sends it on unchanged. Both the
 ``send`` list of stage ``k`` and the ``recv`` list of stage ``k+1`` are the values whose
 producer stage is ``<= k`` and whose last consumer stage is ``> k``, in topological order, so the
-two always agree.
+two always agree. This holds for plans made for direct sends too (Note [direct communication]
+in ``modelparallel/plan.py``), which are not executed as such yet: :func:`split_stages` warns
+(:class:`~modelparallel.errors.RelayedSendWarning`) when such a plan has a value that skips a
+stage, whose estimates the relay then exceeds.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch.fx
 
-from modelparallel.errors import PlanFormatError
+from modelparallel.errors import PlanFormatError, RelayedSendWarning
 from modelparallel.ir import Graph, IRFormatError, OpKind, input_derived_nodes, recomputed_nodes
 from modelparallel.plan import Plan
 from modelparallel.tracer.traced import TracedModel
@@ -120,6 +124,14 @@ def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
     home = _homes(traced, plan)
     _check_order(traced.gm, home)
     last_use = _last_uses(traced.gm, home, p)
+    skipping = [v for v, lu in last_use.items() if lu > home[v] + 1]
+    if skipping and plan.config.communication == "direct":
+        warnings.warn(RelayedSendWarning(
+            f"the plan was made for direct sends, but {len(skipping)} values read two or more "
+            f"stages later (e.g. {skipping[:3]}) are relayed through the stages in between "
+            "(direct sends are not executed yet): those stages take more time and memory than "
+            "the plan estimates. Plan with communication='relay' for matching estimates."),
+            stacklevel=2)
     input_index = {name: i for i, name in enumerate(traced.input_names)}
     nodes = {n.name: n for n in traced.gm.graph.nodes}
     return tuple(_split_one(nodes, graph, home, last_use, input_index, k, p) for k in range(p))

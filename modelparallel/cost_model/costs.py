@@ -318,25 +318,21 @@ def _sent_held_bytes(graph: Graph) -> dict[str, int]:
 def held_output_bytes(graph: Graph) -> dict[str, tuple[int, int]]:
     """Per node whose value is a model output: the bytes of that value, held until the loss's
     backward, and what the loss saves for it (one float32 tensor of each grad-requiring
-    output's size; Note [activation memory]). The loss's part is 0 for now: the ILP does not
-    count it like the evaluation yet (see the comment in the body).
+    output's size; Note [activation memory]).
 
     Example:
         >>> from modelparallel.partitioner._synthetic import chain_graph
         >>> g = chain_graph(2)
-        >>> [(k, value > 0, loss) for k, (value, loss) in held_output_bytes(g).items()]
-        [('fc1', True, 0)]
+        >>> [(k, value > 0, loss > 0) for k, (value, loss) in held_output_bytes(g).items()]
+        [('fc1', True, True)]
     """
     out: dict[str, tuple[int, int]] = {}
     for node in graph.nodes:
         if node.op is OpKind.OUTPUT:
             for name in node.inputs:
                 src = graph.node(name)
-                # The loss's float32 copy (Note [activation memory]) is left at 0 until the ILP
-                # counts it like the evaluation (tests/partitioner/test_solve.py
-                # ::test_ilp_and_dp_count_sent_values_like_the_evaluation failed with it).
-                loss = 0 * sum(4 * math.prod(t.shape) for t in src.outputs
-                               if t.requires_grad and t.dtype.startswith(("float", "bfloat")))
+                loss = sum(4 * math.prod(t.shape) for t in src.outputs
+                           if t.requires_grad and t.dtype.startswith(("float", "bfloat")))
                 out[name] = (src.output_bytes, loss)
     return out
 

@@ -420,6 +420,13 @@ class _Model:
         vals["u"] = max(row(self.mem_terms[s], self.const_m[s]) for s in range(p))
         return vals
 
+    def objective_at(self, item_stage: np.ndarray) -> float:
+        """The objective ``(1 - w) t + w u`` of an assignment, every other variable at its
+        least feasible value (what :meth:`warm_values` gives): the assignment's own objective,
+        without the slack a solver's incumbent may carry within its MIP gap."""
+        vals = self.warm_values(item_stage)
+        return (1.0 - self.prob.w) * vals["t"] + self.prob.w * vals["u"]
+
 
 def _affine(terms: list[tuple[Any, float]]) -> pulp.LpAffineExpression:
     expr = pulp.LpAffineExpression()

@@ -11,8 +11,8 @@ is the one-hot stage. Pipeline order: ``y[a, s] >= y[c, s]`` for every item edge
 Values are grouped by (producer item, set of consumer items); a group crosses boundary ``s``
 iff ``y[a, s] = 1`` and ``y[c, s] = 0`` for a consumer ``c``: ``z[g, s] >= y[a, s] - y[c, s]``
 (continuous in [0, 1]; minimisation keeps it at the crossing indicator on binding stages, and
-the final objective is recomputed from the assignment anyway). This is exactly the relay rule
-of Note [pipeline order] (``communication="relay"``). Under direct sends (the default) a group
+the objective reported is recomputed at the assignment, ``_Model.objective_at``). This is
+exactly the relay rule of Note [pipeline order] (``communication="relay"``). Under direct sends (the default) a group
 instead has receive indicators ``r[g, d] >= x[c, d] - x[a, d]`` per consumer item ``c`` (its
 receiver ``d`` pays ``link_g[d]`` and holds its bytes), send indicators ``f[g, s] >= x[a, s] -
 x[c, s]`` (the sender holds its sent bytes once) and, when several stages may receive it, a
@@ -83,7 +83,9 @@ class IlpResult:
         item_stage: Stage of every item, or ``None`` if no solution was found.
         status: ``"optimal"``, ``"feasible"`` (time limit), ``"stopped"`` (time limit before
             any assignment), ``"infeasible"`` or ``"failed"``.
-        objective: The solver's objective value (normalised, Note [ILP formulation]).
+        objective: The model's objective at ``item_stage`` (normalised, Note [ILP formulation]),
+            every continuous variable at its least: not the solver's incumbent value, which
+            may carry slack within the MIP gap.
         bound: The solver's proven lower bound on this ILP, if it reported one.
         solver: ``"highs"`` or ``"cbc"``.
         num_variables: Variables of the model.
@@ -224,6 +226,10 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
             notes.append(f"{name} failed: {type(e).__name__}: {e}")
             continue
         item_stage, status, obj, bound = res
+        if item_stage is not None and obj is not None:
+            # A solver may stop within gap_rel at an incumbent whose continuous variables
+            # (t, u, z, ...) are not at their least: report the assignment's own objective.
+            obj = min(obj, model.objective_at(item_stage))
         if cutoff is not None:
             if status == "infeasible":
                 bound = cutoff  # nothing below the cutoff within the ranges
@@ -323,5 +329,6 @@ def _solve_cbc(model: _Model, warm: dict[str, float] | None, limit: float,
     optimal = code == pulp.LpStatusOptimal and model.lp.sol_status == pulp.LpSolutionOptimal
     status = "optimal" if optimal and stage is not None else _status_word(code, stage is not None)
     obj = pulp.value(model.lp.objective) if stage is not None else None
+    # CBC reports no dual bound: "optimal" proves the objective within gap_rel of the best.
     return stage, status, (float(obj) if obj is not None else None), (
-        float(obj) if status == "optimal" and obj is not None else None)
+        float(obj) * (1 - gap_rel) if status == "optimal" and obj is not None else None)
