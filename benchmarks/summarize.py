@@ -73,8 +73,23 @@ def runtime(data: dict[str, Any]) -> str:
             "torch.distributed.pipelining ms", "ratio"]
     one = [[r["model"], f"{r['plain_step_ms']:.2f}", f"{r['ours_step_ms']:.2f}",
             f"{r['ratio']:.3f}"] for r in data["one_stage"]]
-    return (_table(head, rows) + "\n\npartitions=1 against plain PyTorch:\n\n"
-            + _table(["model", "plain ms", "ours ms", "ratio"], one))
+    # (d): bodies "threads" in files from before the greenlet bodies (Note [smp step coroutines]).
+    smp = [[str(r["p"]), str(r["m"]), r["schedule"], r.get("bodies", "threads"),
+            f"{r['smp_step_ms']:.1f}", f"{r['pipeline_step_ms']:.1f}", f"{r['ratio']:.3f}",
+            f"{r['smp_bubble']:.3f}", f"{r['pipeline_bubble']:.3f}",
+            f"{r['bubble_difference']:+.3f}"] for r in data.get("smp", [])]
+    parts = []
+    if rows:
+        parts.append(_table(head, rows))
+    if one:
+        parts.append("partitions=1 against plain PyTorch:\n\n"
+                     + _table(["model", "plain ms", "ours ms", "ratio"], one))
+    if smp:
+        parts.append("(d) an `@smp.step` loop against `modelparallel.pipeline` on the same plan "
+                     "(goals: ratio <= 1.05, bubble difference within 0.05):\n\n"
+                     + _table(["p", "m", "schedule", "bodies", "smp ms", "pipeline ms", "ratio",
+                               "smp bubble", "pipeline bubble", "difference"], smp))
+    return "\n\n".join(parts)
 
 
 def fidelity(data: dict[str, Any]) -> str:
@@ -198,7 +213,9 @@ A stack of equal residual MLP blocks (so the stages are equal), gloo, one thread
 (a) measured bubble against `(p - 1) / (m + p - 1)` and against the schedule simulated with the
 measured stage times and link latency; (b) step time against `torch.distributed.pipelining`
 (`ScheduleGPipe` / `Schedule1F1B`) on the same split, goal ratio <= 1.0; (c) `partitions=1`
-against plain PyTorch, goal <= 1.03. `python benchmarks/runtime.py` (about 2 minutes)."""),
+against plain PyTorch, goal <= 1.03; (d) an SMP loop (`@smp.step`) against
+`modelparallel.pipeline` on the same plan, goal ratio <= 1.05 and bubble within 0.05.
+`python benchmarks/runtime.py` (about 2 minutes)."""),
     ("cost_model_fidelity", "Cost model against an H100 (`cost_model_fidelity.py`)", """\
 A 4-stage ILP plan of GPT-2 medium, a 1.1B Llama, ResNet-50 and BERT-large (bf16, 1F1B, m = 4);
 each stage runs alone on the GPU on the values it really receives: forward+backward time (CUDA

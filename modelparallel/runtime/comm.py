@@ -11,7 +11,21 @@ tensor stays referenced until :meth:`StageComm.drain_sends`. A failed or timed-o
 On NCCL the sends of one action and the receives of the next are issued as one group
 (``batch_isend_irecv``), Megatron-style, because NCCL runs the operations between two ranks in
 issue order and a large send and a large receive issued separately in opposite orders on the two
-sides would wait on each other. Gloo needs no grouping.
+sides would wait on each other. Gloo needs no grouping; there a thread of the comm posts the
+sends and receives (Note [posting thread]).
+
+Note [posting thread]
+~~~~~~~~~~~~~~~~~~~~~
+Posting one gloo send or receive costs the calling thread 40-110 microseconds (a system call on
+the peer's TCP connection, and the rendezvous notice of Note [receives ahead] in
+``executor.py``); with a few posts per action that is several percent of a step, spent between
+computes and so on the critical path (``docs/schedules.md``). So on gloo :meth:`StageComm.issue`
+only queues its operations, and one thread of the comm posts them, in issue order (which gloo's
+matching of the messages between two ranks needs), while the calling thread goes on computing
+(the posts and the compute release the GIL). A receive is waited for after its posting
+(:meth:`StageComm.wait`), a send's tensors are kept until it completes, and an error of the
+thread is raised, mapped as any other, by the next wait, issue or drain of the calling thread.
+``StageComm(post_thread=False)`` posts on the calling thread.
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ import atexit
 import contextlib
 import gc
 import pickle
+import queue
+import threading
 import traceback
 import warnings
 import weakref
@@ -37,6 +53,9 @@ from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_f
 
 __all__ = ["PendingRecv", "StageComm"]
 
+#: One point-to-point operation: kind, tensor, peer's global rank, its receive, what it keeps.
+_Op = tuple[str, torch.Tensor, int, "PendingRecv | None", list[torch.Tensor]]
+
 
 @dataclass
 class PendingRecv:
@@ -47,12 +66,14 @@ class PendingRecv:
         buffers: The tensors being filled.
         what: What they are, for error messages.
         works: The library's handles (empty until issued).
+        posted: Set once the receives are posted (Note [posting thread]).
     """
 
     src_stage: int
     buffers: list[torch.Tensor]
     what: str
     works: list[Any] = field(default_factory=list)
+    posted: threading.Event = field(default_factory=threading.Event)
 
 
 class StageComm:
@@ -71,11 +92,14 @@ class StageComm:
             order (``ranks`` among them): process groups are created for all of them, in the
             same order on every rank, because ``torch.distributed.new_group`` is collective over
             the whole job (Note [placement order] in ``modelparallel/placement.py``).
+        post_thread: On gloo, post sends and receives from a thread of the comm (Note
+            [posting thread]); ignored on NCCL.
     """
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device, timeout: float,
                  board: FailureBoard | None,
-                 replicas: Sequence[Sequence[int]] | None = None) -> None:
+                 replicas: Sequence[Sequence[int]] | None = None,
+                 post_thread: bool = True) -> None:
         self.stage = stage
         self.ranks = tuple(ranks)
         self.num_stages = len(self.ranks)
@@ -87,6 +111,7 @@ class StageComm:
         self._group: Any = None
         self._subgroups: dict[tuple[int, ...], Any] = {}
         self._pending_sends: list[tuple[Any, list[torch.Tensor], str]] = []
+        self._sends_lock = threading.Lock()
         self._broken: str | None = None
         self.replicas = (tuple(tuple(r) for r in replicas) if replicas is not None
                          else (self.ranks,))
@@ -97,6 +122,8 @@ class StageComm:
         self._extra: list[Any] = []
         if self.num_stages > 1:
             self._group = self._new_groups(self.replicas)
+        self._poster = (_Poster(self._post_ops) if post_thread and not self.grouped
+                        and self.num_stages > 1 else None)
 
     def own_group(self, rank_lists: Sequence[Sequence[int]]) -> Any:
         """Create one process group per rank list, in order, on every rank (collective over
@@ -121,7 +148,8 @@ class StageComm:
     @classmethod
     def create(cls, stage: int, ranks: Sequence[int], device: torch.device | str,
                timeout: float, namespace: str | None = None,
-               replicas: Sequence[Sequence[int]] | None = None) -> StageComm:
+               replicas: Sequence[Sequence[int]] | None = None,
+               post_thread: bool = True) -> StageComm:
         """Create the comm of ``stage`` with a failure board in the job's default store.
 
         Collective over the whole job (it creates process groups).
@@ -134,8 +162,10 @@ class StageComm:
             namespace: The pipeline's store key prefix; by default the next one of this rank
                 (Note [setup agreement] in ``modelparallel/runtime/distributed.py``).
             replicas: Every data-parallel replica's ranks (see the class).
+            post_thread: Post gloo sends and receives from a thread (see the class).
         """
-        comm = cls(stage, ranks, torch.device(device), timeout, board=None, replicas=replicas)
+        comm = cls(stage, ranks, torch.device(device), timeout, board=None, replicas=replicas,
+                   post_thread=post_thread)
         store = dist.distributed_c10d._get_default_store()
         if namespace is None:
             namespace = pipeline_namespace(store, comm.rank)
@@ -162,12 +192,13 @@ class StageComm:
 
     def issue(self, sends: Sequence[tuple[int, Sequence[torch.Tensor]]],
               recvs: Sequence[PendingRecv], label: str = "") -> None:
-        """Post sends (``(dst_stage, tensors)``) and receives, asynchronously.
+        """Post sends (``(dst_stage, tensors)``) and receives, asynchronously (on gloo through
+        the posting thread, Note [posting thread]).
 
         The sends are kept, under ``label``, until :meth:`release` or :meth:`drain_sends`.
         """
         self.check_usable()
-        ops: list[tuple[str, torch.Tensor, int, PendingRecv | None, list[torch.Tensor]]] = []
+        ops: list[_Op] = []
         for dst, tensors in sends:
             kept = [t.detach().contiguous() for t in tensors]
             for t in kept:
@@ -175,8 +206,17 @@ class StageComm:
         for r in recvs:
             for b in r.buffers:
                 ops.append(("recv", b, self.ranks[r.src_stage], r, r.buffers))
+            if not r.buffers:  # nothing to receive (an empty boundary): posted at once
+                r.posted.set()
         if not ops:
             return
+        if self._poster is not None:
+            self._poster.submit(ops, label)
+        else:
+            self._post_ops(ops, label)
+
+    def _post_ops(self, ops: list[_Op], label: str) -> None:
+        """Post ``ops`` (on the posting thread, Note [posting thread], or the caller's)."""
         issued: list[Any]
         try:
             if self.grouped:
@@ -196,17 +236,33 @@ class StageComm:
         works = [w for w in issued if w is not None]
         # A coalesced group may come back as one work for all its operations.
         per_op = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
+        sent = []
         for (kind, _, _, recv, kept), mine in zip(ops, per_op):
             for work in mine:
                 if kind == "send":
-                    self._pending_sends.append((work, kept, label))
+                    sent.append((work, kept, label))
                 else:
                     assert recv is not None
                     recv.works.append(work)
+        with self._sends_lock:
+            self._pending_sends.extend(sent)
+        for _, _, _, recv, _ in ops:
+            if recv is not None:
+                recv.posted.set()
+
+    def _check_poster(self) -> None:
+        """Raise what the posting thread raised, if anything (Note [posting thread])."""
+        if self._poster is not None and self._poster.error is not None:
+            raise self._poster.error
 
     def wait(self, recv: PendingRecv) -> list[torch.Tensor]:
         """Block until ``recv``'s buffers are filled; return them."""
         self.check_usable()
+        if self._poster is not None:
+            while not recv.posted.wait(0.05):
+                self._check_poster()
+                self.check_usable()
+            self._check_poster()
         try:
             for w in recv.works:
                 w.wait()
@@ -226,8 +282,12 @@ class StageComm:
         self._wait_sends(lambda mine: mine == label)
 
     def _wait_sends(self, which: Callable[[str], bool]) -> None:
-        done = [s for s in self._pending_sends if which(s[2])]
-        self._pending_sends = [s for s in self._pending_sends if not which(s[2])]
+        if self._poster is not None:
+            self._poster.flush(self.check_usable)
+            self._check_poster()
+        with self._sends_lock:
+            done = [s for s in self._pending_sends if which(s[2])]
+            self._pending_sends = [s for s in self._pending_sends if not which(s[2])]
         try:
             for w, _, _ in done:
                 w.wait()
@@ -397,6 +457,8 @@ class StageComm:
         if self._broken is not None:
             return
         self._broken = reason
+        if self._poster is not None:
+            self._poster.stop()
         groups = [g for g in (self._group, *self._subgroups.values(), *self._extra)
                   if g is not None]
         self._group = None
@@ -411,6 +473,59 @@ class StageComm:
                 dist.destroy_process_group(g)
         groups.clear()
         gc.collect()
+
+
+class _Poster:
+    """The thread that posts a comm's gloo sends and receives in order (Note [posting
+    thread])."""
+
+    def __init__(self, post: Callable[[list[_Op], str], None]) -> None:
+        self._post = post
+        self._queue: queue.SimpleQueue[tuple[list[_Op], str] | None] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._submitted = 0
+        self._finished = 0
+        #: What posting raised (the thread stops at the first error).
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="modelparallel-post",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, ops: list[_Op], label: str) -> None:
+        if self.error is not None:
+            raise self.error
+        with self._done:
+            self._submitted += 1
+        self._queue.put((ops, label))
+
+    def flush(self, check: Callable[[], None]) -> None:
+        """Block until every submitted operation is posted (or posting failed)."""
+        with self._done:
+            while self._finished < self._submitted and self.error is None:
+                self._done.wait(0.05)
+                check()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self._post(*item)
+                except BaseException as e:  # raised on the caller's next wait (the Note)
+                    self.error = e
+                    for _, _, _, recv, _ in item[0]:
+                        if recv is not None:
+                            recv.posted.set()
+            with self._done:
+                self._finished += 1
+                self._done.notify_all()
 
 
 @contextlib.contextmanager

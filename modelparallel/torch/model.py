@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from modelparallel.errors import ConfigError, UnsupportedFeatureError, UsageError
+from modelparallel.torch._bodies import _Body, current_body, resume_all
 from modelparallel.torch.state_mod import state
-from modelparallel.torch.stepping import _Body, current_body, resume_all
 
 __all__ = ["DistributedModel", "PARTIAL_MARKER"]
 

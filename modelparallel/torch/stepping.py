@@ -16,15 +16,13 @@ of the pipeline:
    (:func:`split_arguments`: tensors along axis 0 or ``input_split_axes[name]``, containers
    traversed, ``smp_slice`` objects slice themselves, ``non_split_inputs`` and non-tensors are
    passed whole). A batch that does not divide raises on every rank (same data everywhere).
-3. **One body per microbatch, as a coroutine.** Each microbatch's call of the step function runs
-   on its own thread (worker threads are kept from step to step, :class:`_Worker`), but only
-   one thread runs at any time: control passes from the driver to a body and back
-   (:class:`_Body`), so user code never runs concurrently and its order is deterministic. The
-   thread starts with the step's grad mode and device. Every body first runs up to its
-   ``model(...)`` call, which records the model's arguments and the autocast state, and stops.
-   The bodies start as a chain (:func:`start_all`): each, when it stops, starts the next, and
-   only the last wakes the driver, so a step costs few thread hand-overs (they are most of what
-   an SMP step adds to a plain pipeline step, ``benchmarks/_smp_bench.py``).
+3. **One body per microbatch, as a coroutine.** Each microbatch's call of the step function
+   is a coroutine (a greenlet, or a worker thread: Note [smp step coroutines] in
+   ``modelparallel/torch/_bodies.py``); only one runs at any time, control passing from the
+   driver to a body and back, so user code never runs concurrently and its order is
+   deterministic. A body starts with the step's grad mode. Every body first runs up to its
+   ``model(...)`` call, which records the model's arguments and the autocast state, and stops
+   (:func:`start_all`).
 4. **The pipeline.** The model is partitioned at the first step (from microbatch 0's model
    arguments). The recorded model arguments of every microbatch are the pipeline's inputs;
    the executor runs the schedule (1F1B for ``"interleaved"``, GPipe for ``"simple"``), entering
@@ -39,7 +37,7 @@ of the pipeline:
    microbatch's backward; SMP's gradients are not final inside a step either: clip and step
    after it.)
 5. **Outputs everywhere.** The executor broadcasts the per-microbatch outputs from the last stage;
-   every other rank resumes its bodies with them, chained like the start
+   every other rank resumes its bodies with them
    (:func:`resume_all`; its ``model.backward`` records only: its stage's backward ran inside
    the schedule), so ``model(...)`` returns the real outputs on every rank and every rank
    computes the same return values.
@@ -66,23 +64,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
-import os
-import queue
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from modelparallel.errors import ConfigError, UsageError
+from modelparallel.torch._bodies import _Body, current_body, start_all
 from modelparallel.torch.state_mod import state
 
 __all__ = ["StepFunction", "StepOutput", "current_body", "split_arguments", "step"]
-
-_local = threading.local()
 
 
 class StepOutput:
@@ -118,213 +111,6 @@ class StepOutput:
 
     def __repr__(self) -> str:
         return f"StepOutput({len(self.outputs)} microbatches)"
-
-
-class _Abort(BaseException):
-    """Unwinds a body whose step failed elsewhere."""
-
-
-_ABORT = object()
-
-
-class _Body:
-    """One microbatch's call of the step function, as a coroutine on a thread (Note [smp
-    step]). The driver calls :func:`start_all`/:meth:`resume`/:func:`resume_all`; the body side
-    calls :meth:`model_call`/:meth:`backward` (through ``DistributedModel``)."""
-
-    def __init__(self, index: int, fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], grad: bool, device: torch.device) -> None:
-        self.index = index
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-        self.grad, self.device = grad, device
-        self.model_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        self.autocast: dict[str, torch.dtype] = {}
-        self.backward_call: tuple[list[torch.Tensor], list[Any]] | None = None
-        self.result: Any = None
-        self.where = "new"  # new, model, done
-        self._to_body: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._to_driver: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._worker: _Worker | None = None
-        #: Run on the body's thread right after its next message to the driver: hands control
-        #: straight to the next body of a chain (:func:`start_all`, :func:`resume_all`).
-        self._then: Callable[[], None] | None = None
-
-    # -- driver side --------------------------------------------------------------------------------
-
-    def resume(self, value: Any = None) -> str:
-        """Hand ``value`` to the yielded body and run it until it yields again."""
-        assert self.where == "model", self.where
-        self._to_body.put(value)
-        return self._wait()
-
-    def abort(self) -> None:
-        """Unwind a body that is waiting (after a failure)."""
-        if self.where == "model":
-            self._to_body.put(_ABORT)
-            self._to_driver.get()
-            self.where = "done"
-            self._release()
-
-    def _wait(self) -> str:
-        kind, value = self._to_driver.get()
-        if kind == "error":
-            self.where = "done"
-            self._release()
-            raise value
-        self.where = kind
-        if kind == "done":
-            self.result = value
-            self._release()
-        return kind
-
-    def _release(self) -> None:
-        if self._worker is not None:
-            self._worker.give_back()
-            self._worker = None
-
-    def _main(self) -> None:
-        _local.body = self
-        torch.set_grad_enabled(self.grad)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        try:
-            value = self.fn(*self.args, **self.kwargs)
-        except _Abort:
-            message: tuple[str, Any] = ("aborted", None)
-        except BaseException as e:  # handed to the driver, which raises it
-            message = ("error", e)
-        else:
-            message = ("done", value)
-        _local.body = None
-        self.args, self.kwargs = (), {}
-        self._send(message)
-
-    def _send(self, message: tuple[str, Any]) -> None:
-        then, self._then = self._then, None
-        self._to_driver.put(message)
-        if then is not None:
-            then()
-
-    # -- body side ----------------------------------------------------------------------------------
-
-    def model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``model(*args, **kwargs)`` inside the step: yields, returns the model's output."""
-        if self.model_inputs is not None:
-            raise UsageError(
-                f"the model was called twice in microbatch {self.index} of one smp.step; call "
-                "it once per step function (put both calls in the model's forward)")
-        self.model_inputs = (args, kwargs)
-        self.autocast = {dev: torch.get_autocast_dtype(dev) for dev in ("cpu", "cuda")
-                         if torch.is_autocast_enabled(dev)}
-        self._send(("model", None))
-        reply = self._to_body.get()
-        if reply is _ABORT:
-            raise _Abort()
-        return reply
-
-    def backward(self, tensors: Any, grad_tensors: Any) -> None:
-        """``model.backward(tensors, grad_tensors)`` inside the step: records what to
-        back-propagate and returns; the executor back-propagates it when the body has returned
-        (on the last stage, inside the schedule; elsewhere the stage's backward already ran)."""
-        if self.model_inputs is None:
-            raise UsageError("model.backward was called before the model in an smp.step "
-                             "function; call model(...) first")
-        if self.backward_call is not None:
-            raise UsageError(f"model.backward was called twice in microbatch {self.index}; "
-                             "call it once per step function (sum the losses first)")
-        ts = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
-        if grad_tensors is None:
-            gs: list[Any] = [None] * len(ts)
-        else:
-            gs = list(grad_tensors) if isinstance(grad_tensors, (list, tuple)) else [grad_tensors]
-        if len(gs) != len(ts):
-            raise ConfigError(f"model.backward got {len(ts)} tensors and {len(gs)} "
-                              "grad_tensors; give one gradient per tensor")
-        self.backward_call = (ts, gs)
-
-
-def start_all(bodies: Sequence[_Body]) -> list[str]:
-    """Run every body up to its first stop, one after the other, as a chain: each body starts
-    the next itself, and the driver wakes once, for the last (Note [smp step], 3). Returns
-    where each stopped; raises the first body's error after all have stopped."""
-    for b in bodies:
-        b._worker = _Worker.take()
-    for b, nxt in itertools.pairwise(bodies):
-        worker = nxt._worker
-        assert worker is not None
-        b._then = functools.partial(worker.run, nxt._main)
-    assert bodies[0]._worker is not None
-    bodies[0]._worker.run(bodies[0]._main)
-    return _drain(bodies)
-
-
-def resume_all(bodies: Sequence[_Body], values: Sequence[Any]) -> list[str]:
-    """Resume every body with its value, as a chain like :func:`start_all`."""
-    if not bodies:
-        return []
-    for b, nxt, v in zip(bodies, bodies[1:], values[1:]):
-        b._then = functools.partial(nxt._to_body.put, v)
-    for b in bodies:
-        assert b.where == "model", b.where
-    bodies[0]._to_body.put(values[0])
-    return _drain(bodies)
-
-
-def _drain(bodies: Sequence[_Body]) -> list[str]:
-    error: BaseException | None = None
-    where = []
-    for b in bodies:  # in order: body k's message was sent before body k+1 ran
-        try:
-            where.append(b._wait())
-        except BaseException as e:  # the first one is raised once every body stopped
-            where.append("done")
-            error = error or e
-    if error is not None:
-        raise error
-    return where
-
-
-class _Worker:
-    """A thread that runs microbatch bodies, kept between steps (Note [smp step], 3): starting
-    a thread per microbatch per step, and each new thread's first torch call, cost more than the
-    hand-overs themselves. Only the driver thread takes and gives back workers."""
-
-    _idle: ClassVar[list[_Worker]] = []
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        # torch.set_num_threads is per thread for OpenMP: the worker uses the driver's count.
-        self._threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._loop, daemon=True,
-                                        name="smp-step-microbatch")
-        self._thread.start()
-
-    @classmethod
-    def take(cls) -> _Worker:
-        """An idle worker, or a new one."""
-        return cls._idle.pop() if cls._idle else cls()
-
-    def run(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on this worker's thread."""
-        self._jobs.put(job)
-
-    def give_back(self) -> None:
-        """Return this worker to the idle ones (its job has handed over its last message)."""
-        _Worker._idle.append(self)
-
-    def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
-        while True:
-            self._jobs.get()()
-
-
-# A forked child has none of its parent's threads.
-os.register_at_fork(after_in_child=_Worker._idle.clear)
-
-
-def current_body() -> _Body | None:
-    """The microbatch body running on this thread, or ``None`` outside ``smp.step``."""
-    return getattr(_local, "body", None)
 
 
 class StepFunction:

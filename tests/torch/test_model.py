@@ -136,6 +136,28 @@ def test_two_ranks_train_like_one_device(pipeline: str, kind: str, opt: str) -> 
     assert not set(results[0]["local"]) & set(results[1]["local"])
 
 
+def _threads_job(rank: int, world: int, job: str, *args: Any) -> dict[str, Any]:
+    """``job`` with the bodies on worker threads (Note [smp step coroutines]: the fallback
+    without greenlet)."""
+    from modelparallel.torch import _bodies
+
+    previous = _bodies.set_backend("threads")
+    try:
+        return globals()[job](rank, world, *args)  # type: ignore[no-any-return]
+    finally:
+        _bodies.set_backend(previous)
+
+
+def test_thread_bodies_train_and_autocast_like_greenlet_bodies() -> None:
+    results = [r.unwrap() for r in
+               run_ranks(_threads_job, 2, "_parity_job", "mlp", "interleaved", "adamw", 2)]
+    for r in results:
+        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5)
+        assert r["diff"] < 1e-5 and r["eval_diff"] < 1e-5
+    for r in [r.unwrap() for r in run_ranks(_threads_job, 2, "_autocast_job")]:
+        assert r["dtype"] == "torch.bfloat16" and r["diff"] == 0.0 and r["vs_fp32"] > 0
+
+
 def test_active_microbatches_run_in_waves_with_the_same_result() -> None:
     results = [r.unwrap() for r in run_ranks(_parity_job, 2, "mlp", "simple", "sgd", 2, 2)]
     for r in results:
