@@ -150,10 +150,47 @@ def multigpu(data: dict[str, Any]) -> str:
             + _table(head, rows))
 
 
+def hybrid(data: dict[str, Any]) -> str:
+    """Step time of p = 2 x dp = 2 against p = 4 and DDP; memory of one stage per feature."""
+    cfg, ver = data["config"], data.get("versions") or {}
+    parts = []
+    if "step_time_4_ranks" in data:
+        st = data["step_time_4_ranks"]
+        threads = cfg.get("threads", 1)
+        rows = [[k, f"{1e3 * v['median_s']:.1f}", f"{v['ratio_to_ddp']:.3f}"]
+                for k, v in st.items()]
+        parts.append(f"{cfg['model']}, global batch {cfg['global_batch']}, m = "
+                     f"{cfg['microbatches']}, 4 gloo ranks x {threads} thread(s) on "
+                     f"{ver.get('cpus', '?')} CPUs, median of {cfg['steps']} step(s):\n\n"
+                     + _table(["layout", "step ms", "vs DDP"], rows))
+    if "memory_one_stage" in data:
+        mem = data["memory_one_stage"]
+        where = (f"GPU, torch {ver.get('torch')}" if ver.get("cuda")
+                 else "CPU, the profiler's allocation timeline")
+        rows = []
+        for k, r in mem.items():
+            peak = ("predicted_peak_bytes" in r and "measured_peak_bytes" in r)
+            rows.append([
+                k,
+                f"{r['predicted_peak_bytes'] / 2**20:.0f} / {r['measured_peak_bytes'] / 2**20:.0f}"
+                if peak else "n/a",
+                _pct(r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1) if peak else "n/a",
+                f"{r['predicted_bytes'] / 2**20:.0f} / {r['measured_bytes'] / 2**20:.0f}",
+                _pct(r["predicted_bytes"] / r["measured_bytes"] - 1),
+                f"{r['predicted_ratio']:.2f} / {r['memory_ratio']:.2f}",
+                f"{1e3 * r['step_s']:.1f}", f"{r['time_ratio']:.2f}"])
+        parts.append(f"One stage of {cfg['model']} (batch {cfg['global_batch'] // 2}, m = "
+                     f"{cfg['microbatches']}, GPipe), {where}; MiB predicted / measured:\n\n"
+                     + _table(["feature", "stage peak", "error", "step's part", "error",
+                               "vs none", "step ms", "time vs none"], rows))
+    return "\n\n".join(parts)
+
+
 _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality": partition_quality, "runtime": runtime,
     "partition_quality_communication": communication,
-    "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu}
+    "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu,
+    "hybrid": hybrid}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
 _SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -195,6 +232,15 @@ schedules: our ILP plan against the parameter-balanced and uniform splits and ag
 `torch.distributed.pipelining` on the same split, bubble, predicted against measured step time
 and peak memory. **Not run on several GPUs yet: no multi-GPU machine was lent.** What is below
 is the one-GPU dry run (p = 1). How to run it: [docs/multigpu.md](../docs/multigpu.md)."""),
+    ("hybrid", "Data x pipeline parallelism and the memory features (`hybrid.py`)", """\
+(a) Step time on 4 gloo ranks, same global batch: p = 2 stages x dp = 2 replicas against
+p = 4 x dp = 1 and against `torch.nn.parallel.DistributedDataParallel` over 4 ranks (ratios to
+DDP). (b) One stage (the whole model, GPipe, every microbatch in flight) with none /
+`checkpointing="all"` / `offload_activations` / `precision="bf16"`: the planner's memory
+(`plan.stages[0].memory`) against the measured one, the whole stage's peak (parameters,
+optimizer state, the step) and the step's part above what it starts with (files from before the
+peak was recorded show n/a). `python benchmarks/hybrid.py --quick` (GPT-2 tiny, about a minute);
+what the figures mean: [docs/hybrid.md](../docs/hybrid.md)."""),
 )
 
 
