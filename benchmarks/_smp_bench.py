@@ -5,8 +5,8 @@ Both run the runtime benchmark's equal-stage MLP stack with the very same plan (
 saved once and given to both: ``pipeline(plan=...)`` and SMP's ``partition_file`` with
 ``load_partition``), the same microbatches and schedule, steps alternating so machine drift hits
 both alike. The SMP step does what SMP's semantics ask on top of the plain step: it broadcasts the
-step function's arguments from pipeline rank 0, runs the step function once per microbatch (on
-its own coroutine thread) and gives every rank the per-microbatch outputs; the plain pipeline runs
+step function's arguments from pipeline rank 0, runs the step function once per microbatch (as
+a coroutine: a greenlet, or a worker thread with ``--smp-bodies threads``) and gives every rank the per-microbatch outputs; the plain pipeline runs
 with its default ``return_outputs=True`` (outputs broadcast too). Ratio = median SMP step / median
 pipeline step (goal <= 1.05); bubble = 1 - mean over ranks of compute seconds / step wall
 seconds, for each (goal: within 0.05 of each other).
@@ -29,17 +29,20 @@ from torch import nn
 __all__ = ["run_smp"]
 
 
-def _row(rank: int, world: int, m: int, label: str, cfg: dict[str, Any], plan_dir: str
-         ) -> dict[str, Any]:
-    """One (m, schedule) row on this rank: alternate SMP and plain steps, time both."""
+def _row(rank: int, world: int, m: int, label: str, bodies: str, cfg: dict[str, Any],
+         plan_dir: str) -> dict[str, Any]:
+    """One (m, schedule, bodies) row on this rank: alternate SMP and plain steps, time both."""
     from runtime import _batch, _mlp
 
     import modelparallel.torch as smp
     from modelparallel.api import pipeline
     from modelparallel.partitioner import partition
     from modelparallel.plan import PlanConfig
+    from modelparallel.torch import _bodies
     from modelparallel.torch.state_mod import shutdown
     from modelparallel.tracer import trace
+
+    _bodies.set_backend(bodies)
 
     loss_fn = nn.functional.mse_loss
     mb = cfg["microbatch_size"]
@@ -90,7 +93,7 @@ def _row(rank: int, world: int, m: int, label: str, cfg: dict[str, Any], plan_di
     finally:
         pipe.close()
         shutdown()
-    return {"m": m, "schedule": label,
+    return {"m": m, "schedule": label, "bodies": bodies,
             "smp_step": statistics.median(times["smp"]),
             "plain_step": statistics.median(times["plain"]),
             "smp_busy": statistics.median(busy["smp"]),
@@ -103,8 +106,9 @@ def _smp_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], plan_di
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        rows = [_row(rank, world, m, label, cfg, plan_dir)
-                for m in cfg["microbatches"] for label in cfg["smp_schedules"]]
+        rows = [_row(rank, world, m, label, bodies, cfg, plan_dir)
+                for m in cfg["microbatches"] for label in cfg["smp_schedules"]
+                for bodies in cfg.get("smp_bodies", ["greenlet"])]
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, rows)
         if rank == 0:
@@ -116,6 +120,7 @@ def _smp_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], plan_di
                 bs = 1.0 - statistics.mean(r["smp_busy"] for r in per_rank)
                 bp = 1.0 - statistics.mean(r["plain_busy"] for r in per_rank)
                 out.append({"p": world, "m": row["m"], "schedule": row["schedule"],
+                            "bodies": row["bodies"],
                             "smp_step_ms": 1e3 * s, "pipeline_step_ms": 1e3 * p,
                             "ratio": s / p, "smp_bubble": bs, "pipeline_bubble": bp,
                             "bubble_difference": bs - bp})

@@ -282,22 +282,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip (d), the SMP loop against modelparallel.pipeline")
     parser.add_argument("--smp-schedules", nargs="+", default=["1f1b", "gpipe"],
                         choices=["1f1b", "gpipe"], help="schedules of (d)")
+    parser.add_argument("--smp-bodies", nargs="+", default=["greenlet"],
+                        choices=["greenlet", "threads"],
+                        help="how (d)'s step bodies run (Note [smp step coroutines])")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="skip (a) and (b), the pipeline against torch.distributed.pipelining")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per row")
     parser.add_argument("--quick", action="store_true", help="3 measured steps, 1 warm-up")
     parser.add_argument("--output", type=Path, default=RESULTS)
     a = parser.parse_args(argv)
     cfg = {"microbatches": a.microbatches, "microbatch_size": a.microbatch_size,
            "schedules": a.schedules, "smp_schedules": a.smp_schedules,
+           "smp_bodies": a.smp_bodies,
            "steps": 3 if a.quick else a.steps, "warmup": 1 if a.quick else 2}
     rows: list[dict[str, Any]] = []
-    for p in a.partitions:
+    for p in ([] if a.no_pipeline else a.partitions):
         print(f"running p={p} ...", file=sys.stderr, flush=True)
         rows += _run_pipeline(p, cfg)
     smp_rows: list[dict[str, Any]] = []
     for p in ([] if a.no_smp else a.partitions):
         print(f"running smp p={p} ...", file=sys.stderr, flush=True)
         smp_rows += run_smp(p, cfg)
-    print("running one-stage overhead ...", file=sys.stderr, flush=True)
+    if not a.no_overhead:
+        print("running one-stage overhead ...", file=sys.stderr, flush=True)
     overhead = ([] if a.no_overhead
                 else [_overhead(n, 10 if a.quick else 40) for n in ("mlp", "gpt2-tiny")])
 
@@ -315,20 +322,23 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(str(r["p"]), str(r["m"]), r["schedule"], f"{r['bubble_measured']:.3f}",
                   f"{r['bubble_theory']:.3f}", f"{r['bubble_simulated']:.3f}",
                   f"{r['ours_step_ms']:.1f}", f"{r['torch_step_ms']:.1f}", f"{r['ratio']:.3f}")
-    console.print(t)
+    if rows:
+        console.print(t)
     t2 = Table(title="(c) one-stage pipeline vs plain PyTorch training step (1 thread)")
     for col in ("model", "ours ms", "plain ms", "ours/plain"):
         t2.add_column(col, justify="right")
     for r in overhead:
         t2.add_row(r["model"], f"{r['ours_step_ms']:.2f}", f"{r['plain_step_ms']:.2f}",
                    f"{r['ratio']:.3f}")
-    console.print(t2)
+    if overhead:
+        console.print(t2)
     t3 = Table(title="(d) SMP loop (@smp.step) vs modelparallel.pipeline, same plan")
-    for col in ("p", "m", "schedule", "smp ms", "pipeline ms", "smp/pipeline", "smp bubble",
+    for col in ("p", "m", "schedule", "bodies", "smp ms", "pipeline ms", "smp/pipeline",
+                "smp bubble",
                 "pipeline bubble", "difference"):
         t3.add_column(col, justify="right")
     for r in smp_rows:
-        t3.add_row(str(r["p"]), str(r["m"]), r["schedule"], f"{r['smp_step_ms']:.1f}",
+        t3.add_row(str(r["p"]), str(r["m"]), r["schedule"], r["bodies"], f"{r['smp_step_ms']:.1f}",
                    f"{r['pipeline_step_ms']:.1f}", f"{r['ratio']:.3f}",
                    f"{r['smp_bubble']:.3f}", f"{r['pipeline_bubble']:.3f}",
                    f"{r['bubble_difference']:+.3f}")

@@ -73,8 +73,23 @@ def runtime(data: dict[str, Any]) -> str:
             "torch.distributed.pipelining ms", "ratio"]
     one = [[r["model"], f"{r['plain_step_ms']:.2f}", f"{r['ours_step_ms']:.2f}",
             f"{r['ratio']:.3f}"] for r in data["one_stage"]]
-    return (_table(head, rows) + "\n\npartitions=1 against plain PyTorch:\n\n"
-            + _table(["model", "plain ms", "ours ms", "ratio"], one))
+    # (d): bodies "threads" in files from before the greenlet bodies (Note [smp step coroutines]).
+    smp = [[str(r["p"]), str(r["m"]), r["schedule"], r.get("bodies", "threads"),
+            f"{r['smp_step_ms']:.1f}", f"{r['pipeline_step_ms']:.1f}", f"{r['ratio']:.3f}",
+            f"{r['smp_bubble']:.3f}", f"{r['pipeline_bubble']:.3f}",
+            f"{r['bubble_difference']:+.3f}"] for r in data.get("smp", [])]
+    parts = []
+    if rows:
+        parts.append(_table(head, rows))
+    if one:
+        parts.append("partitions=1 against plain PyTorch:\n\n"
+                     + _table(["model", "plain ms", "ours ms", "ratio"], one))
+    if smp:
+        parts.append("(d) an `@smp.step` loop against `modelparallel.pipeline` on the same plan "
+                     "(goals: ratio <= 1.05, bubble difference within 0.05):\n\n"
+                     + _table(["p", "m", "schedule", "bodies", "smp ms", "pipeline ms", "ratio",
+                               "smp bubble", "pipeline bubble", "difference"], smp))
+    return "\n\n".join(parts)
 
 
 def fidelity(data: dict[str, Any]) -> str:
@@ -164,11 +179,48 @@ def tensorflow_cluster(data: dict[str, Any]) -> str:
                      rows) + f"\n\n2 processes over 1 process: {r['cluster_over_local']:.2f}")
 
 
+def hybrid(data: dict[str, Any]) -> str:
+    """Step time of p = 2 x dp = 2 against p = 4 and DDP; memory of one stage per feature."""
+    cfg, ver = data["config"], data.get("versions") or {}
+    parts = []
+    if "step_time_4_ranks" in data:
+        st = data["step_time_4_ranks"]
+        threads = cfg.get("threads", 1)
+        rows = [[k, f"{1e3 * v['median_s']:.1f}", f"{v['ratio_to_ddp']:.3f}"]
+                for k, v in st.items()]
+        parts.append(f"{cfg['model']}, global batch {cfg['global_batch']}, m = "
+                     f"{cfg['microbatches']}, 4 gloo ranks x {threads} thread(s) on "
+                     f"{ver.get('cpus', '?')} CPUs, median of {cfg['steps']} step(s):\n\n"
+                     + _table(["layout", "step ms", "vs DDP"], rows))
+    if "memory_one_stage" in data:
+        mem = data["memory_one_stage"]
+        where = (f"GPU, torch {ver.get('torch')}" if ver.get("cuda")
+                 else "CPU, the profiler's allocation timeline")
+        rows = []
+        for k, r in mem.items():
+            peak = ("predicted_peak_bytes" in r and "measured_peak_bytes" in r)
+            rows.append([
+                k,
+                f"{r['predicted_peak_bytes'] / 2**20:.0f} / {r['measured_peak_bytes'] / 2**20:.0f}"
+                if peak else "n/a",
+                _pct(r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1) if peak else "n/a",
+                f"{r['predicted_bytes'] / 2**20:.0f} / {r['measured_bytes'] / 2**20:.0f}",
+                _pct(r["predicted_bytes"] / r["measured_bytes"] - 1),
+                f"{r['predicted_ratio']:.2f} / {r['memory_ratio']:.2f}",
+                f"{1e3 * r['step_s']:.1f}", f"{r['time_ratio']:.2f}"])
+        parts.append(f"One stage of {cfg['model']} (batch {cfg['global_batch'] // 2}, m = "
+                     f"{cfg['microbatches']}, GPipe), {where}; MiB predicted / measured:\n\n"
+                     + _table(["feature", "stage peak", "error", "step's part", "error",
+                               "vs none", "step ms", "time vs none"], rows))
+    return "\n\n".join(parts)
+
+
 _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality": partition_quality, "runtime": runtime,
     "partition_quality_communication": communication,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu,
-    "tensorflow_pipeline": tensorflow_pipeline, "tensorflow_cluster": tensorflow_cluster}
+    "tensorflow_pipeline": tensorflow_pipeline, "tensorflow_cluster": tensorflow_cluster,
+    "hybrid": hybrid}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
 _SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -191,7 +243,9 @@ A stack of equal residual MLP blocks (so the stages are equal), gloo, one thread
 (a) measured bubble against `(p - 1) / (m + p - 1)` and against the schedule simulated with the
 measured stage times and link latency; (b) step time against `torch.distributed.pipelining`
 (`ScheduleGPipe` / `Schedule1F1B`) on the same split, goal ratio <= 1.0; (c) `partitions=1`
-against plain PyTorch, goal <= 1.03. `python benchmarks/runtime.py` (about 2 minutes)."""),
+against plain PyTorch, goal <= 1.03; (d) an SMP loop (`@smp.step`) against
+`modelparallel.pipeline` on the same plan, goal ratio <= 1.05 and bubble within 0.05.
+`python benchmarks/runtime.py` (about 2 minutes)."""),
     ("cost_model_fidelity", "Cost model against an H100 (`cost_model_fidelity.py`)", """\
 A 4-stage ILP plan of GPT-2 medium, a 1.1B Llama, ResNet-50 and BERT-large (bf16, 1F1B, m = 4);
 each stage runs alone on the GPU on the values it really receives: forward+backward time (CUDA
@@ -217,6 +271,15 @@ and `partitions=1` against a plain `tf.function` Keras step on one CPU device (g
 A 2-stage pipeline of a Keras GPT on 2 processes (TensorFlow's cluster runtime) and in one
 process (2 logical CPU devices), each timed beside plain Keras on one device in the same run.
 `python benchmarks/tensorflow_cluster.py` (about 3 minutes)."""),
+    ("hybrid", "Data x pipeline parallelism and the memory features (`hybrid.py`)", """\
+(a) Step time on 4 gloo ranks, same global batch: p = 2 stages x dp = 2 replicas against
+p = 4 x dp = 1 and against `torch.nn.parallel.DistributedDataParallel` over 4 ranks (ratios to
+DDP). (b) One stage (the whole model, GPipe, every microbatch in flight) with none /
+`checkpointing="all"` / `offload_activations` / `precision="bf16"`: the planner's memory
+(`plan.stages[0].memory`) against the measured one, the whole stage's peak (parameters,
+optimizer state, the step) and the step's part above what it starts with (files from before the
+peak was recorded show n/a). `python benchmarks/hybrid.py --quick` (GPT-2 tiny, about a minute);
+what the figures mean: [docs/hybrid.md](../docs/hybrid.md)."""),
 )
 
 

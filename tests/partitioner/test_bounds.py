@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from modelparallel.partitioner import lower_bound
 from modelparallel.partitioner._synthetic import random_graph
-from modelparallel.partitioner.bounds import _boundary_cuts, window_for
+from modelparallel.partitioner.bounds import _boundary_cuts, _split_bound, window_for
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
 from modelparallel.partitioner.problem import build_problem
 from modelparallel.partitioner.reduce import reduce_free_nodes
@@ -130,3 +130,18 @@ def test_lower_bound_never_exceeds_the_optimum(seed: int) -> None:
         for factor in (1.0, 1.02, 1.5):  # windows and the windowed MIP from an incumbent
             lb = lower_bound(prob, incumbent=best * factor, incumbent_stage=arg, time_limit=5)
             assert lb.value <= best * (1 + 1e-9), lb.describe()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_bound_never_exceeds_the_optimum(seed: int) -> None:
+    """Part 1b of Note [lower bound], under both communication rules, both schedules and
+    mixed devices, against every assignment."""
+    graph = random_graph(7, seed=300 + seed, edge_prob=0.4, tie_prob=0.3)
+    for p, w, schedule, comm, devices in ((2, 0.3, "1f1b", "direct", "h100"),
+                                          (3, 0.2, "1f1b", "relay", "h100"),
+                                          (3, 0.5, "gpipe", "direct", ("v100", "h100", "a100")),
+                                          (3, 0.9, "1f1b", "direct", "a100")):
+        prob = build_problem(graph, PlanConfig(partitions=p, memory_weight=w, microbatches=4,
+                                               schedule=schedule, communication=comm), devices)
+        best, _ = brute(prob)
+        assert _split_bound(prob) <= best * (1 + 1e-9)
