@@ -194,8 +194,9 @@ def hybrid(data: dict[str, Any]) -> str:
                      + _table(["layout", "step ms", "vs DDP"], rows))
     if "memory_one_stage" in data:
         mem = data["memory_one_stage"]
-        where = (f"GPU, torch {ver.get('torch')}" if ver.get("cuda")
-                 else "CPU, the profiler's allocation timeline")
+        gpu = data.get("memory_device", "GPU" if ver.get("cuda") else "cpu")
+        where = ("CPU, the profiler's allocation timeline" if gpu == "cpu"
+                 else f"{gpu}, torch {ver.get('torch')}")
         rows = []
         for k, r in mem.items():
             peak = ("predicted_peak_bytes" in r and "measured_peak_bytes" in r)
