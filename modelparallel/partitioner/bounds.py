@@ -17,10 +17,11 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
    parameter or workspace over the largest capacity.
 1b. *Splits* (:func:`_split_bound`): the nodes on stages ``0..b`` form a downset ``D`` (closed
    under ancestors). Let ``h(v)`` be the fastest time of ``v`` and its ancestors (it grows
-   along every edge) and ``v`` the node of ``D`` with the largest ``h``: ``D`` holds ``v`` and
-   its ancestors, and no node of larger ``h`` (so the other stages hold all of those); ``v``'s
-   value, read on a later stage, is sent from ``D``'s stages (its send time, its held sent
-   bytes) and received on the others (receive time, received bytes). Each side's time and
+   along every edge; ranked by ``h``, ties by index, a topological order) and ``v`` the node of
+   ``D`` ranked last: ``D`` holds ``v`` and its ancestors, and no node ranked after ``v`` (so
+   the other stages hold all of those); ``v``'s value, read by nodes ranked after it, is sent
+   from ``D``'s stages (its send time, its held sent bytes) and received on the others
+   (receive time, received bytes). Each side's time and
    memory is then bounded as in part 1 over its own stages (time over ``b + 1`` and ``p - b -
    1`` stages, memory by the plain and the ``1 / inflight``-weighted averages), weighted as in
    the objective; the minimum over the choices of ``v`` (``D`` empty included) bounds ``J``
@@ -181,13 +182,15 @@ def _split_bound(prob: Problem) -> float:
     a_lb, b_lb, _ = _analytic(prob)
     anc, _ = _closure_weights(prob)
     h = anc[:, 0] + prob.time.min(axis=1)
+    # Ranks by h, ties by index: a topological order (h never falls along an edge).
     order = np.argsort(h, kind="stable")
-    above = np.searchsorted(h[order], h, side="right")  # sorted position of the first h > h(v)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
 
     def beyond(x: np.ndarray) -> np.ndarray:
-        """Sum of ``x`` over the nodes of larger ``h`` than each node's, then over all."""
+        """Sum of ``x`` over the nodes ranked after each node, then over all (D empty)."""
         tail = np.concatenate([np.cumsum(x[order][::-1])[::-1], [0.0]])
-        return np.append(tail[above], float(x.sum()))
+        return np.append(tail[rank + 1], float(x.sum()))
 
     q = prob.single_param_state.min(axis=1)
     k, caps = prob.inflight.astype(float), prob.caps.astype(float)

@@ -35,8 +35,10 @@ def _model(kind: str, world: int) -> nn.Module:
     torch.manual_seed(0)
     if kind == "cnn":
         model: nn.Module = _CNN()
-        smp.set_partition(model.fc1, world - 1)
+        smp.set_partition(model.fc1, world - 1 if world < 4 else world - 2)
         smp.set_partition(model.fc2, world - 1)
+        if world >= 4:  # one layer per stage
+            smp.set_partition(model.conv2, 1)
         return model
     layers = [nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
               nn.Tanh(), nn.Linear(16, 4)]
@@ -348,14 +350,26 @@ def test_hf_models_on_two_ranks_train_like_one_device(pipeline: str, name: str) 
         assert r["logits"][0] == 4
 
 
+def _four_job(rank: int, world: int, pipeline: str) -> dict[str, Any]:
+    """The issue's parity models on 4 ranks in one pool call: MLP, CNN (manual placement, one
+    layer per stage), GPT-2 tiny and an encoder-decoder (placed by the ILP)."""
+    return {"mlp": _parity_job(rank, world, "mlp", pipeline, "adamw", 2),
+            "cnn": _parity_job(rank, world, "cnn", pipeline, "sgd", 2),
+            "gpt2": _hf_job(rank, world, pipeline, "gpt2"),
+            "encoder-decoder": _hf_job(rank, world, pipeline, "encoder-decoder")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["interleaved", "simple"])
 def test_four_ranks_train_like_one_device(pipeline: str) -> None:
-    results = [r.unwrap() for r in run_ranks(_parity_job, 4, "mlp", pipeline, "adamw", 2,
-                                             timeout=300)]
-    for r in results:
-        assert r["losses"] == pytest.approx(r["ref"], abs=1e-5) and r["diff"] < 1e-5
-    assert all(r["local"] for r in results)
+    results = [r.unwrap() for r in run_ranks(_four_job, 4, pipeline, timeout=600)]
+    for name in ("mlp", "cnn", "gpt2", "encoder-decoder"):
+        for r in results:
+            assert r[name]["losses"] == pytest.approx(r[name]["ref"], abs=1e-5), name
+            assert r[name]["diff"] < 1e-5, name
+    for name in ("mlp", "cnn"):
+        assert all(r[name]["local"] for r in results), name  # every stage holds parameters
+        assert results[0][name]["eval_diff"] < 1e-5
 
 
 def _autocast_job(rank: int, world: int) -> dict[str, Any]:
