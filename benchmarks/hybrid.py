@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     mem = memory_table(a.model, a.global_batch // 2, a.microbatches, steps)
     result["memory_one_stage"] = mem
     dev = "cuda" if torch.cuda.is_available() else "cpu (profiler allocation timeline)"
+    result["memory_device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                               else "cpu")
     print(f"(b) one stage, {a.model}, batch {a.global_batch // 2}, m = {a.microbatches}, {dev}")
     print("    peak: whole stage (parameters, optimizer state, step); step: above what the step "
           "starts with (gradients, activations, workspace)")

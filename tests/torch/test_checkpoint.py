@@ -15,14 +15,16 @@ from torch import nn
 from modelparallel.torch.checkpoint import atomic_write
 
 
-def _mlp(world: int, seed: int) -> nn.Module:
+def _mlp(world: int, seed: int, other: bool = False) -> nn.Module:
+    """Layers spread evenly; ``other``: the first on partition 0, the rest on the last."""
     import modelparallel.torch as smp
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(),
                           nn.Linear(12, 3))
     for i, layer in enumerate(model):
-        smp.set_partition(layer, min(world - 1, i * world // len(model)))
+        even = min(world - 1, i * world // len(model))
+        smp.set_partition(layer, (0 if i == 0 else world - 1) if other else even)
     return model
 
 
@@ -45,12 +47,12 @@ def _train(smp: Any, dm: Any, opt: Any, steps: range) -> list[float]:
     return losses
 
 
-def _setup(world: int, seed: int, opt_name: str) -> tuple[Any, Any, Any]:
+def _setup(world: int, seed: int, opt_name: str, other: bool = False) -> tuple[Any, Any, Any]:
     import modelparallel.torch as smp
 
     smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
               "default_partition": 0})
-    dm = smp.DistributedModel(_mlp(world, seed))
+    dm = smp.DistributedModel(_mlp(world, seed, other))
     params = dm.parameters()
     opt = (torch.optim.AdamW(params, lr=1e-2) if opt_name == "adamw"
            else torch.optim.SGD(params, lr=0.1, momentum=0.9))
@@ -104,6 +106,41 @@ def test_resume_gives_exactly_the_same_losses(tmp_path: Path, opt_name: str) -> 
         shutdown()
 
 
+def _plan_reuse_job(rank: int, world: int, root: str) -> dict[str, Any]:
+    from modelparallel.torch.state_mod import shutdown
+
+    try:
+        smp, dm, opt = _setup(world, 0, "adamw")
+        _train(smp, dm, opt, range(2))
+        smp.save_checkpoint(root, "step2", partial=True)
+        saved_local = sorted(n for n, _ in dm.local_named_parameters())
+        straight = _train(smp, dm, opt, range(2, 4))
+        shutdown()
+        # The resumed script places the layers elsewhere: the checkpoint's partition wins.
+        smp, dm, opt = _setup(world, 123, "adamw", other=True)
+        smp.resume_from_checkpoint(root, tag="step2")
+        resumed = _train(smp, dm, opt, range(2, 4))
+        resumed_local = sorted(n for n, _ in dm.local_named_parameters())
+        shutdown()
+        smp, dm, opt = _setup(world, 123, "adamw", other=True)  # without the resume
+        _train(smp, dm, opt, range(1))
+        return {"saved_local": saved_local, "straight": straight, "resumed": resumed,
+                "resumed_local": resumed_local,
+                "other_local": sorted(n for n, _ in dm.local_named_parameters())}
+    finally:
+        shutdown()
+
+
+@pytest.mark.multiprocess
+def test_resume_reuses_the_saved_partition(tmp_path: Path) -> None:
+    results = [r.unwrap() for r in run_ranks(_plan_reuse_job, 2, str(tmp_path))]
+    for r in results:
+        assert r["resumed_local"] == r["saved_local"]
+        assert r["resumed"] == r["straight"]  # exactly
+    assert results[0]["saved_local"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert results[0]["other_local"] == ["0.bias", "0.weight"]  # the placement would differ
+
+
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path: Path) -> None:
     target = tmp_path / "ckpt.pt"
     with atomic_write(target) as f:
@@ -113,3 +150,26 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path: Path) -> Non
         raise KeyboardInterrupt  # the job killed during the save
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL (no Python cleanup at all) half-way through a write: the old file loads."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "model.pt_0"
+    with atomic_write(target) as f:
+        torch.save({"w": torch.ones(3)}, f)
+    code = (
+        "import os, signal, sys, torch\n"
+        "from modelparallel.torch.checkpoint import atomic_write\n"
+        "with atomic_write(sys.argv[1]) as f:\n"
+        "    torch.save({'w': torch.zeros(1 << 16)}, f)\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(target)], timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
+

@@ -1,6 +1,6 @@
 """SMP's ``fp16`` and ``bf16`` config keys on the runtime's mixed precision (Note [smp fp16]):
 the loss scaler's rules, bf16 training against single-device autocast, and an injected fp16
-overflow that every rank skips."""
+overflow that every rank skips, and the loss scaler's state in a checkpoint."""
 
 from __future__ import annotations
 
@@ -141,3 +141,58 @@ def test_fp16_overflow_skips_the_same_step_on_every_rank() -> None:
         assert r["scales"] == [2.0**10, 2.0**9, 2.0**9], r
         assert r["dtypes"] == ["torch.float16"] and r["err"] < 1e-2, r
     assert results[0]["err"] == results[1]["err"]  # the same full model on both ranks
+
+
+def _scaler_resume_job(rank: int, world: int, root: str) -> dict[str, Any]:
+    """An fp16 run whose scale halved at an overflow, saved and resumed in a fresh job with
+    another initial scale: the loss scaler's state comes back from the checkpoint."""
+    import torch.nn.functional as F
+
+    import modelparallel.torch as smp
+    from modelparallel.torch.state_mod import shutdown
+
+    def setup(init_scale: float) -> tuple[Any, Any]:
+        smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
+                  "default_partition": 0, "fp16": True})
+        dm = smp.DistributedModel(_mlp(world))
+        opt = smp.DistributedOptimizer(torch.optim.SGD(dm.parameters(), lr=0.1),
+                                       static_loss_scale=None, dynamic_loss_scale=True,
+                                       dynamic_loss_args={"init_scale": init_scale})
+        return dm, opt
+
+    @smp.step
+    def train_step(model: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+        loss = F.mse_loss(model(x).float(), y)
+        model.backward(loss)
+        return loss
+
+    try:
+        dm, opt = setup(2.0**10)
+        for i in range(2):
+            g = torch.Generator().manual_seed(10 + i)
+            x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
+            opt.zero_grad()
+            hook = (next(dm.local_parameters()).register_hook(lambda g: g * float("inf"))
+                    if i == 1 and rank == 0 else None)
+            train_step(dm, x, y)
+            if hook is not None:
+                hook.remove()
+            opt.step()
+        saved = opt.loss_scaler.state_dict()
+        smp.save_checkpoint(root, "s", partial=True)
+        shutdown()
+        dm, opt = setup(2.0**4)
+        smp.resume_from_checkpoint(root, tag="s")
+        return {"saved": saved, "resumed": opt.loss_scaler.state_dict(),
+                "scale": opt.loss_scaler.loss_scale}
+    finally:
+        shutdown()
+
+
+@pytest.mark.multiprocess
+def test_fp16_loss_scaler_state_is_checkpointed(tmp_path: Any) -> None:
+    for r in [r.unwrap() for r in run_ranks(_scaler_resume_job, 2, str(tmp_path))]:
+        assert r["scale"] == 2.0**9, r  # halved at the overflow, not the new job's 2**4
+        assert r["resumed"] == r["saved"], r
+    assert sorted(p.name for p in (tmp_path / "s_partial").glob("fp16_states_*")) == [
+        "fp16_states_0_0_0.pt", "fp16_states_1_0_0.pt"]
