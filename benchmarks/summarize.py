@@ -150,6 +150,35 @@ def multigpu(data: dict[str, Any]) -> str:
             + _table(head, rows))
 
 
+def tensorflow_pipeline(data: dict[str, Any]) -> str:
+    """Keras GPT against torch GPT-2 plans, and partitions=1 against plain Keras."""
+    rows = [[str(r["p"])] + [f"{r[k]['plan_s']:.2f} / {r[k]['step_ms']:.1f} / {r[k]['bubble']:.2f}"
+                             f" / {r[k]['balance']:.2f}" for k in ("keras", "torch")]
+            + [f"{r['step_ratio_keras_over_torch']:.2f}"] for r in data["plans"]]
+    size, st = data["plans"][0]["size"], data["step"]
+    return (f"{data['plans'][0]['params_keras'] / 1e6:.1f}M parameters ({size}), "
+            f"m = {data['plans'][0]['microbatches']}, `h100` stages:\n\n"
+            + _table(["p", "Keras: plan s / step ms / bubble / balance",
+                      "torch: plan s / step ms / bubble / balance", "step keras / torch"], rows)
+            + f"\n\npartitions = 1 against plain Keras on one CPU device ({st['model']}): "
+            f"ours {st['ours_ms']:.1f} ms, plain {st['plain_ms']:.1f} ms, ratio {st['ratio']:.3f}")
+
+
+def tensorflow_cluster(data: dict[str, Any]) -> str:
+    """2 stages on 2 processes and in one process against plain Keras on one device."""
+    lo, cl, r = data["local"], data["cluster"], data["ratios"]
+    rows = [["plain Keras, 1 device", f"{lo['ms']['plain']:.1f}", f"{cl['ms']['plain']:.1f}", "1"],
+            ["1 process, 2 logical devices", f"{lo['ms']['ours']:.1f}", "",
+             f"{r['local_over_plain']:.2f}"],
+            ["2 processes (cluster runtime)", "", f"{cl['ms']['ours']:.1f}",
+             f"{r['cluster_over_plain']:.2f}"]]
+    spec = data["spec"]
+    return (f"Keras GPT {spec['model']}, m = {spec['microbatches']} {spec['pipeline']}, SGD, "
+            f"{data['cpus']} CPUs; weights equal to plain Keras to {cl['weight_diff']:.0e}:\n\n"
+            + _table(["step (median ms)", "local run", "cluster run", "over its run's plain"],
+                     rows) + f"\n\n2 processes over 1 process: {r['cluster_over_local']:.2f}")
+
+
 def hybrid(data: dict[str, Any]) -> str:
     """Step time of p = 2 x dp = 2 against p = 4 and DDP; memory of one stage per feature."""
     cfg, ver = data["config"], data.get("versions") or {}
@@ -191,6 +220,7 @@ _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality": partition_quality, "runtime": runtime,
     "partition_quality_communication": communication,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu,
+    "tensorflow_pipeline": tensorflow_pipeline, "tensorflow_cluster": tensorflow_cluster,
     "hybrid": hybrid}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
@@ -233,6 +263,15 @@ schedules: our ILP plan against the parameter-balanced and uniform splits and ag
 `torch.distributed.pipelining` on the same split, bubble, predicted against measured step time
 and peak memory. **Not run on several GPUs yet: no multi-GPU machine was lent.** What is below
 is the one-GPU dry run (p = 1). How to run it: [docs/multigpu.md](../docs/multigpu.md)."""),
+    ("tensorflow_pipeline", "TensorFlow: Keras against torch plans (`tensorflow_pipeline.py`)", """\
+The Keras GPT (`modelparallel.tensorflow.models.KerasGPT`) and HF's torch GPT-2 of the same shape
+(untied head), each traced by its own front end and planned by the same ILP at p in {2, 4, 8};
+and `partitions=1` against a plain `tf.function` Keras step on one CPU device (goal <= 1.05).
+`python benchmarks/tensorflow_pipeline.py` (about 5 minutes). More: [docs/tensorflow.md](../docs/tensorflow.md)."""),
+    ("tensorflow_cluster", "TensorFlow across processes (`tensorflow_cluster.py`)", """\
+A 2-stage pipeline of a Keras GPT on 2 processes (TensorFlow's cluster runtime) and in one
+process (2 logical CPU devices), each timed beside plain Keras on one device in the same run.
+`python benchmarks/tensorflow_cluster.py` (about 3 minutes)."""),
     ("hybrid", "Data x pipeline parallelism and the memory features (`hybrid.py`)", """\
 (a) Step time on 4 gloo ranks, same global batch: p = 2 stages x dp = 2 replicas against
 p = 4 x dp = 1 and against `torch.nn.parallel.DistributedDataParallel` over 4 ranks (ratios to

@@ -173,3 +173,26 @@ def test_save_model_writes_the_whole_model_and_it_predicts_the_same(factory: str
         want = pred[: batch.shape[0]]
         assert got.shape == want.shape and abs(got - want).max() < 1e-5
     assert "serving_default" in loaded.signatures
+
+
+def test_contiguous_checks_that_every_stage_is_one_connected_piece() -> None:
+    import warnings
+
+    from modelparallel.tensorflow.model import _disconnected_stages
+    from modelparallel.tracer.tf_capture import trace_keras
+
+    case = keras_skip(batch_size=4)
+    graph = trace_keras(case.model, case.args[0]).graph
+    layer = {n.name: n.module_path.split(".")[0] for n in graph}
+    # stem and block2 meet only through the skip's add (stage 1), block1 and the add only
+    # through block2 (stage 0): both stages are two pieces
+    split = {n.name: 0 if layer[n.name] in ("stem", "block2") else 1 for n in graph}
+    assert _disconnected_stages(graph, split) == {0: 2, 1: 2}
+    cut = {n.name: 0 if layer[n.name] in ("stem", "block1") else 1 for n in graph}
+    assert _disconnected_stages(graph, cut) == {}
+    full, model, get_grads, _ = _model_and_step()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        get_grads(full.args[0], full.target)
+    assert not [w for w in seen if "contiguous" in str(w.message)]  # the plan's are connected
+    assert _disconnected_stages(model._mp_state["traced"].graph, model.plan.assignment) == {}
