@@ -116,3 +116,28 @@ def test_backend_names_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"'fibers'.*use 'threads'"):
         _bodies.set_backend("fibers")
     assert _bodies.backend() in BACKENDS
+
+
+def test_without_greenlet_the_bodies_are_threads() -> None:
+    """The fallback: greenlet not importable -> threads, and asking for greenlets is named."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['greenlet'] = None  # import greenlet now raises ImportError\n"
+        "from modelparallel.errors import ConfigError\n"
+        "from modelparallel.torch import _bodies\n"
+        "assert _bodies.backend() == 'threads', _bodies.backend()\n"
+        "try:\n"
+        "    _bodies.set_backend('greenlet')\n"
+        "except ConfigError as e:\n"
+        "    assert 'NOT installed' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("MODELPARALLEL_SMP_BODIES", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
