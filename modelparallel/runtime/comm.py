@@ -25,7 +25,8 @@ matching of the messages between two ranks needs), while the calling thread goes
 (the posts and the compute release the GIL). A receive is waited for after its posting
 (:meth:`StageComm.wait`), a send's tensors are kept until it completes, and an error of the
 thread is raised, mapped as any other, by the next wait, issue or drain of the calling thread.
-``StageComm(post_thread=False)`` posts on the calling thread.
+``StageComm(post_thread=False)``, or ``MODELPARALLEL_POST_THREAD=0`` in the environment, posts on
+the calling thread.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import os
 import pickle
 import queue
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -93,13 +96,14 @@ class StageComm:
             same order on every rank, because ``torch.distributed.new_group`` is collective over
             the whole job (Note [placement order] in ``modelparallel/placement.py``).
         post_thread: On gloo, post sends and receives from a thread of the comm (Note
-            [posting thread]); ignored on NCCL.
+            [posting thread]); ignored on NCCL. ``None``: yes, unless the environment sets
+            ``MODELPARALLEL_POST_THREAD=0``.
     """
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device, timeout: float,
                  board: FailureBoard | None,
                  replicas: Sequence[Sequence[int]] | None = None,
-                 post_thread: bool = True) -> None:
+                 post_thread: bool | None = None) -> None:
         self.stage = stage
         self.ranks = tuple(ranks)
         self.num_stages = len(self.ranks)
@@ -122,6 +126,8 @@ class StageComm:
         self._extra: list[Any] = []
         if self.num_stages > 1:
             self._group = self._new_groups(self.replicas)
+        if post_thread is None:
+            post_thread = os.environ.get("MODELPARALLEL_POST_THREAD", "1") != "0"
         self._poster = (_Poster(self._post_ops) if post_thread and not self.grouped
                         and self.num_stages > 1 else None)
 
@@ -149,7 +155,7 @@ class StageComm:
     def create(cls, stage: int, ranks: Sequence[int], device: torch.device | str,
                timeout: float, namespace: str | None = None,
                replicas: Sequence[Sequence[int]] | None = None,
-               post_thread: bool = True) -> StageComm:
+               post_thread: bool | None = None) -> StageComm:
         """Create the comm of ``stage`` with a failure board in the job's default store.
 
         Collective over the whole job (it creates process groups).
@@ -259,9 +265,16 @@ class StageComm:
         """Block until ``recv``'s buffers are filled; return them."""
         self.check_usable()
         if self._poster is not None:
+            deadline = time.monotonic() + self.timeout
             while not recv.posted.wait(0.05):
                 self._check_poster()
                 self.check_usable()
+                if time.monotonic() > deadline:  # an internal error: never hang on it
+                    raise CommunicationError(
+                        f"rank {self.rank}: the receive of {recv.what} was not posted within "
+                        f"{self.timeout} s by the posting thread (Note [posting thread]); "
+                        "this is a bug of modelparallel: report it, and set "
+                        "MODELPARALLEL_POST_THREAD=0 meanwhile")
             self._check_poster()
         try:
             for w in recv.works:

@@ -1,0 +1,43 @@
+"""``StageComm``'s point-to-point operations on real gloo processes, posted from the comm's
+thread and from the caller's (Note [posting thread]): the same messages arrive, in order, and a
+receive of no tensors (an empty stage boundary) is complete at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from _dist import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def exchange_job(rank: int, world: int, post_thread: bool) -> list[Any]:
+    """Rank 0 sends three messages to rank 1, which posts a receive of nothing in between."""
+    from modelparallel.runtime.comm import PendingRecv, StageComm
+
+    comm = StageComm.create(rank, list(range(world)), "cpu", 30.0, post_thread=post_thread)
+    try:
+        if rank == 0:
+            for i in range(3):
+                comm.issue([(1, [torch.full((4,), float(i)), torch.arange(i + 1.0)])], [],
+                           label=f"m{i}")
+            comm.drain_sends()
+            return []
+        recvs = [PendingRecv(0, [torch.empty(4), torch.empty(i + 1)], f"message {i}")
+                 for i in range(3)]
+        nothing = PendingRecv(0, [], "an empty boundary")
+        comm.issue([], [recvs[0], nothing])
+        comm.issue([], recvs[1:])
+        got = [comm.wait(nothing)] + [comm.wait(r) for r in recvs]
+        return [[t.tolist() for t in ts] for ts in got]
+    finally:
+        comm.teardown()
+
+
+@pytest.mark.parametrize("post_thread", [True, False])
+def test_messages_arrive_in_order_and_an_empty_receive_completes(post_thread: bool) -> None:
+    results = [r.unwrap() for r in run_ranks(exchange_job, 2, post_thread, timeout=120)]
+    assert results[1] == [[]] + [[[float(i)] * 4, [float(j) for j in range(i + 1)]]
+                                 for i in range(3)]
