@@ -27,7 +27,7 @@ variant it reports:
 
 Results: a table, ``benchmarks/results/bubble.json`` (``--output``), with one recorded step's
 timelines of the ``p = 4, m = 8`` rows; ``--figures RESULT`` draws the SVG figures of
-``docs/schedules.md`` from a result file (no processes).
+``docs/schedules.md`` from a result file (no processes) and prints its Markdown table.
 """
 
 from __future__ import annotations
@@ -254,6 +254,21 @@ def _table(rows: list[dict[str, Any]], variants: list[str]) -> None:
     Console(width=170).print(t)
 
 
+def _markdown(rows: list[dict[str, Any]], variants: list[str]) -> str:
+    """The excess of the measured bubble over the simulated one, a Markdown table (a row per
+    configuration, a column per variant), for ``docs/schedules.md``."""
+    head = ["p", "m", "schedule", "theory", *(f"{v}: measured - simulated" for v in variants)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rows:
+        cells = [str(r["p"]), str(r["m"]), r["schedule"], f"{r['bubble_theory']:.3f}"]
+        for v in variants:
+            e = r["variants"][v]
+            cells.append(f"{e['bubble_measured']:.3f} - {e['bubble_simulated']:.3f} = "
+                         f"**{e['bubble_measured'] - e['bubble_simulated']:+.3f}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--partitions", type=int, nargs="+", default=[2, 4])
@@ -271,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(__file__).resolve().parent.parent / "docs" / "figures")
     a = parser.parse_args(argv)
     if a.figures is not None:
-        for path in draw_figures(json.loads(a.figures.read_text()), a.figure_dir):
+        result = json.loads(a.figures.read_text())
+        for path in draw_figures(result, a.figure_dir):
             print(f"wrote {path}", file=sys.stderr)
+        print(_markdown(result["rows"], list(result["config"]["variants"])))
         return 0
     cfg = {"microbatches": a.microbatches, "microbatch_size": a.microbatch_size,
            "schedules": a.schedules, "variants": a.variants, "steps": a.steps, "warmup": 2}

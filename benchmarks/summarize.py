@@ -124,6 +124,24 @@ def gpu_overhead(data: dict[str, Any]) -> str:
             + _table(["model", "batch", "plain ms", "ours ms", "ratio"], rows))
 
 
+def bubble(data: dict[str, Any]) -> str:
+    """Measured minus simulated bubble per schedule and runtime variant (``bubble.py``)."""
+    variants = list(data["config"]["variants"])
+    rows = []
+    for r in data["rows"]:
+        cells = [str(r["p"]), str(r["m"]), r["schedule"], f"{r['bubble_theory']:.3f}"]
+        for v in variants:
+            e = r["variants"][v]
+            cells.append(f"{e['bubble_measured']:.3f} / {e['bubble_simulated']:.3f} "
+                         f"({e['bubble_measured'] - e['bubble_simulated']:+.3f})")
+        rows.append(cells)
+    head = ["p", "m", "schedule", "theory",
+            *(f"{v}: measured / simulated (excess)" for v in variants)]
+    cpus = data["versions"].get("cpus")
+    return (f"{cpus} CPUs, goal: excess <= {data['goal']['measured_minus_simulated']}:\n\n"
+            + _table(head, rows))
+
+
 def multigpu(data: dict[str, Any]) -> str:
     """Throughput of each plan and of torch.distributed.pipelining on several GPUs."""
     rows = []
@@ -221,7 +239,7 @@ _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality_communication": communication,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu,
     "tensorflow_pipeline": tensorflow_pipeline, "tensorflow_cluster": tensorflow_cluster,
-    "hybrid": hybrid}
+    "hybrid": hybrid, "bubble": bubble}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
 _SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -243,10 +261,20 @@ under relaying divided by the one under direct sends (above 1.000: direct sends 
 A stack of equal residual MLP blocks (so the stages are equal), gloo, one thread per rank.
 (a) measured bubble against `(p - 1) / (m + p - 1)` and against the schedule simulated with the
 measured stage times and link latency; (b) step time against `torch.distributed.pipelining`
-(`ScheduleGPipe` / `Schedule1F1B`) on the same split, goal ratio <= 1.0; (c) `partitions=1`
+(`ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleaved1F1B` for `1f1b-v2`, two stages per rank /
+`ScheduleInterleavedZeroBubble` for `zb-h1`) on the same split, goal ratio <= 1.0; (c) `partitions=1`
 against plain PyTorch, goal <= 1.03; (d) an SMP loop (`@smp.step`) against
 `modelparallel.pipeline` on the same plan, goal ratio <= 1.05 and bubble within 0.05.
-`python benchmarks/runtime.py` (about 2 minutes)."""),
+`python benchmarks/runtime.py` (about 2 minutes on 16 CPUs, 11 on 2). Where the bubble goes, per
+schedule, against the simulation: `benchmarks/bubble.py` and [docs/schedules.md](../docs/schedules.md)."""),
+    ("bubble", "Where the bubble goes (`bubble.py`)", """\
+The MLP of `runtime.py`, every schedule, each rank's timeline of a step against the schedule
+simulated with the measured action times and link latency, in variants of the runtime side by
+side: `before` (one receive posted ahead, the result broadcast at the end, posts on the computing
+thread), `ahead+early` (Note [receives ahead], Note [early result]) and `after` (also Note
+[posting thread]; the default). Goal: measured minus simulated bubble <= 0.03. Figures and the
+breakdown: [docs/schedules.md](../docs/schedules.md).
+`python benchmarks/bubble.py --partitions 2 --steps 4` (about 3 minutes on 2 CPUs)."""),
     ("cost_model_fidelity", "Cost model against an H100 (`cost_model_fidelity.py`)", """\
 A 4-stage ILP plan of GPT-2 medium, a 1.1B Llama, ResNet-50 and BERT-large (bf16, 1F1B, m = 4);
 each stage runs alone on the GPU on the values it really receives: forward+backward time (CUDA
