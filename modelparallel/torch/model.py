@@ -102,6 +102,9 @@ class DistributedModel(nn.Module):
         self.module = module
         self.trace_device = trace_device
         self.trace_execution_times = trace_execution_times
+        #: With ``trace_execution_times``: the node-times file rank 0 measured and planned with
+        #: (``modelparallel.cost_model.node_times.NodeTimesFile``), after the first step.
+        self.node_times_file: str | None = None
         self.average_grads_across_microbatches = average_grads_across_microbatches
         self.ddp_options = {"overlapping_allreduce": overlapping_allreduce,
                             "backward_passes_per_step": backward_passes_per_step,
@@ -293,8 +296,8 @@ class DistributedModel(nn.Module):
         pins = placement_pins(self.module, traced.graph, state.cfg)
         options = dataclasses.replace(options, pins={**options.pins, **pins})
         if self.trace_execution_times:
-            options = dataclasses.replace(options, node_times=_measure(traced, mb_args,
-                                                                       mb_kwargs))
+            self.node_times_file = _measure(traced, mb_args, mb_kwargs)
+            options = dataclasses.replace(options, node_times=self.node_times_file)
         return options
 
     def _use_plan(self, plan: Any) -> None:

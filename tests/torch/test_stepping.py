@@ -143,6 +143,11 @@ def test_trace_execution_times_plans_with_measured_times() -> None:
 
         train_step(dm, torch.randn(4, 4))
         assert dm.pipeline.planning.node_times is None  # the options given stay as given
-        assert dm.partitioned
+        assert dm.partitioned and dm.node_times_file is not None
+        from modelparallel.cost_model.node_times import NodeTimesFile
+
+        measured = NodeTimesFile.load(dm.node_times_file, dm.pipeline.traced.graph).times
+        planned = {n.name: (n.forward_time, n.backward_time) for n in dm.pipeline.plan.nodes}
+        assert measured and all(planned[k] == pytest.approx(v) for k, v in measured.items())
     finally:
         shutdown()
