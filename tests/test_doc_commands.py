@@ -1,10 +1,11 @@
 """Every shell command in README.md and docs/*.md runs as written (issue 13 item 9).
 
-Each command of a ```bash block is either run here, in a temporary directory (slow ones with a
-smaller model: ``gpt2_medium``/``gpt2_small`` become ``gpt2_tiny`` at batch 8, sequence 16), or
-listed in ``NOT_RUN`` with the reason (a GPU, 8 processes, the setup commands CI runs itself). A
-new command in the docs fails :func:`test_every_doc_command_is_classified` until it is one or
-the other, so a command cannot go stale unnoticed."""
+Each command of a ```bash block (a `partition-plan` command or a `python -c` one-liner) is
+either run here, in a temporary directory (slow ones with a smaller model: ``gpt2_medium``/
+``gpt2_small`` become ``gpt2_tiny`` at batch 8, sequence 16), or listed in ``NOT_RUN`` with the
+reason (a GPU, 8 processes, the setup commands CI runs itself). A new command in the docs fails
+:func:`test_every_doc_command_is_classified` until it is one or the other, so a command cannot go
+stale unnoticed."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _runnable() -> list[str]:
 
 
 def test_every_doc_command_is_classified() -> None:
-    unknown = [cmd for cmd in _runnable() if not cmd.startswith("partition-plan ")]
+    unknown = [cmd for cmd in _runnable() if not cmd.startswith(("partition-plan ", "python -c "))]
     assert not unknown, f"run these in this test or list them in NOT_RUN: {unknown}"
 
 
@@ -88,6 +89,12 @@ def test_doc_commands_run(tmp_path: Path) -> None:
     """The runnable commands, in order (later ones read earlier ones' files)."""
     failures = []
     for cmd in _runnable():
+        if cmd.startswith("python -c "):  # a one-line Python example
+            exe = [sys.executable, *shlex.split(cmd)[1:]]
+            proc = subprocess.run(exe, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                failures.append(f"{cmd}\n  -> {proc.stderr.strip().splitlines()[-1:]}")
+            continue
         argv = _small(cmd)
         if "*first*" in argv:  # a node of the tiny model's plan instead of gpt2-medium's
             import json
