@@ -159,8 +159,9 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
             options: dict[str, Any] = {"memory_weight": cfg.memory_weight}
             if cfg.memory_weight is None:
                 options = {}
-            plan_cfg = PlanConfig(
-                partitions=p, microbatches=m, granularity="module", pins=pins,
+            plan_cfg = PlanConfig(  # Note [layer granularity] in partitioner/methods.py
+                partitions=p, microbatches=m, granularity=cfg.granularity, pins=pins,
+                tied="colocate" if cfg.granularity == "layer" else "replicate",
                 schedule="simple" if cfg.pipeline == "simple" else "interleaved", **options)
             samples = int(specs[0].shape[0] or 1) if specs and specs[0].shape.rank else 1
             plan = plan_graph(graph, plan_cfg, kind, samples_per_microbatch=samples)

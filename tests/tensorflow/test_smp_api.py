@@ -27,6 +27,10 @@ def test_init_merges_sm_hp_mp_parameters_and_validates(monkeypatch) -> None:
         smp.init({"partitions": 2, "partitons": 3})
     with pytest.raises(ConfigError, match="pipeline"):
         smp.init({"partitions": 2, "pipeline": "zigzag"})
+    assert smp.init({"partitions": 2}).granularity == "layer"
+    assert smp.init({"partitions": 2, "granularity": "op"}).granularity == "op"
+    with pytest.raises(ConfigError, match="granularity 'module' must be 'layer'"):
+        smp.init({"partitions": 2, "granularity": "module"})
 
 
 def test_ranks_and_one_process_helpers() -> None:

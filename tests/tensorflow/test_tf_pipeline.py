@@ -1,5 +1,6 @@
 """Pipelined training of Keras models on logical CPU devices equals single-device Keras training
-(same weights, same batches, 3 steps) under both schedules, SGD and Adam."""
+(same weights, same batches, 3 steps) under both schedules, SGD and Adam, at layer granularity
+(the default) and op granularity."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ tf = pytest.importorskip("tensorflow")
 
 from _tf_parity import run_parity  # noqa: E402
 
-from modelparallel.tensorflow.models import keras_cnn, keras_gpt, keras_skip  # noqa: E402
+from modelparallel.tensorflow.models import (  # noqa: E402
+    KerasCase,
+    keras_cnn,
+    keras_gpt,
+    keras_mlp,
+    keras_skip,
+)
 
 
 @pytest.mark.parametrize("pipeline", ["simple", "interleaved"])
@@ -38,4 +45,58 @@ def test_cnn_parity(partitions: int, pipeline: str, optimizer: str) -> None:
     r = run_parity(keras_cnn, partitions=partitions, microbatches=2, pipeline=pipeline,
                    optimizer=optimizer)
     assert r["diff"] < 1e-5, r
+    assert len(r["stages"]) >= 2
+
+
+def test_skip_model_adam_parity() -> None:
+    r = run_parity(keras_skip, partitions=4, microbatches=2, pipeline="simple", optimizer="adam")
+    assert r["diff"] < 1e-5, r
+    assert len(r["stages"]) == 4
+
+
+@pytest.mark.parametrize("granularity", ["layer", "op"])
+def test_granularity_layer_keeps_layers_whole_and_op_cuts_them(granularity: str) -> None:
+    # Note [layer granularity]: by default no Keras layer is cut; at op level (on request) the
+    # plan cuts inside layers, and training is exact either way
+    r = run_parity(keras_mlp, partitions=4, microbatches=2, pipeline="interleaved",
+                   config={"granularity": granularity})
+    assert r["diff"] < 1e-5, r
+    assert r["plan"].config.granularity == granularity
+    assert (r["split"] == []) == (granularity == "layer"), r["split"]
+
+
+def _shared_dense(*, batch_size: int = 8, seed: int = 0) -> KerasCase:
+    """A Dense layer called twice with another layer between: its two calls read one kernel."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+    class SharedDense(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="shared_model")
+            self.stem = keras.layers.Dense(16, activation="relu", name="stem")
+            self.shared = keras.layers.Dense(16, activation="tanh", name="shared")
+            self.mid = keras.layers.Dense(16, activation="relu", name="mid")
+            self.head = keras.layers.Dense(10, name="head")
+
+        def call(self, x, training=False):  # type: ignore[no-untyped-def]
+            return self.head(self.shared(self.mid(self.shared(self.stem(x)))))
+
+    model = SharedDense()
+    x = tf.random.stateless_normal((batch_size, 8), seed=(seed, 1))
+    model(x)
+    y = tf.random.stateless_uniform((batch_size,), seed=(seed, 2), maxval=10, dtype=tf.int32)
+    return KerasCase("shared-dense", model, (x,), y, keras_mlp(batch_size=2).loss_fn)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "op"])
+def test_ops_sharing_a_variable_share_a_stage_at_layer_granularity(granularity: str) -> None:
+    r = run_parity(_shared_dense, partitions=4, microbatches=2, pipeline="simple",
+                   config={"granularity": granularity})
+    assert r["diff"] < 1e-5, r  # op level: the kernel read on two stages, gradients summed
+    plan = r["plan"]
+    readers = {n.stage for n in plan.nodes
+               if any(".shared." in f".{q}" for q in r["graph"].node(n.name).params)}
+    assert readers
+    assert (len(readers) == 1) == (granularity == "layer"), readers
     assert len(r["stages"]) >= 2
