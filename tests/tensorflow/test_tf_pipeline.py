@@ -30,7 +30,7 @@ def test_skip_model_parity(partitions: int, pipeline: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("partitions", "pipeline", "optimizer"),
                          [(2, "interleaved", "adam"), (2, "simple", "sgd"),
-                          (4, "interleaved", "sgd")])
+                          (4, "interleaved", "sgd"), (4, "simple", "adam")])
 def test_transformer_parity(partitions: int, pipeline: str, optimizer: str) -> None:
     r = run_parity(keras_gpt, partitions=partitions, microbatches=4, pipeline=pipeline,
                    optimizer=optimizer)
@@ -46,6 +46,16 @@ def test_cnn_parity(partitions: int, pipeline: str, optimizer: str) -> None:
                    optimizer=optimizer)
     assert r["diff"] < 1e-5, r
     assert len(r["stages"]) >= 2
+
+
+@pytest.mark.parametrize(("factory", "partitions", "pipeline"),
+                         [(keras_cnn, 2, "interleaved"), (keras_skip, 4, "simple")])
+def test_legacy_get_gradients_parity(factory, partitions: int, pipeline: str) -> None:
+    # SMP's way: optimizer.get_gradients(loss, params) inside the step, on a Keras 3 optimizer
+    r = run_parity(factory, partitions=partitions, microbatches=2, pipeline=pipeline,
+                   optimizer="adam", tape=False)
+    assert r["diff"] < 1e-5, r
+    assert len(r["stages"]) == partitions
 
 
 def test_skip_model_adam_parity() -> None:
