@@ -102,6 +102,7 @@ def _row(rank: int, world: int, m: int, label: str, bodies: str, cfg: dict[str, 
 
 def _smp_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], plan_dir: str,
              queue: Any) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark: smp.init would take a GPU
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)

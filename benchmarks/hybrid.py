@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import os
 import statistics
@@ -152,6 +153,10 @@ def _measure(case: Any, features: dict[str, Any], m: int, device: torch.device, 
              ) -> dict[str, float]:
     import modelparallel
 
+    gc.collect()  # the previous row's stage and optimizer state are gone before this one starts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    before = float(torch.cuda.memory_allocated()) if device.type == "cuda" else 0.0
     model = copy.deepcopy(case.model).to(device)
     x, y = case.args[0].to(device), case.target.to(device)
     pipe = modelparallel.pipeline(model, x, loss_fn=case.loss_fn, microbatches=m,
@@ -170,7 +175,8 @@ def _measure(case: Any, features: dict[str, Any], m: int, device: torch.device, 
         if device.type == "cuda":
             pipe.step(x, y, return_outputs=False)
             torch.cuda.synchronize()
-            transient, held = float(torch.cuda.max_memory_allocated() - base), float(base)
+            transient = float(torch.cuda.max_memory_allocated() - base)
+            held = float(base) - before  # this stage's parameters, optimizer state and inputs
         elif last and i:  # CPU: the profiler's allocation timeline (slow: the last step only)
             transient = _allocated_peak_cpu(lambda: pipe.step(x, y, return_outputs=False))
             held = float(sum(t.numel() * t.element_size() for t in model.parameters())
@@ -187,6 +193,7 @@ def _measure(case: Any, features: dict[str, Any], m: int, device: torch.device, 
             "predicted_bytes": float(mem.gradients + mem.activations + mem.workspace),
             "measured_bytes": transient,
             "predicted_activations_bytes": float(mem.activations),
+            "allocated_before_row_bytes": before,
             "step_s": statistics.median(times) if times else float("nan")}
 
 

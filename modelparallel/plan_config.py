@@ -38,7 +38,7 @@ _OPTIMIZE_DEFAULT_WEIGHT = {"speed": 0.2, "memory": 0.8}
 
 #: The values of the planning options that are a choice among names (Note [planning options]).
 OPTIMIZE_CHOICES = ("speed", "memory")
-GRANULARITIES = ("op", "module")
+GRANULARITIES = ("op", "module", "layer")
 TIED_CHOICES = ("replicate", "colocate")
 SOLVERS = ("highs", "cbc")
 CHECKPOINTING_CHOICES = ("none", "all", "auto")
@@ -71,8 +71,10 @@ class PartitionOptions:
             objective; ``None`` takes the default of ``optimize``.
         optimizer: Optimizer whose state memory is counted (``"adam"``, ``"sgd"``, ...), or bytes
             per parameter element.
-        granularity: ``"op"`` (partition single ops, coarsened internally) or ``"module"``
-            (whole modules up to ``module_depth``).
+        granularity: ``"op"`` (partition single ops, coarsened internally), ``"module"``
+            (the ILP over whole modules up to ``module_depth``) or ``"layer"`` (every op stays
+            with the other ops of its innermost module, a Keras layer or a leaf ``nn.Module``:
+            Note [layer granularity] in ``modelparallel/partitioner/methods.py``).
         module_depth: Module-path depth of the units for ``granularity="module"``; ``None`` picks
             the depth that gives enough units per stage.
         tied: ``"replicate"``: a parameter read on several stages is copied to each and its
@@ -127,7 +129,8 @@ class PartitionOptions:
             raise ConfigError(f"memory_weight = {self.memory_weight} must be in [0, 1]")
         object.__setattr__(self, "memory_weight", float(self.memory_weight))  # type: ignore[arg-type]
         if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity = {self.granularity!r}; use 'op' or 'module'")
+            raise ConfigError(f"granularity = {self.granularity!r}; use 'op', 'module' or "
+                              "'layer'")
         if self.module_depth is not None and self.module_depth < 1:
             raise ConfigError(f"module_depth = {self.module_depth} must be >= 1")
         if self.tied not in TIED_CHOICES:

@@ -23,7 +23,7 @@ def test_planning_options_derive_from_partition_options() -> None:
     config = PlanConfig.of(opts, partitions=2, microbatches=2)
     assert (config.granularity, config.module_depth, config.partitions) == ("module", 2, 2)
     with pytest.raises(ConfigError, match="granularity"):
-        PlanningOptions(granularity="layer")
+        PlanningOptions(granularity="block")
 
 
 def test_plan_config_file_order_keeps_the_shape_first() -> None:
@@ -43,7 +43,7 @@ def test_config_defaults_and_aliases() -> None:
     dict(partitions=0), dict(partitions=2, microbatches=0), dict(partitions=2, schedule="zb"),
     dict(partitions=2, memory_weight=1.5), dict(partitions=2, optimize="fast"),
     dict(partitions=2, pins={"a": 2}), dict(partitions=2, solver="gurobi"),
-    dict(partitions=2, time_limit=0), dict(partitions=2, granularity="layer"),
+    dict(partitions=2, time_limit=0), dict(partitions=2, granularity="block"),
 ])
 def test_config_rejects_bad_values(kwargs) -> None:
     with pytest.raises(ConfigError):

@@ -97,7 +97,8 @@ def recomputed_nodes(graph: Graph, members: Iterable[str],
     return tuple(sorted(out, key=graph.index))
 
 
-def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) -> dict[str, str]:
+def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None, *,
+                  innermost: bool = False) -> dict[str, str]:
     """Group nodes by their module path cut to ``depth`` levels, keeping the quotient acyclic.
 
     Each node maps to a group name: its module path truncated to ``depth`` dotted components
@@ -112,6 +113,8 @@ def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) 
         depth: How many leading module-path components to keep; 0 makes every node its own group.
         nodes: Restrict grouping to these nodes (others are left out of the result), listed
             in a topological order: the runs follow that order (default: the graph's).
+        innermost: Group by the whole module path instead (``depth`` is ignored): the ops of
+            each innermost module together, the root's own ops singletons.
 
     Returns:
         Node name to group name. Group names are stable: the module path, with ``#k`` appended to
@@ -125,11 +128,15 @@ def module_groups(graph: Graph, depth: int, nodes: Iterable[str] | None = None) 
         ...                 Node("output", OpKind.OUTPUT, "output", ("c",))))
         >>> module_groups(g, 2)["a"] == module_groups(g, 2)["b"]
         True
+        >>> module_groups(g, 0, innermost=True)["a"] == module_groups(g, 0, innermost=True)["b"]
+        False
     """
     selected = list(graph.nodes) if nodes is None else [graph.node(x) for x in nodes]
     keys: dict[str, str] = {}
     for n in selected:
         parts = n.module_path.split(".") if n.module_path else []
+        if innermost:
+            depth = max(len(parts), 1)
         if depth <= 0 or len(parts) < depth or n.op in (OpKind.PLACEHOLDER, OpKind.OUTPUT):
             keys[n.name] = f"@{n.name}"
         else:

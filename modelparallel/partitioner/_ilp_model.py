@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pulp
 
+from modelparallel.partitioner._pulp import pulp
 from modelparallel.partitioner.problem import Problem
 
 __all__: list[str] = []  # private to modelparallel.partitioner.ilp

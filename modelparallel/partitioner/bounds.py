@@ -29,6 +29,11 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
    trade between the early stages' memory (more microbatches in flight under 1F1B) and the
    late stages' time: on a 192-layer decoder at p = 16 it is within 2.5% of the incumbent
    where part 1 is 13% below (figures: ``docs/measurements.md``).
+1c. *Chains* (Note [chain bound] in ``_chain_bound.py``): every boundary at once, through the
+   last-ranked node of each stage's downset (in the same rank as part 1b), minimised over
+   those sequences by a greedy that decides each pair of time and utilisation limits exactly;
+   each stage's send counted. On the 192-layer decoder at p = 16 it is within 1.8% of the
+   incumbent (part 1b: 2.5%).
 2. *Windows*: given the objective ``J*`` of a known assignment, any strictly better one has
    ``J < J*``. If node ``v`` is on stage ``s``, stages ``0..s`` run ``v`` and its ancestors and
    stages ``s..p-1`` run ``v`` and its descendants, so the slowest stage takes at least
@@ -104,6 +109,7 @@ import numpy as np
 
 from modelparallel.errors import ConfigError
 from modelparallel.partitioner._bound_model import _solve_windowed
+from modelparallel.partitioner._chain_bound import chain_bound
 from modelparallel.partitioner.problem import Problem
 
 __all__ = ["LowerBound", "lower_bound", "stage_windows", "window_for"]
@@ -124,7 +130,7 @@ class LowerBound:
         memory: Lower bound on ``max_s (M_s / cap_s) / U_ref`` (analytic part).
         min_memory_bytes: No plan fits on devices that each have less memory than this.
         source: Which bound gave ``value``: ``"analytic"`` (part 1), ``"split"`` (part 1b),
-            ``"lp"`` or ``"incumbent"`` (no
+            ``"chain"`` (part 1c), ``"lp"`` or ``"incumbent"`` (no
             assignment better than the incumbent exists within the windows).
         lp_seconds: Seconds spent on the LP relaxation (0 if skipped).
         notes: Remarks (why the LP was skipped, its size).
@@ -141,7 +147,7 @@ class LowerBound:
     def __post_init__(self) -> None:
         if not np.isfinite(self.value):
             raise ConfigError(f"a lower bound must be finite, got {self.value}")
-        if self.source not in ("analytic", "split", "lp", "incumbent"):
+        if self.source not in ("analytic", "split", "chain", "lp", "incumbent"):
             raise ConfigError(f"unknown bound source {self.source!r}")
 
     def describe(self) -> str:
@@ -466,6 +472,9 @@ def lower_bound(prob: Problem, *, incumbent: float | None = None,
     split = _split_bound(prob) * (1 - _SAFETY)
     if split > value:
         value, source = split, "split"
+    chain = chain_bound(prob) * (1 - _SAFETY)
+    if chain > value:
+        value, source = chain, "chain"
     lp_seconds = 0.0
     if incumbent is not None and prob.p > 1 and w < 1.0 and incumbent > value and (
             time_limit >= _MIN_SECONDS):

@@ -83,11 +83,15 @@ def singletons(prob: Problem) -> Units:
 
 
 def make_units(prob: Problem, depth: int, *, contract: bool = True,
-               max_share: float = 0.5) -> Units:
-    """Units at module ``depth`` (Note [coarsening]); ``depth=0`` gives single nodes."""
-    if depth <= 0:
+               max_share: float = 0.5, innermost: bool = False) -> Units:
+    """Units at module ``depth`` (Note [coarsening]); ``depth=0`` gives single nodes;
+    ``innermost=True``: each node's innermost module (``depth`` ignored; Note [layer
+    granularity] in ``methods.py``)."""
+    if innermost:
+        depth = max(_max_depth(prob), 1)
+    elif depth <= 0:
         return singletons(prob)
-    groups = module_groups(prob.graph, depth, prob.names)
+    groups = module_groups(prob.graph, depth, prob.names, innermost=innermost)
     keys: dict[str, int] = {}
     label = np.empty(prob.n, dtype=np.int64)
     for i, name in enumerate(prob.names):

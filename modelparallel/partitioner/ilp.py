@@ -64,11 +64,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pulp
 
 from modelparallel.errors import SolverError
 from modelparallel.partitioner._highs import THREADS, highs_options, silence_banner
 from modelparallel.partitioner._ilp_model import _Model
+from modelparallel.partitioner._pulp import pulp
 from modelparallel.partitioner.problem import Problem
 from modelparallel.partitioner.progress import ProgressEvent
 

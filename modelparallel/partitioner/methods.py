@@ -48,6 +48,18 @@ With ``granularity="module"`` steps 2 to 5 are skipped and step 6 solves at modu
 with no refinement. The other methods report the analytic bound (Note [lower bound], part 1),
 or the ILP's bound when run through :func:`compare`.
 
+Note [layer granularity]
+~~~~~~~~~~~~~~~~~~~~~~~~
+``granularity="layer"`` is SMP's TensorFlow rule that the ops of one Keras layer stay together
+(the TensorFlow front end's default, Note [keras capture] in ``tracer/tf_capture.py``; for torch
+graphs, the ops of one leaf ``nn.Module``). The units are each node's innermost module path
+(:func:`~modelparallel.ir.module_groups` with ``innermost=True``: a layer's own ops, not its
+sublayers'; the root's own ops are single nodes; a layer called twice with other work between is
+one unit per call, which ``tied="colocate"`` then keeps on one stage when the calls share a
+variable). Unlike ``"module"``, no op-level assignment competes: only the DP over the units'
+order and the ILP over the units run (step 6 without refinement), so every assignment returned
+keeps every unit whole, by construction; pins that split a unit split it into single ops.
+
 
 The exact DP (``"dp"``) and the baselines (``"uniform"``, ``"param_balanced"``, Note [layers])
 run once each; every runner returns the node-to-stage array and a
@@ -248,6 +260,9 @@ class _Candidates:
 def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
     cfg = prob.config
     cands = _Candidates(prob)
+    if cfg.granularity == "layer":  # Note [layer granularity]: no op-level candidates
+        units = make_units(prob, 0, contract=False, innermost=True)
+        return _units_then_refine(prob, clock, cands, units, refine=False)
     clock.emit("dp", "contiguous split over the topological order")
     dp = solve_dp(prob)
     if dp is not None:

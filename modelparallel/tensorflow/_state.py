@@ -27,7 +27,8 @@ __all__ = ["TFConfig", "config", "init", "is_initialized"]
 
 _KEYS = {"partitions", "pipeline_parallel_degree", "microbatches", "pipeline", "optimize",
          "auto_partition", "default_partition", "contiguous", "horovod", "memory_weight",
-         "placement_strategy", "xla", "load_partition", "partition_file", "ddp"}
+         "placement_strategy", "xla", "load_partition", "partition_file", "ddp",
+         "granularity"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class TFConfig:
             ``smp.partition`` context places them.
         default_partition: Stage of ops outside any ``smp.partition`` context (manual mode).
         contiguous: Each stage a connected run of the graph (SMP's TF option).
+        granularity: ``"layer"`` (SMP's rule: the ops of one Keras layer, and the ops reading
+            one variable, share a stage) or ``"op"`` (single ops, on request: a layer may be
+            cut, and a variable read on several stages is read across devices). Note [layer
+            granularity] in ``partitioner/methods.py``.
     """
 
     partitions: int = 1
@@ -54,6 +59,7 @@ class TFConfig:
     auto_partition: bool = True
     default_partition: int = 0
     contiguous: bool = True
+    granularity: str = "layer"
 
     def __post_init__(self) -> None:
         if self.partitions < 1 or self.microbatches < 1:
@@ -63,6 +69,9 @@ class TFConfig:
             raise ConfigError(f"pipeline {self.pipeline!r} must be 'interleaved' or 'simple'")
         if self.optimize not in ("speed", "memory"):
             raise ConfigError(f"optimize {self.optimize!r} must be 'speed' or 'memory'")
+        if self.granularity not in ("layer", "op"):
+            raise ConfigError(f"granularity {self.granularity!r} must be 'layer' (the ops of "
+                              "one Keras layer together, the default) or 'op'")
         if self.memory_weight is not None and not 0 <= self.memory_weight <= 1:
             raise ConfigError(f"memory_weight {self.memory_weight} must be in [0, 1]")
         if not 0 <= self.default_partition < self.partitions:
@@ -106,7 +115,7 @@ def init(config: Mapping[str, Any] | str | None = None) -> TFConfig:
         cfg.setdefault("partitions", cfg["pipeline_parallel_degree"])
     fields = {k: cfg[k] for k in ("partitions", "microbatches", "pipeline", "optimize",
                                   "memory_weight", "auto_partition", "default_partition",
-                                  "contiguous") if k in cfg}
+                                  "contiguous", "granularity") if k in cfg}
     with _LOCK:
         _CONFIG = TFConfig(**fields)
     _add_get_gradients()

@@ -1,5 +1,5 @@
 """The ILP method's search paths (Note [ILP pipeline], modelparallel/partitioner/methods.py): proof
-phases at op level, coarse units then refinement, module granularity."""
+phases at op level, coarse units then refinement, module and layer granularity."""
 
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ def test_module_granularity_solves_units_only() -> None:
     st = _stage_array(plan, prob)
     for m in units.members:
         assert len(set(st[m].tolist())) == 1  # every module unit on one stage
+
+
+def test_layer_granularity_keeps_every_innermost_module_whole() -> None:
+    # Note [layer granularity]: no op-level candidate competes, so no innermost module is cut
+    graph = transformer_graph(4, hidden=128, seq=64, vocab=2000, tied=False)
+    cfg = PlanConfig(partitions=4, microbatches=4, granularity="layer", time_limit=3)
+    plan = partition(graph, cfg, "h100")
+    prob = build_problem(graph, cfg, "h100")
+    units = make_units(prob, 0, contract=False, innermost=True)
+    assert len(units) < prob.n and not plan.solver.refined
+    st = _stage_array(plan, prob)
+    assert all(len(set(st[m].tolist())) == 1 for m in units.members)
+    assert len(set(st.tolist()) - {-1}) == 4
+    paths = {prob.graph.node(prob.names[m[0]]).module_path for m in units.members
+             if len(m) > 1}
+    assert all(len({prob.graph.node(prob.names[i]).module_path for i in m}) == 1
+               for m in units.members)  # one innermost module per unit
+    assert paths
 
 
 def _stage_array(plan: Plan, prob: Problem) -> np.ndarray:

@@ -63,7 +63,7 @@ def test_functional_skip_and_cnn_trace() -> None:
     assert layer_paths(keras_cnn().model)
 
 
-@pytest.mark.parametrize("granularity", ["op", "module"])
+@pytest.mark.parametrize("granularity", ["op", "module", "layer"])
 def test_keras_graph_plans_with_the_same_ilp(granularity: str) -> None:
     case = keras_gpt(batch_size=4)
     g = trace_keras(case.model, case.args[0][:2]).graph
@@ -71,13 +71,16 @@ def test_keras_graph_plans_with_the_same_ilp(granularity: str) -> None:
                      "cpu")
     stages = {n.stage for n in plan.nodes if g.node(n.name).op is OpKind.CALL_FUNCTION}
     assert stages == {-1, 0, 1}  # -1: input-derived (positions, shapes), on every stage
+    by_layer: dict[str, set[int]] = {}
+    for n in plan.nodes:
+        node = g.node(n.name)
+        if node.op is OpKind.CALL_FUNCTION and node.module_path and n.stage >= 0:
+            by_layer.setdefault(node.module_path, set()).add(n.stage)
     if granularity == "module":  # ops of one layer stay together
-        by_layer: dict[str, set[int]] = {}
-        for n in plan.nodes:
-            node = g.node(n.name)
-            if node.op is OpKind.CALL_FUNCTION and node.module_path and n.stage >= 0:
-                by_layer.setdefault(node.module_path, set()).add(n.stage)
         assert all(len(s) == 1 for s in by_layer.values())
+    if granularity == "layer":  # Note [layer granularity]: every layer without sublayers whole
+        leaves = [p for p in by_layer if not any(q.startswith(p + ".") for q in by_layer)]
+        assert leaves and all(len(by_layer[p]) == 1 for p in leaves)
 
 
 def test_python_branch_on_a_tensor_value_is_a_tracing_error() -> None:
