@@ -237,12 +237,22 @@ def hybrid(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def direct_sends(data: dict[str, Any]) -> str:
+    """Step time with direct sends against relaying, same placement (``direct_sends.py``)."""
+    rows = [[str(r["p"]), str(r["m"]), r["schedule"], f"{r['direct']['step_ms']:.1f}",
+             f"{r['relay']['step_ms']:.1f}", f"{r['relay_over_direct']:.3f}",
+             f"{r['direct']['forward_bytes'] / 2**10:.0f} / {r['relay']['forward_bytes'] / 2**10:.0f}",
+             " ".join(f"{a}→{b}" for a, b in r["direct"]["pairs"])] for r in data["rows"]]
+    return _table(["p", "m", "schedule", "direct ms", "relay ms", "relay / direct",
+                   "KiB sent per microbatch direct / relay", "direct pairs"], rows)
+
+
 _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality": partition_quality, "runtime": runtime,
     "partition_quality_communication": communication,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu,
     "tensorflow_pipeline": tensorflow_pipeline, "tensorflow_cluster": tensorflow_cluster,
-    "hybrid": hybrid, "bubble": bubble}
+    "hybrid": hybrid, "bubble": bubble, "direct_sends": direct_sends}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
 _SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -278,6 +288,12 @@ thread), `ahead+early` (Note [receives ahead], Note [early result]) and `after` 
 [posting thread]; the default). Goal: measured minus simulated bubble <= 0.03. Figures and the
 breakdown: [docs/schedules.md](../docs/schedules.md).
 `python benchmarks/bubble.py --partitions 2 --steps 4` (about 3 minutes on 2 CPUs)."""),
+    ("direct_sends", "Direct sends against relaying, executed (`direct_sends.py`)", """\
+A stack of linear blocks that all read the input's embedding (as T5's decoder layers read the
+encoder output), p = 4 gloo ranks, one thread each: the planner's placement run with
+`communication="direct"` and the same placement with `"relay"`, steps of the two alternating in
+one job; the slowest rank's step time, median. Above 1.000: direct sends are faster.
+`python benchmarks/direct_sends.py` (about a minute on 2 CPUs, most of it tracing and planning)."""),
     ("cost_model_fidelity", "Cost model against an H100 (`cost_model_fidelity.py`)", """\
 A 4-stage ILP plan of GPT-2 medium, a 1.1B Llama, ResNet-50 and BERT-large (bf16, 1F1B, m = 4);
 each stage runs alone on the GPU on the values it really receives: forward+backward time (CUDA

@@ -45,9 +45,10 @@ stage ``i`` and read on stage ``j > i`` crosses every boundary between them: sta
 of them), and its gradient travels back the same way, summed with the gradients of any uses on
 the way. The cost model charges a value once per boundary it crosses, on both the sending and
 the receiving stage, forward (its bytes) and backward (its gradient's bytes). Relaying sends
-more bytes and holds more memory; measured side by side on CPU (``benchmarks/direct_sends.py``,
-``docs/schedules.md``) it is never faster, so it stays for plans of other tools and pipelines
-that talk to neighbours only (``torch.distributed.pipelining``). Plans of format version 1
+as many or more bytes, holds more memory and adds a hop per stage; measured side by side on CPU
+(``benchmarks/direct_sends.py``, ``docs/schedules.md``) it was slower in every row (1.06-1.16x),
+so it stays for pipelines that talk to neighbours only (``torch.distributed.pipelining``) and
+for plans whose estimates assume it. Plans of format version 1
 predate direct sends: they load as relay plans. Under either rule model inputs are not sent:
 every rank holds the whole batch (Note [inputs on every rank] in
 ``modelparallel/partitioner/problem.py``). The model's output node is on the last stage, where
