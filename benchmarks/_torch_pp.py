@@ -78,6 +78,11 @@ class TorchStageModule(nn.Module):
 
 def torch_unsupported(program: StageProgram) -> str:
     """Why torch.distributed.pipelining cannot run this stage ('' if it can)."""
+    far = [k for k, _ in (*program.sources, *program.dests) if abs(k - program.index) != 1]
+    if far:
+        return (f"stage {program.index} exchanges values with the non-adjacent stages {far}; "
+                "torch.distributed.pipelining passes values between neighbours only (plan "
+                "with communication='relay')")
     for b in (*program.recv, *program.send):
         if b.kind != "tensor":
             return (f"boundary value {b.name!r} is a {b.kind}; torch.distributed.pipelining "

@@ -202,13 +202,15 @@ def _stage_inputs(stages: Sequence[StageProgram], flat: list[Any]
                   ) -> list[tuple[list[Any], list[Any]]]:
     """(model inputs, received values) of every stage for one microbatch."""
     out = []
-    received: list[Any] = []
+    sent: dict[tuple[int, int], list[Any]] = {}
     with torch.no_grad():
         for st in stages:
             local = [flat[i] for i in st.model_inputs]
+            received = [v for src, _ in st.sources for v in sent.pop((src, st.index))]
             out.append((local, received))
             values = st.module(*local, *received)
-            received = list(values[:len(st.send)])
+            for dst, _ in st.dests:
+                sent[(st.index, dst)] = [values[j] for j in st.send_indices(dst)]
     return out
 
 

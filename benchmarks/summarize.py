@@ -170,14 +170,17 @@ def multigpu(data: dict[str, Any]) -> str:
 
 def tensorflow_pipeline(data: dict[str, Any]) -> str:
     """Keras GPT against torch GPT-2 plans, and partitions=1 against plain Keras."""
+    kinds = [k for k in ("keras", "torch", "keras_layer") if k in data["plans"][0]]
     rows = [[str(r["p"])] + [f"{r[k]['plan_s']:.2f} / {r[k]['step_ms']:.1f} / {r[k]['bubble']:.2f}"
-                             f" / {r[k]['balance']:.2f}" for k in ("keras", "torch")]
+                             f" / {r[k]['balance']:.2f}" for k in kinds]
             + [f"{r['step_ratio_keras_over_torch']:.2f}"] for r in data["plans"]]
     size, st = data["plans"][0]["size"], data["step"]
+    heads = {"keras": "Keras (module): plan s / step ms / bubble / balance",
+             "torch": "torch (module): plan s / step ms / bubble / balance",
+             "keras_layer": "Keras (layer, smp's default): plan s / step ms / bubble / balance"}
     return (f"{data['plans'][0]['params_keras'] / 1e6:.1f}M parameters ({size}), "
             f"m = {data['plans'][0]['microbatches']}, `h100` stages:\n\n"
-            + _table(["p", "Keras: plan s / step ms / bubble / balance",
-                      "torch: plan s / step ms / bubble / balance", "step keras / torch"], rows)
+            + _table(["p", *[heads[k] for k in kinds], "step keras / torch"], rows)
             + f"\n\npartitions = 1 against plain Keras on one CPU device ({st['model']}): "
             f"ours {st['ours_ms']:.1f} ms, plain {st['plain_ms']:.1f} ms, ratio {st['ratio']:.3f}")
 
@@ -293,8 +296,9 @@ and peak memory. **Not run on several GPUs yet: no multi-GPU machine was lent.**
 is the one-GPU dry run (p = 1). How to run it: [docs/multigpu.md](../docs/multigpu.md)."""),
     ("tensorflow_pipeline", "TensorFlow: Keras against torch plans (`tensorflow_pipeline.py`)", """\
 The Keras GPT (`modelparallel.tensorflow.models.KerasGPT`) and HF's torch GPT-2 of the same shape
-(untied head), each traced by its own front end and planned by the same ILP at p in {2, 4, 8};
-and `partitions=1` against a plain `tf.function` Keras step on one CPU device (goal <= 1.05).
+(untied head), each traced by its own front end and planned by the same ILP at p in {2, 4, 8}
+at `module` granularity, and the Keras IR also at `layer` granularity with `tied=colocate`
+(what `smp.DistributedModel` plans); and `partitions=1` against a plain `tf.function` Keras step on one CPU device (goal <= 1.05).
 `python benchmarks/tensorflow_pipeline.py` (about 5 minutes). More: [docs/tensorflow.md](../docs/tensorflow.md)."""),
     ("tensorflow_cluster", "TensorFlow across processes (`tensorflow_cluster.py`)", """\
 A 2-stage pipeline of a Keras GPT on 2 processes (TensorFlow's cluster runtime) and in one

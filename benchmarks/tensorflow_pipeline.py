@@ -26,13 +26,15 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _plan_row(graph: Any, p: int, m: int, samples: int) -> dict[str, Any]:
+def _plan_row(graph: Any, p: int, m: int, samples: int, granularity: str = "module",
+              tied: str = "replicate") -> dict[str, Any]:
     from modelparallel.partitioner import partition
     from modelparallel.plan import PlanConfig
 
     start = time.perf_counter()
-    plan = partition(graph, PlanConfig(partitions=p, microbatches=m, granularity="module",
-                                       time_limit=60), "h100", samples_per_microbatch=samples)
+    plan = partition(graph, PlanConfig(partitions=p, microbatches=m, granularity=granularity,
+                                       tied=tied, time_limit=60), "h100",
+                     samples_per_microbatch=samples)
     wall = time.perf_counter() - start
     times = [s.forward_time + s.backward_time for s in plan.stages]
     return {"p": p, "nodes": len(graph), "plan_s": round(wall, 3),
@@ -75,7 +77,9 @@ def plans(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for p in (2, 4, 8):
         k, t = _plan_row(kg, p, m, samples), _plan_row(tg, p, m, samples)
-        rows.append({"p": p, "keras": k, "torch": t,
+        # what smp.DistributedModel plans by default (Note [layer granularity])
+        kl = _plan_row(kg, p, m, samples, granularity="layer", tied="colocate")
+        rows.append({"p": p, "keras": k, "torch": t, "keras_layer": kl,
                      "step_ratio_keras_over_torch": round(k["step_ms"] / t["step_ms"], 3)})
     print(f"Keras GPT: {kg.num_parameters / 1e6:.1f}M params, {len(kg)} nodes, traced in "
           f"{keras_trace:.1f} s; torch GPT-2: {tg.num_parameters / 1e6:.1f}M params, "
@@ -87,6 +91,9 @@ def plans(quick: bool) -> list[dict[str, Any]]:
         print(f"{r['p']:>2} | {k['plan_s']:>12} {k['step_ms']:>8} {k['bubble']:>6} "
               f"{k['balance']:>5} | {t['plan_s']:>12} {t['step_ms']:>8} {t['bubble']:>6} "
               f"{t['balance']:>5} | {r['step_ratio_keras_over_torch']}")
+        kl = r["keras_layer"]
+        print(f"   keras at layer granularity (smp's default): plan {kl['plan_s']} s, step "
+              f"{kl['step_ms']} ms, bubble {kl['bubble']}, balance {kl['balance']}")
     return [{"size": size, "microbatches": m, "params_keras": kg.num_parameters,
              "params_torch": tg.num_parameters, **r} for r in rows]
 

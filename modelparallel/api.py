@@ -312,6 +312,7 @@ class Pipeline(StateDictMethods):
         ``inputs`` is already one microbatch, as an ``(args, kwargs)`` pair (SMP's step cuts the batch
         itself)."""
         from modelparallel.codegen import build_stage, materialize
+        from modelparallel.runtime.channels import executed_communication
         from modelparallel.tracer import trace
 
         args, kwargs = inputs if presplit else _as_call(inputs)
@@ -333,7 +334,9 @@ class Pipeline(StateDictMethods):
                 self.plan.check_graph(traced.graph)
             plan = self._agree_on_plan(traced, round_, mb_args, mb_kwargs)
             plan.check_graph(traced.graph)
-            programs = tuple(build_stage(traced, plan, s)
+            how = executed_communication(traced, plan, self.schedule, self.microbatches,
+                                         tagged=self.device.type != "cuda")
+            programs = tuple(build_stage(traced, plan, s, communication=how)
                              for s in range(self.stage, plan.num_stages, plan.partitions))
             for program in programs:
                 if any(t.is_meta for t in _held(program.module)):

@@ -126,11 +126,12 @@ class UnevenDataError(CommunicationError):
 
 
 class RelayedSendWarning(UserWarning):
-    """A plan made for direct sends (``communication="direct"``) has values read two or more
-    stages after their own, but codegen and the runtimes still relay them through the stages in
-    between (Note [relay communication]): training is unchanged, but those stages' time and
-    memory exceed the plan's estimates. Plan with ``communication="relay"`` for estimates that
-    match."""
+    """A plan made for direct sends (``communication="direct"``) runs relayed: its values read
+    two or more stages later go through the stages in between (Note [relay communication]),
+    because the pipeline cannot order its direct messages (NCCL with virtual stages, Note
+    [message channels] in ``modelparallel/runtime/channels.py``). Training is unchanged, but
+    those stages' time and memory exceed the plan's estimates. Plan with
+    ``communication="relay"`` for estimates that match."""
 
 
 class PlanGapWarning(UserWarning):

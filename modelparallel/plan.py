@@ -28,16 +28,26 @@ cost model charges the sender one transfer per receiving stage and each receiver
 (Note [pipeline order] in ``modelparallel/partitioner/problem.py``), and the plan lists the
 values per pair ``(src, dst)`` (:class:`BoundaryEstimate`); codegen gives every stage its
 inputs grouped by the stage they come from and its outputs with the stages they go to (Note
-[stage contents] in ``modelparallel/codegen/split.py``).
+[stage contents] in ``modelparallel/codegen/split.py``), and both runtimes execute exactly
+that: the one-process pipeline (Note [local boundaries] in ``modelparallel/runtime/local.py``)
+and the distributed executor, one message per pair and microbatch in each direction (Note
+[message channels] in ``modelparallel/runtime/channels.py``, which also shows that every
+schedule stays deadlock-free). The one case that cannot run direct is NCCL with virtual
+stages, whose untagged links cannot keep such messages in order: the front end then relays,
+with a ``RelayedSendWarning``.
 
 Note [relay communication]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
-With ``communication="relay"`` stages talk only to their neighbours. A value produced on stage
-``i`` and read on stage ``j > i`` crosses every boundary between them: stages ``i+1 .. j-1``
-receive it and pass it on unchanged (it is an explicit input and output of each of them), and
-its gradient travels back the same way, summed with the gradients of any uses on the way. The
-cost model charges a value once per boundary it crosses, on both the sending and the receiving
-stage, forward (its bytes) and backward (its gradient's bytes). Plans of format version 1
+With ``communication="relay"`` stages talk only to their neighbours, and codegen and both
+runtimes execute it so (an option kept beside the default direct sends). A value produced on
+stage ``i`` and read on stage ``j > i`` crosses every boundary between them: stages
+``i+1 .. j-1`` receive it and pass it on unchanged (it is an explicit input and output of each
+of them), and its gradient travels back the same way, summed with the gradients of any uses on
+the way. The cost model charges a value once per boundary it crosses, on both the sending and
+the receiving stage, forward (its bytes) and backward (its gradient's bytes). Relaying sends
+more bytes and holds more memory; measured side by side on CPU (``benchmarks/direct_sends.py``,
+``docs/schedules.md``) it is never faster, so it stays for plans of other tools and pipelines
+that talk to neighbours only (``torch.distributed.pipelining``). Plans of format version 1
 predate direct sends: they load as relay plans. Under either rule model inputs are not sent:
 every rank holds the whole batch (Note [inputs on every rank] in
 ``modelparallel/partitioner/problem.py``). The model's output node is on the last stage, where
@@ -383,6 +393,16 @@ class Plan:
         """Stages: ``partitions * virtual_stages`` (Note [virtual stages] in
         ``modelparallel/schedule/__init__.py``)."""
         return self.config.num_stages
+
+    @property
+    def links(self) -> tuple[tuple[int, int], ...]:
+        """The ``(src, dst)`` stage pairs whose messages the runtime exchanges: the boundaries
+        of a direct plan; every neighbour pair of a relay plan, which exchanges a message also
+        when it carries no value (Note [message channels] in
+        ``modelparallel/runtime/channels.py``)."""
+        if self.config.communication == "relay":
+            return tuple((s, s + 1) for s in range(self.num_stages - 1))
+        return tuple((b.src, b.dst) for b in self.boundaries)
 
     def stage_nodes(self, stage: int) -> tuple[str, ...]:
         """Names of the nodes assigned to ``stage``, in topological order."""

@@ -111,11 +111,12 @@ def _boundary_table(plan: Plan) -> Table:
 
 def timeline_rows(plan: Plan) -> Timeline:
     """The estimated timeline of one step: the plan's schedule played with its stages' forward
-    and backward times (communication split evenly between the two directions)."""
+    and backward times (communication split evenly between the two directions), over the
+    plan's links (:attr:`Plan.links`)."""
     p, m, v = plan.partitions, plan.config.microbatches, plan.config.virtual_stages
     fwd = [s.forward_time + s.comm_time / 2 for s in plan.stages]
     bwd = [s.backward_time + s.comm_time / 2 for s in plan.stages]
-    return simulate(make_schedule(plan.config.schedule, p, m, v), fwd, bwd)
+    return simulate(make_schedule(plan.config.schedule, p, m, v), fwd, bwd, links=plan.links)
 
 
 def _timeline(plan: Plan, width: int = 72) -> list[str]:

@@ -209,11 +209,11 @@ def cut_assignment(graph: Any, fractions: list[float]) -> dict[str, int]:
 
 
 def cut_plan(graph: Any, fractions: list[float], *, microbatches: int = 1,
-             schedule: str = "1f1b") -> Any:
+             schedule: str = "1f1b", communication: str = "direct") -> Any:
     """A plan placing ``graph`` by :func:`cut_assignment`, with the partitioner's estimates."""
     from modelparallel.partitioner import evaluate_assignment
     from modelparallel.plan import PlanConfig
 
     config = PlanConfig(partitions=len(fractions) + 1, microbatches=microbatches,
-                        schedule=schedule)
+                        schedule=schedule, communication=communication)
     return evaluate_assignment(graph, config, "cpu", cut_assignment(graph, fractions))

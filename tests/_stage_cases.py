@@ -57,8 +57,10 @@ def cut_assignment(graph: Any, fractions: list[float]) -> dict[str, int]:
     return out
 
 
-def make_plan(traced: TracedModel, p: int, how: str | list[float]) -> Plan:
-    config = PlanConfig(partitions=p, microbatches=4, time_limit=2.0)
+def make_plan(traced: TracedModel, p: int, how: str | list[float],
+              communication: str = "direct") -> Plan:
+    config = PlanConfig(partitions=p, microbatches=4, time_limit=2.0,
+                        communication=communication)
     if how == "ilp":
         return partition(traced.graph, config, "cpu")
     assert isinstance(how, list) and len(how) == p - 1

@@ -43,7 +43,8 @@ from modelparallel.tracer.traced import TracedModel
 __all__ = ["build_stage", "build_stages"]
 
 
-def build_stage(traced: TracedModel, plan: Plan, stage: int) -> StageProgram:
+def build_stage(traced: TracedModel, plan: Plan, stage: int, *,
+                communication: str | None = None) -> StageProgram:
     """The program of one pipeline stage (Note [stage calling convention]).
 
     The plan's fingerprint is checked first, so a plan made for another model is refused before
@@ -53,6 +54,9 @@ def build_stage(traced: TracedModel, plan: Plan, stage: int) -> StageProgram:
         traced: The traced model (``modelparallel.tracer.trace``).
         plan: A plan made for ``traced.graph``.
         stage: Which stage to build, ``0 .. plan.num_stages - 1``.
+        communication: ``"direct"`` or ``"relay"``: how values read two or more stages later
+            travel (Note [direct communication] in ``modelparallel/plan.py``); ``None``: as the
+            plan says.
 
     Returns:
         The stage's :class:`StageProgram`.
@@ -77,12 +81,14 @@ def build_stage(traced: TracedModel, plan: Plan, stage: int) -> StageProgram:
     plan.check_graph(traced.graph)
     if not isinstance(stage, int) or not 0 <= stage < plan.num_stages:
         raise ConfigError(f"stage = {stage!r}; the plan has stages 0..{plan.num_stages - 1}")
-    splits = split_stages(traced, plan)
+    splits = split_stages(traced, plan, communication=communication)
     return _build(traced, splits, stage)
 
 
-def build_stages(traced: TracedModel, plan: Plan) -> tuple[StageProgram, ...]:
-    """The programs of every stage of ``plan``, for running them all in one process.
+def build_stages(traced: TracedModel, plan: Plan, *,
+                 communication: str | None = None) -> tuple[StageProgram, ...]:
+    """The programs of every stage of ``plan``, for running them all in one process
+    (``communication`` as for :func:`build_stage`).
 
     Example:
         >>> import torch
@@ -96,7 +102,7 @@ def build_stages(traced: TracedModel, plan: Plan) -> tuple[StageProgram, ...]:
         True
     """
     plan.check_graph(traced.graph)
-    splits = split_stages(traced, plan)
+    splits = split_stages(traced, plan, communication=communication)
     return tuple(_build(traced, splits, k) for k in range(plan.num_stages))
 
 
@@ -131,6 +137,8 @@ def _build(traced: TracedModel, splits: tuple[StageSplit, ...], k: int) -> Stage
         stage_nodes=tuple(n for n in split.own if graph.node(n).op.value != "output"),
         recomputed=split.recomputed,
         mutated_inputs=_mutated_inputs(module, set(split.recv)),
+        sources=split.sources,
+        dests=split.dests,
     )
 
 

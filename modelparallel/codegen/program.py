@@ -10,17 +10,23 @@ Note [stage calling convention]
 1. the flat model inputs this stage reads, in the order of ``model_inputs`` (indices into the
    flat input list of :meth:`modelparallel.tracer.TracedModel.flatten_inputs`); every rank holds
    the whole batch, so these are sliced locally, never received;
-2. the values received from the previous stage, in the order of ``recv``.
+2. the values received from earlier stages, in the order of ``recv``: grouped by the stage they
+   come from (``sources``: ``(stage, value names)`` per sending stage, ascending).
 
 It returns a tuple holding, in order:
 
-1. the values to send to the next stage, in the order of ``send`` (empty on the last stage);
+1. the values to send to later stages, each once, in the order of ``send`` (empty on the last
+   stage); ``dests`` (``(stage, value names)`` per receiving stage, ascending) says which go
+   where: a value read on several later stages is sent to each of them (Note [direct
+   communication] in ``modelparallel/plan.py``), and its gradients from those stages are summed;
 2. on the last stage only, the flat model outputs (``num_model_outputs`` of them), which
    ``out_spec`` rebuilds into the model's output structure for the loss function.
 
 A boundary value is whatever the producing node's value is: a tensor, a tuple/list of tensors, or
-a non-tensor (an int, a shape, ``None``). Values relayed through a stage (Note [relay
-communication] in ``modelparallel/plan.py``) appear in both its ``recv`` and ``send``.
+a non-tensor (an int, a shape, ``None``). Under a relay plan (Note [relay communication] in
+``modelparallel/plan.py``) ``sources`` is the previous stage and ``dests`` the next one only
+(listed even when empty), and values relayed through a stage appear in both its ``recv`` and
+``send``.
 
 Every runtime calls a stage the same way, through :meth:`StageProgram.run` (the distributed
 :class:`~modelparallel.runtime.executor.StageExecutor`, the one-process
@@ -100,8 +106,8 @@ class StageOutputs:
     """What one call of a stage produced (Note [stage calling convention]).
 
     Attributes:
-        sends: The values for the next stage, in the order of ``StageProgram.send`` (empty on
-            the last stage).
+        sends: The values for later stages, in the order of ``StageProgram.send`` (empty on
+            the last stage; :meth:`StageProgram.send_indices` picks each stage's).
         model_output: On the last stage, the model output rebuilt with ``out_spec`` (what
             ``loss_fn`` gets); ``None`` on the other stages.
     """
@@ -120,8 +126,8 @@ class StageProgram:
         module: The stage's graph module. It holds only this stage's parameters and buffers,
             under their original qualified names.
         model_inputs: Indices of the flat model inputs the stage reads, in argument order.
-        recv: Values received from stage ``index - 1``, in argument order.
-        send: Values sent to stage ``index + 1``, in output order.
+        recv: Values received from earlier stages, in argument order (grouped as ``sources``).
+        send: Values sent to later stages, each once, in output order.
         num_model_outputs: Flat model outputs returned after ``send`` (last stage only).
         out_spec: Pytree spec rebuilding the model output from the flat outputs (last stage).
         shared_params: Qualified names of parameters this stage holds that other stages also
@@ -145,6 +151,10 @@ class StageProgram:
             ``ReLU(inplace=True)`` right after the cut). A runtime passes clones of them: a
             received tensor that requires grad is an autograd leaf, which must not be written
             in place.
+        sources: ``(stage, value names)`` per stage the values of ``recv`` come from, ascending
+            (default: all from ``index - 1``).
+        dests: ``(stage, value names)`` per stage values of ``send`` go to, ascending (default:
+            all to ``index + 1``).
     """
 
     index: int
@@ -162,12 +172,26 @@ class StageProgram:
     stage_nodes: tuple[str, ...] = ()
     recomputed: tuple[str, ...] = ()
     mutated_inputs: tuple[str, ...] = ()
+    sources: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    dests: tuple[tuple[int, tuple[str, ...]], ...] = ()
     _clone_received: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert 0 <= self.index < self.num_stages
         assert self.index > 0 or not self.recv, "stage 0 receives nothing"
         assert self.index < self.num_stages - 1 or not self.send, "the last stage sends nothing"
+        names = tuple(v.name for v in self.recv)
+        if not self.sources and names:
+            self.sources = ((self.index - 1, names),)
+        if not self.dests and self.send:
+            self.dests = ((self.index + 1, tuple(v.name for v in self.send)),)
+        self.sources = tuple((int(k), tuple(vs)) for k, vs in self.sources)
+        self.dests = tuple((int(k), tuple(vs)) for k, vs in self.dests)
+        assert tuple(v for _, vs in self.sources for v in vs) == names, "recv is grouped by source"
+        assert all(k < self.index for k, _ in self.sources)
+        assert all(k > self.index for k, _ in self.dests)
+        sent = {v.name for v in self.send}
+        assert all(set(vs) <= sent for _, vs in self.dests)
 
     @property
     def is_first(self) -> bool:
@@ -189,6 +213,31 @@ class StageProgram:
         """Positional arguments of ``module.forward``: local model inputs, then received values."""
         return len(self.model_inputs) + len(self.recv)
 
+    def recv_values(self, stage: int) -> tuple[BoundaryValue, ...]:
+        """The values of ``recv`` that come from ``stage`` (in order; empty if none do)."""
+        want = dict(self.sources).get(stage, ())
+        by_name = {v.name: v for v in self.recv}
+        return tuple(by_name[n] for n in want)
+
+    def send_indices(self, stage: int) -> tuple[int, ...]:
+        """Positions in ``send`` (and ``StageOutputs.sends``) of the values sent to ``stage``.
+
+        Example:
+            >>> import torch
+            >>> from modelparallel.codegen import build_stages
+            >>> from modelparallel.partitioner import partition
+            >>> from modelparallel.plan import PlanConfig
+            >>> from modelparallel.tracer import trace
+            >>> traced = trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)),
+            ...                (torch.randn(2, 4),))
+            >>> first, _ = build_stages(traced, partition(traced.graph, PlanConfig(2), "cpu"))
+            >>> first.send_indices(1) == tuple(range(len(first.send)))
+            True
+        """
+        want = dict(self.dests).get(stage, ())
+        pos = {v.name: j for j, v in enumerate(self.send)}
+        return tuple(pos[n] for n in want)
+
     @property
     def clones_received(self) -> bool:
         """Whether :meth:`run` clones every received tensor that requires grad: after the
@@ -202,7 +251,7 @@ class StageProgram:
         Args:
             local: The stage's model inputs of the microbatch, in the order of
                 ``model_inputs``.
-            received: The values from the previous stage, in the order of ``recv``.
+            received: The values from earlier stages, in the order of ``recv``.
             grad_leaves: Whether received tensors may be autograd leaves that require grad
                 (training): then the ones the stage writes in place are passed as clones.
 

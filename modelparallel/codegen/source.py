@@ -67,8 +67,15 @@ def program_source(program: StageProgram, *, model_name: str = "") -> str:
               for i in program.model_inputs]
     lines += _listing("Inputs read from the batch", inputs)
     lines += _listing("Recomputed from the inputs (never sent)", list(program.recomputed))
-    lines += _listing(f"Received from stage {k - 1}" if k else "Received", _values(program.recv))
-    lines += _listing(f"Sent to stage {k + 1}" if k < p - 1 else "Sent", _values(program.send))
+    if not program.sources:
+        lines += _listing("Received", [])
+    for src, _ in program.sources:
+        lines += _listing(f"Received from stage {src}", _values(program.recv_values(src)))
+    if not program.dests:
+        lines += _listing("Sent", [])
+    for dst, _ in program.dests:
+        lines += _listing(f"Sent to stage {dst}",
+                          _values(tuple(program.send[j] for j in program.send_indices(dst))))
     if program.is_last:
         lines.append(f"Returns the sent values, then the {program.num_model_outputs} flat model "
                      "outputs (rebuilt with out_spec for the loss).")

@@ -17,28 +17,36 @@ Every node of the traced ``torch.fx`` module falls in one of four classes:
   nodes read it, together with the tensor it reads;
 - every other node runs on the stage the plan gives it; the output node runs on the last stage.
 
-A value produced on stage ``i`` whose last consumer is on stage ``j > i`` is sent by stages
-``i .. j-1`` and received by stages ``i+1 .. j`` (Note [relay communication] in
-``modelparallel/plan.py``): a stage in between receives it and sends it on unchanged. Both the
-``send`` list of stage ``k`` and the ``recv`` list of stage ``k+1`` are the values whose
-producer stage is ``<= k`` and whose last consumer stage is ``> k``, in topological order, so the
-two always agree. This holds for plans made for direct sends too (Note [direct communication]
-in ``modelparallel/plan.py``), which are not executed as such yet: :func:`split_stages` warns
-(:class:`~modelparallel.errors.RelayedSendWarning`) when such a plan has a value that skips a
-stage, whose estimates the relay then exceeds.
+How a value produced on stage ``i`` and read on later stages travels depends on the plan's
+``communication`` (Note [direct communication] and Note [relay communication] in
+``modelparallel/plan.py``):
+
+- ``"direct"``: stage ``i`` sends it once to each distinct later stage ``j`` that reads it, and
+  no stage in between sees it. Stage ``k``'s ``sources`` lists, per producing stage ``i < k``
+  (ascending), the values it receives from ``i``; its ``dests``, per reading stage ``j > k``
+  (ascending), the values it sends there; only pairs that exchange a value are listed. ``recv``
+  is the concatenation of the ``sources`` groups, ``send`` every value sent to some later stage
+  once, and each group is in topological order, so ``dests[j]`` of stage ``i`` equals
+  ``sources[i]`` of stage ``j``;
+- ``"relay"``: stages talk to their neighbours only. A value whose last consumer is on stage
+  ``j > i`` is sent by stages ``i .. j-1`` and received by stages ``i+1 .. j``: a stage in
+  between receives it and sends it on unchanged. ``send`` of stage ``k`` and ``recv`` of stage
+  ``k+1`` are the values whose producer stage is ``<= k`` and whose last consumer stage is
+  ``> k``, in topological order; ``sources`` is ``((k-1, recv),)`` and ``dests``
+  ``((k+1, send),)`` (also when empty: every neighbour pair exchanges a message).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch.fx
 
-from modelparallel.errors import PlanFormatError, RelayedSendWarning
+from modelparallel.errors import ConfigError, PlanFormatError
 from modelparallel.ir import Graph, IRFormatError, OpKind, input_derived_nodes, recomputed_nodes
 from modelparallel.plan import Plan
+from modelparallel.plan_config import COMMUNICATION_CHOICES
 from modelparallel.tracer.traced import TracedModel
 
 __all__ = ["StageSplit", "split_stages"]
@@ -59,9 +67,11 @@ class StageSplit:
             stage), in topological order.
         recomputed: Input-derived IR nodes the stage recomputes, in topological order.
         attrs: ``get_attr`` nodes (parameter and buffer reads) copied into the stage.
-        recv: Values received from the previous stage, in topological order of producers.
-        send: Values sent to the next stage, in topological order of producers.
+        recv: Values received, grouped by the stage they come from (``sources``).
+        send: Values sent to later stages, each once, in topological order.
         params: Canonical names of the parameters and buffers the stage's nodes read.
+        sources: ``(stage, values)`` per stage it receives from, ascending.
+        dests: ``(stage, values)`` per stage it sends to, ascending.
     """
 
     index: int
@@ -73,6 +83,8 @@ class StageSplit:
     recv: tuple[str, ...]
     send: tuple[str, ...]
     params: frozenset[str]
+    sources: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    dests: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         assert 0 <= self.index < self.num_stages, (self.index, self.num_stages)
@@ -90,12 +102,15 @@ class StageSplit:
         return frozenset(self.attrs) | frozenset(self.recomputed) | frozenset(self.own)
 
 
-def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
+def split_stages(traced: TracedModel, plan: Plan, *,
+                 communication: str | None = None) -> tuple[StageSplit, ...]:
     """Decide the contents of every stage of ``plan`` for ``traced`` (Note [stage contents]).
 
     Args:
         traced: The traced model.
         plan: A plan made for ``traced.graph``.
+        communication: ``"direct"`` or ``"relay"`` (Note [direct communication]); ``None``:
+            the plan's.
 
     Returns:
         One :class:`StageSplit` per stage.
@@ -123,18 +138,15 @@ def split_stages(traced: TracedModel, plan: Plan) -> tuple[StageSplit, ...]:
     p = plan.num_stages
     home = _homes(traced, plan)
     _check_order(traced.gm, home)
-    last_use = _last_uses(traced.gm, home, p)
-    skipping = [v for v, lu in last_use.items() if lu > home[v] + 1]
-    if skipping and plan.config.communication == "direct":
-        warnings.warn(RelayedSendWarning(
-            f"the plan was made for direct sends, but {len(skipping)} values read two or more "
-            f"stages later (e.g. {skipping[:3]}) are relayed through the stages in between "
-            "(direct sends are not executed yet): those stages take more time and memory than "
-            "the plan estimates. Plan with communication='relay' for matching estimates."),
-            stacklevel=2)
+    readers = _readers(traced.gm, home)
+    if communication is not None and communication not in COMMUNICATION_CHOICES:
+        raise ConfigError(f"communication = {communication!r}; use one of "
+                          f"{list(COMMUNICATION_CHOICES)} (Note [direct communication])")
+    direct = (communication or plan.config.communication) == "direct"
     input_index = {name: i for i, name in enumerate(traced.input_names)}
     nodes = {n.name: n for n in traced.gm.graph.nodes}
-    return tuple(_split_one(nodes, graph, home, last_use, input_index, k, p) for k in range(p))
+    return tuple(_split_one(nodes, graph, home, readers, input_index, k, p, direct)
+                 for k in range(p))
 
 
 def _homes(traced: TracedModel, plan: Plan) -> dict[str, int]:
@@ -202,21 +214,21 @@ def _check_order(gm: torch.fx.GraphModule, home: dict[str, int]) -> None:
                     "(the partitioner never produces this).")
 
 
-def _last_uses(gm: torch.fx.GraphModule, home: dict[str, int], p: int) -> dict[str, int]:
-    """For every node placed on a stage, the last stage that reads its value."""
-    last: dict[str, int] = {}
+def _readers(gm: torch.fx.GraphModule, home: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """For every node placed on a stage, the later stages that read its value, ascending."""
+    out: dict[str, tuple[int, ...]] = {}
     for node in gm.graph.nodes:
         h = home[node.name]
         if h == _EVERYWHERE:
             continue
-        last[node.name] = max((home[u.name] for u in node.users), default=h)
-    assert all(v < p for v in last.values())
-    return last
+        out[node.name] = tuple(sorted({home[u.name] for u in node.users} - {h}))
+        assert all(r > h for r in out[node.name])
+    return out
 
 
 def _split_one(nodes: dict[str, torch.fx.Node], graph: Graph, home: dict[str, int],
-               last_use: dict[str, int], input_index: dict[str, int], k: int,
-               p: int) -> StageSplit:
+               readers: dict[str, tuple[int, ...]], input_index: dict[str, int], k: int,
+               p: int, direct: bool) -> StageSplit:
     order = {name: i for i, name in enumerate(nodes)}
     own = [name for name in nodes if home[name] == k]
     # What the stage recomputes: Note [recomputed nodes] in modelparallel/ir/analysis.py, the walk the
@@ -233,8 +245,20 @@ def _split_one(nodes: dict[str, torch.fx.Node], graph: Graph, home: dict[str, in
             raise IRFormatError(
                 f"placeholder {name!r} of the traced module is not among its input_names "
                 f"{list(input_index)}")
-    crossing = [v for v, lu in last_use.items() if home[v] < k <= lu]
-    leaving = [v for v, lu in last_use.items() if home[v] <= k < lu]
+    if direct:
+        groups = [(i, _sorted((v for v, rs in readers.items() if home[v] == i and k in rs),
+                              order)) for i in range(k)]
+        sources = tuple((i, vs) for i, vs in groups if vs)
+        send = _sorted((v for v, rs in readers.items() if home[v] == k and rs), order)
+        dests = tuple((j, vs) for j in range(k + 1, p)
+                      if (vs := tuple(v for v in send if j in readers[v])))
+        recv = tuple(v for _, vs in sources for v in vs)
+    else:
+        last = {v: max(rs, default=home[v]) for v, rs in readers.items()}
+        recv = _sorted((v for v, lu in last.items() if home[v] < k <= lu), order)
+        send = _sorted((v for v, lu in last.items() if home[v] <= k < lu), order)
+        sources = ((k - 1, recv),) if k > 0 else ()
+        dests = ((k + 1, send),) if k < p - 1 else ()
     params: set[str] = set()
     for name in own:
         if name in graph:
@@ -246,9 +270,11 @@ def _split_one(nodes: dict[str, torch.fx.Node], graph: Graph, home: dict[str, in
         own=_sorted(own, order),
         recomputed=_sorted(recomputed, order),
         attrs=_sorted(attrs, order),
-        recv=_sorted(crossing, order),
-        send=_sorted(leaving, order),
+        recv=recv,
+        send=send,
         params=frozenset(params),
+        sources=sources,
+        dests=dests,
     )
 
 

@@ -248,7 +248,9 @@ def step_time(problem: Problem, ev: Evaluation) -> float:
 
     GPipe and 1F1B with one stage per rank: ``sum(T_s) + (m - 1) max(T_s)``. Interleaved 1F1B
     and ZB-H1: the schedule simulated (:func:`modelparallel.schedule.simulate`) with each
-    stage's forward and backward seconds, its communication split evenly between the two.
+    stage's forward and backward seconds, its communication split evenly between the two, and
+    the stage pairs that exchange values as its links (Note [message channels] in
+    ``modelparallel/runtime/channels.py``).
     """
     cfg = problem.config
     m, t = cfg.microbatches, ev.time
@@ -256,7 +258,7 @@ def step_time(problem: Problem, ev: Evaluation) -> float:
         return float(t.sum()) + (m - 1) * float(t.max())
     sched = make_schedule(cfg.schedule, cfg.partitions, m, cfg.virtual_stages)
     return simulate(sched, list(ev.forward + ev.comm / 2),
-                    list(ev.backward + ev.comm / 2)).makespan
+                    list(ev.backward + ev.comm / 2), links=ev.pairs).makespan
 
 
 def _replay_stages(problem: Problem, stage: np.ndarray, fwd: np.ndarray, bwd: np.ndarray

@@ -171,11 +171,12 @@ def simulate_plan(plan: Plan, schedule: str | None = None) -> Timeline:
     fwd = [s.forward_time + s.comm_time / 2 for s in plan.stages]
     bwd = [s.backward_time + s.comm_time / 2 for s in plan.stages]
     if v > 1 and name == plan.config.schedule:
-        return simulate(make_schedule(name, p, m, v), fwd, bwd)
+        return simulate(make_schedule(name, p, m, v), fwd, bwd, links=plan.links)
     if v > 1:
         fwd = [sum(fwd[r::p]) for r in range(p)]
         bwd = [sum(bwd[r::p]) for r in range(p)]
-    return simulate(make_schedule(name, p, m), fwd, bwd)
+        return simulate(make_schedule(name, p, m), fwd, bwd)
+    return simulate(make_schedule(name, p, m), fwd, bwd, links=plan.links)
 
 
 def lane_labels(plan: Plan) -> list[str]:

@@ -56,8 +56,12 @@ from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_f
 
 __all__ = ["PendingRecv", "StageComm"]
 
-#: One point-to-point operation: kind, tensor, peer's global rank, its receive, what it keeps.
-_Op = tuple[str, torch.Tensor, int, "PendingRecv | None", list[torch.Tensor]]
+#: One point-to-point operation: kind, tensor, peer's global rank, its receive, what it keeps,
+#: its tag (Note [message channels] in ``modelparallel/runtime/channels.py``).
+_Op = tuple[str, torch.Tensor, int, "PendingRecv | None", list[torch.Tensor], int]
+
+#: A send: the destination stage and the tensors, optionally a tag (default 0).
+Send = tuple[int, Sequence[torch.Tensor]] | tuple[int, Sequence[torch.Tensor], int]
 
 
 @dataclass
@@ -70,11 +74,14 @@ class PendingRecv:
         what: What they are, for error messages.
         works: The library's handles (empty until issued).
         posted: Set once the receives are posted (Note [posting thread]).
+        tag: The message tag (gloo matches messages per peer and tag, Note [message
+            channels] in ``modelparallel/runtime/channels.py``; NCCL ignores it).
     """
 
     src_stage: int
     buffers: list[torch.Tensor]
     what: str
+    tag: int = 0
     works: list[Any] = field(default_factory=list)
     posted: threading.Event = field(default_factory=threading.Event)
 
@@ -196,22 +203,24 @@ class StageComm:
 
     # -- point to point --------------------------------------------------------------------------
 
-    def issue(self, sends: Sequence[tuple[int, Sequence[torch.Tensor]]],
-              recvs: Sequence[PendingRecv], label: str = "") -> None:
-        """Post sends (``(dst_stage, tensors)``) and receives, asynchronously (on gloo through
-        the posting thread, Note [posting thread]).
+    def issue(self, sends: Sequence[Send], recvs: Sequence[PendingRecv],
+              label: str = "") -> None:
+        """Post sends (``(dst_stage, tensors)`` or ``(dst_stage, tensors, tag)``) and
+        receives, asynchronously (on gloo through the posting thread, Note [posting thread]).
 
         The sends are kept, under ``label``, until :meth:`release` or :meth:`drain_sends`.
         """
         self.check_usable()
         ops: list[_Op] = []
-        for dst, tensors in sends:
+        for send in sends:
+            dst, tensors = send[0], send[1]
+            tag = send[2] if len(send) > 2 else 0
             kept = [t.detach().contiguous() for t in tensors]
             for t in kept:
-                ops.append(("send", t, self.ranks[dst], None, kept))
+                ops.append(("send", t, self.ranks[dst], None, kept, tag))
         for r in recvs:
             for b in r.buffers:
-                ops.append(("recv", b, self.ranks[r.src_stage], r, r.buffers))
+                ops.append(("recv", b, self.ranks[r.src_stage], r, r.buffers, r.tag))
             if not r.buffers:  # nothing to receive (an empty boundary): posted at once
                 r.posted.set()
         if not ops:
@@ -228,11 +237,12 @@ class StageComm:
             if self.grouped:
                 issued = dist.batch_isend_irecv([
                     dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer,
-                               group=self._group) for kind, t, peer, _, _ in ops])
+                               group=self._group, tag=tag)
+                    for kind, t, peer, _, _, tag in ops])
             else:
-                issued = [dist.isend(t, peer, group=self._group) if kind == "send"
-                          else dist.irecv(t, peer, group=self._group)
-                          for kind, t, peer, _, _ in ops]
+                issued = [dist.isend(t, peer, group=self._group, tag=tag) if kind == "send"
+                          else dist.irecv(t, peer, group=self._group, tag=tag)
+                          for kind, t, peer, _, _, tag in ops]
         except RuntimeError as e:
             if not _is_link_failure(e):
                 raise
@@ -243,7 +253,7 @@ class StageComm:
         # A coalesced group may come back as one work for all its operations.
         per_op = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
         sent = []
-        for (kind, _, _, recv, kept), mine in zip(ops, per_op):
+        for (kind, _, _, recv, kept, _), mine in zip(ops, per_op):
             for work in mine:
                 if kind == "send":
                     sent.append((work, kept, label))
@@ -252,7 +262,7 @@ class StageComm:
                     recv.works.append(work)
         with self._sends_lock:
             self._pending_sends.extend(sent)
-        for _, _, _, recv, _ in ops:
+        for _, _, _, recv, _, _ in ops:
             if recv is not None:
                 recv.posted.set()
 
@@ -308,20 +318,20 @@ class StageComm:
             raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
                                  what="a send to complete", timeout=self.timeout) from None
 
-    def send_object(self, dst_stage: int, obj: Any) -> None:
-        """Send a picklable object (a length, then the bytes)."""
+    def send_object(self, dst_stage: int, obj: Any, tag: int = 0) -> None:
+        """Send a picklable object (a length, then the bytes) under ``tag``."""
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         length = torch.tensor([data.numel()], dtype=torch.int64)
-        self.issue([(dst_stage, [length.to(self.device), data.to(self.device)])], [])
+        self.issue([(dst_stage, [length.to(self.device), data.to(self.device)], tag)], [])
 
-    def recv_object(self, src_stage: int, what: str) -> Any:
-        """Receive an object sent with :meth:`send_object` (blocking)."""
+    def recv_object(self, src_stage: int, what: str, tag: int = 0) -> Any:
+        """Receive an object sent with :meth:`send_object` under ``tag`` (blocking)."""
         length = PendingRecv(src_stage, [torch.empty(1, dtype=torch.int64, device=self.device)],
-                             what)
+                             what, tag)
         self.issue([], [length])
         n = int(self.wait(length)[0].item())
         data = PendingRecv(src_stage, [torch.empty(n, dtype=torch.uint8, device=self.device)],
-                           what)
+                           what, tag)
         self.issue([], [data])
         with _no_treespec_warning():
             return pickle.loads(self.wait(data)[0].cpu().numpy().tobytes())
@@ -533,7 +543,7 @@ class _Poster:
                     self._post(*item)
                 except BaseException as e:  # raised on the caller's next wait (the Note)
                     self.error = e
-                    for _, _, _, recv, _ in item[0]:
+                    for _, _, _, recv, _, _ in item[0]:
                         if recv is not None:
                             recv.posted.set()
             with self._done:

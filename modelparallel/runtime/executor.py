@@ -5,13 +5,15 @@ Each rank runs its action list (:mod:`modelparallel.schedule`); with virtual sta
 [virtual stages] in ``modelparallel/schedule/__init__.py``) rank ``r`` of ``p`` holds the programs
 of stages ``r, r + p, ...`` and each action names the stage it runs. A forward of
 microbatch ``i`` runs the stage (``program.run``) on the stage's local model inputs of the
-microbatch and the values received from the previous stage (Note [stage calling convention] in
-``modelparallel/codegen/program.py``), sends the stage's outputs on, and keeps what backward
-needs. A hook given as ``on_action`` is called around every receive wait, forward, backward,
+microbatch and the values received from earlier stages (Note [stage calling convention] in
+``modelparallel/codegen/program.py``), sends the stage's outputs to the stages that read them
+(the next one under a relay plan, each reading stage under a direct plan: Note [message
+channels] in ``channels.py``), and keeps what backward needs. A hook given as ``on_action`` is called around every receive wait, forward, backward,
 send and gradient sync (Note [action hook] in ``modelparallel/runtime/hooks.py``). The last stage rebuilds the model output with ``out_spec`` and computes
-``loss_fn(output, target)``. A backward receives the gradients of the values the stage sent (or
-starts from the loss on the last stage, scaled by ``1/m`` when gradients are averaged over
-microbatches), runs autograd, and sends the gradients of the values it received back; a split
+``loss_fn(output, target)``. A backward receives the gradients of the values the stage sent, from every stage it sent
+them to (or starts from the loss on the last stage, scaled by ``1/m`` when gradients are
+averaged over microbatches), runs autograd, which sums the gradients of a value sent to several
+stages, and sends the gradients of the values it received back to the stages they came from; a split
 backward (``I`` then ``W``, Note [split backward]) computes and sends those gradients first and
 the parameters' gradients at the later ``W`` (``modelparallel/runtime/split_backward.py``). Parameter
 gradients accumulate over the microbatches; afterwards the gradients of tied parameters held by
@@ -36,8 +38,14 @@ import torch.utils._pytree as pytree
 from modelparallel.codegen.program import StageProgram, check_loss
 from modelparallel.errors import ConfigError
 from modelparallel.runtime.batch import share_batch
-from modelparallel.runtime.boundary import allocate, pack, slots, unpack
-from modelparallel.runtime.comm import PendingRecv, StageComm
+from modelparallel.runtime.channels import (
+    ChannelRecv,
+    Mailbox,
+    Router,
+    channel_pairs,
+    check_untagged_links,
+)
+from modelparallel.runtime.comm import PendingRecv, Send, StageComm
 from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.microbatch import SplitSpec, shape_key, split_inputs, split_target
@@ -47,7 +55,7 @@ from modelparallel.runtime.split_backward import (
     backward_input,
     backward_weight,
 )
-from modelparallel.runtime.templates import TemplateCache, Templates, recv_template, send_template
+from modelparallel.runtime.templates import TemplateCache, Templates
 from modelparallel.runtime.tied_params import TiedParameters
 from modelparallel.runtime.waves import check_programs, waves
 from modelparallel.schedule import Action, Schedule, make_schedule
@@ -92,10 +100,11 @@ class StepStats:
 
 @dataclass
 class _Microbatch:
-    """What the backward of one microbatch needs."""
+    """What the backward of one microbatch needs: per stage sent to, the sent tensors a
+    gradient comes back for; per stage received from, the received leaves that require grad."""
 
-    roots: list[torch.Tensor]
-    received: list[torch.Tensor]
+    roots: list[tuple[int, list[torch.Tensor]]]
+    received: list[tuple[int, list[torch.Tensor]]]
     loss: torch.Tensor | None
     pending: PendingWeightGrad | None = None
 
@@ -112,7 +121,8 @@ class _Step:
     result: StepResult
     context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
     microbatches: dict[tuple[int, int], _Microbatch] = field(default_factory=dict)
-    posted: dict[int, PendingRecv | None] = field(default_factory=dict)
+    posted: dict[int, list[ChannelRecv]] = field(default_factory=dict)
+    mailbox: Mailbox = field(default_factory=Mailbox)
     next_recv: int = 0  # the first action whose receive is not created yet (Note [receives ahead])
 
 
@@ -187,6 +197,7 @@ class StageExecutor:
         self.split = split
         self.average_grads = average_grads
         self.device = torch.device(device)
+        self._router = Router(self.program.num_stages, self.num_ranks, comm, self.device)
         self.stats = StepStats()
         self.on_action = on_action
         #: Called with the step's :class:`StepOutput` and whether it trained, after each step
@@ -391,10 +402,10 @@ class StageExecutor:
                 self._post(step, k, allow_meta=True)  # reads new boundary metadata first
             if not grouped:
                 self._post(step, k + ahead, allow_meta=False)
-            recv = step.posted.pop(k)
+            recvs = step.posted.pop(k)
             i, s = a.microbatch, a.stage
-            received = (self._hooked("recv_wait", s, i, self.comm.wait, recv)
-                        if recv is not None and self.comm is not None else [])
+            received = (self._hooked("recv_wait", s, i, self._wait, step, recvs)
+                        if recvs else [])
             t0 = time.perf_counter()
             if a.kind == "F":
                 sends = self._hooked("forward", s, i, self._forward, step, s, i, received)
@@ -418,6 +429,18 @@ class StageExecutor:
             if k == last_forward and self._early_result:
                 step.result.start()
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
+        assert not step.mailbox, "every message within the rank was taken"
+
+    def _wait(self, step: _Step, recvs: list[ChannelRecv]) -> list[list[torch.Tensor]]:
+        """The tensors of an action's messages, one list per channel, in order."""
+        out = []
+        for r in recvs:
+            if r.pending is None:
+                out.append(step.mailbox.take(r.key))
+            else:
+                assert self.comm is not None
+                out.append(self.comm.wait(r.pending))
+        return out
 
     def _hooked(self, kind: str, stage: int, microbatch: int | None, fn: Callable[..., _T],
                 *args: Any, **kwargs: Any) -> _T:
@@ -433,70 +456,50 @@ class StageExecutor:
             hook(event, "end")
 
     def _post(self, step: _Step, k: int, *, allow_meta: bool,
-              sends: Sequence[tuple[int, list[torch.Tensor]]] = (), label: str = "") -> None:
+              sends: Sequence[Send] = (), label: str = "") -> None:
         """Issue ``sends`` plus the receives of the actions up to k not posted yet, in action
         order, as far as they can be created now (Note [receives ahead])."""
         recvs: list[PendingRecv] = []
         last = min(k, len(step.actions) - 1)
         while step.next_recv <= last and self._make_recv(
                 step, step.next_recv, allow_meta and step.next_recv == k):
-            recv = step.posted[step.next_recv]
-            if recv is not None:
-                recvs.append(recv)
+            recvs.extend(r.pending for r in step.posted[step.next_recv]
+                         if r.pending is not None)
             step.next_recv += 1
         if self.comm is not None and (sends or recvs):
             self.comm.issue(sends, recvs, label=label)
 
     def _make_recv(self, step: _Step, k: int, allow_meta: bool) -> bool:
-        """Create action k's receive in ``step.posted`` (``None``: it receives nothing). False
-        if what it receives is not known yet (metadata not read, or forward not run)."""
+        """Create action k's receives in ``step.posted`` (one per channel it reads, Note
+        [message channels]). False if what it receives is not known yet (metadata not read,
+        or forward not run)."""
         a = step.actions[k]
-        s, prog = a.stage, self._by_stage[a.stage]
+        s, prog, i = a.stage, self._by_stage[a.stage], a.microbatch
         if a.kind == "W" or (a.kind == "F" and prog.is_first) or (a.kind != "F" and prog.is_last):
-            step.posted[k] = None
+            step.posted[k] = []
             return True
-        of = f" of stage {s}" if self.virtual_stages > 1 else ""
         if a.kind == "F":
-            tpl = step.tpl.recv.get(s)
-            if tpl is None:
-                if not allow_meta:
-                    return False
-                tpl = step.tpl.recv[s] = recv_template(self.comm, self._by_stage[s], self._rank(s - 1), s,
-                                                   a.microbatch)
-            step.posted[k] = PendingRecv(self._rank(s - 1), allocate(tpl[1], self.device),
-                                         f"the activations{of} of microbatch {a.microbatch}")
+            recvs = self._router.forward_receives(step.tpl, prog, i, allow_meta)
+            if recvs is None:
+                return False
+            step.posted[k] = recvs
             return True
-        mb = step.microbatches.get((s, a.microbatch))
+        mb = step.microbatches.get((s, i))
         if mb is None:
             return False
-        step.posted[k] = (PendingRecv(self._rank(s + 1),
-                                      [torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                                       for t in mb.roots],
-                                      f"the gradients{of} of microbatch {a.microbatch}")
-                          if mb.roots else None)
+        step.posted[k] = self._router.gradient_receives(s, i, mb.roots)
         return True
 
-    def _forward(self, step: _Step, s: int, i: int, received: list[torch.Tensor]
-                 ) -> list[tuple[int, list[torch.Tensor]]]:
+    def _forward(self, step: _Step, s: int, i: int, received: list[list[torch.Tensor]]
+                 ) -> list[Send]:
         p = self._by_stage[s]
-        leaves: list[torch.Tensor] = []
-        values: list[Any] = []
-        if not p.is_first:
-            tpl = step.tpl.recv[s]
-            for buf, slot in zip(received, slots(tpl[1])):
-                if step.train and slot.requires_grad:
-                    buf.requires_grad_(True)
-                    leaves.append(buf)
-            values = unpack(tpl[1], received)
+        values, leaves = self._router.unpack(step.tpl, p, received, step.train)
         with step.context(i) if step.context is not None else contextlib.nullcontext():
-            out = p.run(step.local[s][i], values, grad_leaves=bool(leaves))
+            out = p.run(step.local[s][i], values, grad_leaves=any(m for _, m in leaves))
         if not p.is_last:
-            template, tensors = pack(out.sends)
-            send_template(step.tpl, self.comm, self._by_stage[s], self._rank(s + 1), template,
-                          s, i)
-            roots = [t for t, sl in zip(tensors, slots(template)) if sl.requires_grad]
+            sends, roots = self._router.forward_sends(step.tpl, step.mailbox, p, i, out.sends)
             step.microbatches[(s, i)] = _Microbatch(roots, leaves, None)
-            return [(self._rank(s + 1), tensors)]
+            return sends
         output = out.model_output
         loss = check_loss(self.loss_fn(output, step.targets[i])) if step.train else None
         step.result.record(i, pytree.tree_map(
@@ -518,41 +521,40 @@ class StageExecutor:
             # that send is complete, and its buffers can go.
             self.comm.release(f"{s}F{i}")
 
-    def _backward(self, step: _Step, s: int, i: int, grads: list[torch.Tensor]
-                  ) -> list[tuple[int, list[torch.Tensor]]]:
+    def _backward(self, step: _Step, s: int, i: int, grads: list[list[torch.Tensor]]
+                  ) -> list[Send]:
         mb = step.microbatches.pop((s, i))
+        roots = [t for _, rs in mb.roots for t in rs]
         if mb.loss is not None:
             if mb.loss.requires_grad:
                 self._scaled_loss(mb.loss).backward()
-        elif mb.roots:
-            torch.autograd.backward(mb.roots, grads)
+        elif roots:
+            # a tensor sent to several stages is a root once per stage: autograd sums
+            torch.autograd.backward(roots, [g for gs in grads for g in gs])
             self._release(s, i)
-        if self._by_stage[s].is_first or not mb.received:
-            return []
-        back = [b.grad if b.grad is not None else torch.zeros_like(b) for b in mb.received]
-        return [(self._rank(s - 1), back)]
+        return self._router.send_back(step.mailbox, s, i, mb.received,
+                                      [b.grad for _, leaves in mb.received for b in leaves])
 
-    def _backward_input(self, step: _Step, s: int, i: int, grads: list[torch.Tensor]
-                        ) -> list[tuple[int, list[torch.Tensor]]]:
+    def _backward_input(self, step: _Step, s: int, i: int, grads: list[list[torch.Tensor]]
+                        ) -> list[Send]:
         """``I`` of a split backward: the received values' gradients, sent back now; the
         parameters' part is kept for ``W`` (Note [split backward])."""
         mb = step.microbatches[(s, i)]
+        roots = [t for _, rs in mb.roots for t in rs]
+        root_grads: list[torch.Tensor | None]
         if mb.loss is not None:
             roots = [self._scaled_loss(mb.loss)] if mb.loss.requires_grad else []
-            root_grads: list[torch.Tensor | None] = [None] * len(roots)
+            root_grads = [None] * len(roots)
         else:
-            roots, root_grads = mb.roots, list(grads)
-        got, mb.pending = backward_input(roots, root_grads, mb.received, self._params[s])
-        if mb.loss is None and mb.roots:
+            root_grads = [g for gs in grads for g in gs]
+        leaves = [b for _, bs in mb.received for b in bs]
+        got, mb.pending = backward_input(roots, root_grads, leaves, self._params[s])
+        if mb.loss is None and roots:
             self._release(s, i)
         mb.roots = []
-        if self._by_stage[s].is_first or not mb.received:
-            return []
-        back = [g if g is not None else torch.zeros_like(b) for g, b in zip(got, mb.received)]
-        return [(self._rank(s - 1), back)]
+        return self._router.send_back(step.mailbox, s, i, mb.received, list(got))
 
-    def _backward_weight(self, step: _Step, s: int, i: int
-                         ) -> list[tuple[int, list[torch.Tensor]]]:
+    def _backward_weight(self, step: _Step, s: int, i: int) -> list[Send]:
         """``W`` of a split backward: the parameters' gradients of microbatch ``i``."""
         mb = step.microbatches.pop((s, i))
         if mb.pending is not None:
@@ -565,11 +567,21 @@ class StageExecutor:
         if self.comm is None or self.num_ranks < 2:
             return (), False
         mine = sorted({i for p in self.programs for i in p.model_inputs})
-        reads = self.comm.all_gather_object(mine, "the model inputs each stage reads")
-        shared = sorted({int(i) for theirs in reads[1:] for i in theirs})
+        reads = self.comm.all_gather_object((mine, sorted(channel_pairs(self.programs))),
+                                            "the model inputs and channels of each stage")
+        shared = sorted({int(i) for theirs, _ in reads[1:] for i in theirs})
+        if self.comm.grouped and self.virtual_stages > 1:
+            # NCCL has no tags: all channels between two ranks share one order (Note [message
+            # channels]); every rank checks every channel, so all raise alike.
+            check_untagged_links(self._actions_schedule(),
+                                 {(int(a), int(b)) for _, theirs in reads for a, b in theirs})
         return tuple(shared), True
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _actions_schedule(self) -> Schedule:
+        self._actions(True)
+        return self._schedules[(self.split.num_microbatches, True)]
 
     def _actions(self, train: bool) -> tuple[Action, ...]:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches

@@ -8,15 +8,19 @@ last stage, and backward runs stage by stage in reverse with autograd cut at eve
 
 Note [local boundaries]
 ~~~~~~~~~~~~~~~~~~~~~~~
-At each stage boundary a value is detached, moved to the next stage's device, and (when it is a
-floating tensor that requires grad) made a leaf that requires grad, just as a received buffer is
-in the distributed runtime. A stage's backward starts from the gradients the next stage left on
-those leaves (or from the loss on the last stage) and leaves the gradients of its own input
-leaves for the previous stage. A relayed value is its stage's input leaf returned unchanged, so
-the gradients of its later uses and of uses on the way add up on that leaf (Note [relay
-communication] in ``modelparallel/plan.py``). Autograd refuses in-place writes on such a leaf;
+At each stage boundary a value is detached, moved to the receiving stage's device, and (when it
+is a floating tensor that requires grad) made a leaf that requires grad, just as a received
+buffer is in the distributed runtime. Values go where the stage programs say (``dests`` and
+``sources``, Note [stage calling convention] in ``modelparallel/codegen/program.py``): under a
+direct plan a value read on several later stages becomes one leaf on each of them (Note
+[direct communication] in ``modelparallel/plan.py``), and the producer's backward passes every
+leaf's gradient to autograd, which sums them. A stage's backward starts from the gradients its
+consumers left on those leaves (or from the loss on the last stage) and leaves the gradients of
+its own input leaves for its producers. Under a relay plan a relayed value is its stage's input
+leaf returned unchanged, so the gradients of its later uses and of uses on the way add up on
+that leaf (Note [relay communication]). Autograd refuses in-place writes on such a leaf;
 ``StageProgram.run`` passes clones where needed, as for the distributed runtime (Note [stage
-calling convention] in ``modelparallel/codegen/program.py``).
+calling convention]).
 
 Note [local tied parameters]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -29,7 +33,6 @@ backward, as the distributed runtime's all-reduce does (``StageProgram.shared_pa
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,13 +93,17 @@ class _Slot:
 
     Attributes:
         outputs: The values the stage sends, until they are passed on.
-        pairs: For the boundary into the next stage: (output tensor here, leaf there) pairs of
-            the tensors through which a gradient flows back.
+        pairs: For the boundaries into later stages: (output tensor here, leaf there) pairs of
+            the tensors through which a gradient flows back (a tensor sent to several stages
+            appears once per stage).
+        leaves: The stage's own received leaves that require grad (where its consumers'
+            gradients for its producers end up).
         loss: The microbatch loss (last stage only).
     """
 
     outputs: list[Any] = field(default_factory=list)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    leaves: list[torch.Tensor] = field(default_factory=list)
     loss: torch.Tensor | None = None
     pending: PendingWeightGrad | None = None
 
@@ -211,16 +218,20 @@ class LocalPipeline:
         tied = self._tied_groups()
         before = [[None if t.grad is None else t.grad.clone() for t in g] for g in tied]
         slots: dict[tuple[int, int], _Slot] = {}
-        received: dict[tuple[int, int], list[Any]] = {}
+        received: dict[tuple[int, int], dict[int, list[Any]]] = {}
         outputs: list[Any] = [None] * m
         losses: list[torch.Tensor] = [torch.zeros(())] * m
         for a in self._order:
             s, i = a.stage, a.microbatch
             if a.kind == "F":
-                slot, out = self._forward(s, mb_inputs[i], received.pop((s, i), []), grad=True)
+                values = self._gather(s, received.pop((s, i), {}))
+                slot, out = self._forward(s, mb_inputs[i], values, grad=True)
+                slot.leaves = [t for v in values for t in pytree.tree_leaves(v)
+                               if isinstance(t, torch.Tensor) and t.requires_grad]
                 slots[(s, i)] = slot
                 if s < p - 1:
-                    received[(s + 1, i)] = self._transfer(slot, s + 1)
+                    for dst, moved in self._transfer(s, slot):
+                        received.setdefault((dst, i), {})[s] = moved
                 else:
                     outputs[i] = pytree.tree_map(_detach, out)
                     slot.loss = check_loss(self.loss_fn(out, pytree.tree_map(
@@ -244,12 +255,13 @@ class LocalPipeline:
         outputs = []
         with torch.no_grad():
             for inputs in mb_inputs:
-                values: list[Any] = []
+                received: dict[int, dict[int, list[Any]]] = {}
                 for s in range(self.num_stages):
-                    slot, out = self._forward(s, inputs, values, grad=False)
+                    slot, out = self._forward(s, inputs, self._gather(s, received.pop(s, {})),
+                                              grad=False)
                     if s < self.num_stages - 1:
-                        values = [pytree.tree_map(lambda v, d=self.devices[s + 1]: _move(v, d), v)
-                                  for v in slot.outputs]
+                        for dst, moved in self._transfer(s, slot):
+                            received.setdefault(dst, {})[s] = moved
                     else:
                         outputs.append(out)
         return merge_outputs(outputs)
@@ -265,25 +277,39 @@ class LocalPipeline:
         out = stage.run(local, received, grad_leaves=grad)
         return _Slot(outputs=list(out.sends)), out.model_output
 
-    def _transfer(self, slot: _Slot, dest: int) -> list[Any]:
-        """Detach the send values, move them to the next stage, make grad-carrying leaves."""
-        dev = self.devices[dest]
-        values = []
-        for value in slot.outputs:
-            leaves, spec = pytree.tree_flatten(value)
-            moved = []
-            for leaf in leaves:
-                if isinstance(leaf, torch.Tensor):
-                    new = leaf.detach().to(dev)
-                    if leaf.requires_grad:
-                        new.requires_grad_(True)
-                        slot.pairs.append((leaf, new))
-                    moved.append(new)
-                else:
-                    moved.append(leaf)
-            values.append(pytree.tree_unflatten(moved, spec))
+    def _gather(self, s: int, by_source: dict[int, list[Any]]) -> list[Any]:
+        """Stage ``s``'s received values in ``recv`` order, from what each source sent it."""
+        out: list[Any] = []
+        for src, names in self.stages[s].sources:
+            got = by_source.get(src, [])
+            assert len(got) == len(names), (s, src, names)
+            out.extend(got)
+        return out
+
+    def _transfer(self, s: int, slot: _Slot) -> list[tuple[int, list[Any]]]:
+        """Per receiving stage, its values: detached, moved to its device, grad-carrying ones
+        made leaves (Note [local boundaries])."""
+        stage = self.stages[s]
+        moved_to = []
+        for dest, _ in stage.dests:
+            dev = self.devices[dest]
+            values = []
+            for j in stage.send_indices(dest):
+                leaves, spec = pytree.tree_flatten(slot.outputs[j])
+                moved = []
+                for leaf in leaves:
+                    if isinstance(leaf, torch.Tensor):
+                        new = leaf.detach().to(dev)
+                        if leaf.requires_grad:
+                            new.requires_grad_(True)
+                            slot.pairs.append((leaf, new))
+                        moved.append(new)
+                    else:
+                        moved.append(leaf)
+                values.append(pytree.tree_unflatten(moved, spec))
+            moved_to.append((dest, values))
         slot.outputs = []
-        return values
+        return moved_to
 
     def _backward(self, slots: dict[tuple[int, int], _Slot], s: int, i: int) -> None:
         slot = slots.pop((s, i))
@@ -316,8 +342,7 @@ class LocalPipeline:
                 if leaf.grad is not None:
                     roots.append(out)
                     grads.append(leaf.grad.to(out.device))
-        prev = slots.get((s - 1, i))
-        leaves = [leaf for _, leaf in prev.pairs] if prev is not None else []
+        leaves = slot.leaves
         params = [t for t in self.stages[s].module.parameters() if t.requires_grad]
         got, slot.pending = backward_input(roots, grads, leaves, params)
         for leaf, g in zip(leaves, got):
@@ -376,11 +401,14 @@ def _check_stages(stages: tuple[StageProgram, ...]) -> None:
             raise ConfigError(
                 f"stage programs must be given in order, one per stage: position {k} holds "
                 f"stage {stage.index} of {stage.num_stages}; pass build_stages(traced, plan)")
-    for a, b in itertools.pairwise(stages):
-        if [v.name for v in a.send] != [v.name for v in b.recv]:
+    sent = {(a.index, dst): names for a in stages for dst, names in a.dests}
+    got = {(src, b.index): names for b in stages for src, names in b.sources}
+    for pair in sorted(set(sent) | set(got)):
+        if sent.get(pair) != got.get(pair):
             raise ConfigError(
-                f"stage {a.index} sends {[v.name for v in a.send]} but stage {b.index} receives "
-                f"{[v.name for v in b.recv]}; the stages come from different plans")
+                f"stage {pair[0]} sends {list(sent.get(pair, ()))} to stage {pair[1]}, which "
+                f"receives {list(got.get(pair, ()))} from it; the stages come from different "
+                "plans")
 
 
 def _move(value: Any, device: torch.device) -> Any:

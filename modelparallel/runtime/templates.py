@@ -25,7 +25,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelparallel.codegen.program import StageProgram
 from modelparallel.errors import CommunicationError
 from modelparallel.runtime.comm import StageComm
 
@@ -39,13 +38,15 @@ class Templates:
     """Boundary templates of one shape key (Note [boundary metadata]).
 
     Attributes:
-        send: This rank's stage -> ``(value names, template)`` it sent.
-        recv: This rank's stage -> ``(value names, template)`` it received.
+        send: ``(this rank's stage, receiving stage)`` -> ``(value names, template)`` it sent
+            on that channel (Note [message channels] in ``channels.py``).
+        recv: ``(this rank's stage, sending stage)`` -> ``(value names, template)`` it
+            received on that channel.
         result: ``return_outputs`` -> ``(loss dtype, output template)``.
     """
 
-    send: dict[int, tuple[Any, ...]] = field(default_factory=dict)
-    recv: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    send: dict[tuple[int, int], tuple[Any, ...]] = field(default_factory=dict)
+    recv: dict[tuple[int, int], tuple[Any, ...]] = field(default_factory=dict)
     result: dict[bool, tuple[Any, Any]] = field(default_factory=dict)
 
 
@@ -72,36 +73,41 @@ class TemplateCache:
         self._by_key.pop(key, None)
 
 
-def send_template(tpl: Templates, comm: StageComm | None, program: StageProgram, dest: int,
-                  template: tuple[Any, ...], s: int, i: int) -> None:
-    """Send stage ``s``'s template to rank ``dest`` on the first forward of a new shape key;
-    afterwards check that microbatch ``i`` matches it (Note [boundary metadata])."""
-    names = tuple(v.name for v in program.send)
-    sent = tpl.send.get(s)
+def send_template(tpl: Templates, comm: StageComm | None, names: tuple[str, ...],
+                  channel: tuple[int, int], dest: int, template: tuple[Any, ...], i: int,
+                  tag: int = 0) -> bool:
+    """On the first forward of a new shape key, send the template of ``channel`` (``(s,
+    receiving stage)``) to rank ``dest`` (``comm=None``: only record it, for a receiver on this
+    rank); afterwards check that microbatch ``i`` matches it (Note [boundary metadata]).
+    Returns whether the template is new."""
+    s = channel[0]
+    sent = tpl.send.get(channel)
     if sent is None:
-        assert comm is not None
-        comm.send_object(dest, (names, template))
-        tpl.send[s] = (names, template)
-    elif sent[1] != template:
+        if comm is not None:
+            comm.send_object(dest, (names, template), tag)
+        tpl.send[channel] = (names, template)
+        return True
+    if sent[1] != template:
         raise CommunicationError(
             f"stage {s} sends values whose shapes or non-tensor contents "
             f"differ between microbatches of one step (microbatch {i}: {template!r}; "
             f"earlier: {sent[1]!r}). Boundary values must depend on the input shapes "
             "only; keep the data-dependent computation inside one stage (pins) or use one "
             "microbatch.")
+    return False
 
 
-def recv_template(comm: StageComm | None, program: StageProgram, source: int, s: int,
-                  microbatch: int) -> tuple[Any, ...]:
-    """Receive stage ``s``'s template from rank ``source`` and check its value names against
-    ``program`` (Note [boundary metadata])."""
+def recv_template(comm: StageComm | None, want: tuple[str, ...], source: int, s: int,
+                  src: int, microbatch: int, tag: int = 0) -> tuple[Any, ...]:
+    """Receive the template of the channel from stage ``src`` (on rank ``source``) to stage
+    ``s`` and check its value names against ``want``, what ``s`` expects from ``src`` (Note
+    [boundary metadata])."""
     assert comm is not None
     names, template = comm.recv_object(
-        source, f"the boundary metadata of microbatch {microbatch}")
-    want = tuple(v.name for v in program.recv)
-    if tuple(names) != want:
+        source, f"the boundary metadata of microbatch {microbatch}", tag)
+    if tuple(names) != tuple(want):
         raise CommunicationError(
             f"stage {s} expects values {list(want)} from stage "
-            f"{s - 1}, which sends {list(names)}: the ranks were built from "
+            f"{src}, which sends {list(names)}: the ranks were built from "
             "different plans or models. Give every rank the same plan and model.")
     return (tuple(names), template)

@@ -52,12 +52,18 @@ Note [schedule communication model]
 The runtime (``modelparallel/runtime/executor.py``) runs each rank's list in order. Sends are
 asynchronous: a rank posts an activation (after a forward) or a gradient (after a ``B`` or
 ``I``) and goes on; receives block: ``F(s, i)`` waits for the activations of ``F(s - 1, i)`` and
-``B``/``I(s, i)`` for the gradients of ``B``/``I(s + 1, i)``. Messages between two ranks carry no
-tags, so on each directed link the receiver must take them in the order the sender sends them.
-:meth:`Schedule.validate` checks that order on every link and deadlock freedom under exactly this
-model, by simulation: a schedule passes when every rank can run its whole list with blocking
-receives and buffered sends. (With rendezvous sends, where a send blocks until the peer posts
-the matching receive, classic 1F1B deadlocks on two stages; our sends never block.)
+``B``/``I(s, i)`` for the gradients of ``B``/``I(s + 1, i)``. On a link between two ranks the
+receiver must take the messages in the order the sender sends them. :meth:`Schedule.validate`
+checks that order on every link and deadlock freedom under exactly this model, by simulation: a
+schedule passes when every rank can run its whole list with blocking receives and buffered
+sends. (With rendezvous sends, where a send blocks until the peer posts the matching receive,
+classic 1F1B deadlocks on two stages; our sends never block.) That is the relay pipeline's
+traffic; a direct plan links any two stages ``s < t``, ``F(t, i)`` waiting for ``F(s, i)`` and
+``B(s, i)`` for ``B(t, i)``: those waits follow the neighbour ones transitively, so a schedule
+that validates is deadlock-free there too, and with messages told apart per pair of stages
+(gloo's tags) every link is in order (Note [message channels] in
+``modelparallel/runtime/channels.py``; :func:`check_channel_order` checks any set of links, with
+or without tags). :func:`simulate` takes the links (``links=``, ``Plan.links``).
 
 Note [in-flight microbatches]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -93,6 +99,7 @@ from modelparallel.schedule._types import (
     SMP_SCHEDULES,
     Action,
     Schedule,
+    check_channel_order,
     check_virtual_stages,
     normalize_schedule,
 )
@@ -121,6 +128,7 @@ __all__ = [
     "Schedule",
     "Timeline",
     "TimelineEntry",
+    "check_channel_order",
     "check_virtual_stages",
     "gpipe",
     "inflight_microbatches",

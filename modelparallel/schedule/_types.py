@@ -6,7 +6,7 @@ See the package docstring (:mod:`modelparallel.schedule`) for the notes these ru
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from modelparallel.errors import ConfigError
@@ -17,6 +17,7 @@ __all__ = [
     "SMP_SCHEDULES",
     "Action",
     "Schedule",
+    "check_channel_order",
     "check_virtual_stages",
     "normalize_schedule",
 ]
@@ -361,13 +362,30 @@ def interleaved_warmup(p: int, v: int, m: int, r: int) -> int:
     return min(m * v, (v - 1) * interleaved_group(p, m) + 2 * (p - 1 - r))
 
 
-def _sends(a: Action, p: int, stages: int) -> tuple[int, tuple[str, int, int]] | None:
-    """``(destination rank, message)`` that ``a`` sends, if any."""
-    if a.kind == "F" and a.stage < stages - 1:
-        return (a.stage + 1) % p, ("activations", a.stage, a.microbatch)
-    if a.sends_gradients and a.stage > 0:
-        return (a.stage - 1) % p, ("gradients", a.stage, a.microbatch)
-    return None
+#: One message: what it carries, its sending stage, its receiving stage, the microbatch.
+_Message = tuple[str, int, int, int]
+
+
+def _sends(a: Action, p: int, out: dict[int, tuple[int, ...]],
+           back: dict[int, tuple[int, ...]]) -> list[tuple[int, _Message]]:
+    """``(destination rank, message)`` of every message ``a`` sends, in sending order, when
+    stage ``s`` sends activations to the stages ``out[s]`` and gradients to ``back[s]``."""
+    if a.kind == "F":
+        return [(t % p, ("activations", a.stage, t, a.microbatch)) for t in out.get(a.stage, ())]
+    if a.sends_gradients:
+        return [(t % p, ("gradients", a.stage, t, a.microbatch)) for t in back.get(a.stage, ())]
+    return []
+
+
+def _receives(a: Action, out: dict[int, tuple[int, ...]], back: dict[int, tuple[int, ...]]
+              ) -> list[_Message]:
+    """The messages ``a`` receives, in receiving order (``back[s]``: the stages ``s`` gets
+    activations from; ``out[s]``: those it gets gradients from)."""
+    if a.kind == "F":
+        return [("activations", t, a.stage, a.microbatch) for t in back.get(a.stage, ())]
+    if a.kind in ("B", "I"):
+        return [("gradients", t, a.stage, a.microbatch) for t in out.get(a.stage, ())]
+    return []
 
 
 def dependency(a: Action, stages: int) -> Action | None:
@@ -384,30 +402,75 @@ def _check_links(sched: Schedule) -> None:
     """On every directed link between two ranks, messages arrive in the order they are sent
     (Note [schedule communication model]): the receiver must run the receiving actions in the
     order the sender runs the sending ones."""
-    p, n = sched.num_ranks, sched.num_stages
-    sent: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
-    recvd: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    n = sched.num_stages
+    check_channel_order(sched, [(s, s + 1) for s in range(n - 1)])
+
+
+def check_channel_order(sched: Schedule, pairs: Iterable[tuple[int, int]], *,
+                        tagged: bool = False) -> None:
+    """Check that the messages of ``sched`` arrive in the order they are sent when the stages
+    ``(s, t)`` of ``pairs`` exchange values: activations ``s -> t`` after ``F(s, i)``,
+    gradients ``t -> s`` after ``B``/``I(t, i)``; a forward sends to its stages in ascending
+    order, and receives from them likewise (Note [message channels] in
+    ``modelparallel/runtime/channels.py``).
+
+    Args:
+        sched: The schedule.
+        pairs: The ``(sending stage, receiving stage)`` pairs of activations, ``s < t``.
+        tagged: Messages are told apart per pair and direction (gloo's tags): each such
+            channel must be in order. Otherwise (NCCL) all the messages between two ranks
+            must be in one order. Pairs of stages on one rank never go over a link.
+
+    Raises:
+        ConfigError: naming the first link whose orders differ.
+
+    Example:
+        >>> from modelparallel.schedule import make_schedule
+        >>> check_channel_order(make_schedule("1f1b", 3, 4), [(0, 1), (0, 2), (1, 2)])
+    """
+    p = sched.num_ranks
+    out: dict[int, list[int]] = {}
+    back: dict[int, list[int]] = {}
+    for s, t in sorted(set(pairs)):
+        if not 0 <= s < t < sched.num_stages:
+            raise ConfigError(f"channel ({s}, {t}) is not a pair of stages s < t of "
+                              f"{sched.num_stages}")
+        out.setdefault(s, []).append(t)
+        back.setdefault(t, []).append(s)
+    fwd = {k: tuple(v) for k, v in out.items()}
+    bwd = {k: tuple(v) for k, v in back.items()}
+
+    def link(msg: _Message) -> tuple[int, ...]:
+        src, dst = msg[1] % p, msg[2] % p
+        return (src, dst, msg[1], msg[2], msg[0] == "gradients") if tagged else (src, dst)
+
+    sent: dict[tuple[int, ...], list[_Message]] = {}
+    recvd: dict[tuple[int, ...], list[_Message]] = {}
     for r, lst in enumerate(sched.actions):
         for a in lst:
-            out = _sends(a, p, n)
-            if out is not None:
-                sent.setdefault((r, out[0]), []).append(out[1])
-            dep = dependency(a, n)
-            if dep is not None:
-                msg = ("activations" if a.kind == "F" else "gradients", dep.stage, a.microbatch)
-                recvd.setdefault((dep.stage % p, r), []).append(msg)
-    for link in sorted(set(sent) | set(recvd)):
-        here, there = sent.get(link, []), recvd.get(link, [])
+            for dst_rank, msg in _sends(a, p, fwd, bwd):
+                if dst_rank != r:
+                    sent.setdefault(link(msg), []).append(msg)
+            for msg in _receives(a, fwd, bwd):
+                if msg[1] % p != r:
+                    recvd.setdefault(link(msg), []).append(msg)
+    for key in sorted(set(sent) | set(recvd)):
+        here, there = sent.get(key, []), recvd.get(key, [])
         if here != there:
             k = next((j for j, (x, y) in enumerate(zip(here, there)) if x != y),
                      min(len(here), len(there)))
-            sent_k = str(here[k]) if k < len(here) else "nothing"
-            recv_k = str(there[k]) if k < len(there) else "nothing"
+            sent_k = _describe(here[k]) if k < len(here) else "nothing"
+            recv_k = _describe(there[k]) if k < len(there) else "nothing"
             raise ConfigError(
-                f"schedule {sched.name!r}: on the link rank {link[0]} -> rank {link[1]}, message "
+                f"schedule {sched.name!r}: on the link rank {key[0]} -> rank {key[1]}, message "
                 f"{k} is {sent_k} in the sender's order but {recv_k} in the receiver's; "
                 "messages travel in order over each link, so both ranks must run them in the "
                 "same microbatch order")
+
+
+def _describe(msg: _Message) -> str:
+    kind, src, dst, i = msg
+    return f"({kind!r}, stage {src} -> {dst}, microbatch {i})"
 
 
 def play_order(schedule: Schedule) -> list[Action]:

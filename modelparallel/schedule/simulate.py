@@ -5,11 +5,11 @@ See the package docstring (:mod:`modelparallel.schedule`) for the notes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from modelparallel.errors import ConfigError
-from modelparallel.schedule._types import Action, Schedule, dependency, play_order
+from modelparallel.schedule._types import Action, Schedule, play_order
 
 __all__ = ["DEFAULT_WGRAD_FRACTION", "Timeline", "TimelineEntry", "simulate"]
 
@@ -68,11 +68,14 @@ class Timeline:
 
 def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
              bwd_times: float | Sequence[float], comm_time: float = 0.0, *,
-             wgrad_fraction: float | Sequence[float] = DEFAULT_WGRAD_FRACTION) -> Timeline:
+             wgrad_fraction: float | Sequence[float] = DEFAULT_WGRAD_FRACTION,
+             links: Iterable[tuple[int, int]] | None = None) -> Timeline:
     """Play ``schedule`` with per-stage forward/backward seconds and a per-transfer latency.
 
-    Each rank runs its list in order; an action starts when its rank is free and its input has
-    arrived (``comm_time`` after the producing action ended, for values crossing a boundary).
+    Each rank runs its list in order; an action starts when its rank is free and its inputs
+    have arrived (``comm_time`` after each producing action ended): ``F(t, i)`` waits for
+    ``F(s, i)`` of every stage ``s`` that sends ``t`` values, ``B(s, i)`` for ``B(t, i)`` of
+    every such ``t`` (Note [message channels] in ``modelparallel/runtime/channels.py``).
     A split backward's ``I`` takes ``(1 - wgrad_fraction)`` of the stage's backward time and its
     ``W`` the rest (Note [split backward]).
 
@@ -83,6 +86,8 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
         comm_time: Seconds per boundary transfer (activations forward, gradients backward).
         wgrad_fraction: Share of the backward that is weight-gradient work, one for all stages
             or one per stage.
+        links: The ``(sending stage, receiving stage)`` pairs that exchange values (a direct
+            plan's boundaries); ``None``: neighbours ``(s, s + 1)``, as under relaying.
 
     Raises:
         ConfigError: if the schedule is invalid or the time lists have the wrong length.
@@ -94,6 +99,9 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
         (6.0, 0.333)
         >>> simulate(zb_h1(2, 2), 1.0, 2.0).makespan
         7.0
+        >>> [simulate(one_f_one_b(3, 1), 1.0, 1.0, 0.5, links=pairs).makespan
+        ...  for pairs in (None, [(0, 2)])]  # relayed through stage 1, or sent past it
+        [8.0, 5.0]
     """
     schedule.validate()
     n, p = schedule.num_stages, schedule.num_ranks
@@ -103,14 +111,21 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
         raise ConfigError(f"wgrad_fraction must be in [0, 1], got {wgrad_fraction!r}")
     if comm_time < 0:
         raise ConfigError(f"comm_time = {comm_time} must be >= 0")
+    pairs = set(links) if links is not None else {(s, s + 1) for s in range(n - 1)}
+    if any(not 0 <= s < t < n for s, t in pairs):
+        raise ConfigError(f"links {sorted(pairs)} must be pairs of stages s < t of {n}")
+    sources = {t: sorted(s for s, u in pairs if u == t) for t in range(n)}
+    readers = {s: sorted(t for u, t in pairs if u == s) for s in range(n)}
     ends: dict[tuple[int, str, int], float] = {}
     entries: list[list[TimelineEntry]] = [[] for _ in range(p)]
     free = [0.0] * p
-    for a in play_order(schedule):  # every dependency ends before its consumer starts
+    # play_order follows the neighbour dependencies, which every link's dependency follows
+    # transitively (Note [message channels]): every producer ends before its consumer starts
+    for a in play_order(schedule):
         s, r = a.stage, schedule.rank_of(a.stage)
-        dep = dependency(a, n)
-        ready = (ends[(dep.stage, dep.kind, dep.microbatch)] + comm_time if dep is not None
-                 else 0.0)
+        deps = ([] if a.kind == "W" else [(q, "F") for q in sources[s]] if a.kind == "F"
+                else [(q, "B") for q in readers[s]])
+        ready = max((ends[(q, k, a.microbatch)] + comm_time for q, k in deps), default=0.0)
         took = {"F": fwd[s], "B": bwd[s], "I": bwd[s] * (1 - wf[s]), "W": bwd[s] * wf[s]}[a.kind]
         start = max(free[r], ready)
         free[r] = start + took

@@ -19,6 +19,8 @@ from typing import Any
 import tensorflow as tf
 
 from modelparallel.errors import ConfigError, ModelParallelError
+from modelparallel.tensorflow._contiguous import disconnected_stages as _disconnected_stages
+from modelparallel.tensorflow._contiguous import make_contiguous
 
 __all__ = ["DistributedModel", "StepRequiredError", "partition",
            "register_post_partition_hook"]
@@ -165,16 +167,9 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
                 schedule="simple" if cfg.pipeline == "simple" else "interleaved", **options)
             samples = int(specs[0].shape[0] or 1) if specs and specs[0].shape.rank else 1
             plan = plan_graph(graph, plan_cfg, kind, samples_per_microbatch=samples)
-            split = _disconnected_stages(graph, plan.assignment) if cfg.contiguous else {}
-            if split:
-                warnings.warn(
-                    f"contiguous=True asks for every stage to be one connected subgraph (SMP's "
-                    f"TF rule), but the plan's stages {sorted(split)} fall into "
-                    f"{[split[k] for k in sorted(split)]} disconnected pieces (the planner cuts "
-                    "the graph's topological order, which parallel branches can interleave); "
-                    "training is still exact. Pin the branches with smp.partition, or set "
-                    "contiguous=False to accept such stages silently", UserWarning,
-                    stacklevel=3)
+            if cfg.contiguous:  # Note [contiguous stages] in tensorflow/_contiguous.py
+                plan = _contiguous_plan(graph, plan, lambda c: plan_graph(
+                    graph, c, kind, samples_per_microbatch=samples), frozenset(pins))
             self._mp_state.update(traced=traced, plan=plan, devices=devices)
             for hook in list(_HOOKS):
                 hook()
@@ -278,35 +273,31 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
         return save_path
 
 
-def _disconnected_stages(graph: Any, assignment: dict[str, int]) -> dict[int, int]:
-    """Stages (of ``assignment``, node name -> stage) whose nodes are not one weakly connected
-    piece of ``graph``, with their number of pieces; empty when the graph itself is not
-    connected (SMP's ``contiguous`` exempts it). Inputs, outputs and constants are not pieces."""
-    ops = {n.name for n in graph if n.op.value not in ("placeholder", "output", "get_attr")}
-    parent = {n: n for n, s in assignment.items() if s >= 0 and n in ops}
+def _contiguous_plan(graph: Any, plan: Any, replan: Callable[[Any], Any],
+                     pinned: frozenset[str]) -> Any:
+    """``plan`` with every stage one connected piece where a repair can make it so (Note
+    [contiguous stages]), re-planned with every node pinned; a warning names what stays
+    disconnected."""
+    import dataclasses
 
-    def find(a: str) -> str:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def pieces(same_stage: bool) -> dict[int, int]:
-        for k in parent:
-            parent[k] = k
-        for node in graph:
-            for src in node.inputs:
-                if node.name in parent and src in parent and (
-                        not same_stage or assignment[src] == assignment[node.name]):
-                    parent[find(src)] = find(node.name)
-        roots: dict[int, set[str]] = {}
-        for k in parent:
-            roots.setdefault(assignment[k] if same_stage else 0, set()).add(find(k))
-        return {s: len(r) for s, r in roots.items()}
-
-    if pieces(same_stage=False).get(0, 0) > 1:
-        return {}
-    return {s: c for s, c in pieces(same_stage=True).items() if c > 1}
+    if not _disconnected_stages(graph, plan.assignment):
+        return plan
+    fixed = make_contiguous(graph, plan.assignment, pinned)
+    if fixed != dict(plan.assignment):
+        pins = {n.name: fixed[n.name] for n in graph
+                if n.op.value == "call_function" and fixed.get(n.name, -1) >= 0}
+        plan = replan(dataclasses.replace(plan.config, pins=pins))
+    split = _disconnected_stages(graph, plan.assignment)
+    if split:
+        warnings.warn(
+            f"contiguous=True asks for every stage to be one connected subgraph (SMP's TF "
+            f"rule), but the plan's stages {sorted(split)} fall into "
+            f"{[split[k] for k in sorted(split)]} disconnected pieces that no move to a "
+            "neighbouring stage joins (a piece holds a smp.partition pin, or moving it would "
+            "send values backwards); training is still exact. Pin the branches with "
+            "smp.partition, or set contiguous=False to accept such stages silently",
+            UserWarning, stacklevel=4)
+    return plan
 
 
 def _is_keras3(model: Any) -> bool:

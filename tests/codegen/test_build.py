@@ -9,7 +9,6 @@ the same batch, for several models, stage counts, placements and microbatch coun
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -132,8 +131,8 @@ def test_gradient_parity(name: str, p: int, how: str | list[float],
     check_parity(c, stages, microbatches=4, schedule="1f1b" if p % 2 else "gpipe")
 
 
-def test_skip_value_crosses_two_boundaries(skip: Case) -> None:
-    plan = make_plan(skip.traced, 4, [0.1, 0.45, 0.8])
+def test_skip_value_crosses_two_boundaries_relayed(skip: Case) -> None:
+    plan = make_plan(skip.traced, 4, [0.1, 0.45, 0.8], communication="relay")
     stages = build_stages(skip.traced, plan)
     relayed = {v for v, n in crossings(stages).items() if n >= 2}
     assert relayed, "the split should relay a value through a middle stage"
@@ -141,7 +140,39 @@ def test_skip_value_crosses_two_boundaries(skip: Case) -> None:
         middle = [s for s in stages if v in {b.name for b in s.recv} and v in
                   {b.name for b in s.send}]
         assert middle, f"{v} must be an explicit input and output of the stage it crosses"
+    assert all(dst == s.index + 1 for s in stages for dst, _ in s.dests)
     check_parity(skip, stages, microbatches=4, schedule="1f1b")
+
+
+def test_skip_value_goes_straight_to_its_reader(skip: Case) -> None:
+    """Note [direct communication]: the skip value leaves its stage once per reading stage,
+    and the stages in between neither receive nor send it."""
+    plan = make_plan(skip.traced, 4, [0.1, 0.45, 0.8])
+    stages = build_stages(skip.traced, plan)
+    skips = [(s.index, dst, v) for s in stages for dst, vs in s.dests if dst > s.index + 1
+             for v in vs]
+    assert skips, "the split should send a value past a stage"
+    for src, dst, v in skips:
+        assert v in dict(stages[dst].sources)[src]
+        for mid in stages[src + 1:dst]:
+            assert v not in {b.name for b in (*mid.recv, *mid.send)}
+    for s in stages:
+        assert [v.name for v in s.recv] == [v for _, vs in s.sources for v in vs]
+        assert crossings((s,)) == {v.name: 1 for v in s.send}, "each value is sent once"
+    for schedule, m in [("gpipe", 4), ("1f1b", 4), ("zb-h1", 4), ("1f1b", 1)]:
+        check_parity(skip, stages, microbatches=m, schedule=schedule)
+
+
+@pytest.mark.parametrize("communication", ["direct", "relay"])
+def test_t5_skips_parity(t5: Case, communication: str) -> None:
+    """T5's encoder output is read by every decoder layer: a value with several readers
+    several stages later."""
+    plan = make_plan(t5.traced, 4, [0.1, 0.45, 0.8], communication=communication)
+    stages = build_stages(t5.traced, plan)
+    far = [dst for s in stages for dst, _ in s.dests if dst > s.index + 1]
+    assert bool(far) == (communication == "direct")
+    check_parity(t5, stages, microbatches=4, schedule="1f1b")
+    check_parity(t5, stages, microbatches=2, schedule="zb-h1")
 
 
 # Adam divides by sqrt(v) + eps: a gradient that is mathematically zero but ~1e-11 in floating
@@ -218,8 +249,10 @@ def test_boundary_values_are_explicit(name: str, request: pytest.FixtureRequest)
     c: Case = request.getfixturevalue(name)
     stages = build_stages(c.traced, make_plan(c.traced, 3, [0.3, 0.6]))
     derived = input_derived_nodes(c.traced.graph)
-    for a, b in itertools.pairwise(stages):
-        assert [v.name for v in a.send] == [v.name for v in b.recv]
+    for a in stages:
+        for dst, names in a.dests:
+            assert dict(stages[dst].sources)[a.index] == names
+            assert names == tuple(a.send[j].name for j in a.send_indices(dst))
     for s in stages:
         placeholders = [n.name for n in s.module.graph.nodes if n.op == "placeholder"]
         inputs = [s.input_names[i] for i in s.model_inputs]

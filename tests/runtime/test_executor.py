@@ -55,7 +55,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def parity_job(rank: int, world: int, model: str, m: int, steps: int) -> dict[str, Any]:
+def parity_job(rank: int, world: int, model: str, m: int, steps: int,
+               communication: str = "direct",
+               schedules: tuple[str, ...] = ("gpipe", "1f1b")) -> dict[str, Any]:
     """Train ``steps`` steps through the pipeline under both schedules and, alongside, the
     same model in one process; report the largest relative errors of this rank."""
     from modelparallel.tracer import trace
@@ -66,9 +68,10 @@ def parity_job(rank: int, world: int, model: str, m: int, steps: int) -> dict[st
     bs = next(a for a in case.args if isinstance(a, torch.Tensor)).shape[0]
     batches = [case.make_batch(bs, 100 + i) for i in range(steps)]
     traced = trace(case.model, *_first_microbatch(case.args, case.kwargs, m))
-    plan = cut_plan(traced.graph, [k / world for k in range(1, world)], microbatches=m)
+    plan = cut_plan(traced.graph, [k / world for k in range(1, world)], microbatches=m,
+                    communication=communication)
     report: dict[str, Any] = {}
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in schedules:
         case.model.load_state_dict(init)
         ref.load_state_dict(init)
         prog, comm, ex = _stage(traced, plan, rank, world, case.loss_fn, schedule, m)
@@ -99,6 +102,7 @@ def parity_job(rank: int, world: int, model: str, m: int, steps: int) -> dict[st
                                                                       default=""),
             "params": sorted(errs), "shared": sorted(prog.shared_params),
             "recv": [v.name for v in prog.recv], "send": [v.name for v in prog.send],
+            "sources": [src for src, _ in prog.sources], "dests": [d for d, _ in prog.dests],
         }
     report["all_params"] = sorted(dict(ref.named_parameters()))
     return report
@@ -271,9 +275,31 @@ def test_training_parity_with_single_process(model: str, world: int) -> None:
     assert set(reports[0]["all_params"]) <= held, "some parameter is held by no stage"
     if model == "gpt2":  # tied wte/lm_head: replicated on the first and last stage
         assert any(rep["1f1b"]["shared"] for rep in reports)
-    if model == "skip" and world == 4:  # h0 is relayed through stages 1 and 2
-        relayed = set(reports[1]["1f1b"]["recv"]) & set(reports[1]["1f1b"]["send"])
-        assert relayed & set(reports[2]["1f1b"]["recv"]) & set(reports[2]["1f1b"]["send"])
+    if model == "skip" and world == 4:  # h0 goes straight from stage 0 to stage 3
+        assert 3 in reports[0]["1f1b"]["dests"] and 0 in reports[3]["1f1b"]["sources"]
+
+
+@pytest.mark.parametrize(("model", "world", "communication"), [
+    ("skip", 3, "direct"), ("skip", 4, "relay"), ("encdec", 4, "direct"),
+    ("encdec", 4, "relay"),
+])
+def test_skip_over_stage_parity(model: str, world: int, communication: str) -> None:
+    """Values read two or more stages later, sent straight to each reading stage (Note [direct
+    communication]) or relayed through the stages in between (Note [relay communication]):
+    three SGD steps under GPipe, 1F1B and ZB-H1 match single-process training."""
+    schedules = ("gpipe", "1f1b", "zb-h1")
+    reports = _values(run_ranks(parity_job, world, model, 4, 3, communication, schedules,
+                                timeout=240))
+    for rank, rep in enumerate(reports):
+        for schedule in schedules:
+            r = rep[schedule]
+            for what in ("loss_err", "out_err", "param_err"):
+                assert r[what] <= RTOL, (rank, schedule, what, r)
+    far = [(k, d) for k, rep in enumerate(reports) for d in rep["1f1b"]["dests"] if d > k + 1]
+    assert bool(far) == (communication == "direct"), far
+    if communication == "relay":
+        relayed = [set(rep["1f1b"]["recv"]) & set(rep["1f1b"]["send"]) for rep in reports]
+        assert any(relayed), "a value is relayed through a middle stage"
 
 
 def test_non_tensor_boundary_value() -> None:

@@ -76,15 +76,19 @@ def test_action_order_respects_dependencies() -> None:
         assert len(seen) == 30
 
 
-@pytest.mark.parametrize("model", ["gpt2", "skip"])
-def test_new_schedules_in_one_process(model: str) -> None:
+@pytest.mark.parametrize(("model", "communication"),
+                         [("gpt2", "direct"), ("skip", "direct"), ("skip", "relay")])
+def test_new_schedules_in_one_process(model: str, communication: str) -> None:
     """ZB-H1 (split backward) and an interleaved 1F1B schedule (two virtual stages per rank,
     four stages) in one process give the gradients of one backward."""
     from modelparallel.schedule import make_schedule
 
     c = Case(lambda: models.gpt2(size="tiny", batch_size=4) if model == "gpt2"
              else models.skip_mlp(batch_size=4))
-    stages = build_stages(c.traced, make_plan(c.traced, 4, [0.25, 0.5, 0.75]))
+    stages = build_stages(c.traced, make_plan(c.traced, 4, [0.25, 0.5, 0.75], communication))
+    if model == "skip":
+        far = any(dst > s.index + 1 for s in stages for dst, _ in s.dests)
+        assert far == (communication == "direct")
     ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
     ref_loss.backward()
     ref = dict(c.reference.named_parameters())
@@ -96,3 +100,26 @@ def test_new_schedules_in_one_process(model: str) -> None:
         assert rel_err(loss, ref_loss.detach()) <= 1e-5
         for name, p in pipe.named_parameters():
             assert rel_err(p.grad, ref[name].grad) <= 1e-5, (schedule, name)
+
+
+@pytest.mark.parametrize("communication", ["direct", "relay"])
+def test_skip_training_steps_match_one_device(communication: str) -> None:
+    """Three SGD steps of the skip MLP on four stages (its skip value read two and three
+    stages later) leave the parameters of three single-device steps."""
+    c = Case(lambda: models.skip_mlp(batch_size=8))
+    stages = build_stages(c.traced, make_plan(c.traced, 4, [0.1, 0.45, 0.8], communication))
+    pipe = LocalPipeline(stages, microbatches=4, loss_fn=c.case.loss_fn, schedule="1f1b")
+    ours = torch.optim.SGD(list(pipe.parameters()), lr=0.1)
+    ref_opt = torch.optim.SGD(c.reference.parameters(), lr=0.1)
+    for _ in range(3):
+        ours.zero_grad()
+        ref_opt.zero_grad()
+        loss, _ = pipe.train_step(c.flat, c.case.target)
+        ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
+        ref_loss.backward()
+        assert rel_err(loss, ref_loss.detach()) <= 1e-5
+        ours.step()
+        ref_opt.step()
+    ref = dict(c.reference.named_parameters())
+    for name, p in pipe.named_parameters():
+        assert rel_err(p.detach(), ref[name].detach()) <= 1e-5, name

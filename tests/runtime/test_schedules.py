@@ -19,7 +19,8 @@ def _case(name: str) -> Any:
     from modelparallel import models
 
     return {"gpt2": lambda: models.gpt2("tiny", batch_size=8, seq_len=16),
-            "skip": lambda: models.skip_mlp(batch_size=8)}[name]()
+            "skip": lambda: models.skip_mlp(batch_size=8),
+            "encdec": lambda: models.encoder_decoder(batch_size=8)}[name]()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,7 +28,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def schedule_parity_job(rank: int, world: int, model: str, m: int, steps: int,
-                        runs: list[tuple[str, int]]) -> dict[str, Any]:
+                        runs: list[tuple[str, int]] | list[tuple[str, int, str]]
+                        ) -> dict[str, Any]:
     """Train ``steps`` SGD steps per ``(schedule, virtual stages)`` run through the pipeline and
     in one process; report this rank's largest relative errors per run."""
     from modelparallel.codegen import build_stage
@@ -45,9 +47,12 @@ def schedule_parity_job(rank: int, world: int, model: str, m: int, steps: int,
     traced = trace(case.model, tuple(cut(a) for a in case.args),
                    {k: cut(t) for k, t in case.kwargs.items()})
     report: dict[str, Any] = {}
-    for schedule, v in runs:
+    for run in runs:
+        schedule, v = run[0], run[1]
+        communication = run[2] if len(run) > 2 else "direct"  # type: ignore[misc]
         n = world * v
-        plan = cut_plan(traced.graph, [k / n for k in range(1, n)], microbatches=m)
+        plan = cut_plan(traced.graph, [k / n for k in range(1, n)], microbatches=m,
+                        communication=communication)
         case.model.load_state_dict(init)
         ref.load_state_dict(init)
         progs = [build_stage(traced, plan, s) for s in range(rank, n, world)]
@@ -83,7 +88,9 @@ def schedule_parity_job(rank: int, world: int, model: str, m: int, steps: int,
         errs = {name: _rel(p.detach(), ref_params[name].detach())
                 for prog in progs for name, p in prog.module.named_parameters()}
         comm.teardown()
-        report[f"{schedule}/v{v}"] = {
+        report[_key(run)] = {
+            "far": sorted((prog.index, dst) for prog in progs for dst, _ in prog.dests
+                          if dst != prog.index + 1),
             "loss_err": loss_err, "out_err": out_err, "eval_err": eval_err,
             "param_err": max(errs.values(), default=0.0),
             "worst": max(errs, key=errs.get, default=""), "params": sorted(errs),
@@ -94,9 +101,14 @@ def schedule_parity_job(rank: int, world: int, model: str, m: int, steps: int,
     return report
 
 
-def _check(reports: list[dict[str, Any]], runs: list[tuple[str, int]]) -> None:
-    for schedule, v in runs:
-        key = f"{schedule}/v{v}"
+def _key(run: tuple[Any, ...]) -> str:
+    return f"{run[0]}/v{run[1]}" + (f"/{run[2]}" if len(run) > 2 else "")
+
+
+def _check(reports: list[dict[str, Any]], runs: list[tuple[str, int]] | list[tuple[str, int, str]]
+           ) -> None:
+    for run in runs:
+        key = _key(run)
         held: set[str] = set()
         for rank, rep in enumerate(reports):
             r = rep[key]
@@ -130,3 +142,19 @@ def test_new_schedules_match_single_process_on_four_ranks(model: str) -> None:
     reports = [r.unwrap() for r in run_ranks(schedule_parity_job, 4, model, 4, 2, runs,
                                              timeout=400)]
     _check(reports, runs)
+
+
+DIRECT_RUNS = [("1f1b", 2, "direct"), ("1f1b", 2, "relay"), ("zb-h1", 1, "direct")]
+
+
+def test_direct_sends_with_virtual_stages() -> None:
+    """The encoder output of an encoder-decoder is read by both decoder stages: under a direct
+    plan on two ranks with two virtual stages each, stage 1 sends it to stage 2 (rank 0) and
+    stage 3 (its own rank 1, through the mailbox: Note [message channels]); training matches
+    one process, as it does relayed and under ZB-H1."""
+    reports = [r.unwrap() for r in run_ranks(schedule_parity_job, 2, "encdec", 4, 2,
+                                             DIRECT_RUNS, timeout=240)]
+    _check(reports, DIRECT_RUNS)
+    far = {pair for rep in reports for pair in rep["1f1b/v2/direct"]["far"]}
+    assert any((dst - src) % 2 == 0 for src, dst in far), far  # a channel inside a rank
+    assert not any(rep["1f1b/v2/relay"]["far"] for rep in reports)

@@ -14,6 +14,7 @@ from _dist import run_ranks
 
 from modelparallel.api import pipeline
 from modelparallel.cli import main
+from modelparallel.plan import load_plan
 from modelparallel.runtime.hooks import StageEvent
 from modelparallel.runtime.trace import StepRecorder, trace_directory
 from modelparallel.schedule import make_schedule
@@ -73,7 +74,10 @@ def test_gloo_trace_is_a_chrome_trace_in_schedule_order(tmp_path: Path, world: i
                  "-o", str(out)]) == 0
     assert "Measured step" in out.read_text()
     kinds = {e.kind for e in trace.events}
-    assert {"forward", "backward", "send", "recv_wait"} <= kinds
+    # the planner may leave a stage of this tiny model empty: then, under direct sends (Note
+    # [message channels]), the stages exchange no message
+    talks = {"send", "recv_wait"} if load_plan(tmp_path / "plan.json").boundaries else set()
+    assert {"forward", "backward"} | talks <= kinds
     for r in results:  # every action is a record_function range too
         want = {f"modelparallel::{a}" for a in printed[r["stage"]].split()[1:]}
         assert want <= set(r["ranges"]), r["ranges"]

@@ -60,7 +60,13 @@ def _model_and_step(partitions: int = 2, microbatches: int = 2, **cfg):
     smp.init({"partitions": partitions, "microbatches": microbatches, **cfg})
     case = keras_skip(batch_size=8)
     model = smp.DistributedModel(case.model)
-    opt = keras.optimizers.SGD(0.1)
+    get_grads, train = _step_fns(model, case, keras.optimizers.SGD(0.1))
+    return case, model, get_grads, train
+
+
+def _step_fns(model, case, opt):
+    """SMP's pattern: an ``smp.step`` returning gradients and loss, an outer ``tf.function``
+    applying the accumulated gradients."""
 
     @smp.step
     def get_grads(x, y):
@@ -74,7 +80,7 @@ def _model_and_step(partitions: int = 2, microbatches: int = 2, **cfg):
         opt.apply_gradients(zip([g.accumulate() for g in grads], model.trainable_variables))
         return loss.reduce_mean()
 
-    return case, model, get_grads, train
+    return get_grads, train
 
 
 def test_model_outside_a_step_is_a_named_error() -> None:
@@ -200,3 +206,76 @@ def test_contiguous_checks_that_every_stage_is_one_connected_piece() -> None:
         get_grads(full.args[0], full.target)
     assert not [w for w in seen if "contiguous" in str(w.message)]  # the plan's are connected
     assert _disconnected_stages(model._mp_state["traced"].graph, model.plan.assignment) == {}
+
+
+def _train(model, case, opt, steps: int) -> None:
+    _, train = _step_fns(model, case, opt)
+    for _ in range(steps):
+        train(case.args[0], case.target)
+
+
+def test_checkpoint_restores_onto_a_new_plan(tmp_path: Path) -> None:
+    # 2 steps on 2 stages, saved (weights and Adam's moments); a differently initialised model on
+    # 4 stages restores it in a post-partition hook and takes the 3rd step: equal to 3 steps of
+    # plain Keras
+    ref = keras_skip(batch_size=8)
+    ref_opt = keras.optimizers.Adam(1e-2)
+    for _ in range(3):
+        with tf.GradientTape() as t:
+            loss = ref.loss_fn(ref.target, ref.model(ref.args[0], training=True))
+        ref_opt.apply_gradients(zip(t.gradient(loss, ref.model.trainable_variables),
+                                    ref.model.trainable_variables))
+
+    smp.init({"partitions": 2, "microbatches": 2})
+    first = keras_skip(batch_size=8)
+    model_a, opt_a = smp.DistributedModel(first.model), keras.optimizers.Adam(1e-2)
+    _train(model_a, first, opt_a, 2)
+    manager = smp.CheckpointManager(tf.train.Checkpoint(model=model_a, optimizer=opt_a),
+                                    str(tmp_path))
+    manager.save()
+
+    smp.init({"partitions": 4, "microbatches": 2, "pipeline": "simple"})
+    second = keras_skip(batch_size=8, seed=7)  # other initial weights (and batch: unused)
+    model_b, opt_b = smp.DistributedModel(second.model), keras.optimizers.Adam(1e-2)
+    restore = smp.CheckpointManager(tf.train.Checkpoint(model=model_b, optimizer=opt_b),
+                                    str(tmp_path))
+
+    @smp.register_post_partition_hook
+    def load() -> None:
+        opt_b.build(model_b.trainable_variables)
+        restore.restore().assert_existing_objects_matched()
+
+    try:
+        _train(model_b, first, opt_b, 1)  # the same batch
+    finally:
+        from modelparallel.tensorflow.model import _HOOKS
+        _HOOKS.remove(load)
+    assert model_b.plan.partitions == 4 and model_a.plan.partitions == 2
+    diff = max(float(abs(a - b).max())
+               for a, b in zip(model_b.get_weights(), ref.model.get_weights(), strict=True))
+    assert diff < 1e-5, diff
+
+
+def test_python_branch_inside_a_distributed_model_is_a_tracing_error() -> None:
+    from modelparallel.errors import TracingError
+
+    class Branchy(smp.DistributedModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = keras.layers.Dense(2)
+
+        def call(self, x, training=False):
+            y = self.fc(x)
+            if tf.reduce_sum(y) > 0:  # a Python branch on a tensor's value
+                return y
+            return -y
+
+    smp.init({"partitions": 2, "microbatches": 2})
+    model = Branchy()
+
+    @smp.step
+    def predict(x):
+        return model(x)
+
+    with pytest.raises(TracingError, match=r"tf\.cond"):
+        predict(tf.ones((4, 3)))

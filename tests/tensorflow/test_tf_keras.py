@@ -1,4 +1,5 @@
-"""tf-keras (Keras 2, ``TF_USE_LEGACY_KERAS=1``): traced, wrapped, trained as a 2-stage pipeline
+"""tf-keras (Keras 2, ``TF_USE_LEGACY_KERAS=1``): Functional, Sequential and subclass models
+traced; a Functional one wrapped, trained as a 2-stage pipeline
 equal to single-device training, gradients from ``optimizer.get_gradients`` (SMP's way). Runs in
 a fresh process: the legacy switch must be set before TensorFlow is imported."""
 
@@ -72,6 +73,32 @@ SCRIPT = textwrap.dedent("""
     got = loaded.serve(x).numpy()
     assert abs(got - ref(x).numpy()).max() < 1e-5, "save_model"
     print("SAVED", path)
+
+    # Sequential and subclass tf-keras models trace too, with their layer paths and variables
+    from modelparallel.tracer.tf_capture import trace_keras
+
+    seq = tf_keras.Sequential([tf_keras.layers.Dense(8, activation="relu", name="fc"),
+                               tf_keras.layers.Dense(2, name="out")], name="seq")
+    seq.build((None, 4))
+
+    class Sub(tf_keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.norm = tf_keras.layers.LayerNormalization(name="norm")
+            self.fc = tf_keras.layers.Dense(3, name="fc")
+
+        def call(self, x, training=False):
+            return self.fc(self.norm(x)) + x[:, :3]
+
+    sub = Sub()
+    sub(tf.zeros((2, 4)))
+    for m, paths in ((seq, {"fc", "out"}), (sub, {"norm", "fc"})):
+        g = trace_keras(m, tf.zeros((2, 4))).graph
+        assert paths <= {n.module_path for n in g}, (m.name, {n.module_path for n in g})
+        assert {q.name.split(".")[0] for q in g.params} == paths, [q.name for q in g.params]
+        assert any(n.target == "MatMul" and n.flops == 2 * 2 * 4 * (8 if m is seq else 3)
+                   for n in g)
+    print("TRACED")
 """)
 
 
@@ -82,4 +109,4 @@ def test_tf_keras_functional_model_pipeline_parity() -> None:
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "DIFF" in proc.stdout and "SAVED" in proc.stdout
+    assert "DIFF" in proc.stdout and "SAVED" in proc.stdout and "TRACED" in proc.stdout
