@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from modelparallel.cli._load import _load_model, _Loaded
-from modelparallel.cli._options import _config_from_args, _devices_from_args, _progress_printer
+from modelparallel.cli._options import (
+    _config_from_args,
+    _devices_from_args,
+    _framework_defaults,
+    _progress_printer,
+)
 from modelparallel.errors import ConfigError
 
 
@@ -23,6 +28,7 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
                          console=err, dtype=a.dtype, framework=a.framework)
+    config = _framework_defaults(a, config, loaded.graph)
     _check_partitions(config.partitions, loaded)
     costs = _measured_costs(a, loaded, devices, config, err)
     if not err.is_terminal:
@@ -150,6 +156,7 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
                          console=err, dtype=a.dtype, framework=a.framework)
+    config = _framework_defaults(a, config, loaded.graph)
     _check_partitions(config.partitions, loaded)
     with err.status("partitioning with every method") as status:
         plans = compare(loaded.graph, config, devices,

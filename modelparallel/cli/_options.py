@@ -67,12 +67,15 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default=d["optimizer"],
                    help="optimizer whose state is counted: sgd, momentum, adam, adamw, or bytes "
                         "per parameter")
-    p.add_argument("--granularity", choices=GRANULARITIES, default=d["granularity"])
+    p.add_argument("--granularity", choices=GRANULARITIES, default=None,
+                   help=f"planning units (default {d['granularity']}; for a Keras model "
+                        f"{_KERAS_DEFAULTS['granularity']}, SMP's TF rule)")
     p.add_argument("--module-depth", type=int, default=d["module_depth"],
                    help="module depth of the units with --granularity module")
-    p.add_argument("--tied", choices=TIED_CHOICES, default=d["tied"],
+    p.add_argument("--tied", choices=TIED_CHOICES, default=None,
                    help="tied parameters on several stages: replicate with gradient sync, or "
-                        "keep their readers on one stage")
+                        f"keep their readers on one stage (default {d['tied']}; for a Keras "
+                        f"model {_KERAS_DEFAULTS['tied']})")
     p.add_argument(FLAG_OF["pins"], dest="pins", action="append", default=[],
                    metavar="NAME=STAGE",
                    help="pin a node or module path to a stage (repeatable)")
@@ -110,11 +113,32 @@ def _config_from_args(a: argparse.Namespace) -> PlanConfig:
     optimizer: str | float = a.optimizer
     with contextlib.suppress(ValueError):
         optimizer = float(a.optimizer)
+    defaults = {f.name: f.default for f in fields(PlanConfig)}
     values = {f.name: getattr(a, f.name) for f in fields(PlanConfig)}
+    values = {k: defaults[k] if v is None and k in _KERAS_DEFAULTS else v
+              for k, v in values.items()}
     ck = a.checkpointing
     if isinstance(ck, str) and ck not in CHECKPOINTING_CHOICES:
         ck = tuple(x.strip() for x in ck.split(",") if x.strip())
     return PlanConfig(**{**values, "pins": pins, "optimizer": optimizer, "checkpointing": ck})
+
+
+#: The planning defaults of a Keras model (what ``smp.DistributedModel`` plans: Note [layer
+#: granularity] in ``modelparallel/partitioner/methods.py``), where the flag is not given.
+_KERAS_DEFAULTS = {"granularity": "layer", "tied": "colocate"}
+
+
+def _framework_defaults(a: argparse.Namespace, config: PlanConfig, graph: Any) -> PlanConfig:
+    """``config`` with the Keras defaults for the flags not given, when ``graph`` came from
+    TensorFlow: as ``smp`` plans, ``tied`` follows the granularity (``colocate`` at layer
+    level, ``replicate`` at op level)."""
+    import dataclasses
+
+    if graph.metadata.get("framework") != "tensorflow":
+        return config
+    granularity = a.granularity or _KERAS_DEFAULTS["granularity"]
+    tied = a.tied or ("colocate" if granularity == "layer" else "replicate")
+    return dataclasses.replace(config, granularity=granularity, tied=tied)
 
 
 def _devices_from_args(a: argparse.Namespace) -> list[DeviceSpec]:

@@ -32,8 +32,8 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
 1c. *Chains* (Note [chain bound] in ``_chain_bound.py``): every boundary at once, through the
    last-ranked node of each stage's downset (in the same rank as part 1b), minimised over
    those sequences by a greedy that decides each pair of time and utilisation limits exactly;
-   each stage's send counted. On the 192-layer decoder at p = 16 it is within 1.8% of the
-   incumbent (part 1b: 2.5%).
+   each stage's sends and receives counted. On the 96- and 192-layer decoders at p = 16 it is
+   within 1.8% and 0.9% of the incumbent (part 1b: 4.8%, 2.5%).
 2. *Windows*: given the objective ``J*`` of a known assignment, any strictly better one has
    ``J < J*``. If node ``v`` is on stage ``s``, stages ``0..s`` run ``v`` and its ancestors and
    stages ``s..p-1`` run ``v`` and its descendants, so the slowest stage takes at least

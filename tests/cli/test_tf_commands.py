@@ -25,11 +25,17 @@ def test_build_detects_keras_then_inspect_and_compare(tmp_path: Path, capsys) ->
     assert main(["build", MODEL, "-p", "2", "-m", "2", "--time-limit", "5", "-o", str(out)]) == 0
     plan = load_plan(out)
     assert plan.partitions == 2 and plan.model.source == MODEL
+    # a Keras model plans as smp does unless told otherwise (Note [layer granularity])
+    assert (plan.config.granularity, plan.config.tied) == ("layer", "colocate")
     assert plan.model.example_shapes == {"arg0": [2, 16]}  # one microbatch of the batch of 4
     assert main(["inspect", str(out), "--stage", "1"]) == 0
     assert main(["compare", "modelparallel.tensorflow.models:keras_skip_factory", "-p", "2",
                  "--framework", "tensorflow", "--time-limit", "5"]) == 0
     assert "ilp" in capsys.readouterr().out
+    op = tmp_path / "op.plan.json"
+    assert main(["build", MODEL, "-p", "2", "-m", "2", "--time-limit", "5", "--granularity",
+                 "op", "-o", str(op)]) == 0
+    assert (load_plan(op).config.granularity, load_plan(op).config.tied) == ("op", "replicate")
 
 
 def test_batch_not_divisible_by_microbatches_is_a_one_line_error(tmp_path: Path) -> None:
