@@ -11,6 +11,7 @@ models against :func:`~modelparallel.partitioner.evaluate.evaluate` at fixed ass
 
 from __future__ import annotations
 
+import time as _time
 from dataclasses import dataclass
 
 import numpy as np
@@ -444,9 +445,11 @@ def _solve_windowed(prob: Problem, lo: np.ndarray, hi: np.ndarray, time_limit: f
                     integral: bool = True, incumbent_stage: np.ndarray | None = None
                     ) -> tuple[float | None, str, int, int]:
     """Lower bound from the windowed model (None if not reached), HiGHS status, columns,
-    rows: the MIP's dual bound, or the LP optimum with ``integral=False``."""
+    rows: the MIP's dual bound, or the LP optimum with ``integral=False``. ``time_limit``
+    covers building the model too (Note [whole-call deadline])."""
     import highspy
 
+    t0 = _time.perf_counter()
     model = _windowed_model(prob, lo, hi)
     lp = model.lp
     # Solve as a MIP (every y binary): its dual bound at any time is valid, and at the root it
@@ -473,6 +476,10 @@ def _solve_windowed(prob: Problem, lo: np.ndarray, hi: np.ndarray, time_limit: f
     starts = np.searchsorted(r, np.arange(lp.nrow)).astype(np.int32)
     row_lo = np.concatenate(lp.row_lo)
     h.addRows(lp.nrow, row_lo, np.concatenate(lp.row_hi), len(c), starts, c, v)
+    left = float(time_limit) - (_time.perf_counter() - t0)
+    if left < 0.1:
+        return None, "skipped (no time left after building the model)", ncol, lp.nrow
+    h.setOptionValue("time_limit", left)
     if incumbent_stage is not None and integral:
         x = _warm_point(prob, lp, model.zcol, incumbent_stage, r, c, v, row_lo, model.t_col,
                         model.u_col, model.ws_cols, ny, ncol, model.direct)

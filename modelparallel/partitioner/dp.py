@@ -479,7 +479,8 @@ def _valid(prob: Problem, stage: np.ndarray) -> bool:
 
 
 def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
-             allowed_cuts: np.ndarray | None = None) -> DPResult | None:
+             allowed_cuts: np.ndarray | None = None,
+             deadline: float | None = None) -> DPResult | None:
     """The best contiguous split of ``order`` (default: the problem's topological order).
 
     Args:
@@ -487,6 +488,8 @@ def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
         order: A topological order of the assigned node indices.
         allowed_cuts: Boolean mask over cut positions ``0..n``; cuts elsewhere are forbidden
             (positions 0 and n are always allowed).
+        deadline: A :func:`time.perf_counter` reading after which no further pass starts
+            (the result is then not ``exact``; Note [whole-call deadline]).
 
     Returns:
         The best split, or ``None`` if no contiguous split meets the memory caps and pins.
@@ -539,6 +542,10 @@ def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
         return float(ev.time.max()) / prob.t_ref, float((ev.memory / prob.caps).max())
 
     exact = True
+
+    def late() -> bool:
+        return deadline is not None and _time.perf_counter() > deadline
+
     if w >= 1.0:
         run(1.0, True)
     elif w <= 0.0:
@@ -552,17 +559,20 @@ def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
             # A few probes between the time-optimal and the memory-optimal split give a good
             # incumbent, so the exact walk below (Note [DP for two maxima]) jumps far.
             b_hi = first[1]
-            low = run(1.0, True)
+            skipped = late()  # then the walk below is not exact either
+            low = None if skipped else run(1.0, True)
             b_lo = low[1] if low is not None else b_hi
             for frac in (0.5, 0.25, 0.75):
-                run(b_lo + (b_hi - b_lo) * frac, False)
+                if not late():
+                    run(b_lo + (b_hi - b_lo) * frac, False)
             theta, a = 1.0, first[0]
-            while True:
+            exact = not skipped
+            while not skipped:
                 nxt = (best_obj - (1 - w) * a) / w * prob.u_ref
                 nxt = min(nxt, theta) * (1 - 1e-9) - 1e-15
                 if nxt < b_lo * (1 - 1e-9) - 1e-15:
                     break
-                if passes >= _MAX_PASSES:
+                if passes >= _MAX_PASSES or late():
                     exact = False
                     break
                 theta = nxt

@@ -2,10 +2,12 @@
 
 Note [ILP pipeline]
 ~~~~~~~~~~~~~~~~~~~
-``method="ilp"`` runs, within ``config.time_limit`` seconds in all:
+``method="ilp"`` runs, within ``config.time_limit`` seconds in all (one deadline for every
+stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitioner.deadline`):
 
 1. the exact contiguous DP at op level (:mod:`~modelparallel.partitioner.dp`) over the
-   canonical order and, within ``_ORDERS_SHARE`` of the time, over a few other topological
+   canonical order (no pass starts after ``_DP_SHARE`` of the time) and, within
+   ``_ORDERS_SHARE`` of the time, over a few other topological
    orders (Note [canonical order] in :mod:`~modelparallel.partitioner.order`), and the two
    baselines: the first incumbents;
 2. one short op-level refinement of the best of them around its stage boundaries (Note
@@ -38,7 +40,7 @@ Note [ILP pipeline]
    its root node, and the interrupt callback of :mod:`~modelparallel.partitioner.ilp` stops
    the tree search at the deadline (timings of both: ``docs/measurements.md``);
 6. otherwise (thousands of ops): the ILP over coarse units (Note [coarsening]), warm-started
-   from the DP over the units' order, then op-level refinement around the boundaries of the
+   from the DP over the units' order (both skipped once their share of the time is spent), then op-level refinement around the boundaries of the
    best assignment so far (Note [refinement]), repeated while it improves; then the windowed
    bound model of :mod:`~modelparallel.partitioner.bounds` in the remaining time;
 7. the best of every assignment seen (DP, baselines, refinement, ILPs), by the objective of
@@ -89,6 +91,7 @@ from modelparallel.errors import ConfigError, InfeasiblePlanError
 from modelparallel.partitioner.baselines import param_balanced_split, uniform_split
 from modelparallel.partitioner.bounds import lower_bound, window_for
 from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, unit_order
+from modelparallel.partitioner.deadline import Deadline
 from modelparallel.partitioner.dp import solve_dp, split_to_stages
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
 from modelparallel.partitioner.ilp import IlpResult, solve_items
@@ -112,13 +115,18 @@ _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
 _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
 _POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
 _ORDERS_SHARE = 0.1  # share of config.time_limit after which no other DP order is tried
+_DP_SHARE = 0.6  # share of config.time_limit after which the DP starts no further pass
 
 Progress = Callable[[ProgressEvent], None]
 
 
 class _Clock:
-    def __init__(self, progress: Progress | None) -> None:
-        self.t0 = _time.perf_counter()
+    """Elapsed time, progress events, and the call's :class:`Deadline` (Note [whole-call
+    deadline])."""
+
+    def __init__(self, progress: Progress | None, limit: float = float("inf")) -> None:
+        self.deadline = Deadline(limit)
+        self.t0 = self.deadline.start
         self.progress = progress
 
     def elapsed(self) -> float:
@@ -264,7 +272,7 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
         units = make_units(prob, 0, contract=False, innermost=True)
         return _units_then_refine(prob, clock, cands, units, refine=False)
     clock.emit("dp", "contiguous split over the topological order")
-    dp = solve_dp(prob)
+    dp = solve_dp(prob, deadline=clock.deadline.at(_DP_SHARE))  # Note [whole-call deadline]
     if dp is not None:
         cands.consider(dp.stage, "dp")
         clock.emit("dp", f"done in {dp.passes} passes", incumbent=dp.objective)
@@ -466,25 +474,36 @@ def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: 
     budget = cfg.time_limit * _ILP_SHARE  # the rest is for the lower bound
     notes: list[str] = []
     clock.emit("coarsen", f"{len(units)} units (module depth {units.depth}) from {prob.n} nodes")
-    # Warm start: the DP over the units' order (cuts only between units).
-    order, allowed = unit_order(prob, units)
-    udp = solve_dp(prob, order=order, allowed_cuts=allowed)
-    warm = None
-    if udp is not None:
-        cands.consider(udp.stage, "dp-units")
-        warm = np.array([int(udp.stage[m[0]]) for m in units.members])
     share = 1.0 if not refine else 0.45
-    limit = max(0.5, share * budget - clock.elapsed())
-    res = solve_items(prob, units.members, units.lo, units.hi, warm=warm, time_limit=limit,
-                      solver=cfg.solver, progress=clock.progress, phase="ilp")
-    notes.extend(res.notes)
+    # With an op-level incumbent, the coarse ILP is optional: skipped once its share of the
+    # time is spent (Note [whole-call deadline]); otherwise it runs at least half a second.
+    coarse = clock.deadline.budget(share * _ILP_SHARE, minimum=_MIN_PHASE) if (
+        refine and cands.best() is not None) else max(0.5, share * budget - clock.elapsed())
+    res: IlpResult | None = None
+    if coarse is not None:
+        # Warm start: the DP over the units' order (cuts only between units).
+        order, allowed = unit_order(prob, units)
+        udp = solve_dp(prob, order=order, allowed_cuts=allowed,
+                       deadline=clock.deadline.at(share * _ILP_SHARE))
+        warm = None
+        if udp is not None:
+            cands.consider(udp.stage, "dp-units")
+            warm = np.array([int(udp.stage[m[0]]) for m in units.members])
+        limit = max(0.5, share * budget - clock.elapsed())
+        res = solve_items(prob, units.members, units.lo, units.hi, warm=warm, time_limit=limit,
+                          solver=cfg.solver, progress=clock.progress, phase="ilp")
+        notes.extend(res.notes)
+        if res.item_stage is not None:
+            cands.consider(_expand(units, res.item_stage, prob.n), "ilp-units")
+    else:
+        notes.append(f"coarse ILP over {len(units)} units skipped: its share of the time "
+                     "limit was spent (Note [whole-call deadline])")
     largest = res
-    if res.item_stage is not None:
-        cands.consider(_expand(units, res.item_stage, prob.n), "ilp-units")
     best = cands.best()
     if best is None:
         raise _infeasible(prob, "method 'ilp'")
-    clock.emit("ilp", f"{res.status} over {len(units)} units", incumbent=best[0])
+    clock.emit("ilp", f"{'skipped' if res is None else res.status} over {len(units)} units",
+               incumbent=best[0])
     refined = False
     if refine:
         window, rounds = 1, 0
@@ -497,7 +516,7 @@ def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: 
                                     solver=cfg.solver, progress=clock.progress)
             refined = True
             notes.extend(rres.notes)
-            if rres.num_variables > largest.num_variables:
+            if largest is None or rres.num_variables > largest.num_variables:
                 largest = rres
             cands.consider(new, "refined")
             now = cands.best()
@@ -510,10 +529,11 @@ def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: 
                 window += 1  # nothing moved: widen the window once
     best = cands.best()
     assert best is not None
-    report = SolverReport(method="ilp", solver=res.solver, status="feasible",
-                          solve_time=clock.elapsed(), coarse_nodes=len(units),
-                          refined=refined, num_variables=largest.num_variables,
-                          num_constraints=largest.num_constraints,
+    report = SolverReport(method="ilp", solver="" if largest is None else largest.solver,
+                          status="feasible", solve_time=clock.elapsed(),
+                          coarse_nodes=len(units), refined=refined,
+                          num_variables=0 if largest is None else largest.num_variables,
+                          num_constraints=0 if largest is None else largest.num_constraints,
                           notes=(cands.summary(), *notes))
     return best[2], report
 

@@ -55,6 +55,9 @@ __all__ = ["METHODS", "OPTIMAL_GAP", "WARN_GAP", "compare", "evaluate_assignment
 OPTIMAL_GAP = 2e-4
 #: Gap above which a plan comes with a :class:`~modelparallel.errors.PlanGapWarning`.
 WARN_GAP = 0.10
+#: Share of ``config.time_limit`` at which the bound's windowed model stops; the rest is the
+#: reserve for evaluating and making the plan (Note [whole-call deadline]).
+_BOUND_END = 0.95
 
 
 def _finish(prob: Problem, stage: np.ndarray, report: SolverReport, clock: _Clock,
@@ -73,7 +76,7 @@ def _finish(prob: Problem, stage: np.ndarray, report: SolverReport, clock: _Cloc
     clock.emit("bound", "proving a lower bound", incumbent=ev.objective)
     lb = lower_bound(prob, incumbent=ev.objective if search else None,
                      incumbent_stage=stage if search else None,
-                     time_limit=0.92 * prob.config.time_limit - clock.elapsed())
+                     time_limit=clock.deadline.until(_BOUND_END))
     value = lb.value
     notes = [*report.notes, f"lower bound: {lb.describe()}"]
     if report.lower_bound is not None and report.lower_bound > value:
@@ -193,7 +196,7 @@ def _partition(graph: Graph, config: PlanConfig, devices: DevicesArg, *, method:
         raise ConfigError(f"method = {method!r}; use one of {list(METHODS)}")
     if samples_per_microbatch < 1:
         raise ConfigError(f"samples_per_microbatch = {samples_per_microbatch} must be >= 1")
-    clock = _Clock(progress)
+    clock = _Clock(progress, config.time_limit)  # Note [whole-call deadline]
     prob = build_problem(graph, config, devices, costs=costs)
     stage, report = run_method(prob, method, clock)
     report = replace(report, notes=(*prob.notes, *report.notes))
