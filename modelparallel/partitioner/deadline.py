@@ -8,8 +8,11 @@ not each stage of it: the DP, the coarse and refinement ILPs and the proven boun
 an ILP, the windowed bound model) is given the time left until its share of the limit ends,
 measured when it starts solving (after building its model, which no solver time limit covers);
 an optional stage whose time is already spent is skipped rather than given a minimum (a coarse
-ILP given half a second still spends seconds building its model); and a reserve at the end is
-kept for evaluating the result and making the plan. Fixed costs that cannot be interrupted
+ILP given half a second still spends seconds building its model; a refinement round starts
+only with ``_REFINE_MIN`` of the limit left of its share); and the bound's windowed model ends at
+``_BOUND_END`` (90%) of the limit, its interior point method earlier still (it checks the time
+between iterations, seconds apart on 10,000 ops): the reserve covers that overrun, evaluating
+the result and making the plan. Fixed costs that cannot be interrupted
 (building the problem, one DP pass, the stage windows) still count, so a call may run past the
 limit by about one such step. The scale rows of ``benchmarks/partition_quality.py`` (10,000-op
 graphs at p = 16 and 32, 60 s) check it.

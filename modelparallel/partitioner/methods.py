@@ -40,7 +40,8 @@ stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitio
    its root node, and the interrupt callback of :mod:`~modelparallel.partitioner.ilp` stops
    the tree search at the deadline (timings of both: ``docs/measurements.md``);
 6. otherwise (thousands of ops): the ILP over coarse units (Note [coarsening]), warm-started
-   from the DP over the units' order (both skipped once their share of the time is spent), then op-level refinement around the boundaries of the
+   from the DP over the units' order (both skipped once their share of the time is spent, and
+   a refinement round with less than ``_REFINE_MIN`` of the time left of it), then op-level refinement around the boundaries of the
    best assignment so far (Note [refinement]), repeated while it improves; then the windowed
    bound model of :mod:`~modelparallel.partitioner.bounds` in the remaining time;
 7. the best of every assignment seen (DP, baselines, refinement, ILPs), by the objective of
@@ -116,6 +117,7 @@ _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split f
 _POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
 _ORDERS_SHARE = 0.1  # share of config.time_limit after which no other DP order is tried
 _DP_SHARE = 0.6  # share of config.time_limit after which the DP starts no further pass
+_REFINE_MIN = 0.15  # share of config.time_limit a refinement round needs left to start
 
 Progress = Callable[[ProgressEvent], None]
 
@@ -507,7 +509,10 @@ def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: 
     refined = False
     if refine:
         window, rounds = 1, 0
-        while clock.elapsed() < 0.95 * budget and rounds < 4:
+        # A round builds its model before any solver time limit applies (seconds on 10,000
+        # ops): none starts with less than _REFINE_MIN of the time limit left of the share.
+        while rounds < 4 and clock.deadline.budget(
+                _ILP_SHARE, minimum=max(_MIN_PHASE, _REFINE_MIN * cfg.time_limit)) is not None:
             rounds += 1
             current = cands.best()
             assert current is not None

@@ -57,7 +57,7 @@ OPTIMAL_GAP = 2e-4
 WARN_GAP = 0.10
 #: Share of ``config.time_limit`` at which the bound's windowed model stops; the rest is the
 #: reserve for evaluating and making the plan (Note [whole-call deadline]).
-_BOUND_END = 0.95
+_BOUND_END = 0.9
 
 
 def _finish(prob: Problem, stage: np.ndarray, report: SolverReport, clock: _Clock,
