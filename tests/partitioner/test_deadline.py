@@ -1,6 +1,6 @@
 """One deadline for a whole planner call (Note [whole-call deadline] in
 modelparallel/partitioner/deadline.py): the budget arithmetic, the DP's passes, the bound's
-windowed model and the coarse ILP skipped once their share of the limit is spent."""
+windowed model, the coarse ILP and refinement skipped once their share of the limit is spent."""
 
 from __future__ import annotations
 
@@ -97,5 +97,6 @@ def test_coarse_ilp_is_skipped_once_its_share_is_spent() -> None:
                                        refine=True)
     assert any("coarse ILP" in n and "skipped" in n for n in report.notes)
     assert "ilp-units" not in report.notes[0]
+    assert not report.refined  # nor a refinement round (it needs 1.5 s of the share left)
     check_assignment(prob, stage)
     assert evaluate(prob, stage).objective <= dp.objective * (1 + 1e-12)
