@@ -21,7 +21,8 @@ its ratio to the proven lower bound, the estimated bottleneck stage time per mic
 largest stage's peak memory, and the solve time. The bar, checked per row:
 
 - the ILP is never worse than any baseline (uniform, param_balanced, dp);
-- the ILP's objective is within 2% of the proven lower bound;
+- the ILP's objective is within 2% of the proven lower bound (``BAR_GAP``; each row also
+  records ``within_1pct``, the target of issue 17);
 - the ILP's solve time is at most 10 s (``config.time_limit`` = 10 s) on this machine.
 
 The scale rows (``--scale``; ``SCALE_ROWS``) plan graphs of 5,000 to 10,400 ops built by
@@ -82,7 +83,7 @@ SCALE_ROWS: tuple[tuple[str, int, str, float, float | None], ...] = (
 METHODS = ("ilp", "dp", "uniform", "param_balanced")
 DEVICE = "h100"
 MICROBATCHES = 8
-BAR_GAP = 0.02
+BAR_GAP = 0.02  # the main rows (issue 17 asks 1%: reported per row as within_1pct)
 BAR_SECONDS = 10.0
 
 
@@ -164,6 +165,7 @@ def _row(name: str, graph: Any, batch: int, p: int, time_limit: float,
            "gap": ilp.solver.gap, "ilp_status": ilp.solver.status,
            "ilp_coarse_units": ilp.solver.coarse_nodes, "ilp_notes": list(ilp.solver.notes),
            "methods": methods, "infeasible_methods": missing, "bar": bar,
+           "within_1pct": bound is not None and ilp_obj <= bound * 1.01,
            "passes": all(bar.values())}
     if relay:
         row["relay"] = _relay(graph, config, _devices(devices), batch, ilp)

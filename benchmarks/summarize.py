@@ -47,7 +47,26 @@ def partition_quality(data: dict[str, Any]) -> str:
             "uniform / bound", "ILP bottleneck ms", "ILP peak GiB", "solve s", "bar"]
     misses = data.get("misses") or []
     tail = f"\n\n{len(data['rows']) - len(misses)}/{len(data['rows'])} rows meet the bar."
-    return _table(head, rows) + tail
+    return _table(head, rows) + tail + _scale_rows(data.get("scale_rows") or [])
+
+
+def _scale_rows(scale: list[dict[str, Any]]) -> str:
+    """The scale rows (``--scale``): graphs of 5,000 to 10,400 ops at p = 16 and 32."""
+    if not scale:
+        return ""
+    rows = []
+    for r in scale:
+        ilp = r["methods"]["ilp"]
+        bars = ", ".join(k for k, ok in r["bar"].items() if not ok)
+        rows.append([r["model"], str(r["partitions"]), r["devices"], str(r["nodes"]),
+                     f"{100 * r['gap']:.2f}%", f"{ilp['solve_seconds']:.1f}",
+                     f"{r['peak_rss_mib']:.0f}", "yes" if r["passes"] else f"**no** ({bars})"])
+    head = ["graph", "p", "devices", "nodes", "ILP gap to bound", "solve s",
+            "planner peak MiB", "bar"]
+    ok = sum(r["passes"] for r in scale)
+    return ("\n\nScale rows (`--scale`, time_limit 60 s; bar: within 2% of the bound in at most "
+            "60 s, p = 32: a plan in 60 s):\n\n" + _table(head, rows)
+            + f"\n\n{ok}/{len(scale)} scale rows meet the bar.")
 
 
 def communication(data: dict[str, Any]) -> str:
