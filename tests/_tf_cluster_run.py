@@ -1,6 +1,6 @@
 """One rank of an SMP TensorFlow script across processes (Note [tf cluster process model]):
 run as ``python tests/_tf_cluster_run.py '<json>'`` on every rank with the launcher's
-``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``. Trains 3 steps and prints one
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, or with a ``TF_CONFIG``. Trains 3 steps and prints one
 ``RESULT {...}`` line; rank 0 also trains the same model on one device and reports the largest
 weight difference, and every rank's replica weights are compared with rank 0's."""
 
