@@ -1,7 +1,7 @@
 """TensorFlow across processes (Note [tf cluster process model] in runtime/tf_cluster.py): the
 cluster read from TF_CONFIG or the launcher's variables, and an SMP script on 2 real processes
-(told the cluster either way)
-(rank 0 driving the cluster graph, rank 1 serving its stage and receiving the step's outputs)
+(told the cluster either way; rank 0 driving the cluster graph, rank 1 serving its stage and
+receiving the step's outputs)
 trained to single-device parity; a follower without a driver times out with a named error.
 The processes get hard timeouts and SIGKILL: a process serving TensorFlow's runtime may ignore
 SIGTERM."""
