@@ -101,7 +101,7 @@ def _check(results: list[dict[str, Any]]) -> None:
         assert abs(a - b) < 1e-5
     assert follower["losses"] == driver["losses"]  # the step's outputs on every rank
     assert driver["replica_diff"] == follower["replica_diff"] == 0.0
-    assert follower["got"] == {"hello": 1}
+    assert follower["got"] == {"hello": 1} and follower["broadcast"] == ["to", "all"]
 
 
 @pytest.mark.multiprocess
