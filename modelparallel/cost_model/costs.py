@@ -22,7 +22,9 @@ plus, for the nodes whose values are model outputs, those values: the runtime ho
 output of every microbatch in flight until the loss's backward has run; and what the loss saves
 for its backward, counted as one float32 tensor of each grad-requiring output's size
 (cross-entropy keeps its log-softmax, in float32 for half-precision logits too; a squared error
-its difference). Measured on GPT-2 medium, that is the 4 x 49 MiB the model missed before
+its difference); and while the loss's backward runs, its float32 gradient of that size and the
+output's gradient are the output node's workspace (the last stage's peak in training: measured
+on the H200 with the loss run, ``benchmarks/results/cost_model_fidelity-h200.json``). Measured on GPT-2 medium, that is the 4 x 49 MiB the model missed before
 (``benchmarks/results/hybrid-h200-gpt2-medium-memory.json``). Its ``workspace_bytes``
 is the transient memory while it runs: forward, its outputs; backward, the gradient arriving for
 its outputs plus the gradients it produces for its inputs (none for the inputs of an addition
@@ -376,6 +378,7 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
     flops_rate: dict[str, float] = {}
     nodes: dict[str, NodeCost] = {}
     held = _held_outputs(graph)
+    loss_grad = {k: loss for k, (_, loss) in held_output_bytes(graph).items()}
     sent = _sent_held_bytes(graph)
     for node in graph.nodes:
         if is_view_like(node):
@@ -399,8 +402,11 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
         saved = node.saved_bytes if node.saved_bytes is not None else _default_saved_bytes(
             node, graph)
         saved += held.get(node.name, 0)
+        workspace = _workspace_bytes(node, graph, needs_grad)
+        if loss_grad.get(node.name):  # the loss's backward: its float32 gradient + the output's
+            workspace = max(workspace, loss_grad[node.name] + node.grad_bytes)
         nodes[node.name] = NodeCost(fwd, bwd, int(saved), node.output_bytes, node.grad_bytes,
-                                    _workspace_bytes(node, graph, needs_grad), sent[node.name])
+                                    workspace, sent[node.name])
     costs = GraphCosts(
         device=spec,
         nodes=nodes,
