@@ -224,9 +224,14 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _measure_memory(run: _StageRun, device: torch.device, inflight: int,
-                    optimizer_states: int) -> dict[str, int]:
+                    optimizer_states: int,
+                    loss: tuple[Callable[[Any, Any], torch.Tensor], Any] | None = None
+                    ) -> dict[str, int]:
     """Peak bytes of the stage alone with ``inflight`` microbatches (Note [fidelity
-    measurement])."""
+    measurement]). ``loss`` (the last stage: ``(loss_fn, target)``): each microbatch's model
+    output goes through the loss, whose backward starts that microbatch's, as in training (the
+    loss's saved log-softmax and the outputs held until it runs are part of the stage's peak:
+    Note [activation memory])."""
     run.grads_exist(False)
     gc.collect()
     if device.type == "cuda":
@@ -240,12 +245,14 @@ def _measure_memory(run: _StageRun, device: torch.device, inflight: int,
         held = []
         for _ in range(inflight):
             args = run.inputs(fresh=True)
-            held.append((args, run.forward(args)))
+            held.append((args, run.forward(args) if loss is None
+                         else [_stage_loss(run, args, *loss)]))
         after_forward = meter.peak()
         while held:
             args, tensors = held.pop(0)
             if tensors:
-                torch.autograd.backward(tensors, [torch.randn_like(t) for t in tensors])
+                torch.autograd.backward(tensors, [torch.randn_like(t) if t.dim() else
+                                                  torch.ones_like(t) for t in tensors])
             del args, tensors
         peak = meter.peak()
     finally:
@@ -254,6 +261,14 @@ def _measure_memory(run: _StageRun, device: torch.device, inflight: int,
     run.grads_exist(False)
     return {"peak": peak + run.own_bytes, "state": state_peak + run.own_bytes,
             "after_forward": after_forward + run.own_bytes}
+
+
+def _stage_loss(run: _StageRun, args: list[Any], loss_fn: Callable[[Any, Any], torch.Tensor],
+                target: Any) -> torch.Tensor:
+    """The last stage's forward on ``args`` through the loss (it sends nothing)."""
+    flat = list(run.stage.module(*run.local, *args))[len(run.stage.send):]
+    spec = run.stage.out_spec
+    return loss_fn(pytree.tree_unflatten(flat, spec) if spec is not None else flat, target)
 
 
 def _loss_seconds(run: _StageRun, loss_fn: Callable[[Any, Any], torch.Tensor], target: Any,

@@ -260,7 +260,8 @@ def measure_model(w: Workload, *, device: torch.device, dtype: torch.dtype, plan
     profiles = _with_context(profiles, context_record)
     for s, (stage, run, t) in enumerate(zip(stages, runs, stage_times)):
         k = inflight_microbatches(SCHEDULE, m, PARTITIONS, s)
-        mem = _measure_memory(run, device, k, states)
+        mem = _measure_memory(run, device, k, states,
+                              (case.loss_fn, mb_target) if stage.is_last else None)
         row: dict[str, Any] = {
             "stage": s, "inflight": k, "recomputed": list(stage.recomputed),
             "measured_ms": t["both"] * 1e3, "measured_fwd_ms": t["fwd"] * 1e3,

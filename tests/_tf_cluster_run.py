@@ -1,6 +1,6 @@
 """One rank of an SMP TensorFlow script across processes (Note [tf cluster process model]):
 run as ``python tests/_tf_cluster_run.py '<json>'`` on every rank with the launcher's
-``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``. Trains 3 steps and prints one
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, or with a ``TF_CONFIG``. Trains 3 steps and prints one
 ``RESULT {...}`` line; rank 0 also trains the same model on one device and reports the largest
 weight difference, and every rank's replica weights are compared with rank 0's."""
 
@@ -61,12 +61,14 @@ def main(spec: dict) -> dict:
         assert pred.shape[0] == x.shape[0]
     out = {"rank": smp.rank(), "size": smp.size(), "losses": losses, "step_s": times,
            "setup_s": time.perf_counter() - t0 - sum(times)}
-    # the helpers: a send from rank 0, an allgather of every replica's weights
+    # the helpers: a send and a broadcast from rank 0, an allgather of every replica's weights
     if smp.rank() == 0:
         for k in range(1, smp.size()):
             smp.send({"hello": k}, k)
+        smp.broadcast(["to", "all"], smp.WORLD)
     else:
         out["got"] = smp.recv_from(0)
+        out["broadcast"] = smp.recv_from(0)
     replicas = smp.allgather(model.get_weights())
     out["replica_diff"] = max(float(np.max(np.abs(a - b))) for r in replicas
                               for a, b in zip(r, replicas[0], strict=True))

@@ -23,7 +23,10 @@ output of every microbatch in flight until the loss's backward has run; and what
 for its backward, counted as one float32 tensor of each grad-requiring output's size
 (cross-entropy keeps its log-softmax, in float32 for half-precision logits too; a squared error
 its difference). Measured on GPT-2 medium, that is the 4 x 49 MiB the model missed before
-(``benchmarks/results/hybrid-h200-gpt2-medium-memory.json``). Its ``workspace_bytes``
+(``benchmarks/results/hybrid-h200-gpt2-medium-memory.json``). While the loss's backward runs,
+its float32 gradient of that size and the output's own gradient are the output node's workspace
+(the last stage's peak in training; measured with the loss run in
+``benchmarks/results/cost_model_fidelity-h200.json``). Its ``workspace_bytes``
 is the transient memory while it runs: forward, its outputs; backward, the gradient arriving for
 its outputs plus the gradients it produces for its inputs (none for the inputs of an addition
 of the output's shape, which receive the incoming gradient itself) and, before they are added
@@ -337,6 +340,12 @@ def held_output_bytes(graph: Graph) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _loss_workspace(node: Node, loss_grad: Mapping[str, int]) -> int:
+    """Transient bytes of the loss's backward at a model output's node: its float32 gradient
+    and the output's gradient (Note [activation memory]); 0 for other nodes."""
+    return loss_grad[node.name] + node.grad_bytes if loss_grad.get(node.name) else 0
+
+
 def _held_outputs(graph: Graph) -> dict[str, int]:
     """Bytes of the model outputs by producing node and the loss's saved bytes for them."""
     return {k: v + loss for k, (v, loss) in held_output_bytes(graph).items()}
@@ -376,11 +385,14 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
     flops_rate: dict[str, float] = {}
     nodes: dict[str, NodeCost] = {}
     held = _held_outputs(graph)
+    loss_grad = {k: loss for k, (_, loss) in held_output_bytes(graph).items()}
     sent = _sent_held_bytes(graph)
     for node in graph.nodes:
         if is_view_like(node):
             nodes[node.name] = NodeCost(0.0, 0.0, held.get(node.name, 0), node.output_bytes,
-                                        node.grad_bytes, node.output_bytes, sent[node.name])
+                                        node.grad_bytes,
+                                        max(node.output_bytes, _loss_workspace(node, loss_grad)),
+                                        sent[node.name])
             continue
         dtype = _compute_dtype(node, graph)
         if dtype not in flops_rate:
@@ -399,8 +411,10 @@ def estimate_costs(graph: Graph, device: DeviceSpec | str | Path, *,
         saved = node.saved_bytes if node.saved_bytes is not None else _default_saved_bytes(
             node, graph)
         saved += held.get(node.name, 0)
+        workspace = max(_workspace_bytes(node, graph, needs_grad),
+                        _loss_workspace(node, loss_grad))
         nodes[node.name] = NodeCost(fwd, bwd, int(saved), node.output_bytes, node.grad_bytes,
-                                    _workspace_bytes(node, graph, needs_grad), sent[node.name])
+                                    workspace, sent[node.name])
     costs = GraphCosts(
         device=spec,
         nodes=nodes,

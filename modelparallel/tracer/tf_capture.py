@@ -17,6 +17,15 @@ node it belongs to (dropped ops go with their first consumer). The runtime place
 later call of the same model on the stage of the owner of op ``k`` (Note [op placement] in
 ``runtime/tf_pipeline.py``); placeholders are not counted, since TensorFlow creates a capture
 placeholder only on a variable's first read in a graph.
+
+Backward FLOPs are counted, not guessed: after the call, the traced function also takes
+``tf.gradients`` of its floating outputs' sum with respect to the trainable variables, and each
+gradient op (TensorFlow names it ``gradients/<forward op>_grad/...``) adds its FLOPs
+(:func:`~modelparallel.tracer.tf_flops.op_flops`) to its forward op's node as
+``backward_flops``: a ``MatMul``'s two matmuls, a ``Relu``'s one mask. Those ops are not part of
+the call's span and never become nodes; where a gradient is not defined, ``backward_flops`` stays
+``None`` and the cost model estimates it from ``flops``. (``tf.gradients`` also builds the first
+layer's gradient with respect to the input, which execution prunes: a slight overcount there.)
 """
 
 from __future__ import annotations
@@ -221,6 +230,8 @@ def trace_keras(model: Any, inputs: Any, *, training: bool = True,
         else:
             out = model(*flat, **kwargs)
         span.append(len(graph.get_operations()))
+        _add_gradients(model, out)
+        span.append(len(graph.get_operations()))
         return out
 
     if not getattr(model, "built", True) or not model.variables:
@@ -237,7 +248,47 @@ def trace_keras(model: Any, inputs: Any, *, training: bool = True,
             "`if`/`for` on a tensor's value inside `call` cannot be partitioned; use tf.cond / "
             "tf.where or make the branch depend on Python values only") from e
     return _to_ir(model, concrete, claims, names, training, name or type(model).__name__,
-                  (span[0], span[1]))
+                  (span[0], span[1]), span[2])
+
+
+def _add_gradients(model: Any, out: Any) -> None:
+    """The gradients of ``out``'s floating leaves' sum with respect to ``model``'s trainable
+    variables, built into the traced graph for their FLOPs (Note [keras capture]); nothing when
+    some gradient is not defined."""
+    leaves = [t for t in tf.nest.flatten(out, expand_composites=True)
+              if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+    variables = [_unwrap(v) for v in getattr(model, "trainable_variables", [])]
+    if not leaves or not variables or tf.executing_eagerly():  # an eager build: no graph
+        return
+    with contextlib.suppress(LookupError, TypeError, ValueError):
+        tf.gradients([tf.reduce_sum(t) for t in leaves], variables,
+                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _backward_flops(ops: Sequence[Any], kept: set[str]) -> dict[str, int]:
+    """Forward op name -> the FLOPs of its gradient ops (``gradients*/<name>_grad/...``)."""
+    found: dict[str, int] = {}
+    for op in ops:
+        head, sep, _ = op.name.partition("/")
+        if not sep or not head.startswith("gradients") or "_grad/" not in op.name:
+            continue
+        fwd = op.name[len(head) + 1:].rpartition("_grad/")[0]
+        if fwd not in kept:
+            continue
+        found[fwd] = found.get(fwd, 0) + _flops(op)
+    return found
+
+
+def _flops(op: Any) -> int:
+    """:func:`op_flops` of graph op ``op``, from its shapes and attributes."""
+    attrs: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        attrs["equation"] = op.get_attr("equation").decode()
+    for attr in ("transpose_a", "adj_x"):
+        with contextlib.suppress(ValueError):
+            attrs[attr] = bool(op.get_attr(attr))
+    return op_flops(op.type, [_shape(t) for t in op.inputs], [_shape(t) for t in op.outputs],
+                    **attrs)
 
 
 def _variables_by_handle(model: Any) -> tuple[dict[int, Any], dict[int, str]]:
@@ -260,8 +311,8 @@ def _variables_by_handle(model: Any) -> tuple[dict[int, Any], dict[int, str]]:
 
 
 def _to_ir(model: Any, concrete: Any, claims: Mapping[str, tuple[str, str]],
-           input_names: Sequence[str], training: bool, name: str, span: tuple[int, int]
-           ) -> TFTraced:
+           input_names: Sequence[str], training: bool, name: str, span: tuple[int, int],
+           grads_end: int) -> TFTraced:
     graph = concrete.graph
     by_id, var_names = _variables_by_handle(model)
     resource_var: dict[str, str] = {}  # internal placeholder tensor name -> param name
@@ -271,7 +322,9 @@ def _to_ir(model: Any, concrete: Any, claims: Mapping[str, tuple[str, str]],
         if key in by_id:
             resource_var[internal.name] = var_names[key]
             variables[var_names[key]] = by_id[key]
-    ops = graph.get_operations()
+    every = graph.get_operations()
+    grad_ops = every[span[1]:grads_end]
+    ops = every[:span[1]] + every[grads_end:]  # the forward graph (Note [keras capture])
     n_inputs = len(input_names)
     input_ops = {t.op.name: input_names[i] for i, t in enumerate(graph.inputs[:n_inputs])}
 
@@ -295,6 +348,7 @@ def _to_ir(model: Any, concrete: Any, claims: Mapping[str, tuple[str, str]],
     kept = [op for op in ops if op.name in live and op.type not in _DROPPED
             and op.name not in input_ops]
     kept_names = {op.name for op in kept}
+    backward = _backward_flops(grad_ops, kept_names) if grad_ops else {}
 
     def sources(t: tf.Tensor, seen: set[str]) -> tuple[list[str], list[str]]:
         """Kept producers and variables behind tensor ``t``, looking through dropped ops."""
@@ -334,18 +388,12 @@ def _to_ir(model: Any, concrete: Any, claims: Mapping[str, tuple[str, str]],
                 metas.append(TensorMeta(_shape(out), dt, requires_grad=(
                     op.name in trainable_dep and dt.startswith(("float", "bfloat", "complex")))))
         path, mtype = claims.get(op.name, ("", type(model).__name__))
-        attrs: dict[str, Any] = {}
-        with contextlib.suppress(ValueError):
-            attrs["equation"] = op.get_attr("equation").decode()
-        for attr in ("transpose_a", "adj_x"):
-            with contextlib.suppress(ValueError):
-                attrs[attr] = bool(op.get_attr(attr))
-        flops = op_flops(op.type, [_shape(t) for t in op.inputs],
-                         [_shape(t) for t in op.outputs], **attrs)
+        flops = _flops(op)
         nodes.append(Node(
             op.name, OpKind.CALL_FUNCTION, op.type, inputs=tuple(dict.fromkeys(prods)),
             outputs=tuple(metas), params=tuple(dict.fromkeys(params)), module_path=path,
-            module_type=mtype, flops=flops, is_random="Random" in op.type or "Dropout" in path,
+            module_type=mtype, flops=flops, backward_flops=(
+                backward.get(op.name, 0) if grad_ops else None), is_random="Random" in op.type or "Dropout" in path,
             value_kind=("tensor" if len(metas) == 1 else "tensors" if metas else "none")))
     out_nodes: list[str] = []
     for t in tf.nest.flatten(concrete.structured_outputs, expand_composites=True):

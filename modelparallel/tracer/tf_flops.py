@@ -1,4 +1,5 @@
-"""Forward FLOPs of one TensorFlow graph op, for the roofline cost model.
+"""FLOPs of one TensorFlow graph op (a forward op, or a gradient op such as
+``Conv2DBackpropFilter``), for the roofline cost model.
 
 TensorFlow's own per-op flops statistics miss ``Einsum``, ``BatchMatMulV2`` and ``Softmax`` (issue
 15), so every op is counted here from its input and output shapes: a multiply-add counts 2, an
@@ -13,6 +14,8 @@ Example:
     240
     >>> op_flops("Reshape", [(8, 4), (2,)], [(32,)])
     0
+    >>> op_flops("Conv2DBackpropFilter", [(1, 8, 8, 3), (4,), (1, 8, 8, 16)], [(3, 3, 3, 16)])
+    55296
 """
 
 from __future__ import annotations
@@ -101,6 +104,14 @@ def op_flops(op_type: str, inputs: Sequence[Shape], outputs: Sequence[Shape], *,
         if op_type == "DepthwiseConv2dNative":
             return 2 * out * _numel(kernel[:-2])
         return 2 * out * _numel(kernel[:-1])
+    if op_type.startswith(("Conv2DBackprop", "Conv3DBackprop", "DepthwiseConv2dNativeBackprop")):
+        # gradient of a convolution (Note [keras capture]): as many multiply-adds as its forward,
+        # one per (gradient element, kernel element of one output channel)
+        if len(inputs) < 3:
+            return out
+        kernel = outputs[0] if "Filter" in op_type else inputs[1]
+        per = kernel[:-2] if op_type.startswith("Depthwise") else kernel[:-1]
+        return 2 * _numel(inputs[2]) * _numel(per)
     if op_type in ("MaxPool", "AvgPool", "MaxPoolV2", "AvgPool3D", "MaxPool3D") and inputs:
         return _numel(inputs[0])
     if op_type in _REDUCTIONS and inputs:

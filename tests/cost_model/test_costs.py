@@ -176,11 +176,15 @@ def test_sent_values_held_unless_the_op_saves_its_output() -> None:
         Node("v", OpKind.CALL_FUNCTION, "aten.view.default", inputs=("r",), outputs=t),
         Node("g", OpKind.CALL_FUNCTION, "aten.gelu.default", inputs=("v",), outputs=t),
         Node("a", OpKind.CALL_FUNCTION, "aten.add.Tensor", inputs=("g", "r"), outputs=t),
-        Node("output", OpKind.OUTPUT, "output", inputs=("a",))))
+        Node("n", OpKind.CALL_FUNCTION, "aten.neg.default", inputs=("a",), outputs=t),
+        Node("output", OpKind.OUTPUT, "output", inputs=("n",))))
     c = estimate_costs(g, "h100").nodes
     assert [c[n].sent_held for n in "rvga"] == [0, 0, 256, 256]
     # the addition hands its incoming gradient to both inputs: only that gradient is transient
     assert c["a"].workspace_bytes == 256
+    # the model output's node: during the loss's backward, its float32 gradient (256) and the
+    # output's own gradient (256) (Note [activation memory])
+    assert c["n"].workspace_bytes == 512
 
 
 class _SdpaAttention(torch.nn.Module):

@@ -1,6 +1,7 @@
 """TensorFlow across processes (Note [tf cluster process model] in runtime/tf_cluster.py): the
 cluster read from TF_CONFIG or the launcher's variables, and an SMP script on 2 real processes
-(rank 0 driving the cluster graph, rank 1 serving its stage and receiving the step's outputs)
+(told the cluster either way; rank 0 driving the cluster graph, rank 1 serving its stage and
+receiving the step's outputs)
 trained to single-device parity; a follower without a driver times out with a named error.
 The processes get hard timeouts and SIGKILL: a process serving TensorFlow's runtime may ignore
 SIGTERM."""
@@ -49,16 +50,26 @@ def _free_port() -> int:
 
 
 def _run_ranks(spec: dict[str, Any], world: int = 2, timeout: float = 240.0,
-               env_extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """``tests/_tf_cluster_run.py`` on ``world`` processes (SIGKILL after ``timeout``)."""
+               env_extra: dict[str, str] | None = None,
+               tf_config: bool = False) -> list[dict[str, Any]]:
+    """``tests/_tf_cluster_run.py`` on ``world`` processes (SIGKILL after ``timeout``), told
+    the cluster by the launcher's variables or (``tf_config``) by a ``TF_CONFIG`` alone."""
     pytest.importorskip("tensorflow")
     port = _free_port() + 0  # tasks listen on port+1..port+world
     base = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
             "WORLD_SIZE": str(world), "MASTER_ADDR": "localhost", "MASTER_PORT": str(port),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **(env_extra or {})}
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(spec)],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    workers = [f"localhost:{port + 1 + r}" for r in range(world)]
+
+    def env(r: int) -> dict[str, str]:
+        if not tf_config:
+            return {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
+        return {**{k: v for k, v in base.items() if k not in launcher}, "TF_CONFIG": json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": r}})}
+
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(spec)], env=env(r),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     outs: list[tuple[int, str, str]] = []
@@ -90,15 +101,16 @@ def _check(results: list[dict[str, Any]]) -> None:
         assert abs(a - b) < 1e-5
     assert follower["losses"] == driver["losses"]  # the step's outputs on every rank
     assert driver["replica_diff"] == follower["replica_diff"] == 0.0
-    assert follower["got"] == {"hello": 1}
+    assert follower["got"] == {"hello": 1} and follower["broadcast"] == ["to", "all"]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_process_pipeline_equals_one_device_training() -> None:
+@pytest.mark.parametrize("tf_config", [False, True], ids=["launcher", "tf_config"])
+def test_two_process_pipeline_equals_one_device_training(tf_config: bool) -> None:
     _check(_run_ranks({"partitions": 2, "microbatches": 2, "pipeline": "interleaved",
                        "model": "keras_skip", "optimizer": "sgd",
-                       "config": {"memory_weight": 1.0}}))
+                       "config": {"memory_weight": 1.0}}, tf_config=tf_config))
 
 
 @pytest.mark.multiprocess

@@ -3,6 +3,7 @@ hooks, checkpoints, and the named errors of bad use (no hang)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -279,3 +280,63 @@ def test_python_branch_inside_a_distributed_model_is_a_tracing_error() -> None:
 
     with pytest.raises(TracingError, match=r"tf\.cond"):
         predict(tf.ones((4, 3)))
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_partition_pins_a_layer_under_auto_partitioning(pinned: bool) -> None:
+    # auto_partition (the default) with smp.partition(0) around `c`: the ILP plans the rest
+    # around the pin (a and b before it on stage 0, d on stage 1); without it, c goes to stage 1
+    class Chain(smp.DistributedModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.d = (keras.layers.Dense(32, name=n) for n in "abcd")
+
+        def call(self, x, training=False):
+            h = self.b(self.a(x))
+            with smp.partition(0) if pinned else contextlib.nullcontext():
+                h = self.c(h)
+            return self.d(h)
+
+    smp.init({"partitions": 2, "microbatches": 2})
+    model = Chain()
+
+    @smp.step
+    def get_loss(x):
+        return tf.reduce_mean(model(x))
+
+    get_loss(tf.ones((4, 32)))
+    g = model._mp_state["traced"].graph
+    stage = {n.name: n.stage for n in model.plan.nodes}
+    by_layer: dict[str, set[int]] = {}
+    for n in g:
+        if n.module_path in tuple("abcd"):
+            by_layer.setdefault(n.module_path, set()).add(stage[n.name])
+    want_c = 0 if pinned else 1
+    assert by_layer == {"a": {0}, "b": {0}, "c": {want_c}, "d": {1}}, by_layer
+    assert model.plan.config.pins if pinned else not model.plan.config.pins
+
+
+def test_checkpoint_save_that_dies_midway_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # atomic saves: a checkpoint's files are written before the state file names it, so a save
+    # that dies after writing them (and before recording them) leaves the previous one current
+    v = tf.Variable([1.0, 2.0])
+    ckpt = tf.train.Checkpoint(v=v)
+    manager = smp.CheckpointManager(ckpt, str(tmp_path), max_to_keep=3)
+    good = manager.save()
+    v.assign([5.0, 6.0])
+    real = ckpt._write
+
+    def dies(prefix, options=None):
+        options.experimental_write_callbacks = None  # the files, not the state update
+        real(prefix, options=options)
+        raise OSError("killed while saving")
+
+    ckpt._write = dies
+    with pytest.raises(OSError, match="killed"):
+        manager.save()
+    assert len(list(tmp_path.glob("ckpt-2.*"))) >= 1  # the dead save's files are there
+    v.assign([0.0, 0.0])
+    fresh = smp.CheckpointManager(tf.train.Checkpoint(v=v), str(tmp_path))  # a restarted job
+    assert fresh.latest_checkpoint == good
+    fresh.restore().assert_consumed()
+    assert v.numpy().tolist() == [1.0, 2.0]

@@ -29,6 +29,12 @@ def test_sequential_mlp_ops_params_and_layers() -> None:
     assert mm.module_path == "fc1" and mm.params == ("fc1.kernel",)
     assert mm.flops == 2 * 4 * 8 * 16
     assert mm.outputs[0].shape == (4, 16) and mm.outputs[0].requires_grad
+    assert mm.outputs[0].dtype == "float32"
+    # backward FLOPs counted from the gradient ops (Note [keras capture]): a MatMul's two
+    # matmuls, a Relu's one mask per element
+    assert mm.backward_flops == 2 * mm.flops
+    relu = g.nodes[3]
+    assert relu.backward_flops == relu.flops == 4 * 16
     assert {p.name for p in g.params} == {f"{layer}.{w}" for layer in ("fc1", "fc2", "head")
                                           for w in ("kernel", "bias")}
     assert g.output.inputs == (g.nodes[-2].name,)
@@ -60,6 +66,7 @@ def test_functional_skip_and_cnn_trace() -> None:
     cnn = trace_keras(keras_cnn().model, keras_cnn().args[0])
     conv = [n for n in cnn.graph if n.target == "Conv2D"]
     assert len(conv) == 3 and conv[0].module_path == "conv1"
+    assert all(n.backward_flops == 2 * n.flops for n in conv)  # filter and input gradients
     assert layer_paths(keras_cnn().model)
 
 
