@@ -27,7 +27,11 @@ those. The bytes a sending stage holds (``sent``, Note [sent values held] in
 ``modelparallel/cost_model/costs.py``) are replaced the same way, by no larger ones. Under
 direct sends (Note [pipeline order]) the comparisons are of ``link`` on every stage, and
 attaching into the producer needs ``v`` to have one consumer, or nothing to send: otherwise
-``u``'s stage, which sent ``u`` once, would send ``v`` to each stage that reads it. So every stage's time and memory, hence the objective (Note [objective]), do not grow.
+``u``'s stage, which sent ``u`` once, would send ``v`` to each stage that reads it. Attaching
+into the consumer needs ``v`` to be the only consumer of each of its producers: otherwise a
+producer already sent to ``v``'s stage for another reader would also be sent to ``c``'s, a
+second send charged to the producer's stage, which did not pay for ``v``'s. So every stage's
+time and memory, hence the objective (Note [objective]), do not grow.
 Attachments are made one at a time, each moving a node that nothing has been attached to yet,
 so the argument applies to every assignment that honours the earlier ones: the best assignment
 of the reduced problem is a best assignment of the original one, and a lower bound proven on the
@@ -100,9 +104,10 @@ def _try_attach(prob: Problem, groups: _Groups, v: int) -> bool:
                 and ws_v <= groups.ws[groups.find(u)]):
             groups.attach(v, u)
             return True
-    if len(consumers) == 1:
+    ps = sorted(set(producers))
+    shared = prob.direct and any(set(prob.consumers[q]) != {v} for q in ps)
+    if len(consumers) == 1 and not shared:
         c = next(iter(consumers))
-        ps = sorted(set(producers))
         if (np.all(comm[ps].sum(axis=0) <= comm[v]) and float(out[ps].sum()) <= out[v]
                 and float(sent[ps].sum()) <= sent[v] and ws_v <= groups.ws[groups.find(c)]):
             groups.attach(v, c)
