@@ -48,6 +48,38 @@ def test_families_and_sizes() -> None:
     assert op_family(g.node("x"), g) is None
 
 
+def test_matmul_family_follows_the_leading_dimensions_alignment() -> None:
+    """Aligned (multiples of 8), even (BERT's 30522 words) and odd (GPT-2's 50257) products
+    are three families; the rows M are no leading dimension (Note [analytic cost model])."""
+    def family(g: Graph) -> str:
+        s = op_family(g.node("fc"), g)
+        assert s is not None
+        return s.family
+    assert family(_mlp(30528)) == "matmul"
+    assert family(_mlp(30522)) == "matmul_even"
+    assert family(_mlp(50257)) == "matmul_unaligned"
+    g = _mlp()
+    odd_rows = Graph("rows", tuple(
+        n if n.name != "fc" else Node("fc", OpKind.CALL_FUNCTION, "aten.linear.default",
+                                      inputs=("x",), params=("w",),
+                                      outputs=(TensorMeta((63, 1024), "bfloat16", True),),
+                                      flops=2 * 63 * 1024 * 1024)
+        for n in g.nodes), params=g.params)
+    assert family(odd_rows) == "matmul"
+
+
+def test_even_products_without_their_family_read_the_unaligned_grid() -> None:
+    """A table measured before ``matmul_even`` prices even products as unaligned, as before."""
+    even = analytic_profiles(_mlp(30522), _table(), "h100")["fc"]
+    assert even.device_forward == pytest.approx(64 * 1024 * 30522 * 4e-12)
+    fast = Grid(((1.0,), (1.0,), (1.0,)), (2e-12,))
+    table = _table()
+    table = OpTable("toy", {**table.ops, "matmul_even:bfloat16": OpEntry(fast, fast, 1e-5, 5e-6)},
+                    call_forward=table.call_forward, call_backward=table.call_backward)
+    even = analytic_profiles(_mlp(30522), table, "h100")["fc"]
+    assert even.device_forward == pytest.approx(64 * 1024 * 30522 * 2e-12)
+
+
 def test_profiles_read_the_table() -> None:
     g = _mlp()
     p = analytic_profiles(g, _table(), "h100")

@@ -196,12 +196,14 @@ def _grid_axes(family: str, quick: bool, cpu: bool) -> tuple[tuple[int, ...], ..
     if quick or cpu:
         small = {"matmul": ((64, 256), (64, 256), (64, 256)),
                  "matmul_unaligned": ((64,), (63, 255), (64,)),
+                 "matmul_even": ((64,), (62, 254), (64,)),
                  "conv_k1": ((256, 1024), (16, 64), (16, 64)),
                  "conv_k3": ((256,), (16,), (144,)),
                  "conv_k7": ((256,), (16,), (147,))}
         return small.get(family, ((2, 4), (16, 32), (8,)))
     full = {"matmul": ((256, 1024, 4096, 16384),) * 3,
             "matmul_unaligned": ((1024, 8192), (1023, 8191, 32767, 65535), (1024, 4096)),
+            "matmul_even": ((1024, 8192), (1022, 8190, 32766, 65534), (1024, 4096)),
             "conv_k1": ((1568, 6272, 25088, 100352), (64, 256, 1024), (64, 256, 1024)),
             "conv_k3": ((1568, 6272, 25088, 100352), (64, 256, 512), (576, 2304, 4608)),
             "conv_k7": ((25088, 100352, 401408), (64,), (147,))}
@@ -216,7 +218,7 @@ def compute_families() -> tuple[str, ...]:
         >>> "attention_causal" in compute_families()
         True
     """
-    return ("matmul", "matmul_unaligned", "conv_k1", "conv_k3", "conv_k7", "attention",
+    return ("matmul", "matmul_even", "matmul_unaligned", "conv_k1", "conv_k3", "conv_k7", "attention",
             "attention_causal", "attention_mask")
 
 
@@ -381,7 +383,8 @@ def calibrate_ops(device: str | torch.device | None = None, *, quick: bool = Fal
             axes = _grid_axes(family, quick, cpu)
             if name != dtype_names[0] and not (quick or cpu):
                 axes = ((256, 1024, 8192),) * 3 if family == "matmul" else (
-                    (1024,), (1023, 8191, 32767), (1024,))
+                    (1024,), (1022, 8190, 32766) if family == "matmul_even" else
+                    (1023, 8191, 32767), (1024,))
             if family.startswith("attention") and (cpu or quick):
                 axes = ((2, 4), (16, 32), (8,))
             fwd, bwd = [], []
