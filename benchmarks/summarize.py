@@ -190,13 +190,20 @@ def multigpu(data: dict[str, Any]) -> str:
 def tensorflow_pipeline(data: dict[str, Any]) -> str:
     """Keras GPT against torch GPT-2 plans, and partitions=1 against plain Keras."""
     kinds = [k for k in ("keras", "torch", "keras_layer") if k in data["plans"][0]]
-    rows = [[str(r["p"])] + [f"{r[k]['plan_s']:.2f} / {r[k]['step_ms']:.1f} / {r[k]['bubble']:.2f}"
-                             f" / {r[k]['balance']:.2f}" for k in kinds]
+    def cell(c: dict[str, Any]) -> str:
+        gap = f" / {100 * c['gap']:.2f}%" if "gap" in c else ""
+        return (f"{c['plan_s']:.2f} / {c['step_ms']:.1f} / {c['bubble']:.2f} / "
+                f"{c['balance']:.2f}{gap}")
+
+    rows = [[str(r["p"])] + [cell(r[k]) for k in kinds]
             + [f"{r['step_ratio_keras_over_torch']:.2f}"] for r in data["plans"]]
+    gaps = "gap" in data["plans"][0]["keras"]
+    tail = " / gap" if gaps else ""
     size, st = data["plans"][0]["size"], data["step"]
-    heads = {"keras": "Keras (module): plan s / step ms / bubble / balance",
-             "torch": "torch (module): plan s / step ms / bubble / balance",
-             "keras_layer": "Keras (layer, smp's default): plan s / step ms / bubble / balance"}
+    heads = {"keras": f"Keras (module): plan s / step ms / bubble / balance{tail}",
+             "torch": f"torch (module): plan s / step ms / bubble / balance{tail}",
+             "keras_layer": "Keras (layer, smp's default): plan s / step ms / bubble / "
+                            f"balance{tail}"}
     return (f"{data['plans'][0]['params_keras'] / 1e6:.1f}M parameters ({size}), "
             f"m = {data['plans'][0]['microbatches']}, `h100` stages:\n\n"
             + _table(["p", *[heads[k] for k in kinds], "step keras / torch"], rows)

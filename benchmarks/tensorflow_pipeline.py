@@ -41,7 +41,7 @@ def _plan_row(graph: Any, p: int, m: int, samples: int, granularity: str = "modu
             "step_ms": round(plan.pipeline.step_time * 1e3, 3),
             "bubble": round(plan.pipeline.bubble_fraction, 4),
             "balance": round(max(times) / max(min(times), 1e-12), 3),
-            "status": plan.solver.status}
+            "status": plan.solver.status, "gap": round(plan.solver.gap, 4)}
 
 
 def plans(quick: bool) -> list[dict[str, Any]]:
@@ -90,7 +90,8 @@ def plans(quick: bool) -> list[dict[str, Any]]:
         k, t = r["keras"], r["torch"]
         print(f"{r['p']:>2} | {k['plan_s']:>12} {k['step_ms']:>8} {k['bubble']:>6} "
               f"{k['balance']:>5} | {t['plan_s']:>12} {t['step_ms']:>8} {t['bubble']:>6} "
-              f"{t['balance']:>5} | {r['step_ratio_keras_over_torch']}")
+              f"{t['balance']:>5} | {r['step_ratio_keras_over_torch']} (gap keras "
+              f"{100 * k['gap']:.2f}%, torch {100 * t['gap']:.2f}%)")
         kl = r["keras_layer"]
         print(f"   keras at layer granularity (smp's default): plan {kl['plan_s']} s, step "
               f"{kl['step_ms']} ms, bubble {kl['bubble']}, balance {kl['balance']}")

@@ -111,6 +111,9 @@ _VIEW_OPS = re.compile(
     r"detach|size|sym_size|sym_numel|sym_stride|dim|numel|contiguous_noop|_assert_tensor_metadata|"
     r"_assert_scalar|sym_constrain_range_for_size|as_strided|lift_fresh_copy|_guards_fn|"
     r"dropout_noop|identity)(\.|$)"
+    # TensorFlow's ops that only relabel a buffer (no kernel on the device):
+    r"|^(Reshape|Squeeze|ExpandDims|Identity|IdentityN|Snapshot|StopGradient|Shape|ShapeN|Size|"
+    r"Rank|PreventGradient|EnsureShape)$"
 )
 
 

@@ -49,6 +49,12 @@ class TFConfig:
             one variable, share a stage) or ``"op"`` (single ops, on request: a layer may be
             cut, and a variable read on several stages is read across devices). Note [layer
             granularity] in ``partitioner/methods.py``.
+        placement_strategy: ``"cluster"`` or ``"spread"`` (SMP's TF values). With one model
+            replica (data parallelism is not supported yet here) both place the stages alike.
+        load_partition: Read the plan from ``partition_file`` instead of planning (it must
+            have been made for this model: its graph fingerprint is checked).
+        partition_file: A plan file: read when ``load_partition``, else written by the
+            driving process after planning.
     """
 
     partitions: int = 1
@@ -60,8 +66,21 @@ class TFConfig:
     default_partition: int = 0
     contiguous: bool = True
     granularity: str = "layer"
+    placement_strategy: str = "cluster"
+    load_partition: bool = False
+    partition_file: str | None = None
 
     def __post_init__(self) -> None:
+        if self.placement_strategy not in ("cluster", "spread"):
+            raise ConfigError(f"placement_strategy {self.placement_strategy!r} must be "
+                              "'cluster' or 'spread' (SMP's TensorFlow values)")
+        if not isinstance(self.load_partition, bool):
+            raise ConfigError(f"load_partition = {self.load_partition!r} must be a bool")
+        if self.partition_file is not None and not isinstance(self.partition_file, str):
+            raise ConfigError(f"partition_file = {self.partition_file!r} must be a str")
+        if self.load_partition and self.partition_file is None:
+            raise ConfigError("load_partition = True needs partition_file (the plan file to "
+                              "read); set partition_file, or drop load_partition to plan")
         if self.partitions < 1 or self.microbatches < 1:
             raise ConfigError(f"partitions ({self.partitions}) and microbatches "
                               f"({self.microbatches}) must be >= 1")
@@ -111,11 +130,16 @@ def init(config: Mapping[str, Any] | str | None = None) -> TFConfig:
     if cfg.get("horovod") or cfg.get("ddp"):
         raise ConfigError("horovod/ddp (data parallelism) is not supported yet by "
                           "modelparallel.tensorflow; run one model replica")
+    if cfg.get("xla"):
+        raise ConfigError("xla: true is not supported yet by modelparallel.tensorflow (the "
+                          "pipeline's ops are placed per stage, which XLA clustering would "
+                          "undo); drop the key or set it to false")
     if "pipeline_parallel_degree" in cfg:
         cfg.setdefault("partitions", cfg["pipeline_parallel_degree"])
     fields = {k: cfg[k] for k in ("partitions", "microbatches", "pipeline", "optimize",
                                   "memory_weight", "auto_partition", "default_partition",
-                                  "contiguous", "granularity") if k in cfg}
+                                  "contiguous", "granularity", "placement_strategy",
+                                  "load_partition", "partition_file") if k in cfg}
     with _LOCK:
         _CONFIG = TFConfig(**fields)
     _add_get_gradients()

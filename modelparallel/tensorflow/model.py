@@ -166,10 +166,15 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
                 tied="colocate" if cfg.granularity == "layer" else "replicate",
                 schedule="simple" if cfg.pipeline == "simple" else "interleaved", **options)
             samples = int(specs[0].shape[0] or 1) if specs and specs[0].shape.rank else 1
-            plan = plan_graph(graph, plan_cfg, kind, samples_per_microbatch=samples)
-            if cfg.contiguous:  # Note [contiguous stages] in tensorflow/_contiguous.py
-                plan = _contiguous_plan(graph, plan, lambda c: plan_graph(
-                    graph, c, kind, samples_per_microbatch=samples), frozenset(pins))
+            if cfg.load_partition and cfg.partition_file:
+                plan = _load_partition(cfg.partition_file, graph, p)
+            else:
+                plan = plan_graph(graph, plan_cfg, kind, samples_per_microbatch=samples)
+                if cfg.contiguous:  # Note [contiguous stages] in tensorflow/_contiguous.py
+                    plan = _contiguous_plan(graph, plan, lambda c: plan_graph(
+                        graph, c, kind, samples_per_microbatch=samples), frozenset(pins))
+                if cfg.partition_file:
+                    plan.save(cfg.partition_file)
             self._mp_state.update(traced=traced, plan=plan, devices=devices)
             for hook in list(_HOOKS):
                 hook()
@@ -271,6 +276,19 @@ class DistributedModel(tf.keras.Model):  # type: ignore[misc,name-defined]
         finally:
             _LOCAL.capturing = False
         return save_path
+
+
+def _load_partition(path: str, graph: Any, partitions: int) -> Any:
+    """The plan of ``partition_file`` for ``graph`` (``load_partition``), checked against the
+    model's trace and the configured ``partitions``."""
+    from modelparallel.plan import load_plan
+
+    plan = load_plan(path, graph)
+    if plan.config.partitions != partitions:
+        raise ConfigError(f"partition_file {path!r} holds a plan of {plan.config.partitions} "
+                          f"stages but partitions = {partitions}; set partitions to "
+                          f"{plan.config.partitions}, or drop load_partition to plan again")
+    return plan
 
 
 def _contiguous_plan(graph: Any, plan: Any, replan: Callable[[Any], Any],

@@ -34,6 +34,53 @@ def test_init_merges_sm_hp_mp_parameters_and_validates(monkeypatch) -> None:
         smp.init({"partitions": 2, "granularity": "module"})
 
 
+def test_init_validates_placement_xla_and_partition_file_keys() -> None:
+    assert smp.init({"partitions": 2, "placement_strategy": "spread"}).placement_strategy == (
+        "spread")
+    with pytest.raises(ConfigError, match="placement_strategy 'DPT' must be 'cluster' or"):
+        smp.init({"partitions": 2, "placement_strategy": "DPT"})
+    with pytest.raises(ConfigError, match="xla: true is not supported yet"):
+        smp.init({"partitions": 2, "xla": True})
+    assert smp.init({"partitions": 2, "xla": False}).partitions == 2
+    with pytest.raises(ConfigError, match="load_partition = True needs partition_file"):
+        smp.init({"partitions": 2, "load_partition": True})
+    with pytest.raises(ConfigError, match="partition_file = 3 must be a str"):
+        smp.init({"partitions": 2, "partition_file": 3})
+
+
+def test_partition_file_is_written_then_loaded_instead_of_planning(tmp_path: Path) -> None:
+    from modelparallel.errors import PlanMismatchError
+
+    path = str(tmp_path / "plan.json")
+    _, model, get_grads, _ = _model_and_step(partition_file=path)
+    case = keras_skip(batch_size=8)
+    get_grads(case.args[0], case.target)
+    written = {n.name: n.stage for n in model.plan.nodes}
+    assert Path(path).is_file() and {s for s in written.values() if s >= 0} == {0, 1}
+    import modelparallel.partitioner as partitioner
+
+    keras.backend.clear_session()  # the layer names of a fresh process: the same fingerprint
+
+    def no_planning(*a, **k):
+        raise AssertionError("load_partition planned the model")
+    real, partitioner.partition = partitioner.partition, no_planning
+    try:
+        _, again, get_grads, _ = _model_and_step(partition_file=path, load_partition=True)
+        get_grads(case.args[0], case.target)
+    finally:
+        partitioner.partition = real
+    assert {n.name: n.stage for n in again.plan.nodes} == written
+    smp.init({"partitions": 2, "microbatches": 2, "partition_file": path,
+              "load_partition": True})
+    other = smp.DistributedModel(keras_mlp(batch_size=8).model)
+
+    @smp.step
+    def forward(x):
+        return other(x)
+    with pytest.raises(PlanMismatchError, match="fingerprint"):
+        forward(keras_mlp(batch_size=8).args[0])
+
+
 def test_ranks_and_one_process_helpers() -> None:
     assert (smp.rank(), smp.size(), smp.mp_rank(), smp.pp_size(), smp.dp_size()) == (0, 1, 0, 1, 1)
     smp.send({"a": 1}, 0)
