@@ -109,9 +109,9 @@ def _job(rank: int, world: int, init_file: str, cfg: dict[str, Any], queue: Any)
                                             post_thread=thread)
                     ex = StageExecutor(progs, comm, loss_fn=nn.functional.mse_loss,
                                        schedule=schedule, on_action=rec,
-                                       split=resolve_split(progs[0].input_names, m))
-                    ex._lookahead = LOOKAHEAD if lookahead is None else lookahead
-                    ex._early_result = early
+                                       split=resolve_split(progs[0].input_names, m),
+                                       lookahead=LOOKAHEAD if lookahead is None else lookahead,
+                                       early_result=early)
                     steps = []
                     for i in range(cfg["warmup"] + cfg["steps"]):
                         for q in progs:

@@ -4,11 +4,13 @@ the one envelope check (format name, version) of the plan, IR, device-spec and n
 Note [file envelope]
 ~~~~~~~~~~~~~~~~~~~~
 Every file modelparallel writes is a JSON object whose ``format`` names what it is
-(``modelparallel.plan``, ``modelparallel.ir``, ``modelparallel.node_times``) and whose ``version``
-is an integer this release may or may not read. :func:`check_envelope` is the one check of both;
-each file kind passes its own error class (``PlanFormatError``, ``IRFormatError``,
-``ConfigError``) and the hint that says how to make a readable file. Device specs are bare objects
-(or ``{"device": {...}}`` as calibrate writes them) and only get the object check.
+(``modelparallel.plan``, ``modelparallel.ir``, ``modelparallel.node_times``,
+``modelparallel.op_table``, ``modelparallel.device_spec``) and whose ``version`` is an integer
+this release may or may not read. :func:`check_envelope` is the one check of both; each file kind
+passes its own error class (``PlanFormatError``, ``IRFormatError``, ``ConfigError``) and the hint
+that says how to make a readable file. A device spec may also be a bare object of its fields,
+written by hand (the docs show such files): it is checked when it has a ``format`` or
+``version``.
 """
 
 from __future__ import annotations

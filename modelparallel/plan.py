@@ -128,7 +128,8 @@ class ModelInfo:
         source: How to rebuild the model: the ``MODEL`` argument the CLI was given
             (``pkg.module:factory``, ``file.py:factory`` or an IR JSON path); empty when
             planned from Python.
-        inputs: The CLI's input specifications (``name=8x512:int64``), to rebuild the example.
+        inputs: The CLI's input specifications (``name=8x512:int64``; ``--split-axis x=1``
+            and ``--non-split x`` for how the microbatch was cut), to rebuild the example.
     """
 
     name: str

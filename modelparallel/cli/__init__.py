@@ -42,7 +42,7 @@ from modelparallel.cli._commands import (
     _cmd_compare,
     _cmd_inspect,
 )
-from modelparallel.cli._options import _add_model_args, _add_plan_args
+from modelparallel.cli._options import _add_model_args, _add_plan_args, _add_split_args
 from modelparallel.cli._report import _add_report_parser
 from modelparallel.errors import ModelParallelError
 
@@ -102,6 +102,7 @@ def _build_parser() -> _Parser:
     k.add_argument("--model", default=None, help="MODEL, if not the one recorded in the plan")
     k.add_argument("--input-shape", action="append", default=[])
     k.add_argument("--input", action="append", default=[])
+    _add_split_args(k)
     k.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto")
     k.add_argument("--dtype", default=None, help="the dtype the plan was built with (--dtype)")
     k.set_defaults(func=_cmd_codegen)
@@ -123,6 +124,7 @@ def _build_parser() -> _Parser:
                      help="a positional example input of the full batch (as for build)")
     cal.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
                      help="a keyword example input (as for build)")
+    _add_split_args(cal)
     cal.add_argument("--microbatches", "-m", type=int, default=1,
                      help="microbatches the batch is split into; nodes are timed on one")
     cal.add_argument("--dtype", default=None, help="cast the model first (e.g. bfloat16)")

@@ -27,7 +27,8 @@ def _cmd_build(a: argparse.Namespace, console: Any, err: Any) -> int:
         raise ConfigError("give --measured FILE or --profile, not both")
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=err, dtype=a.dtype, framework=a.framework)
+                         console=err, dtype=a.dtype, framework=a.framework,
+                         split_axes=a.split_axis, non_split=a.non_split)
     config = _framework_defaults(a, config, loaded.graph)
     _check_partitions(config.partitions, loaded)
     costs = _measured_costs(a, loaded, devices, config, err)
@@ -123,7 +124,9 @@ def _profile(loaded: _Loaded, device: str | None, *, warmup: int, repeat: int,
 
 def _with_source(plan: Any, a: argparse.Namespace, loaded: _Loaded) -> Any:
     """Record how to rebuild the model, and the graph's edges if the planner left them out."""
-    inputs = tuple([*(f"arg{i}={s}" for i, s in enumerate(a.input_shape)), *a.input])
+    inputs = tuple([*(f"arg{i}={s}" for i, s in enumerate(a.input_shape)), *a.input,
+                    *(f"--split-axis {s}" for s in a.split_axis),
+                    *(f"--non-split {s}" for s in a.non_split)])
     model = replace(plan.model, source=str(a.model), inputs=inputs,
                     example_shapes=loaded.example_shapes or dict(plan.model.example_shapes))
     nodes = tuple(n if n.inputs or n.name not in loaded.graph
@@ -155,7 +158,8 @@ def _cmd_compare(a: argparse.Namespace, console: Any, err: Any) -> int:
     devices = _devices_from_args(a)
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=config.microbatches, method=a.trace_method,
-                         console=err, dtype=a.dtype, framework=a.framework)
+                         console=err, dtype=a.dtype, framework=a.framework,
+                         split_axes=a.split_axis, non_split=a.non_split)
     config = _framework_defaults(a, config, loaded.graph)
     _check_partitions(config.partitions, loaded)
     with err.status("partitioning with every method") as status:
@@ -186,11 +190,15 @@ def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
     if not source:
         raise ConfigError("the plan does not say which model it was built from; give --model "
                           "pkg.module:factory")
-    shapes = [s.split("=", 1)[1] for s in plan.model.inputs if s.startswith("arg")]
-    named = [s for s in plan.model.inputs if not s.startswith("arg")]
+    recorded = plan.model.inputs
+    shapes = [s.split("=", 1)[1] for s in recorded if s.startswith("arg")]
+    named = [s for s in recorded if not s.startswith(("arg", "--"))]
+    split = [s.split(" ", 1)[1] for s in recorded if s.startswith("--split-axis ")]
+    whole = [s.split(" ", 1)[1] for s in recorded if s.startswith("--non-split ")]
     loaded = _load_model(source, input_shapes=a.input_shape or shapes, inputs=a.input or named,
                          microbatches=plan.config.microbatches, method=a.trace_method,
-                         console=err, dtype=a.dtype)
+                         console=err, dtype=a.dtype, split_axes=a.split_axis or split,
+                         non_split=a.non_split or whole)
     if loaded.traced is None:
         raise ConfigError("codegen needs the model itself, not an IR JSON file; give --model "
                           "pkg.module:factory")
@@ -199,6 +207,7 @@ def _cmd_codegen(a: argparse.Namespace, console: Any, err: Any) -> int:
 
 
 def _cmd_calibrate(a: argparse.Namespace, console: Any, err: Any) -> int:
+    from modelparallel.cost_model.device import save_device_spec
     from modelparallel.cost_model.measure import calibrate
 
     if bool(a.model) != bool(a.ops_out):
@@ -212,7 +221,7 @@ def _cmd_calibrate(a: argparse.Namespace, console: Any, err: Any) -> int:
         ops = table.save(a.ops)
         err.print(f"wrote {ops} ({len(table.ops)} op families measured on {table.device})")
         spec = replace(spec, op_table=_relative_to(ops, Path(a.output).parent))
-    Path(a.output).write_text(json.dumps(spec.to_dict(), indent=1))
+    save_device_spec(spec, a.output)
     err.print(f"wrote {a.output}")
     if a.model:
         _calibrate_ops(a, spec, err)
@@ -238,7 +247,7 @@ def _calibrate_ops(a: argparse.Namespace, spec: Any, err: Any) -> None:
         raise ConfigError(f"--microbatches {a.microbatches} must be >= 1")
     loaded = _load_model(a.model, input_shapes=a.input_shape, inputs=a.input,
                          microbatches=a.microbatches, method=a.trace_method, console=err,
-                         dtype=a.dtype)
+                         dtype=a.dtype, split_axes=a.split_axis, non_split=a.non_split)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profiles: dict[str, Any] = {}
     calls: list[Any] = []

@@ -115,9 +115,27 @@ def _unpack_factory_result(result: Any) -> tuple[Any, tuple[Any, ...] | None, di
         "or a (module, example_inputs) pair")
 
 
+def _split_flags(split_axes: Sequence[str], non_split: Sequence[str]
+                 ) -> tuple[dict[str | int, int], list[str | int]]:
+    """``--split-axis NAME=AXIS`` and ``--non-split NAME`` as ``first_microbatch``'s rules (a
+    NAME of digits is a flat input index)."""
+    def key(name: str) -> str | int:
+        return int(name) if name.isdigit() else name
+
+    axes: dict[str | int, int] = {}
+    for item in split_axes:
+        name, sep, axis = item.partition("=")
+        if not sep or not name or not axis.lstrip("-").isdigit():
+            raise ConfigError(f"--split-axis {item!r} must be NAME=AXIS, e.g. "
+                              "attention_mask=1 (NAME an input's name or flat index)")
+        axes[key(name)] = int(axis)
+    return axes, [key(n) for n in non_split]
+
+
 def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str],
                 microbatches: int, method: str, console: Any, dtype: str | None = None,
-                framework: str = "auto") -> _Loaded:
+                framework: str = "auto", split_axes: Sequence[str] = (),
+                non_split: Sequence[str] = ()) -> _Loaded:
     """Trace MODEL (or read its IR JSON) with one microbatch of the example batch, in ``dtype``
     (floating weights and inputs cast) when given; a Keras model (``framework`` "tensorflow" or
     detected) is traced by ``_load_tf``."""
@@ -144,6 +162,10 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
     from modelparallel.cli._load_tf import is_keras_result, load_keras
 
     if framework == "tensorflow" or (framework == "auto" and is_keras_result(result)):
+        if split_axes or non_split:
+            raise ConfigError("--split-axis and --non-split are not supported yet for Keras "
+                              "models (their example batch is cut along axis 0); give "
+                              "--input-shape of one microbatch times --microbatches instead")
         return load_keras(spec, result, input_shapes=input_shapes, microbatches=microbatches,
                           console=console, dtype=dtype)
     import torch
@@ -158,7 +180,8 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
             "--input-shape 8,3,224,224 (positional) or --input input_ids=8x512:int64 (keyword)")
     from modelparallel.runtime.microbatch import first_microbatch
 
-    args, kwargs = first_microbatch(model, tuple(args), dict(kwargs), microbatches)
+    axes, whole = _split_flags(split_axes, non_split)
+    args, kwargs = first_microbatch(model, tuple(args), dict(kwargs), microbatches, axes, whole)
     if dtype is not None:
         model, args, kwargs = _cast(model, args, kwargs, dtype)
     shapes = {f"arg{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}

@@ -30,6 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "8x512:int64 (repeat for more inputs)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
                    help="a keyword example input, e.g. input_ids=8x512:int64 (repeatable)")
+    _add_split_args(p)
     p.add_argument("--trace-method", choices=("auto", "fx", "export"), default="auto",
                    help="tracer path (default: fx, falling back to torch.export)")
     p.add_argument("--framework", choices=("auto", "torch", "tensorflow"), default="auto",
@@ -37,6 +38,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "traced with TensorFlow)")
     p.add_argument("--dtype", default=None, metavar="DTYPE",
                    help="cast the model's floating weights and inputs first (e.g. bfloat16)")
+
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    """How the example batch is cut into the microbatch that is traced: the rules of
+    ``pipeline(input_split_axes=, non_split_inputs=)`` (``runtime/microbatch.py``)."""
+    p.add_argument("--split-axis", action="append", default=[], metavar="NAME=AXIS",
+                   help="split input NAME (argument name or flat index) along AXIS instead "
+                        "of 0, e.g. attention_mask=1 (repeatable; as input_split_axes)")
+    p.add_argument("--non-split", action="append", default=[], metavar="NAME",
+                   help="pass input NAME whole to every microbatch (repeatable; as "
+                        "non_split_inputs)")
 
 
 #: PlanConfig fields whose flag is not ``--field-name`` (tests/cli/test_options.py checks

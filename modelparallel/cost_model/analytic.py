@@ -21,9 +21,8 @@ Each node is mapped to an op family and a size (:func:`op_family`):
   products' row-major operands have no other): ``matmul`` when both are multiples of 8,
   ``matmul_even`` when both are even (BERT's 30522-word vocabulary), ``matmul_unaligned``
   when one is odd (GPT-2's 50257 words). cuBLAS picks its kernels by the operands' byte
-  alignment: on an H200 in bfloat16 BERT's vocabulary product runs at 2.7x the rate of
-  GPT-2's and half that of an aligned one, so the three are calibrated apart. Work
-  ``M*N*K``.
+  alignment, and the three classes run at very different rates, so they are calibrated apart
+  (figures: ``docs/measurements.md``). Work ``M*N*K``.
 - **convolution** (``convolution``, ``conv2d``, ``nn.Conv2d``): the implicit GEMM's M =
   batch*Hout*Wout, N = Cout, K = Cin/groups*kh*kw; ``conv_k1``, ``conv_k3`` or ``conv_k7`` by
   kernel size. Work ``M*N*K``.

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from modelparallel._jsonfile import read_json_file
+from modelparallel._jsonfile import check_envelope, read_json_file
 from modelparallel.cost_model.op_table import OpTable, builtin_op_table, load_op_table
 from modelparallel.errors import ConfigError
 from modelparallel.units import GIB as _GIB
@@ -41,6 +41,7 @@ __all__ = [
     "get_device_spec",
     "load_device_spec",
     "parse_bytes",
+    "save_device_spec",
     "stage_devices",
 ]
 
@@ -279,17 +280,53 @@ def stage_devices(devices: DevicesArg, partitions: int, *, memory: int | str | N
     return specs * partitions if len(specs) == 1 else specs
 
 
+#: The ``format`` of device-spec files ``partition-plan calibrate`` writes (Note [file envelope]
+#: in ``modelparallel/_jsonfile.py``), and the versions this release reads.
+DEVICE_SPEC_FORMAT = "modelparallel.device_spec"
+_DEVICE_SPEC_VERSIONS = (1,)
+
+
+def save_device_spec(spec: DeviceSpec, path: str | Path) -> Path:
+    """Write ``spec`` as a device-spec file (with its format and version), atomically.
+
+    Example:
+        >>> import tempfile
+        >>> out = save_device_spec(get_device_spec("h100"), Path(tempfile.mkdtemp()) / "d.json")
+        >>> load_device_spec(out).name
+        'h100'
+    """
+    import json
+    import os
+
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"format": DEVICE_SPEC_FORMAT,
+                               "version": _DEVICE_SPEC_VERSIONS[-1], **spec.to_dict()},
+                              indent=1))
+    os.replace(tmp, out)
+    return out
+
+
 def load_device_spec(path: str | Path) -> DeviceSpec:
-    """Read a device spec JSON file (as written by ``partition-plan calibrate``).
+    """Read a device spec JSON file (as written by ``partition-plan calibrate``, or a bare
+    object of :class:`DeviceSpec`'s fields written by hand).
 
     Raises:
-        ConfigError: if the file is missing, not JSON, or not a valid spec.
+        ConfigError: if the file is missing, not JSON, of another format or version, or not
+            a valid spec.
     """
     data = read_json_file(path, "device spec")
     if isinstance(data, dict) and "device" in data and isinstance(data["device"], dict):
         data = data["device"]
     if not isinstance(data, dict):
         raise ConfigError(f"device spec {str(path)!r} must hold a JSON object")
+    if "format" in data or "version" in data:  # Note [file envelope]
+        check_envelope(data, fmt=DEVICE_SPEC_FORMAT, versions=_DEVICE_SPEC_VERSIONS,
+                       what=f"device spec {str(path)!r}",
+                       hint="(write one with 'partition-plan calibrate -o FILE', or give a "
+                            "bare object of the spec's fields)",
+                       version_hint="Calibrate the device again with this release")
+        data = {k: v for k, v in data.items() if k not in ("format", "version")}
     table = data.get("op_table")
     if isinstance(table, str) and (table.endswith(".json") or "/" in table):
         relative = Path(path).parent / table

@@ -54,9 +54,8 @@ mean of its floating inputs' factors (1/2 for a half one: an elementwise op save
 output, sent, gradient and workspace bytes follow the output's dtype. Each trainable parameter a
 matmul-class op reads adds half its bytes to the saved bytes of its first such reader (the cast
 copy, one per microbatch in flight). The values the loss reads and the loss's float32 copy are
-left as they are. On one stage of GPT-2 medium on the H200 the copies alone are 4 x 677 MiB: the
-model that only halved activations predicted 0.50 of fp32's transient memory where 1.32 was
-measured (``benchmarks/results/hybrid-h200-gpt2-medium-memory.json``).
+left as they are. Without the cast copies the model under-predicts bf16 stages badly (figures:
+``docs/measurements.md``).
 
 Example:
     >>> region_of("transformer.h.3.attn.c_attn", "all", None)

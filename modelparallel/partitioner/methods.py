@@ -102,6 +102,7 @@ from modelparallel.partitioner.progress import ProgressEvent
 from modelparallel.partitioner.reduce import Reduction, reduce_free_nodes
 from modelparallel.partitioner.refine import boundary_units, refine_once
 from modelparallel.plan import SolverReport
+from modelparallel.units import format_bytes
 
 __all__ = ["METHODS", "run_method"]
 
@@ -161,13 +162,8 @@ def _min_memory(prob: Problem) -> int | None:
 
 
 def _size(nbytes: float) -> str:
-    """Bytes in the largest binary unit that keeps the value at least 1 (``"1.50 MiB"``,
-    ``"512 B"``), so small models do not read as ``"0.00 GiB"``."""
-    n = int(np.ceil(float(nbytes)))
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    """``format_bytes`` of ``nbytes`` rounded up (a "fits with" figure must not under-state)."""
+    return format_bytes(float(np.ceil(float(nbytes))))
 
 
 def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:

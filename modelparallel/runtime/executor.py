@@ -156,6 +156,10 @@ class StageExecutor:
         check_inputs: Called with microbatch 0's flat inputs before a step runs, on every
             rank after the batch is shared (the front end refuses shapes the traced graph
             cannot run, ``TracedModel.check_shapes``).
+        lookahead: Receives posted this many actions ahead (Note [receives ahead]); 1 posts
+            each with its action (``benchmarks/bubble.py`` measures what it saves).
+        early_result: Start sharing the step's result after the last forward rather than the
+            last action (Note [early result]).
 
     Every step trains on pipeline rank 0's inputs and targets (Note [batch from rank 0] in
     ``modelparallel/runtime/batch.py``).
@@ -181,7 +185,8 @@ class StageExecutor:
                  on_action: ActionHook | None = None,
                  grad_sync: GradientSync | None = None,
                  active_microbatches: int | None = None,
-                 check_inputs: Callable[[Sequence[Any]], None] | None = None) -> None:
+                 check_inputs: Callable[[Sequence[Any]], None] | None = None,
+                 lookahead: int = LOOKAHEAD, early_result: bool = True) -> None:
         programs = (program,) if isinstance(program, StageProgram) else tuple(program)
         self.programs = check_programs(programs)
         self.program = programs[0]
@@ -206,10 +211,10 @@ class StageExecutor:
         self.after_step: Callable[[StepOutput, bool], None] | None = None
         self.grad_sync = grad_sync
         self.active_microbatches = active_microbatches
-        # Note [receives ahead] and Note [early result]; benchmarks/bubble.py turns them off
-        # (lookahead 1, result after the last action) to measure what they save.
-        self._lookahead = LOOKAHEAD
-        self._early_result = True
+        if lookahead < 1:
+            raise ConfigError(f"lookahead = {lookahead} must be at least 1 (1: each receive "
+                              "posted with its action)")
+        self.lookahead, self.early_result = lookahead, early_result
         self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates = TemplateCache()
@@ -388,13 +393,13 @@ class StageExecutor:
         """Run this stage's actions (Note [schedule communication model] in ``modelparallel/schedule/__init__.py``).
 
         The receives of the next actions are posted before an action computes (gloo: up to
-        ``_lookahead`` actions ahead, Note [receives ahead]), or action k + 1's together with
+        ``lookahead`` actions ahead, Note [receives ahead]), or action k + 1's together with
         action k's sends (NCCL, see ``comm.py``); an action's sends are posted right after its
         compute. After its last forward the rank starts the exchange of the step's result
         (Note [early result] in ``result.py``).
         """
         grouped = self.comm is not None and self.comm.grouped
-        ahead = 1 if grouped else max(1, self._lookahead)
+        ahead = 1 if grouped else self.lookahead
         last_forward = max((k for k, a in enumerate(step.actions) if a.kind == "F"),
                            default=-1)
         for k, a in enumerate(step.actions):
@@ -426,7 +431,7 @@ class StageExecutor:
                              sends=sends, label=str(a))
             else:
                 self._post(step, nxt, allow_meta=False, sends=sends, label=str(a))
-            if k == last_forward and self._early_result:
+            if k == last_forward and self.early_result:
                 step.result.start()
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
         assert not step.mailbox, "every message within the rank was taken"

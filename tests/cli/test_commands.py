@@ -199,3 +199,65 @@ def test_build_shows_the_summary_once_and_plain_progress_off_a_terminal(tmp_path
     assert "tracing SkipMLP" in captured.err and "partitioning" in captured.err, captured.err
     assert main(["inspect", str(out)]) == 0
     assert "bubble" in capsys.readouterr().out
+
+
+_FEATURES_FIRST = '''
+import torch
+
+
+class FeaturesFirst(torch.nn.Module):
+    """Takes its batch as (features, samples): microbatches are cut along axis 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.t())))
+
+
+def factory():
+    return FeaturesFirst(), (torch.randn(8, 8),)
+'''
+
+
+def test_split_axis_cuts_the_traced_microbatch_as_the_api_does(tmp_path: Path, capsys) -> None:
+    """``--split-axis``/``--non-split`` are ``pipeline``'s ``input_split_axes`` /
+    ``non_split_inputs``: the CLI traces the same microbatch as the API."""
+    import torch
+
+    from modelparallel.cli._load import _load_model
+    from modelparallel.runtime.microbatch import first_microbatch
+    from modelparallel.tracer import trace
+
+    src = tmp_path / "features_first.py"
+    src.write_text(_FEATURES_FIRST)
+    model = f"{src}:factory"
+    out = tmp_path / "p.json"
+    assert main(["build", model, "-p", "2", "-m", "4", "--split-axis", "x=1", "-o",
+                 str(out)]) == 0
+    plan = load_plan(out)
+    assert plan.model.inputs == ("--split-axis x=1",)
+    assert list(plan.model.example_shapes.values()) == [[8, 2]]
+    assert main(["codegen", str(out), "--stage", "1"]) == 0  # rebuilt with the recorded rule
+    assert main(["build", model, "-p", "2", "-m", "4", "-o", str(out)]) == 2  # axis 0: (2, 8)
+    assert main(["build", model, "-p", "2", "-m", "4", "--split-axis", "x:1", "-o",
+                 str(out)]) == 2
+    assert "must be NAME=AXIS" in capsys.readouterr().err
+    from rich.console import Console
+
+    quiet = Console(quiet=True)
+    loaded = _load_model(model, input_shapes=[], inputs=[], microbatches=4, method="auto",
+                         console=quiet, split_axes=["0=1"])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("features_first", src)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m, args = mod.factory()
+    (mb,), _ = first_microbatch(m, args, {}, 4, axes={"x": 1})
+    assert loaded.graph.fingerprint() == trace(m, (mb,)).graph.fingerprint()
+    whole = _load_model(model, input_shapes=[], inputs=[], microbatches=4, method="auto",
+                        console=quiet, non_split=["x"])
+    assert whole.graph.fingerprint() == trace(m, (torch.randn(8, 8),)).graph.fingerprint()

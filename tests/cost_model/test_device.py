@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -24,6 +25,25 @@ def test_builtins_round_trip(name: str, tmp_path) -> None:
     path.write_text(json.dumps(spec.to_dict()))
     assert load_device_spec(path) == spec
     assert get_device_spec(str(path)) == spec
+
+
+def test_spec_files_carry_the_envelope_and_bare_objects_still_load(tmp_path) -> None:
+    """Note [file envelope]: calibrate's files name their format and version; a hand-written
+    bare object of the fields still loads."""
+    from modelparallel.cost_model.device import save_device_spec
+
+    spec = get_device_spec("h100")
+    path = save_device_spec(spec, tmp_path / "h100.json")
+    data = json.loads(path.read_text())
+    assert (data["format"], data["version"]) == ("modelparallel.device_spec", 1)
+    assert load_device_spec(path) == spec
+    path.write_text(json.dumps({**data, "format": "modelparallel.plan"}))
+    with pytest.raises(ConfigError, match=re.escape("has format 'modelparallel.plan'; "
+                                                    "expected 'modelparallel.device_spec'")):
+        load_device_spec(path)
+    path.write_text(json.dumps({**data, "version": 7}))
+    with pytest.raises(ConfigError, match="version 7; this modelparallel reads version 1"):
+        load_device_spec(path)
 
 
 def test_h100_figures() -> None:

@@ -39,8 +39,8 @@ def result_job(rank: int, world: int, schedule: str, early: bool, lookahead: int
     torch.distributed.barrier()
     comm = StageComm.create(rank, list(range(world)), "cpu", 60.0)
     ex = StageExecutor(prog, comm, loss_fn=loss_fn, schedule=schedule,
-                       split=resolve_split(prog.input_names, m))
-    ex._early_result, ex._lookahead = early, lookahead
+                       split=resolve_split(prog.input_names, m), early_result=early,
+                       lookahead=lookahead)
     errs: dict[str, float] = {}
 
     def err(key: str, got: torch.Tensor, want: torch.Tensor) -> None:
