@@ -43,10 +43,29 @@ def test_cluster_from_tf_config_and_launcher_env() -> None:
         ClusterConfig(("a:1", "b:2"), 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return int(s.getsockname()[1])
+def _free_port(world: int) -> int:
+    """A port ``P`` with ``P + 1 .. P + world`` (where the tasks listen) free now: each is bound
+    once to check (a port taken by another process would make a task serve or reach the wrong
+    server, and the job hang)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            base = int(s.getsockname()[1])
+        if base + world >= 65535:
+            continue
+        try:
+            probes = []
+            for k in range(1, world + 1):
+                t = socket.socket()
+                probes.append(t)
+                t.bind(("localhost", base + k))
+        except OSError:
+            continue
+        finally:
+            for t in probes:
+                t.close()
+        return base
+    raise AssertionError("no run of free ports found for the cluster's tasks")
 
 
 def _run_ranks(spec: dict[str, Any], world: int = 2, timeout: float = 240.0,
@@ -55,7 +74,7 @@ def _run_ranks(spec: dict[str, Any], world: int = 2, timeout: float = 240.0,
     """``tests/_tf_cluster_run.py`` on ``world`` processes (SIGKILL after ``timeout``), told
     the cluster by the launcher's variables or (``tf_config``) by a ``TF_CONFIG`` alone."""
     pytest.importorskip("tensorflow")
-    port = _free_port() + 0  # tasks listen on port+1..port+world
+    port = _free_port(world)  # tasks listen on port+1..port+world
     base = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
             "WORLD_SIZE": str(world), "MASTER_ADDR": "localhost", "MASTER_PORT": str(port),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -77,10 +96,17 @@ def _run_ranks(spec: dict[str, Any], world: int = 2, timeout: float = 240.0,
         for p in procs:
             so, se = p.communicate(timeout=timeout)
             outs.append((p.returncode, so, se))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()  # SIGKILL: TensorFlow's runtime may ignore SIGTERM
+        tails = [f"rank {r}:\n{so[-1500:]}\n{se[-2500:]}"
+                 for r, (so, se) in enumerate(p.communicate() for p in procs)]
+        raise AssertionError(f"the {world} processes did not finish in {timeout:.0f} s "
+                             f"(ports {port + 1}..{port + world}):\n" + "\n".join(tails)) from None
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()  # SIGKILL: TensorFlow's runtime may ignore SIGTERM
+                p.kill()
                 p.wait()
     results = []
     for r, (rc, so, se) in enumerate(outs):
@@ -124,7 +150,7 @@ def test_two_process_gpt_adam_gpipe_equals_one_device_training() -> None:
 @pytest.mark.multiprocess
 def test_a_follower_without_its_driver_times_out_with_a_named_error() -> None:
     pytest.importorskip("tensorflow")
-    port = _free_port()
+    port = _free_port(2)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", "RANK": "1",
            "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": str(port),
            "MP_TF_TIMEOUT_S": "3",
