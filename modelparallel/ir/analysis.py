@@ -192,21 +192,26 @@ def region_of(module_path: str, mode: str | tuple[str, ...], depth: int | None) 
 
     Args:
         module_path: The node's module path (``""`` for the root's own ops).
-        mode: ``"all"``/``"auto"`` (blocks, else modules at ``depth``) or module paths.
+        mode: ``"all"``/``"auto"`` (blocks, else modules at ``depth``) or module paths; an
+            entry ``"a.0+a.1"`` is one region of several modules (SMP's ``group_N`` and
+            ``contiguous`` strategies for an ``nn.Sequential``).
         depth: Module depth of the regions when the model has no numbered blocks.
 
     Example:
         >>> region_of("transformer.h.3.attn.c_attn", "all", None)
         'transformer.h.3'
+        >>> region_of("layers.1.fc", ("layers.0+layers.1", "layers.2+layers.3"), None)
+        'layers.0+layers.1'
     """
     if not module_path:
         return None
     if isinstance(mode, tuple):
-        best = None
-        for path in mode:
-            if (module_path == path or module_path.startswith(path + ".")) and (
-                    best is None or len(path) > len(best)):
-                best = path
+        best, depth_of_best = None, -1
+        for entry in mode:
+            for path in entry.split("+"):
+                if (module_path == path or module_path.startswith(path + ".")) and (
+                        len(path) > depth_of_best):
+                    best, depth_of_best = entry, len(path)
         return best
     parts = module_path.split(".")
     numbered = [i for i, c in enumerate(parts) if c.isdigit()]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelparallel.errors import UnsupportedFeatureError
+from modelparallel.errors import ConfigError, UnsupportedFeatureError
 
 __all__ = [
     "delay_param_initialization",
@@ -116,36 +116,60 @@ def set_activation_checkpointing(module: nn.Module, preserve_rng_state: bool = T
                                  pack_args_as_tuple: bool = False, strategy: str = "each"
                                  ) -> None:
     """Recompute ``module``'s forward in backward instead of keeping its activations (SMP's
-    ``smp.set_activation_checkpointing``); for an ``nn.Sequential``, ``strategy="each"``
-    checkpoints each child. At partitioning the marked modules become the planner's
-    checkpointing regions (Note [memory features] in
+    ``smp.set_activation_checkpointing``). For an ``nn.Sequential`` (SMP's rule: ``strategy``
+    matters only there), ``"each"`` checkpoints each child on its own, ``"group_N"`` each run of
+    ``N`` consecutive children as one, and ``"contiguous"`` the consecutive children on one
+    stage as one (the children are one region, which each stage recomputes as a whole: Note
+    [checkpoint regions] in ``modelparallel/codegen/checkpointing.py``). At partitioning the
+    marked modules become the planner's checkpointing regions (Note [memory features] in
     ``modelparallel/partitioner/memory_features.py``), which the runtime recomputes.
 
     Raises:
-        UnsupportedFeatureError: for ``strategy`` ``"contiguous"`` or ``"group_N"``, or
-            ``preserve_rng_state=False``.
+        ConfigError: for a ``strategy`` other than ``"each"``, ``"contiguous"``, ``"group_N"``.
+        UnsupportedFeatureError: for ``preserve_rng_state=False``.
+
+    Example:
+        >>> seq = nn.Sequential(*(nn.Linear(2, 2) for _ in range(5)))
+        >>> set_activation_checkpointing(seq, strategy="group_2")
+        >>> checkpoint_paths(seq)
+        ('0+1', '2+3', '4')
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"set_activation_checkpointing takes an nn.Module, not "
                         f"{type(module).__name__}")
-    if strategy != "each":
-        raise UnsupportedFeatureError(
-            f"set_activation_checkpointing(strategy={strategy!r}) is not supported; use "
-            "strategy='each' (each child of the Sequential is recomputed on its own)")
+    _group_size(strategy)
     if not preserve_rng_state:
         raise UnsupportedFeatureError("set_activation_checkpointing(preserve_rng_state=False) "
                                       "is not supported; leave it True")
     _checkpointed[module] = strategy
 
 
+def _group_size(strategy: str) -> int | None:
+    """Children per region of SMP's ``strategy``: 1 for ``"each"``, ``N`` for ``"group_N"``,
+    None (all of them) for ``"contiguous"``."""
+    if strategy == "each":
+        return 1
+    if strategy == "contiguous":
+        return None
+    n = strategy.removeprefix("group_")
+    if strategy.startswith("group_") and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise ConfigError(f"set_activation_checkpointing(strategy={strategy!r}): use 'each', "
+                      "'contiguous' or 'group_N' (N >= 1 consecutive children of the "
+                      "nn.Sequential per checkpoint)")
+
+
 def checkpoint_paths(root: nn.Module) -> tuple[str, ...]:
-    """The module paths under ``root`` marked by :func:`set_activation_checkpointing` (the
-    children of a marked ``nn.Sequential``)."""
+    """The checkpoint regions under ``root`` marked by :func:`set_activation_checkpointing`:
+    module paths, and for a marked ``nn.Sequential`` its children, grouped by its strategy
+    (``"a.0+a.1"``: one region of two modules, ``region_of`` in ``modelparallel/ir``)."""
     out: list[str] = []
     for name, m in root.named_modules():
         if m in _checkpointed:
             if isinstance(m, nn.Sequential):
-                out += [f"{name}.{c}" if name else c for c, _ in m.named_children()]
+                kids = [f"{name}.{c}" if name else c for c, _ in m.named_children()]
+                size = _group_size(_checkpointed[m]) or max(1, len(kids))
+                out += ["+".join(kids[i:i + size]) for i in range(0, len(kids), size)]
             else:
                 out.append(name)
     return tuple(out)

@@ -256,7 +256,7 @@ def test_ddp_replicas_train_like_one_device_on_the_whole_batch() -> None:
     assert all(r["diff"] < 1e-6 for r in results), results
 
 
-def _memory_job(rank: int, world: int) -> dict[str, Any]:
+def _memory_job(rank: int, world: int, strategy: str | None = None) -> dict[str, Any]:
     import torch.nn.functional as F
 
     import modelparallel.torch as smp
@@ -264,10 +264,13 @@ def _memory_job(rank: int, world: int) -> dict[str, Any]:
 
     try:
         smp.init({"partitions": world, "microbatches": 2, "auto_partition": False,
-                  "default_partition": 0, "offload_activations": True})
+                  "default_partition": 0, "offload_activations": strategy is None})
         model = _model("mlp", world)
         ref = copy.deepcopy(model)
-        smp.set_activation_checkpointing(model[2])
+        if strategy is None:
+            smp.set_activation_checkpointing(model[2])
+        else:  # the whole Sequential, its children grouped by the strategy
+            smp.set_activation_checkpointing(model, strategy=strategy)
         dm = smp.DistributedModel(model)
         opt = smp.DistributedOptimizer(torch.optim.SGD(dm.parameters(), lr=0.1))
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -289,8 +292,12 @@ def _memory_job(rank: int, world: int) -> dict[str, Any]:
             ref_opt.step()
         full = dm.state_dict()
         cfg = dm.pipeline.plan.config
+        outlined = sum(1 for n in dm.pipeline.program.module.graph.nodes
+                       if n.op == "call_function" and getattr(n.target, "__name__", "")
+                       .startswith("checkpointed_region"))
         return {"diff": max(float((full[k] - v).abs().max()) for k, v in ref.state_dict().items()),
-                "checkpointing": cfg.checkpointing, "offload": cfg.offload_activations}
+                "checkpointing": cfg.checkpointing, "offload": cfg.offload_activations,
+                "outlined": outlined}
     finally:
         shutdown()
 
@@ -298,6 +305,24 @@ def _memory_job(rank: int, world: int) -> dict[str, Any]:
 def test_activation_checkpointing_and_offload_reach_the_plan_and_train_the_same() -> None:
     for r in [r.unwrap() for r in run_ranks(_memory_job, 2)]:
         assert r["diff"] < 1e-5 and r["checkpointing"] == ("2",) and r["offload"]
+
+
+@pytest.mark.parametrize(("strategy", "regions"), [
+    ("group_2", ("0+1", "2+3", "4+5", "6")), ("contiguous", ("0+1+2+3+4+5+6",))])
+def test_sequential_checkpointing_strategies_group_children_and_train_the_same(
+        strategy: str, regions: tuple[str, ...]) -> None:
+    """SMP's ``group_N`` and ``contiguous``: runs of a Sequential's children recomputed as one
+    region (per stage), training as the plain model does."""
+    for r in [r.unwrap() for r in run_ranks(_memory_job, 2, strategy)]:
+        assert r["diff"] < 1e-5 and r["checkpointing"] == regions and r["outlined"] >= 1, r
+
+
+def test_unknown_checkpointing_strategy_is_a_named_error() -> None:
+    import modelparallel.torch as smp
+    from modelparallel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'each', 'contiguous' or 'group_N'"):
+        smp.set_activation_checkpointing(nn.Sequential(nn.Linear(2, 2)), strategy="group_0")
 
 
 def _hf_job(rank: int, world: int, pipeline: str, name: str = "gpt2") -> dict[str, Any]:
