@@ -66,6 +66,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -214,6 +215,13 @@ def apply_features(config: PlanConfig, graph: Graph, names: Sequence[str],
         regions = candidate_regions(graph, names, ck, config.module_depth)
         if not regions:
             notes.append(f"checkpointing = {ck!r} matched no region of the graph")
+        unmatched = [e for e in ck if e not in regions] if isinstance(ck, tuple) else []
+        if unmatched:
+            warnings.warn(
+                f"checkpointing regions {unmatched} hold no op of the traced graph (a path that "
+                "names no module, or a module with no ops), so nothing is recomputed for them; "
+                "give module paths as model.named_modules() spells them", UserWarning,
+                stacklevel=3)
         for members in regions.values():
             checkpoint_region(members, edge_src, edge_dst, a)
         if regions:

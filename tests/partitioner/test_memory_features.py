@@ -41,6 +41,12 @@ def test_each_feature_lowers_what_it_should() -> None:
     assert opt * 4 == pytest.approx(sum(st.memory.optimizer for st in base.stages), rel=0.01)
 
 
+def test_a_checkpointing_path_that_matches_nothing_warns() -> None:
+    with pytest.warns(UserWarning, match=r"\['transformer\.h\.O'\] hold no op"):
+        partition(_graph(), PlanConfig(2, checkpointing=("transformer.h.0", "transformer.h.O")),
+                  "h100", method="dp")
+
+
 @pytest.mark.parametrize("method", ["dp", "ilp"])
 def test_auto_checkpoints_the_fewest_regions_that_fit(method: str) -> None:
     g = _graph()
