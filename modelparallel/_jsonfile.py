@@ -16,13 +16,15 @@ written by hand (the docs show such files): it is checked when it has a ``format
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from modelparallel.errors import ConfigError, ModelParallelError
 
-__all__ = ["check_envelope", "read_json_file"]
+__all__ = ["check_envelope", "read_json_file", "write_text_atomic"]
 
 
 def read_json_file(path: str | Path, what: str) -> Any:
@@ -43,6 +45,43 @@ def read_json_file(path: str | Path, what: str) -> Any:
         raise ConfigError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
+
+
+def write_text_atomic(path: str | Path, text: str, what: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename), with
+    the permissions of a newly created file (``0o666`` less the user's umask); ``what`` names
+    the file in errors.
+
+    Raises:
+        ConfigError: if ``path`` is a directory.
+
+    Example:
+        >>> import tempfile
+        >>> out = write_text_atomic(Path(tempfile.mkdtemp()) / "x.json", "{}", "file")
+        >>> out.read_text()
+        '{}'
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"cannot write the {what} to {str(path)!r}: it is a directory; give "
+                          f"a file name, e.g. {str(path / (what.replace(' ', '_') + '.json'))!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_envelope(data: Any, *, fmt: str, versions: Collection[int], what: str,

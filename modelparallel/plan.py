@@ -63,15 +63,13 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from modelparallel._jsonfile import check_envelope
+from modelparallel._jsonfile import check_envelope, write_text_atomic
 from modelparallel.cost_model.device import DeviceSpec
 from modelparallel.errors import ConfigError, PlanFormatError, PlanMismatchError
 from modelparallel.ir import Graph
@@ -482,21 +480,7 @@ class Plan:
         Raises:
             ConfigError: if ``path`` is a directory.
         """
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"cannot write the plan to {str(path)!r}: it is a directory; give "
-                              f"a file name, e.g. {str(path / 'plan.json')!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.to_json(), "plan")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
@@ -566,12 +550,6 @@ def _upgrade_v1(data: Mapping[str, Any]) -> dict[str, Any]:
         i = int(b.pop("index"))
         boundaries.append({"src": i, "dst": i + 1, **b})
     return {**data, "config": config, "boundaries": boundaries}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_plan(path: str | Path, graph: Graph | None = None) -> Plan:

@@ -203,6 +203,10 @@ def _load_model(spec: str, *, input_shapes: Sequence[str], inputs: Sequence[str]
                   f"{len(traced.graph)} nodes in {time.perf_counter() - start:.1f} s[/dim]")
     for note in traced.notes:
         console.print(f"[dim]  note: {escape(note)}[/dim]")
+    if axes or whole:  # names that matched no argument, checked against the placeholders
+        from modelparallel.runtime.microbatch import resolve_split
+
+        resolve_split(traced.input_names, microbatches, axes, whole)
     return _Loaded(traced.graph, traced, shapes, samples,
                    flat_inputs=traced.flatten_inputs(args, kwargs))
 

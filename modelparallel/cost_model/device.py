@@ -22,12 +22,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from modelparallel._jsonfile import check_envelope, read_json_file
+from modelparallel._jsonfile import check_envelope, read_json_file, write_text_atomic
 from modelparallel.cost_model.op_table import OpTable, builtin_op_table, load_op_table
 from modelparallel.errors import ConfigError
 from modelparallel.units import GIB as _GIB
@@ -295,16 +296,8 @@ def save_device_spec(spec: DeviceSpec, path: str | Path) -> Path:
         >>> load_device_spec(out).name
         'h100'
     """
-    import json
-    import os
-
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"format": DEVICE_SPEC_FORMAT,
-                               "version": _DEVICE_SPEC_VERSIONS[-1], **spec.to_dict()},
-                              indent=1))
-    os.replace(tmp, out)
-    return out
+    data = {"format": DEVICE_SPEC_FORMAT, "version": _DEVICE_SPEC_VERSIONS[-1], **spec.to_dict()}
+    return write_text_atomic(path, json.dumps(data, indent=1), "device spec")
 
 
 def load_device_spec(path: str | Path) -> DeviceSpec:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelparallel._jsonfile import check_envelope, read_json_file
+from modelparallel._jsonfile import check_envelope, read_json_file, write_text_atomic
 from modelparallel.cost_model.costs import GraphCosts, estimate_costs
 from modelparallel.cost_model.device import DeviceSpec
 from modelparallel.cost_model.node_replay import NodeProfile, host_replay
@@ -108,9 +108,7 @@ class NodeTimesFile:
 
     def save(self, path: str | Path) -> Path:
         """Write the file as JSON; returns its path."""
-        out = Path(path)
-        out.write_text(json.dumps(self.to_dict(), indent=1))
-        return out
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1), "node times")
 
     @classmethod
     def load(cls, path: str | Path, graph: Graph | None = None) -> NodeTimesFile:

@@ -49,7 +49,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from modelparallel._jsonfile import check_envelope, read_json_file
+from modelparallel._jsonfile import check_envelope, read_json_file, write_text_atomic
 from modelparallel.errors import ConfigError
 
 __all__ = [
@@ -269,9 +269,7 @@ class OpTable:
 
     def save(self, path: str | Path) -> Path:
         """Write the table as JSON; returns the path."""
-        out = Path(path)
-        out.write_text(json.dumps(self.to_dict(), indent=1))
-        return out
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1), "op table")
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "op table") -> OpTable:

@@ -226,7 +226,7 @@ def test_split_axis_cuts_the_traced_microbatch_as_the_api_does(tmp_path: Path, c
     ``non_split_inputs``: the CLI traces the same microbatch as the API."""
     import torch
 
-    from modelparallel.cli._load import _load_model
+    from modelparallel.cli._load import _import_factory, _load_model
     from modelparallel.runtime.microbatch import first_microbatch
     from modelparallel.tracer import trace
 
@@ -244,18 +244,15 @@ def test_split_axis_cuts_the_traced_microbatch_as_the_api_does(tmp_path: Path, c
     assert main(["build", model, "-p", "2", "-m", "4", "--split-axis", "x:1", "-o",
                  str(out)]) == 2
     assert "must be NAME=AXIS" in capsys.readouterr().err
+    assert main(["build", model, "-p", "2", "-m", "4", "--split-axis", "x=1", "--non-split",
+                 "y", "-o", str(out)]) == 2  # no input y: an error, not an ignored flag
+    assert "'y'" in capsys.readouterr().err
     from rich.console import Console
 
     quiet = Console(quiet=True)
     loaded = _load_model(model, input_shapes=[], inputs=[], microbatches=4, method="auto",
                          console=quiet, split_axes=["0=1"])
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("features_first", src)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    m, args = mod.factory()
+    m, args = _import_factory(model)()
     (mb,), _ = first_microbatch(m, args, {}, 4, axes={"x": 1})
     assert loaded.graph.fingerprint() == trace(m, (mb,)).graph.fingerprint()
     whole = _load_model(model, input_shapes=[], inputs=[], microbatches=4, method="auto",
