@@ -17,13 +17,12 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import tempfile
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _common import run_rank_processes
 from torch import nn
 
 __all__ = ["run_smp"]
@@ -132,15 +131,5 @@ def _smp_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], plan_di
 
 def run_smp(world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Part (d) rows for ``world`` pipeline ranks."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_smp_job,
-                             args=(r, world, os.path.join(tmp, "store"), cfg, tmp, queue))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        result = queue.get(timeout=3600)
-        for p in procs:
-            p.join()
-    return list(result)
+    return list(run_rank_processes(
+        _smp_job, world, lambda r, tmp: (r, world, os.path.join(tmp, "store"), cfg, tmp), 3600))

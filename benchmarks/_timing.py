@@ -18,7 +18,7 @@ import torch.distributed as dist
 from modelparallel.runtime.executor import StageExecutor
 from modelparallel.runtime.hooks import StageEvent
 
-__all__ = ["Busy", "TimedExecutor", "link_latency", "step_times"]
+__all__ = ["Busy", "TimedExecutor", "alternating_rounds", "link_latency", "step_times"]
 
 
 def step_times(step: Callable[[], Any], device: torch.device, warmup: int,
@@ -46,6 +46,18 @@ def step_times(step: Callable[[], Any], device: torch.device, warmup: int,
         step()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def alternating_rounds(variants: dict[str, Callable[[], Any]], device: torch.device,
+                       warmup: int, repeat: int, rounds: int) -> dict[str, list[float]]:
+    """Every variant's step times (:func:`step_times`), ``rounds`` rounds of all of them, the
+    order reversed every other round so that none always runs on a warmer device."""
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        names = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for k in names:
+            samples[k].extend(step_times(variants[k], device, warmup, repeat))
+    return samples
 
 
 def link_latency(rank: int, message: torch.Tensor, rounds: int = 30) -> float:

@@ -37,16 +37,14 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from _bubble_figures import draw_figures
-from _common import versions
+from _common import run_rank_processes, versions
 from _timing import link_latency
 from runtime import SCHEDULES, _batch, _mlp
 from torch import nn
@@ -217,17 +215,8 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
 
 
 def _run(world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_job, args=(r, world, os.path.join(tmp, "store"), cfg, queue))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        result = queue.get(timeout=3600)
-        for proc in procs:
-            proc.join()
-    return result
+    return run_rank_processes(_job, world, lambda r, tmp: (r, world, os.path.join(tmp, "store"),
+                                                          cfg), 3600)
 
 
 def _table(rows: list[dict[str, Any]], variants: list[str]) -> None:

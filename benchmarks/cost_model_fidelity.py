@@ -98,7 +98,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from _common import model_benchmark_parser, to_device, versions
+from _common import model_benchmark_parser, requested_device, to_device, versions
 from _fidelity_predict import (
     OPTIMIZER,
     PARTITIONS,
@@ -438,9 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else DeviceSpec.from_dict(header["calibrated_spec"]))
         failed = dict(header.get("failed", {}))
     else:
-        device = torch.device(a.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("--device cuda but CUDA is not available", file=sys.stderr)
+        device = requested_device(a.device)
+        if device is None:
             return 2
         spec = get_device_spec(a.spec) if a.spec else None
         header, records, failed = _measure_all(a, device, spec, log)

@@ -26,15 +26,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _common import versions
+from _common import run_rank_processes, versions
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "direct_sends.json"
@@ -140,17 +138,8 @@ def _merge(world: int, cfg: dict[str, Any], per_rank: list[dict[str, Any]]) -> d
 
 
 def _run(world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_job, args=(r, world, os.path.join(tmp, "store"), cfg, queue))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        result = queue.get(timeout=1800)
-        for proc in procs:
-            proc.join()
-    return list(result)
+    return list(run_rank_processes(
+        _job, world, lambda r, tmp: (r, world, os.path.join(tmp, "store"), cfg), 1800))
 
 
 def _table(rows: list[dict[str, Any]]) -> None:

@@ -21,18 +21,24 @@ The goal is a ratio of at most 1.03.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import model_benchmark_parser, step_times, to_device, versions
+from _common import (
+    add_timing_options,
+    alternating_rounds,
+    model_benchmark_parser,
+    requested_device,
+    save_result,
+    to_device,
+    versions,
+)
 
 from modelparallel import models
 from modelparallel.codegen import build_stages
@@ -101,12 +107,7 @@ def run_model(w: Workload, *, device: torch.device, dtype: torch.dtype, warmup: 
     # masks] in modelparallel/tracer/masks.py), as the eager model does.
     variants: dict[str, Callable[[], None]] = {"plain": plain_step, "ours": ours_step}
     variants["traced"] = _graph_step(traced.gm, traced, flat, target, loss_fn)
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(rounds):
-        # Alternate the order, so that none always runs on a warmer device.
-        names = list(variants) if r % 2 == 0 else list(variants)[::-1]
-        for k in names:
-            samples[k].extend(step_times(variants[k], device, warmup, repeat))
+    samples = alternating_rounds(variants, device, warmup, repeat, rounds)
     med = {k: statistics.median(v) for k, v in samples.items()}
     plain, ours = med["plain"], med["ours"]
     log(f"{w.name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
@@ -137,14 +138,10 @@ def _graph_step(gm: torch.fx.GraphModule, traced: Any, flat: list[Any], target: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = model_benchmark_parser(__doc__)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--out", default=None, help="results JSON")
+    add_timing_options(parser, warmup=5, repeat=20, rounds=4)
     a = parser.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda but CUDA is not available", file=sys.stderr)
+    device = requested_device(a.device)
+    if device is None:
         return 2
     dtype = getattr(torch, a.dtype)
     workloads = QUICK if a.quick else FULL
@@ -174,10 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r['model']} | {r['plain_step_ms']:.2f} | {r['ours_step_ms']:.2f} | "
               f"{r['ratio']:.4f} | {d.get('traced', math.nan):.2f}")
     print(f"worst ratio {worst:.4f} (goal <= {GOAL})")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
-        log(f"wrote {a.out}")
+    save_result(a.out, out)
     return 0
 
 

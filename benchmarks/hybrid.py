@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,10 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import versions
+from _common import run_rank_processes, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -114,17 +112,8 @@ def _job(rank: int, world: int, init: str, cfg: dict[str, Any], queue: Any) -> N
 
 
 def step_times(cfg: dict[str, Any]) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_job, args=(r, 4, os.path.join(tmp, "s"), cfg, queue))
-                 for r in range(4)]
-        for p in procs:
-            p.start()
-        result = queue.get(timeout=7200)
-        for p in procs:
-            p.join()
-    return dict(result)
+    return dict(run_rank_processes(_job, 4, lambda r, tmp: (r, 4, os.path.join(tmp, "s"), cfg),
+                                   7200))
 
 
 # -- (b) memory of one stage -------------------------------------------------------------------------

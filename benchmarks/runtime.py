@@ -39,15 +39,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _common import versions
+from _common import run_rank_processes, versions
 from _smp_bench import run_smp
 from _timing import link_latency
 from _torch_pp import TorchStage, schedule_step
@@ -210,18 +208,8 @@ def _pipeline_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], qu
 
 
 def _run_pipeline(world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_pipeline_job,
-                             args=(r, world, os.path.join(tmp, "store"), cfg, queue))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        result = queue.get(timeout=3600)
-        for p in procs:
-            p.join()
-    return result
+    return run_rank_processes(_pipeline_job, world,
+                              lambda r, tmp: (r, world, os.path.join(tmp, "store"), cfg), 3600)
 
 
 # -- (c): one-stage pipeline against plain PyTorch -------------------------------------------------

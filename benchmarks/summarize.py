@@ -143,6 +143,29 @@ def gpu_overhead(data: dict[str, Any]) -> str:
             + _table(["model", "batch", "plain ms", "ours ms", "ratio"], rows))
 
 
+def gpu_schedules(data: dict[str, Any]) -> str:
+    """Every schedule in one process on one GPU: step time and peak memory."""
+    valid = data.get("traced") != "whole batch"  # the first run's predictions: 8x (its note)
+
+    def pred(r: dict[str, Any], key: str, fmt: str) -> str:
+        return format(r[key], fmt) if valid else "n/a"
+
+    rows = [[r["schedule"], str(r["stages"]), f"{r['step_ms']:.1f}", f"{r['vs_plain']:.3f}",
+             f"{r['vs_plain_accum']:.3f}", f"{r['peak_gib']:.2f}",
+             pred(r, "predicted_activations_gib", ".2f"),
+             pred(r, "predicted_bubble_on_p_devices", ".3f"), f"{r['loss_rel_diff']:.1e}"]
+            for r in data["rows"]]
+    head = ["schedule", "stages", "step ms", "/ plain", "/ plain accumulated", "peak GiB",
+            "predicted activations GiB (sum of stages)", "predicted bubble on p devices",
+            "first loss, rel. diff to plain"]
+    text = (f"{data['workload']} on {data['device']}, {data['dtype']}, {data['optimizer']}, "
+            f"p = {data['partitions']}, m = {data['microbatches']}; plain (whole batch) "
+            f"{data['plain_step_ms']:.1f} ms, peak {data['plain_peak_gib']:.2f} GiB; plain "
+            f"accumulated over the microbatches {data['plain_accum_step_ms']:.1f} ms, peak "
+            f"{data['plain_accum_peak_gib']:.2f} GiB:\n\n" + _table(head, rows))
+    return text + (f"\n\n{data['note']}" if data.get("note") else "")
+
+
 def bubble(data: dict[str, Any]) -> str:
     """Measured minus simulated bubble per schedule and runtime variant (``bubble.py``)."""
     variants = list(data["config"]["variants"])
@@ -278,7 +301,8 @@ _KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "partition_quality_communication": communication,
     "cost_model_fidelity": fidelity, "gpu_overhead": gpu_overhead, "multigpu": multigpu,
     "tensorflow_pipeline": tensorflow_pipeline, "tensorflow_cluster": tensorflow_cluster,
-    "hybrid": hybrid, "bubble": bubble, "direct_sends": direct_sends}
+    "hybrid": hybrid, "bubble": bubble, "direct_sends": direct_sends,
+    "gpu_schedules": gpu_schedules}
 
 #: The README's sections: kind, title, and what the benchmark does, how to run it, its bar.
 _SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -330,6 +354,13 @@ and <= 20% worst; memory error <= 10%. How it is measured, and what the misses a
     ("gpu_overhead", "One stage against plain PyTorch on a GPU (`gpu_overhead.py`)", """\
 `partitions=1` (traced, codegen, `LocalPipeline`) against plain PyTorch training of the same
 model on the same batch, AdamW, 4 alternating rounds of 20 steps. Goal: <= 1.03."""),
+    ("gpu_schedules", "Every schedule on one GPU (`gpu_schedules.py`)", """\
+GPT-2 medium planned for p = 4 (interleaved 1F1B: 8 stages) and m = 8, every stage in one
+process on one GPU (`LocalPipeline`, the single-GPU runtime), each schedule against plain PyTorch
+on the whole batch and accumulated over the same 8 microbatches, AdamW, bf16, alternating rounds.
+In one process there is no bubble: a schedule changes the peak memory and the host cost of its
+actions. `python benchmarks/gpu_schedules.py --device cuda` (about 2 minutes on an H200;
+`--device cpu --quick` for GPT-2 tiny). What the figures mean: [docs/schedules.md](../docs/schedules.md)."""),
     ("multigpu", "Several GPUs (`multigpu.py`)", """\
 A GPT-style decoder of about 1.5B parameters per GPU, p = number of GPUs, m in {p, 2p, 4p}, both
 schedules: our ILP plan against the parameter-balanced and uniform splits and against

@@ -11,7 +11,8 @@ of the pipeline:
 1. **Inputs from pipeline rank 0.** The tensors among the step function's arguments are
    broadcast from pipeline rank 0 (SMP's rule, which AWS's scripts rely on: other ranks feed
    placeholder tensors); every rank first exchanges how many tensors it passes, so a rank with a
-   different argument structure fails every rank with the same :class:`ConfigError`.
+   different argument structure fails every rank with the same :class:`ConfigError`. From the
+   second step on, rank 0 does not wait for this (Note [arguments shared in the background]).
 2. **Split.** The arguments are cut into ``microbatches`` pieces by SMP's rules
    (:func:`split_arguments`: tensors along axis 0 or ``input_split_axes[name]``, containers
    traversed, ``smp_slice`` objects slice themselves, ``non_split_inputs`` and non-tensors are
@@ -54,6 +55,21 @@ Under ``torch.no_grad()`` the step is forward-only on every stage. A grad-enable
 call ``model.backward`` (else a :class:`UsageError` on the last stage, which reaches every rank
 as a peer failure).
 
+Note [arguments shared in the background]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Pipeline rank 0 holds the arguments it shares, and the other ranks have nothing to compute until
+stage 0's first message reaches them, so the two collectives of step 1 need not delay rank 0:
+once the model is partitioned and rank 0's argument shapes are the ones it last sent (the
+receivers size their buffer from them), rank 0 posts the count exchange and the byte broadcast
+without waiting and starts the pipeline; it waits for both when the step ends (or fails). The
+other ranks wait for them as before. A rank that finds different tensor counts still receives
+the broadcast (so no collective is left unmatched), then fails the pipeline's comm before
+raising the :class:`ConfigError`: rank 0, already inside the pipeline, stops with a peer failure,
+finds the same counts when it waits, and raises the same ``ConfigError``. (The pipeline is torn
+down by it, like any failed step; on the first step, or after rank 0's shapes changed, every
+rank checks before the pipeline and nothing is torn down.) This took the SMP step's extra host
+time on rank 0 from the step's critical path (figures: ``docs/measurements.md``).
+
 Example:
     >>> so = StepOutput([torch.tensor(1.0), torch.tensor(3.0)])
     >>> float(so.reduce_mean()), float(so.reduce_sum()), so.concat().tolist()
@@ -65,6 +81,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -141,7 +158,20 @@ class StepFunction:
             raise UsageError("smp.step needs a DistributedModel: wrap the model with "
                              "smp.DistributedModel(model) before calling the step function")
         assert state.cfg is not None
-        args, kwargs = _from_pipeline_rank0(args, kwargs)
+        args, kwargs, pending = _from_pipeline_rank0(args, kwargs)
+        try:
+            result = self._run(model, args, kwargs)
+        except BaseException:
+            if pending is not None:
+                pending.finish(failed=True)
+            raise
+        if pending is not None:
+            pending.finish(failed=False)
+        return result
+
+    def _run(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Split, run the bodies on the pipeline, collect (Note [smp step], 2-6)."""
+        assert state.cfg is not None
         m = state.cfg.microbatches
         pieces = split_arguments(self.signature, args, kwargs, m, self.input_split_axes,
                                  self.non_split_inputs)
@@ -265,18 +295,21 @@ def _split(value: Any, m: int, axis: int, name: str) -> list[Any]:
 
 
 def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
-                         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                         ) -> tuple[tuple[Any, ...], dict[str, Any], _PendingShare | None]:
     """Replace the tensors among the arguments by pipeline rank 0's (Note [smp step], 1).
 
     Per step: every rank all-gathers ``[its tensor count, whether rank 0's shapes changed]``
     (one small tensor collective: a rank with another structure fails every rank alike), rank 0
     broadcasts its shapes only when they changed since the last step, then all of its tensors
-    travel as one flat byte buffer (one broadcast).
+    travel as one flat byte buffer (one broadcast). Once the model is partitioned and rank 0's
+    shapes are the ones last sent, rank 0 does not wait for the two collectives (Note [arguments
+    shared in the background]): it returns them as a :class:`_PendingShare` for the end of the
+    step.
     """
     layout = state.require()
     group = state.groups.get("pp")
     if layout.pp == 1 or group is None:
-        return args, kwargs
+        return args, kwargs, None
     leaves, spec = pytree.tree_flatten((args, kwargs))
     where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
     ranks = layout.pp_group(state.rank)
@@ -287,41 +320,38 @@ def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
     nccl = dist.get_backend(group) == "nccl"
     device = state.device if nccl else torch.device("cpu")
     cache = _META_CACHE.get(tuple(ranks))
+    background = me == 0 and comm is not None and meta == cache
     try:
         mine = torch.tensor([len(where), int(me == 0 and meta != cache)], device=device)
         every = [torch.empty_like(mine) for _ in ranks]
-        dist.all_gather(every, mine, group=group)
-        counts = [int(t[0]) for t in every]
-        if len(set(counts)) != 1:
-            raise ConfigError(
-                f"the ranks of the pipeline pass different numbers of tensors to the step "
-                f"function (by pipeline rank: {counts}); every rank must call it with the same "
-                "argument structure (placeholder tensors on pipeline ranks > 0 are fine: their "
-                "contents are replaced by pipeline rank 0's)")
+        gathered = dist.all_gather(every, mine, group=group, async_op=background)
+        if me == 0:
+            flat = _flat_bytes([leaves[i] for i in where], device)
+            if background:
+                assert gathered is not None
+                shared = (dist.broadcast(flat, ranks[0], group=group, async_op=True)
+                          if flat.numel() else None)
+                return args, kwargs, _PendingShare(gathered, shared, [mine, *every], flat,
+                                                   comm, ranks[0])
         if int(every[0][1]):
             box = [meta if me == 0 else None]
             dist.broadcast_object_list(box, ranks[0], group=group, device=device)
             cache = _META_CACHE[tuple(ranks)] = box[0]
         assert cache is not None
         sizes = [_nbytes(shape, dtype) for shape, dtype in cache]
-        if me == 0:
-            parts = [leaves[i].detach().contiguous().reshape(-1).view(torch.uint8).to(device)
-                     for i in where]
-            flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8,
-                                                              device=device)
-        else:
+        if me != 0:
             flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
         if flat.numel():
             dist.broadcast(flat, ranks[0], group=group)
+        mismatch = _count_mismatch(every)
+        if mismatch is not None:
+            if comm is not None and not int(every[0][1]):  # rank 0 went on into the pipeline
+                comm.fail(mismatch)
+            raise mismatch
     except RuntimeError as e:
         if comm is None:
             raise
-        from modelparallel.runtime.failure import map_comm_error
-
-        err = map_comm_error(e, comm.board, rank=state.rank, peer=ranks[0],
-                             what="the step function's arguments", timeout=state.timeout)
-        comm.fail(err)
-        raise err from None
+        raise _comm_failure(e, comm, ranks[0]) from None
     if me != 0:
         leaves = list(leaves)
         offset = 0
@@ -329,7 +359,67 @@ def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
             leaves[i] = flat[offset:offset + n].view(dtype).reshape(shape)
             offset += n
     new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
-    return tuple(new_args), dict(new_kwargs)
+    return tuple(new_args), dict(new_kwargs), None
+
+
+class _PendingShare:
+    """Rank 0's collectives of :func:`_from_pipeline_rank0` still in flight (Note [arguments
+    shared in the background]); :meth:`finish` waits for them at the end of the step."""
+
+    def __init__(self, gathered: Any, shared: Any, every: list[torch.Tensor],
+                 flat: torch.Tensor, comm: Any, root: int) -> None:
+        self.gathered, self.shared = gathered, shared
+        self.every = every  # [this rank's count, then every rank's]: alive until gathered
+        self.flat, self.comm, self.root = flat, comm, root  # flat: alive until sent
+
+    def finish(self, failed: bool) -> None:
+        """Wait for both collectives; raise the structure mismatch if the ranks saw one.
+
+        Args:
+            failed: The step already raised: a mismatch found here replaces that error (the
+                other ranks raised the mismatch and stopped the pipeline), a communication
+                error does not.
+        """
+        limit = timedelta(seconds=state.timeout)  # a peer that never joins: no hang
+        try:
+            self.gathered.wait(limit)
+            if self.shared is not None:
+                self.shared.wait(limit)
+        except RuntimeError as e:
+            if failed:
+                return
+            raise _comm_failure(e, self.comm, self.root) from None
+        mismatch = _count_mismatch(self.every[1:])
+        if mismatch is not None:
+            raise mismatch
+
+
+def _flat_bytes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors' bytes, one after the other, as one uint8 tensor on ``device``."""
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8).to(device) for t in tensors]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+
+
+def _count_mismatch(every: list[torch.Tensor]) -> ConfigError | None:
+    """The error for ranks that passed different numbers of tensors, if they did."""
+    counts = [int(t[0]) for t in every]
+    if len(set(counts)) == 1:
+        return None
+    return ConfigError(
+        f"the ranks of the pipeline pass different numbers of tensors to the step "
+        f"function (by pipeline rank: {counts}); every rank must call it with the same "
+        "argument structure (placeholder tensors on pipeline ranks > 0 are fine: their "
+        "contents are replaced by pipeline rank 0's)")
+
+
+def _comm_failure(e: RuntimeError, comm: Any, root: int) -> BaseException:
+    """A failed collective of the arguments as the pipeline's named error, reported to all."""
+    from modelparallel.runtime.failure import map_comm_error
+
+    err = map_comm_error(e, comm.board, rank=state.rank, peer=root,
+                         what="the step function's arguments", timeout=state.timeout)
+    comm.fail(err)
+    return err
 
 
 #: Rank 0's argument shapes last sent, per pipeline (the rank lists).

@@ -43,6 +43,9 @@ def _error_job(rank: int, world: int, case: str) -> tuple[str, str]:
             y: Any = torch.zeros(4, 2) if rank == 0 else [torch.zeros(2, 2), torch.zeros(2, 2)]
             train_step(dm, torch.zeros(4, 4), y)
         train_step(dm, torch.zeros(4, 4), torch.zeros(4, 2))
+        if case == "structure_later":  # the same, once rank 0 shares its arguments unwaited
+            y = torch.zeros(4, 2) if rank == 0 else [torch.zeros(2, 2), torch.zeros(2, 2)]
+            train_step(dm, torch.zeros(4, 4), y)
         if case == "state_dict_alone":
             if rank == 0:
                 dm.state_dict()
@@ -60,6 +63,7 @@ def _error_job(rank: int, world: int, case: str) -> tuple[str, str]:
     ("outside", ["UsageError", "outside an smp.step"]),
     ("indivisible", ["ConfigError", "does not divide into 2 microbatches"]),
     ("structure", ["ConfigError", "different numbers of tensors"]),
+    ("structure_later", ["ConfigError", "different numbers of tensors"]),
 ])
 def test_error_on_every_rank(case: str, want: list[str]) -> None:
     results = [r.unwrap() for r in run_ranks(_error_job, 2, case, timeout=60)]
