@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from _common import (
     add_timing_options,
     alternating_rounds,
@@ -43,7 +44,12 @@ from modelparallel.codegen import build_stages
 from modelparallel.partitioner import partition
 from modelparallel.plan import PlanConfig
 from modelparallel.runtime.local import LocalPipeline
-from modelparallel.runtime.microbatch import first_microbatch
+from modelparallel.runtime.microbatch import (
+    first_microbatch,
+    resolve_split,
+    split_inputs,
+    split_target,
+)
 from modelparallel.schedule import make_schedule
 from modelparallel.tracer import trace
 
@@ -79,25 +85,26 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
 
     plain_model = copy.deepcopy(base)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
-    chunks = list(zip(_split(args, m), torch.chunk(target, m)))
+    leaves, tree = pytree.tree_flatten((args, kwargs))  # cut as the pipeline cuts them
+    pieces = split_inputs(leaves, resolve_split([str(i) for i in range(len(leaves))], m))
+    chunks = list(zip((pytree.tree_unflatten(p, tree) for p in pieces), split_target(target, m)))
 
-    def plain_step() -> float:
+    def plain_step() -> None:
         plain_opt.zero_grad(set_to_none=True)
-        loss = loss_fn(plain_model(*args, **kwargs), target)
-        loss.backward()
+        loss_fn(plain_model(*args, **kwargs), target).backward()
         plain_opt.step()
-        return float(loss.detach())
 
     def accum_step() -> None:
         plain_opt.zero_grad(set_to_none=True)
-        for a, t in chunks:
-            (loss_fn(plain_model(*a, **kwargs), t) / m).backward()
+        for (a, kw), t in chunks:
+            (loss_fn(plain_model(*a, **kw), t) / m).backward()
         plain_opt.step()
 
     variants: dict[str, Callable[[], Any]] = {"plain": plain_step, "plain-accum": accum_step}
     plans: dict[str, Any] = {}
     first_loss: dict[str, float] = {}
-    ref_loss = loss_fn(plain_model(*args, **kwargs), target).item()
+    with torch.no_grad():
+        ref_loss = loss_fn(plain_model(*args, **kwargs), target).item()
     for label, name, v in SCHEDULES:
         plan = partition(traced.graph, PlanConfig(partitions=p, microbatches=m, schedule=name,
                                                   virtual_stages=v, time_limit=time_limit),
@@ -108,11 +115,10 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
                              devices=[device] * len(stages))
         opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
 
-        def step(pipe: LocalPipeline = pipe, opt: torch.optim.Optimizer = opt) -> float:
+        def step(pipe: LocalPipeline = pipe, opt: torch.optim.Optimizer = opt) -> None:
             opt.zero_grad(set_to_none=True)
-            loss, _ = pipe.train_step(flat, target)
+            pipe.train_step(flat, target)
             opt.step()
-            return float(loss)
 
         first_loss[label] = float(pipe.train_step(flat, target)[0])  # before any update
         for q in pipe.parameters():
@@ -143,12 +149,6 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
             "plain_peak_gib": peaks["plain"] / GiB,
             "plain_accum_peak_gib": peaks["plain-accum"] / GiB,
             "reference_loss": ref_loss, "rows": rows}
-
-
-def _split(args: tuple[Any, ...], m: int) -> list[tuple[Any, ...]]:
-    """The positional tensor arguments cut into ``m`` pieces along axis 0."""
-    cols = [torch.chunk(a, m) if isinstance(a, torch.Tensor) else [a] * m for a in args]
-    return [tuple(c[j] for c in cols) for j in range(m)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

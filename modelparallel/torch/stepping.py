@@ -67,8 +67,8 @@ the broadcast (so no collective is left unmatched), then fails the pipeline's co
 raising the :class:`ConfigError`: rank 0, already inside the pipeline, stops with a peer failure,
 finds the same counts when it waits, and raises the same ``ConfigError``. (The pipeline is torn
 down by it, like any failed step; on the first step, or after rank 0's shapes changed, every
-rank checks before the pipeline and nothing is torn down.) This took the SMP step's extra host
-time on rank 0 from the step's critical path (figures: ``docs/measurements.md``).
+rank checks before the pipeline and nothing is torn down.) This takes the argument exchange off
+rank 0's part of the step; the other ranks still wait for it (figures: ``docs/measurements.md``).
 
 Example:
     >>> so = StepOutput([torch.tensor(1.0), torch.tensor(3.0)])
@@ -331,8 +331,8 @@ def _from_pipeline_rank0(args: tuple[Any, ...], kwargs: dict[str, Any]
                 assert gathered is not None
                 shared = (dist.broadcast(flat, ranks[0], group=group, async_op=True)
                           if flat.numel() else None)
-                return args, kwargs, _PendingShare(gathered, shared, [mine, *every], flat,
-                                                   comm, ranks[0])
+                return args, kwargs, _PendingShare(gathered, shared, mine, every, flat, comm,
+                                                   ranks[0])
         if int(every[0][1]):
             box = [meta if me == 0 else None]
             dist.broadcast_object_list(box, ranks[0], group=group, device=device)
@@ -366,11 +366,11 @@ class _PendingShare:
     """Rank 0's collectives of :func:`_from_pipeline_rank0` still in flight (Note [arguments
     shared in the background]); :meth:`finish` waits for them at the end of the step."""
 
-    def __init__(self, gathered: Any, shared: Any, every: list[torch.Tensor],
-                 flat: torch.Tensor, comm: Any, root: int) -> None:
+    def __init__(self, gathered: Any, shared: Any, mine: torch.Tensor,
+                 every: list[torch.Tensor], flat: torch.Tensor, comm: Any, root: int) -> None:
         self.gathered, self.shared = gathered, shared
-        self.every = every  # [this rank's count, then every rank's]: alive until gathered
-        self.flat, self.comm, self.root = flat, comm, root  # flat: alive until sent
+        self.mine, self.every, self.flat = mine, every, flat  # alive until the collectives end
+        self.comm, self.root = comm, root
 
     def finish(self, failed: bool) -> None:
         """Wait for both collectives; raise the structure mismatch if the ranks saw one.
@@ -389,7 +389,7 @@ class _PendingShare:
             if failed:
                 return
             raise _comm_failure(e, self.comm, self.root) from None
-        mismatch = _count_mismatch(self.every[1:])
+        mismatch = _count_mismatch(self.every)
         if mismatch is not None:
             raise mismatch
 
