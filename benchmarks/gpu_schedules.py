@@ -9,7 +9,9 @@ changes there is the peak memory (how many microbatches' activations are held at
 host cost of its actions. For GPT-2 medium (``--dtype``, default bfloat16, AdamW), planned for
 ``--partitions`` stages per rank list and ``--microbatches`` by the ILP with the analytic cost
 model of ``--spec``, each schedule (GPipe, 1F1B, interleaved 1F1B with two virtual stages per
-rank, ZB-H1) is timed against two plain steps on the same device: the whole batch at once
+rank, ZB-H1 as ``LocalPipeline`` runs it on one device, with each ``I`` a whole backward, and
+``zb-h1-split`` with the two autograd passes of the distributed runtime, Note [one backward in
+one process]) is timed against two plain steps on the same device: the whole batch at once
 (``plain``), and the same microbatches one after another with gradients accumulated
 (``plain-accum``: the same kernel sizes as the pipeline). Step times are medians of CUDA-event
 timed steps, all variants alternating in rounds. Peak memory is ``max_memory_allocated`` over a
@@ -53,9 +55,10 @@ from modelparallel.runtime.microbatch import (
 from modelparallel.schedule import make_schedule
 from modelparallel.tracer import trace
 
-#: (label, schedule name, virtual stages per rank).
-SCHEDULES = (("gpipe", "gpipe", 1), ("1f1b", "1f1b", 1), ("1f1b-v2", "1f1b", 2),
-             ("zb-h1", "zb-h1", 1))
+#: (label, schedule name, virtual stages per rank, LocalPipeline's split_backward).
+SCHEDULES = (("gpipe", "gpipe", 1, None), ("1f1b", "1f1b", 1, None),
+             ("1f1b-v2", "1f1b", 2, None), ("zb-h1", "zb-h1", 1, None),
+             ("zb-h1-split", "zb-h1", 1, True))
 GiB = 2.0 ** 30
 
 
@@ -105,14 +108,14 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
     first_loss: dict[str, float] = {}
     with torch.no_grad():
         ref_loss = loss_fn(plain_model(*args, **kwargs), target).item()
-    for label, name, v in SCHEDULES:
+    for label, name, v, split in SCHEDULES:
         plan = partition(traced.graph, PlanConfig(partitions=p, microbatches=m, schedule=name,
                                                   virtual_stages=v, time_limit=time_limit),
                          spec)
         stages = build_stages(traced, plan)
         schedule = make_schedule(name, p, m, virtual_stages=v)
         pipe = LocalPipeline(stages, microbatches=m, loss_fn=loss_fn, schedule=schedule,
-                             devices=[device] * len(stages))
+                             devices=[device] * len(stages), split_backward=split)
         opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
 
         def step(pipe: LocalPipeline = pipe, opt: torch.optim.Optimizer = opt) -> None:
@@ -131,7 +134,7 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
     med = {k: statistics.median(v) for k, v in samples.items()}
     peaks = {k: _peak(f, device) for k, f in variants.items()}
     rows = []
-    for label, _name, v in SCHEDULES:
+    for label, _name, v, _split in SCHEDULES:
         plan = plans[label]
         rows.append({
             "schedule": label, "stages": p * v,

@@ -259,6 +259,13 @@ def _scale(rows: list[dict[str, Any]]) -> None:
               f"{'pass' if row['passes'] else 'MISS'}", flush=True)
 
 
+def _workers() -> int:
+    """Threads the ILP's proof phases use here (Note [proof in pieces])."""
+    from modelparallel.partitioner._pieces import WORKERS
+
+    return WORKERS
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=None,
@@ -335,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                   "communication": "direct" + (" (and relay per row)"
                                                if a.compare_communication else ""),
                   "memory_weight": 0.2, "optimizer": "adam", "time_limit_s": a.time_limit,
+                  "ilp_threads": _workers(),
                   "microbatch": "the model factory's example batch (8 samples)"},
         "bar": {"ilp_never_worse_than_baselines": True, "gap_to_bound": BAR_GAP,
                 "solve_seconds": BAR_SECONDS},

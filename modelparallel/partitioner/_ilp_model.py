@@ -353,22 +353,7 @@ class _Model:
 
     def _propagate(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tighten item ranges along item edges (the quotient is a DAG in item order)."""
-        prob = self.prob
-        src_i, dst_i = self.item_of[prob.edge_src], self.item_of[prob.edge_dst]
-        keep = src_i != dst_i
-        pairs = sorted(set(zip(src_i[keep].tolist(), dst_i[keep].tolist())))
-        for _ in range(len(self.items) + 1):
-            changed = False
-            for a, c in pairs:
-                if lo[c] < lo[a]:
-                    lo[c] = lo[a]
-                    changed = True
-                if hi[a] > hi[c]:
-                    hi[a] = hi[c]
-                    changed = True
-            if not changed:
-                break
-        return lo, hi
+        return propagate_ranges(self.prob, self.item_of, lo, hi)
 
     def Y(self, a: int, s: int) -> pulp.LpVariable | float:
         """``y[a, s]`` or its constant value outside the item's range."""
@@ -436,3 +421,33 @@ def _affine(terms: list[tuple[Any, float]]) -> pulp.LpAffineExpression:
         elif c:
             expr.addterm(v, c)
     return expr
+
+
+def propagate_ranges(prob: Problem, item_of: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Item stage ranges tightened along item edges, in place: a consumer starts no earlier than
+    its producer, a producer ends no later than its consumer (the pipeline order), and the
+    items of a colocated group (``tied="colocate"``) share one range. ``item_of`` maps each
+    node to its item; a range left empty (``lo > hi``) means no assignment fits."""
+    src_i, dst_i = item_of[prob.edge_src], item_of[prob.edge_dst]
+    keep = src_i != dst_i
+    pairs = sorted(set(zip(src_i[keep].tolist(), dst_i[keep].tolist())))
+    groups = [sorted({int(item_of[v]) for v in g}) for g in prob.colocate]
+    groups = [g for g in groups if len(g) > 1]
+    for _ in range(int(item_of.max(initial=0)) + 2):
+        changed = False
+        for g in groups:
+            glo, ghi = lo[g].max(), hi[g].min()
+            if np.any(lo[g] != glo) or np.any(hi[g] != ghi):
+                lo[g], hi[g] = glo, ghi
+                changed = True
+        for a, c in pairs:
+            if lo[c] < lo[a]:
+                lo[c] = lo[a]
+                changed = True
+            if hi[a] > hi[c]:
+                hi[a] = hi[c]
+                changed = True
+        if not changed:
+            break
+    return lo, hi

@@ -130,18 +130,20 @@ class _HiGHS(pulp.HiGHS):  # type: ignore[misc,name-defined]
 
 def _highs_callback(phase: str, progress: Callable[[ProgressEvent], None] | None,
                     t0: float, deadline: float, every: float = 0.5,
-                    cutoff: float | None = None) -> Callable[..., None]:
+                    cutoff: float | None = None,
+                    stop: Callable[[], bool] | None = None) -> Callable[..., None]:
     """Progress reports, and an interrupt at ``deadline`` (HiGHS checks its own time limit only
     between root-node steps, which on a model of a few thousand rows can overrun it by a
-    second). With a ``cutoff``, HiGHS's primal bound is the cutoff until an assignment below it
-    is found: it is not reported as an incumbent."""
+    second) or once ``stop()`` says so. With a ``cutoff``, HiGHS's primal bound is the cutoff
+    until an assignment below it is found: it is not reported as an incumbent."""
     last = [0.0]
 
     def cb(kind: int, message: str, out: Any, inp: Any, user: Any) -> None:
         import highspy
 
         now = _time.perf_counter()
-        if now > deadline and kind == int(highspy.cb.HighsCallbackType.kCallbackMipInterrupt):
+        if kind == int(highspy.cb.HighsCallbackType.kCallbackMipInterrupt) and (
+                now > deadline or (stop is not None and stop())):
             inp.user_interrupt = True
         improving = kind == int(highspy.cb.HighsCallbackType.kCallbackMipImprovingSolution)
         if progress is None or (not improving and now - last[0] < every):
@@ -171,7 +173,8 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
                 warm: np.ndarray | None = None, time_limit: float = 10.0, solver: str = "highs",
                 progress: Callable[[ProgressEvent], None] | None = None,
                 phase: str = "ilp", gap_rel: float = 1e-4,
-                cutoff: float | None = None) -> IlpResult:
+                cutoff: float | None = None,
+                stop: Callable[[], bool] | None = None) -> IlpResult:
     """Solve the ILP of Note [ILP formulation] over ``items``.
 
     Args:
@@ -190,6 +193,8 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
             ``objective_bound``, a constraint for CBC), without primal heuristics. Status
             ``"infeasible"`` then means that none exists, and the result's ``bound`` is at
             most ``cutoff``.
+        stop: Polled during HiGHS's search: once it returns true, the search stops as at its
+            time limit (another thread found the answer; CBC ignores it).
 
     Returns:
         The result; its ``bound``, when set, is at most the objective of every assignment of
@@ -211,7 +216,7 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
         try:
             if name == "highs":
                 res = _solve_highs(model, warm_vals, remaining, progress, phase, gap_rel, t0,
-                                   cutoff)
+                                   cutoff, stop)
                 if warm_vals is not None and _inconsistent(model, res):
                     # HiGHS 1.16 with a start solution and presolve can report an objective
                     # (and dual bound) its own solution does not have: solve again cold.
@@ -219,7 +224,7 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
                                  "start; solved again without it")
                     remaining = max(0.05, time_limit - (_time.perf_counter() - t0))
                     res = _solve_highs(model, None, remaining, progress, phase, gap_rel, t0,
-                                       cutoff)
+                                       cutoff, stop)
             else:
                 res = _solve_cbc(model, warm_vals, remaining, gap_rel, cutoff)
         except Exception as e:
@@ -271,7 +276,7 @@ def _extract(model: _Model) -> np.ndarray | None:
 
 def _solve_highs(model: _Model, warm: dict[str, float] | None, limit: float,
                  progress: Callable[[ProgressEvent], None] | None, phase: str, gap_rel: float,
-                 t0: float, cutoff: float | None = None
+                 t0: float, cutoff: float | None = None, stop: Callable[[], bool] | None = None
                  ) -> tuple[np.ndarray | None, str, float | None, float | None]:
     import highspy
 
@@ -280,8 +285,8 @@ def _solve_highs(model: _Model, warm: dict[str, float] | None, limit: float,
     kwargs: dict[str, Any] = dict(msg=False, **highs_options(time_limit=limit, gap_rel=gap_rel,
                                                              cutoff=cutoff))
     deadline = _time.perf_counter() + limit
-    kwargs["callbackTuple"] = (_highs_callback(phase, progress, t0, deadline, cutoff=cutoff),
-                               None)
+    kwargs["callbackTuple"] = (_highs_callback(phase, progress, t0, deadline, cutoff=cutoff,
+                                               stop=stop), None)
     kwargs["callbacksToActivate"] = [cb.kCallbackMipInterrupt] + (
         [cb.kCallbackMipImprovingSolution] if progress is not None else [])
     solver = _HiGHS(warm=warm, **kwargs)

@@ -28,10 +28,12 @@ stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitio
      ``target`` lies in those windows, so ``min(target, dual bound)`` bounds every
      assignment; a complete search (``"infeasible"``) proves ``target`` itself, i.e. the
      incumbent within ``g``. Any better assignment found becomes the incumbent;
-   - ``g = 0``: the windows of the incumbent, warm-started from it, to optimality: the
-     bound is ``min(incumbent, dual bound)``, and ``"optimal"`` means proven optimal at op
-     level (up to the solver's relative gap of 1e-4).
+   - ``g = 0``: the windows of the incumbent and the same search below ``incumbent (1 -
+     _EXACT_GAP)`` (the solver's relative gap, 1e-4): complete, it proves the incumbent
+     optimal at op level, or finds the better assignments, each optimal in its piece.
 
+   Each phase's search runs in pieces on several threads (Note [proof in pieces] in
+   ``_pieces.py``): halves of the windows cut at a middle boundary, solved side by side.
    A phase that runs out of time ends the sequence (a smaller gap would too), and so does
    less time left than the previous phase took. Proving a small gap first is much cheaper
    than proving optimality (the tighter windows and the cutoff prune most of the tree), so
@@ -89,6 +91,7 @@ from dataclasses import replace
 import numpy as np
 
 from modelparallel.errors import ConfigError, InfeasiblePlanError
+from modelparallel.partitioner._pieces import solve_pieces
 from modelparallel.partitioner.baselines import param_balanced_split, uniform_split
 from modelparallel.partitioner.bounds import lower_bound, window_for
 from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, unit_order
@@ -113,6 +116,7 @@ _FLAT_COLUMNS = 4000  # windowed binaries up to which the op-level ILP is solved
 _ILP_SHARE = 0.55  # share of config.time_limit for the coarse and refinement ILPs
 _ILP_SHARE_FLAT = 0.9  # share for the flat op-level ILP (HiGHS may overrun it a little)
 _PROOF_GAPS = (0.0197, 0.009, 0.0)  # gaps the flat ILP proves in turn (the first under 2%)
+_EXACT_GAP = 1e-4  # the exact phase searches below the incumbent less this (the solver's gap)
 _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
 _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
 _POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
@@ -419,45 +423,74 @@ def _flat(prob: Problem, clock: _Clock, cands: _Candidates,
 
 def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, proof: _Proof,
            gap: float, end: float) -> bool:
-    """One proof phase: nothing better than ``best / (1 + gap)`` exists (``gap > 0``: a
-    search with that cutoff), or the exact optimum (``gap == 0``: warm-started from the best).
-    Returns whether the phase completed."""
+    """One proof phase: nothing better than ``best / (1 + gap)`` exists (``gap > 0``), or the
+    exact optimum (``gap == 0``: nothing better than the best less the solver's gap), each a
+    search with that cutoff, in pieces (Note [proof in pieces] in ``_pieces.py``). Returns
+    whether the phase completed."""
     cfg = prob.config
     units = red.units
     best = cands.best()
-    if best is None:  # no incumbent: the ILP over the whole ranges
-        lo, hi, target = units.lo, units.hi, np.inf
-    else:
-        target = best[0] / (1 + gap)
-        lo, hi = _unit_windows(prob, red, target)
-        if np.any(lo > hi):
-            proof.prove(target, f"no assignment beats {target:.4f}: a node has no stage left "
-                        "in its window")
-            proof.optimal = proof.optimal or gap == 0
-            return True
-    what = "exact" if gap == 0 else f"within {100 * gap:.3g}%"
+    if best is None:
+        return _prove_whole(prob, clock, cands, red, proof, end)
+    exact = gap == 0
+    target = best[0] * (1 - _EXACT_GAP) if exact else best[0] / (1 + gap)
+    lo, hi = _unit_windows(prob, red, best[0] if exact else target)
+    if np.any(lo > hi):
+        proof.prove(target, f"no assignment beats {target:.4f}: a node has no stage left "
+                    "in its window")
+        proof.optimal = proof.optimal or exact
+        return True
+    what = "exact" if exact else f"within {100 * gap:.3g}%"
     clock.emit("ilp", f"proving {what}: {int((hi - lo).sum())} binaries within the stage "
-               "windows", incumbent=None if best is None else best[0], bound=proof.bound)
-    exact = gap == 0 or best is None
-    res = solve_items(prob, units.members, lo, hi,
-                      warm=red.unit_stage(best[2]) if exact and best is not None else None,
+               "windows", incumbent=best[0], bound=proof.bound)
+
+    def report(started: int, res: IlpResult) -> None:
+        if started > 1:
+            clock.emit("ilp", f"a piece ({started} started): {res.status} in {res.seconds:.1f} s",
+                       incumbent=best[0], bound=proof.bound)
+
+    out = solve_pieces(prob, units.members, lo, hi, target=target, gap_rel=max(gap, 1e-4),
+                       time_limit=max(0.5, _left(clock, end)), solver=cfg.solver,
+                       report=report)
+    ran = [r for r in out.results if r is not None]
+    for res in ran:
+        proof.solver = res.solver
+        proof.ran(res)
+    for item_stage in out.found:
+        cands.consider(_expand(units, item_stage, prob.n), "ilp-flat")
+    pieces = f", {out.pieces} pieces" if out.pieces > 1 else ""
+    if out.complete and not out.found:
+        proof.prove(target * (1 - 1e-6), f"op-level ILP ({what}): no assignment below "
+                    f"{target:.4f} (complete search of its windows{pieces})")
+    elif out.bound is not None:
+        state = "complete" if out.complete else "stopped"
+        proof.prove(out.bound * (1 - 1e-6), (
+            f"op-level ILP ({what}) over the windows of {target:.4f}{pieces}: {state}, dual "
+            f"bound {out.bound:.4f} for every assignment below that"))
+    if exact and out.complete:
+        proof.optimal = True
+    return out.complete
+
+
+def _prove_whole(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction,
+                 proof: _Proof, end: float) -> bool:
+    """No incumbent: the ILP over the groups' whole ranges, to optimality."""
+    cfg = prob.config
+    units = red.units
+    clock.emit("ilp", f"solving exactly: {int((units.hi - units.lo).sum())} binaries, no "
+               "incumbent")
+    res = solve_items(prob, units.members, units.lo, units.hi,
                       time_limit=max(0.5, _left(clock, end)), solver=cfg.solver,
-                      progress=clock.progress, phase="ilp", gap_rel=max(gap, 1e-4),
-                      cutoff=None if exact else target)
+                      progress=clock.progress, phase="ilp")
     proof.solver = res.solver
     proof.ran(res)
     if res.item_stage is not None:
         cands.consider(_expand(units, res.item_stage, prob.n), "ilp-flat")
+    if res.bound is not None:
+        proof.prove(float(res.bound) * (1 - 1e-6), f"op-level ILP (exact): {res.status}, dual "
+                    f"bound {res.bound:.4f}")
     done = res.status in ("optimal", "infeasible")
-    if res.status == "infeasible" and np.isfinite(target):
-        proof.prove(target * (1 - 1e-6), f"op-level ILP ({what}): no assignment below "
-                    f"{target:.4f} (complete search of its windows)")
-    elif res.bound is not None:
-        proof.prove(min(target, float(res.bound) * (1 - 1e-6)), (
-            f"op-level ILP ({what}) over the windows of {target:.4f}: {res.status}, dual bound "
-            f"{res.bound:.4f} for every assignment below that"))
-    if exact and done:
-        proof.optimal = True
+    proof.optimal = proof.optimal or (done and res.item_stage is not None)
     return done
 
 

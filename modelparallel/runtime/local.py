@@ -22,6 +22,20 @@ that leaf (Note [relay communication]). Autograd refuses in-place writes on such
 ``StageProgram.run`` passes clones where needed, as for the distributed runtime (Note [stage
 calling convention]).
 
+Note [one backward in one process]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A split backward (ZB-H1's ``I`` and ``W``, Note [split backward] in
+``modelparallel/schedule/__init__.py``) pays off only where something runs in the gap it
+opens: another rank's critical path. In one process on one device the actions run one after
+another and nothing overlaps, so the split is pure cost: two autograd passes per microbatch
+and stage, the graph walk that separates them, and the microbatch's activations held until
+its ``W``. :class:`LocalPipeline` therefore runs each ``I`` as the microbatch's whole backward
+and each ``W`` as nothing when every stage is on one device (``split_backward=None``, the
+default). The gradients are the same up to the order in which microbatches add into
+``.grad`` (fp32 rounding). With stages on several devices, whose kernels run asynchronously
+and can overlap, or with ``split_backward=True`` (the test bed of the split itself), the two
+halves run as the distributed runtime runs them. Figures: docs/schedules.md, "On one GPU".
+
 Note [local tied parameters]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Stages built in one process from one traced model share the very parameter objects of a tied
@@ -127,6 +141,10 @@ class LocalPipeline:
         non_split_inputs: Flat inputs (names or indices) given whole to every microbatch.
             Splitting follows SMP (:mod:`modelparallel.runtime.microbatch`).
         average_grads: Average gradients over microbatches (SMP's default); ``False`` sums.
+        split_backward: Whether a split backward (the ``I`` and ``W`` actions of ZB-H1) runs
+            as two autograd passes (Note [one backward in one process]). ``None`` (default):
+            only when the stages sit on more than one device; on one device each ``I`` runs
+            the microbatch's whole backward and its ``W`` nothing.
 
     Example:
         >>> import torch
@@ -150,7 +168,7 @@ class LocalPipeline:
                  devices: Sequence[torch.device | str] | None = None,
                  input_split_axes: Mapping[str | int, int] | None = None,
                  non_split_inputs: Sequence[str | int] = (),
-                 average_grads: bool = True) -> None:
+                 average_grads: bool = True, split_backward: bool | None = None) -> None:
         self.stages = tuple(stages)
         _check_stages(self.stages)
         if not isinstance(microbatches, int) or microbatches < 1:
@@ -170,6 +188,8 @@ class LocalPipeline:
             _place_stages(self.stages, self.devices)
         else:
             self.devices = [_module_device(s.module) for s in self.stages]
+        self.split_backward = (len(set(self.devices)) > 1 if split_backward is None
+                               else bool(split_backward))
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -237,11 +257,11 @@ class LocalPipeline:
                     slot.loss = check_loss(self.loss_fn(out, pytree.tree_map(
                         lambda v: _move(v, self.devices[-1]), mb_targets[i])))
                     losses[i] = slot.loss.detach()
-            elif a.kind == "B":
+            elif a.kind == "B" or (a.kind == "I" and not self.split_backward):
                 self._backward(slots, s, i)
             elif a.kind == "I":
                 self._backward_input(slots, s, i)
-            else:
+            elif self.split_backward:
                 slot = slots.pop((s, i))
                 if slot.pending is not None:
                     backward_weight(slot.pending)

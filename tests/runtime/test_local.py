@@ -92,14 +92,41 @@ def test_new_schedules_in_one_process(model: str, communication: str) -> None:
     ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
     ref_loss.backward()
     ref = dict(c.reference.named_parameters())
-    for schedule in ("zb-h1", make_schedule("1f1b", 2, 2, virtual_stages=2)):
-        pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn, schedule=schedule)
+    for schedule, split in (("zb-h1", True), ("zb-h1", None),
+                            (make_schedule("1f1b", 2, 2, virtual_stages=2), None)):
+        pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn, schedule=schedule,
+                             split_backward=split)
         for p in pipe.parameters():
             p.grad = None
         loss, _ = pipe.train_step(c.flat, c.case.target)
         assert rel_err(loss, ref_loss.detach()) <= 1e-5
         for name, p in pipe.named_parameters():
-            assert rel_err(p.grad, ref[name].grad) <= 1e-5, (schedule, name)
+            assert rel_err(p.grad, ref[name].grad) <= 1e-5, (schedule, split, name)
+
+
+def test_zero_bubble_on_one_device_runs_one_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On one device ZB-H1's I runs the whole backward and W nothing (Note [one backward in one
+    process]); split_backward=True takes the two-pass path, and both give the same gradients."""
+    import modelparallel.runtime.local as local
+
+    c = Case(lambda: models.skip_mlp(batch_size=8))
+    stages = build_stages(c.traced, make_plan(c.traced, 4, [0.1, 0.45, 0.8], "direct"))
+    grads = {}
+    calls = []
+    real = local.backward_input
+    monkeypatch.setattr(local, "backward_input", lambda *a: calls.append(1) or real(*a))
+    for split in (None, True):
+        calls.clear()
+        pipe = LocalPipeline(stages, microbatches=4, loss_fn=c.case.loss_fn, schedule="zb-h1",
+                             split_backward=split)
+        assert pipe.split_backward is bool(split)
+        for p in pipe.parameters():
+            p.grad = None
+        pipe.train_step(c.flat, c.case.target)
+        assert len(calls) == (16 if split else 0)
+        grads[split] = {n: p.grad.clone() for n, p in pipe.named_parameters()}
+    for name, g in grads[None].items():
+        assert rel_err(g, grads[True][name]) <= 1e-6, name
 
 
 @pytest.mark.parametrize("communication", ["direct", "relay"])
