@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,7 @@ PROOF_OPTIONS: dict[str, Any] = {
     "mip_heuristic_run_root_reduced_cost": False, "mip_heuristic_run_feasibility_jump": False}
 
 _BANNER_SHOWN = False
+_BANNER_LOCK = threading.Lock()  # solves run on several threads (Note [proof in pieces])
 
 
 def highs_options(*, time_limit: float, gap_rel: float, cutoff: float | None = None
@@ -92,10 +94,11 @@ def _quiet_stdout() -> Iterator[None]:
 def silence_banner() -> None:
     """Make the first ``highspy.Highs`` of the process with stdout silenced (once)."""
     global _BANNER_SHOWN
-    if not _BANNER_SHOWN:
-        import highspy
+    with _BANNER_LOCK:  # two threads swapping file descriptor 1 could leave it silenced
+        if not _BANNER_SHOWN:
+            import highspy
 
-        with _quiet_stdout():
-            h = highspy.Highs()
-            h.setOptionValue("output_flag", False)
-        _BANNER_SHOWN = True
+            with _quiet_stdout():
+                h = highspy.Highs()
+                h.setOptionValue("output_flag", False)
+            _BANNER_SHOWN = True

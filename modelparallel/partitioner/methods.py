@@ -452,8 +452,7 @@ def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, pro
     out = solve_pieces(prob, units.members, lo, hi, target=target, gap_rel=max(gap, 1e-4),
                        time_limit=max(0.5, _left(clock, end)), solver=cfg.solver,
                        report=report)
-    ran = [r for r in out.results if r is not None]
-    for res in ran:
+    for res in out.results:
         proof.solver = res.solver
         proof.ran(res)
     for item_stage in out.found:
