@@ -25,8 +25,8 @@ import torch.utils._pytree as pytree
 from _timing import alternating_rounds, step_times  # re-exported: they lived here before
 
 __all__ = ["add_timing_options", "alternating_rounds", "model_benchmark_parser",
-           "requested_device", "run_rank_processes", "save_result", "step_times", "to_device",
-           "versions"]
+           "optimizer_step", "requested_device", "run_rank_processes", "save_result",
+           "step_times", "to_device", "versions"]
 
 
 def versions(*packages: str) -> dict[str, Any]:
@@ -55,6 +55,17 @@ def to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
         t = t.to(device)
         return t.to(dtype) if t.is_floating_point() else t
     return pytree.tree_map(move, value)
+
+
+def optimizer_step(opt: torch.optim.Optimizer,
+                   backward: Callable[[], Any]) -> Callable[[], None]:
+    """A timed training step: gradients set to ``None``, ``backward()`` (the forward and
+    backward passes), then ``opt.step()``."""
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        backward()
+        opt.step()
+    return step
 
 
 def model_benchmark_parser(doc: str) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from _common import (
     add_timing_options,
     alternating_rounds,
     model_benchmark_parser,
+    optimizer_step,
     requested_device,
     save_result,
     to_device,
@@ -92,15 +93,9 @@ def run_model(w: Workload, *, device: torch.device, dtype: torch.dtype, warmup: 
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
     ours_opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
 
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        loss_fn(plain_model(*args, **kwargs), target).backward()
-        plain_opt.step()
-
-    def ours_step() -> None:
-        ours_opt.zero_grad(set_to_none=True)
-        pipe.train_step(flat, target)
-        ours_opt.step()
+    plain_step = optimizer_step(
+        plain_opt, lambda: loss_fn(plain_model(*args, **kwargs), target).backward())
+    ours_step = optimizer_step(ours_opt, lambda: pipe.train_step(flat, target))
 
     # Diagnostic: the traced graph module run directly (no codegen, no pipeline). The tracer
     # already gives SDPA is_causal=True instead of a materialised causal mask (Note [causal
@@ -128,12 +123,8 @@ def _graph_step(gm: torch.fx.GraphModule, traced: Any, flat: list[Any], target: 
                 loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[], None]:
     """A training step that runs ``gm`` (a traced graph module) directly."""
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(traced.unflatten_outputs(gm(*flat)), target).backward()
-        opt.step()
-    return step
+    return optimizer_step(
+        opt, lambda: loss_fn(traced.unflatten_outputs(gm(*flat)), target).backward())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

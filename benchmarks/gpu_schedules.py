@@ -35,6 +35,7 @@ from _common import (
     add_timing_options,
     alternating_rounds,
     model_benchmark_parser,
+    optimizer_step,
     requested_device,
     save_result,
     to_device,
@@ -92,18 +93,14 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
     pieces = split_inputs(leaves, resolve_split([str(i) for i in range(len(leaves))], m))
     chunks = list(zip((pytree.tree_unflatten(p, tree) for p in pieces), split_target(target, m)))
 
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        loss_fn(plain_model(*args, **kwargs), target).backward()
-        plain_opt.step()
-
-    def accum_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
+    def accumulate() -> None:
         for (a, kw), t in chunks:
             (loss_fn(plain_model(*a, **kw), t) / m).backward()
-        plain_opt.step()
 
-    variants: dict[str, Callable[[], Any]] = {"plain": plain_step, "plain-accum": accum_step}
+    variants: dict[str, Callable[[], Any]] = {
+        "plain": optimizer_step(
+            plain_opt, lambda: loss_fn(plain_model(*args, **kwargs), target).backward()),
+        "plain-accum": optimizer_step(plain_opt, accumulate)}
     plans: dict[str, Any] = {}
     first_loss: dict[str, float] = {}
     with torch.no_grad():
@@ -117,11 +114,7 @@ def run(case: models.ModelCase, *, device: torch.device, dtype: torch.dtype, p: 
         pipe = LocalPipeline(stages, microbatches=m, loss_fn=loss_fn, schedule=schedule,
                              devices=[device] * len(stages), split_backward=split)
         opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4)
-
-        def step(pipe: LocalPipeline = pipe, opt: torch.optim.Optimizer = opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            pipe.train_step(flat, target)
-            opt.step()
+        step = optimizer_step(opt, lambda pipe=pipe: pipe.train_step(flat, target))
 
         first_loss[label] = float(pipe.train_step(flat, target)[0])  # before any update
         for q in pipe.parameters():

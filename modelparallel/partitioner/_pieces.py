@@ -8,7 +8,7 @@ stage windows has an objective below a target. That question splits exactly: for
 searches with ``hi[a] = s`` and with ``lo[a] = s + 1`` cover the whole between them. Nothing
 is below the target if neither finds anything, the least of the two bounds bounds the whole,
 and the better of their finds is the whole's. The pieces are narrower problems, not copies:
-on the reference models their solve times add up to about that of the unsplit search. Split
+measured on Llama-small, their solve times add up to about that of the unsplit search. Split
 ``k`` times, the search becomes ``2^k`` independent solves.
 
 The split follows the pipeline's shape. A piece spans a share ``[f0, f1]`` of the compute
@@ -105,16 +105,23 @@ def split_ranges(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi:
     """Item ranges of up to ``pieces`` searches that together cover ``lo``/``hi`` (Note [proof
     in pieces]): halves, then halves of those, while that stays within ``pieces``. Fewer come
     back when no item is left to split on."""
-    cut = _Cutter(prob, items)
-    level = [_Piece(lo.copy(), hi.copy(), 0.0, 1.0)]
+    root = _Piece(lo.copy(), hi.copy(), 0.0, 1.0)
+    return [(q.lo, q.hi) for q in _split_levels(_Cutter(prob, items), root, pieces)]
+
+
+def _split_levels(cut: _Cutter, root: _Piece, pieces: int) -> list[_Piece]:
+    """The leaves of ``root`` cut in halves level by level while that stays within ``pieces``
+    (each cut piece keeps its halves as children)."""
+    level = [root]
     while 2 * len(level) <= pieces:
         nxt = []
         for piece in level:
-            nxt += cut.halves(piece) or [piece]
+            piece.children = cut.halves(piece)
+            nxt += piece.children or [piece]
         if len(nxt) == len(level):
             break
         level = nxt
-    return [(q.lo, q.hi) for q in level]
+    return level
 
 
 @dataclass(eq=False)
@@ -235,15 +242,7 @@ def solve_pieces(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi:
         if report is not None:
             report(1, root.result)
         return _outcome(root, target, 1, _time.perf_counter() - t0)
-    queue = [root]
-    while len(queue) < 2 * workers:  # two pieces per worker to start with
-        nxt = []
-        for piece in queue:
-            piece.children = cut.halves(piece)
-            nxt += piece.children or [piece]
-        if len(nxt) == len(queue):
-            break
-        queue = nxt
+    queue = _split_levels(cut, root, 2 * workers)  # two pieces per worker to start with
     started = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilp-piece") as pool:
         running: dict[Future[IlpResult], _Piece] = {}
