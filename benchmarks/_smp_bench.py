@@ -8,7 +8,10 @@ both alike. The SMP step does what SMP's semantics ask on top of the plain step:
 step function's arguments from pipeline rank 0, runs the step function once per microbatch (as
 a coroutine: a greenlet, or a worker thread with ``--smp-bodies threads``) and gives every rank the per-microbatch outputs; the plain pipeline runs
 with its default ``return_outputs=True`` (outputs broadcast too). Ratio = median SMP step / median
-pipeline step (goal <= 1.05); bubble = 1 - mean over ranks of compute seconds / step wall
+pipeline step (goal <= 1.05); ``late`` is the same SMP loop with the bodies resumed after the
+last action on every rank (``StageExecutor.early_work = False``) rather than while pipeline rank
+0 waits for a gradient (Note [work after the result] in ``modelparallel/runtime/result.py``), its
+ratio to the plain pipeline shown beside; bubble = 1 - mean over ranks of compute seconds / step wall
 seconds, for each (goal: within 0.05 of each other).
 """
 
@@ -71,15 +74,20 @@ def _row(rank: int, world: int, m: int, label: str, bodies: str, cfg: dict[str, 
         pipe.step((x,), y)
         return float(pipe.executor.stats.compute_seconds)
 
-    def smp_step() -> float:
+    def smp_step(early: bool = True) -> float:
+        if dm.partitioned:
+            dm.pipeline.executor.early_work = early
         train_step(dm, x, y)
         return float(dm.pipeline.executor.stats.compute_seconds)
 
-    times: dict[str, list[float]] = {"smp": [], "plain": []}
-    busy: dict[str, list[float]] = {"smp": [], "plain": []}
+    times: dict[str, list[float]] = {"smp": [], "late": [], "plain": []}
+    busy: dict[str, list[float]] = {"smp": [], "late": [], "plain": []}
+    # smp and late share an executor: which of them follows the plain step alternates, so
+    # neither always runs first after the switch from the other pipeline
+    steps = (("smp", smp_step), ("late", lambda: smp_step(False)), ("plain", plain_step))
     try:
         for i in range(cfg["warmup"] + cfg["steps"]):
-            for which, fn in (("smp", smp_step), ("plain", plain_step)):
+            for which, fn in (steps if i % 2 else (steps[1], steps[0], steps[2])):
                 for p in [*dm.parameters(), *pipe.program.module.parameters()]:
                     p.grad = None
                 dist.barrier()
@@ -95,6 +103,7 @@ def _row(rank: int, world: int, m: int, label: str, bodies: str, cfg: dict[str, 
     return {"m": m, "schedule": label, "bodies": bodies,
             "smp_step": statistics.median(times["smp"]),
             "plain_step": statistics.median(times["plain"]),
+            "late_step": statistics.median(times["late"]),
             "smp_busy": statistics.median(busy["smp"]),
             "plain_busy": statistics.median(busy["plain"])}
 
@@ -117,12 +126,14 @@ def _smp_job(rank: int, world: int, init_file: str, cfg: dict[str, Any], plan_di
                 per_rank = [g[i] for g in gathered]
                 s = max(r["smp_step"] for r in per_rank)
                 p = max(r["plain_step"] for r in per_rank)
+                late = max(r["late_step"] for r in per_rank)
                 bs = 1.0 - statistics.mean(r["smp_busy"] for r in per_rank)
                 bp = 1.0 - statistics.mean(r["plain_busy"] for r in per_rank)
                 out.append({"p": world, "m": row["m"], "schedule": row["schedule"],
                             "bodies": row["bodies"],
                             "smp_step_ms": 1e3 * s, "pipeline_step_ms": 1e3 * p,
-                            "ratio": s / p, "smp_bubble": bs, "pipeline_bubble": bp,
+                            "ratio": s / p, "late_step_ms": 1e3 * late,
+                            "late_ratio": late / p, "smp_bubble": bs, "pipeline_bubble": bp,
                             "bubble_difference": bs - bp})
             queue.put(out)
     finally:

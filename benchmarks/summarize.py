@@ -95,6 +95,7 @@ def runtime(data: dict[str, Any]) -> str:
     # (d): bodies "threads" in files from before the greenlet bodies (Note [smp step coroutines]).
     smp = [[str(r["p"]), str(r["m"]), r["schedule"], r.get("bodies", "threads"),
             f"{r['smp_step_ms']:.1f}", f"{r['pipeline_step_ms']:.1f}", f"{r['ratio']:.3f}",
+            f"{r['late_ratio']:.3f}" if "late_ratio" in r else "",
             f"{r['smp_bubble']:.3f}", f"{r['pipeline_bubble']:.3f}",
             f"{r['bubble_difference']:+.3f}"] for r in data.get("smp", [])]
     parts = []
@@ -105,9 +106,11 @@ def runtime(data: dict[str, Any]) -> str:
                      + _table(["model", "plain ms", "ours ms", "ratio"], one))
     if smp:
         parts.append("(d) an `@smp.step` loop against `modelparallel.pipeline` on the same plan "
-                     "(goals: ratio <= 1.05, bubble difference within 0.05):\n\n"
+                     "(goals: ratio <= 1.05, bubble difference within 0.05; late ratio: the "
+                     "bodies resumed after the last action, Note [work after the result]):\n\n"
                      + _table(["p", "m", "schedule", "bodies", "smp ms", "pipeline ms", "ratio",
-                               "smp bubble", "pipeline bubble", "difference"], smp))
+                               "late ratio", "smp bubble", "pipeline bubble", "difference"],
+                              smp))
     return "\n\n".join(parts)
 
 

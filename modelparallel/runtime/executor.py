@@ -49,7 +49,7 @@ from modelparallel.runtime.comm import PendingRecv, Send, StageComm
 from modelparallel.runtime.data_parallel import GradientSync
 from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.microbatch import SplitSpec, shape_key, split_inputs, split_target
-from modelparallel.runtime.result import StepOutput, StepResult
+from modelparallel.runtime.result import ResultWork, StepOutput, StepResult, result_point
 from modelparallel.runtime.split_backward import (
     PendingWeightGrad,
     backward_input,
@@ -215,6 +215,10 @@ class StageExecutor:
             raise ConfigError(f"lookahead = {lookahead} must be at least 1 (1: each receive "
                               "posted with its action)")
         self.lookahead, self.early_result = lookahead, early_result
+        #: Do the ``on_result`` work of :meth:`run_microbatches` at ``result_point`` (Note
+        #: [work after the result] in ``result.py``); ``False``: after the last action (the
+        #: runtime benchmark's comparison).
+        self.early_work = True
         self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates = TemplateCache()
@@ -262,7 +266,8 @@ class StageExecutor:
     def run_microbatches(self, microbatches: Sequence[Sequence[Any]], targets: Sequence[Any],
                          *, train: bool, return_outputs: bool = True, merge: bool = True,
                          context: Callable[[int], contextlib.AbstractContextManager[Any]]
-                         | None = None, shared: bool = False) -> StepOutput:
+                         | None = None, shared: bool = False,
+                         on_result: ResultWork | None = None) -> StepOutput:
         """Run one step on inputs already cut into microbatches (SMP's ``smp.step`` cuts the
         step function's arguments itself, Note [smp step] in ``modelparallel/torch/stepping.py``).
 
@@ -278,6 +283,9 @@ class StageExecutor:
                 stage (an autocast context, say).
             shared: The caller already gave every rank pipeline rank 0's inputs (SMP does), so
                 they are not shared again (Note [batch from rank 0]).
+            on_result: Work that needs the step's result on this rank, done as soon as the
+                result is in where that costs nothing (Note [work after the result] in
+                ``result.py``), else at the end of the step.
 
         Raises:
             ConfigError: if the number of microbatches is not the executor's.
@@ -300,7 +308,7 @@ class StageExecutor:
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
         return self._run_step(list(microbatches), list(targets) if train else [None] * m,
                               key, train=train, return_outputs=return_outputs, merge=merge,
-                              context=context)
+                              context=context, on_result=on_result)
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -342,8 +350,8 @@ class StageExecutor:
 
     def _run_step(self, microbatches: Sequence[Sequence[Any]], targets: list[Any],
                   key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
-                  context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
-                  ) -> StepOutput:
+                  context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+                  on_result: ResultWork | None = None) -> StepOutput:
         m = self.split.num_microbatches
         if not self.is_last:
             targets = [None] * m
@@ -358,7 +366,7 @@ class StageExecutor:
                      result=StepResult(self.comm, is_last=self.is_last, microbatches=m,
                                        train=train, return_outputs=return_outputs,
                                        merge=merge, templates=tpl.result,
-                                       device=self.device))
+                                       device=self.device, on_result=on_result))
         start = time.perf_counter()
         self.stats = StepStats()
         try:
@@ -396,8 +404,10 @@ class StageExecutor:
         ``lookahead`` actions ahead, Note [receives ahead]), or action k + 1's together with
         action k's sends (NCCL, see ``comm.py``); an action's sends are posted right after its
         compute. After its last forward the rank starts the exchange of the step's result
-        (Note [early result] in ``result.py``).
+        (Note [early result] in ``result.py``); work that needs the result may run before the
+        receives of action ``point`` (Note [work after the result], ibid.).
         """
+        point = self._result_point(step.train) if self.early_work else None
         grouped = self.comm is not None and self.comm.grouped
         ahead = 1 if grouped else self.lookahead
         last_forward = max((k for k, a in enumerate(step.actions) if a.kind == "F"),
@@ -409,6 +419,8 @@ class StageExecutor:
                 self._post(step, k + ahead, allow_meta=False)
             recvs = step.posted.pop(k)
             i, s = a.microbatch, a.stage
+            if k == point:
+                self._hooked("result_wait", s, None, step.result.work_now)
             received = (self._hooked("recv_wait", s, i, self._wait, step, recvs)
                         if recvs else [])
             t0 = time.perf_counter()
@@ -587,6 +599,11 @@ class StageExecutor:
     def _actions_schedule(self) -> Schedule:
         self._actions(True)
         return self._schedules[(self.split.num_microbatches, True)]
+
+    def _result_point(self, train: bool) -> int | None:
+        self._actions(train)
+        return result_point(self._schedules[(self.split.num_microbatches, train)],
+                            self.program.index)
 
     def _actions(self, train: bool) -> tuple[Action, ...]:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches

@@ -27,11 +27,31 @@ behind it), broadcast the result after the last action as before. The last stage
 its outputs still match the template of the shape key and raises
 :class:`~modelparallel.errors.CommunicationError` if they do not (outputs whose shapes depend on
 the data, not supported), rather than broadcasting into wrongly sized buffers.
+
+Note [work after the result]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A caller may have work that needs the step's result on this rank (``smp.step`` resumes every
+microbatch's step function there with the real outputs: Note [smp step], 5). Done after the
+last action, it lengthens the step of the rank that finishes last, pipeline rank 0 (the first
+stage's backwards end every schedule). But that rank, once past the last action that sends
+anything (its last forward; on one stage per rank every later action is a backward of stage
+0), is a sink: nothing any rank does depends on what it does next. So it may wait for the
+result there without any risk of a deadlock, and it loses nothing by doing the work before a
+backward rather than after the last one; it gains the time it would have waited for that
+backward's gradient. :func:`result_point` picks the first backward of that quiet part whose
+gradient cannot start back from the last stage before the result was sent (on the last stage,
+that microbatch's backward comes after the last forward): there the result has arrived, or
+arrives soon, and the gradient is still at least one backward per stage away (GPipe: the
+first backward of stage 0, with ``p - 1`` backwards to wait; 1F1B: the last). The executor
+calls :meth:`StepResult.work_now` there; every other rank, and every step without the early
+result, does the work in :meth:`StepResult.finish`. The work is the caller's: its errors are
+the caller's too (``smp.step`` keeps them until the step has ended, as before).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -40,8 +60,9 @@ from modelparallel.errors import CommunicationError
 from modelparallel.runtime.boundary import allocate, pack, unpack
 from modelparallel.runtime.comm import StageComm
 from modelparallel.runtime.microbatch import merge_outputs, stack_outputs, unstack_outputs
+from modelparallel.schedule import Schedule
 
-__all__ = ["StepOutput", "StepResult"]
+__all__ = ["ResultWork", "StepOutput", "StepResult", "result_point"]
 
 
 class StepOutput(NamedTuple):
@@ -55,6 +76,11 @@ class StepOutput(NamedTuple):
 
     loss: torch.Tensor
     outputs: Any
+
+
+#: Work on this rank once the step's result is known: given the rank's :class:`StepOutput`,
+#: returns the pieces of work, each run once, in order (Note [work after the result]).
+ResultWork = Callable[[StepOutput], Iterable[Callable[[], None]]]
 
 
 class StepResult:
@@ -71,6 +97,7 @@ class StepResult:
         templates: The shape key's result templates, ``return_outputs -> (loss dtype, output
             template)`` (``Templates.result``); filled on the first step of the key.
         device: Where received buffers live.
+        on_result: Work that needs the result on this rank (Note [work after the result]).
 
     Example:
         >>> r = StepResult(None, is_last=True, microbatches=1, train=True, return_outputs=True,
@@ -82,7 +109,8 @@ class StepResult:
 
     def __init__(self, comm: StageComm | None, *, is_last: bool, microbatches: int,
                  train: bool, return_outputs: bool, merge: bool,
-                 templates: dict[bool, tuple[Any, Any]], device: torch.device) -> None:
+                 templates: dict[bool, tuple[Any, Any]], device: torch.device,
+                 on_result: ResultWork | None = None) -> None:
         self.comm = comm
         self.is_last = is_last
         self.train = train
@@ -100,6 +128,8 @@ class StepResult:
         self._buffers: list[torch.Tensor] = []
         self._works: list[Any] = []
         self._started = False
+        self._on_result = on_result
+        self._output: StepOutput | None = None
 
     def record(self, i: int, output: Any, loss: torch.Tensor | None) -> None:
         """Keep microbatch ``i``'s output and loss (last stage)."""
@@ -135,12 +165,30 @@ class StepResult:
         self._buffers = buffers
         self._works = self.comm.broadcast_async(buffers, self._last)
 
+    def work_now(self) -> None:
+        """Wait for the early result and do the ``on_result`` work now, if both apply (the
+        executor calls it at :func:`result_point`; Note [work after the result])."""
+        if self._early and self._started and self._on_result is not None:
+            self._work(self._finish_early())
+
     def finish(self) -> StepOutput:
-        """The step's output on this rank (collective over the pipeline)."""
+        """The step's output on this rank (collective over the pipeline); runs the
+        ``on_result`` work if :meth:`work_now` did not."""
+        if self._output is not None:
+            return self._output
         if self._early:
             self.start()
-            return self._finish_early()
-        return self._finish_late()
+            out = self._finish_early()
+        else:
+            out = self._finish_late()
+        self._work(out)
+        return out
+
+    def _work(self, out: StepOutput) -> None:
+        self._output = out
+        work, self._on_result = self._on_result, None
+        for piece in work(out) if work is not None else ():
+            piece()
 
     # -- the two exchanges -------------------------------------------------------------------------
 
@@ -200,3 +248,30 @@ class StepResult:
             merged = (list(self.outputs) if self.is_last
                       else unstack_outputs(merged, len(self.outputs)))
         return StepOutput(loss, merged)
+
+
+def result_point(schedule: Schedule, rank: int) -> int | None:
+    """The index of ``rank``'s action before whose receives it does the work that needs the
+    step's result (Note [work after the result]); ``None``: after the last action.
+
+    Example:
+        >>> from modelparallel.schedule import make_schedule
+        >>> gpipe = make_schedule("gpipe", 2, 3)  # rank 0: F0 F1 F2 B0 B1 B2
+        >>> result_point(gpipe, 0), result_point(gpipe, 1)
+        (3, None)
+    """
+    p = len(schedule.actions)
+    last = schedule.num_stages - 1
+    if p < 2:
+        return None
+    mine = schedule.actions[rank]
+    sends = [k for k, a in enumerate(mine)
+             if (a.kind == "F" and a.stage != last) or (a.kind in ("B", "I") and a.stage != 0)]
+    quiet = sends[-1] + 1 if sends else 0
+    at_last = schedule.actions[last % p]
+    final_forward = max((k for k, a in enumerate(at_last) if a.kind == "F" and a.stage == last),
+                        default=len(at_last))
+    after = {a.microbatch for k, a in enumerate(at_last)
+             if a.kind in ("B", "I") and a.stage == last and k > final_forward}
+    return next((k for k, a in enumerate(mine) if k >= quiet and a.kind in ("B", "I")
+                 and a.stage != last and a.microbatch in after), None)

@@ -173,14 +173,16 @@ class _Body:
     def _enter(self, *args: Any) -> tuple[str, Any]:
         """Switch into the body's greenlet with the body's torch state; back with ours."""
         mine = _tls_get()
-        _tls_set(self._tls)
+        if self._tls != mine:  # setting costs a dozen torch calls: only on a difference
+            _tls_set(self._tls)
         _local.body = self
         try:
             return self._green.switch(*args)  # type: ignore[no-any-return]
         finally:
             _local.body = None
             self._tls = _tls_get()
-            _tls_set(mine)
+            if self._tls != mine:
+                _tls_set(mine)
 
     def _take(self, message: tuple[str, Any]) -> str:
         kind, value = message

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from modelparallel.errors import ConfigError, UnsupportedFeatureError, UsageError
-from modelparallel.torch._bodies import _Body, current_body, resume_all
+from modelparallel.torch._bodies import _Body, current_body
 from modelparallel.torch.state_mod import state
 
 __all__ = ["DistributedModel", "PARTIAL_MARKER"]
@@ -180,11 +181,13 @@ class DistributedModel(nn.Module):
                                  "wrap the optimizer before the first step")
             pipe.executor.loss_scale = scaler.loss_scale
         flat = [pipe.traced.flatten_inputs(*_inputs(b)) for b in bodies]
-        result = pipe.executor.run_microbatches(
+        errors: list[BaseException] = []
+        pipe.executor.run_microbatches(
             flat, [b.index for b in bodies], train=train, return_outputs=True, merge=False,
-            context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True)
-        waiting = [(b, out) for b, out in zip(bodies, result.outputs) if b.where == "model"]
-        resume_all([b for b, _ in waiting], [out for _, out in waiting])
+            context=lambda i: _autocast(bodies[i].autocast, pipe.device), shared=True,
+            on_result=functools.partial(_resumers, bodies, errors))
+        if errors:  # the first body's error, once every body has stopped (as resume_all)
+            raise errors[0]
         for b in bodies:
             assert b.where == "done", b.where  # a second model call raised in the body
         self._bodies = []
@@ -496,6 +499,22 @@ def _measure(traced: Any, mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any]) -
 def _inputs(body: _Body) -> tuple[tuple[Any, ...], dict[str, Any]]:
     assert body.model_inputs is not None
     return body.model_inputs
+
+
+def _resumers(bodies: list[_Body], errors: list[BaseException], result: Any
+              ) -> list[Callable[[], None]]:
+    """The executor's work once the step's result is here: resume each body still stopped at
+    its model call with its microbatch's output, in order, one piece of work per body (Note
+    [work after the result] in ``modelparallel/runtime/result.py``). A body's error goes to
+    ``errors`` (raised when the step has ended, after every body stopped)."""
+    def resume(body: _Body, output: Any) -> None:
+        try:
+            body.resume(output)
+        except BaseException as e:  # the user's error: raised by the caller after the step
+            errors.append(e)
+
+    return [functools.partial(resume, b, out) for b, out in zip(bodies, result.outputs)
+            if b.where == "model"]
 
 
 def _active(pipeline: str, p: int, m: int, active: int) -> int | None:

@@ -38,9 +38,10 @@ of the pipeline:
    microbatch's backward; SMP's gradients are not final inside a step either: clip and step
    after it.)
 5. **Outputs everywhere.** The executor broadcasts the per-microbatch outputs from the last stage;
-   every other rank resumes its bodies with them
-   (:func:`resume_all`; its ``model.backward`` records only: its stage's backward ran inside
-   the schedule), so ``model(...)`` returns the real outputs on every rank and every rank
+   every other rank resumes its bodies with them, one after the other (its ``model.backward``
+   records only: its stage's backward ran inside the schedule; pipeline rank 0 does it while
+   it waits for a gradient, Note [work after the result] in ``modelparallel/runtime/result.py``,
+   the others after their last action), so ``model(...)`` returns the real outputs on every rank and every rank
    computes the same return values.
 6. **Results.** Every tensor in the bodies' return values becomes a :class:`StepOutput` of its
    per-microbatch values (detached unless ``detach_outputs=False``); other leaves come back as
