@@ -41,8 +41,8 @@ of the pipeline:
    every other rank resumes its bodies with them, one after the other (its ``model.backward``
    records only: its stage's backward ran inside the schedule; pipeline rank 0 does it while
    it waits for a gradient, Note [work after the result] in ``modelparallel/runtime/result.py``,
-   the others after their last action), so ``model(...)`` returns the real outputs on every rank and every rank
-   computes the same return values.
+   the others after their last action), so ``model(...)`` returns the real outputs on every
+   rank and every rank computes the same return values.
 6. **Results.** Every tensor in the bodies' return values becomes a :class:`StepOutput` of its
    per-microbatch values (detached unless ``detach_outputs=False``); other leaves come back as
    per-microbatch lists; containers (tuples, dicts, Hugging Face ``ModelOutput``) are kept.
