@@ -10,9 +10,9 @@ a coroutine: a greenlet, or a worker thread with ``--smp-bodies threads``) and g
 with its default ``return_outputs=True`` (outputs broadcast too). Ratio = median SMP step / median
 pipeline step (goal <= 1.05); ``late`` is the same SMP loop with the bodies resumed after the
 last action on every rank (``StageExecutor.early_work = False``) rather than while pipeline rank
-0 waits for a gradient (Note [work after the result] in ``modelparallel/runtime/result.py``), its
-ratio to the plain pipeline shown beside; bubble = 1 - mean over ranks of compute seconds / step wall
-seconds, for each (goal: within 0.05 of each other).
+0 waits for a gradient (Note [work after the result] in ``modelparallel/runtime/result.py``),
+its ratio to the plain pipeline shown beside; bubble = 1 - mean over ranks of compute seconds /
+step wall seconds, for each (goal: within 0.05 of each other).
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ class StageExecutor:
         self._train_steps = 0
         self._templates = TemplateCache()
         self._schedules: dict[tuple[int, bool], Schedule] = {}
+        self._points: dict[tuple[int, bool], int | None] = {}  # result_point per schedule
         make_schedule(schedule, self.num_ranks, split.num_microbatches,
                       self.virtual_stages).validate()
         self._params = {p.index: [t for t in p.module.parameters() if t.requires_grad]
@@ -601,9 +602,11 @@ class StageExecutor:
         return self._schedules[(self.split.num_microbatches, True)]
 
     def _result_point(self, train: bool) -> int | None:
-        self._actions(train)
-        return result_point(self._schedules[(self.split.num_microbatches, train)],
-                            self.program.index)
+        key = (self.split.num_microbatches, train)
+        if key not in self._points:
+            self._actions(train)
+            self._points[key] = result_point(self._schedules[key], self.program.index)
+        return self._points[key]
 
     def _actions(self, train: bool) -> tuple[Action, ...]:
         p, v, m = self.num_ranks, self.virtual_stages, self.split.num_microbatches

@@ -172,7 +172,7 @@ def test_result_point_is_after_every_send(name: str, p: int, m: int, v: int) -> 
     assert k is not None
     after = sched.actions[0][k:]
     assert all(a.kind != "F" and a.stage == 0 for a in after), after
-    at_last = [str(a) for a in sched.actions[last % p]]
+    at_last = [(a.kind, a.microbatch) for a in sched.actions[last % p] if a.stage == last]
     i = sched.actions[0][k].microbatch
-    assert at_last.index(f"{last}F{m - 1}") < max(
-        j for j, a in enumerate(at_last) if a[len(str(last)):] in (f"B{i}", f"I{i}"))
+    assert at_last.index(("F", m - 1)) < max(
+        j for j, (kind, mb) in enumerate(at_last) if kind in ("B", "I") and mb == i)
