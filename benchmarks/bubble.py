@@ -11,8 +11,11 @@ rank through the executor's public ``on_action`` hook (Note [action hook]): ``be
 receive of only the next action posted, the result broadcast after the last action and every
 send and receive posted by the computing thread, as the runtime did before Note [receives
 ahead], Note [early result] and Note [posting thread] (``modelparallel/runtime/``);
-``ahead+early``, the first two of those; ``after``, the runtime's defaults (all three). Per
-variant it reports:
+``ahead+early``, the first two of those; ``after``, all three; ``recv-thread``, only the
+receives on the posting thread (sends on the computing thread); ``overlap`` and
+``recv+overlap``, those two with rank 0's batch shared in the shadow of the first forward (Note
+[batch overlapped] in ``modelparallel/runtime/batch.py``; the others share it before the
+step). Per variant it reports:
 
 - the measured bubble (``1 - compute / step``, as ``runtime.py`` measures it) and the simulated
   one (:func:`modelparallel.schedule.simulate` with the medians of the measured per-stage
@@ -50,9 +53,12 @@ from runtime import SCHEDULES, _batch, _mlp
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bubble.json"
-#: Runtime variants: (receive lookahead, early result, posting thread); ``None``: the default.
-VARIANTS = {"before": (1, False, False), "ahead+early": (None, True, False),
-            "after": (None, True, True)}
+#: Runtime variants: (receive lookahead, early result, posting thread, batch overlapped with
+#: the first forward); ``None``: the default lookahead.
+VARIANTS: dict[str, tuple[int | None, bool, bool | str, bool]] = {
+    "before": (1, False, False, False), "ahead+early": (None, True, False, False),
+    "after": (None, True, True, False), "recv-thread": (None, True, "receives", False),
+    "overlap": (None, True, True, True), "recv+overlap": (None, True, "receives", True)}
 #: Rows whose timelines are kept in the result (for the figures).
 TIMELINE_ROWS = {(4, 8)}
 _COMPUTE = ("forward", "backward", "weight_backward")
@@ -101,7 +107,7 @@ def _job(rank: int, world: int, init_file: str, cfg: dict[str, Any], queue: Any)
                 x, y = _batch(m, mb, seed=m)
                 runs = {}
                 for variant in cfg["variants"]:
-                    lookahead, early, thread = VARIANTS[variant]
+                    lookahead, early, thread, overlap = VARIANTS[variant]
                     rec = Recorder()
                     comm = StageComm.create(rank, list(range(world)), "cpu", 120.0,
                                             post_thread=thread)
@@ -110,6 +116,7 @@ def _job(rank: int, world: int, init_file: str, cfg: dict[str, Any], queue: Any)
                                        split=resolve_split(progs[0].input_names, m),
                                        lookahead=LOOKAHEAD if lookahead is None else lookahead,
                                        early_result=early)
+                    ex.overlap_batch = overlap
                     steps = []
                     for i in range(cfg["warmup"] + cfg["steps"]):
                         for q in progs:
@@ -168,8 +175,9 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
                         key = "W" if kind == "weight_backward" else (
                             "F" if kind == "forward" else "B")
                         times.setdefault((s, key), []).append(t1 - t0)
-                    if kind == "recv_wait" and j + 1 < len(events):
-                        nxt = events[j + 1]
+                    # the action the wait was for (a batch_wait may come between them)
+                    nxt = next((e for e in events[j + 1:] if e[0] in _COMPUTE), None)
+                    if kind == "recv_wait" and nxt is not None:
                         act = Action(nxt[1], "F" if nxt[0] == "forward" else "B", nxt[2])
                         dep = (Action(act.stage - 1, "F", act.microbatch) if act.kind == "F"
                                else Action(act.stage + 1, "B", act.microbatch))

@@ -19,6 +19,32 @@ directly (each stage's ``program.model_inputs``, gathered once when the executor
 and, in training, the target tensors when the last stage is not stage 0. Other ranks receive
 into fresh buffers; the caller's tensors are never written.
 
+Note [batch overlapped]
+~~~~~~~~~~~~~~~~~~~~~~~
+Sharing the batch costs an all-gather and a broadcast per step, on the critical path of the
+first forward when done before the step (a millisecond on gloo, a few percent of a short step;
+docs/schedules.md). :class:`BatchShare` splits it so a step overlaps it with its first forward
+(gloo; NCCL runs collectives in order with the point-to-point operations, so there every part
+blocks at creation):
+
+* every rank starts the all-gather of the digests when the step starts;
+* rank 0 computes its first forward (stage 0 reads only its own inputs, receives nothing)
+  before :meth:`BatchShare.check`, once the shape key's boundary templates are known (the
+  first step of a shape key sends them from that forward: it checks first); every other rank
+  checks before anything else. The check
+  precedes every point-to-point message of the step on every rank, so a mismatch still raises
+  on every rank with the pipeline usable (the executor restores the stashed tied-parameter
+  gradients, keeps its boundary templates and does not fail the pipeline);
+* the check starts the broadcasts; a rank that receives part of the batch takes it after its
+  first receive wait (rank 0 broadcasts before it sends its first activations);
+* a ConfigError a rank raises before its step (a batch that does not split into the
+  microbatches, a changed guarded input) completes the share first, so if the batches differ
+  every rank raises the mismatch instead and none is left waiting.
+
+Side effect: on a mismatch rank 0 has already run one forward of stage 0 (batch-norm running
+statistics and the random state have moved by one microbatch). ``StageExecutor.overlap_batch =
+False`` shares the whole batch before the step instead.
+
 Example:
     >>> import torch
     >>> batch_signature([torch.zeros(4, 3), True], torch.zeros(4), train=True)[:2]
@@ -37,7 +63,7 @@ import torch.utils._pytree as pytree
 from modelparallel.errors import ConfigError
 from modelparallel.runtime.comm import StageComm
 
-__all__ = ["batch_signature", "share_batch"]
+__all__ = ["BatchShare", "batch_signature", "share_batch"]
 
 
 def batch_signature(flat_inputs: Sequence[Any], target: Any, *, train: bool
@@ -70,34 +96,130 @@ def share_batch(comm: StageComm | None, flat_inputs: Sequence[Any], target: Any,
     Raises:
         ConfigError: on every rank, if a rank's batch differs from rank 0's in structure.
     """
-    flat = list(flat_inputs)
-    if comm is None or comm.num_stages < 2:
-        return flat, target
-    signature = batch_signature(flat, target, train=train)
-    digest = int.from_bytes(hashlib.sha1(repr(signature).encode()).digest()[:8], "little",
-                            signed=True)
-    digests = comm.all_gather_int(digest, "the batch structure of every rank")
-    if any(d != digests[0] for d in digests):
-        theirs = comm.all_gather_object(signature, "the batch structures")
-        raise ConfigError(_mismatch(theirs, digests, list(input_names)))
-    for i in sorted(set(shared_inputs)):
-        if isinstance(flat[i], torch.Tensor):
-            flat[i] = _broadcast(comm, flat[i], f"input {_name(input_names, i)} of the batch")
-    if train and target_needed:
-        leaves, spec = pytree.tree_flatten(target)
-        leaves = [_broadcast(comm, v, "the targets of the batch")
-                  if isinstance(v, torch.Tensor) else v for v in leaves]
-        target = pytree.tree_unflatten(leaves, spec)
-    return flat, target
+    share = BatchShare(comm, flat_inputs, target, train=train, input_names=input_names,
+                       shared_inputs=shared_inputs, target_needed=target_needed,
+                       overlap=False)
+    out = share.finish()
+    share.close()
+    return out
 
 
-def _broadcast(comm: StageComm, tensor: torch.Tensor, what: str) -> torch.Tensor:
-    if comm.stage == 0:
-        buf = tensor.detach().to(comm.device).contiguous()
-    else:
-        buf = torch.empty(tensor.shape, dtype=tensor.dtype, device=comm.device)
-    comm.broadcast([buf], 0, what)
-    return buf if comm.stage != 0 else tensor
+class BatchShare:
+    """Sharing rank 0's batch, in two parts that a step may overlap with its first forward
+    (Note [batch overlapped]); created at the start of the step on every rank.
+
+    Creating one starts the all-gather of the batch digests. :meth:`check` waits for them (and
+    raises the :class:`~modelparallel.errors.ConfigError` of Note [batch from rank 0] on every
+    rank) and starts the broadcasts; no point-to-point message of the step may be posted
+    before it. :meth:`finish` waits for what this rank receives and returns ``(flat_inputs,
+    target)``; :meth:`close`, at the end of the step, for what it sent.
+
+    Args:
+        comm, flat_inputs, target, train, input_names, shared_inputs, target_needed: As for
+            :func:`share_batch`.
+        overlap: Run the collectives asynchronously (gloo only: NCCL orders collectives with
+            the point-to-point operations, so there every part blocks, in order).
+
+    Example:
+        >>> import torch
+        >>> share = BatchShare(None, [torch.ones(2)], torch.zeros(2), train=True,
+        ...                    input_names=["x"], shared_inputs=[], target_needed=False)
+        >>> share.check(); flat, target = share.finish(); share.close()
+        >>> float(flat[0].sum()), float(target.sum())
+        (2.0, 0.0)
+    """
+
+    def __init__(self, comm: StageComm | None, flat_inputs: Sequence[Any], target: Any, *,
+                 train: bool, input_names: Sequence[str], shared_inputs: Sequence[int],
+                 target_needed: bool, overlap: bool = True) -> None:
+        self.comm = comm if comm is not None and comm.num_stages > 1 else None
+        self.flat = list(flat_inputs)
+        self.target = target
+        self.train = train
+        self.names = list(input_names)
+        self.shared = sorted(set(shared_inputs))
+        self.target_needed = target_needed
+        self.overlap = overlap and self.comm is not None and not self.comm.grouped
+        self.checked = self.comm is None
+        #: :meth:`check` raised the mismatch error: on every rank, before any point-to-point
+        #: message, so the pipeline stays usable.
+        self.mismatch = False
+        self._works: list[Any] = []
+        self._keep: list[torch.Tensor] = []  # rank 0's broadcast buffers until close()
+        self._received: list[tuple[int, torch.Tensor]] = []  # (flat index or -1 - leaf, buffer)
+        self._digests: Any = None
+        if self.comm is None:
+            return
+        self._signature = batch_signature(self.flat, target, train=train)
+        digest = int.from_bytes(hashlib.sha1(repr(self._signature).encode()).digest()[:8],
+                                "little", signed=True)
+        self._digests = self.comm.all_gather_int_start(digest, async_op=self.overlap)
+
+    def check(self) -> None:
+        """Wait for every rank's batch digest; raise on every rank if one differs; start the
+        broadcasts. Idempotent."""
+        if self.checked:
+            return
+        assert self.comm is not None
+        comm = self.comm
+        digests = comm.all_gather_int_finish(self._digests, "the batch structure of every rank")
+        if any(d != digests[0] for d in digests):
+            self.checked = True
+            theirs = comm.all_gather_object(self._signature, "the batch structures")
+            self.mismatch = True
+            raise ConfigError(_mismatch(theirs, digests, self.names))
+        self.checked = True
+        todo = [(i, self.flat[i]) for i in self.shared if isinstance(self.flat[i], torch.Tensor)]
+        if self.train and self.target_needed:
+            leaves, self._spec = pytree.tree_flatten(self.target)
+            todo += [(-1 - j, v) for j, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        for key, tensor in todo:
+            if comm.stage == 0:
+                buf = tensor.detach().to(comm.device).contiguous()
+            else:
+                buf = torch.empty(tensor.shape, dtype=tensor.dtype, device=comm.device)
+                self._received.append((key, buf))
+            what = (f"input {_name(self.names, key)} of the batch" if key >= 0
+                    else "the targets of the batch")
+            if self.overlap:
+                self._works += comm.broadcast_async([buf], 0)
+            else:
+                comm.broadcast([buf], 0, what)
+            if comm.stage == 0:
+                self._keep.append(buf)
+
+    @property
+    def receives(self) -> bool:
+        """Whether this rank receives part of rank 0's batch (known once checked)."""
+        return bool(self._received)
+
+    def finish(self) -> tuple[list[Any], Any]:
+        """:meth:`check`, then the batch as this rank trains on it (rank 0's tensors where
+        another stage reads them)."""
+        self.check()
+        if self.comm is None or not self._received:
+            return self.flat, self.target
+        if self.overlap:
+            self.comm.wait_works(self._works, "rank 0's batch")
+            self._works = []
+        leaves = (list(pytree.tree_flatten(self.target)[0])
+                  if self.train and self.target_needed else [])
+        for key, buf in self._received:
+            if key >= 0:
+                self.flat[key] = buf
+            else:
+                leaves[-1 - key] = buf
+        if leaves:
+            self.target = pytree.tree_unflatten(leaves, self._spec)
+        self._received = []
+        return self.flat, self.target
+
+    def close(self) -> None:
+        """Wait for the broadcasts this rank started (rank 0's sends)."""
+        if self.comm is not None and self._works:
+            self.comm.wait_works(self._works, "rank 0's batch")
+        self._works = []
+        self._keep = []
 
 
 def _leaf(value: Any) -> tuple[Any, ...]:

@@ -26,7 +26,11 @@ matching of the messages between two ranks needs), while the calling thread goes
 (:meth:`StageComm.wait`), a send's tensors are kept until it completes, and an error of the
 thread is raised, mapped as any other, by the next wait, issue or drain of the calling thread.
 ``StageComm(post_thread=False)``, or ``MODELPARALLEL_POST_THREAD=0`` in the environment, posts on
-the calling thread.
+the calling thread. ``post_thread="receives"`` (``MODELPARALLEL_POST_THREAD=receives``) posts
+only the receives on the thread and the sends on the calling thread, where a send's data is
+ready when it is posted: the order that matters is kept, since gloo matches sends in the order
+of the sends to a peer and receives in the order of the receives from it, each in one thread
+(the bubble benchmark's ``recv-thread`` variant).
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ class StageComm:
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device, timeout: float,
                  board: FailureBoard | None,
                  replicas: Sequence[Sequence[int]] | None = None,
-                 post_thread: bool | None = None) -> None:
+                 post_thread: bool | str | None = None) -> None:
         self.stage = stage
         self.ranks = tuple(ranks)
         self.num_stages = len(self.ranks)
@@ -134,7 +138,10 @@ class StageComm:
         if self.num_stages > 1:
             self._group = self._new_groups(self.replicas)
         if post_thread is None:
-            post_thread = os.environ.get("MODELPARALLEL_POST_THREAD", "1") != "0"
+            env = os.environ.get("MODELPARALLEL_POST_THREAD", "1")
+            post_thread = "receives" if env == "receives" else env != "0"
+        #: Whether sends are posted on the calling thread (receives on the posting thread).
+        self._sends_here = post_thread == "receives"
         self._poster = (_Poster(self._post_ops) if post_thread and not self.grouped
                         and self.num_stages > 1 else None)
 
@@ -162,7 +169,7 @@ class StageComm:
     def create(cls, stage: int, ranks: Sequence[int], device: torch.device | str,
                timeout: float, namespace: str | None = None,
                replicas: Sequence[Sequence[int]] | None = None,
-               post_thread: bool | None = None) -> StageComm:
+               post_thread: bool | str | None = None) -> StageComm:
         """Create the comm of ``stage`` with a failure board in the job's default store.
 
         Collective over the whole job (it creates process groups).
@@ -225,10 +232,16 @@ class StageComm:
                 r.posted.set()
         if not ops:
             return
-        if self._poster is not None:
-            self._poster.submit(ops, label)
-        else:
+        if self._poster is None:
             self._post_ops(ops, label)
+            return
+        if self._sends_here:
+            mine = [op for op in ops if op[0] == "send"]
+            if mine:
+                self._post_ops(mine, label)
+            ops = [op for op in ops if op[0] != "send"]
+        if ops:
+            self._poster.submit(ops, label)
 
     def _post_ops(self, ops: list[_Op], label: str) -> None:
         """Post ``ops`` (on the posting thread, Note [posting thread], or the caller's)."""
@@ -409,16 +422,29 @@ class StageComm:
     def all_gather_int(self, value: int, what: str) -> list[int]:
         """Every stage's ``value`` (a signed 64-bit integer), in stage order (collective over
         the pipeline; one small tensor collective, cheaper than :meth:`all_gather_object`)."""
+        return self.all_gather_int_finish(self.all_gather_int_start(value, async_op=False), what)
+
+    def all_gather_int_start(self, value: int, *, async_op: bool) -> Any:
+        """Start :meth:`all_gather_int` (asynchronously on gloo with ``async_op``, like
+        :meth:`broadcast_async`); :meth:`all_gather_int_finish` gives the values."""
         if self._group is None:
-            return [value]
+            return ([torch.tensor([value], dtype=torch.int64)], None)
         self.check_usable()
         mine = torch.tensor([value], dtype=torch.int64, device=self.device)
         out = [torch.empty_like(mine) for _ in range(self.num_stages)]
         try:
-            dist.all_gather(out, mine, group=self._group)
+            work = dist.all_gather(out, mine, group=self._group,
+                                   async_op=async_op and not self.grouped)
         except RuntimeError as e:
-            raise map_comm_error(e, self.board, rank=self.rank, peer=-1, what=what,
-                                 timeout=self.timeout) from None
+            raise map_comm_error(e, self.board, rank=self.rank, peer=-1,
+                                 what="an all-gather", timeout=self.timeout) from None
+        return out, work
+
+    def all_gather_int_finish(self, started: Any, what: str) -> list[int]:
+        """The values of an all-gather begun with :meth:`all_gather_int_start`."""
+        out, work = started
+        if work is not None:
+            self.wait_works([work], what)
         return [int(t.item()) for t in out]
 
     def make_subgroups(self, stage_sets: Sequence[tuple[int, ...]]) -> None:

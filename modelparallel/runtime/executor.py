@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ import torch.utils._pytree as pytree
 
 from modelparallel.codegen.program import StageProgram, check_loss
 from modelparallel.errors import ConfigError
-from modelparallel.runtime.batch import share_batch
+from modelparallel.runtime.batch import BatchShare
 from modelparallel.runtime.channels import (
     ChannelRecv,
     Mailbox,
@@ -109,6 +109,10 @@ class _Microbatch:
     pending: PendingWeightGrad | None = None
 
 
+#: ``(flat_inputs, target) -> (microbatches, targets)`` of a step (Note [batch overlapped]).
+_Rebuild = Callable[[list[Any], Any], tuple[list[list[Any]], list[Any]]]
+
+
 @dataclass
 class _Step:
     """The state of one step in flight on this rank."""
@@ -124,6 +128,8 @@ class _Step:
     posted: dict[int, list[ChannelRecv]] = field(default_factory=dict)
     mailbox: Mailbox = field(default_factory=Mailbox)
     next_recv: int = 0  # the first action whose receive is not created yet (Note [receives ahead])
+    share: BatchShare | None = None  # rank 0's batch being shared (Note [batch overlapped])
+    rebuild: _Rebuild | None = None  # (flat, target) -> (microbatches, targets), once shared
 
 
 class StageExecutor:
@@ -219,6 +225,10 @@ class StageExecutor:
         #: [work after the result] in ``result.py``); ``False``: after the last action (the
         #: runtime benchmark's comparison).
         self.early_work = True
+        #: Share rank 0's batch in the shadow of the first forward (Note [batch overlapped] in
+        #: ``batch.py``; gloo only); ``False``: before the step (the bubble benchmark's
+        #: comparison).
+        self.overlap_batch = True
         self.loss_scale = 1.0  # the fp16 loss scale (Note [fp16 loss scaling] in precision.py)
         self._train_steps = 0
         self._templates = TemplateCache()
@@ -298,18 +308,23 @@ class StageExecutor:
         if any(len(mb) != n for mb in microbatches):
             raise ConfigError("every microbatch must have the same number of flat inputs "
                               f"(got {[len(mb) for mb in microbatches]})")
+        share = None
+        rebuild: _Rebuild | None = None
         if not shared:
-            flat, joined = self._hooked("batch_wait", self.program.index, None, self._share,
-                                        [v for mb in microbatches for v in mb], list(targets),
-                                        train=train, per=n, copies=m)
-            microbatches = [flat[j * n:(j + 1) * n] for j in range(m)]
-            targets = joined if train else targets
-        if self.check_inputs is not None:
-            self.check_inputs(microbatches[0])
+            share = self._start_share([v for mb in microbatches for v in mb], list(targets),
+                                      train=train, per=n, copies=m)
+
+            def rebuild(flat: list[Any], joined: Any) -> tuple[list[list[Any]], list[Any]]:
+                return ([flat[j * n:(j + 1) * n] for j in range(m)],
+                        list(joined) if train else [None] * m)
+        with self._checked_first(share):
+            if self.check_inputs is not None:
+                self.check_inputs(microbatches[0])
         key = (*shape_key(microbatches[0], "train" if train else "eval"), ("mb", m))
         return self._run_step(list(microbatches), list(targets) if train else [None] * m,
                               key, train=train, return_outputs=return_outputs, merge=merge,
-                              context=context, on_result=on_result)
+                              context=context, on_result=on_result, share=share,
+                              rebuild=rebuild)
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -318,30 +333,41 @@ class StageExecutor:
         m = self.split.num_microbatches
         if self.comm is not None:
             self.comm.check_usable()
-        # Rank 0's batch on every rank (Note [batch from rank 0]); then every rank splits the
-        # same batch, so a batch that does not divide into the microbatches raises
-        # ConfigError on every rank, before any point-to-point communication.
-        flat_inputs, target = self._hooked("batch_wait", self.program.index, None, self._share,
-                                           list(flat_inputs), target, train=train,
-                                           per=len(flat_inputs), copies=1)
-        microbatches = split_inputs(flat_inputs, self.split)
-        targets = split_target(target, m) if train else [None] * m
-        if self.check_inputs is not None:
-            self.check_inputs(microbatches[0])
+        # Rank 0's batch on every rank (Note [batch from rank 0]), overlapped with the first
+        # forward (Note [batch overlapped] in batch.py); every rank splits its own batch, of
+        # the same structure once checked, so a batch that does not divide into the
+        # microbatches raises ConfigError on every rank, before any point-to-point message.
+        share = self._start_share(list(flat_inputs), target, train=train,
+                                  per=len(flat_inputs), copies=1)
+
+        def rebuild(flat: list[Any], joined: Any) -> tuple[list[list[Any]], list[Any]]:
+            return (split_inputs(flat, self.split),
+                    split_target(joined, m) if train else [None] * m)
+        with self._checked_first(share):
+            microbatches, targets = rebuild(list(flat_inputs), target)
+            if self.check_inputs is not None:
+                self.check_inputs(microbatches[0])
         key = shape_key(flat_inputs, "train" if train else "eval")
         return self._run_step(microbatches, targets, key, train=train,
-                              return_outputs=return_outputs)
+                              return_outputs=return_outputs, share=share, rebuild=rebuild)
 
-    def _share(self, flat: list[Any], target: Any, *, train: bool, per: int, copies: int
-               ) -> tuple[list[Any], Any]:
-        """Rank 0's batch on every rank (Note [batch from rank 0]); ``flat`` is ``copies``
+    def _start_share(self, flat: list[Any], target: Any, *, train: bool, per: int, copies: int
+                     ) -> BatchShare:
+        """Start sharing rank 0's batch (Note [batch from rank 0]); ``flat`` is ``copies``
         lists of ``per`` flat inputs, one after the other."""
         shared, needed = self._batch_readers
         names = [*self.split.names, *[""] * max(0, per - len(self.split.names))][:per]
+        return self._guard_share(BatchShare, self.comm, flat, target, train=train,
+                                 input_names=names * copies,
+                                 shared_inputs=[j * per + i for j in range(copies)
+                                                for i in shared],
+                                 target_needed=needed, overlap=self.overlap_batch)
+
+    def _guard_share(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(...)`` of the batch sharing: a ConfigError leaves the pipeline usable (every
+        rank raised it before any message), anything else fails it."""
         try:
-            return share_batch(self.comm, flat, target, train=train, input_names=names * copies,
-                               shared_inputs=[j * per + i for j in range(copies) for i in shared],
-                               target_needed=needed)
+            return self._hooked("batch_wait", self.program.index, None, fn, *args, **kwargs)
         except ConfigError:
             raise
         except BaseException as e:
@@ -349,27 +375,40 @@ class StageExecutor:
                 self.comm.fail(e)
             raise
 
+    @contextlib.contextmanager
+    def _checked_first(self, share: BatchShare | None) -> Iterator[None]:
+        """A ConfigError raised inside (a batch this rank cannot split, a changed guarded
+        input) is raised after the batch check: if the ranks' batches differ, every rank
+        raises the check's error instead, so no rank is left waiting."""
+        try:
+            yield
+        except ConfigError:
+            if share is not None:  # every rank raises here or in check(): complete the share
+                for part in (share.check, share.finish, share.close):
+                    self._guard_share(part)
+            raise
+
     def _run_step(self, microbatches: Sequence[Sequence[Any]], targets: list[Any],
                   key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
                   context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
-                  on_result: ResultWork | None = None) -> StepOutput:
+                  on_result: ResultWork | None = None, share: BatchShare | None = None,
+                  rebuild: _Rebuild | None = None) -> StepOutput:
         m = self.split.num_microbatches
         if not self.is_last:
             targets = [None] * m
         if self.comm is not None:
             self.comm.check_usable()
         tpl = self._templates.get(key)
-        step = _Step(actions=self._actions(train),
-                     local={p.index: [[_to(mb[i], self.device) for i in p.model_inputs]
-                                      for mb in microbatches] for p in self.programs},
-                     targets=[_to(t, self.device) for t in targets],
-                     tpl=tpl, train=train, context=context,
+        step = _Step(actions=self._actions(train), local={}, targets=[],
+                     tpl=tpl, train=train, context=context, share=share, rebuild=rebuild,
                      result=StepResult(self.comm, is_last=self.is_last, microbatches=m,
                                        train=train, return_outputs=return_outputs,
                                        merge=merge, templates=tpl.result,
                                        device=self.device, on_result=on_result))
+        self._set_batch(step, microbatches, targets)
         start = time.perf_counter()
         self.stats = StepStats()
+        stash: dict[str, list[torch.Tensor | None]] = {}
         try:
             with torch.enable_grad() if train else torch.no_grad():
                 sync = self.grad_sync if train else None
@@ -379,6 +418,8 @@ class StageExecutor:
                     sync.begin_step()
                 stash = self._tied.stash_grads() if train else {}
                 self._run(step)
+                if share is not None:
+                    self._guard_share(share.close)
                 if self.comm is not None:
                     self.comm.drain_sends()
                 if train:
@@ -389,6 +430,11 @@ class StageExecutor:
                 result = self._hooked("result_wait", self.program.index, None,
                                       step.result.finish)
         except BaseException as e:
+            if share is not None and share.mismatch and isinstance(e, ConfigError):
+                # Raised on every rank before any message (Note [batch overlapped]): the
+                # pipeline stays usable, the gradients and boundary templates as they were.
+                self._tied.restore_grads(stash)
+                raise
             self._templates.drop(key)
             if self.comm is not None:
                 self.comm.fail(e)
@@ -413,17 +459,25 @@ class StageExecutor:
         ahead = 1 if grouped else self.lookahead
         last_forward = max((k for k, a in enumerate(step.actions) if a.kind == "F"),
                            default=-1)
+        # Note [batch overlapped]: the batch check precedes every message of the step; rank 0
+        # computes its first forward (its own inputs, nothing received) before it.
+        defer = self._defer_check(step)
+        if step.share is not None and not defer:
+            self._guard_share(step.share.check)
         for k, a in enumerate(step.actions):
-            if step.next_recv <= k:
-                self._post(step, k, allow_meta=True)  # reads new boundary metadata first
-            if not grouped:
-                self._post(step, k + ahead, allow_meta=False)
+            if not (defer and k == 0):
+                if step.next_recv <= k:
+                    self._post(step, k, allow_meta=True)  # reads new boundary metadata first
+                if not grouped:
+                    self._post(step, k + ahead, allow_meta=False)
             recvs = step.posted.pop(k)
             i, s = a.microbatch, a.stage
             if k == point:
                 self._hooked("result_wait", s, None, step.result.work_now)
             received = (self._hooked("recv_wait", s, i, self._wait, step, recvs)
                         if recvs else [])
+            if step.share is not None and step.share.checked and step.share.receives:
+                self._take_batch(step)
             t0 = time.perf_counter()
             if a.kind == "F":
                 sends = self._hooked("forward", s, i, self._forward, step, s, i, received)
@@ -438,6 +492,9 @@ class StageExecutor:
             dt = time.perf_counter() - t0
             self.stats.compute_seconds += dt
             self.stats.actions.append((str(a), dt))
+            if defer and k == 0:
+                assert step.share is not None
+                self._guard_share(step.share.check)
             nxt = k + 1 if grouped else -1
             if sends and self.on_action is not None:
                 self._hooked("send", s, i, self._post, step, nxt, allow_meta=False,
@@ -448,6 +505,36 @@ class StageExecutor:
                 step.result.start()
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
         assert not step.mailbox, "every message within the rank was taken"
+
+    def _defer_check(self, step: _Step) -> bool:
+        """Whether this rank runs its first action before the batch check (Note [batch
+        overlapped]): a first-stage forward on a rank the batch is checked asynchronously for,
+        of a shape key whose boundary templates that stage has sent (so its forward sends no
+        metadata); its (empty) receives are created here, without communication."""
+        share, first = step.share, step.actions[0] if step.actions else None
+        if (share is None or share.checked or not share.overlap or first is None
+                or first.kind != "F" or not self._by_stage[first.stage].is_first
+                or not any(c[0] == first.stage for c in step.tpl.send)):
+            return False
+        self._make_recv(step, 0, False)
+        step.next_recv = 1
+        return True
+
+    def _set_batch(self, step: _Step, microbatches: Sequence[Sequence[Any]],
+                   targets: Sequence[Any]) -> None:
+        """The step's per-stage model inputs and (last stage) targets, on the device."""
+        m = self.split.num_microbatches
+        step.local = {p.index: [[_to(mb[i], self.device) for i in p.model_inputs]
+                                for mb in microbatches] for p in self.programs}
+        step.targets = ([_to(t, self.device) for t in targets] if self.is_last and step.train
+                        else [None] * m)
+
+    def _take_batch(self, step: _Step) -> None:
+        """Rank 0's inputs and targets, received during the step's first wait, in place of
+        this rank's own (Note [batch overlapped])."""
+        assert step.share is not None and step.rebuild is not None
+        flat, target = self._guard_share(step.share.finish)
+        self._set_batch(step, *step.rebuild(flat, target))
 
     def _wait(self, step: _Step, recvs: list[ChannelRecv]) -> list[list[torch.Tensor]]:
         """The tensors of an action's messages, one list per channel, in order."""

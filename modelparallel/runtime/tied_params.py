@@ -83,6 +83,13 @@ class TiedParameters:
                     t.grad = None
         return stash
 
+    def restore_grads(self, stash: dict[str, list[torch.Tensor | None]]) -> None:
+        """Put back the gradients :meth:`stash_grads` took (a step that raised before any
+        backward, and left the pipeline usable)."""
+        for name, grads in stash.items():
+            for t, g in zip(self.tensors(name), grads):
+                t.grad = g
+
     def reduce_grads(self, stash: dict[str, list[torch.Tensor | None]]) -> None:
         for ranks, names in self.groups:
             copies = [self.tensors(n) for n in names]

@@ -155,3 +155,45 @@ def test_steps_raise_no_future_warning_on_any_rank() -> None:
     """Issue 13 item 12: torch's LeafSpec FutureWarning from unpickling templates is gone."""
     for r in run_ranks(warnings_job, 2, timeout=120):
         assert r.unwrap() == [], r.value
+
+
+def accumulate_through_mismatch_job(rank: int, world: int, overlap: bool) -> dict[str, Any]:
+    """Note [batch overlapped]: two good steps with a refused one between them accumulate the
+    gradients of the two (tied GPT-2 weights included), as one process does."""
+    from modelparallel import models
+    from modelparallel.api import pipeline
+    from modelparallel.errors import ConfigError
+
+    case = models.gpt2("tiny", batch_size=4, seq_len=16)
+    ref = copy.deepcopy(case.model)
+    pipe = pipeline(case.model, case.args[0], loss_fn=case.loss_fn, microbatches=2,
+                    timeout=60)
+    pipe.executor.overlap_batch = overlap
+    batches = [case.make_batch(4, 100 + i) for i in range(2)]
+    losses, error = [], ""
+    for j, (args, _, target) in enumerate(batches):
+        if j == 1:
+            bad_args, _, bad_target = case.make_batch(4 if rank == 0 else 2, 7)
+            try:
+                pipe.step(bad_args[0], bad_target)
+            except ConfigError as e:
+                error = str(e)
+        losses.append(float(pipe.step(args[0], target).loss))
+        case.loss_fn(ref(*args), target).backward()
+    want = dict(ref.named_parameters(remove_duplicate=False))
+    errs = {n: float((p.grad - want[n].grad).abs().max() / want[n].grad.abs().max())
+            for n, p in pipe.named_parameters()}
+    pipe.close()
+    return {"error": error, "losses": losses, "grad_err": max(errs.values()),
+            "worst": max(errs, key=errs.get), "held": sorted(errs)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("overlap", [True, False])
+def test_refused_step_leaves_accumulated_gradients_as_they_were(overlap: bool) -> None:
+    results = [r.unwrap() for r in run_ranks(accumulate_through_mismatch_job, 2, overlap,
+                                             timeout=180)]
+    for v in results:
+        assert "pipeline rank(s) [1]" in v["error"], v["error"]
+        assert v["grad_err"] < 1e-5, v
+    assert any("transformer.wte.weight" in v["held"] for v in results)
