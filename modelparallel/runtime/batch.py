@@ -30,20 +30,20 @@ blocks at creation):
 * every rank starts the all-gather of the digests when the step starts;
 * rank 0 computes its first forward (stage 0 reads only its own inputs, receives nothing)
   before :meth:`BatchShare.check`, once the shape key's boundary templates are known (the
-  first step of a shape key sends them from that forward: it checks first); every other rank
+  first step of a shape key sends them from that forward: it checks first) and where stage
+  0's module holds no buffers (a batch-norm's statistics would move); every other rank
   checks before anything else. The check
   precedes every point-to-point message of the step on every rank, so a mismatch still raises
   on every rank with the pipeline usable (the executor restores the stashed tied-parameter
-  gradients, keeps its boundary templates and does not fail the pipeline);
+  gradients and rank 0's random state, keeps its boundary templates and does not fail the
+  pipeline: a refused step leaves every rank as it was);
 * the check starts the broadcasts; a rank that receives part of the batch takes it after its
   first receive wait (rank 0 broadcasts before it sends its first activations);
 * a ConfigError a rank raises before its step (a batch that does not split into the
   microbatches, a changed guarded input) completes the share first, so if the batches differ
   every rank raises the mismatch instead and none is left waiting.
 
-Side effect: on a mismatch rank 0 has already run one forward of stage 0 (batch-norm running
-statistics and the random state have moved by one microbatch). ``StageExecutor.overlap_batch =
-False`` shares the whole batch before the step instead.
+``StageExecutor.overlap_batch = False`` shares the whole batch before the step instead.
 
 Example:
     >>> import torch

@@ -129,6 +129,7 @@ class _Step:
     mailbox: Mailbox = field(default_factory=Mailbox)
     next_recv: int = 0  # the first action whose receive is not created yet (Note [receives ahead])
     share: BatchShare | None = None  # rank 0's batch being shared (Note [batch overlapped])
+    rng: list[torch.Tensor] | None = None  # random state before a forward run ahead of the check
     rebuild: _Rebuild | None = None  # (flat, target) -> (microbatches, targets), once shared
 
 
@@ -199,6 +200,8 @@ class StageExecutor:
         self.virtual_stages = len(programs)
         self.num_ranks = self.program.num_stages // self.virtual_stages
         self._by_stage = {p.index: p for p in programs}
+        #: Stages whose module holds buffers (batch-norm statistics a forward may move).
+        self._buffered = {p.index for p in programs if next(p.module.buffers(), None) is not None}
         if comm is None and self.num_ranks != 1:
             raise ConfigError(f"stage {self.program.index} of {self.program.num_stages} needs "
                               "a StageComm")
@@ -432,8 +435,11 @@ class StageExecutor:
         except BaseException as e:
             if share is not None and share.mismatch and isinstance(e, ConfigError):
                 # Raised on every rank before any message (Note [batch overlapped]): the
-                # pipeline stays usable, the gradients and boundary templates as they were.
+                # pipeline stays usable, the gradients, boundary templates and random state
+                # as they were.
                 self._tied.restore_grads(stash)
+                if step.rng is not None:
+                    _set_rng(step.rng, self.device)
                 raise
             self._templates.drop(key)
             if self.comm is not None:
@@ -510,12 +516,15 @@ class StageExecutor:
         """Whether this rank runs its first action before the batch check (Note [batch
         overlapped]): a first-stage forward on a rank the batch is checked asynchronously for,
         of a shape key whose boundary templates that stage has sent (so its forward sends no
-        metadata); its (empty) receives are created here, without communication."""
+        metadata), on a module without buffers; its (empty) receives are created here,
+        without communication, and the random state kept for a refused step."""
         share, first = step.share, step.actions[0] if step.actions else None
         if (share is None or share.checked or not share.overlap or first is None
                 or first.kind != "F" or not self._by_stage[first.stage].is_first
+                or first.stage in self._buffered
                 or not any(c[0] == first.stage for c in step.tpl.send)):
             return False
+        step.rng = _get_rng(self.device)
         self._make_recv(step, 0, False)
         step.next_recv = 1
         return True
@@ -713,6 +722,20 @@ def _samples(microbatches: Sequence[Sequence[Any]]) -> int:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return len(microbatches) * int(v.shape[0])
     return len(microbatches)
+
+
+def _get_rng(device: torch.device) -> list[torch.Tensor]:
+    """The random state a forward on ``device`` draws from (CPU's, and the GPU's there)."""
+    state = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device))
+    return state
+
+
+def _set_rng(state: list[torch.Tensor], device: torch.device) -> None:
+    torch.random.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _to(value: Any, device: torch.device) -> Any:

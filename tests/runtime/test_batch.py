@@ -201,3 +201,43 @@ def test_refused_step_leaves_accumulated_gradients_as_they_were(overlap: bool, w
         assert "pipeline rank(s) [1]" in v["error"], v["error"]
         assert v["grad_err"] < 1e-5, v
     assert any("transformer.wte.weight" in v["held"] for v in results)
+
+
+def refused_step_state_job(rank: int, world: int, layer: str) -> dict[str, Any]:
+    """Note [batch overlapped]: a refused step leaves rank 0's random state (a dropout on stage
+    0 draws from it in the forward run ahead of the check) and its batch-norm statistics (no
+    forward runs ahead of the check on a module with buffers) as they were."""
+    from torch import nn
+
+    from modelparallel.api import pipeline
+    from modelparallel.errors import ConfigError
+
+    torch.manual_seed(0)
+    first = nn.Dropout(0.5) if layer == "dropout" else nn.BatchNorm1d(16)
+    model = nn.Sequential(first, nn.Linear(16, 16), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    pipe = pipeline(model, (torch.randn(8, 16),), loss_fn=nn.functional.mse_loss,
+                    microbatches=2, timeout=60, method="uniform")  # a layer on each stage
+    pipe.step(torch.randn(8, 16), torch.randn(8, 8))
+    n = 8 if rank == 0 else 6
+    refused = torch.randn(n, 16), torch.randn(n, 8)
+    held = [(f"{q.index}.{k}", b) for q in pipe.executor.programs
+            for k, b in q.module.named_buffers()]
+    buffers = {k: b.clone() for k, b in held}
+    rng = torch.random.get_rng_state()
+    with pytest.raises(ConfigError, match="pipeline rank"):
+        pipe.step(*refused)
+    same_rng = bool(torch.equal(rng, torch.random.get_rng_state()))
+    moved = [k for k, b in held if not torch.equal(b, buffers[k])]
+    pipe.step(torch.randn(8, 16), torch.randn(8, 8))  # still usable
+    pipe.close()
+    return {"same_rng": same_rng, "moved": moved, "buffers": sorted(buffers)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layer", ["dropout", "batchnorm"])
+def test_refused_step_leaves_random_state_and_statistics_as_they_were(layer: str) -> None:
+    results = [r.unwrap() for r in run_ranks(refused_step_state_job, 2, layer, timeout=180)]
+    assert all(v["same_rng"] and not v["moved"] for v in results), results
+    if layer == "batchnorm":
+        assert results[0]["buffers"], results  # on stage 0, the one that runs ahead
