@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -40,7 +39,6 @@ from modelparallel.errors import ConfigError
 from modelparallel.runtime.batch import BatchShare
 from modelparallel.runtime.channels import (
     ChannelRecv,
-    Mailbox,
     Router,
     channel_pairs,
     check_untagged_links,
@@ -51,11 +49,20 @@ from modelparallel.runtime.hooks import ActionHook, StageEvent
 from modelparallel.runtime.microbatch import SplitSpec, shape_key, split_inputs, split_target
 from modelparallel.runtime.result import ResultWork, StepOutput, StepResult, result_point
 from modelparallel.runtime.split_backward import (
-    PendingWeightGrad,
     backward_input,
     backward_weight,
 )
-from modelparallel.runtime.templates import TemplateCache, Templates
+from modelparallel.runtime.step_state import (
+    MicrobatchState,
+    Rebuild,
+    StepState,
+    StepStats,
+    get_rng,
+    samples_in,
+    set_rng,
+    to_device,
+)
+from modelparallel.runtime.templates import TemplateCache
 from modelparallel.runtime.tied_params import TiedParameters
 from modelparallel.runtime.waves import check_programs, waves
 from modelparallel.schedule import Action, Schedule, make_schedule
@@ -81,56 +88,6 @@ __all__ = ["LOOKAHEAD", "StageExecutor", "StepOutput", "StepStats"]
 LOOKAHEAD = 4
 
 _T = TypeVar("_T")
-
-
-@dataclass
-class StepStats:
-    """Timing of this rank's last step (for benchmarks).
-
-    Attributes:
-        compute_seconds: Wall seconds spent in forward/backward compute of its actions.
-        step_seconds: Wall seconds of the whole step.
-        actions: Actions run, in order, with their compute seconds.
-    """
-
-    compute_seconds: float = 0.0
-    step_seconds: float = 0.0
-    actions: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class _Microbatch:
-    """What the backward of one microbatch needs: per stage sent to, the sent tensors a
-    gradient comes back for; per stage received from, the received leaves that require grad."""
-
-    roots: list[tuple[int, list[torch.Tensor]]]
-    received: list[tuple[int, list[torch.Tensor]]]
-    loss: torch.Tensor | None
-    pending: PendingWeightGrad | None = None
-
-
-#: ``(flat_inputs, target) -> (microbatches, targets)`` of a step (Note [batch overlapped]).
-_Rebuild = Callable[[list[Any], Any], tuple[list[list[Any]], list[Any]]]
-
-
-@dataclass
-class _Step:
-    """The state of one step in flight on this rank."""
-
-    actions: tuple[Action, ...]
-    local: dict[int, list[list[Any]]]
-    targets: list[Any]
-    tpl: Templates
-    train: bool
-    result: StepResult
-    context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
-    microbatches: dict[tuple[int, int], _Microbatch] = field(default_factory=dict)
-    posted: dict[int, list[ChannelRecv]] = field(default_factory=dict)
-    mailbox: Mailbox = field(default_factory=Mailbox)
-    next_recv: int = 0  # the first action whose receive is not created yet (Note [receives ahead])
-    share: BatchShare | None = None  # rank 0's batch being shared (Note [batch overlapped])
-    rng: list[torch.Tensor] | None = None  # random state before a forward run ahead of the check
-    rebuild: _Rebuild | None = None  # (flat, target) -> (microbatches, targets), once shared
 
 
 class StageExecutor:
@@ -312,7 +269,7 @@ class StageExecutor:
             raise ConfigError("every microbatch must have the same number of flat inputs "
                               f"(got {[len(mb) for mb in microbatches]})")
         share = None
-        rebuild: _Rebuild | None = None
+        rebuild: Rebuild | None = None
         if not shared:
             share = self._start_share([v for mb in microbatches for v in mb], list(targets),
                                       train=train, per=n, copies=m)
@@ -395,14 +352,14 @@ class StageExecutor:
                   key: tuple[Any, ...], *, train: bool, return_outputs: bool, merge: bool = True,
                   context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
                   on_result: ResultWork | None = None, share: BatchShare | None = None,
-                  rebuild: _Rebuild | None = None) -> StepOutput:
+                  rebuild: Rebuild | None = None) -> StepOutput:
         m = self.split.num_microbatches
         if not self.is_last:
             targets = [None] * m
         if self.comm is not None:
             self.comm.check_usable()
         tpl = self._templates.get(key)
-        step = _Step(actions=self._actions(train), local={}, targets=[],
+        step = StepState(actions=self._actions(train), local={}, targets=[],
                      tpl=tpl, train=train, context=context, share=share, rebuild=rebuild,
                      result=StepResult(self.comm, is_last=self.is_last, microbatches=m,
                                        train=train, return_outputs=return_outputs,
@@ -417,7 +374,7 @@ class StageExecutor:
                 sync = self.grad_sync if train else None
                 if sync is not None:
                     self._train_steps += 1
-                    sync.check_batch(key, _samples(microbatches), self._train_steps)
+                    sync.check_batch(key, samples_in(microbatches), self._train_steps)
                     sync.begin_step()
                 stash = self._tied.stash_grads() if train else {}
                 self._run(step)
@@ -439,7 +396,7 @@ class StageExecutor:
                 # as they were.
                 self._tied.restore_grads(stash)
                 if step.rng is not None:
-                    _set_rng(step.rng, self.device)
+                    set_rng(step.rng, self.device)
                 raise
             self._templates.drop(key)
             if self.comm is not None:
@@ -450,7 +407,7 @@ class StageExecutor:
             self.after_step(result, train)
         return result
 
-    def _run(self, step: _Step) -> None:
+    def _run(self, step: StepState) -> None:
         """Run this stage's actions (Note [schedule communication model] in ``modelparallel/schedule/__init__.py``).
 
         The receives of the next actions are posted before an action computes (gloo: up to
@@ -512,7 +469,7 @@ class StageExecutor:
         assert not step.train or not step.microbatches, "every microbatch ran its backward"
         assert not step.mailbox, "every message within the rank was taken"
 
-    def _defer_check(self, step: _Step) -> bool:
+    def _defer_check(self, step: StepState) -> bool:
         """Whether this rank runs its first action before the batch check (Note [batch
         overlapped]): a first-stage forward on a rank the batch is checked asynchronously for,
         of a shape key whose boundary templates that stage has sent (so its forward sends no
@@ -524,28 +481,28 @@ class StageExecutor:
                 or first.stage in self._buffered
                 or not any(c[0] == first.stage for c in step.tpl.send)):
             return False
-        step.rng = _get_rng(self.device)
+        step.rng = get_rng(self.device)
         self._make_recv(step, 0, False)
         step.next_recv = 1
         return True
 
-    def _set_batch(self, step: _Step, microbatches: Sequence[Sequence[Any]],
+    def _set_batch(self, step: StepState, microbatches: Sequence[Sequence[Any]],
                    targets: Sequence[Any]) -> None:
         """The step's per-stage model inputs and (last stage) targets, on the device."""
         m = self.split.num_microbatches
-        step.local = {p.index: [[_to(mb[i], self.device) for i in p.model_inputs]
+        step.local = {p.index: [[to_device(mb[i], self.device) for i in p.model_inputs]
                                 for mb in microbatches] for p in self.programs}
-        step.targets = ([_to(t, self.device) for t in targets] if self.is_last and step.train
+        step.targets = ([to_device(t, self.device) for t in targets] if self.is_last and step.train
                         else [None] * m)
 
-    def _take_batch(self, step: _Step) -> None:
+    def _take_batch(self, step: StepState) -> None:
         """Rank 0's inputs and targets, received during the step's first wait, in place of
         this rank's own (Note [batch overlapped])."""
         assert step.share is not None and step.rebuild is not None
         flat, target = self._guard_share(step.share.finish)
         self._set_batch(step, *step.rebuild(flat, target))
 
-    def _wait(self, step: _Step, recvs: list[ChannelRecv]) -> list[list[torch.Tensor]]:
+    def _wait(self, step: StepState, recvs: list[ChannelRecv]) -> list[list[torch.Tensor]]:
         """The tensors of an action's messages, one list per channel, in order."""
         out = []
         for r in recvs:
@@ -569,7 +526,7 @@ class StageExecutor:
         finally:
             hook(event, "end")
 
-    def _post(self, step: _Step, k: int, *, allow_meta: bool,
+    def _post(self, step: StepState, k: int, *, allow_meta: bool,
               sends: Sequence[Send] = (), label: str = "") -> None:
         """Issue ``sends`` plus the receives of the actions up to k not posted yet, in action
         order, as far as they can be created now (Note [receives ahead])."""
@@ -583,7 +540,7 @@ class StageExecutor:
         if self.comm is not None and (sends or recvs):
             self.comm.issue(sends, recvs, label=label)
 
-    def _make_recv(self, step: _Step, k: int, allow_meta: bool) -> bool:
+    def _make_recv(self, step: StepState, k: int, allow_meta: bool) -> bool:
         """Create action k's receives in ``step.posted`` (one per channel it reads, Note
         [message channels]). False if what it receives is not known yet (metadata not read,
         or forward not run)."""
@@ -604,7 +561,7 @@ class StageExecutor:
         step.posted[k] = self._router.gradient_receives(s, i, mb.roots)
         return True
 
-    def _forward(self, step: _Step, s: int, i: int, received: list[list[torch.Tensor]]
+    def _forward(self, step: StepState, s: int, i: int, received: list[list[torch.Tensor]]
                  ) -> list[Send]:
         p = self._by_stage[s]
         values, leaves = self._router.unpack(step.tpl, p, received, step.train)
@@ -612,7 +569,7 @@ class StageExecutor:
             out = p.run(step.local[s][i], values, grad_leaves=any(m for _, m in leaves))
         if not p.is_last:
             sends, roots = self._router.forward_sends(step.tpl, step.mailbox, p, i, out.sends)
-            step.microbatches[(s, i)] = _Microbatch(roots, leaves, None)
+            step.microbatches[(s, i)] = MicrobatchState(roots, leaves, None)
             return sends
         output = out.model_output
         loss = check_loss(self.loss_fn(output, step.targets[i])) if step.train else None
@@ -621,7 +578,7 @@ class StageExecutor:
             if step.result.return_outputs else None,
             loss.detach() if loss is not None else None)
         if loss is not None:
-            step.microbatches[(s, i)] = _Microbatch([], leaves, loss)
+            step.microbatches[(s, i)] = MicrobatchState([], leaves, loss)
         return []
 
     def _scaled_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -635,7 +592,7 @@ class StageExecutor:
             # that send is complete, and its buffers can go.
             self.comm.release(f"{s}F{i}")
 
-    def _backward(self, step: _Step, s: int, i: int, grads: list[list[torch.Tensor]]
+    def _backward(self, step: StepState, s: int, i: int, grads: list[list[torch.Tensor]]
                   ) -> list[Send]:
         mb = step.microbatches.pop((s, i))
         roots = [t for _, rs in mb.roots for t in rs]
@@ -649,7 +606,7 @@ class StageExecutor:
         return self._router.send_back(step.mailbox, s, i, mb.received,
                                       [b.grad for _, leaves in mb.received for b in leaves])
 
-    def _backward_input(self, step: _Step, s: int, i: int, grads: list[list[torch.Tensor]]
+    def _backward_input(self, step: StepState, s: int, i: int, grads: list[list[torch.Tensor]]
                         ) -> list[Send]:
         """``I`` of a split backward: the received values' gradients, sent back now; the
         parameters' part is kept for ``W`` (Note [split backward])."""
@@ -668,7 +625,7 @@ class StageExecutor:
         mb.roots = []
         return self._router.send_back(step.mailbox, s, i, mb.received, list(got))
 
-    def _backward_weight(self, step: _Step, s: int, i: int) -> list[Send]:
+    def _backward_weight(self, step: StepState, s: int, i: int) -> list[Send]:
         """``W`` of a split backward: the parameters' gradients of microbatch ``i``."""
         mb = step.microbatches.pop((s, i))
         if mb.pending is not None:
@@ -714,32 +671,3 @@ class StageExecutor:
                     tuple(a for a in lst if a.kind == "F") for lst in sched.actions), v)
             self._schedules[key] = sched
         return self._schedules[key].actions[self.program.index]
-
-
-def _samples(microbatches: Sequence[Sequence[Any]]) -> int:
-    """Samples in the step: microbatches times the first batched input's leading size."""
-    for v in pytree.tree_leaves(list(microbatches[0])) if microbatches else []:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return len(microbatches) * int(v.shape[0])
-    return len(microbatches)
-
-
-def _get_rng(device: torch.device) -> list[torch.Tensor]:
-    """The random state a forward on ``device`` draws from (CPU's, and the GPU's there)."""
-    state = [torch.random.get_rng_state()]
-    if device.type == "cuda":
-        state.append(torch.cuda.get_rng_state(device))
-    return state
-
-
-def _set_rng(state: list[torch.Tensor], device: torch.device) -> None:
-    torch.random.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor) and value.device != device:
-        return value.to(device, non_blocking=True)
-    return value
-
