@@ -20,17 +20,22 @@ Posting one gloo send or receive costs the calling thread 40-110 microseconds (a
 the peer's TCP connection, and the rendezvous notice of Note [receives ahead] in
 ``executor.py``); with a few posts per action that is several percent of a step, spent between
 computes and so on the critical path (``docs/schedules.md``). So on gloo :meth:`StageComm.issue`
-only queues its operations, and one thread of the comm posts them, in issue order (which gloo's
+queues its receives, and one thread of the comm posts them, in issue order (which gloo's
 matching of the messages between two ranks needs), while the calling thread goes on computing
 (the posts and the compute release the GIL). A receive is waited for after its posting
-(:meth:`StageComm.wait`), a send's tensors are kept until it completes, and an error of the
-thread is raised, mapped as any other, by the next wait, issue or drain of the calling thread.
-``StageComm(post_thread=False)``, or ``MODELPARALLEL_POST_THREAD=0`` in the environment, posts on
-the calling thread. ``post_thread="receives"`` (``MODELPARALLEL_POST_THREAD=receives``) posts
-only the receives on the thread and the sends on the calling thread, where a send's data is
-ready when it is posted: the order that matters is kept, since gloo matches sends in the order
-of the sends to a peer and receives in the order of the receives from it, each in one thread
-(the bubble benchmark's ``recv-thread`` variant).
+(:meth:`StageComm.wait`), and an error of the thread is raised, mapped as any other, by the next
+wait, issue or drain of the calling thread.
+
+The sends are posted by the calling thread, where their data is ready: queued to the thread,
+a send waits for that thread to get the GIL and a CPU from the computing thread, and on a busy
+host it leaves only when the next action ends, with the receiver idle meanwhile; posted in
+place it costs the post but leaves at once (measured in ``docs/schedules.md``, "Posting the
+sends"). The order that
+matters is kept: gloo matches sends in the order of the sends to a peer and receives in the
+order of the receives from it, each posted by one thread. A send's tensors are kept until it
+completes. ``StageComm(post_thread=True)`` (``MODELPARALLEL_POST_THREAD=1``) posts the sends on
+the thread too; ``post_thread=False`` (``MODELPARALLEL_POST_THREAD=0``) posts everything on the
+calling thread.
 """
 
 from __future__ import annotations
@@ -106,9 +111,10 @@ class StageComm:
             order (``ranks`` among them): process groups are created for all of them, in the
             same order on every rank, because ``torch.distributed.new_group`` is collective over
             the whole job (Note [placement order] in ``modelparallel/placement.py``).
-        post_thread: On gloo, post sends and receives from a thread of the comm (Note
-            [posting thread]); ignored on NCCL. ``None``: yes, unless the environment sets
-            ``MODELPARALLEL_POST_THREAD=0``.
+        post_thread: On gloo, ``"receives"``: post the receives from a thread of the comm
+            and the sends on the calling thread (Note [posting thread]); ``True``: both from
+            the thread; ``False``: both on the calling thread. Ignored on NCCL. ``None``:
+            ``MODELPARALLEL_POST_THREAD`` (``receives``, ``1`` or ``0``), else ``"receives"``.
     """
 
     def __init__(self, stage: int, ranks: Sequence[int], device: torch.device, timeout: float,
@@ -138,7 +144,7 @@ class StageComm:
         if self.num_stages > 1:
             self._group = self._new_groups(self.replicas)
         if post_thread is None:
-            env = os.environ.get("MODELPARALLEL_POST_THREAD", "1")
+            env = os.environ.get("MODELPARALLEL_POST_THREAD", "receives")
             post_thread = "receives" if env == "receives" else env != "0"
         #: Whether sends are posted on the calling thread (receives on the posting thread).
         self._sends_here = post_thread == "receives"
