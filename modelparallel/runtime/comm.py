@@ -30,10 +30,9 @@ The sends are posted by the calling thread, where their data is ready: queued to
 a send waits for that thread to get the GIL and a CPU from the computing thread, and on a busy
 host it leaves only when the next action ends, with the receiver idle meanwhile; posted in
 place it costs the post but leaves at once (measured in ``docs/schedules.md``, "Posting the
-sends"). The order that
-matters is kept: gloo matches sends in the order of the sends to a peer and receives in the
-order of the receives from it, each posted by one thread. A send's tensors are kept until it
-completes. ``StageComm(post_thread=True)`` (``MODELPARALLEL_POST_THREAD=1``) posts the sends on
+sends"). The order that matters is kept: gloo matches sends in the order of the sends to a
+peer and receives in the order of the receives from it, each posted by one thread. A send's
+tensors are kept until it completes. ``StageComm(post_thread=True)`` (``MODELPARALLEL_POST_THREAD=1``) posts the sends on
 the thread too; ``post_thread=False`` (``MODELPARALLEL_POST_THREAD=0``) posts everything on the
 calling thread.
 """
