@@ -176,8 +176,9 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
                             "F" if kind == "forward" else "B")
                         times.setdefault((s, key), []).append(t1 - t0)
                     # the action the wait was for (a batch_wait may come between them)
-                    nxt = next((e for e in events[j + 1:] if e[0] in _COMPUTE), None)
-                    if kind == "recv_wait" and nxt is not None:
+                    nxt = (next((e for e in events[j + 1:] if e[0] in _COMPUTE), None)
+                           if kind == "recv_wait" else None)
+                    if nxt is not None:
                         act = Action(nxt[1], "F" if nxt[0] == "forward" else "B", nxt[2])
                         dep = (Action(act.stage - 1, "F", act.microbatch) if act.kind == "F"
                                else Action(act.stage + 1, "B", act.microbatch))

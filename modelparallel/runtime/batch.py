@@ -148,6 +148,11 @@ class BatchShare:
         self._keep: list[torch.Tensor] = []  # rank 0's broadcast buffers until close()
         self._received: list[tuple[int, torch.Tensor]] = []  # (flat index or -1 - leaf, buffer)
         self._digests: Any = None
+        leaves = pytree.tree_leaves(target) if train and target_needed else []
+        #: Whether this rank takes part of rank 0's batch in place of its own (its tensors
+        #: that another stage reads); known at creation, so a step builds its inputs once.
+        self.receives = (self.comm is not None and self.comm.stage != 0 and any(
+            isinstance(v, torch.Tensor) for v in [*(self.flat[i] for i in self.shared), *leaves]))
         if self.comm is None:
             return
         self._signature = batch_signature(self.flat, target, train=train)
@@ -187,11 +192,6 @@ class BatchShare:
                 comm.broadcast([buf], 0, what)
             if comm.stage == 0:
                 self._keep.append(buf)
-
-    @property
-    def receives(self) -> bool:
-        """Whether this rank receives part of rank 0's batch (known once checked)."""
-        return bool(self._received)
 
     def finish(self) -> tuple[list[Any], Any]:
         """:meth:`check`, then the batch as this rank trains on it (rank 0's tensors where

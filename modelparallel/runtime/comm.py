@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from modelparallel.errors import CommunicationError
+from modelparallel.errors import CommunicationError, ConfigError
 from modelparallel.runtime.distributed import pipeline_namespace
 from modelparallel.runtime.failure import FailureBoard, map_comm_error, report_for, summarize
 
@@ -92,6 +92,10 @@ class PendingRecv:
     tag: int = 0
     works: list[Any] = field(default_factory=list)
     posted: threading.Event = field(default_factory=threading.Event)
+
+
+#: ``MODELPARALLEL_POST_THREAD`` values (Note [posting thread]).
+_POST_THREAD_ENV: dict[str, bool | str] = {"receives": "receives", "1": True, "0": False}
 
 
 class StageComm:
@@ -139,12 +143,18 @@ class StageComm:
                                                   for r in self.replicas):
             raise CommunicationError(f"replicas {self.replicas} must hold this pipeline's "
                                      f"ranks {self.ranks}, each with {self.num_stages} stages")
+        if post_thread is None:
+            env = os.environ.get("MODELPARALLEL_POST_THREAD", "receives")
+            if env not in _POST_THREAD_ENV:
+                raise ConfigError(f"MODELPARALLEL_POST_THREAD={env!r}: use one of "
+                                  f"{list(_POST_THREAD_ENV)} (Note [posting thread])")
+            post_thread = _POST_THREAD_ENV[env]
+        if post_thread not in (True, False, "receives"):
+            raise ConfigError(f"post_thread={post_thread!r}: use True, False or 'receives' "
+                              "(Note [posting thread])")
         self._extra: list[Any] = []
         if self.num_stages > 1:
             self._group = self._new_groups(self.replicas)
-        if post_thread is None:
-            env = os.environ.get("MODELPARALLEL_POST_THREAD", "receives")
-            post_thread = "receives" if env == "receives" else env != "0"
         #: Whether sends are posted on the calling thread (receives on the posting thread).
         self._sends_here = post_thread == "receives"
         self._poster = (_Poster(self._post_ops) if post_thread and not self.grouped

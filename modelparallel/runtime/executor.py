@@ -360,12 +360,13 @@ class StageExecutor:
             self.comm.check_usable()
         tpl = self._templates.get(key)
         step = StepState(actions=self._actions(train), local={}, targets=[],
-                     tpl=tpl, train=train, context=context, share=share, rebuild=rebuild,
-                     result=StepResult(self.comm, is_last=self.is_last, microbatches=m,
-                                       train=train, return_outputs=return_outputs,
-                                       merge=merge, templates=tpl.result,
-                                       device=self.device, on_result=on_result))
-        self._set_batch(step, microbatches, targets)
+                         tpl=tpl, train=train, context=context, share=share, rebuild=rebuild,
+                         result=StepResult(self.comm, is_last=self.is_last, microbatches=m,
+                                           train=train, return_outputs=return_outputs,
+                                           merge=merge, templates=tpl.result,
+                                           device=self.device, on_result=on_result))
+        if share is None or not share.receives:  # else rank 0's, at the first wait
+            self._set_batch(step, microbatches, targets)
         start = time.perf_counter()
         self.stats = StepStats()
         stash: dict[str, list[torch.Tensor | None]] = {}
@@ -439,7 +440,7 @@ class StageExecutor:
                 self._hooked("result_wait", s, None, step.result.work_now)
             received = (self._hooked("recv_wait", s, i, self._wait, step, recvs)
                         if recvs else [])
-            if step.share is not None and step.share.checked and step.share.receives:
+            if not step.local:  # this rank computes on rank 0's batch, received by now
                 self._take_batch(step)
             t0 = time.perf_counter()
             if a.kind == "F":

@@ -66,3 +66,17 @@ def both_ways_job(rank: int, world: int, post_thread: bool | str) -> list[list[f
 def test_messages_both_ways_arrive_in_order(post_thread: bool | str) -> None:
     results = [r.unwrap() for r in run_ranks(both_ways_job, 2, post_thread, timeout=120)]
     assert results == [[[10.0 + i] * 3 for i in range(3)], [[float(i)] * 3 for i in range(3)]]
+
+
+@pytest.mark.parametrize("value", ["recieves", "yes"])
+def test_an_unknown_posting_mode_is_refused(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [posting thread]: a misspelt mode is an error, not silently one of the others."""
+    from modelparallel.errors import ConfigError
+    from modelparallel.runtime.comm import StageComm
+
+    monkeypatch.setenv("MODELPARALLEL_POST_THREAD", value)
+    with pytest.raises(ConfigError, match="MODELPARALLEL_POST_THREAD"):
+        StageComm(0, [0], torch.device("cpu"), 1.0, None)
+    monkeypatch.delenv("MODELPARALLEL_POST_THREAD")
+    with pytest.raises(ConfigError, match="post_thread"):
+        StageComm(0, [0], torch.device("cpu"), 1.0, None, post_thread=value)
