@@ -322,15 +322,17 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
 
 def _warm_orders(prob: Problem) -> dict[str, np.ndarray]:
     """Other topological orders for the DP's first incumbents (Note [canonical order]): the
-    graph's own listing (when it differs from the canonical order) and the light-branch-first
-    search."""
+    graph's own listing (when it differs from the canonical order), the light-branch-first
+    search and the later readers of shared parameters moved up to their first reader."""
     out: dict[str, np.ndarray] = {}
     listed = np.array([prob.index[nd.name] for nd in prob.graph.nodes if nd.name in prob.index],
                       dtype=np.int64)
     if np.any(listed != np.arange(prob.n)):
         out["listed"] = listed
+    tied = [] if prob.config.tied == "colocate" else [  # colocated readers share a hull
+        q.readers for q in sorted(prob.shared, key=lambda q: -float(np.max(q.state)))]
     for label, order in warm_orders(prob.producers, prob.time.min(axis=1), names=prob.names,
-                                    colocate=prob.colocate).items():
+                                    colocate=prob.colocate, tied=tied).items():
         if np.any(order != np.arange(prob.n)) and not any(
                 np.array_equal(order, o) for o in out.values()):
             out[label] = order

@@ -25,8 +25,10 @@ costs), never from its listing:
 
 The result depends on the graph as a set of nodes only, so an equally valid listing of the same
 graph gives the same problem and the same plan (up to the solver's time limit). The ILP pipeline
-also tries the DP on a few other orders (:func:`warm_orders`: the graph's own listing and a
-light-branch-first search) for its first incumbent (Note [ILP pipeline] in
+also tries the DP on a few other orders (:func:`warm_orders`: the graph's own listing, a
+light-branch-first search, and the later readers of a shared parameter moved up to its first
+reader with the work that follows from them alone, :func:`tied_early_order`) for its first
+incumbent (Note [ILP pipeline] in
 :mod:`~modelparallel.partitioner.methods`); the op-level ILP and the bounds do not depend on any
 order.
 
@@ -45,7 +47,7 @@ from collections.abc import Sequence
 import networkx as nx
 import numpy as np
 
-__all__ = ["canonical_order", "hulls", "warm_orders"]
+__all__ = ["canonical_order", "hulls", "tied_early_order", "warm_orders"]
 
 
 def _succs(preds: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -215,14 +217,82 @@ def canonical_order(preds: Sequence[Sequence[int]], weight: Sequence[float], *,
 
 
 def warm_orders(preds: Sequence[Sequence[int]], weight: Sequence[float], *,
-                names: Sequence[str], colocate: Sequence[Sequence[int]] = ()
-                ) -> dict[str, np.ndarray]:
+                names: Sequence[str], colocate: Sequence[Sequence[int]] = (),
+                tied: Sequence[Sequence[int]] = ()) -> dict[str, np.ndarray]:
     """Other topological orders to try the DP on (Note [canonical order]), in the problem's
-    indexing (whose own order is the canonical one): the light-branch-first search.
+    indexing (whose own order is the canonical one): the light-branch-first search and, when
+    ``tied`` (reader groups of parameters shared between nodes that may sit on different
+    stages, largest first) moves anything, :func:`tied_early_order`.
 
     Example:
         >>> sorted(warm_orders([(), (0,), (1,)], [1.0, 1.0, 1.0], names="abc"))
         ['light-first']
     """
-    return {"light-first": canonical_order(preds, weight, names=names, colocate=colocate,
-                                           heavy_first=False)}
+    out = {"light-first": canonical_order(preds, weight, names=names, colocate=colocate,
+                                          heavy_first=False)}
+    early = tied_early_order(preds, tied)
+    if np.any(early != np.arange(len(preds))):
+        out["tied-early"] = early
+    return out
+
+
+#: Later readers of shared parameters that :func:`tied_early_order` tries to move at most (each
+#: try is linear in the graph's size; the largest parameters come first).
+_TIED_TRIES = 16
+
+
+def tied_early_order(preds: Sequence[Sequence[int]], tied: Sequence[Sequence[int]]
+                     ) -> np.ndarray:
+    """The canonical order (``preds``' own indexing) with the later readers of each shared
+    parameter moved up to its first reader, each with the work that follows from it without
+    the nodes it was moved over (Note [canonical order], the ``tied-early`` warm start).
+
+    A parameter read by an early and a late node (T5's embedding, read by the encoder's and the
+    decoder's embedding lookups) costs its state on both stages unless both readers share one.
+    The canonical order puts the decoder's lookup, which reads only the inputs, right before the
+    decoder, so no contiguous split puts it on the encoder's first stage. Here each later
+    reader ``r`` of ``tied[i]`` (in the order given, the first ``_TIED_TRIES``) moves right after
+    the first reader ``f`` together with every node that follows from ``r`` without reading
+    anything between ``f`` and ``r`` (and what those need): T5-small's decoder embedding and
+    its first self-attention block. A reader that depends on the nodes in between stays.
+
+    Example:
+        >>> # 0 -> 1 -> 2 is the trunk; 3 reads the parameter that 0 reads, 4 follows from 3.
+        >>> tied_early_order([(), (0,), (1,), (), (3,), (2, 4)], [(0, 3)]).tolist()
+        [0, 3, 4, 1, 2, 5]
+    """
+    order = list(range(len(preds)))
+    later = [(min(readers), r) for readers in tied for r in sorted(set(readers))[1:]]
+    for first, r in later[:_TIED_TRIES]:
+        moved = _follows_alone(preds, order, first, r)
+        if moved:
+            rest = [v for v in order if v not in moved]
+            at = rest.index(first) + 1
+            order = rest[:at] + [v for v in order if v in moved] + rest[at:]
+    return np.asarray(order, dtype=np.int64)
+
+
+def _follows_alone(preds: Sequence[Sequence[int]], order: list[int], first: int, r: int
+                   ) -> set[int]:
+    """The nodes of ``order`` from ``r`` on that follow from ``r`` and read nothing between
+    ``first`` and ``r`` (directly or not), with the nodes after ``first`` they need; empty if
+    ``r`` itself reads something in between."""
+    pos = {v: i for i, v in enumerate(order)}
+    if pos[r] <= pos[first] + 1:
+        return set()
+    between = set(order[pos[first] + 1:pos[r]])
+    tainted: set[int] = set()
+    for v in order[pos[r]:]:
+        if any(u in between or u in tainted for u in preds[v]):
+            tainted.add(v)
+    if r in tainted:
+        return set()
+    follow = {r}
+    for v in order[pos[r] + 1:]:
+        if v not in tainted and any(u in follow for u in preds[v]):
+            follow.add(v)
+    need = set(follow)
+    for v in reversed(order[pos[r]:]):
+        if v in need:
+            need.update(u for u in preds[v] if pos[u] > pos[first])
+    return need
