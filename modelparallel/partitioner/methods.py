@@ -8,8 +8,10 @@ stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitio
 1. the exact contiguous DP at op level (:mod:`~modelparallel.partitioner.dp`) over the
    canonical order (no pass starts after ``_DP_SHARE`` of the time) and, within
    ``_ORDERS_SHARE`` of the time, over a few other topological
-   orders (Note [canonical order] in :mod:`~modelparallel.partitioner.order`), and the two
-   baselines: the first incumbents;
+   orders (Note [canonical order] in :mod:`~modelparallel.partitioner.order`), each split
+   then moved cut by cut under the exact objective where the DP's send accounting is not exact
+   (Note [cut descent] in :mod:`~modelparallel.partitioner.cut_descent`, ending at
+   ``_DESCENT_SHARE`` of the time), and the two baselines: the first incumbents;
 2. one short op-level refinement of the best of them around its stage boundaries (Note
    [refinement], ``_POLISH_SHARE`` of the time): it finds the branch orders a single
    topological order misses (an Inception block cut between its branches), and a better
@@ -95,6 +97,7 @@ from modelparallel.partitioner._pieces import solve_pieces
 from modelparallel.partitioner.baselines import param_balanced_split, uniform_split
 from modelparallel.partitioner.bounds import lower_bound, window_for
 from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, unit_order
+from modelparallel.partitioner.cut_descent import descend_cuts
 from modelparallel.partitioner.deadline import Deadline
 from modelparallel.partitioner.dp import solve_dp, split_to_stages
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
@@ -121,6 +124,7 @@ _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
 _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
 _POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
 _ORDERS_SHARE = 0.1  # share of config.time_limit after which no other DP order is tried
+_DESCENT_SHARE = 0.15  # share of config.time_limit by which the cut descents end
 _DP_SHARE = 0.6  # share of config.time_limit after which the DP starts no further pass
 _REFINE_MIN = 0.15  # share of config.time_limit a refinement round needs left to start
 
@@ -275,8 +279,10 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
         return _units_then_refine(prob, clock, cands, units, refine=False)
     clock.emit("dp", "contiguous split over the topological order")
     dp = solve_dp(prob, deadline=clock.deadline.at(_DP_SHARE))  # Note [whole-call deadline]
+    splits: list[tuple[str, np.ndarray, np.ndarray]] = []
     if dp is not None:
         cands.consider(dp.stage, "dp")
+        splits.append(("dp", np.arange(prob.n), dp.stage))
         clock.emit("dp", f"done in {dp.passes} passes", incumbent=dp.objective)
     for label, order in _warm_orders(prob).items():  # Note [canonical order]
         if clock.elapsed() > _ORDERS_SHARE * cfg.time_limit:
@@ -284,6 +290,13 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
         other = solve_dp(prob, order=order)
         if other is not None:
             cands.consider(other.stage, f"dp-{label}")
+            splits.append((f"dp-{label}", order, other.stage))
+    splits.sort(key=lambda split: evaluate(prob, split[2]).objective)  # the best first
+    for label, order, stage in splits:  # Note [cut descent]
+        left = _DESCENT_SHARE * cfg.time_limit - clock.elapsed()
+        if left <= 0:
+            break
+        cands.consider(descend_cuts(prob, order, stage, deadline=left), f"{label}-descent")
     for method in ("uniform", "param_balanced"):
         try:
             stage, _ = _baseline(prob, method)
