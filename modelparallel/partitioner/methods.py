@@ -279,10 +279,10 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
         return _units_then_refine(prob, clock, cands, units, refine=False)
     clock.emit("dp", "contiguous split over the topological order")
     dp = solve_dp(prob, deadline=clock.deadline.at(_DP_SHARE))  # Note [whole-call deadline]
-    splits: list[tuple[str, np.ndarray, np.ndarray]] = []
+    splits: list[tuple[float, str, np.ndarray, np.ndarray]] = []  # objective, label, order, stage
     if dp is not None:
         cands.consider(dp.stage, "dp")
-        splits.append(("dp", np.arange(prob.n), dp.stage))
+        splits.append((dp.objective, "dp", np.arange(prob.n), dp.stage))
         clock.emit("dp", f"done in {dp.passes} passes", incumbent=dp.objective)
     for label, order in _warm_orders(prob).items():  # Note [canonical order]
         if clock.elapsed() > _ORDERS_SHARE * cfg.time_limit:
@@ -290,9 +290,9 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
         other = solve_dp(prob, order=order)
         if other is not None:
             cands.consider(other.stage, f"dp-{label}")
-            splits.append((f"dp-{label}", order, other.stage))
-    splits.sort(key=lambda split: evaluate(prob, split[2]).objective)  # the best first
-    for label, order, stage in splits:  # Note [cut descent]
+            splits.append((other.objective, f"dp-{label}", order, other.stage))
+    splits.sort(key=lambda split: split[0])  # the best first
+    for _, label, order, stage in splits:  # Note [cut descent]
         left = _DESCENT_SHARE * cfg.time_limit - clock.elapsed()
         if left <= 0:
             break

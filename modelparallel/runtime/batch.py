@@ -168,12 +168,11 @@ class BatchShare:
         assert self.comm is not None
         comm = self.comm
         digests = comm.all_gather_int_finish(self._digests, "the batch structure of every rank")
+        self.checked = True
         if any(d != digests[0] for d in digests):
-            self.checked = True
             theirs = comm.all_gather_object(self._signature, "the batch structures")
             self.mismatch = True
             raise ConfigError(_mismatch(theirs, digests, self.names))
-        self.checked = True
         todo = [(i, self.flat[i]) for i in self.shared if isinstance(self.flat[i], torch.Tensor)]
         if self.train and self.target_needed:
             leaves, self._spec = pytree.tree_flatten(self.target)
