@@ -39,8 +39,13 @@ SEARCH_OPTIONS: dict[str, Any] = {"mip_allow_restart": False, "mip_heuristic_eff
 #: With a cutoff the solve is a proof (nothing better than the cutoff exists): no primal
 #: heuristics at all. Branch and bound still finds better assignments where they exist. It cut
 #: the time to a proof by 30% (Llama at p = 8: 15.8 s to 11.2 s, before Note [exact reduction]).
+#: Branching goes by pseudo-costs alone (``mip_pscost_minreliable = 0``, no strong branching):
+#: strong branching was 73% of the LP iterations of GPT-2 medium's 0.9% proof at p = 8, whose
+#: search ran 15% faster without it (8.7 s to 7.4 s on one thread; the proofs of the other
+#: reference models at p = 8 up to 20% faster: ``docs/measurements.md``, "Branching in the
+#: proofs").
 PROOF_OPTIONS: dict[str, Any] = {
-    "mip_allow_restart": False, "mip_heuristic_effort": 0.0,
+    "mip_allow_restart": False, "mip_heuristic_effort": 0.0, "mip_pscost_minreliable": 0,
     "mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
     "mip_heuristic_run_root_reduced_cost": False, "mip_heuristic_run_feasibility_jump": False}
 
