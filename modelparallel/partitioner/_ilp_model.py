@@ -33,8 +33,9 @@ class _Model:
     per method (the same families as the bound model's builders in ``_bound_model.py``)."""
 
     def __init__(self, prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray,
-                 hi: np.ndarray) -> None:
+                 hi: np.ndarray, memory: tuple[float, float] | None = None) -> None:
         self.prob = prob
+        self.memory = memory
         p = prob.p
         self.k = len(items)
         self.items = items
@@ -297,10 +298,13 @@ class _Model:
 
     def _bottleneck(self) -> None:
         """Time and memory epigraphs ``t >= T_s``, ``u >= M_s`` (``u <= 1 / U_ref``: memory
-        caps), the objective ``(1 - w) t + w u`` (memory balance) and every row into the LP."""
+        caps; within ``memory`` when given, Note [memory sides] in ``_pieces.py``), the
+        objective ``(1 - w) t + w u`` (memory balance) and every row into the LP."""
         prob = self.prob
+        u_lo, u_hi = (0.0, np.inf) if self.memory is None else self.memory
         self.t = pulp.LpVariable("t", lowBound=0)
-        self.u = pulp.LpVariable("u", lowBound=0, upBound=1.0 / prob.u_ref)
+        self.u = pulp.LpVariable("u", lowBound=max(0.0, float(u_lo)),
+                                 upBound=min(1.0 / prob.u_ref, float(u_hi)))
         rows = self.rows
         for s in range(prob.p):
             rows.append(_affine([(self.t, 1.0)] + [(v, -c) for v, c in self.time_terms[s]])

@@ -22,8 +22,22 @@ question is answered (by their own or by enclosing pieces) are stopped. So no th
 while a straggler runs, and nothing is lost when the straggler wins. With one worker there is
 one piece: the plain search.
 
+Note [memory sides]
+~~~~~~~~~~~~~~~~~~~
+The question also splits on the objective ``(1 - w) t + w u`` itself: every assignment has its
+memory term ``u`` at most some ``U`` or at least ``U``. On the first side the memory caps are
+``U``; on the second ``u >= U`` is a floor of the objective, so only a time term below
+``(target - w U) / (1 - w)`` can beat the target. Each side's stage windows are narrower than
+the whole's (``bounds.window_for`` with a memory range), and so are its LP relaxations: the
+relaxation of the whole trades a fractional time term against a fractional memory term, which
+the floor or the caps take away. A proof phase splits on memory first, then on items, when
+the memory term weighs in its incumbent at least as much as the time term (``u >= t``), at
+``U = u / (1 + g)`` for a phase of gap ``g``: the memory term improved by the factor the whole
+must improve by. Measured: ``docs/measurements.md``, Note [memory sides].
+
 Every piece gets the same deadline and the same target, and no progress callback (a piece's
-bound is not the whole's); the calling thread reports each piece that ends. A phase is
+bound is not the whole's); the calling thread reports each piece that ends. Beyond the first
+``workers``, none starts in the last :data:`_LATE_START` seconds. A phase is
 complete when every piece is answered. When the deadline stops it, a piece's bound is the
 larger of its own search's dual bound and the least of its halves' bounds; the whole has none
 when a piece of it has none (one that never started). Figures: ``docs/measurements.md``,
@@ -59,7 +73,7 @@ from modelparallel.partitioner._ilp_model import propagate_ranges
 from modelparallel.partitioner.ilp import IlpResult, solve_items
 from modelparallel.partitioner.problem import Problem
 
-__all__ = ["WORKERS", "PiecesOutcome", "solve_pieces", "split_ranges"]
+__all__ = ["WORKERS", "MemorySide", "PiecesOutcome", "solve_pieces", "split_ranges"]
 
 
 def _cores() -> int:
@@ -72,6 +86,12 @@ def _cores() -> int:
 #: Threads that solve the pieces of one proof phase (at most 4: more pieces add root-node work
 #: and balance worse; see Note [proof in pieces]).
 WORKERS = max(1, min(4, _cores()))
+
+#: Seconds before the deadline after which no further piece starts (the first ``workers``
+#: always do): a piece builds its model before its solver's time limit applies and then gets at
+#: least half a second, so one started later overruns the phase; a half of a running piece
+#: started then rarely answers before the piece itself would.
+_LATE_START = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +120,24 @@ class PiecesOutcome:
         assert self.bound is None or np.isfinite(self.bound)
 
 
+@dataclass(frozen=True, eq=False)
+class MemorySide:
+    """One side of a proof split on the objective's memory term (Note [memory sides]).
+
+    Attributes:
+        memory: The range ``(at least, at most)`` of the memory term ``u`` on this side.
+        lo: Smallest stage per item of the assignments on this side below the target.
+        hi: Largest stage per item, likewise.
+    """
+
+    memory: tuple[float, float]
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def __post_init__(self) -> None:
+        assert self.memory[0] <= self.memory[1] and self.lo.shape == self.hi.shape
+
+
 def split_ranges(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: np.ndarray,
                  pieces: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Item ranges of up to ``pieces`` searches that together cover ``lo``/``hi`` (Note [proof
@@ -111,8 +149,9 @@ def split_ranges(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi:
 
 def _split_levels(cut: _Cutter, root: _Piece, pieces: int) -> list[_Piece]:
     """The leaves of ``root`` cut in halves level by level while that stays within ``pieces``
-    (each cut piece keeps its halves as children)."""
-    level = [root]
+    (each cut piece keeps its halves as children; children it has already are its first
+    level)."""
+    level = root.children or [root]
     while 2 * len(level) <= pieces:
         nxt = []
         for piece in level:
@@ -134,6 +173,7 @@ class _Piece:
     f0: float
     f1: float
     parent: _Piece | None = None
+    memory: tuple[float, float] | None = None  # Note [memory sides]
     children: list[_Piece] = field(default_factory=list)
     result: IlpResult | None = None
     started: float = np.inf
@@ -199,14 +239,15 @@ class _Cutter:
         right_lo[a] = s + 1
         left = propagate_ranges(self.prob, self.item_of, piece.lo.copy(), left_hi)
         right = propagate_ranges(self.prob, self.item_of, right_lo, piece.hi.copy())
-        return [_Piece(*left, piece.f0, fm, parent=piece),
-                _Piece(*right, fm, piece.f1, parent=piece)]
+        return [_Piece(*left, piece.f0, fm, parent=piece, memory=piece.memory),
+                _Piece(*right, fm, piece.f1, parent=piece, memory=piece.memory)]
 
 
 def solve_pieces(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: np.ndarray, *,
                  target: float, gap_rel: float, time_limit: float, solver: str = "highs",
                  workers: int = WORKERS,
-                 report: Callable[[int, IlpResult], None] | None = None) -> PiecesOutcome:
+                 report: Callable[[int, IlpResult], None] | None = None,
+                 sides: Sequence[MemorySide] = ()) -> PiecesOutcome:
     """Search for assignments below ``target`` within ``lo``/``hi``, in pieces on ``workers``
     threads (Note [proof in pieces]).
 
@@ -222,6 +263,9 @@ def solve_pieces(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi:
         workers: Threads; ``1`` solves the ranges whole.
         report: Called in the calling thread with (pieces started so far, result) as each
             piece ends.
+        sides: Ranges of the memory term that together cover every assignment, each with its
+            own item ranges within ``lo``/``hi`` (Note [memory sides]): the first split of the
+            search. Empty: the search is split on items only.
 
     Returns:
         The pieces' outcome together.
@@ -235,19 +279,24 @@ def solve_pieces(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi:
         left = deadline - _time.perf_counter()
         return solve_items(prob, items, piece.lo, piece.hi, time_limit=max(0.5, left),
                            solver=solver, gap_rel=gap_rel, cutoff=target,
-                           stop=piece.stop.is_set)
+                           stop=piece.stop.is_set, memory=piece.memory)
 
+    root.children = [_Piece(*propagate_ranges(prob, cut.item_of, np.maximum(lo, side.lo),
+                                              np.minimum(hi, side.hi)),
+                            0.0, 1.0, parent=root, memory=side.memory) for side in sides]
     if workers <= 1:
-        root.result = run(root)
-        if report is not None:
-            report(1, root.result)
-        return _outcome(root, target, 1, _time.perf_counter() - t0)
+        for q in root.children or [root]:
+            q.result = run(q)
+            if report is not None:
+                report(1, q.result)
+        return _outcome(root, target, max(1, len(root.children)), _time.perf_counter() - t0)
     queue = _split_levels(cut, root, 2 * workers)  # two pieces per worker to start with
     started = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilp-piece") as pool:
         running: dict[Future[IlpResult], _Piece] = {}
         while True:
-            while len(running) < workers and _time.perf_counter() < deadline - 0.05:
+            while len(running) < workers and _time.perf_counter() < deadline - (
+                    0.05 if started < workers else _LATE_START):
                 todo = _next(queue, running, cut)
                 if todo is None:
                     break

@@ -312,30 +312,43 @@ def stage_windows(prob: Problem, a_max: float, b_max: float = np.inf
     return lo, hi
 
 
-_WINDOWS: weakref.WeakKeyDictionary[Problem, dict[float, tuple[np.ndarray, np.ndarray]]] = (
+#: Memory-term range of the assignments a window is for: ``(at least, at most)``, in the units
+#: of the objective's memory term (Note [memory sides] in ``_pieces.py``).
+MemoryRange = tuple[float, float]
+
+_ANY_MEMORY: MemoryRange = (0.0, np.inf)
+_CACHED = 3  # windows kept per problem: a proof phase asks for its own and its two sides'
+_WINDOWS: weakref.WeakKeyDictionary[
+    Problem, dict[tuple[float, MemoryRange], tuple[np.ndarray, np.ndarray]]] = (
     weakref.WeakKeyDictionary())
 
 
-def window_for(prob: Problem, incumbent: float) -> tuple[np.ndarray, np.ndarray]:
+def window_for(prob: Problem, incumbent: float, memory: MemoryRange = _ANY_MEMORY
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Stage windows of the assignments strictly better than ``incumbent`` (Note [lower
     bound], part 2): node ``v`` may take stage ``s`` only if the time and memory that ``v`` on
     ``s`` forces, weighted as in the objective, stay below ``incumbent``; then again with the
     least communication and received bytes each boundary carries within those windows, while
-    that narrows them. Cached per problem and incumbent (the ILP pipeline and the bound ask for
-    the same windows; on 10,000 ops their minimum cuts take seconds)."""
+    that narrows them. With ``memory = (lo, hi)``, only the assignments whose memory term lies
+    in that range count: the forced memory is at least ``lo`` and at most ``hi`` (Note [memory
+    sides] in ``_pieces.py``). Cached per problem, incumbent and range, a few at a time (the ILP
+    pipeline and the bound ask for the same windows; on 10,000 ops their minimum cuts take
+    seconds)."""
     cache = _WINDOWS.setdefault(prob, {})
-    key = float(incumbent)
+    key = (float(incumbent), (float(memory[0]), float(memory[1])))
     if key not in cache:
-        cache.clear()  # one incumbent at a time: the arrays are (n,) each
-        cache[key] = _window_for(prob, key)
+        while len(cache) >= _CACHED:  # the arrays are (n,) each
+            del cache[next(iter(cache))]
+        cache[key] = _window_for(prob, key[0], key[1])
     lo, hi = cache[key]
     return lo.copy(), hi.copy()
 
 
-def _window_for(prob: Problem, incumbent: float) -> tuple[np.ndarray, np.ndarray]:
+def _window_for(prob: Problem, incumbent: float, memory: MemoryRange
+                ) -> tuple[np.ndarray, np.ndarray]:
     p = prob.p
     cuts = np.zeros((max(p - 1, 0), 2))
-    lo, hi = _windows_with_cuts(prob, incumbent, cuts)
+    lo, hi = _windows_with_cuts(prob, incumbent, cuts, memory)
     for _ in range(_CUT_ROUNDS if p > 1 else 0):
         if np.any(lo > hi):
             break
@@ -344,13 +357,13 @@ def _window_for(prob: Problem, incumbent: float) -> tuple[np.ndarray, np.ndarray
         if np.all(new <= cuts):
             break
         cuts = np.maximum(cuts, new)
-        lo2, hi2 = _windows_with_cuts(prob, incumbent, cuts)
+        lo2, hi2 = _windows_with_cuts(prob, incumbent, cuts, memory)
         lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
     return lo, hi
 
 
-def _windows_with_cuts(prob: Problem, incumbent: float, cuts: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def _windows_with_cuts(prob: Problem, incumbent: float, cuts: np.ndarray,
+                       memory: MemoryRange = _ANY_MEMORY) -> tuple[np.ndarray, np.ndarray]:
     """The windows of :func:`window_for` given, per boundary, a least communication time
     (``cuts[:, 0]``) and least bytes received (``cuts[:, 1]``) of every assignment counted."""
     p, w = prob.p, prob.w
@@ -411,7 +424,9 @@ def _windows_with_cuts(prob: Problem, incumbent: float, cuts: np.ndarray
           / kmax_after[None, :] + rb_after[None, :]) / z_after[None, :]
     b = np.maximum(b, np.maximum(wb, wa)) / (float(prob.caps.max()) * prob.u_ref)
     b = np.maximum(b, b_lb)
-    return _window_range(prob, (1 - w) * a + w * b, incumbent)
+    forced = np.where(b <= memory[1] * (1 + 1e-9) + 1e-12,
+                      (1 - w) * a + w * np.maximum(b, memory[0]), np.inf)
+    return _window_range(prob, forced, incumbent)
 
 
 def _window_range(prob: Problem, forced: np.ndarray, incumbent: float

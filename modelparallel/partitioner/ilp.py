@@ -174,7 +174,8 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
                 progress: Callable[[ProgressEvent], None] | None = None,
                 phase: str = "ilp", gap_rel: float = 1e-4,
                 cutoff: float | None = None,
-                stop: Callable[[], bool] | None = None) -> IlpResult:
+                stop: Callable[[], bool] | None = None,
+                memory: tuple[float, float] | None = None) -> IlpResult:
     """Solve the ILP of Note [ILP formulation] over ``items``.
 
     Args:
@@ -195,6 +196,9 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
             most ``cutoff``.
         stop: Polled during HiGHS's search: once it returns true, the search stops as at its
             time limit (another thread found the answer; CBC ignores it).
+        memory: Only assignments whose memory term (the objective's ``u``) lies in this range
+            ``(at least, at most)``; the objective is then taken with ``u`` at least the lower
+            end (Note [memory sides] in ``_pieces.py``). ``None``: every assignment.
 
     Returns:
         The result; its ``bound``, when set, is at most the objective of every assignment of
@@ -204,7 +208,7 @@ def solve_items(prob: Problem, items: Sequence[np.ndarray], lo: np.ndarray, hi: 
         SolverError: if every solver failed to run.
     """
     t0 = _time.perf_counter()
-    model = _Model(prob, items, lo, hi)
+    model = _Model(prob, items, lo, hi, memory)
     if np.any(model.lo > model.hi):
         return IlpResult(None, "infeasible", None, None, solver, 0, 0,
                          _time.perf_counter() - t0, ("item ranges are empty after propagation",))

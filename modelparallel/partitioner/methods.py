@@ -35,7 +35,9 @@ stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitio
      optimal at op level, or finds the better assignments, each optimal in its piece.
 
    Each phase's search runs in pieces on several threads (Note [proof in pieces] in
-   ``_pieces.py``): halves of the windows cut at a middle boundary, solved side by side.
+   ``_pieces.py``): halves of the windows cut at a middle boundary, solved side by side,
+   after a first split on the objective's memory term where it weighs at least as much as
+   the time term in the incumbent (Note [memory sides], ibid.).
    A phase that runs out of time ends the sequence (a smaller gap would too), and so does
    less time left than the previous phase took. Proving a small gap first is much cheaper
    than proving optimality (the tighter windows and the cutoff prune most of the tree), so
@@ -93,7 +95,7 @@ from dataclasses import replace
 import numpy as np
 
 from modelparallel.errors import ConfigError, InfeasiblePlanError
-from modelparallel.partitioner._pieces import solve_pieces
+from modelparallel.partitioner._pieces import MemorySide, solve_pieces
 from modelparallel.partitioner.baselines import param_balanced_split, uniform_split
 from modelparallel.partitioner.bounds import lower_bound, window_for
 from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, unit_order
@@ -117,7 +119,7 @@ METHODS = ("ilp", "dp", "uniform", "param_balanced")
 
 _FLAT_COLUMNS = 4000  # windowed binaries up to which the op-level ILP is solved directly
 _ILP_SHARE = 0.55  # share of config.time_limit for the coarse and refinement ILPs
-_ILP_SHARE_FLAT = 0.93  # share for the flat op-level ILP (the bound and report after it: < 0.3 s)
+_ILP_SHARE_FLAT = 0.9  # share for the flat op-level ILP (HiGHS may overrun it a little)
 _PROOF_GAPS = (0.0197, 0.009, 0.0)  # gaps the flat ILP proves in turn (the first under 2%)
 _EXACT_GAP = 1e-4  # the exact phase searches below the incumbent less this (the solver's gap)
 _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
@@ -370,9 +372,11 @@ def _polish(prob: Problem, clock: _Clock, cands: _Candidates, stage: np.ndarray)
         cands.consider(new, "refined")
 
 
-def _unit_windows(prob: Problem, red: Reduction, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
-    """Stage ranges of the reduction's groups in assignments better than ``cutoff``."""
-    w_lo, w_hi = window_for(prob, cutoff)
+def _unit_windows(prob: Problem, red: Reduction, cutoff: float,
+                  memory: tuple[float, float] = (0.0, np.inf)) -> tuple[np.ndarray, np.ndarray]:
+    """Stage ranges of the reduction's groups in assignments better than ``cutoff`` (whose
+    memory term lies in ``memory``)."""
+    w_lo, w_hi = window_for(prob, cutoff, memory)
     members = red.units.members
     lo = np.maximum(red.units.lo, [int(w_lo[m].max()) for m in members])
     hi = np.minimum(red.units.hi, [int(w_hi[m].min()) for m in members])
@@ -466,7 +470,8 @@ def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, pro
 
     out = solve_pieces(prob, units.members, lo, hi, target=target, gap_rel=max(gap, 1e-4),
                        time_limit=max(0.5, _left(clock, end)), solver=cfg.solver,
-                       report=report)
+                       report=report, sides=_memory_sides(prob, red, best[2], gap,
+                                                          best[0] if exact else target))
     for res in out.results:
         proof.solver = res.solver
         proof.ran(res)
@@ -484,6 +489,23 @@ def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, pro
     if exact and out.complete:
         proof.optimal = True
     return out.complete
+
+
+def _memory_sides(prob: Problem, red: Reduction, stage: np.ndarray, gap: float,
+                  cutoff: float) -> list[MemorySide]:
+    """The two memory sides of a proof phase (Note [memory sides] in ``_pieces.py``): none
+    unless the memory term of the incumbent ``stage`` weighs at least as much as its time
+    term."""
+    if prob.w <= 0 or prob.p < 2:
+        return []
+    ev = evaluate(prob, stage)
+    t = float(ev.time.max()) / prob.t_ref
+    u = float(np.max(ev.memory / (prob.caps * prob.u_ref)))
+    if u < t:
+        return []
+    split = u / (1 + max(gap, _EXACT_GAP))
+    return [MemorySide(m, *_unit_windows(prob, red, cutoff, m))
+            for m in ((0.0, split), (split, np.inf))]
 
 
 def _prove_whole(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction,

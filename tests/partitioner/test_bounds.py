@@ -145,3 +145,27 @@ def test_split_bound_never_exceeds_the_optimum(seed: int) -> None:
                                                schedule=schedule, communication=comm), devices)
         best, _ = brute(prob)
         assert _split_bound(prob) <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_memory_range_windows_contain_every_better_assignment_of_that_range(seed: int) -> None:
+    # Note [memory sides] (_pieces.py): the windows of a memory range hold every assignment
+    # below the cutoff whose memory term lies in it, and are no wider than the whole's.
+    graph = random_graph(7, seed=300 + seed, tie_prob=0.3, view_prob=0.2)
+    cfg = PlanConfig(partitions=3, memory_weight=0.4, microbatches=4, schedule="1f1b")
+    prob = build_problem(graph, cfg, "h100")
+    scored = []
+    for stage in valid_assignments(prob):
+        ev = evaluate(prob, stage)
+        scored.append((ev.objective, float(np.max(ev.memory / (prob.caps * prob.u_ref))), stage))
+    values = sorted(o for o, _, _ in scored)
+    cutoff = values[len(values) // 3] * (1 + 1e-9)
+    mems = sorted(u for o, u, _ in scored if o < cutoff)
+    split = mems[len(mems) // 2]
+    whole_lo, whole_hi = window_for(prob, cutoff)
+    for memory in ((0.0, split), (split, np.inf)):
+        lo, hi = window_for(prob, cutoff, memory)
+        assert np.all(lo >= whole_lo) and np.all(hi <= whole_hi)
+        for obj, u, stage in scored:
+            if obj < cutoff and memory[0] <= u <= memory[1]:
+                assert np.all(lo <= stage) and np.all(stage <= hi), (memory, obj, u, stage)

@@ -91,3 +91,32 @@ def test_an_idle_worker_takes_half_of_the_longest_running_piece() -> None:
     new.children[1].result = _result("feasible", 0.9)
     assert new.bound(1.0) == 0.9
     assert new.children[1].moot() is False and _next([new.children[0]], {}, cut) is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("seed", range(3))
+def test_memory_sides_answer_as_the_whole_search(workers: int, seed: int) -> None:
+    # Note [memory sides]: split on the memory term first, the search still finds nothing
+    # below the optimum and something below a target above it, with the same bound.
+    from modelparallel.partitioner._pieces import MemorySide
+    from modelparallel.partitioner.bounds import window_for
+    from modelparallel.partitioner.evaluate import evaluate
+
+    prob = build_problem(random_graph(7, seed=seed, tie_prob=0.3),
+                         PlanConfig(partitions=3, memory_weight=0.5, microbatches=4), "h100")
+    best, stage = brute(prob)
+    ev = evaluate(prob, stage)
+    u_best = float(np.max(ev.memory / (prob.caps * prob.u_ref)))
+    u = singletons(prob)
+    for target, expect_found in ((best * 0.98, False), (best * 1.05, True)):
+        sides = [MemorySide(m, *window_for(prob, target, m))
+                 for m in ((0.0, u_best), (u_best, np.inf))]
+        out = solve_pieces(prob, u.members, u.lo, u.hi, target=target, gap_rel=1e-6,
+                           time_limit=20, workers=workers, sides=sides)
+        assert out.complete and bool(out.found) == expect_found
+        for item_stage in out.found:
+            check_assignment(prob, item_stage)
+            assert evaluate(prob, item_stage).objective < target
+        assert out.bound is not None
+        assert out.bound == pytest.approx(target) if not expect_found else (
+            out.bound <= best * (1 + 1e-6))
