@@ -63,7 +63,10 @@ class Evaluation:
         act_mem: Activation bytes per stage (times microbatches in flight): saved, received,
             and computed there and sent on (Note [stage time and memory]), ``(p,)``.
         workspace: Workspace bytes per stage, ``(p,)``.
-        objective: ``J`` of Note [objective].
+        time_term: The time term of ``J``: the largest ``T_s`` over the reference time.
+        memory_term: The memory term of ``J``: the largest ``M_s`` over its device's memory,
+            over the reference share.
+        objective: ``J`` of Note [objective]: ``(1 - w)`` time term ``+ w`` memory term.
     """
 
     stage: np.ndarray
@@ -80,6 +83,8 @@ class Evaluation:
     param_mem: np.ndarray
     act_mem: np.ndarray
     workspace: np.ndarray
+    time_term: float
+    memory_term: float
     objective: float
 
     @property
@@ -172,12 +177,14 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     time = compute + comm
     mem = param_mem + act + ws
     w = problem.w
-    objective = (1 - w) * float(time.max()) / problem.t_ref + w * float(
-        (mem / problem.caps).max()) / problem.u_ref
+    time_term = float(time.max()) / problem.t_ref
+    memory_term = float((mem / problem.caps).max()) / problem.u_ref
+    objective = (1 - w) * time_term + w * memory_term
     return Evaluation(stage=stage, compute=compute, forward=fwd, backward=bwd, comm=comm,
                       pairs=pairs, boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
                       crossing=crossing, held=tuple(tuple(sorted(h)) for h in held_sets),
-                      param_mem=param_mem, act_mem=act, workspace=ws, objective=objective)
+                      param_mem=param_mem, act_mem=act, workspace=ws,
+                      time_term=time_term, memory_term=memory_term, objective=objective)
 
 
 _Comm = tuple[np.ndarray, tuple[tuple[int, int], ...], np.ndarray, np.ndarray, np.ndarray,

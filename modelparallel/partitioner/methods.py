@@ -499,11 +499,9 @@ def _memory_sides(prob: Problem, red: Reduction, stage: np.ndarray, gap: float,
     if prob.w <= 0 or prob.p < 2:
         return []
     ev = evaluate(prob, stage)
-    t = float(ev.time.max()) / prob.t_ref
-    u = float(np.max(ev.memory / (prob.caps * prob.u_ref)))
-    if u < t:
+    if ev.memory_term < ev.time_term:
         return []
-    split = u / (1 + max(gap, _EXACT_GAP))
+    split = ev.memory_term / (1 + max(gap, _EXACT_GAP))
     return [MemorySide(m, *_unit_windows(prob, red, cutoff, m))
             for m in ((0.0, split), (split, np.inf))]
 

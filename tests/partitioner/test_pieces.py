@@ -9,10 +9,18 @@ from _partition_cases import brute, valid_assignments
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelparallel.partitioner._pieces import _Cutter, _next, _Piece, solve_pieces, split_ranges
+from modelparallel.partitioner._pieces import (
+    MemorySide,
+    _Cutter,
+    _next,
+    _Piece,
+    solve_pieces,
+    split_ranges,
+)
 from modelparallel.partitioner._synthetic import random_graph, transformer_graph
+from modelparallel.partitioner.bounds import window_for
 from modelparallel.partitioner.coarsen import singletons
-from modelparallel.partitioner.evaluate import check_assignment
+from modelparallel.partitioner.evaluate import check_assignment, evaluate
 from modelparallel.partitioner.ilp import IlpResult
 from modelparallel.partitioner.problem import build_problem
 from modelparallel.plan import PlanConfig
@@ -98,15 +106,11 @@ def test_an_idle_worker_takes_half_of_the_longest_running_piece() -> None:
 def test_memory_sides_answer_as_the_whole_search(workers: int, seed: int) -> None:
     # Note [memory sides]: split on the memory term first, the search still finds nothing
     # below the optimum and something below a target above it, with the same bound.
-    from modelparallel.partitioner._pieces import MemorySide
-    from modelparallel.partitioner.bounds import window_for
-    from modelparallel.partitioner.evaluate import evaluate
-
     prob = build_problem(random_graph(7, seed=seed, tie_prob=0.3),
                          PlanConfig(partitions=3, memory_weight=0.5, microbatches=4), "h100")
     best, stage = brute(prob)
     ev = evaluate(prob, stage)
-    u_best = float(np.max(ev.memory / (prob.caps * prob.u_ref)))
+    u_best = ev.memory_term
     u = singletons(prob)
     for target, expect_found in ((best * 0.98, False), (best * 1.05, True)):
         sides = [MemorySide(m, *window_for(prob, target, m))
