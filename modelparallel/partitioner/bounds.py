@@ -334,6 +334,10 @@ def window_for(prob: Problem, incumbent: float, memory: MemoryRange = _ANY_MEMOR
     sides] in ``_pieces.py``). Cached per problem, incumbent and range, a few at a time (the ILP
     pipeline and the bound ask for the same windows; on 10,000 ops their minimum cuts take
     seconds)."""
+    if not 0.0 <= memory[0] <= memory[1]:
+        raise ConfigError(f"window_for: the memory range must be (at least, at most) with "
+                          f"0 <= at least <= at most, got {memory!r}; pass (0.0, inf) for "
+                          "every assignment")
     cache = _WINDOWS.setdefault(prob, {})
     key = (float(incumbent), (float(memory[0]), float(memory[1])))
     if key not in cache:

@@ -15,6 +15,7 @@ from _partition_cases import brute, valid_assignments
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modelparallel.errors import ConfigError
 from modelparallel.partitioner import lower_bound
 from modelparallel.partitioner._synthetic import random_graph
 from modelparallel.partitioner.bounds import _boundary_cuts, _split_bound, window_for
@@ -169,3 +170,9 @@ def test_memory_range_windows_contain_every_better_assignment_of_that_range(seed
         for obj, u, stage in scored:
             if obj < cutoff and memory[0] <= u <= memory[1]:
                 assert np.all(lo <= stage) and np.all(stage <= hi), (memory, obj, u, stage)
+
+
+def test_a_reversed_memory_range_is_refused() -> None:
+    prob = build_problem(random_graph(5, seed=1), PlanConfig(partitions=2), "h100")
+    with pytest.raises(ConfigError, match="memory range"):
+        window_for(prob, 2.0, (1.5, 1.0))
