@@ -26,7 +26,11 @@ step). Per variant it reports:
 - the *effective latency* of a message on the critical path: from the end of the producing
   action (on the sending rank) to the end of the receiver's wait for it, over the waits that
   started before the message was produced (so the receiver was idle and the latency is all
-  transport), median; against the ping-pong latency the simulation charges.
+  transport), median; against the ping-pong latency the simulation charges;
+- the simulation charged with what the runtime costs on the host (``bubble_simulated_host``):
+  the effective latency per message, and after each action the rank's measured host time per
+  action (``send`` plus ``other``, over its actions; ``simulate(..., host_time=...)``). What
+  the measured bubble exceeds it by is waiting the schedule does not explain.
 
 Results: a table, ``benchmarks/results/bubble.json`` (``--output``), with one recorded step's
 timelines of the ``p = 4, m = 8`` rows; ``--figures RESULT`` draws the SVG figures of
@@ -157,6 +161,7 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
         times: dict[tuple[int, str], list[float]] = {}
         parts: dict[str, list[float]] = {}
         busy, lat = [], []
+        host: list[list[float]] = [[] for _ in steps]  # per rank, host seconds per action
         for k in range(len(steps[0])):
             ends: dict[tuple[int, str, int], float] = {}
             for rank_steps in steps:
@@ -164,7 +169,7 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
                     if kind in _COMPUTE:
                         letter = {"forward": "F", "backward": "B", "weight_backward": "W"}[kind]
                         ends[(s, "F" if letter == "F" else letter, i)] = t1
-            for rank_steps in steps:
+            for rank, rank_steps in enumerate(steps):
                 st = rank_steps[k]
                 span = st["t1"] - st["t0"]
                 sums: dict[str, float] = {}
@@ -190,6 +195,8 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
                 named = {"compute": compute, **{kk: sums.get(kk, 0.0) for kk in (
                     "recv_wait", "send", "batch_wait", "result_wait", "grad_sync")}}
                 named["other"] = span - sum(named.values())
+                actions = sum(1 for e in events if e[0] in _COMPUTE)
+                host[rank].append((named["send"] + named["other"]) / max(actions, 1))
                 for kk, val in named.items():
                     parts.setdefault(kk, []).append(val / span)
         med = {key: statistics.median(vals) for key, vals in times.items()}
@@ -200,12 +207,17 @@ def _analyse(p: int, per_rank: list[dict[str, Any]], latency: float) -> dict[str
         sim = simulate(sched, fwd, bwd, comm_time=latency, wgrad_fraction=wf)
         eff = statistics.median(lat) if lat else latency
         sim_eff = simulate(sched, fwd, bwd, comm_time=eff, wgrad_fraction=wf)
+        per_rank_host = [statistics.median(h) for h in host]
+        sim_host = simulate(sched, fwd, bwd, comm_time=eff, wgrad_fraction=wf,
+                            host_time=[per_rank_host[s % p] for s in range(n)])
         step_ms = statistics.median(max(st[k]["t1"] - st[k]["t0"] for st in steps)
                                     for k in range(len(steps[0])))
         entry = {
             "bubble_measured": 1.0 - statistics.mean(busy),
             "bubble_simulated": sim.bubble_fraction,
             "bubble_simulated_effective_latency": sim_eff.bubble_fraction,
+            "bubble_simulated_host": sim_host.bubble_fraction,
+            "host_ms_per_action": [1e3 * h for h in per_rank_host],
             "step_ms": 1e3 * step_ms, "simulated_step_ms": 1e3 * sim.makespan,
             "effective_latency_ms": 1e3 * eff, "latency_samples": len(lat),
             "breakdown": {kk: statistics.mean(vals) for kk, vals in parts.items()},
@@ -235,7 +247,7 @@ def _table(rows: list[dict[str, Any]], variants: list[str]) -> None:
     t = Table(title=f"where the bubble goes (MLP stack, gloo, 1 thread/rank, {os.cpu_count()} "
                     "CPUs): measured - simulated bubble, per variant, and the step's parts")
     for col in ("p", "m", "schedule", "variant", "measured", "simulated", "excess",
-                "sim@eff.lat", "eff. lat ms", "ping-pong ms", "recv_wait", "send", "batch",
+                "sim@eff.lat", "sim+host", "host ms/act", "eff. lat ms", "ping-pong ms", "recv_wait", "send", "batch",
                 "result", "other"):
         t.add_column(col, justify="right")
     for r in rows:
@@ -246,6 +258,9 @@ def _table(rows: list[dict[str, Any]], variants: list[str]) -> None:
                       f"{e['bubble_measured']:.3f}", f"{e['bubble_simulated']:.3f}",
                       f"{e['bubble_measured'] - e['bubble_simulated']:+.3f}",
                       f"{e['bubble_simulated_effective_latency']:.3f}",
+                      f"{e['bubble_simulated_host']:.3f}" if "bubble_simulated_host" in e
+                      else "-", f"{statistics.mean(e['host_ms_per_action']):.3f}"
+                      if "host_ms_per_action" in e else "-",
                       f"{e['effective_latency_ms']:.3f}", f"{r['link_latency_ms']:.3f}",
                       *(f"{b[k]:.3f}" for k in ("recv_wait", "send", "batch_wait",
                                                 "result_wait", "other")))

@@ -103,6 +103,30 @@ def test_simulation_respects_dependencies_and_comm_time() -> None:
         simulate(gpipe(2, 2), [1.0], 1.0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(p=P, m=M, v=st.integers(1, 2), host=st.floats(0.0, 2.0),
+       name=st.sampled_from(["gpipe", "1f1b", "zb-h1"]))
+def test_host_time_holds_the_rank_not_the_message(p: int, m: int, v: int, host: float,
+                                                  name: str) -> None:
+    if v > 1 and (name != "1f1b" or p == 1 or m % p):
+        v = 1
+    sched = make_schedule(name, p, m, v)
+    plain = simulate(sched, 1.0, 2.0)
+    t = simulate(sched, 1.0, 2.0, host_time=host)
+    assert t.busy == pytest.approx(plain.busy)  # host time is not compute
+    assert t.makespan >= plain.makespan - 1e-9
+    # at most every action pays it on the critical path
+    longest = max(len(lane) for lane in t.entries)
+    assert t.makespan <= plain.makespan + sum(map(len, t.entries)) * host + 1e-9
+    for lane in t.entries:  # a rank's next action starts at least host after the last ended
+        for prev, cur in itertools.pairwise(lane):
+            assert cur.start >= prev.end + host - 1e-9
+    if p == 1:  # one rank: every action but the last pays it, nothing else waits
+        assert t.makespan == pytest.approx(plain.makespan + (longest - 1) * host)
+    with pytest.raises(ConfigError, match="host_time"):
+        simulate(sched, 1.0, 2.0, host_time=-1.0)
+
+
 def test_validate_rejects_broken_schedules() -> None:
     def sched(text: str, name: str = "custom") -> Schedule:
         s = Schedule.parse(text)

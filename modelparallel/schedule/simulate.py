@@ -69,7 +69,8 @@ class Timeline:
 def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
              bwd_times: float | Sequence[float], comm_time: float = 0.0, *,
              wgrad_fraction: float | Sequence[float] = DEFAULT_WGRAD_FRACTION,
-             links: Iterable[tuple[int, int]] | None = None) -> Timeline:
+             links: Iterable[tuple[int, int]] | None = None,
+             host_time: float | Sequence[float] = 0.0) -> Timeline:
     """Play ``schedule`` with per-stage forward/backward seconds and a per-transfer latency.
 
     Each rank runs its list in order; an action starts when its rank is free and its inputs
@@ -77,7 +78,10 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
     ``F(s, i)`` of every stage ``s`` that sends ``t`` values, ``B(s, i)`` for ``B(t, i)`` of
     every such ``t`` (Note [message channels] in ``modelparallel/runtime/channels.py``).
     A split backward's ``I`` takes ``(1 - wgrad_fraction)`` of the stage's backward time and its
-    ``W`` the rest (Note [split backward]).
+    ``W`` the rest (Note [split backward]). ``host_time`` charges each action the host work that
+    follows its compute on its rank (posting its messages and the next receives, bookkeeping):
+    the rank starts nothing else meanwhile, its messages still leave when the compute ends, and
+    the time counts as idle in the bubble (it is not compute).
 
     Args:
         schedule: The schedule (validated first).
@@ -88,6 +92,8 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
             or one per stage.
         links: The ``(sending stage, receiving stage)`` pairs that exchange values (a direct
             plan's boundaries); ``None``: neighbours ``(s, s + 1)``, as under relaying.
+        host_time: Host seconds after each action of a stage before its rank starts the next
+            one, one for all stages or one per stage (``benchmarks/bubble.py`` measures it).
 
     Raises:
         ConfigError: if the schedule is invalid or the time lists have the wrong length.
@@ -102,11 +108,14 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
         >>> [simulate(one_f_one_b(3, 1), 1.0, 1.0, 0.5, links=pairs).makespan
         ...  for pairs in (None, [(0, 2)])]  # relayed through stage 1, or sent past it
         [8.0, 5.0]
+        >>> simulate(one_f_one_b(2, 2), 1.0, 1.0, host_time=0.25).makespan  # 3 actions' host
+        6.75
     """
     schedule.validate()
     n, p = schedule.num_stages, schedule.num_ranks
     fwd, bwd = _per_stage(fwd_times, n, "fwd_times"), _per_stage(bwd_times, n, "bwd_times")
     wf = _per_stage(wgrad_fraction, n, "wgrad_fraction")
+    host = _per_stage(host_time, n, "host_time")
     if any(w > 1 for w in wf):
         raise ConfigError(f"wgrad_fraction must be in [0, 1], got {wgrad_fraction!r}")
     if comm_time < 0:
@@ -128,10 +137,11 @@ def simulate(schedule: Schedule, fwd_times: float | Sequence[float],
         ready = max((ends[(q, k, a.microbatch)] + comm_time for q, k in deps), default=0.0)
         took = {"F": fwd[s], "B": bwd[s], "I": bwd[s] * (1 - wf[s]), "W": bwd[s] * wf[s]}[a.kind]
         start = max(free[r], ready)
-        free[r] = start + took
-        ends[(s, "B" if a.kind == "I" else a.kind, a.microbatch)] = free[r]
-        entries[r].append(TimelineEntry(a, start, free[r]))
-    makespan = max(free)
+        end = start + took
+        free[r] = end + host[s]
+        ends[(s, "B" if a.kind == "I" else a.kind, a.microbatch)] = end
+        entries[r].append(TimelineEntry(a, start, end))
+    makespan = max((lst[-1].end for lst in entries if lst), default=0.0)
     busy = tuple(sum(e.end - e.start for e in lst) for lst in entries)
     return Timeline(schedule, tuple(tuple(lst) for lst in entries), makespan, busy)
 
