@@ -15,7 +15,9 @@ stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitio
 2. one short op-level refinement of the best of them around its stage boundaries (Note
    [refinement], ``_POLISH_SHARE`` of the time): it finds the branch orders a single
    topological order misses (an Inception block cut between its branches), and a better
-   incumbent narrows everything after it;
+   incumbent narrows everything after it. With a second core it starts after the best split's
+   descent, on a thread beside the other descents and the windows of steps 3-4 (Note [polish
+   alongside] in ``_polish.py``);
 3. the exact reduction (Note [exact reduction]): free nodes (views, slices...) attached to a
    neighbour, which loses no optimum; the incumbent moved accordingly (never worse);
 4. stage windows (Note [lower bound], part 2): the stages each node can take in any assignment
@@ -90,14 +92,15 @@ from __future__ import annotations
 
 import time as _time
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 
 from modelparallel.errors import ConfigError, InfeasiblePlanError
-from modelparallel.partitioner._pieces import MemorySide, solve_pieces
+from modelparallel.partitioner._infeasible import infeasible_error, size_up
+from modelparallel.partitioner._pieces import WORKERS, MemorySide, solve_pieces
+from modelparallel.partitioner._polish import BackgroundPolish, polish
 from modelparallel.partitioner.baselines import param_balanced_split, uniform_split
-from modelparallel.partitioner.bounds import lower_bound, window_for
+from modelparallel.partitioner.bounds import window_for
 from modelparallel.partitioner.coarsen import Units, auto_depth, make_units, unit_order
 from modelparallel.partitioner.cut_descent import descend_cuts
 from modelparallel.partitioner.deadline import Deadline
@@ -108,9 +111,8 @@ from modelparallel.partitioner.order import warm_orders
 from modelparallel.partitioner.problem import Problem
 from modelparallel.partitioner.progress import ProgressEvent
 from modelparallel.partitioner.reduce import Reduction, reduce_free_nodes
-from modelparallel.partitioner.refine import boundary_units, refine_once
+from modelparallel.partitioner.refine import refine_once
 from modelparallel.plan import SolverReport
-from modelparallel.units import format_bytes
 
 __all__ = ["METHODS", "run_method"]
 
@@ -124,13 +126,14 @@ _PROOF_GAPS = (0.0197, 0.009, 0.0)  # gaps the flat ILP proves in turn (the firs
 _EXACT_GAP = 1e-4  # the exact phase searches below the incumbent less this (the solver's gap)
 _MIN_PHASE = 1.0  # seconds left below which no further proof phase starts
 _POLISH_SHARE = 0.05  # share of config.time_limit for refining the DP's split first
-_POLISH_NODES = 1000  # nodes freed above which that refinement is skipped
+_POLISH_ALONGSIDE = 0.15  # the most a polish beside the descents takes (Note [polish alongside])
 _ORDERS_SHARE = 0.1  # share of config.time_limit after which no other DP order is tried
 _DESCENT_SHARE = 0.15  # share of config.time_limit by which the cut descents end
 _DP_SHARE = 0.6  # share of config.time_limit after which the DP starts no further pass
 _REFINE_MIN = 0.15  # share of config.time_limit a refinement round needs left to start
 
 Progress = Callable[[ProgressEvent], None]
+_Memo = dict[tuple[float, tuple[float, float]], tuple[np.ndarray, np.ndarray]]  # windows by cutoff
 
 
 class _Clock:
@@ -156,48 +159,6 @@ class _Clock:
                                     bound=bound, gap=gap, elapsed=self.elapsed()))
 
 
-# -- infeasibility ---------------------------------------------------------------------------------
-
-
-def _min_memory(prob: Problem) -> int | None:
-    """Smallest memory per device for which a contiguous split exists (every device alike)."""
-    big = float(prob.caps.sum()) * 1e6 + 1.0
-    relaxed = replace(prob, caps=np.full(prob.p, big), config=prob.config)
-    relaxed_w = replace(relaxed, config=replace(prob.config, memory_weight=1.0))
-    res = solve_dp(relaxed_w)
-    if res is None:
-        return None
-    ev = evaluate(relaxed_w, res.stage)
-    return int(np.ceil(float(ev.memory.max()) * (1 + 1e-9))) + 1
-
-
-def _size(nbytes: float) -> str:
-    """``format_bytes`` of ``nbytes`` rounded up (a "fits with" figure must not under-state)."""
-    return format_bytes(float(np.ceil(float(nbytes))))
-
-
-def _infeasible(prob: Problem, what: str) -> InfeasiblePlanError:
-    need = _min_memory(prob)
-    caps = sorted({int(c) for c in prob.caps})
-    have = ", ".join(_size(c) for c in caps)
-    lb = lower_bound(prob, incumbent=None)
-    if need is None or need <= prob.caps.min():
-        msg = (f"{what}: no assignment found that satisfies the pins and the pipeline order on "
-               f"{prob.p} stages (no contiguous split of the topological order does, and the "
-               f"ILP found none in {prob.config.time_limit:g} s); change or remove the pins, "
-               "or raise time_limit")
-        return InfeasiblePlanError(msg)
-    msg = (f"{what}: no assignment of {prob.graph.name!r} to {prob.p} stages fits in device "
-           f"memory ({have}). A plan exists with {_size(need)} on every device "
-           f"({need} bytes; the contiguous split minimising the largest stage), and none can "
-           f"fit below {_size(lb.min_memory_bytes)}. Use devices with at least "
-           f"{_size(need)}, more partitions, "
-           + ("schedule='1f1b' (fewer microbatches in flight than 'gpipe'), "
-              if str(prob.config.schedule) in ("gpipe", "simple") else "fewer microbatches, ")
-           + "or a lighter optimizer.")
-    return InfeasiblePlanError(msg, min_memory_bytes=need)
-
-
 # -- methods ---------------------------------------------------------------------------------------
 
 
@@ -219,8 +180,8 @@ def _run_baseline(prob: Problem, method: str, clock: _Clock) -> tuple[np.ndarray
         s = int(over[0])
         need = int(np.ceil(float(ev.memory.max())))
         raise InfeasiblePlanError(
-            f"method {method!r}: stage {s} needs {_size(ev.memory[s])} but its device has "
-            f"{_size(prob.caps[s])}; this split fits with {_size(need)} ({need} bytes) per "
+            f"method {method!r}: stage {s} needs {size_up(ev.memory[s])} but its device has "
+            f"{size_up(prob.caps[s])}; this split fits with {size_up(need)} ({need} bytes) per "
             "device. Use method='ilp' (which balances memory too) or larger devices.",
             min_memory_bytes=need)
     return stage, SolverReport(method=method, status="feasible", solve_time=clock.elapsed(),
@@ -231,7 +192,7 @@ def _run_dp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
     clock.emit("dp", "contiguous split over the topological order")
     res = solve_dp(prob)
     if res is None:
-        raise _infeasible(prob, "method 'dp'")
+        raise infeasible_error(prob, "method 'dp'")
     clock.emit("dp", f"done in {res.passes} passes", incumbent=res.objective)
     notes = (f"exact over contiguous splits of the topological order ({res.passes} passes)"
              if res.exact else f"stopped after {res.passes} passes; may not be optimal",)
@@ -294,11 +255,14 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
             cands.consider(other.stage, f"dp-{label}")
             splits.append((other.objective, f"dp-{label}", order, other.stage))
     splits.sort(key=lambda split: split[0])  # the best first
+    job: BackgroundPolish | None = None
     for _, label, order, stage in splits:  # Note [cut descent]
         left = _DESCENT_SHARE * cfg.time_limit - clock.elapsed()
         if left <= 0:
             break
         cands.consider(descend_cuts(prob, order, stage, deadline=left), f"{label}-descent")
+        if job is None and WORKERS > 1 and cfg.granularity != "module" and len(splits) > 1:
+            job = _polish_alongside(prob, clock, cands)  # Note [polish alongside]
     for method in ("uniform", "param_balanced"):
         try:
             stage, _ = _baseline(prob, method)
@@ -314,14 +278,16 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
     red = reduce_free_nodes(prob)
     inc = cands.best()
     lo, hi = red.units.lo.copy(), red.units.hi.copy()
+    memo: _Memo = {}
     if inc is not None:
-        _polish(prob, clock, cands, inc[2])
+        _polish_first(prob, clock, cands, inc[2], job,
+                      meanwhile=lambda: _prefetch(prob, cands, red, memo))
         inc = cands.best()
         assert inc is not None
         cands.consider(red.follow(inc[2]), inc[1])  # no worse (Note [exact reduction])
         inc = cands.best()
         assert inc is not None
-        lo, hi = _unit_windows(prob, red, inc[0])
+        lo, hi = _unit_windows(prob, red, inc[0], memo=memo)
         if np.any(lo > hi):
             report = SolverReport(
                 method="ilp", solver="", status="optimal", lower_bound=inc[0],
@@ -331,7 +297,7 @@ def _run_ilp(prob: Problem, clock: _Clock) -> tuple[np.ndarray, SolverReport]:
             return inc[2], report
     size = int((hi - lo).sum())
     if size <= _FLAT_COLUMNS:
-        return _flat(prob, clock, cands, red)
+        return _flat(prob, clock, cands, red, memo)
     return _units_then_refine(prob, clock, cands, make_units(prob, auto_depth(prob)), refine=True)
 
 
@@ -354,33 +320,70 @@ def _warm_orders(prob: Problem) -> dict[str, np.ndarray]:
     return out
 
 
-def _polish(prob: Problem, clock: _Clock, cands: _Candidates, stage: np.ndarray) -> None:
-    """One short op-level refinement of ``stage`` around its boundaries (Note [ILP pipeline],
-    step 2)."""
-    if prob.p < 2:
-        return
+def _polish_alongside(prob: Problem, clock: _Clock, cands: _Candidates) -> BackgroundPolish:
+    """Start polishing the best assignment so far on a thread (Note [polish alongside] in
+    ``_polish.py``): for at most ``_POLISH_ALONGSIDE`` of the time, and not beyond the descents'
+    and the polish's shares."""
+    best = cands.best()
+    assert best is not None
+    limit = max(0.05, min(_POLISH_ALONGSIDE * prob.config.time_limit,
+                          (_DESCENT_SHARE + _POLISH_SHARE) * prob.config.time_limit
+                          - clock.elapsed()))
+    return BackgroundPolish(prob, best[2], time_limit=limit)
+
+
+def _polish_first(prob: Problem, clock: _Clock, cands: _Candidates, stage: np.ndarray,
+                  job: BackgroundPolish | None, meanwhile: Callable[[], None]) -> None:
+    """Step 2 of Note [ILP pipeline]: the polish of ``stage`` (the best assignment after the
+    descents), or the end of the one running since the first descent, within ``_POLISH_SHARE``
+    of the time from now, after ``meanwhile()`` ran beside it; then, if a later descent's
+    assignment beats both that polish's start and its result, that assignment's own polish
+    with the same share."""
+    share = _POLISH_SHARE * prob.config.time_limit
     t0 = clock.elapsed()
-    units = make_units(prob, auto_depth(prob))
-    freed = sum(len(units.members[u]) for us in boundary_units(prob, units, stage, 0).values()
-                for u in us)
-    if freed > _POLISH_NODES:
-        return  # not a local search any more: the proof phases search it anyway
-    limit = _POLISH_SHARE * prob.config.time_limit - (clock.elapsed() - t0)
-    new, res = refine_once(prob, units, stage, window=0, time_limit=limit,
-                           solver=prob.config.solver, progress=clock.progress)
-    if res.item_stage is not None:
-        cands.consider(new, "refined")
+    if job is not None:
+        meanwhile()
+        found = job.finish(within=share - (clock.elapsed() - t0))
+        cands.consider(found, "refined")
+        best = cands.best()
+        assert best is not None
+        clock.emit("refine", "polished beside the descents", incumbent=best[0])
+        if best[1] == "refined" or np.array_equal(best[2], job.stage):
+            return
+        stage, t0 = best[2], clock.elapsed()  # a later descent beat both: its own polish
+    new = polish(prob, stage, time_limit=share - (clock.elapsed() - t0), progress=clock.progress)
+    cands.consider(new, "refined")
+
+
+def _prefetch(prob: Problem, cands: _Candidates, red: Reduction, memo: _Memo) -> None:
+    """While the polish runs (Note [polish alongside] in ``_polish.py``): the windows of the
+    reduced incumbent (Note [exact reduction]) and of the first proof phase's target, which
+    stand unless the polish finds a better assignment. The reduced incumbent itself joins the
+    candidates after the polish, as without it."""
+    inc = cands.best()
+    assert inc is not None
+    ev = evaluate(prob, red.follow(inc[2]))
+    value = ev.objective if np.all(ev.memory <= prob.caps) and ev.objective < inc[0] else inc[0]
+    for cutoff in (value, value / (1 + _PROOF_GAPS[0])):
+        _unit_windows(prob, red, cutoff, memo=memo)
 
 
 def _unit_windows(prob: Problem, red: Reduction, cutoff: float,
-                  memory: tuple[float, float] = (0.0, np.inf)) -> tuple[np.ndarray, np.ndarray]:
+                  memory: tuple[float, float] = (0.0, np.inf), *,
+                  memo: _Memo | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stage ranges of the reduction's groups in assignments better than ``cutoff`` (whose
-    memory term lies in ``memory``)."""
+    memory term lies in ``memory``), kept in ``memo`` by their arguments."""
+    key = (cutoff, memory)
+    if memo is not None and key in memo:
+        return memo[key]
     w_lo, w_hi = window_for(prob, cutoff, memory)
     members = red.units.members
     lo = np.maximum(red.units.lo, [int(w_lo[m].max()) for m in members])
     hi = np.minimum(red.units.hi, [int(w_hi[m].min()) for m in members])
-    return lo.astype(np.int64), hi.astype(np.int64)
+    out = lo.astype(np.int64), hi.astype(np.int64)
+    if memo is not None:
+        memo[key] = out
+    return out
 
 
 class _Proof:
@@ -404,8 +407,8 @@ class _Proof:
             self.largest = res
 
 
-def _flat(prob: Problem, clock: _Clock, cands: _Candidates,
-          red: Reduction) -> tuple[np.ndarray, SolverReport]:
+def _flat(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction,
+          memo: _Memo) -> tuple[np.ndarray, SolverReport]:
     """The op-level ILP over the reduction's groups within stage windows (Note [ILP
     pipeline]): proofs of ever smaller gaps, the last one exact."""
     cfg = prob.config
@@ -422,12 +425,12 @@ def _flat(prob: Problem, clock: _Clock, cands: _Candidates,
         if best is not None and _left(clock, end) < max(_MIN_PHASE, took):
             break
         start = clock.elapsed()
-        if not _prove(prob, clock, cands, red, proof, gap, end):
+        if not _prove(prob, clock, cands, red, proof, gap, end, memo):
             break  # that proof ran out of time: a stronger one would too
         took = clock.elapsed() - start
     best = cands.best()
     if best is None:
-        raise _infeasible(prob, "method 'ilp'")
+        raise infeasible_error(prob, "method 'ilp'")
     clock.emit("ilp", "done at op level", incumbent=best[0], bound=proof.bound)
     largest = proof.largest
     report = SolverReport(method="ilp", solver=proof.solver,
@@ -441,7 +444,7 @@ def _flat(prob: Problem, clock: _Clock, cands: _Candidates,
 
 
 def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, proof: _Proof,
-           gap: float, end: float) -> bool:
+           gap: float, end: float, memo: _Memo) -> bool:
     """One proof phase: nothing better than ``best / (1 + gap)`` exists (``gap > 0``), or the
     exact optimum (``gap == 0``: nothing better than the best less the solver's gap), each a
     search with that cutoff, in pieces (Note [proof in pieces] in ``_pieces.py``). Returns
@@ -453,7 +456,7 @@ def _prove(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction, pro
         return _prove_whole(prob, clock, cands, red, proof, end)
     exact = gap == 0
     target = best[0] * (1 - _EXACT_GAP) if exact else best[0] / (1 + gap)
-    lo, hi = _unit_windows(prob, red, best[0] if exact else target)
+    lo, hi = _unit_windows(prob, red, best[0] if exact else target, memo=memo)
     if np.any(lo > hi):
         proof.prove(target, f"no assignment beats {target:.4f}: a node has no stage left "
                     "in its window")
@@ -566,7 +569,7 @@ def _units_then_refine(prob: Problem, clock: _Clock, cands: _Candidates, units: 
     largest = res
     best = cands.best()
     if best is None:
-        raise _infeasible(prob, "method 'ilp'")
+        raise infeasible_error(prob, "method 'ilp'")
     clock.emit("ilp", f"{'skipped' if res is None else res.status} over {len(units)} units",
                incumbent=best[0])
     refined = False

@@ -70,8 +70,10 @@ def boundary_units(prob: Problem, units: Units, stage: np.ndarray, window: int) 
 
 def refine_once(prob: Problem, units: Units, stage: np.ndarray, *, window: int,
                 time_limit: float, solver: str,
-                progress: Callable[[ProgressEvent], None] | None) -> tuple[np.ndarray, IlpResult]:
-    """One refinement round; returns the new assignment (never worse in the ILP's objective)."""
+                progress: Callable[[ProgressEvent], None] | None,
+                stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, IlpResult]:
+    """One refinement round; returns the new assignment (never worse in the ILP's objective).
+    ``stop`` is polled during the search (:func:`~modelparallel.partitioner.ilp.solve_items`)."""
     p = prob.p
     free_lo = np.full(prob.n, p, dtype=np.int64)
     free_hi = np.full(prob.n, -1, dtype=np.int64)
@@ -101,7 +103,8 @@ def refine_once(prob: Problem, units: Units, stage: np.ndarray, *, window: int,
         item_hi.append(int(hi[v]))
     warm = np.array([int(stage[m[0]]) for m in items], dtype=np.int64)
     res = solve_items(prob, items, np.array(item_lo), np.array(item_hi), warm=warm,
-                      time_limit=time_limit, solver=solver, progress=progress, phase="refine")
+                      time_limit=time_limit, solver=solver, progress=progress, phase="refine",
+                      stop=stop)
     new = stage.copy()
     if res.item_stage is not None:
         for a, m in enumerate(items):

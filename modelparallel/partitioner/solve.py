@@ -36,6 +36,7 @@ import numpy as np
 from modelparallel.cost_model import GraphCosts
 from modelparallel.errors import ConfigError, InfeasiblePlanError, PlanGapWarning
 from modelparallel.ir import Graph
+from modelparallel.partitioner._infeasible import size_up
 from modelparallel.partitioner.bounds import lower_bound
 from modelparallel.partitioner.evaluate import (
     assignment_array,
@@ -44,7 +45,7 @@ from modelparallel.partitioner.evaluate import (
     make_plan,
 )
 from modelparallel.partitioner.memory_features import FeatureArrays, auto_checkpoint
-from modelparallel.partitioner.methods import METHODS, Progress, _Clock, _size, run_method
+from modelparallel.partitioner.methods import METHODS, Progress, _Clock, run_method
 from modelparallel.partitioner.problem import DevicesArg, Problem, build_problem
 from modelparallel.plan import Plan, PlanConfig, SolverReport
 
@@ -270,7 +271,7 @@ def evaluate_assignment(graph: Graph, config: PlanConfig, devices: DevicesArg,
     ev = evaluate(prob, stage)
     notes = list(prob.notes)
     for s in np.nonzero(ev.memory > prob.caps)[0]:
-        notes.append(f"stage {int(s)} needs {_size(ev.memory[s])}, over its device's "
-                     f"{_size(prob.caps[s])}")
+        notes.append(f"stage {int(s)} needs {size_up(ev.memory[s])}, over its device's "
+                     f"{size_up(prob.caps[s])}")
     report = SolverReport(method="manual", status="feasible", notes=tuple(notes))
     return _finish(prob, stage, report, clock, samples_per_microbatch, search=False, warn=False)
