@@ -5,16 +5,19 @@ Note [polish alongside]
 ~~~~~~~~~~~~~~~~~~~~~~~
 The polish (one op-level refinement round around the stage boundaries of the best split so
 far, Note [refinement]) used to start after every cut descent had ended, with
-``_POLISH_SHARE`` of the time limit. On T5-small at p = 8 that was not enough: the round that
-finds the plan within 2% of the bound needs 0.8-1.1 s, it got 0.5 s, and it found that plan
-in one run out of three. Everything before the proof phases runs on one core (the DP, the
-descents, the windows are Python), so on a machine with a second core the polish now starts
-as soon as the best split's own descent has ended, on the best assignment then known, and
-solves beside the other descents (HiGHS releases the GIL while it solves). Once the descents
-are done, it is given what it always had: until ``_POLISH_SHARE`` of the limit after that
-moment (the wall-clock end of the sequential polish), or less if it finishes first; nothing
-after it starts later than before, except when a later descent's assignment beats both the
-polish's start and its result: that one is then polished afterwards with the same share. With one core (``WORKERS == 1``), or no
+``_POLISH_SHARE`` of the time limit, which on some models is too short for the round that
+finds the plan the proofs then certify. Everything before the proof phases runs on one core
+(the DP, the descents and the stage windows are Python), so on a machine with a second core
+the polish now starts as soon as the best split's own descent has ended, on the best
+assignment then known, and solves beside the other descents (HiGHS releases the GIL while it
+solves). Meanwhile, once the descents are done, the calling thread computes the stage windows
+of the incumbent and of the first proof phase's target (``methods._prefetch``), which stand
+unless the polish improves the incumbent. The polish is then given what it always had: until
+``_POLISH_SHARE`` of the limit after the descents ended (the wall-clock end of the sequential
+polish), and at most ``_POLISH_ALONGSIDE`` of the limit from its start (HiGHS's own time
+limit: the stop is polled by its interrupt callback, which its root node calls only now and
+then). When a later descent's assignment beats both the polish's start and its result, that
+one is polished afterwards with the same share. With one core (``WORKERS == 1``), or no
 descent to overlap, the polish runs in sequence as it did. Figures: ``docs/measurements.md``,
 "Polish alongside the descents".
 
