@@ -214,12 +214,17 @@ class _Candidates:
         self.prob = prob
         self.items: list[tuple[float, str, np.ndarray]] = []
 
+    def objective(self, stage: np.ndarray) -> float | None:
+        """``stage``'s objective, or ``None`` when it is over a device's memory (no candidate)."""
+        ev = evaluate(self.prob, stage)
+        return ev.objective if np.all(ev.memory <= self.prob.caps) else None
+
     def consider(self, stage: np.ndarray | None, label: str) -> None:
         if stage is None:
             return
-        ev = evaluate(self.prob, stage)
-        if np.all(ev.memory <= self.prob.caps):
-            self.items.append((ev.objective, label, stage))
+        value = self.objective(stage)
+        if value is not None:
+            self.items.append((value, label, stage))
 
     def best(self) -> tuple[float, str, np.ndarray] | None:
         return min(self.items, key=lambda c: c[0]) if self.items else None
@@ -362,8 +367,8 @@ def _prefetch(prob: Problem, cands: _Candidates, red: Reduction, memo: _Memo) ->
     candidates after the polish, as without it."""
     inc = cands.best()
     assert inc is not None
-    ev = evaluate(prob, red.follow(inc[2]))
-    value = ev.objective if np.all(ev.memory <= prob.caps) and ev.objective < inc[0] else inc[0]
+    followed = cands.objective(red.follow(inc[2]))
+    value = inc[0] if followed is None else min(inc[0], followed)
     for cutoff in (value, value / (1 + _PROOF_GAPS[0])):
         _unit_windows(prob, red, cutoff, memo=memo)
 
