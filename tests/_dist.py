@@ -4,8 +4,9 @@
 gloo process group (a fresh ``FileStore`` rendezvous per call) and returns each rank's
 :class:`RankResult`. Processes are kept in a pool and reused between calls (spawning one and
 importing torch costs seconds); a process that died (killed on purpose by a test, say) is
-replaced. ``fn`` must be importable by name (a module-level function of a test module or of this
-module).
+replaced. A rendezvous that failed (gloo could not connect its ranks: the harness's failure, not
+the code under test's, since ``fn`` never ran) is retried once on fresh processes. ``fn`` must be
+importable by name (a module-level function of a test module or of this module).
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def _worker(conn: Any, threads: int) -> None:
                 dist.destroy_process_group()
         except BaseException as e:  # report everything to the parent
             answer = ("err", type(e).__name__, str(e), getattr(e, "peer", None),
-                      traceback.format_exc())
+                      traceback.format_exc(), not joined)
         try:
             conn.send(answer)
         except Exception as e:  # an unpicklable result
-            conn.send(("err", "PicklingError", str(e), None, ""))
+            conn.send(("err", "PicklingError", str(e), None, "", False))
         if not joined:  # a failed rendezvous can leave gloo state behind: the pool starts afresh
             return
 
@@ -112,6 +113,27 @@ class _Pool:
 
     def run(self, fn: Callable[..., Any], world: int, args: tuple[Any, ...], timeout: float,
             pg_timeout: float, threads: int) -> list[RankResult]:
+        results, rendezvous_failed = self._run_once(fn, world, args, timeout, pg_timeout, threads)
+        if rendezvous_failed:  # fn never ran on some rank: once more, on fresh processes
+            results, _ = self._run_once(fn, world, args, timeout, pg_timeout, threads)
+        return results
+
+    def _retire(self, n: int) -> None:
+        """Stop the first ``n`` workers (they may be exiting already) and drop them."""
+        for _proc, conn in self._workers[:n]:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(None)
+        for proc, conn in self._workers[:n]:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            conn.close()
+        self._workers = self._workers[n:]
+
+    def _run_once(self, fn: Callable[..., Any], world: int, args: tuple[Any, ...],
+                  timeout: float, pg_timeout: float,
+                  threads: int) -> tuple[list[RankResult], bool]:
         self._ensure(world, threads)
         workers = self._workers[:world]
         tmp = tempfile.mkdtemp(prefix="mp_test_")
@@ -120,6 +142,7 @@ class _Pool:
         for rank, (_, conn) in enumerate(workers):
             conn.send((fn, rank, world, init_file, args, pg_timeout))
         results: list[RankResult | None] = [None] * world
+        rendezvous_failed = False
         deadline = start + timeout
         while any(r is None for r in results):
             for rank, (proc, conn) in enumerate(workers):
@@ -129,11 +152,13 @@ class _Pool:
                     try:
                         answer = conn.recv()
                     except (EOFError, OSError):
-                        answer = ("err", "died", f"exit code {proc.exitcode}", None, "")
+                        proc.join(5)
+                        answer = ("err", "died", f"exit code {proc.exitcode}", None, "", False)
                     elapsed = time.monotonic() - start
                     if answer[0] == "ok":
                         results[rank] = RankResult(rank, True, answer[1], seconds=elapsed)
                     else:
+                        rendezvous_failed |= answer[5]
                         results[rank] = RankResult(rank, False, None, answer[1], answer[2],
                                                    answer[3], answer[4], elapsed)
                 elif not proc.is_alive():
@@ -148,7 +173,9 @@ class _Pool:
                         results[rank] = RankResult(rank, False, None, "hung",
                                                    f"no answer within {timeout} s",
                                                    seconds=time.monotonic() - start)
-        return [r for r in results if r is not None]
+        if rendezvous_failed:  # a rank that failed to join exits: wait for it before reuse
+            self._retire(world)
+        return [r for r in results if r is not None], rendezvous_failed
 
     def shutdown(self) -> None:
         for _proc, conn in self._workers:
