@@ -118,6 +118,10 @@ class _Pool:
             results, _ = self._run_once(fn, world, args, timeout, pg_timeout, threads)
         return results
 
+    def _store(self, tmp: str, rank: int) -> str:
+        """The rendezvous file of ``rank`` for one call (the same for every rank)."""
+        return os.path.join(tmp, "store")
+
     def _retire(self, n: int) -> None:
         """Stop the first ``n`` workers (they may be exiting already) and drop them."""
         for _proc, conn in self._workers[:n]:
@@ -137,10 +141,9 @@ class _Pool:
         self._ensure(world, threads)
         workers = self._workers[:world]
         tmp = tempfile.mkdtemp(prefix="mp_test_")
-        init_file = os.path.join(tmp, "store")
         start = time.monotonic()
         for rank, (_, conn) in enumerate(workers):
-            conn.send((fn, rank, world, init_file, args, pg_timeout))
+            conn.send((fn, rank, world, self._store(tmp, rank), args, pg_timeout))
         results: list[RankResult | None] = [None] * world
         rendezvous_failed = False
         deadline = start + timeout
