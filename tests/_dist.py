@@ -128,7 +128,7 @@ class _Pool:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(None)
         for proc, conn in self._workers[:n]:
-            proc.join(10)
+            proc.join(5)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
@@ -181,14 +181,7 @@ class _Pool:
         return [r for r in results if r is not None], rendezvous_failed
 
     def shutdown(self) -> None:
-        for _proc, conn in self._workers:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(None)
-        for proc, _ in self._workers:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-        self._workers = []
+        self._retire(len(self._workers))
 
 
 _POOL: _Pool | None = None
