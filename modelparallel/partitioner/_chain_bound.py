@@ -21,10 +21,21 @@ stage ``s`` exactly, so stage ``s`` holds
   ancestors: its receive (it is in ``D_{s-1}``) or its own time and memory (it is on stage
   ``s``), the smaller; or else, as an envelope over earlier ends ``a' <= a`` of ``D_{s-1}``,
   what lies between plus the receive of the node at ``a'`` (the larger of the two terms).
-  Both only fall as ``v_{s-1}`` moves later.
+  Both only fall as ``v_{s-1}`` moves later;
+- *siblings*: each node ``y`` ranked after ``v_{s-1}`` and before ``v_s``, not an ancestor of
+  ``v_s``, that reads one of those ancestors not already counted as sent. Either ``y`` is on
+  stage ``s`` (it cannot be in ``D_{s-1}``: what it reads is not), so its time and memory count,
+  or it is not in ``D_s``, so what it reads is sent: the smaller of the two, each value's send
+  shared equally among its sibling readers (so a value read by several siblings is not counted
+  twice). No other term counts these nodes or sends, and they too only fall as ``v_{s-1}`` moves
+  later. Only siblings ranked within ``_BAND`` before ``v_s`` are looked at (fewer terms: still
+  a lower bound). This is the cut inside a layer: at ``v_s`` the query projection of an
+  attention, the key and value projections ranked before it compute on stage ``s`` or have
+  their input sent.
 
 The last stage holds every node ranked after ``v_{p-2}`` (their time, state, saved bytes and
-largest workspace, exactly) and receives ``v_{p-2}``'s value. Each of these per-stage amounts
+largest workspace, exactly) and receives every one of ``v_{p-2}`` and its ancestors read by a
+node ranked after it (those readers are all on the last stage). Each of these per-stage amounts
 is a lower bound of the assignment's stage time and memory, so ``J`` of the assignment is at
 least ``J`` of the sequence ``v_0 <= ... <= v_{p-2}`` under them (with the analytic ``A_lb``,
 ``B_lb`` of part 1 as floors); the bound is the least such ``J`` over all sequences.
@@ -42,6 +53,14 @@ the late stages' time over the whole pipeline, and each stage's sends and a rece
 that are nearly chains (decoders, ResNets) and weak on wide ones (an ancestor set is then far
 from a prefix of the rank).
 
+*Windows* (:func:`chain_windows`): the same greedy narrows the stage windows of part 2 of Note
+[lower bound]. An assignment with objective below an incumbent and utilisation in an interval
+``[theta_k, theta_k+1]`` keeps every stage within ``theta_k+1`` and the time ``(incumbent - w
+theta_k) / (1 - w)``; under those limits the greedy's positions are the latest any such
+assignment's ``v_s`` can take. A node ranked at or after the latest position after stage ``s``
+over all intervals is in no such ``D_s``: its stage is above ``s``. Measured in
+``docs/measurements.md``, "Chain windows".
+
 Example:
     >>> from modelparallel.partitioner._synthetic import chain_graph
     >>> from modelparallel.partitioner.problem import build_problem
@@ -49,17 +68,20 @@ Example:
     >>> prob = build_problem(chain_graph(8), PlanConfig(partitions=2, memory_weight=0.0), "h100")
     >>> round(chain_bound(prob), 4)  # the optimum: half the chain each, one value sent across
     1.4824
+    >>> chain_windows(prob, 1.49).tolist()  # just above it: the late half on the last stage
+    [0, 0, 0, 0, 1, 1, 1, 1, 1]
 """
 
 from __future__ import annotations
 
 import heapq
+import weakref
 
 import numpy as np
 
 from modelparallel.partitioner.problem import Problem
 
-__all__ = ["chain_bound"]
+__all__ = ["chain_bound", "chain_windows"]
 
 _TOL = 1e-4  # relative tolerance of the bisections and of the theta intervals
 _WINDOW = 6  # earlier positions whose receives the envelope of Note [chain bound] looks at
@@ -67,18 +89,28 @@ _CACHE = 20_000  # exact stage amounts kept per (stage, position)
 _ROWS = 1024  # rows of ancestor bits unpacked at a time
 _SPAN = 1  # stages a window of consecutive stages spans at most
 _ROUNDING = 1e-5  # relative margin for float32 sums
+_GRID = 64  # utilisation intervals of chain_windows
+_BAND = 64  # rows of a siblings block, and ranks before its first row it looks at
 
 
 def chain_bound(prob: Problem) -> float:
-    """The chain bound of Note [chain bound] (0 for fewer than two stages)."""
+    """The chain bound of Note [chain bound] (0 for fewer than two stages), computed once per
+    problem."""
+    if prob.p < 2 or prob.n < 2:
+        return 0.0
+    chain = _chain_for(prob)
+    if chain.value is None:
+        chain.value = _least_j(prob, chain)
+    return chain.value
+
+
+def _least_j(prob: Problem, chain: _Chain) -> float:
+    """The least ``J`` over the sequences of Note [chain bound]."""
     from modelparallel.partitioner.bounds import _analytic
 
-    p, n, w = prob.p, prob.n, prob.w
-    if p < 2 or n < 2:
-        return 0.0
+    p, w = prob.p, prob.w
     a_lb, b_lb, _ = _analytic(prob)
-    chain = _Chain(prob)
-    last_t, last_m = chain.last_stage()
+    last_t, last_m = chain.last, chain.last_m
 
     def feasible(tau: float, theta: float) -> bool:
         pos = [0]  # the position before each stage
@@ -137,6 +169,67 @@ def chain_bound(prob: Problem) -> float:
         heapq.heappush(heap, (value(a_hi, mid_t), mid_t, hi, a_hi))
 
 
+def chain_windows(prob: Problem, incumbent: float,
+                  memory: tuple[float, float] = (0.0, np.inf)) -> np.ndarray:
+    """The lowest stage each node can take in an assignment with objective below
+    ``incumbent`` and memory term within ``memory``: the windows of Note [chain bound]."""
+    from modelparallel.partitioner.bounds import _analytic
+
+    p, n, w = prob.p, prob.n, prob.w
+    lo = np.zeros(n, dtype=np.int64)
+    if p < 2 or n < 2:
+        return lo
+    _, b_lb, _ = _analytic(prob)
+    chain = _chain_for(prob)
+    limit = incumbent * (1 + _ROUNDING)  # margins for the sums' rounding
+    bottom = max(b_lb, memory[0] * (1 - _ROUNDING))
+    hi_u = min(memory[1] * (1 + _ROUNDING), limit / w if w > 0 else np.inf)
+    if bottom > hi_u:  # no assignment counts: nothing to narrow
+        return lo
+    pairs = _limit_pairs(prob, limit, bottom, hi_u, chain.top_utilisation())
+    reach = np.zeros(p - 1, dtype=np.int64)  # the latest position after each stage s < p - 1
+    for tau, theta in pairs:
+        pos = [0]
+        for s in range(p - 1):
+            pos.append(chain.step(s, pos, tau, theta))
+        if chain.last[pos[-1]] <= tau and chain.last_m[pos[-1]] <= theta:
+            reach = np.maximum(reach, pos[1:])
+    rank = np.empty(n, dtype=np.int64)
+    rank[chain.order] = np.arange(n)
+    ok = reach[None, :] > rank[:, None]  # node v in D_s needs the position after v_s past v
+    return np.where(ok.any(axis=1), ok.argmax(axis=1), p - 1)
+
+
+def _limit_pairs(prob: Problem, limit: float, bottom: float, hi_u: float, top: float
+                 ) -> list[tuple[float, float]]:
+    """Limits ``(tau, theta)`` on every stage's time and utilisation that every assignment
+    with objective at most ``limit`` and memory term in ``[bottom, hi_u]`` meets for one of
+    them: utilisation intervals ``(theta_k, theta_k+1]`` with the time limit their lower end
+    leaves (above ``top``, no chain amount reaches the utilisation: one interval)."""
+    w = prob.w
+    if w == 0.0:
+        return [(limit, hi_u)]
+    if w == 1.0:  # no limit on time
+        t_top = float(prob.time.sum() + prob.link.sum() + prob.comm.sum()) / prob.t_ref + 1.0
+        return [(t_top, hi_u)]
+    edges = np.linspace(bottom, max(bottom, min(hi_u, top)), _GRID + 1)
+    pairs = [((limit - w * edges[k]) / (1 - w), float(edges[k + 1])) for k in range(_GRID)]
+    if hi_u > edges[-1]:
+        pairs.append(((limit - w * edges[-1]) / (1 - w), np.inf))
+    return pairs
+
+
+_CHAINS: weakref.WeakKeyDictionary[Problem, _Chain] = weakref.WeakKeyDictionary()
+
+
+def _chain_for(prob: Problem) -> _Chain:
+    """The problem's :class:`_Chain` (its amounts are cached across bounds and windows)."""
+    chain = _CHAINS.get(prob)
+    if chain is None:
+        chain = _CHAINS[prob] = _Chain(prob)
+    return chain
+
+
 class _Chain:
     """The per-stage amounts of Note [chain bound] over the rank, and the greedy step."""
 
@@ -176,7 +269,13 @@ class _Chain:
         self.cons = [np.sort(rank[list(prob.consumers[v])]).astype(np.int64) for v in order]
         self.last_read = np.array([c[-1] if len(c) else -1 for c in self.cons], dtype=np.int64)
         self.sent = prob.sent[order]
+        e_src, e_dst = rank[prob.edge_src], rank[prob.edge_dst]
+        by = np.lexsort((e_dst, e_src))
+        self.e_src, self.e_dst = e_src[by], e_dst[by]  # edges in rank terms, by producer
         self.cache: dict[tuple[int, ...], tuple[int, np.ndarray, np.ndarray]] = {}
+        self.sib_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.value: float | None = None  # the bound, once computed
+        self.last, self.last_m = self.last_stage()
 
     def last_stage(self) -> tuple[np.ndarray, np.ndarray]:
         """Time and utilisation of the last stage from each position ``a = 0..n`` (the nodes
@@ -184,13 +283,31 @@ class _Chain:
         prob, p = self.prob, self.prob.p
         s = p - 1
         t = _prefix(self.t[:, s])
-        recv_t = np.concatenate([[0.0], self.recv[:, s]])
-        recv_b = np.concatenate([[0.0], self.recv_bytes])
+        rt_, rb_ = self._last_receives()
+        recv_t = np.concatenate([[0.0], rt_])
+        recv_b = np.concatenate([[0.0], rb_])
         ws = prob.workspace[self.order]
         ws_suffix = np.concatenate([np.maximum.accumulate(ws[::-1])[::-1], [0.0]])
         mem = (self.p_q[-1] - self.p_q) + self.k[s] * (self.p_s[-1] - self.p_s + recv_b) + ws_suffix
         return (np.minimum.accumulate(t[-1] - t + recv_t) / prob.t_ref,
                 np.minimum.accumulate(mem) / (self.caps[s] * prob.u_ref))
+
+    def _last_receives(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per rank ``r`` as ``v_{p-2}``: the last stage's receives of ``v_{p-2}`` and its
+        ancestors read by a node ranked after it (those are all on the last stage): time and
+        bytes."""
+        n, s = self.prob.n, self.prob.p - 1
+        f32 = np.float32
+        rt, rb = np.zeros(n), np.zeros(n)
+        for r0 in range(0, n, _ROWS):
+            r1 = min(n - 1, r0 + _ROWS - 1)
+            u = np.unpackbits(self.bits[r0: r1 + 1, : r1 // 8 + 1], axis=1,
+                              bitorder="little")[:, : r1 + 1].astype(f32)
+            rows = np.arange(r0, r1 + 1)
+            out = u * (self.last_read[None, : r1 + 1] > rows[:, None])
+            rt[r0: r1 + 1] = (out @ self.recv[: r1 + 1, s].astype(f32)).astype(float)
+            rb[r0: r1 + 1] = (out @ self.recv_bytes[: r1 + 1].astype(f32)).astype(float)
+        return rt * (1 - _ROUNDING), rb * (1 - _ROUNDING)
 
     def top_utilisation(self) -> float:
         """A utilisation no stage of any sequence reaches."""
@@ -256,8 +373,38 @@ class _Chain:
             t_lim_w = j * t_lim
             _, _, m_lim_w = self._window(s - j + 1, s, theta)
             keep &= (win[1][cand] <= t_lim_w) & (win[2][cand] <= m_lim_w)
-        ok = np.nonzero(keep)[0]
-        return a + int(cand[ok[-1]]) + 1 if len(ok) else a
+        ok = cand[np.nonzero(keep)[0]]  # positions after a passing without the siblings
+        for end in range(len(ok), 0, -_BAND):  # the siblings' amounts, latest rows first
+            rows = ok[max(0, end - _BAND): end]
+            sib_t, sib_m = self._sibling_amounts(s, a, rows)
+            fits = np.nonzero((t_ex[rows] + sib_t <= t_lim) & (m_ex[rows] + sib_m <= m_lim))[0]
+            if len(fits):
+                return a + int(rows[fits[-1]]) + 1
+        return a
+
+    def _sibling_amounts(self, s: int, a: int, rows: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """The siblings' time and memory of ``v_s`` ranked ``a + rows`` (sorted), computed
+        once per stage, position and row."""
+        need = int(rows[-1]) + 1
+        got = self.sib_cache.get((s, a))
+        if got is None or len(got[0]) < need:  # grown to the rows asked for
+            if got is None and len(self.sib_cache) > _CACHE:
+                self.sib_cache.clear()
+            more = np.full(need - (0 if got is None else len(got[0])), np.nan)
+            got = (more.copy(), more.copy()) if got is None else (
+                np.concatenate([got[0], more]), np.concatenate([got[1], more]))
+            self.sib_cache[(s, a)] = got
+        todo = rows[np.isnan(got[0][rows])]
+        if len(todo):
+            r = a + todo
+            r1 = int(r[-1])
+            u = np.unpackbits(self.bits[r, a // 8: r1 // 8 + 1], axis=1,
+                              bitorder="little")[:, a % 8: a % 8 + r1 + 1 - a]
+            x = u.astype(np.float32)
+            out = x * (self.last_read[None, a: r1 + 1] > r[:, None])
+            got[0][todo], got[1][todo] = self._siblings(s, a, x, out, r)
+        return got[0][rows], got[1][rows]
 
     def _window_sums(self, s: int, j: int, start: int, a: int, r_max: int
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -342,6 +489,61 @@ class _Chain:
                 np.minimum(em, cum_m, out=em)
                 break
         return t + np.maximum(et, rt), m + np.maximum(em, rm)
+
+
+    def _siblings(self, s: int, a: int, x: np.ndarray, out: np.ndarray, rows: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The siblings' amounts of Note [chain bound] per row ``v_s`` (``x``: its ancestors
+        ranked from ``a`` on, ``out``: those sent), each over the :data:`_BAND` ranks before
+        it, in blocks of :data:`_BAND` rows."""
+        tt, mm = np.zeros(len(rows)), np.zeros(len(rows))
+        for b0 in range(0, len(rows), _BAND):
+            b1 = min(len(rows), b0 + _BAND)
+            c0 = max(a, int(rows[b0]) - _BAND)
+            c1 = int(rows[b1 - 1]) + 1
+            cols = slice(c0 - a, c1 - a)
+            tt[b0:b1], mm[b0:b1] = self._sibling_block(s, c0, x[b0:b1, cols],
+                                                       out[b0:b1, cols], rows[b0:b1])
+        return tt, mm
+
+    def _sibling_block(self, s: int, c0: int, x: np.ndarray, out: np.ndarray,
+                       rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_siblings` for ``rows`` over the ranks ``c0..`` of ``x`` and ``out``."""
+        span = x.shape[1]
+        lo, hi = np.searchsorted(self.e_src, [c0, c0 + span])
+        keep = self.e_dst[lo:hi] < c0 + span
+        src, dst = self.e_src[lo:hi][keep] - c0, self.e_dst[lo:hi][keep] - c0  # by src
+        if len(src) == 0:
+            return np.zeros(len(rows)), np.zeros(len(rows))
+        f32 = np.float32
+        # Transposed: a column per row v_s, so that the sums run along axis 0. Each row looks
+        # at the ranks from _BAND before it only, whatever its block: its amounts then depend
+        # on a and itself alone, and only fall as a grows (the greedy's premise).
+        at = np.arange(span)[:, None]
+        band = ((at >= (rows - c0 - _BAND)[None, :]) & (at < (rows - c0)[None, :]))
+        sib = np.ascontiguousarray((1.0 - x.T) * band)  # not ancestors, just before v_s
+        deg = _sum_by(sib[dst], src, span) * (x.T - out.T) * band  # readers of unsent values
+        inv = np.divide(1.0, deg, out=np.zeros_like(deg), where=deg > 0)
+        ks = self.k[s]
+        by_dst = np.argsort(dst, kind="stable")
+        d_src, d_dst = src[by_dst], dst[by_dst]
+        ranks = slice(c0, c0 + span)
+        res = []
+        for cost, own in ((self.send[ranks, s], self.t[ranks, s]),
+                          (ks * self.sent[ranks], (self.q + ks * self.saved)[ranks])):
+            share = inv * cost.astype(f32)[:, None]
+            charge = _sum_by(share[d_src], d_dst, span) * sib
+            res.append(np.minimum(charge, own.astype(f32)[:, None]).sum(axis=0).astype(float)
+                       * (1 - _ROUNDING))
+        return res[0], res[1]
+
+
+def _sum_by(vals: np.ndarray, keys: np.ndarray, width: int) -> np.ndarray:
+    """Rows of ``vals`` summed by their sorted ``keys`` into ``width`` rows."""
+    out = np.zeros((width, vals.shape[1]), dtype=vals.dtype)
+    uniq, starts = np.unique(keys, return_index=True)
+    out[uniq] = np.add.reduceat(vals, starts, axis=0)
+    return out
 
 
 def _prefix(x: np.ndarray) -> np.ndarray:

@@ -151,7 +151,7 @@ def _split_levels(cut: _Cutter, root: _Piece, pieces: int) -> list[_Piece]:
     """The leaves of ``root`` cut in halves level by level while that stays within ``pieces``
     (each cut piece keeps its halves as children; children it has already are its first
     level)."""
-    level = root.children or [root]
+    level = list(root.children) or [root]  # a copy: the caller pops the queue it returns
     while 2 * len(level) <= pieces:
         nxt = []
         for piece in level:

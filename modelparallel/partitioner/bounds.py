@@ -64,7 +64,9 @@ constraints can only lower a minimum, so the bound stays valid). With ``J = (1 -
    crosses besides, so the cuts give less: stages ``0..s`` carry at least ``max_{b<=s} c_b``,
    stages ``s..p-1`` at least ``max_{b>=s-1} c_b`` and hold ``max_{b>=s-1} r_b`` at least
    ``min_{j>=s} inflight_j`` times, all stages ``2 max_b c_b``. This removes window binaries and shortens the proof
-   phases of Note [ILP pipeline] accordingly (figures: ``docs/measurements.md``).
+   phases of Note [ILP pipeline] accordingly (figures: ``docs/measurements.md``). With
+   ``_CHAIN_WINDOWS`` on, each window's start is first raised to the chain windows' (Note
+   [chain bound], the windows): the earliest stage whose downset can reach the node.
    :func:`stage_windows` gives the windows for separate limits on ``A`` and ``B``.
 3. *Windowed model*: the ILP of Note [ILP formulation] over single ops, restricted to the windows
    (``y`` fixed outside them), with the shared-parameter terms exact and the workspace term over
@@ -109,7 +111,7 @@ import numpy as np
 
 from modelparallel.errors import ConfigError
 from modelparallel.partitioner._bound_model import _solve_windowed
-from modelparallel.partitioner._chain_bound import chain_bound
+from modelparallel.partitioner._chain_bound import chain_bound, chain_windows
 from modelparallel.partitioner.problem import Problem
 
 __all__ = ["LowerBound", "lower_bound", "stage_windows", "window_for"]
@@ -118,6 +120,10 @@ _SAFETY = 1e-6  # relative slack for solver tolerances
 _MIN_SECONDS = 0.3  # less time than this for the windowed model: analytic bound only
 _MIP_COLUMNS = 4000  # windowed binaries up to which the bound model is solved as a MIP
 _CUT_ROUNDS = 3  # rounds of windows narrowed by boundary cuts (Note [lower bound], part 2)
+#: Narrow the windows by Note [chain bound]'s as well. Off: the proof phases they shorten then
+#: reach a later phase that overruns the call's deadline, and T5-small's proof at p = 8 ran
+#: slower (``docs/measurements.md``, "Chain windows").
+_CHAIN_WINDOWS = False
 
 
 @dataclass(frozen=True)
@@ -353,6 +359,8 @@ def _window_for(prob: Problem, incumbent: float, memory: MemoryRange
     p = prob.p
     cuts = np.zeros((max(p - 1, 0), 2))
     lo, hi = _windows_with_cuts(prob, incumbent, cuts, memory)
+    if _CHAIN_WINDOWS:  # Note [chain bound], the windows
+        lo = np.maximum(lo, chain_windows(prob, incumbent, memory))
     for _ in range(_CUT_ROUNDS if p > 1 else 0):
         if np.any(lo > hi):
             break

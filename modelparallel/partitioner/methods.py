@@ -96,6 +96,7 @@ from collections.abc import Callable
 import numpy as np
 
 from modelparallel.errors import ConfigError, InfeasiblePlanError
+from modelparallel.partitioner._chain_bound import chain_bound
 from modelparallel.partitioner._infeasible import infeasible_error, size_up
 from modelparallel.partitioner._pieces import WORKERS, MemorySide, solve_pieces
 from modelparallel.partitioner._polish import BackgroundPolish, polish
@@ -420,6 +421,7 @@ def _flat(prob: Problem, clock: _Clock, cands: _Candidates, red: Reduction,
     units = red.units
     end = _ILP_SHARE_FLAT * cfg.time_limit
     proof = _Proof()
+    chain_bound(prob)  # kept for the plan's bound: computed here, inside the phases' time
     clock.emit("coarsen", f"op level: {prob.n} nodes in {len(units)} groups (Note [exact "
                "reduction])")
     took = 0.0  # seconds the last proof phase took: a smaller gap takes longer

@@ -17,7 +17,7 @@ from modelparallel.partitioner._pieces import (
     solve_pieces,
     split_ranges,
 )
-from modelparallel.partitioner._synthetic import random_graph, transformer_graph
+from modelparallel.partitioner._synthetic import chain_graph, random_graph, transformer_graph
 from modelparallel.partitioner.bounds import window_for
 from modelparallel.partitioner.coarsen import singletons
 from modelparallel.partitioner.evaluate import check_assignment, evaluate
@@ -124,3 +124,20 @@ def test_memory_sides_answer_as_the_whole_search(workers: int, seed: int) -> Non
         assert out.bound is not None
         assert out.bound == pytest.approx(target) if not expect_found else (
             out.bound <= best * (1 + 1e-6))
+
+
+def test_sides_with_nothing_left_to_split_are_answered() -> None:
+    # Two memory sides whose ranges cannot be cut (every item fixed, or none left): the queue
+    # of pieces is a copy, so the sides stay the whole's halves and their answer is its answer
+    # (it emptied the whole's list of halves once, leaving the phase incomplete, no bound).
+    prob = build_problem(chain_graph(6), PlanConfig(partitions=2, memory_weight=0.5), "h100")
+    u = singletons(prob)
+    best, stage = brute(prob)
+    fixed = np.asarray(stage)
+    empty_lo, empty_hi = np.ones_like(u.lo), np.zeros_like(u.hi)
+    sides = [MemorySide((0.0, 1.0), fixed.copy(), fixed.copy()),
+             MemorySide((1.0, np.inf), empty_lo, empty_hi)]
+    out = solve_pieces(prob, u.members, u.lo, u.hi, target=best * 0.99, gap_rel=1e-6,
+                       time_limit=20, workers=2, sides=sides)
+    assert out.complete and not out.found
+    assert out.bound == pytest.approx(best * 0.99)
