@@ -272,8 +272,9 @@ def explain_node(plan: Plan, name: str) -> list[str]:
                  f"for backward, outputs {format_bytes(node.output_bytes)}, reads "
                  f"{format_bytes(node.param_bytes)} of parameters")
     if node.stage < 0:
-        lines.append("it is computed from the model inputs alone, so every stage that needs it "
-                     "recomputes it (no communication; Note [inputs on every rank])")
+        lines.append("it is computed from the model inputs (and constant buffers) alone, so every "
+                     "stage that needs it recomputes it (no communication; Note [inputs on every "
+                     "rank])")
         return lines
     lines.append(f"placed on stage {node.stage}" + (" by a pin" if node.pinned else ""))
     producers = [by_name[s] for s in node.inputs if s in by_name and by_name[s].stage >= 0]

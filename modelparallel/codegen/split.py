@@ -14,7 +14,8 @@ Every node of the traced ``torch.fx`` module falls in one of four classes:
 - an *input-derived* node (plan stage ``-1``, see :func:`modelparallel.ir.input_derived_nodes`):
   recomputed from the inputs on every stage that needs it, never sent;
 - a *parameter read* (a ``get_attr`` node that is no IR node): copied into every stage whose
-  nodes read it, together with the tensor it reads;
+  nodes read it, or whose recomputed nodes do (a constant buffer, Note [constant buffers] in
+  ``modelparallel/ir/analysis.py``), together with the tensor it reads;
 - every other node runs on the stage the plan gives it; the output node runs on the last stage.
 
 How a value produced on stage ``i`` and read on later stages travels depends on the plan's

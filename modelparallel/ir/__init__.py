@@ -37,6 +37,7 @@ Example:
 
 from modelparallel.errors import IRFormatError, ModelParallelError
 from modelparallel.ir.analysis import (
+    CONSTANT_BUFFER_BYTES,
     input_derived_nodes,
     module_groups,
     recomputed_nodes,
@@ -46,6 +47,7 @@ from modelparallel.ir.graph import FORMAT_NAME, FORMAT_VERSION, Graph
 from modelparallel.ir.nodes import DTYPE_BYTES, Node, OpKind, Param, TensorMeta, dtype_bytes
 
 __all__ = [
+    "CONSTANT_BUFFER_BYTES",
     "DTYPE_BYTES",
     "FORMAT_NAME",
     "FORMAT_VERSION",

@@ -18,34 +18,78 @@ import networkx as nx
 from modelparallel.ir.graph import Graph
 from modelparallel.ir.nodes import Node, OpKind, Param  # noqa: F401  (Param: doctests)
 
-__all__ = ["input_derived_nodes", "module_groups", "recomputed_nodes", "region_of"]
+__all__ = ["CONSTANT_BUFFER_BYTES", "input_derived_nodes", "module_groups", "recomputed_nodes", "region_of"]
+
+
+#: Bytes of a buffer that a stage may copy to recompute its readers (Note [constant buffers]).
+CONSTANT_BUFFER_BYTES = 1 << 22
 
 
 def input_derived_nodes(graph: Graph) -> frozenset[str]:
     """Nodes computed from model inputs alone, which every stage can recompute instead of receiving.
 
-    A node is input-derived when it is a placeholder, or when it reads no parameter or buffer, is
-    not random, is not the output, and every input is input-derived. Examples: attention masks
-    and position ids built from ``input_ids``, and shapes read off the inputs. Every rank of a
-    pipeline holds the whole input batch (see Note [inputs on every rank] in
-    ``modelparallel/partitioner/problem.py``), so such values cost no communication: the
-    partitioner leaves them out and codegen copies them into every stage that uses them.
+    A node is input-derived when it is a placeholder, or when it reads no parameter (only
+    constant buffers, Note [constant buffers]), is not random, is not the output, and every
+    input is input-derived. Examples: attention masks and position ids built from
+    ``input_ids``, shapes read off the inputs, and the rotary embedding's cosines and sines
+    built from its ``inv_freq`` buffer. Every rank of a pipeline holds the whole input batch
+    (see Note [inputs on every rank] in ``modelparallel/partitioner/problem.py``), so such
+    values cost no communication: the partitioner leaves them out and codegen copies them
+    (with the buffers they read) into every stage that uses them.
+
+    Note [constant buffers]
+    ~~~~~~~~~~~~~~~~~~~~~~~
+    A buffer is *constant* when it needs no gradient, holds at most
+    :data:`CONSTANT_BUFFER_BYTES`, and no node that reads it writes in place (a trailing ``_``
+    in its op name, as in ``add_`` or ``aten.copy_.default``, or an ``__i*__`` operator):
+    BatchNorm's running statistics and ``num_batches_tracked`` are updated by the nodes that
+    read them, so they never qualify, while a rotary embedding's ``inv_freq`` does. A stage
+    that recomputes a reader holds its own copy of the buffer, as it does for a parameter that
+    its own nodes read, so the copies stay equal: nothing writes them. Without this, the cosines
+    and sines of a Llama-style model were computed once on the first stage and sent to every
+    stage, two small values per layer whose placement the planner had to search
+    (``docs/measurements.md``, "Constant buffers").
 
     Example:
         >>> g = Graph("m", (Node("ids", OpKind.PLACEHOLDER, "ids"),
         ...                 Node("mask", OpKind.CALL_FUNCTION, "ne", ("ids",)),
+        ...                 Node("freq", OpKind.CALL_FUNCTION, "mul", ("ids",), params=("f",)),
         ...                 Node("emb", OpKind.CALL_FUNCTION, "emb", ("ids",), params=("w",)),
-        ...                 Node("output", OpKind.OUTPUT, "output", ("emb", "mask"))),
-        ...           params=(Param("w", (10, 4), "float32"),))
+        ...                 Node("output", OpKind.OUTPUT, "output", ("emb", "mask", "freq"))),
+        ...           params=(Param("w", (10, 4), "float32"),
+        ...                   Param("f", (4,), "float32", is_buffer=True)))
         >>> sorted(input_derived_nodes(g))
-        ['ids', 'mask']
+        ['freq', 'ids', 'mask']
     """
+    constant = _constant_buffers(graph)
     derived: set[str] = set()
     for n in graph.nodes:
-        if n.op is OpKind.PLACEHOLDER or (n.op is not OpKind.OUTPUT and not n.params and not n.is_random
-              and n.op is not OpKind.GET_ATTR and all(s in derived for s in n.inputs)):
+        if n.op is OpKind.PLACEHOLDER or (
+                n.op is not OpKind.OUTPUT and not n.is_random and n.op is not OpKind.GET_ATTR
+                and all(s in derived for s in n.inputs)
+                and (not n.params or (all(q in constant for q in n.params)
+                                      and not _writes_in_place(n)))):
             derived.add(n.name)
     return frozenset(derived)
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow",
+                            "lshift", "rshift", "and", "or", "xor"))
+
+
+def _writes_in_place(node: Node) -> bool:
+    """Whether ``node``'s op name says it writes into an input (``add_``, ``__iadd__``)."""
+    return any((part.endswith("_") and not part.endswith("__")) or part in _IN_PLACE_OPERATORS
+               for part in node.target.split("."))
+
+
+def _constant_buffers(graph: Graph) -> frozenset[str]:
+    """The buffers of Note [constant buffers]."""
+    written = {q for n in graph.nodes if _writes_in_place(n) for q in n.params}
+    return frozenset(q.name for q in graph.params
+                     if q.is_buffer and not q.requires_grad and q.name not in written
+                     and q.nbytes <= CONSTANT_BUFFER_BYTES)
 
 
 def recomputed_nodes(graph: Graph, members: Iterable[str],

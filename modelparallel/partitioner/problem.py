@@ -10,12 +10,14 @@ Note [inputs on every rank]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Every rank of a pipeline holds the whole input batch. Placeholders and the nodes computed from
 inputs alone (:func:`modelparallel.ir.input_derived_nodes`: attention masks, position ids,
-shapes) are therefore *not assigned*: their :class:`~modelparallel.plan.NodePlacement` has stage
-``-1``, every stage that needs them recomputes them (codegen copies them in), and they cost no
-communication. Their compute is not charged to any stage in the sums the solvers optimise (it
-is small by construction: no parameters); where measured host times let the evaluation replay
-each stage (Note [stage replay] in ``modelparallel/cost_model/replay.py``), a stage's replay
-includes the ones it recomputes, whose many small ops can cost host time.
+shapes, and what constant buffers give, such as rotary cosines and sines: Note [constant
+buffers] in ``modelparallel/ir/analysis.py``) are therefore *not assigned*: their
+:class:`~modelparallel.plan.NodePlacement` has stage ``-1``, every stage that needs them
+recomputes them (codegen copies them in), and they cost no communication. Their compute is not
+charged to any stage in the sums the solvers optimise (it is small by construction: no
+parameters); where measured host times let the evaluation replay each stage (Note [stage
+replay] in ``modelparallel/cost_model/replay.py``), a stage's replay includes the ones it
+recomputes, whose many small ops can cost host time.
 
 Note [tied parameters]
 ~~~~~~~~~~~~~~~~~~~~~~

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from modelparallel.ir import (
+    CONSTANT_BUFFER_BYTES,
     Graph,
     Node,
     OpKind,
@@ -120,6 +121,29 @@ def test_input_derived_nodes() -> None:
         Node("output", OpKind.OUTPUT, "output", ("add", "drop")),
     ), params=(Param("w", (10, 4), "float32"),))
     assert input_derived_nodes(g) == {"ids", "n", "mask"}
+
+
+def test_constant_buffers_make_their_readers_input_derived() -> None:
+    """Note [constant buffers]: a small buffer nothing writes (a rotary ``inv_freq``) is
+    recomputed with its readers; one written in place, a large one, or a trainable
+    parameter is not."""
+    buf = CONSTANT_BUFFER_BYTES // 4  # float32 elements at the limit
+    g = Graph("m", (
+        Node("ids", OpKind.PLACEHOLDER, "ids"),
+        Node("freq", OpKind.CALL_FUNCTION, "aten.mul.Tensor", ("ids",), params=("inv_freq",)),
+        Node("cos", OpKind.CALL_FUNCTION, "aten.cos.default", ("freq",)),
+        Node("count", OpKind.CALL_FUNCTION, "aten.add_.Tensor", (), params=("tracked",)),
+        Node("seen", OpKind.CALL_FUNCTION, "aten.mul.Tensor", ("ids",), params=("tracked",)),
+        Node("big", OpKind.CALL_FUNCTION, "aten.mul.Tensor", ("ids",), params=("table",)),
+        Node("ok", OpKind.CALL_FUNCTION, "aten.mul.Tensor", ("ids",), params=("limit",)),
+        Node("emb", OpKind.CALL_FUNCTION, "aten.embedding", ("ids",), params=("w",)),
+        Node("output", OpKind.OUTPUT, "output", ("emb", "cos", "count", "seen", "big", "ok")),
+    ), params=(Param("w", (10, 4), "float32"),
+               Param("inv_freq", (4,), "float32", is_buffer=True),
+               Param("tracked", (), "int64", is_buffer=True),
+               Param("table", (buf + 1,), "float32", is_buffer=True),
+               Param("limit", (buf,), "float32", is_buffer=True)))
+    assert input_derived_nodes(g) == {"ids", "freq", "cos", "ok"}
 
 
 @st.composite

@@ -62,6 +62,31 @@ def test_stages_on_their_own_devices() -> None:
     assert torch.equal(stages[0].tensor(name).grad.cpu(), stages[2].tensor(name).grad.cpu())
 
 
+def test_rotary_tables_are_recomputed_on_every_stage() -> None:
+    """Llama's rotary cosines and sines come from the constant ``inv_freq`` buffer (Note
+    [constant buffers] in modelparallel/ir/analysis.py): no stage sends them, every stage
+    that recomputes them holds its own copy of the buffer, and the pipelined gradients are one backward's."""
+    c = Case(lambda: models.llama(size="tiny", batch_size=4))
+    plan = make_plan(c.traced, 3, [0.3, 0.7])
+    buffer = next(q.name for q in c.traced.graph.params if q.name.endswith("inv_freq"))
+    readers = [n.name for n in c.traced.graph.nodes if buffer in n.params]
+    assert readers and all(plan.assignment[n] == -1 for n in readers)
+    stages = build_stages(c.traced, plan)
+    holders = [s.index for s in stages if buffer in dict(s.module.named_buffers())]
+    assert holders == [s.index for s in stages if set(readers) & set(s.recomputed)]
+    assert len(holders) >= 2
+    sent = {v.name for s in stages for v in s.send}
+    assert not sent & {n.name for n in c.traced.graph.nodes if plan.assignment[n.name] == -1}
+    pipe = LocalPipeline(stages, microbatches=2, loss_fn=c.case.loss_fn)
+    loss, _ = pipe.train_step(c.flat, c.case.target)
+    ref_loss = c.case.loss_fn(c.reference(*c.case.args, **c.case.kwargs), c.case.target)
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss.detach()) <= 1e-5
+    ref = dict(c.reference.named_parameters())
+    for name, p in pipe.named_parameters():
+        assert rel_err(p.grad, ref[name].grad) <= 1e-5, name
+
+
 def test_action_order_respects_dependencies() -> None:
     for schedule in ("gpipe", "1f1b"):
         order = action_order(schedule, 3, 5)
