@@ -106,6 +106,7 @@ from __future__ import annotations
 import time as _time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -461,38 +462,64 @@ def _boundary_cuts(prob: Problem, lo: np.ndarray, hi: np.ndarray, cost: np.ndarr
     it is sent at least once from a stage <= b to one > b).
     Forced nodes are contracted into the source and the sink, so each graph holds only the
     nodes free at that boundary."""
-    import networkx as nx
-    from networkx.algorithms.flow import dinitz
-
     nb = prob.p - 1
     out = np.zeros((nb, cost.shape[0]))
     for b in range(nb):
         if not np.any(hi <= b) or not np.any(lo > b):
             continue
-
-        def side(v: int, b: int = b) -> object:
-            return "s" if hi[v] <= b else ("t" if lo[v] > b else v)
-
-        graphs = [nx.DiGraph() for _ in range(cost.shape[0])]
-        for g in graphs:
-            g.add_nodes_from(("s", "t"))
+        side: list[Any] = ["s" if hi[v] <= b else ("t" if lo[v] > b else v)
+                           for v in range(prob.n)]
+        values: list[tuple[Any, Any, int]] = []  # (producer's side, head, u) of a value
+        order: set[tuple[Any, Any]] = set()  # infinite edges
         for u in range(prob.n):
-            su = side(u)
+            su = side[u]
             if su == "t":
                 continue
-            beyond = [side(c) for c in prob.consumers[u] if side(c) != "s"]
-            for g, k in zip(graphs, range(cost.shape[0])):
-                if beyond:
-                    g.add_edge(su, ("value", u), capacity=float(cost[k, u, b]))
-                    for sc in beyond:
-                        g.add_edge(("value", u), sc)  # u before the cut, sc after: u crosses
-                for c in prob.consumers[u]:
-                    sc = side(c)
-                    if sc not in ("t", su) and su != "s":
-                        g.add_edge(sc, su)  # c before the cut: so is its producer u
-        for k, g in enumerate(graphs):
-            out[b, k] = nx.minimum_cut_value(g, "s", "t", flow_func=dinitz)
+            beyond = {side[c] for c in prob.consumers[u] if side[c] != "s"}
+            if len(beyond) == 1:  # one side beyond: no value node needed
+                values.append((su, next(iter(beyond)), u))
+            elif beyond:
+                values.append((su, ("value", u), u))
+                order.update((("value", u), sc) for sc in beyond)
+            if su != "s":
+                order.update((side[c], su) for c in prob.consumers[u]
+                             if side[c] not in ("t", su))  # c before the cut: so is u
+        for k in range(cost.shape[0]):
+            out[b, k] = _min_cut(values, order, cost[k, :, b])
     return out
+
+
+def _min_cut(values: list[tuple[Any, Any, int]], order: set[tuple[Any, Any]],
+             cost: np.ndarray) -> float:
+    """The minimum ``"s"``-``"t"`` cut of the graph with an edge ``side -> head`` of capacity
+    ``cost[u]`` per value ``u`` (``head``: the side of its consumers beyond when they are on
+    one, else a node ``("value", u)`` with an infinite edge to each) and the infinite ``order``
+    edges, by networkx's Dinitz on the residual network built here (the layout
+    ``build_residual_network`` documents: each edge with its reverse, infinity a finite value
+    above every cut)."""
+    import networkx as nx
+    from networkx.algorithms.flow import dinitz
+
+    caps: dict[tuple[Any, Any], float] = {}
+    for su, head, u in values:
+        c = float(cost[u])
+        if c > 0:
+            caps[su, head] = caps.get((su, head), 0.0) + c
+    finite = sum(caps.values())
+    inf = 3.0 * finite or 1.0
+    for edge in order:
+        if edge[0] != edge[1]:
+            caps[edge] = inf
+    residual = nx.DiGraph()
+    residual.__networkx_cache__ = None  # type: ignore[attr-defined]  # as networkx's own
+    residual.add_nodes_from(("s", "t"))
+    residual.add_edges_from((x, y, {"capacity": c}) for (x, y), c in caps.items())
+    residual.add_edges_from((y, x, {"capacity": 0.0}) for x, y in caps if (y, x) not in caps)
+    residual.graph["inf"] = inf
+    dinitz(residual, "s", "t", residual=residual, value_only=True)
+    value = float(residual.graph["flow_value"])
+    assert value <= finite * (1 + 1e-9), "an infinite path from the nodes forced before to after"
+    return value
 
 
 def lower_bound(prob: Problem, *, incumbent: float | None = None,

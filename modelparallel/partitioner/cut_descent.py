@@ -9,7 +9,7 @@ stages (T5's encoder output, read by the cross-attention of every decoder layer)
 split by its own accounting need not be the best by the real one. :func:`descend_cuts` takes
 the DP's split of its order and moves one cut at a time to the position, within ``window``
 positions and between its neighbours, that lowers :func:`~modelparallel.partitioner.evaluate.
-evaluate`'s objective most (memory caps, pins and colocation kept), sweeping the cuts until no
+stage_costs`'s objective most (memory caps, pins and colocation kept), sweeping the cuts until no
 move helps or the deadline passes. It runs only on splits where some value has readers on
 two or more later stages; elsewhere the DP is exact over its order and no move can help.
 Its splits are candidates of the ILP pipeline like the DP's (Note [ILP pipeline] in
@@ -34,7 +34,7 @@ import time as _time
 import numpy as np
 
 from modelparallel.partitioner.dp import _valid
-from modelparallel.partitioner.evaluate import evaluate
+from modelparallel.partitioner.evaluate import stage_costs
 from modelparallel.partitioner.problem import Problem
 
 __all__ = ["descend_cuts", "read_on_several_later_stages"]
@@ -114,5 +114,5 @@ def _objective(prob: Problem, order: np.ndarray, cuts: list[int]) -> float:
     stage = _stages(prob, order, cuts)
     if not _valid(prob, stage):
         return float("inf")
-    ev = evaluate(prob, stage)
-    return ev.objective if np.all(ev.memory <= prob.caps) else float("inf")
+    _, memory, objective = stage_costs(prob, stage)
+    return objective if np.all(memory <= prob.caps) else float("inf")

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelparallel.partitioner.bounds import _analytic
-from modelparallel.partitioner.evaluate import evaluate
+from modelparallel.partitioner.evaluate import stage_costs
 from modelparallel.partitioner.problem import Problem
 
 __all__ = ["DPResult", "solve_dp", "split_to_stages"]
@@ -512,10 +512,10 @@ def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
         if cuts is None:
             continue
         g = split_to_stages(order, cuts, n)
-        ev = evaluate(prob, g)
-        if _valid(prob, g) and float((ev.memory / prob.caps).max()) <= 1.0 and (
-                ev.objective < best_obj):
-            best_obj, best_stage = ev.objective, g
+        _, memory, objective = stage_costs(prob, g)
+        if _valid(prob, g) and float((memory / prob.caps).max()) <= 1.0 and (
+                objective < best_obj):
+            best_obj, best_stage = objective, g
     band = _band(arr, prob, best_obj)
     if not np.isfinite(best_obj) and p > 2:
         # No incumbent: a pass over short segments usually finds one cheaply, which then
@@ -523,7 +523,7 @@ def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
         trial = _Pass(arr, prob, min(n, 3 * n // p + 1)).run(1.0, w >= 1.0)
         if trial is not None:
             stage = split_to_stages(order, trial, n)
-            best_obj, best_stage = evaluate(prob, stage).objective, stage
+            best_obj, best_stage = stage_costs(prob, stage)[2], stage
             band = _band(arr, prob, best_obj)
     dp = _Pass(arr, prob, band)
     passes = 0
@@ -536,10 +536,10 @@ def solve_dp(prob: Problem, *, order: np.ndarray | None = None,
         if cuts is None:
             return None
         stage = split_to_stages(order, cuts, n)
-        ev = evaluate(prob, stage)
-        if ev.objective < best_obj:
-            best_obj, best_stage = ev.objective, stage
-        return float(ev.time.max()) / prob.t_ref, float((ev.memory / prob.caps).max())
+        stage_time, stage_mem, objective = stage_costs(prob, stage)
+        if objective < best_obj:
+            best_obj, best_stage = objective, stage
+        return float(stage_time.max()) / prob.t_ref, float((stage_mem / prob.caps).max())
 
     exact = True
 

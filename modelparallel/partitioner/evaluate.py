@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ from modelparallel.plan import (
 from modelparallel.schedule import make_schedule, simulate
 
 __all__ = ["Evaluation", "assignment_array", "check_assignment", "evaluate", "make_plan",
-           "step_time"]
+           "stage_costs", "step_time"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,22 +155,90 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
         stage: Stage of every assigned node, ``(n,)`` integers (not checked here; see
             :func:`check_assignment`).
     """
-    p, n = problem.p, problem.n
+    p = problem.p
     stage = np.asarray(stage, dtype=np.int64)
-    idx = np.arange(n)
-    fwd = np.bincount(stage, weights=problem.fwd[idx, stage], minlength=p)
-    bwd = np.bincount(stage, weights=problem.bwd[idx, stage], minlength=p)
-    _replay_stages(problem, stage, fwd, bwd)
+    fwd, bwd = _compute(problem, stage)
     compute = fwd + bwd
     comm, pairs, b_time, b_fwd, b_bwd, crossing, recv, sends = (
         _direct(problem, stage) if problem.direct else _relay(problem, stage))
-    # Memory (Note [stage time and memory]).
-    held_sets: list[set[int]] = [set() for _ in range(p)]
-    param_mem = np.zeros(p)
-    for qi, q in enumerate(problem.params):
-        for s in {int(stage[r]) for r in q.readers}:
-            held_sets[s].add(qi)
-            param_mem[s] += q.state[s]
+    param_mem, held_q, held_s = _param_memory(problem, stage)
+    act, ws, time_term, memory_term, objective = _totals(problem, stage, compute, comm, recv,
+                                                        sends, param_mem)
+    held = tuple(tuple(int(q) for q in held_q[held_s == s]) for s in range(p))
+    return Evaluation(stage=stage, compute=compute, forward=fwd, backward=bwd, comm=comm,
+                      pairs=pairs, boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
+                      crossing=crossing, held=held,
+                      param_mem=param_mem, act_mem=act, workspace=ws,
+                      time_term=time_term, memory_term=memory_term, objective=objective)
+
+
+def stage_costs(problem: Problem, stage: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``T_s``, ``M_s`` and the objective of a valid assignment, as :func:`evaluate` computes
+    them (the same arithmetic, so the same floats), without the per-pair and per-parameter
+    detail: the inner loop of the cut descents and the DP.
+
+    Example:
+        >>> import numpy as np
+        >>> from modelparallel.partitioner._synthetic import chain_graph
+        >>> from modelparallel.partitioner.problem import build_problem
+        >>> from modelparallel.plan import PlanConfig
+        >>> prob = build_problem(chain_graph(4), PlanConfig(partitions=2), "h100")
+        >>> stage = np.array([0, 0, 1, 1, 1])
+        >>> stage_costs(prob, stage)[2] == evaluate(prob, stage).objective
+        True
+    """
+    stage = np.asarray(stage, dtype=np.int64)
+    fwd, bwd = _compute(problem, stage)
+    compute = fwd + bwd
+    if problem.direct:
+        comm, recv, sends = _direct_totals(problem, stage)[:3]
+    else:
+        comm, *_, recv, sends = _relay(problem, stage)
+    param_mem = _param_memory(problem, stage)[0]
+    act, ws, _, _, objective = _totals(problem, stage, compute, comm, recv, sends, param_mem)
+    return compute + comm, param_mem + act + ws, objective
+
+
+def _compute(problem: Problem, stage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward compute seconds per stage."""
+    p = problem.p
+    idx = np.arange(problem.n)
+    fwd = np.bincount(stage, weights=problem.fwd[idx, stage], minlength=p)
+    bwd = np.bincount(stage, weights=problem.bwd[idx, stage], minlength=p)
+    _replay_stages(problem, stage, fwd, bwd)
+    return fwd, bwd
+
+
+#: Per problem: the parameter of every (parameter, reader) pair, its reader, and the state
+#: bytes of each parameter per stage ``(len(params), p)``.
+_READERS: weakref.WeakKeyDictionary[Problem, tuple[np.ndarray, np.ndarray, np.ndarray]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _param_memory(problem: Problem, stage: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parameter state bytes per stage (each parameter's once on every stage that reads it),
+    and the (parameter, stage) pairs held, ordered by parameter then stage."""
+    p = problem.p
+    if problem not in _READERS:
+        q = [qi for qi, par in enumerate(problem.params) for _ in par.readers]
+        r = [x for par in problem.params for x in par.readers]
+        state = (np.array([np.asarray(par.state, dtype=float) for par in problem.params])
+                 if problem.params else np.zeros((0, p)))
+        _READERS[problem] = (np.array(q, dtype=np.int64), np.array(r, dtype=np.int64), state)
+    q_of, reader, state = _READERS[problem]
+    held = np.unique(q_of * p + stage[reader])
+    held_q, held_s = held // p, held % p
+    # bincount adds in input order, i.e. by parameter on each stage (as a loop over them would)
+    return np.bincount(held_s, weights=state[held_q, held_s], minlength=p), held_q, held_s
+
+
+def _totals(problem: Problem, stage: np.ndarray, compute: np.ndarray, comm: np.ndarray,
+            recv: np.ndarray, sends: np.ndarray, param_mem: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """Activation memory and workspace per stage, the time and memory terms and the objective
+    (Note [stage time and memory], Note [objective])."""
+    p = problem.p
     saved = np.bincount(stage, weights=problem.saved, minlength=p)
     act = problem.inflight * (saved + recv + sends)
     ws = np.zeros(p)
@@ -179,12 +248,7 @@ def evaluate(problem: Problem, stage: np.ndarray) -> Evaluation:
     w = problem.w
     time_term = float(time.max()) / problem.t_ref
     memory_term = float((mem / problem.caps).max()) / problem.u_ref
-    objective = (1 - w) * time_term + w * memory_term
-    return Evaluation(stage=stage, compute=compute, forward=fwd, backward=bwd, comm=comm,
-                      pairs=pairs, boundary_time=b_time, boundary_fwd_bytes=b_fwd, boundary_bwd_bytes=b_bwd,
-                      crossing=crossing, held=tuple(tuple(sorted(h)) for h in held_sets),
-                      param_mem=param_mem, act_mem=act, workspace=ws,
-                      time_term=time_term, memory_term=memory_term, objective=objective)
+    return act, ws, time_term, memory_term, (1 - w) * time_term + w * memory_term
 
 
 _Comm = tuple[np.ndarray, tuple[tuple[int, int], ...], np.ndarray, np.ndarray, np.ndarray,
@@ -227,6 +291,22 @@ def _direct(problem: Problem, stage: np.ndarray) -> _Comm:
     value once from its stage to every other stage that reads it, on each side's own link;
     the same results as :func:`_relay`, with the pairs that exchange values."""
     p = problem.p
+    comm, recv, sends, u, d, a = _direct_totals(problem, stage)
+    pk = a * p + d
+    pair_keys, inv = np.unique(pk, return_inverse=True)
+    k = len(pair_keys)
+    b_time = np.bincount(inv, weights=problem.link[u, a], minlength=k)
+    b_fwd = np.bincount(inv, weights=problem.out_bytes[u], minlength=k)
+    b_bwd = np.bincount(inv, weights=problem.grad_bytes[u], minlength=k)
+    pairs = tuple((int(x // p), int(x % p)) for x in pair_keys)
+    crossing = tuple(tuple(int(v) for v in u[inv == j]) for j in range(k))
+    return comm, pairs, b_time, b_fwd, b_bwd, crossing, recv, sends
+
+
+def _direct_totals(problem: Problem, stage: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per stage under direct sends: communication seconds, received bytes and held sent
+    bytes; and each distinct transfer's value, receiving stage and sending stage."""
+    p = problem.p
     su = stage[problem.edge_src]
     sd = stage[problem.edge_dst]
     keep = su != sd
@@ -239,15 +319,7 @@ def _direct(problem: Problem, stage: np.ndarray) -> _Comm:
     recv = np.bincount(d, weights=problem.out_bytes[u], minlength=p)
     senders = np.unique(u)
     sends = np.bincount(stage[senders], weights=problem.sent[senders], minlength=p)
-    pk = a * p + d
-    pair_keys, inv = np.unique(pk, return_inverse=True)
-    k = len(pair_keys)
-    b_time = np.bincount(inv, weights=problem.link[u, a], minlength=k)
-    b_fwd = np.bincount(inv, weights=problem.out_bytes[u], minlength=k)
-    b_bwd = np.bincount(inv, weights=problem.grad_bytes[u], minlength=k)
-    pairs = tuple((int(x // p), int(x % p)) for x in pair_keys)
-    crossing = tuple(tuple(int(v) for v in u[inv == j]) for j in range(k))
-    return comm, pairs, b_time, b_fwd, b_bwd, crossing, recv, sends
+    return comm, recv, sends, u, d, a
 
 
 def step_time(problem: Problem, ev: Evaluation) -> float:

@@ -176,3 +176,54 @@ def test_a_reversed_memory_range_is_refused() -> None:
     prob = build_problem(random_graph(5, seed=1), PlanConfig(partitions=2), "h100")
     with pytest.raises(ConfigError, match="memory range"):
         window_for(prob, 2.0, (1.5, 1.0))
+
+
+def _reference_cuts(prob, lo: np.ndarray, hi: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """``_boundary_cuts`` the plain way: networkx builds the residual network of a graph with a
+    node per value that may cross."""
+    import networkx as nx
+
+    out = np.zeros((prob.p - 1, cost.shape[0]))
+    for b in range(prob.p - 1):
+        if not np.any(hi <= b) or not np.any(lo > b):
+            continue
+        side = ["s" if hi[v] <= b else ("t" if lo[v] > b else v) for v in range(prob.n)]
+        for k in range(cost.shape[0]):
+            g = nx.DiGraph()
+            g.add_nodes_from(("s", "t"))
+            for u in range(prob.n):
+                if side[u] == "t":
+                    continue
+                beyond = [side[c] for c in prob.consumers[u] if side[c] != "s"]
+                if beyond:
+                    g.add_edge(side[u], ("value", u), capacity=float(cost[k, u, b]))
+                    g.add_edges_from((("value", u), sc) for sc in beyond)
+                g.add_edges_from((side[c], side[u]) for c in prob.consumers[u]
+                                 if side[c] not in ("t", side[u]) and side[u] != "s")
+            out[b, k] = nx.minimum_cut_value(g, "s", "t")
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.integers(5, 30), st.floats(0.05, 0.6), st.integers(2, 5),
+       st.integers(0, 2))
+def test_boundary_cuts_match_networkx_on_the_plain_graph(seed: int, n: int, edge_prob: float,
+                                                         p: int, slack: int) -> None:
+    # The residual network built in bounds._min_cut (values with one side beyond as a plain
+    # edge) gives networkx's own minimum cut of the graph with a node per value.
+    from modelparallel.partitioner._ilp_model import propagate_ranges
+
+    prob = build_problem(random_graph(n, seed=seed, edge_prob=edge_prob, tie_prob=0.0),
+                         PlanConfig(partitions=p), "h100")
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, prob.n, p - 1))
+    stage = np.searchsorted(cuts, np.arange(prob.n), side="right")  # in index order: valid
+    stage[prob.output] = p - 1
+    lo = np.maximum(0, stage - rng.integers(0, slack + 1, prob.n))
+    hi = np.minimum(p - 1, stage + rng.integers(0, slack + 1, prob.n))
+    hi[prob.output] = lo[prob.output] = p - 1
+    lo, hi = propagate_ranges(prob, np.arange(prob.n), lo, hi)
+    cost = np.stack([prob.comm[:, : p - 1], rng.random((prob.n, p - 1)) * (
+        rng.random((prob.n, 1)) < 0.7)])  # some values free to send
+    np.testing.assert_allclose(_boundary_cuts(prob, lo, hi, cost),
+                               _reference_cuts(prob, lo, hi, cost), rtol=1e-9, atol=1e-12)

@@ -95,3 +95,25 @@ def test_a_stage_replay_counts_the_input_derived_nodes_it_recomputes() -> None:
     assert plan.stages[1].forward_time == pytest.approx(
         replay.stage_times(["mask", "fc1", "use"])[0])
     assert plan.stages[1].forward_time > 5e-3  # the mask's queueing, recomputed there
+
+
+@pytest.mark.parametrize("communication", ["direct", "relay"])
+@pytest.mark.parametrize("seed", range(4))
+def test_stage_costs_are_evaluates_own_floats(communication: str, seed: int) -> None:
+    # The searches' fast path (cut descents, the DP) computes T_s, M_s and J with the same
+    # arithmetic as evaluate: bit for bit, shared parameters and direct sends included.
+    from modelparallel.partitioner._synthetic import random_graph
+    from modelparallel.partitioner.evaluate import stage_costs
+
+    graph = random_graph(40, seed=seed, edge_prob=0.3, tie_prob=0.4)
+    cfg = PlanConfig(partitions=4, memory_weight=0.3, communication=communication)
+    prob = build_problem(graph, cfg, ("h100", "a100", "h100", "v100"))
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        cuts = np.sort(rng.integers(0, prob.n, prob.p - 1))
+        stage = np.searchsorted(cuts, np.arange(prob.n), side="right")
+        stage[prob.output] = prob.p - 1
+        ev = evaluate(prob, stage)
+        time, memory, objective = stage_costs(prob, stage)
+        assert np.array_equal(time, ev.time) and np.array_equal(memory, ev.memory)
+        assert objective == ev.objective
