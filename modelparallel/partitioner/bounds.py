@@ -507,9 +507,8 @@ def _min_cut(values: list[tuple[Any, Any, int]], order: set[tuple[Any, Any]],
             caps[su, head] = caps.get((su, head), 0.0) + c
     finite = sum(caps.values())
     inf = 3.0 * finite or 1.0
-    for edge in order:
-        if edge[0] != edge[1]:
-            caps[edge] = inf
+    for edge in order:  # no self-loops: a node is never its own consumer's side
+        caps[edge] = inf
     residual = nx.DiGraph()
     residual.__networkx_cache__ = None  # type: ignore[attr-defined]  # as networkx's own
     residual.add_nodes_from(("s", "t"))
