@@ -19,7 +19,7 @@ def test_flat_ilp_reports_the_proofs_it_ran() -> None:
     cfg = PlanConfig(partitions=4, microbatches=8, time_limit=10)
     plan = partition(graph, cfg, "h100")
     notes = " ".join(plan.solver.notes)
-    assert "op-level ILP (within 1.97%)" in notes or "no stage left" in notes
+    assert "op-level ILP (within 0.99%)" in notes or "no stage left" in notes
     dp = partition(graph, cfg, "h100", method="dp")
     assert plan.solver.objective <= dp.solver.objective + 1e-12
     assert plan.solver.lower_bound <= plan.solver.objective
