@@ -44,8 +44,8 @@ stage and the bound: Note [whole-call deadline] in :mod:`~modelparallel.partitio
    less time left than the previous phase took. Proving a small gap first is much cheaper
    than proving optimality (the tighter windows and the cutoff prune most of the tree), so
    the time goes first to a bound that certifies the plan within 1%. A 1.97% phase before it
-   (as until 2026-12-08) secured 2% on rows whose 1% proof does not fit, but took about half
-   the time the 1% proof then lacked; a 1% phase stopped at the deadline still bounds the
+   (as until 2026-12-08) secured 2% on rows whose 1% proof does not fit, but the time it
+   took was what the 1% proof then lacked; a 1% phase stopped at the deadline still bounds the
    plan by its finished pieces' target and the open ones' dual bounds (measured:
    ``docs/measurements.md``, "One proof phase before the exact one"). The phases end at
    ``_ILP_SHARE_FLAT`` of the time limit: HiGHS checks its time limit only between steps of
